@@ -1,0 +1,15 @@
+"""lowrank_fx: parameter-efficient fine-tuning as a torch.fx graph pass."""
+
+from .errors import CaptureError, LowRankFxError, MergeError, ModelTypeError, SpecError, TargetError
+from .methods.lora import LoRA
+from .passes.fold import fold as merge
+from .plan import Plan, plan
+from .rewrite import rewrite
+from .spec import Spec
+from .state import load_merged, merged_state_dict
+
+__all__ = [
+    "LoRA", "Spec", "rewrite", "plan", "Plan", "merge", "merged_state_dict", "load_merged",
+    "LowRankFxError", "SpecError", "CaptureError", "TargetError", "MergeError", "ModelTypeError",
+]
+__version__ = "0.1.0"

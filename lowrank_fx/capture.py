@@ -1,0 +1,143 @@
+"""Model -> GraphModule.
+
+Three ways in:
+  - an `fx.GraphModule` is taken as it is (one from `torch.export(...).module()` is first
+    turned into a plain GraphModule so that `.train()` / `.eval()` work);
+  - with `example_inputs` / `example_kwargs`: non-strict `torch.export`, every dimension of
+    every tensor input `Dim.AUTO` unless `dynamic_shapes` says otherwise, so one graph
+    serves every batch size and sequence length the model allows;
+  - without examples: `torch.fx.symbolic_trace`, for simple modules.
+
+Export traces the model in training mode, so dropout and batch norm are in the graph; the
+`mode_aware` pass then makes them follow `.train()` / `.eval()`, and the graph starts in the
+model's own mode. Other Python branches on `self.training` are fixed at capture time (train).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import fx, nn
+from torch.export import Dim, ShapesCollection
+
+from .errors import CaptureError, ModelTypeError
+from .passes.inline_linear import inline_linear
+from .passes.mode_aware import make_mode_aware
+from .record import Record
+
+
+def _tensors(tree) -> list[torch.Tensor]:
+    leaves, _ = torch.utils._pytree.tree_flatten(tree)
+    return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+
+
+def _auto_dynamic(model, args, kwargs):
+    shapes = ShapesCollection()
+    for tensor in _tensors((args, kwargs)):
+        if tensor.dim():
+            shapes[tensor] = {i: Dim.AUTO for i in range(tensor.dim())}
+        if any(size == 1 for size in tensor.shape[:2]):
+            warnings.warn(
+                "an example input has size 1 in its batch or sequence dimension; torch.export "
+                "fixes size-1 dimensions, so the graph will accept only size 1 there. Use "
+                "examples with sizes >= 2 for dimensions that should stay dynamic.",
+                stacklevel=3,
+            )
+    return shapes.dynamic_shapes(model, args, kwargs)
+
+
+def _aliases(model: nn.Module) -> dict[str, list[str]]:
+    """Every name a parameter or buffer is reachable by, grouped by tensor (tied weights)."""
+    groups: dict[int, list[str]] = {}
+    for name, tensor in list(model.named_parameters(remove_duplicate=False)) + list(
+        model.named_buffers(remove_duplicate=False)
+    ):
+        groups.setdefault(id(tensor), []).append(name)
+    return {name: names for names in groups.values() for name in names}
+
+
+def _hint(model: nn.Module, kwargs: dict, error: Exception) -> str:
+    text = str(error)
+    hints = []
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", False) and "use_cache" not in kwargs:
+        hints.append("decoder models need example_kwargs={'use_cache': False}")
+    if "Constraints violated" in text or "specialized" in text or "Dim" in text:
+        hints.append(
+            "a dimension could not stay dynamic: pass dynamic_shapes=... (torch.export form) "
+            "marking it static, or dynamic=False"
+        )
+    hints.append("or capture it yourself with torch.export and pass the resulting GraphModule")
+    return "; ".join(hints)
+
+
+def _plain(gm: fx.GraphModule) -> fx.GraphModule:
+    """A plain GraphModule over the same graph and tensors (exported ones refuse .train())."""
+    plain = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    for attr in ("_in_spec", "_out_spec"):
+        if hasattr(gm, attr):
+            setattr(plain, attr, getattr(gm, attr))
+    plain.meta.update(getattr(gm, "meta", {}))
+    return plain
+
+
+def capture(model, example_inputs=None, example_kwargs=None, dynamic: bool = True,
+            dynamic_shapes=None) -> fx.GraphModule:
+    """Capture `model` as a GraphModule whose linear-like nodes can be rewritten.
+
+    A GraphModule already captured by lowrank_fx is returned as it is; any other
+    GraphModule gets a plain copy of its graph (sharing its tensors).
+    """
+    if not isinstance(model, nn.Module):
+        raise ModelTypeError(
+            f"expected a torch.nn.Module (or an fx.GraphModule), got {type(model).__name__}; "
+            "pass the model object itself, e.g. lfx.rewrite(model, spec, example_inputs=(x,))"
+        )
+    if isinstance(model, fx.GraphModule):
+        if Record.find(model) is not None:
+            return model
+        gm = _plain(model)
+        make_mode_aware(gm)
+        gm.train(model.training)
+        Record.attach(gm, aliases=_aliases(gm), state_keys=list(gm.state_dict()))
+        return gm
+    if example_inputs is None and example_kwargs is None:
+        return _symbolic(model)
+    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    kwargs = dict(example_kwargs or {})
+    if dynamic_shapes is None and dynamic:
+        dynamic_shapes = _auto_dynamic(model, args, kwargs)
+    was_training = model.training
+    model.train()
+    try:
+        exported = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as err:
+        raise CaptureError(
+            f"torch.export could not capture {type(model).__name__}: "
+            f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}\n"
+            f"Try: {_hint(model, kwargs, err)}."
+        ) from err
+    finally:
+        model.train(was_training)
+    gm = _plain(exported.module())
+    make_mode_aware(gm)
+    gm.train(was_training)
+    Record.attach(gm, aliases=_aliases(model), state_keys=list(model.state_dict()))
+    return gm
+
+
+def _symbolic(model: nn.Module) -> fx.GraphModule:
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as err:
+        raise CaptureError(
+            f"torch.fx.symbolic_trace could not trace {type(model).__name__} "
+            f"({type(err).__name__}: {err}). Pass example_inputs=(...) (and example_kwargs, "
+            "e.g. {'use_cache': False} for decoders) so that torch.export is used instead."
+        ) from err
+    inline_linear(gm)
+    gm.train(model.training)
+    Record.attach(gm, aliases=_aliases(model), state_keys=list(model.state_dict()))
+    return gm

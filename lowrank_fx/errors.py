@@ -1,0 +1,32 @@
+"""Exceptions raised by lowrank_fx. Each message says what was wrong and how to fix it."""
+
+import difflib
+
+
+class LowRankFxError(Exception):
+    """Base class of every error lowrank_fx raises on purpose."""
+
+
+class SpecError(LowRankFxError, ValueError):
+    """A spec or method option that cannot work: bad pattern, bad rank, unknown option."""
+
+
+class CaptureError(LowRankFxError, RuntimeError):
+    """The model could not be captured as a graph."""
+
+
+class TargetError(LowRankFxError, ValueError):
+    """A spec names something that is not an adaptable, linear-like weight."""
+
+
+class MergeError(LowRankFxError, ValueError):
+    """Folding adapters into dense weights was refused; the input graph is unchanged."""
+
+
+class ModelTypeError(LowRankFxError, TypeError):
+    """The object passed as a model is not a torch.nn.Module."""
+
+
+def nearest(word: str, choices, n: int = 5) -> list[str]:
+    """The `n` entries of `choices` closest to `word`, best first (for 'did you mean')."""
+    return difflib.get_close_matches(word, list(choices), n=n, cutoff=0.0)

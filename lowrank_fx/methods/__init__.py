@@ -1,0 +1,1 @@
+"""Adapter methods: one file each. A method turns a list of targets into adapter groups."""

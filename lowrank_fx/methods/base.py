@@ -1,0 +1,96 @@
+"""What every adapter method provides.
+
+A `Method` is a frozen config (rank, alpha, ...). `Method.build(targets)` returns adapter
+*groups*: `AdapterGroup` modules, each holding
+  - `units`: one `Unit` per target, keyed by `unit_key(target name)`;
+  - `shared`: names of tensors the group shares across its units (LoRTA's CP factors,
+    RandLoRA's random bases). The graph reads them with `get_attr` and passes them to
+    every unit call, so the sharing is visible in the graph.
+
+At a call site y = x Wᵀ the inject pass adds `Δy = unit(x, *shared)`, of y's shape.
+Folding asks `unit.delta_weight(*shared)` for ΔW (out, in) in fp32: W ← W + ΔW.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import SpecError
+
+
+def unit_key(target_name: str) -> str:
+    """Module key for a target: dots are not allowed in module names, so they become '-'."""
+    return target_name.replace(".", "-")
+
+
+def adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """Adapters of fp16/bf16 weights are kept in fp32 (small, and stable to train)."""
+    return weight_dtype if weight_dtype in (torch.float32, torch.float64) else torch.float32
+
+
+class Unit(nn.Module):
+    """The adapter of one target."""
+
+    def forward(self, x: torch.Tensor, *shared: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta_weight(self, *shared: torch.Tensor) -> torch.Tensor:
+        """ΔW (out, in), computed in fp32."""
+        raise NotImplementedError
+
+    def output_side(self) -> list[nn.Parameter]:
+        """Parameters that LoRA+ trains at ratio · lr (see train.py)."""
+        raise NotImplementedError
+
+
+class AdapterGroup(nn.Module):
+    """Units of one method in one adapter, plus the tensors they share."""
+
+    shared: tuple[str, ...] = ()
+
+    def __init__(self, units: dict[str, Unit]):
+        super().__init__()
+        self.units = nn.ModuleDict({unit_key(name): unit for name, unit in units.items()})
+        self.target_names = list(units)
+
+    def unit(self, target_name: str) -> Unit:
+        return self.units[unit_key(target_name)]
+
+    def shared_tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, name) for name in self.shared]
+
+    def delta_weight(self, target_name: str) -> torch.Tensor:
+        return self.unit(target_name).delta_weight(*self.shared_tensors())
+
+
+class Method:
+    """Base of the method configs (LoRA, LoRTA, RandLoRA)."""
+
+    kind: ClassVar[str]
+
+    def build(self, targets: list) -> dict[str, AdapterGroup]:
+        """Adapter groups for `targets` (a list of `targets.Target`), keyed by group name."""
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        """Options as plain JSON data, with the method kind."""
+        import dataclasses
+
+        return {"method": self.kind, **dataclasses.asdict(self)}
+
+
+def check_rank(method: str, rank: int) -> None:
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+        raise SpecError(f"{method} rank must be a positive integer, got {rank!r}")
+
+
+def check_dropout(method: str, p: float) -> None:
+    if not 0.0 <= float(p) < 1.0:
+        raise SpecError(f"{method} dropout must be in [0, 1), got {p!r}")
+
+
+def dropout_module(p: float) -> nn.Module:
+    return nn.Dropout(p) if p > 0 else nn.Identity()

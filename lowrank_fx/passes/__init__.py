@@ -1,0 +1,1 @@
+"""Graph passes. One pass per file; each takes a GraphModule and returns what it changed."""

@@ -1,0 +1,145 @@
+"""Fold adapters into dense weights: W ← W + Σ_adapters ΔW, computed in fp32.
+
+`fold(gm)` returns a new GraphModule without adapter nodes or parameters; `gm` itself is
+never modified. A weight that the graph also reads elsewhere (GPT-2's lm_head is the token
+embedding) is folded into an untied copy, `lowrank_fx_untied.<target>`, so the other use
+keeps the original values. Non-finite results are refused before anything is built.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import fx, nn
+
+from ..errors import MergeError
+from ..methods.base import unit_key
+from ..record import CONTAINER, KEY, Record, tagged
+from ..targets import LINEAR_OPS, Target, find_targets
+
+UNTIED = "lowrank_fx_untied"
+
+
+def adapted_record(gm: fx.GraphModule) -> Record:
+    record = Record.find(gm)
+    if record is None or not record.adapters:
+        raise MergeError(
+            "this graph has no adapters to fold; call lfx.rewrite(model, spec, ...) first "
+            "(a merged graph is already dense)"
+        )
+    return record
+
+
+def adapter_deltas(gm: fx.GraphModule) -> tuple[dict[str, Target], dict[str, torch.Tensor]]:
+    """Targets of `gm` and ΔW (out, in) in fp32 per adapted target, summed over adapters."""
+    record = adapted_record(gm)
+    targets = find_targets(gm, record.aliases)
+    deltas: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for adapter, info in record.adapters.items():
+            groups = getattr(gm, CONTAINER)[adapter]
+            for name, group in info.groups.items():
+                delta = groups[group].delta_weight(name).float()
+                deltas[name] = deltas[name] + delta if name in deltas else delta
+    bad = [name for name, delta in deltas.items() if not torch.isfinite(delta).all()]
+    if bad:
+        raise MergeError(
+            f"refusing to fold: the update of {', '.join(bad)} has NaN or inf values "
+            "(diverged training?). The graph is unchanged; load a good checkpoint first."
+        )
+    return targets, deltas
+
+
+def merged_weight(weight: torch.Tensor, delta: torch.Tensor, layout: str) -> torch.Tensor:
+    """(W + ΔW) in W's own layout and dtype, added in fp32."""
+    stored = delta if layout == "out_in" else delta.t()
+    return (weight.detach().float() + stored.to(weight.device)).to(weight.dtype)
+
+
+def weight_chains(gm: fx.GraphModule, target: Target) -> list[list[fx.Node]]:
+    """Per call site: [site, the ops between it and the weight..., the weight's get_attr]."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    chains = []
+    for site_name in target.sites:
+        site = nodes[site_name]
+        chain = [site]
+        node = site.args[LINEAR_OPS[site.target][1]]
+        while node.op != "get_attr":
+            chain.append(node)
+            node = node.args[0]
+        chains.append(chain + [node])
+    return chains
+
+
+def _set_parameter(gm: fx.GraphModule, path: str, value: nn.Parameter) -> None:
+    owner, _, leaf = path.rpartition(".")
+    module = gm.get_submodule(owner) if owner else gm
+    if leaf in module._parameters:
+        module._parameters[leaf] = value
+    else:
+        setattr(module, leaf, value)
+
+
+def _readers(gm: fx.GraphModule, target: Target) -> list[fx.Node]:
+    """Every get_attr node that reads the target's weight tensor, under any of its names."""
+    weight = gm.get_parameter(target.weight)
+    return [n for n in gm.graph.nodes if n.op == "get_attr" and _tensor(gm, n.target) is weight]
+
+
+def read_elsewhere(gm: fx.GraphModule, target: Target) -> bool:
+    """Whether the graph uses the target's weight anywhere but on its call sites' chains."""
+    on_chains = {node for chain in weight_chains(gm, target) for node in chain[:-1]}
+    return any(user not in on_chains for reader in _readers(gm, target) for user in reader.users)
+
+
+def _fold_target(gm: fx.GraphModule, target: Target, merged: torch.Tensor) -> None:
+    parameter = nn.Parameter(merged, requires_grad=False)
+    if not read_elsewhere(gm, target):
+        for reader in _readers(gm, target):
+            _set_parameter(gm, reader.target, parameter)
+        return
+    chains = weight_chains(gm, target)
+    if not hasattr(gm, UNTIED):
+        gm.add_module(UNTIED, nn.Module())
+    getattr(gm, UNTIED).register_parameter(unit_key(target.name), parameter)
+    for chain in chains:
+        consumer, root = chain[-2], chain[-1]
+        with gm.graph.inserting_before(consumer):
+            untied = gm.graph.get_attr(f"{UNTIED}.{unit_key(target.name)}")
+        consumer.replace_input_with(root, untied)
+
+
+def _tensor(gm: fx.GraphModule, path: str):
+    try:
+        return gm.get_parameter(path)
+    except AttributeError:
+        return None
+
+
+def remove_adapter_nodes(gm: fx.GraphModule) -> None:
+    """Drop every node lowrank_fx added (y + Δy becomes y) and the adapter modules."""
+    for node in tagged(gm, "add"):
+        node.replace_all_uses_with(node.args[0])
+    for node in reversed(tagged(gm)):
+        gm.graph.erase_node(node)
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+    if hasattr(gm, CONTAINER):
+        gm.delete_submodule(CONTAINER)
+
+
+def fold(gm: fx.GraphModule) -> fx.GraphModule:
+    targets, deltas = adapter_deltas(gm)
+    merged = {name: merged_weight(gm.get_parameter(targets[name].weight), delta, targets[name].layout)
+              for name, delta in deltas.items()}
+    folded = copy.deepcopy(gm)
+    for name, weight in merged.items():
+        _fold_target(folded, targets[name], weight)
+    remove_adapter_nodes(folded)
+    source = Record.find(gm)
+    folded.meta[KEY] = Record(aliases=dict(source.aliases), state_keys=list(source.state_keys))
+    folded.graph.lint()
+    folded.recompile()
+    return folded

@@ -1,0 +1,70 @@
+"""Inject adapters: y = op(x, W)  ->  y' = y + unit(x, *shared) at every call site of a target.
+
+For each target the method's unit computes Δy from the site's own activation x, so the
+base op stays untouched (and folding just removes the two added nodes per site):
+
+    %y      = aten.linear(%x, %W, %b)
+    %A, ... = get_attr lowrank_fx.<adapter>.<group>.<shared>      (LoRTA, RandLoRA only)
+    %delta  = call_module lowrank_fx.<adapter>.<group>.units.<target>(%x, %A, ...)
+    %y2     = aten.add(%y, %delta)                                  (users of %y now use %y2)
+
+Returns the adapter's target -> group map. Nothing in the graph changes if building the
+adapter modules fails.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+from ..methods.base import Method, unit_key
+from ..record import CONTAINER, tag
+from ..targets import Target
+
+aten = torch.ops.aten
+
+
+def build_groups(assignment: dict[str, Method], targets: dict[str, Target]) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """Adapter groups for `assignment` (target name -> method) and each target's group name."""
+    by_method: dict[Method, list[Target]] = {}
+    for name, method in assignment.items():
+        by_method.setdefault(method, []).append(targets[name])
+    groups: dict[str, nn.Module] = {}
+    group_of: dict[str, str] = {}
+    for method, method_targets in by_method.items():
+        for name, group in method.build(method_targets).items():
+            unique = name
+            suffix = 1
+            while unique in groups:
+                unique = f"{name}_{suffix}"
+                suffix += 1
+            groups[unique] = group
+            for target in group.target_names:
+                group_of[target] = unique
+    return groups, group_of
+
+
+def inject(gm: fx.GraphModule, adapter: str, assignment: dict[str, Method], targets: dict[str, Target]) -> dict[str, str]:
+    groups, group_of = build_groups(assignment, targets)
+    if not hasattr(gm, CONTAINER):
+        gm.add_module(CONTAINER, nn.ModuleDict())
+    getattr(gm, CONTAINER)[adapter] = nn.ModuleDict(groups)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for name in assignment:
+        target = targets[name]
+        group_path = f"{CONTAINER}.{adapter}.{group_of[name]}"
+        group = groups[group_of[name]]
+        for site_name, x_index in zip(target.sites, target.activations):
+            site = nodes[site_name]
+            with gm.graph.inserting_before(site.next):
+                shared = [gm.graph.get_attr(f"{group_path}.{s}") for s in group.shared]
+                delta = gm.graph.call_module(f"{group_path}.units.{unit_key(name)}", (site.args[x_index], *shared))
+                added = gm.graph.call_function(aten.add.Tensor, (site, delta))
+            for node in shared:
+                tag(node, adapter, name, "shared")
+            tag(delta, adapter, name, "delta")
+            tag(added, adapter, name, "add")
+            site.replace_all_uses_with(added, delete_user_cb=lambda user: user is not added)
+    gm.graph.lint()
+    gm.recompile()
+    return group_of

@@ -1,0 +1,116 @@
+"""Make dropout and batch norm follow `.train()` / `.eval()` again.
+
+torch.export bakes the training flag into each op: `aten.dropout(x, p, True)`,
+`aten.batch_norm(..., training=True, ...)`, and attention dropout, which models pass as
+`scaled_dot_product_attention(..., dropout_p=p if self.training else 0)`. This pass
+replaces every such node with a call to a tiny module that reads `self.training`, so the
+GraphModule switches modes exactly like the model it came from. Returns the number of
+nodes replaced.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+aten = torch.ops.aten
+
+_DROPOUT_FUNCTIONS = {
+    "dropout": F.dropout,
+    "feature_dropout": F.dropout2d,
+    "alpha_dropout": F.alpha_dropout,
+    "feature_alpha_dropout": F.feature_alpha_dropout,
+}
+_DROPOUTS = {getattr(aten, name).default: name for name in _DROPOUT_FUNCTIONS}
+CONTAINER = "lowrank_fx_modes"
+
+
+class ModeDropout(nn.Module):
+    """dropout(x, p) while training, identity in eval."""
+
+    def __init__(self, p: float, kind: str):
+        super().__init__()
+        self.p = p
+        self.kind = kind
+
+    def forward(self, x):
+        return _DROPOUT_FUNCTIONS[self.kind](x, self.p, self.training)
+
+
+class ModeBatchNorm(nn.Module):
+    """Batch statistics (updating the running ones) while training, running statistics in eval."""
+
+    def __init__(self, momentum: float | None, eps: float):
+        super().__init__()
+        self.momentum = momentum
+        self.eps = eps
+
+    def forward(self, x, weight, bias, running_mean, running_var):
+        use_batch = self.training or running_mean is None
+        return F.batch_norm(x, running_mean, running_var, weight, bias, use_batch, self.momentum, self.eps)
+
+
+class ModeAttention(nn.Module):
+    """scaled_dot_product_attention with dropout_p while training, 0 in eval."""
+
+    def __init__(self, dropout_p: float, options: dict):
+        super().__init__()
+        self.dropout_p = dropout_p
+        self.options = options  # is_causal, scale, enable_gqa as captured
+
+    def forward(self, query, key, value, attn_mask=None):
+        p = self.dropout_p if self.training else 0.0
+        return F.scaled_dot_product_attention(query, key, value, attn_mask, p, **self.options)
+
+
+def _attention(node: fx.Node) -> tuple[nn.Module, tuple] | None:
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+    bound = dict(zip(names, node.args), **node.kwargs)
+    p = bound.pop("dropout_p", 0.0)
+    if not p:
+        return None
+    tensors = tuple(bound.pop(k, None) for k in names[:4])
+    return ModeAttention(float(p), bound), tensors
+
+
+def make_mode_aware(gm: fx.GraphModule) -> int:
+    container = nn.Module()
+    gm.add_module(CONTAINER, container)
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in _DROPOUTS:
+            x, p, train = node.args[:3]
+            if not train:
+                continue  # captured in eval mode on purpose (a frozen submodule): keep it off
+            module = ModeDropout(float(p), _DROPOUTS[node.target])
+            args = (x,)
+        elif node.target is aten.batch_norm.default:
+            x, w, b, mean, var, train, momentum, eps = node.args[:8]
+            if not train or mean is None:
+                continue  # eval-only, or always batch statistics: the mode does not matter
+            module = ModeBatchNorm(None if momentum is None else float(momentum), float(eps))
+            args = (x, w, b, mean, var)
+        elif node.target is aten.scaled_dot_product_attention.default:
+            found = _attention(node)
+            if found is None:
+                continue
+            module, args = found
+        else:
+            continue
+        name = f"{node.target.__name__.split('.')[0]}_{count}"
+        container.add_module(name, module)
+        with gm.graph.inserting_before(node):
+            replacement = gm.graph.call_module(f"{CONTAINER}.{name}", args)
+        replacement.meta = dict(node.meta)
+        node.replace_all_uses_with(replacement)
+        gm.graph.erase_node(node)
+        count += 1
+    if not count:
+        gm.delete_submodule(CONTAINER)
+        return 0
+    gm.graph.lint()
+    gm.recompile()
+    return count

@@ -1,0 +1,64 @@
+"""`plan(model, spec)`: a dry run listing what `rewrite` would adapt, without changing anything."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .capture import capture
+from .passes.inject import build_groups
+from .rewrite import resolve
+
+
+@dataclasses.dataclass
+class PlanRow:
+    target: str
+    op: str
+    shape: tuple[int, int]  # (out, in)
+    method: str
+    group: str
+    trainable: int  # parameters of this target's own unit
+
+
+@dataclasses.dataclass
+class Plan:
+    rows: list[PlanRow]
+    shared: dict[str, int]  # group name -> parameters shared by its targets
+    trainable: int
+    base: int
+
+    def __str__(self) -> str:
+        header = ("target", "op", "weight (out x in)", "method", "trainable")
+        body = [(r.target, r.op, f"{r.shape[0]} x {r.shape[1]}", r.method, f"{r.trainable:,}") for r in self.rows]
+        body += [(f"[shared by group {g}]", "", "", "", f"{n:,}") for g, n in self.shared.items() if n]
+        widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+        line = "  ".join("-" * w for w in widths)
+        fmt = lambda row: "  ".join(c.rjust(w) if i == 4 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        share = 100.0 * self.trainable / max(self.base, 1)
+        return "\n".join([fmt(header), line, *map(fmt, body), line,
+                          f"{len(self.rows)} targets; trainable {self.trainable:,} of base {self.base:,} "
+                          f"parameters ({share:.3f}%)"])
+
+
+def _describe(method) -> str:
+    options = ", ".join(f"{k}={v}" for k, v in method.config().items() if k in ("rank", "alpha"))
+    return f"{method.kind}({options})"
+
+
+def plan(model, spec, example_inputs=None, example_kwargs=None, **capture_options) -> Plan:
+    gm = capture(model, example_inputs, example_kwargs, **capture_options)
+    targets, assignment = resolve(gm, spec)
+    with torch.device("meta"):
+        groups, group_of = build_groups(assignment, targets)
+    rows = []
+    for name, method in assignment.items():
+        unit = groups[group_of[name]].unit(name)
+        t = targets[name]
+        rows.append(PlanRow(name, t.op, t.shape, _describe(method), group_of[name],
+                            sum(p.numel() for p in unit.parameters())))
+    shared = {g: sum(p.numel() for p in group.parameters()) - sum(p.numel() for p in group.units.parameters())
+              for g, group in groups.items()}
+    trainable = sum(p.numel() for group in groups.values() for p in group.parameters())
+    base = sum(p.numel() for p in gm.parameters())
+    return Plan(rows, shared, trainable, base)

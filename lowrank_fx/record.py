@@ -1,0 +1,47 @@
+"""What lowrank_fx remembers about a GraphModule, kept in `gm.meta["lowrank_fx"]`.
+
+The graph itself is the source of truth for what was injected: every node the inject pass
+adds carries `node.meta["lowrank_fx"] = {"adapter", "target", "role"}`. The record holds
+what the graph cannot: the original model's names for its tensors and each adapter's spec.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import fx
+
+KEY = "lowrank_fx"
+CONTAINER = "lowrank_fx"  # gm.lowrank_fx[adapter][group] holds the adapter modules
+
+
+@dataclasses.dataclass
+class AdapterInfo:
+    spec: object  # the Spec it was made from
+    groups: dict[str, str]  # target name -> group name inside gm.lowrank_fx[adapter]
+
+
+@dataclasses.dataclass
+class Record:
+    aliases: dict[str, list[str]]  # tensor name -> every name of that tensor in the model
+    state_keys: list[str]  # the original model's state_dict keys, in order
+    adapters: dict[str, AdapterInfo] = dataclasses.field(default_factory=dict)
+
+    @staticmethod
+    def find(gm: fx.GraphModule) -> "Record | None":
+        return getattr(gm, "meta", {}).get(KEY)
+
+    @staticmethod
+    def attach(gm: fx.GraphModule, aliases, state_keys) -> "Record":
+        record = Record(aliases=aliases, state_keys=state_keys)
+        gm.meta[KEY] = record
+        return record
+
+
+def tag(node: fx.Node, adapter: str, target: str, role: str) -> None:
+    node.meta[KEY] = {"adapter": adapter, "target": target, "role": role}
+
+
+def tagged(gm: fx.GraphModule, role: str | None = None) -> list[fx.Node]:
+    """Nodes added by lowrank_fx, optionally only those of one role ("delta" or "add")."""
+    return [n for n in gm.graph.nodes if KEY in n.meta and (role is None or n.meta[KEY]["role"] == role)]

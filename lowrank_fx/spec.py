@@ -1,0 +1,126 @@
+"""`Spec`: which targets to adapt and with which method.
+
+Patterns are matched against target names (see `targets.py`):
+  - a glob, matched against the whole name or any dotted suffix of it, so "q_proj",
+    "*.q_proj" and "model.layers.0.self_attn.q_proj" all match that target;
+  - "re:<regex>", searched (re.search) in the full name;
+  - "all-linear": every linear-like target except an output head that is tied to an
+    embedding or whose output size equals a vocabulary size.
+`targets` is a list of patterns sharing `method`, or a dict {pattern: method} for mixed
+specs (the first matching pattern wins). `exclude` removes targets matched by any pattern.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from typing import Mapping, Sequence, Union
+
+from .errors import SpecError
+from .methods.base import Method
+from .options import options
+
+ALL_LINEAR = "all-linear"
+
+
+def _compile(pattern: str):
+    if not isinstance(pattern, str) or not pattern:
+        raise SpecError(f"target pattern {pattern!r} must be a non-empty string")
+    if pattern.startswith("re:"):
+        try:
+            regex = re.compile(pattern[3:])
+        except re.error as err:
+            raise SpecError(f"bad regular expression in {pattern!r}: {err}") from None
+        return lambda name: regex.search(name) is not None
+    if pattern == ALL_LINEAR:
+        return None  # resolved against the graph by `Spec.assign`
+
+    def glob(name: str) -> bool:
+        parts = name.split(".")
+        return any(fnmatch.fnmatchcase(".".join(parts[i:]), pattern) for i in range(len(parts)))
+
+    return glob
+
+
+@options
+class Spec:
+    """What to adapt. `Spec(targets=["*.q_proj", "*.v_proj"], method=LoRA(rank=8))`."""
+
+    targets: Union[str, Sequence[str], Mapping[str, Method]] = ALL_LINEAR
+    method: Method | None = None
+    exclude: Sequence[str] = ()
+
+    def __post_init__(self):
+        if isinstance(self.targets, str):
+            object.__setattr__(self, "targets", [self.targets])
+        if isinstance(self.exclude, str):
+            object.__setattr__(self, "exclude", [self.exclude])
+        if isinstance(self.targets, Mapping):
+            if self.method is not None:
+                raise SpecError("give either targets={pattern: method} or method=..., not both")
+            rules = list(self.targets.items())
+        else:
+            if self.method is None:
+                from .methods.lora import LoRA
+
+                object.__setattr__(self, "method", LoRA())
+            rules = [(p, self.method) for p in self.targets]
+        if not rules:
+            raise SpecError("Spec.targets is empty; give at least one pattern, or 'all-linear'")
+        for pattern, method in rules:
+            _compile(pattern)
+            if not isinstance(method, Method):
+                raise SpecError(
+                    f"the method for {pattern!r} is {type(method).__name__}, not a method; "
+                    "use lfx.LoRA(...), lfx.LoRTA(...) or lfx.RandLoRA(...)"
+                )
+        for pattern in self.exclude:
+            _compile(pattern)
+
+    def rules(self) -> list[tuple[str, Method]]:
+        if isinstance(self.targets, Mapping):
+            return list(self.targets.items())
+        return [(p, self.method) for p in self.targets]
+
+    def assign(self, names: Sequence[str], heads: set[str]) -> dict[str, Method]:
+        """Map each matched target name to its method, in graph order.
+
+        `heads` are the names that "all-linear" leaves out (vocabulary-sized output heads).
+        Raises SpecError naming the nearest target names when a pattern matches nothing.
+        """
+        excluded = [_compile(p) for p in self.exclude]
+        chosen: dict[str, Method] = {}
+        for pattern, method in self.rules():
+            match = _compile(pattern)
+            hits = [n for n in names if (n not in heads if match is None else match(n))]
+            if not hits:
+                raise SpecError(_no_match_message(pattern, names))
+            for name in hits:
+                if name not in chosen and not any(ex(name) for ex in excluded):
+                    chosen[name] = method
+        if not chosen:
+            raise SpecError(f"every target matched by {self.rules()[0][0]!r} is excluded by {list(self.exclude)}")
+        return {n: chosen[n] for n in names if n in chosen}
+
+
+def _no_match_message(pattern: str, names: Sequence[str]) -> str:
+    from .errors import nearest
+
+    if not names:
+        return f"pattern {pattern!r} matched nothing: the model has no linear-like targets"
+    key = pattern[3:] if pattern.startswith("re:") else pattern.strip("*.")
+    # Compare against whole names and their last parts, so "q_prj" finds "...q_proj".
+    leaf_of = {}
+    for n in names:
+        leaf_of.setdefault(n.rsplit(".", 1)[-1], n)
+    close = nearest(key, list(leaf_of) + list(names), n=5)
+    shown = []
+    for c in close:
+        full = leaf_of.get(c, c)
+        if full not in shown:
+            shown.append(full)
+    return (
+        f"pattern {pattern!r} matched no linear-like target. Nearest target names: "
+        + ", ".join(shown)
+        + f" ({len(names)} targets in all; lfx.plan(model, lfx.Spec('all-linear'), ...) lists them)"
+    )
