@@ -4,8 +4,12 @@ The merged state has exactly the original model's state_dict keys. A folded weig
 to the keys of the module that calls it; another name tied to the same tensor (GPT-2's
 transformer.wte.weight beside lm_head.weight) keeps the original values when the graph
 reads it elsewhere. Loading such a state into a model that still ties the two would
-overwrite one with the other, so `merged_state_dict` refuses unless `untie=True`, and
-`load_merged` unties the model first.
+overwrite one with the other, so `merged_state_dict` refuses unless `untie=True`.
+
+A graph captured from a model shares that model's weight tensors (no copy, as PEFT does).
+An in-place `model.load_state_dict(state)` therefore also changes the graph's base
+weights. `load_merged(model, gm)` avoids this: it assigns fresh tensors
+(`load_state_dict(..., assign=True)`), which also unties exactly the weights that differ.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ def merged_plan(gm: fx.GraphModule) -> tuple[dict[str, torch.Tensor], list[tuple
     record = adapted_record(gm)
     targets, deltas = adapter_deltas(gm)
     tensors = dict(gm.state_dict(keep_vars=True))
-    state, conflicts = {}, []
+    state, conflicts, copies = {}, [], {}
     folded_by_weight = {}
     for name, delta in deltas.items():
         t = targets[name]
@@ -52,7 +56,9 @@ def merged_plan(gm: fx.GraphModule) -> tuple[dict[str, torch.Tensor], list[tuple
             else:
                 owner_key = next(k for k in record.aliases.get(key, [key]) if _owns(k, target))
                 conflicts.append((owner_key, key))
-        state[key] = value.clone()
+        if id(value) not in copies:  # tied names that keep one value stay one tensor
+            copies[id(value)] = value.clone()
+        state[key] = copies[id(value)]
     return state, conflicts
 
 
@@ -69,15 +75,10 @@ def merged_state_dict(gm: fx.GraphModule, untie: bool = False) -> dict[str, torc
     return state
 
 
-def _untie(model: nn.Module, key: str) -> None:
-    owner, _, leaf = key.rpartition(".")
-    module = model.get_submodule(owner) if owner else model
-    setattr(module, leaf, nn.Parameter(getattr(module, leaf).detach().clone()))
-
-
 def load_merged(model: nn.Module, gm: fx.GraphModule) -> nn.Module:
-    """Load the folded weights of `gm` into the original `model`, untying shared weights
-    where only one use was adapted. All keys and shapes are checked before anything changes."""
+    """Load the folded weights of `gm` into the original `model` as new tensors, untying
+    shared weights where only one use was adapted. `gm` keeps its own weights. All keys and
+    shapes are checked before anything changes."""
     state, conflicts = merged_plan(gm)
     current = model.state_dict()
     missing = sorted(set(current) - set(state))
@@ -89,9 +90,7 @@ def load_merged(model: nn.Module, gm: fx.GraphModule) -> nn.Module:
             f"missing {missing[:5]}, unexpected {unexpected[:5]}, shape differs for {wrong[:5]}; "
             "nothing was loaded"
         )
-    for owner_key, _ in conflicts:
-        _untie(model, owner_key)
+    model.load_state_dict(state, assign=True)
     if conflicts and hasattr(getattr(model, "config", None), "tie_word_embeddings"):
-        model.config.tie_word_embeddings = False
-    model.load_state_dict(state)
+        model.config.tie_word_embeddings = False  # so save_pretrained / from_pretrained keep them apart
     return model

@@ -9,6 +9,7 @@ keeps the original values. Non-finite results are refused before anything is bui
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import fx, nn
@@ -134,7 +135,9 @@ def fold(gm: fx.GraphModule) -> fx.GraphModule:
     targets, deltas = adapter_deltas(gm)
     merged = {name: merged_weight(gm.get_parameter(targets[name].weight), delta, targets[name].layout)
               for name, delta in deltas.items()}
-    folded = copy.deepcopy(gm)
+    with warnings.catch_warnings():  # torch's own pytree deprecation notice on deepcopy
+        warnings.simplefilter("ignore", FutureWarning)
+        folded = copy.deepcopy(gm)
     for name, weight in merged.items():
         _fold_target(folded, targets[name], weight)
     remove_adapter_nodes(folded)
