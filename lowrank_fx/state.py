@@ -47,7 +47,7 @@ def merged_plan(gm: fx.GraphModule) -> tuple[dict[str, torch.Tensor], list[tuple
         name = _gm_name(record, key, set(tensors))
         if name is None:
             raise MergeError(f"the graph has no tensor for the original model's {key!r}; was it captured from another model?")
-        value = tensors[name].detach()
+        value = tensors[name]  # the graph's own tensor: it outlives the loop, so its id is unique
         owner = next((entry for weight, entry in folded_by_weight.items() if tensors[weight] is tensors[name]), None)
         if owner is not None:
             target, merged, shared_use = owner
@@ -57,7 +57,7 @@ def merged_plan(gm: fx.GraphModule) -> tuple[dict[str, torch.Tensor], list[tuple
                 owner_key = next(k for k in record.aliases.get(key, [key]) if _owns(k, target))
                 conflicts.append((owner_key, key))
         if id(value) not in copies:  # tied names that keep one value stay one tensor
-            copies[id(value)] = value.clone()
+            copies[id(value)] = value.detach().clone()
         state[key] = copies[id(value)]
     return state, conflicts
 
