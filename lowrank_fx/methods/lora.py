@@ -43,7 +43,9 @@ class LoRAUnit(Unit):
         return (F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scale).to(x.dtype)
 
     def delta_weight(self) -> torch.Tensor:
-        return (self.lora_B.float() @ self.lora_A.float()) * self.scale
+        """ΔW = s · B A (out, in), in fp32, or float64 for float64 factors."""
+        dtype = torch.promote_types(self.lora_A.dtype, torch.float32)
+        return (self.lora_B.to(dtype) @ self.lora_A.to(dtype)) * self.scale
 
     def output_side(self) -> list[nn.Parameter]:
         return [self.lora_B]

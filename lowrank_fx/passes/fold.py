@@ -1,4 +1,5 @@
-"""Fold adapters into dense weights: W ← W + Σ_adapters ΔW, computed in fp32.
+"""Fold adapters into dense weights: W ← W + Σ_adapters ΔW, computed in fp32 (float64 for
+float64 weights or updates) and cast back to W's dtype.
 
 `fold(gm)` returns a new GraphModule without adapter nodes or parameters; `gm` itself is
 never modified. A weight that the graph also reads elsewhere (GPT-2's lm_head is the token
@@ -22,6 +23,11 @@ from ..targets import LINEAR_OPS, Target, find_targets
 UNTIED = "lowrank_fx_untied"
 
 
+def fold_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype folding adds in: fp32 for fp16/bf16/fp32, float64 stays float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def adapted_record(gm: fx.GraphModule) -> Record:
     record = Record.find(gm)
     if record is None or not record.adapters:
@@ -33,7 +39,7 @@ def adapted_record(gm: fx.GraphModule) -> Record:
 
 
 def adapter_deltas(gm: fx.GraphModule) -> tuple[dict[str, Target], dict[str, torch.Tensor]]:
-    """Targets of `gm` and ΔW (out, in) in fp32 per adapted target, summed over adapters."""
+    """Targets of `gm` and ΔW (out, in) in fp32 or wider per adapted target, summed over adapters."""
     record = adapted_record(gm)
     targets = find_targets(gm, record.aliases)
     deltas: dict[str, torch.Tensor] = {}
@@ -41,7 +47,8 @@ def adapter_deltas(gm: fx.GraphModule) -> tuple[dict[str, Target], dict[str, tor
         for adapter, info in record.adapters.items():
             groups = getattr(gm, CONTAINER)[adapter]
             for name, group in info.groups.items():
-                delta = groups[group].delta_weight(name).float()
+                delta = groups[group].delta_weight(name)
+                delta = delta.to(fold_dtype(delta.dtype))
                 deltas[name] = deltas[name] + delta if name in deltas else delta
     bad = [name for name, delta in deltas.items() if not torch.isfinite(delta).all()]
     if bad:
@@ -53,9 +60,10 @@ def adapter_deltas(gm: fx.GraphModule) -> tuple[dict[str, Target], dict[str, tor
 
 
 def merged_weight(weight: torch.Tensor, delta: torch.Tensor, layout: str) -> torch.Tensor:
-    """(W + ΔW) in W's own layout and dtype, added in fp32."""
+    """(W + ΔW) in W's own layout and dtype, added in fp32 (float64 if either is float64)."""
     stored = delta if layout == "out_in" else delta.t()
-    return (weight.detach().float() + stored.to(weight.device)).to(weight.dtype)
+    wide = torch.promote_types(fold_dtype(weight.dtype), stored.dtype)
+    return (weight.detach().to(wide) + stored.to(weight.device, wide)).to(weight.dtype)
 
 
 def weight_chains(gm: fx.GraphModule, target: Target) -> list[list[fx.Node]]:
