@@ -48,7 +48,8 @@ def inject(gm: fx.GraphModule, adapter: str, assignment: dict[str, Method], targ
     groups, group_of = build_groups(assignment, targets)
     if not hasattr(gm, CONTAINER):
         gm.add_module(CONTAINER, nn.ModuleDict())
-    getattr(gm, CONTAINER)[adapter] = nn.ModuleDict(groups)
+    # New modules start in training mode; the adapter follows the graph's mode (LoRA dropout).
+    getattr(gm, CONTAINER)[adapter] = nn.ModuleDict(groups).train(gm.training)
     nodes = {n.name: n for n in gm.graph.nodes}
     for name in assignment:
         target = targets[name]

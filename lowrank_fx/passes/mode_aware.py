@@ -2,10 +2,11 @@
 
 torch.export bakes the training flag into each op: `aten.dropout(x, p, True)`,
 `aten.batch_norm(..., training=True, ...)`, and attention dropout, which models pass as
-`scaled_dot_product_attention(..., dropout_p=p if self.training else 0)`. This pass
-replaces every such node with a call to a tiny module that reads `self.training`, so the
-GraphModule switches modes exactly like the model it came from. Returns the number of
-nodes replaced.
+`scaled_dot_product_attention(..., dropout_p=p if self.training else 0)`. Batch norm's
+`num_batches_tracked.add_(1)`, which nn.BatchNorm runs only while training, is captured as
+an unconditional `aten.add_` on the buffer. This pass replaces every such node with a call
+to a tiny module that reads `self.training`, so the GraphModule switches modes exactly like
+the model it came from. Returns the number of nodes replaced.
 """
 
 from __future__ import annotations
@@ -51,6 +52,17 @@ class ModeBatchNorm(nn.Module):
         return F.batch_norm(x, running_mean, running_var, weight, bias, use_batch, self.momentum, self.eps)
 
 
+class ModeCounter(nn.Module):
+    """counter += step while training (batch norm's num_batches_tracked); nothing in eval."""
+
+    _is_impure = True  # an in-place update whose result may be unused: keep it through DCE
+
+    def forward(self, counter, step):
+        if self.training:
+            counter.add_(step)
+        return counter
+
+
 class ModeAttention(nn.Module):
     """scaled_dot_product_attention with dropout_p while training, 0 in eval."""
 
@@ -74,7 +86,27 @@ def _attention(node: fx.Node) -> tuple[nn.Module, tuple] | None:
     return ModeAttention(float(p), bound), tensors
 
 
+def _batch_norm_counters(gm: fx.GraphModule) -> set[str]:
+    """`<bn>.num_batches_tracked` for every batch norm that runs in training mode with running stats."""
+    counters = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is aten.batch_norm.default:
+            mean, train = node.args[3], node.args[5]
+            if train and isinstance(mean, fx.Node) and mean.op == "get_attr":
+                owner = mean.target.rpartition(".")[0]
+                counters.add(f"{owner}.num_batches_tracked" if owner else "num_batches_tracked")
+    return counters
+
+
+def _is_counter_step(node: fx.Node, counters: set[str]) -> bool:
+    if node.target is not aten.add_.Tensor:
+        return False
+    counter = node.args[0]
+    return isinstance(counter, fx.Node) and counter.op == "get_attr" and counter.target in counters
+
+
 def make_mode_aware(gm: fx.GraphModule) -> int:
+    counters = _batch_norm_counters(gm)
     container = nn.Module()
     gm.add_module(CONTAINER, container)
     count = 0
@@ -98,9 +130,11 @@ def make_mode_aware(gm: fx.GraphModule) -> int:
             if found is None:
                 continue
             module, args = found
+        elif _is_counter_step(node, counters):
+            module, args = ModeCounter(), tuple(node.args[:2])
         else:
             continue
-        name = f"{node.target.__name__.split('.')[0]}_{count}"
+        name = f"{node.target.__name__.split('.')[0].rstrip('_')}_{count}"
         container.add_module(name, module)
         with gm.graph.inserting_before(node):
             replacement = gm.graph.call_module(f"{CONTAINER}.{name}", args)
