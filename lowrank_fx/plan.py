@@ -27,11 +27,13 @@ class Plan:
     shared: dict[str, int]  # group name -> parameters shared by its targets
     trainable: int
     base: int
+    modes: dict[str, str] = dataclasses.field(default_factory=dict)  # group -> its shared structure
 
     def __str__(self) -> str:
         header = ("target", "op", "weight (out x in)", "method", "trainable")
         body = [(r.target, r.op, f"{r.shape[0]} x {r.shape[1]}", r.method, f"{r.trainable:,}") for r in self.rows]
-        body += [(f"[shared by group {g}]", "", "", "", f"{n:,}") for g, n in self.shared.items() if n]
+        body += [(f"[shared by group {g}] {self.modes.get(g, '')}".rstrip(), "", "", "", f"{n:,}")
+                 for g, n in self.shared.items() if n or self.modes.get(g)]
         widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
         line = "  ".join("-" * w for w in widths)
         fmt = lambda row: "  ".join(c.rjust(w) if i == 4 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
@@ -61,4 +63,5 @@ def plan(model, spec, example_inputs=None, example_kwargs=None, **capture_option
               for g, group in groups.items()}
     trainable = sum(p.numel() for group in groups.values() for p in group.parameters())
     base = sum(p.numel() for p in gm.parameters())
-    return Plan(rows, shared, trainable, base)
+    modes = {g: group.describe() for g, group in groups.items() if group.describe()}
+    return Plan(rows, shared, trainable, base, modes)

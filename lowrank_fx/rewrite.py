@@ -23,7 +23,8 @@ def resolve(gm: fx.GraphModule, spec: Spec) -> tuple[dict[str, Target], dict]:
     except SpecError as err:
         _raise_if_not_linear(gm, spec, targets, err)
         raise
-    return targets, assignment
+    bound = {method: method.for_graph(gm) for method in set(assignment.values())}
+    return targets, {name: bound[method] for name, method in assignment.items()}
 
 
 def _raise_if_not_linear(gm, spec, targets, err):

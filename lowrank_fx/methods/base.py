@@ -65,6 +65,14 @@ class AdapterGroup(nn.Module):
     def delta_weight(self, target_name: str) -> torch.Tensor:
         return self.unit(target_name).delta_weight(*self.shared_tensors())
 
+    def output_side(self) -> list[nn.Parameter]:
+        """Shared parameters that LoRA+ trains at ratio · lr (LoRTA's B); none by default."""
+        return []
+
+    def describe(self) -> str:
+        """One line for `plan`: the group's shared structure (LoRTA's modes); empty by default."""
+        return ""
+
 
 class Method:
     """Base of the method configs (LoRA, LoRTA, RandLoRA)."""
@@ -74,6 +82,10 @@ class Method:
     def build(self, targets: list) -> dict[str, AdapterGroup]:
         """Adapter groups for `targets` (a list of `targets.Target`), keyed by group name."""
         raise NotImplementedError
+
+    def for_graph(self, gm) -> "Method":
+        """This method with options that depend on the model filled in (LoRTA's head_dim)."""
+        return self
 
     def config(self) -> dict:
         """Options as plain JSON data, with the method kind."""

@@ -1,0 +1,173 @@
+"""LoRTA (Hounie et al. 2024): one rank-r CP tensor holds the updates of many layers.
+
+A *group* is every target with the same weight shape (out, in); within it the updates of
+all layers l and matrix types m form a 5-way tensor with modes
+(d_in, d_head, H, L, M), out = H · d_head, factored by shared CP factors
+
+    A (d_in, r)   B (r, d_head)   C_H (H, r)   C_L (L, r)   C_M (M, r)
+
+    c = C_H ⊙ C_L[l] ⊙ C_M[m]                            (H, r), one row per head
+    ΔW[h·d_head + j, i] = s · Σ_k A[i, k] c[h, k] B[k, j]   ΔW (out, in), s = alpha / r
+
+Trainable parameters per group: r · (d_in + d_head + H + L + M).
+Training never builds ΔW: Δy = s · ((dropout(x) A)[..., None, :] ⊙ c) B, flattened over
+(H, d_head), costs about what LoRA of rank r costs.
+
+Rules (see lorta_index.py):
+  - group: targets with equal (out, in); on Llama q/o, k/v (with GQA) and the MLP
+    projections gate/up and down become separate groups, each with its own factors;
+  - L indexes the group's distinct layer keys, M its distinct matrix keys, both in the
+    order the graph first uses them; two targets on the same (l, m) are refused;
+  - heads: every group's output is cut into heads of `head_dim`, which defaults to the
+    head size of the model's attention ops; it must divide each group's output width.
+
+Init ("default"): A ~ U(-1/√d_in, 1/√d_in) (Kaiming-uniform with a=√5 for fan-in d_in,
+LoRA's A), B = 0, C_H, C_L, C_M ~ U(0, 1) (non-negative, so no head, layer or matrix starts
+with a flipped sign). Init "nonzero" draws B ~ U(-1/√r, 1/√r) so that the update is
+non-zero from the first step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+from ..errors import SpecError
+from ..options import options
+from .base import AdapterGroup, Method, Unit, adapter_dtype, check_dropout, check_rank, dropout_module
+from .lorta_index import LAYER_PATTERN, graph_head_dim, layer_key, matrix_key
+
+INITS = ("default", "nonzero")
+FACTORS = ("A", "B", "C_H", "C_L", "C_M")
+
+
+class LoRTAUnit(Unit):
+    """The update of one target: cell (layer, matrix) of its group's tensor. No own parameters."""
+
+    def __init__(self, layer: int, matrix: int, scale: float, dropout: float):
+        super().__init__()
+        self.layer = layer
+        self.matrix = matrix
+        self.scale = scale
+        self.dropout = dropout_module(dropout)
+
+    def _head_scales(self, C_H, C_L, C_M) -> torch.Tensor:
+        return C_H * (C_L[self.layer] * C_M[self.matrix])  # (H, r)
+
+    def forward(self, x, A, B, C_H, C_L, C_M) -> torch.Tensor:
+        h = self.dropout(x.to(A.dtype)) @ A  # (..., r)
+        per_head = h.unsqueeze(-2) * self._head_scales(C_H, C_L, C_M)  # (..., H, r)
+        return ((per_head @ B).flatten(-2) * self.scale).to(x.dtype)  # (..., H·d_head)
+
+    def delta_weight(self, A, B, C_H, C_L, C_M) -> torch.Tensor:
+        """ΔW (out, in) in fp32, or float64 for float64 factors."""
+        A, B, C_H, C_L, C_M = (t.to(torch.promote_types(A.dtype, torch.float32)) for t in (A, B, C_H, C_L, C_M))
+        delta = torch.einsum("ik,hk,kj->hji", A, self._head_scales(C_H, C_L, C_M), B)  # (H, d_head, d_in)
+        return delta.reshape(-1, A.shape[0]) * self.scale
+
+    def output_side(self) -> list[nn.Parameter]:
+        return []
+
+
+class LoRTAGroup(AdapterGroup):
+    """The shared CP factors of one group and its units."""
+
+    shared = FACTORS
+
+    def __init__(self, units: dict[str, LoRTAUnit], d_in: int, d_head: int, heads: int,
+                 layers: int, matrices: int, rank: int, dtype: torch.dtype, init: str):
+        super().__init__(units)
+        sizes = {"A": (d_in, rank), "B": (rank, d_head), "C_H": (heads, rank),
+                 "C_L": (layers, rank), "C_M": (matrices, rank)}
+        for name, shape in sizes.items():
+            self.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=dtype)))
+        bound = 1.0 / math.sqrt(d_in)
+        nn.init.uniform_(self.A, -bound, bound)
+        if init == "nonzero":
+            nn.init.uniform_(self.B, -1.0 / math.sqrt(rank), 1.0 / math.sqrt(rank))
+        else:
+            nn.init.zeros_(self.B)
+        for name in ("C_H", "C_L", "C_M"):
+            nn.init.uniform_(getattr(self, name), 0.0, 1.0)
+        self.modes = {"d_in": d_in, "d_head": d_head, "H": heads, "L": layers, "M": matrices}
+
+    def output_side(self) -> list[nn.Parameter]:
+        """B: the zero-initialised factor nearest the output (LoRA's B)."""
+        return [self.B]
+
+    def describe(self) -> str:
+        return "LoRTA modes " + ", ".join(f"{k}={v}" for k, v in self.modes.items())
+
+
+@options
+class LoRTA(Method):
+    """Low-rank tensor adaptation: CP factors shared by every layer of a group (module docstring)."""
+
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    head_dim: int | None = None  # None: the head size of the model's attention ops
+    layer_pattern: str = LAYER_PATTERN
+    matrix_pattern: str | None = None  # None: the name after the layer key
+    init: str = "default"
+
+    kind = "lorta"
+
+    def __post_init__(self):
+        check_rank("LoRTA", self.rank)
+        check_dropout("LoRTA", self.dropout)
+        if self.init not in INITS:
+            raise SpecError(f"LoRTA init must be one of {INITS}, got {self.init!r}")
+        if self.head_dim is not None and (not isinstance(self.head_dim, int) or self.head_dim <= 0):
+            raise SpecError(f"LoRTA head_dim must be a positive integer or None, got {self.head_dim!r}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def for_graph(self, gm) -> "LoRTA":
+        if self.head_dim is not None:
+            return self
+        return dataclasses.replace(self, head_dim=graph_head_dim(gm))
+
+    def build(self, targets: list) -> dict[str, AdapterGroup]:
+        if self.head_dim is None:
+            raise SpecError("LoRTA head_dim is unknown; rewrite/plan fill it in from the graph, or pass head_dim=...")
+        by_shape: dict[tuple[int, int], list] = {}
+        for t in targets:
+            by_shape.setdefault(t.shape, []).append(t)
+        return {f"lorta_{out}x{d_in}": self._group(group) for (out, d_in), group in by_shape.items()}
+
+    def _group(self, targets: list) -> LoRTAGroup:
+        out, d_in = targets[0].shape
+        names = ", ".join(t.name for t in targets[:3]) + (" ..." if len(targets) > 3 else "")
+        if self.rank > min(out, d_in):
+            raise SpecError(
+                f"LoRTA rank {self.rank} is larger than targets {names} allow: their weights are "
+                f"{out}x{d_in}, so each layer's update has rank at most {min(out, d_in)}"
+            )
+        if out % self.head_dim:
+            raise SpecError(
+                f"LoRTA head_dim {self.head_dim} does not divide the output width {out} of targets "
+                f"{names}; pass a head_dim that divides it, or adapt them with a separate "
+                f"LoRTA(head_dim=...) in a mixed spec (head_dim={out} makes one head)"
+            )
+        cells = {}
+        for t in targets:
+            layer = layer_key(t.name, self.layer_pattern)
+            cell = (layer, matrix_key(t.name, layer, self.matrix_pattern))
+            if cell in cells:
+                raise SpecError(
+                    f"LoRTA maps {cells[cell]} and {t.name} to the same layer {cell[0]!r} and matrix "
+                    f"{cell[1]!r}, so they would get the same update; change matrix_pattern / layer_pattern"
+                )
+            cells[cell] = t.name
+        layers = list(dict.fromkeys(layer for layer, _ in cells))
+        matrices = list(dict.fromkeys(matrix for _, matrix in cells))
+        units = {name: LoRTAUnit(layers.index(layer), matrices.index(matrix), self.scale, self.dropout)
+                 for (layer, matrix), name in cells.items()}
+        return LoRTAGroup(units, d_in, self.head_dim, out // self.head_dim, len(layers), len(matrices),
+                          self.rank, adapter_dtype(targets[0].dtype), self.init)

@@ -1,0 +1,87 @@
+"""Where a target sits in LoRTA's tensor: its layer, its matrix type, and the head size.
+
+Layer and matrix type come from the target name. `layer_pattern` (a regex) is searched in
+the name; the name up to the end of its first match is the *layer key*, the rest is the
+*matrix key*:
+
+    model.layers.3.self_attn.q_proj        -> layer "model.layers.3",  matrix "self_attn.q_proj"
+    transformer.h.0.attn.c_attn            -> layer "transformer.h.0", matrix "attn.c_attn"
+    encoder.layer.1.attention.self.query   -> layer "encoder.layer.1", matrix "attention.self.query"
+    decoder.block.2.layer.1.EncDecAttention.q
+                                           -> layer "decoder.block.2", matrix "layer.1.EncDecAttention.q"
+
+Whole prefixes are keys, so T5's encoder.block.0 and decoder.block.0 are different layers,
+and its self- and cross-attention `q` are different matrix types. `matrix_pattern` (a
+regex; its first group, or the whole match) replaces the default matrix key, e.g.
+r"\\w+$" for the bare leaf name.
+
+The head size comes from the graph: the last dimension of the query of its
+scaled-dot-product-attention ops (every family in tests/models.py has them).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import fx
+
+from ..errors import SpecError
+
+LAYER_PATTERN = r"(?:^|\.)(?:layers|layer|h|block|blocks)\.\d+(?=\.)"
+
+
+def layer_key(name: str, layer_pattern: str) -> str:
+    match = re.search(layer_pattern, name)
+    if match is None:
+        raise SpecError(
+            f"LoRTA could not find a layer index in target {name!r} (layer_pattern "
+            f"{layer_pattern!r}). LoRTA shares its factors across layers, so every target needs "
+            "one: exclude this target (Spec(exclude=[...])), give it another method in a "
+            "mixed spec, or pass LoRTA(layer_pattern=<regex ending at the layer index>)."
+        )
+    return name[: match.end()]
+
+
+def matrix_key(name: str, layer: str, matrix_pattern: str | None) -> str:
+    rest = name[len(layer):].lstrip(".")
+    if matrix_pattern is None:
+        return rest
+    match = re.search(matrix_pattern, rest)
+    if match is None:
+        raise SpecError(
+            f"LoRTA matrix_pattern {matrix_pattern!r} matches nothing in {rest!r} "
+            f"(the part of target {name!r} after its layer {layer!r})"
+        )
+    return match.group(1) if match.groups() else match.group(0)
+
+
+def _query_head_dim(gm: fx.GraphModule, node: fx.Node) -> int | None:
+    """Head size of an attention node's query, if `node` is scaled-dot-product attention."""
+    if node.op == "call_function":
+        if node.target is not torch.ops.aten.scaled_dot_product_attention.default:
+            return None
+    elif node.op == "call_module":
+        # `passes/mode_aware.py` turns attention with dropout into ModeAttention modules.
+        from ..passes.mode_aware import ModeAttention
+
+        if not isinstance(gm.get_submodule(node.target), ModeAttention):
+            return None
+    else:
+        return None
+    query = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+    if query is None or not isinstance(query.shape[-1], int):
+        return None
+    return int(query.shape[-1])
+
+
+def graph_head_dim(gm: fx.GraphModule) -> int:
+    """The one attention head size of `gm`; SpecError when there is none or several."""
+    sizes = {size for node in gm.graph.nodes if (size := _query_head_dim(gm, node)) is not None}
+    if len(sizes) == 1:
+        return sizes.pop()
+    found = f"several head sizes {sorted(sizes)}" if sizes else "no scaled-dot-product attention op with a known query shape"
+    raise SpecError(
+        f"LoRTA needs the attention head size and found {found} in the graph; pass "
+        "LoRTA(head_dim=...) (head_dim equal to a target's output width makes it one head)"
+    )

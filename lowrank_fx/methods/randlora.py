@@ -1,0 +1,128 @@
+"""RandLoRA (Albert et al. 2025): a full-rank update from fixed random bases.
+
+For W (out, in), D = max(out, in), d = min(out, in), N = ceil(d / r):
+
+    ΔW = s · Σ_{n=1..N} B_n Λ_n A Γ_n        (transposed when out < in)
+
+B_n (D, r) and A (r, d) are fixed random bases, Λ_n = diag(λ[:, n]) (r) and
+Γ_n = diag(γ[n]) (d) are trained: N·(r + d) parameters per target (λ (r, N), γ (N, d)).
+N·r ≥ d, so ΔW can be full rank. Layout, slicing and the memory-lean Δy: randlora_ops.py.
+
+One pair of bases serves every target of the method: sized for the element-wise largest
+(out, in) among them (A (r, d_max), B (D_max, N_max·r)) and sliced per target. They are
+non-persistent buffers: never saved, regenerated from `seed` (dense, or `sparse=True`).
+
+Defaults as PEFT 0.21.2's RandLoraConfig: r = 32, alpha = 640, s = alpha / r; init
+λ = 0 (so ΔW starts at 0) and γ = 1/d. Init "nonzero" draws λ ~ U(-1/√(N·r), 1/√(N·r))
+instead, so the update is non-zero from the start (tests, demos).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..errors import SpecError
+from ..options import options
+from .base import AdapterGroup, Method, Unit, adapter_dtype, check_dropout, check_rank, dropout_module
+from .randlora_ops import RandLoRAProduct, random_bases, scaled_basis, sliced_bases
+
+INITS = ("default", "nonzero")
+
+
+class RandLoRAUnit(Unit):
+    def __init__(self, in_features: int, out_features: int, rank: int, scale: float,
+                 dropout: float, dtype: torch.dtype, init: str):
+        super().__init__()
+        self.big, small = max(in_features, out_features), min(in_features, out_features)
+        self.tall = out_features >= in_features
+        n = math.ceil(small / rank)
+        self.lam = nn.Parameter(torch.zeros(rank, n, dtype=dtype))
+        self.gamma = nn.Parameter(torch.full((n, small), 1.0 / small, dtype=dtype))
+        if init == "nonzero":
+            nn.init.uniform_(self.lam, -1.0 / math.sqrt(rank * n), 1.0 / math.sqrt(rank * n))
+        self.scale = scale
+        self.dropout = dropout_module(dropout)
+
+    def forward(self, x: torch.Tensor, basis_A: torch.Tensor, basis_B: torch.Tensor) -> torch.Tensor:
+        h = self.dropout(x.to(self.lam.dtype))
+        delta = RandLoRAProduct.apply(h, self.lam, self.gamma, basis_A, basis_B, self.big, self.tall, self.scale)
+        return delta.to(x.dtype)
+
+    def delta_weight(self, basis_A: torch.Tensor, basis_B: torch.Tensor) -> torch.Tensor:
+        """ΔW (out, in) in fp32, or float64 for float64 diagonals."""
+        dtype = torch.promote_types(self.lam.dtype, torch.float32)
+        rank, n = self.lam.shape
+        A, Bc = sliced_bases(basis_A.to(dtype), basis_B.to(dtype), rank, n, self.gamma.shape[1], self.big)
+        product = Bc @ scaled_basis(A, self.lam.to(dtype), self.gamma.to(dtype)) * self.scale  # (D, d)
+        return product if self.tall else product.t()
+
+    def output_side(self) -> list[nn.Parameter]:
+        """λ: zero at init like LoRA's B, the factor that first moves ΔW off zero."""
+        return [self.lam]
+
+
+class RandLoRAGroup(AdapterGroup):
+    """Units of one RandLoRA method plus the random bases they all slice."""
+
+    shared = ("basis_A", "basis_B")
+
+    def __init__(self, units: dict[str, RandLoRAUnit], bases: tuple[torch.Tensor, torch.Tensor],
+                 seed: int, sparse: bool):
+        super().__init__(units)
+        self.register_buffer("basis_A", bases[0], persistent=False)
+        self.register_buffer("basis_B", bases[1], persistent=False)
+        self.seed, self.sparse = seed, sparse
+
+    def describe(self) -> str:
+        kind = "sparse" if self.sparse else "dense"
+        (r, d), (big, cols) = self.basis_A.shape, self.basis_B.shape
+        return f"RandLoRA {kind} bases A {r}x{d}, B {big}x{cols} (seed {self.seed}; fixed, not saved)"
+
+
+@options
+class RandLoRA(Method):
+    """Full-rank update Σ_n B_n Λ_n A Γ_n from fixed random bases (module docstring)."""
+
+    rank: int = 32
+    alpha: float = 640.0
+    dropout: float = 0.0
+    seed: int = 0
+    sparse: bool = False
+    init: str = "default"
+
+    kind = "randlora"
+
+    def __post_init__(self):
+        check_rank("RandLoRA", self.rank)
+        check_dropout("RandLoRA", self.dropout)
+        if self.init not in INITS:
+            raise SpecError(f"RandLoRA init must be one of {INITS}, got {self.init!r}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def build(self, targets: list) -> dict[str, AdapterGroup]:
+        for t in targets:
+            if self.rank > min(t.shape):
+                raise SpecError(
+                    f"RandLoRA rank {self.rank} is larger than {t.name} allows: its weight is "
+                    f"{t.out_features}x{t.in_features}, so one random basis already spans it; "
+                    f"use rank <= {min(t.shape)} (exclude the target or give it its own method)"
+                )
+        out_max = max(t.out_features for t in targets)
+        in_max = max(t.in_features for t in targets)
+        d_max, big_max = min(out_max, in_max), max(out_max, in_max)
+        dtype = adapter_dtype(targets[0].dtype)
+        if torch.get_default_device().type == "meta":  # plan: sizes only
+            bases = (torch.empty(self.rank, d_max, device="meta"),
+                     torch.empty(big_max, math.ceil(d_max / self.rank) * self.rank, device="meta"))
+        else:
+            bases = random_bases(self.rank, d_max, big_max, math.ceil(d_max / self.rank), self.seed,
+                                 self.sparse, dtype)
+        units = {t.name: RandLoRAUnit(t.in_features, t.out_features, self.rank, self.scale, self.dropout,
+                                      dtype, self.init) for t in targets}
+        return {"randlora": RandLoRAGroup(units, bases, self.seed, self.sparse)}

@@ -1,0 +1,63 @@
+"""LoRA+ (Hayou, Ghosh, Yu 2024): the output-side factor learns ratio times faster.
+
+LoRA's update s · B A starts at 0 because B = 0; the paper shows that with one learning
+rate for both factors, feature learning is inefficient at large width, and that B should
+get ratio · lr (ratio ≈ 16) while A keeps lr. Which parameters play B's role is up to each
+method (`Unit.output_side()` for per-target parameters, `AdapterGroup.output_side()` for
+shared ones):
+
+  - LoRA: B (out, r).
+  - LoRTA: the shared B (r, d_head): zero at init and nearest the output, exactly LoRA's B.
+    A and the mode factors C_H, C_L, C_M keep lr: their sizes H, L, M do not grow with the
+    width, and each entry scales a whole head, layer or matrix, so a 16x rate would make
+    them jump rather than learn faster.
+  - RandLoRA: λ (r, N), zero at init like LoRA's B, so it is what first moves ΔW off zero
+    (and 1-D per basis, which LoRA+'s reference grouping also speeds up). γ (N, d) keeps lr:
+    one entry per coordinate of the smaller side, summed over d in every output, like
+    LoRA's A.
+
+Every other trainable parameter of the graph (adapter or not) gets lr.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from .errors import LowRankFxError
+from .record import CONTAINER
+
+
+def _output_side(gm: fx.GraphModule) -> list[torch.nn.Parameter]:
+    found = []
+    for groups in getattr(gm, CONTAINER, {}).values():
+        for group in groups.values():
+            found += group.output_side()
+            for unit in group.units.values():
+                found += unit.output_side()
+    return found
+
+
+def loraplus_param_groups(gm: fx.GraphModule, lr: float, ratio: float = 16.0,
+                          weight_decay: float = 0.0) -> list[dict]:
+    """Optimizer parameter groups: {"name": "base_lr"} at lr, {"name": "ratio_lr"} at ratio · lr.
+
+    Only parameters that require grad are included, each once; an empty group is left out.
+    """
+    fast = {id(p) for p in _output_side(gm)}
+    trainable = [p for p in gm.parameters() if p.requires_grad]
+    if not trainable:
+        raise LowRankFxError("the graph has no trainable parameters; call lfx.rewrite(model, spec, ...) first")
+    groups = [
+        {"name": "base_lr", "params": [p for p in trainable if id(p) not in fast], "lr": lr,
+         "weight_decay": weight_decay},
+        {"name": "ratio_lr", "params": [p for p in trainable if id(p) in fast], "lr": lr * ratio,
+         "weight_decay": weight_decay},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def loraplus_optimizer(gm: fx.GraphModule, lr: float, ratio: float = 16.0,
+                       optimizer_cls=torch.optim.AdamW, weight_decay: float = 0.0, **kwargs):
+    """`optimizer_cls` over `loraplus_param_groups(gm, lr, ratio, weight_decay)`; kwargs go to it."""
+    return optimizer_cls(loraplus_param_groups(gm, lr, ratio, weight_decay), lr=lr, **kwargs)
