@@ -2,14 +2,18 @@
 
 from .errors import CaptureError, LowRankFxError, MergeError, ModelTypeError, SpecError, TargetError
 from .methods.lora import LoRA
+from .methods.lorta import LoRTA
+from .methods.randlora import RandLoRA
 from .passes.fold import fold as merge
 from .plan import Plan, plan
 from .rewrite import rewrite
 from .spec import Spec
 from .state import load_merged, merged_state_dict
+from .train import loraplus_optimizer, loraplus_param_groups
 
 __all__ = [
     "LoRA", "Spec", "rewrite", "plan", "Plan", "merge", "merged_state_dict", "load_merged",
+    "LoRTA", "RandLoRA", "loraplus_optimizer", "loraplus_param_groups",
     "LowRankFxError", "SpecError", "CaptureError", "TargetError", "MergeError", "ModelTypeError",
 ]
 __version__ = "0.1.0"
