@@ -1,6 +1,8 @@
 """lowrank_fx: parameter-efficient fine-tuning as a torch.fx graph pass."""
 
-from .errors import CaptureError, LowRankFxError, MergeError, ModelTypeError, SpecError, TargetError
+from .errors import (AdapterFileError, CaptureError, LowRankFxError, MergeError, ModelTypeError, SpecError,
+                     TargetError)
+from .io import load_adapters, save_adapters
 from .methods.lora import LoRA
 from .methods.lorta import LoRTA
 from .methods.randlora import RandLoRA
@@ -14,6 +16,8 @@ from .train import loraplus_optimizer, loraplus_param_groups
 __all__ = [
     "LoRA", "Spec", "rewrite", "plan", "Plan", "merge", "merged_state_dict", "load_merged",
     "LoRTA", "RandLoRA", "loraplus_optimizer", "loraplus_param_groups",
+    "save_adapters", "load_adapters",
     "LowRankFxError", "SpecError", "CaptureError", "TargetError", "MergeError", "ModelTypeError",
+    "AdapterFileError",
 ]
 __version__ = "0.1.0"

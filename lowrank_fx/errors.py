@@ -27,6 +27,11 @@ class ModelTypeError(LowRankFxError, TypeError):
     """The object passed as a model is not a torch.nn.Module."""
 
 
+class AdapterFileError(LowRankFxError, ValueError):
+    """An adapter file or PEFT directory that cannot be loaded (or an adapter that cannot be
+    saved in a format): unreadable, from another model, or using an unsupported setting."""
+
+
 def nearest(word: str, choices, n: int = 5) -> list[str]:
     """The `n` entries of `choices` closest to `word`, best first (for 'did you mean')."""
     return difflib.get_close_matches(word, list(choices), n=n, cutoff=0.0)

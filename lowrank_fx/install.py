@@ -1,0 +1,205 @@
+"""Putting loaded adapter values into a graph: everything is checked first, then all is loaded.
+
+Every loader (lowrank_fx adapter files, PEFT directories) goes through two steps:
+
+1. `place(gm, adapter, spec, targets, ...)` works out where the adapter lives in `gm`,
+   changing nothing. If `gm` already has an adapter of that name, that adapter is used, and
+   its targets and method settings must agree with `spec`; otherwise the adapter's modules
+   are built off the graph from `spec`, exactly as `rewrite` will build them. Either way the
+   placement holds a module with the tensors the values must fit.
+2. `install(gm, [(placement, tensors), ...], ...)` compares every tensor's name, shape and
+   dtype with the placements and raises ONE `AdapterFileError` listing every difference
+   before anything changes. Only then are missing adapters injected (`rewrite`) and values
+   copied in.
+
+Method options in `IGNORED` do not change what the loaded values mean (the initialisation
+they replace, the dropout used in training), so they may differ between file and graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import fx, nn
+
+from .errors import AdapterFileError, LowRankFxError, nearest
+from .methods.base import unit_key
+from .passes.inject import build_groups
+from .record import CONTAINER, Record
+from .rewrite import resolve, rewrite
+from .serial import fingerprint
+from .spec import Spec
+from .targets import find_targets
+
+IGNORED = ("init", "dropout")
+SHOWN = 8  # items listed per kind of difference
+
+
+@dataclasses.dataclass
+class Placement:
+    """Where one adapter's values go. `problems` is non-empty when they cannot go anywhere."""
+
+    adapter: str
+    spec: Spec
+    exists: bool  # the graph already has this adapter
+    module: nn.Module | None = None  # holds the tensors the values must fit
+    group_of: dict[str, str] = dataclasses.field(default_factory=dict)  # target -> group
+    problems: list[str] = dataclasses.field(default_factory=list)
+
+    def unit_key(self, target: str, name: str) -> str:
+        """Key, inside the adapter's module, of tensor `name` of the unit of `target`."""
+        return f"{self.group_of[target]}.units.{unit_key(target)}.{name}"
+
+
+def _listed(items: list[str]) -> str:
+    shown = ", ".join(items[:SHOWN])
+    return shown + (f" ... ({len(items)} in all)" if len(items) > SHOWN else "")
+
+
+def _target_problems(graph_targets: dict, shapes: dict[str, tuple[int, int]], expected_fingerprint) -> list[str]:
+    problems = []
+    missing = [name for name in shapes if name not in graph_targets]
+    if missing:
+        hint = nearest(missing[0], graph_targets, n=3)
+        problems.append(
+            f"targets not in this graph: {_listed(missing)}"
+            + (f" (nearest graph targets to the first: {', '.join(hint)})" if hint else "")
+        )
+    for name, shape in shapes.items():
+        if name in graph_targets and tuple(graph_targets[name].shape) != tuple(shape):
+            out, in_ = graph_targets[name].shape
+            problems.append(f"target {name}: base weight is {shape[0]}x{shape[1]} (out x in) in the file, "
+                            f"{out}x{in_} in this graph")
+    if expected_fingerprint is not None:
+        here = fingerprint({n: graph_targets[n].shape for n in shapes if n in graph_targets})
+        if here != expected_fingerprint:
+            problems.insert(0, f"base model fingerprint differs (file {expected_fingerprint[:19]}..., "
+                               f"graph {here[:19]}...): the adapter was saved from another base model")
+    return problems
+
+
+def _config(method) -> dict:
+    return {k: v for k, v in method.config().items() if k not in IGNORED}
+
+
+def _method_problems(current: dict, incoming: dict) -> list[str]:
+    """Differences between the graph's adapter (target -> method) and the loaded one."""
+    problems = []
+    only_graph = [n for n in current if n not in incoming]
+    only_file = [n for n in incoming if n not in current]
+    if only_graph:
+        problems.append(f"the graph's adapter also adapts {_listed(only_graph)}, which the file lacks")
+    if only_file:
+        problems.append(f"the file also adapts {_listed(only_file)}, which the graph's adapter lacks")
+    differing = {}
+    for name in current:
+        if name in incoming:
+            ours, theirs = _config(current[name]), _config(incoming[name])
+            if ours != theirs:
+                keys = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+                line = ", ".join(f"{k}={theirs.get(k)!r} in the file, {ours.get(k)!r} in the graph" for k in keys)
+                differing.setdefault(line, []).append(name)
+    for line, names in differing.items():
+        problems.append(f"method settings differ for {_listed(names)}: {line}")
+    return problems
+
+
+def place(gm: fx.GraphModule, adapter: str, spec: Spec, shapes: dict[str, tuple[int, int]],
+          expected_fingerprint: str | None = None) -> Placement:
+    """Where the values of `adapter` (targets `shapes`: name -> (out, in)) go in `gm`."""
+    record = Record.find(gm)
+    placement = Placement(adapter, spec, exists=adapter in record.adapters)
+    graph_targets = find_targets(gm, record.aliases)
+    placement.problems = _target_problems(graph_targets, shapes, expected_fingerprint)
+    if placement.problems:
+        return placement
+    try:
+        _, assignment = resolve(gm, spec)
+    except LowRankFxError as err:
+        placement.problems.append(f"its spec does not fit this graph: {err}")
+        return placement
+    if set(assignment) != set(shapes):
+        extra = [n for n in assignment if n not in shapes]
+        lacking = [n for n in shapes if n not in assignment]
+        placement.problems.append(
+            "on this graph its spec selects other targets than the file holds: "
+            + "; ".join(part for part in (extra and f"also {_listed(extra)}", lacking and f"not {_listed(lacking)}") if part)
+        )
+        return placement
+    if placement.exists:
+        info = record.adapters[adapter]
+        _, current = resolve(gm, info.spec)
+        placement.problems += _method_problems(current, assignment)
+        placement.module = getattr(gm, CONTAINER)[adapter]
+        placement.group_of = dict(info.groups)
+        return placement
+    try:
+        with torch.random.fork_rng(devices=[]):
+            groups, placement.group_of = build_groups(assignment, graph_targets)
+    except LowRankFxError as err:
+        placement.problems.append(f"its adapter cannot be built on this graph: {err}")
+        return placement
+    placement.module = nn.ModuleDict(groups)
+    return placement
+
+
+def _slots(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(tensors every file must hold: parameters and persistent buffers, optional buffers)."""
+    required = dict(module.state_dict(keep_vars=True))
+    optional = {name: buf for name, buf in module.named_buffers() if name not in required}
+    return required, optional
+
+
+def _tensor_problems(module: nn.Module, tensors: dict[str, torch.Tensor], cast: bool) -> list[str]:
+    required, optional = _slots(module)
+    problems = []
+    missing = [k for k in required if k not in tensors]
+    unknown = [k for k in tensors if k not in required and k not in optional]
+    if missing:
+        problems.append(f"tensors missing from the file: {_listed(missing)}")
+    if unknown:
+        problems.append(f"tensors in the file that this adapter does not have: {_listed(unknown)}")
+    for key, value in tensors.items():
+        slot = required.get(key, optional.get(key))
+        if slot is None:
+            continue
+        if tuple(value.shape) != tuple(slot.shape):
+            problems.append(f"tensor {key}: shape {tuple(value.shape)} in the file, {tuple(slot.shape)} expected")
+        fits = value.is_floating_point() and slot.is_floating_point() if cast else value.dtype == slot.dtype
+        if not fits:
+            problems.append(f"tensor {key}: dtype {value.dtype} in the file, {slot.dtype} expected")
+    return problems
+
+
+def install(gm: fx.GraphModule, items: list[tuple[Placement, dict[str, torch.Tensor]]], source: str,
+            cast: bool = False) -> None:
+    """Check every placement and tensor, then inject missing adapters and copy values in.
+
+    `cast=True` converts floating-point values to the adapter's dtype (PEFT files) instead of
+    requiring the same dtype. Raises AdapterFileError, with `gm` unchanged, on any difference.
+    """
+    report = []
+    for placement, tensors in items:
+        problems = list(placement.problems)
+        if placement.module is not None:
+            problems += _tensor_problems(placement.module, tensors, cast)
+        if problems:
+            report += [f"  adapter {placement.adapter!r}:"] + [f"    - {p}" for p in problems]
+    if report:
+        raise AdapterFileError(
+            f"cannot load {source}; nothing was changed. Differences:\n" + "\n".join(report) + "\n"
+            "Load it into a graph of the same base model, rewritten with the same spec (or not "
+            "yet rewritten under that adapter name, so that the file's spec is applied)."
+        )
+    with torch.random.fork_rng(devices=[]):
+        for placement, _ in items:
+            if not placement.exists:
+                rewrite(gm, placement.spec, adapter=placement.adapter)
+    container = getattr(gm, CONTAINER)
+    with torch.no_grad():
+        for placement, tensors in items:
+            required, optional = _slots(container[placement.adapter])
+            for key, value in tensors.items():
+                slot = required.get(key, optional.get(key))
+                slot.copy_(value.to(slot.dtype))

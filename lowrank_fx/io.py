@@ -1,0 +1,186 @@
+"""Adapter files: `save_adapters(gm, path)` and `load_adapters(gm, path)`.
+
+Format, version 1: ONE safetensors file (suggested suffix `.safetensors`).
+  - Tensors: each saved adapter's parameters and persistent buffers, named
+    `<adapter>.<name inside gm.lowrank_fx[adapter]>`, for example
+    `default.lora.units.model-layers-0-self_attn-q_proj.lora_A`. Non-persistent buffers
+    (tensors a method regenerates, such as random bases rebuilt from a seed) are left out
+    unless `include_buffers=True`.
+  - Header metadata `"lowrank_fx"`: the manifest, a JSON object
+        {"format": "lowrank_fx.adapters", "version": 1, "lowrank_fx": "<library version>",
+         "checksum": "sha256:<hex>",      # over every tensor's name, dtype, shape and bytes
+         "adapters": {"<adapter>": {
+             "spec": {"rules": [{"pattern": "*.q_proj", "method": {"method": "lora", "rank": 8, ...}}],
+                      "exclude": []},
+             "targets": {"<target name>": [out, in]},   # the base weights it adapts
+             "fingerprint": "sha256:<hex>"}}}           # of those names and shapes
+One file rather than a tensors-plus-JSON pair: a save is then a single atomic rename (a
+crash leaves the old file whole), and a manifest can never be paired with another save's
+tensors. `safe_open(path).metadata()["lowrank_fx"]` or `read_manifest(path)` shows it.
+
+Reading uses safetensors and json only: nothing is unpickled and no code runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+from torch import fx
+
+from .atomic import write_atomic
+from .capture import capture
+from .errors import AdapterFileError
+from .install import install, place
+from .record import CONTAINER, Record
+from .serial import fingerprint, spec_from_json, spec_to_json
+from .targets import find_targets
+
+FORMAT = "lowrank_fx.adapters"
+VERSION = 1
+MANIFEST_KEY = "lowrank_fx"
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def _chosen(names, adapter: str | None, where: str) -> list[str]:
+    names = list(names)
+    if adapter is None:
+        return names
+    if adapter not in names:
+        raise AdapterFileError(f"{where} has no adapter {adapter!r}; it has: {', '.join(names) or 'none'}")
+    return [adapter]
+
+
+def save_adapters(gm: fx.GraphModule, path: str | os.PathLike, adapter: str | None = None,
+                  include_buffers: bool = False) -> Path:
+    """Save the adapters of `gm` (all of them, or only `adapter`) to the file `path`.
+
+    The write is atomic: `path` keeps its previous content if the save fails midway.
+    `include_buffers=True` also stores non-persistent buffers (which methods otherwise
+    regenerate, e.g. RandLoRA's seeded random bases). Returns the path written.
+    """
+    record = Record.find(gm)
+    if record is None or not record.adapters:
+        raise AdapterFileError("this graph has no adapters to save; add one with lfx.rewrite(model, spec, ...) first")
+    path = Path(path)
+    if path.is_dir():
+        raise AdapterFileError(f"{path} is a directory; give a file name, e.g. {path / 'adapters.safetensors'}")
+    graph_targets = find_targets(gm, record.aliases)
+    from . import __version__
+
+    tensors, adapters = {}, {}
+    for name in _chosen(record.adapters, adapter, "this graph"):
+        module = getattr(gm, CONTAINER)[name]
+        state = dict(module.state_dict())
+        if include_buffers:
+            state.update((key, buf) for key, buf in module.named_buffers() if key not in state)
+        tensors.update((f"{name}.{key}", value.detach().cpu().contiguous().clone()) for key, value in state.items())
+        shapes = {target: graph_targets[target].shape for target in record.adapters[name].groups}
+        adapters[name] = {
+            "spec": spec_to_json(record.adapters[name].spec),
+            "targets": {target: list(shape) for target, shape in shapes.items()},
+            "fingerprint": fingerprint(shapes),
+        }
+    manifest = {"format": FORMAT, "version": VERSION, "lowrank_fx": __version__,
+                "checksum": _checksum(tensors), "adapters": adapters}
+    data = safetensors.torch.save(tensors, metadata={MANIFEST_KEY: json.dumps(manifest), "format": "pt"})
+    return write_atomic(path, data)
+
+
+def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    if path.is_dir():
+        hint = ("; it looks like a PEFT adapter directory: use lfx.load_peft(model, directory, ...)"
+                if (path / "adapter_config.json").exists() else "")
+        raise AdapterFileError(f"{path} is a directory, not a lowrank_fx adapter file{hint}")
+    if not path.exists():
+        raise AdapterFileError(f"adapter file {path} does not exist")
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as file:
+            metadata = file.metadata() or {}
+            tensors = {key: file.get_tensor(key) for key in file.keys()}
+    except safetensors.SafetensorError as err:
+        raise AdapterFileError(
+            f"{path} is not a complete safetensors file ({err}); it may be truncated or corrupt. "
+            "Save the adapters again (saves are atomic, so the last complete save is intact)."
+        ) from None
+    if MANIFEST_KEY not in metadata:
+        raise AdapterFileError(
+            f"{path} is a safetensors file without a lowrank_fx manifest, so not a lowrank_fx adapter "
+            "file (a PEFT adapter? use lfx.load_peft(model, directory, ...))"
+        )
+    try:
+        manifest = json.loads(metadata[MANIFEST_KEY])
+    except json.JSONDecodeError as err:
+        raise AdapterFileError(f"the manifest in {path} is not valid JSON ({err}); the file is corrupt") from None
+    _check_manifest(path, manifest, tensors)
+    return manifest, tensors
+
+
+def _check_manifest(path: Path, manifest, tensors: dict[str, torch.Tensor]) -> None:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise AdapterFileError(f"{path} has a manifest that is not a {FORMAT} manifest")
+    version = manifest.get("version")
+    if not isinstance(version, int) or version > VERSION:
+        raise AdapterFileError(
+            f"{path} is format version {version!r}; this lowrank_fx reads versions up to {VERSION}: upgrade lowrank_fx"
+        )
+    adapters = manifest.get("adapters")
+    if not isinstance(adapters, dict) or not all(
+        isinstance(entry, dict) and isinstance(entry.get("targets"), dict) and "spec" in entry
+        for entry in adapters.values()
+    ):
+        raise AdapterFileError(f"{path} has a malformed manifest: 'adapters' must map names to spec and targets")
+    stray = [key for key in tensors if key.split(".", 1)[0] not in adapters]
+    if stray:
+        raise AdapterFileError(f"{path} holds tensors of no adapter in its manifest: {stray[:5]}; the file is corrupt")
+    if manifest.get("checksum") != _checksum(tensors):
+        raise AdapterFileError(f"{path} fails its checksum: its tensor data is corrupt; save the adapters again")
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The manifest of an adapter file (after checking that the file is whole)."""
+    return _read(Path(path))[0]
+
+
+def load_adapters(model, path: str | os.PathLike, adapter: str | None = None, example_inputs=None,
+                  example_kwargs=None) -> fx.GraphModule:
+    """Load adapters from `path` into `model` (a GraphModule, or a model to capture) and return the graph.
+
+    `adapter=None` loads every adapter in the file, otherwise only the named one. An adapter
+    the graph already has keeps its modules and gets the file's values; its targets and
+    method settings must agree with the file. An adapter the graph does not have is first
+    added by `rewrite` with the spec stored in the file. Names, shapes, dtypes and the base
+    fingerprint are all checked before anything changes: on any difference one
+    AdapterFileError lists them all, and the graph is untouched.
+
+    A model that is not yet a lowrank_fx GraphModule is captured first (pass
+    `example_inputs` / `example_kwargs` as for `rewrite`); use the returned graph.
+    """
+    path = Path(path)
+    manifest, tensors = _read(path)
+    gm = capture(model, example_inputs, example_kwargs)
+    items = []
+    for name in _chosen(manifest["adapters"], adapter, str(path)):
+        entry = manifest["adapters"][name]
+        try:
+            shapes = {target: (int(shape[0]), int(shape[1])) for target, shape in entry["targets"].items()}
+        except (TypeError, ValueError, IndexError):
+            raise AdapterFileError(f"{path}: malformed target shapes for adapter {name!r}") from None
+        placement = place(gm, name, spec_from_json(entry["spec"]), shapes, entry.get("fingerprint"))
+        prefix = f"{name}."
+        items.append((placement, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}))
+    install(gm, items, source=f"adapters from {path}")
+    return gm
