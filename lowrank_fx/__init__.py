@@ -7,6 +7,7 @@ from .methods.lora import LoRA
 from .methods.lorta import LoRTA
 from .methods.randlora import RandLoRA
 from .passes.fold import fold as merge
+from .peft_interop import load_peft, save_peft
 from .plan import Plan, plan
 from .rewrite import rewrite
 from .spec import Spec
@@ -16,7 +17,7 @@ from .train import loraplus_optimizer, loraplus_param_groups
 __all__ = [
     "LoRA", "Spec", "rewrite", "plan", "Plan", "merge", "merged_state_dict", "load_merged",
     "LoRTA", "RandLoRA", "loraplus_optimizer", "loraplus_param_groups",
-    "save_adapters", "load_adapters",
+    "save_adapters", "load_adapters", "load_peft", "save_peft",
     "LowRankFxError", "SpecError", "CaptureError", "TargetError", "MergeError", "ModelTypeError",
     "AdapterFileError",
 ]

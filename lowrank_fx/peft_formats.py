@@ -1,0 +1,145 @@
+"""The PEFT methods lowrank_fx can read and write, one `PeftFormat` table entry each.
+
+An entry says how a PEFT method's `adapter_config.json` and per-module tensors map onto one
+of our methods: which tensor suffixes are which unit parameters, which config settings are
+understood (any other setting must be absent or empty, else loading is refused naming it),
+how to build our method for one module, and how to write our methods back as config fields.
+A method whose tensors are all per module is one more entry in `FORMATS`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+from typing import Callable
+
+import torch
+
+from .errors import AdapterFileError
+from .methods.base import Method
+from .methods.lora import LoRA
+
+
+def _any(value) -> bool:
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftFormat:
+    peft_type: str  # adapter_config.json "peft_type"
+    kind: str  # our Method.kind
+    tensors: dict[str, str]  # PEFT tensor suffix after the module path -> our unit's parameter name
+    settings: dict[str, Callable[[object], bool]]  # understood config keys -> is this value supported?
+    method: Callable[[dict, str, dict[str, torch.Tensor]], Method]  # (config, module, its tensors) -> ours
+    config: Callable[[dict[str, Method]], dict]  # our methods by target -> method-specific config fields
+    shape: Callable[[dict[str, torch.Tensor]], tuple[int, int]]  # (out, in) of the base weight
+
+
+# Settings of every PEFT method. Which modules are adapted is read from the tensor names, so
+# the module-selection settings need no translation (and layers_to_transform just works).
+COMMON = {
+    "peft_type": _any, "peft_version": _any, "base_model_name_or_path": _any, "revision": _any,
+    "task_type": _any, "inference_mode": _any, "auto_mapping": _any,
+    "target_modules": _any, "exclude_modules": _any, "layers_to_transform": _any, "layers_pattern": _any,
+    "fan_in_fan_out": _any,  # the graph knows each weight's layout (Conv1D or Linear)
+    "bias": lambda value: value == "none",
+}
+
+# Why a setting is refused, for the error message (default: "not supported").
+HINTS = {
+    "bias": "lowrank_fx adapters do not train biases; only bias='none' loads",
+    "use_dora": "DoRA's magnitude vector has no lowrank_fx method",
+    "modules_to_save": "fully trained extra modules (e.g. a classifier head) are not adapters; "
+                       "load them into the model before capture",
+    "init_lora_weights": "this initialisation modifies the base weights (PiSSA, OLoRA, CorDA, LoftQ, "
+                         "LoRA-GA) or is a LoRA variant (MiCA); convert the adapter to plain LoRA with "
+                         "PEFT (save_pretrained(..., path_initial_model_for_weight_conversion=...)) first",
+    "lora_bias": "a bias on lora_B has no lowrank_fx counterpart",
+    "target_parameters": "adapters on bare parameters (MoE experts) are not supported",
+    "layer_replication": "replicated layers do not exist in the captured graph",
+    "trainable_token_indices": "trainable embedding rows are not supported",
+    "megatron_config": "Megatron parallel layers are not supported",
+}
+
+
+def pattern_value(patterns: dict, name: str, default):
+    """PEFT's rank_pattern / alpha_pattern rule: the value of the first key that, read as a
+    regular expression, matches all of `name` or a part of it after a dot; else `default`."""
+    for key, value in patterns.items():
+        if re.fullmatch(rf"(?:.*\.)?(?:{key})", name):
+            return value
+    return default
+
+
+def _lora_method(config: dict, module: str, tensors: dict[str, torch.Tensor]) -> LoRA:
+    rank = pattern_value(config.get("rank_pattern") or {}, module, config.get("r", 8))
+    alpha = pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
+    found = tensors["lora_A"].shape[0]
+    if found != rank or tensors["lora_B"].shape[1] != rank:
+        raise AdapterFileError(
+            f"{module}: lora_A {tuple(tensors['lora_A'].shape)} and lora_B {tuple(tensors['lora_B'].shape)} "
+            f"do not have the rank {rank} that the config gives it (r / rank_pattern)"
+        )
+    return LoRA(rank=int(rank), alpha=float(alpha), dropout=float(config.get("lora_dropout", 0.0)),
+                rslora=bool(config.get("use_rslora", False)))
+
+
+def _plain(number: float):
+    return int(number) if float(number).is_integer() else number
+
+
+def _lora_config(methods: dict[str, LoRA]) -> dict:
+    for option in ("rslora", "dropout"):
+        values = {getattr(m, option) for m in methods.values()}
+        if len(values) > 1:
+            raise AdapterFileError(
+                f"PEFT's LoraConfig has one {option} per adapter, but this adapter mixes {sorted(values)}; "
+                "save it with one value for every target"
+            )
+    rank = collections.Counter(m.rank for m in methods.values()).most_common(1)[0][0]
+    alpha = collections.Counter(m.alpha for m in methods.values()).most_common(1)[0][0]
+    first = next(iter(methods.values()))
+    return {
+        "r": rank,
+        "lora_alpha": _plain(alpha),
+        "lora_dropout": first.dropout,
+        "use_rslora": first.rslora,
+        "init_lora_weights": True,
+        "rank_pattern": {re.escape(t): m.rank for t, m in methods.items() if m.rank != rank},
+        "alpha_pattern": {re.escape(t): _plain(m.alpha) for t, m in methods.items() if m.alpha != alpha},
+    }
+
+
+LORA = PeftFormat(
+    peft_type="LORA",
+    kind="lora",
+    tensors={"lora_A.weight": "lora_A", "lora_B.weight": "lora_B"},
+    settings={
+        **COMMON,
+        "r": _any, "lora_alpha": _any, "lora_dropout": _any, "use_rslora": _any,
+        "rank_pattern": _any, "alpha_pattern": _any,
+        # only the values loaded matter, not how they were initialised, unless the
+        # initialisation also changed the base weights
+        "init_lora_weights": lambda value: value in (True, False, "gaussian", "eva", "orthogonal"),
+        # settings only read when a refused setting is on
+        "eva_config": _any, "corda_config": _any, "lora_ga_config": _any, "loftq_config": _any,
+        "megatron_core": _any, "qalora_group_size": _any, "ensure_weight_tying": _any,
+    },
+    method=_lora_method,
+    config=_lora_config,
+    shape=lambda tensors: (tensors["lora_B"].shape[0], tensors["lora_A"].shape[1]),
+)
+
+FORMATS = {entry.peft_type: entry for entry in (LORA,)}
+
+
+def unsupported(entry: PeftFormat, config: dict) -> list[str]:
+    """Settings of `config` that `entry` cannot load faithfully, each with the reason."""
+    found = []
+    for key, value in config.items():
+        check = entry.settings.get(key)
+        ok = check(value) if check is not None else value in (None, False, "", [], {})
+        if not ok:
+            found.append(f"{key}={value!r} ({HINTS.get(key, 'not supported by lowrank_fx')})")
+    return found

@@ -1,0 +1,242 @@
+"""PEFT interop: `load_peft` puts a PEFT adapter directory onto a graph, `save_peft` writes one.
+
+A PEFT adapter directory holds `adapter_config.json` and `adapter_model.safetensors`, whose
+tensors are named `base_model.model.<module path>.<suffix>`, for LoRA
+`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` (r, in) and `...lora_B.weight`
+(out, r). Our target names are the original model's module paths, so `<module path>` is the
+target name. GPT-2's Conv1D stores its weight (in, out), but PEFT keeps lora_A (r, in) and
+lora_B (out, r) for it too, exactly like our units: no transposes either way.
+
+Loading: which modules are adapted, and their ranks, come from the tensors; alpha, rsLoRA,
+dropout, rank_pattern and alpha_pattern from the config (see peft_formats.py for the
+settings and the ones refused). The adapter's spec is the config's own target_modules /
+exclude_modules when they select exactly the adapted modules on this graph, else the
+adapted modules by name. Then it is checked and loaded like an adapter file (install.py):
+all or nothing, with one error listing every difference. Values are cast to the adapter's
+dtype (PEFT may store fp16 / bf16).
+
+Saving: target_modules is the exact list of target names, ranks and alphas that differ
+from the most common one go to rank_pattern / alpha_pattern, and `fan_in_fan_out` is true
+when every target is stored (in, out) (Conv1D). Only adapters whose targets are modules
+with a `.weight` in the original model can be saved (PEFT adapts modules, not bare weights).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+from torch import fx
+
+from .atomic import write_atomic
+from .capture import capture
+from .errors import AdapterFileError, LowRankFxError
+from .install import install, place
+from .methods.base import Method, unit_key
+from .peft_formats import FORMATS, PeftFormat, unsupported
+from .record import CONTAINER, Record
+from .rewrite import resolve
+from .spec import ALL_LINEAR, Spec
+from .targets import find_targets
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+def _read_config(directory: Path) -> dict:
+    if not (directory / CONFIG).is_file():
+        raise AdapterFileError(f"{directory} is not a PEFT adapter directory: it has no {CONFIG}")
+    try:
+        config = json.loads((directory / CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterFileError(f"{directory / CONFIG} is not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise AdapterFileError(f"{directory / CONFIG} must hold a JSON object")
+    return config
+
+
+def _format(config: dict, directory: Path) -> PeftFormat:
+    peft_type = config.get("peft_type")
+    if peft_type not in FORMATS:
+        raise AdapterFileError(
+            f"{directory} is a PEFT {peft_type} adapter; lowrank_fx reads only {', '.join(FORMATS)} "
+            f"(peft_type={peft_type!r} is not supported)"
+        )
+    return FORMATS[peft_type]
+
+
+def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    path = directory / WEIGHTS
+    if not path.is_file():
+        pickled = [n for n in ("adapter_model.bin", "adapter_model.pt") if (directory / n).exists()]
+        raise AdapterFileError(
+            f"{directory} has no {WEIGHTS}"
+            + (f"; {pickled[0]} is a pickle, which lowrank_fx never loads: re-save the adapter with "
+               "PEFT's save_pretrained(..., safe_serialization=True)" if pickled else "")
+        )
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as file:
+            return {key: file.get_tensor(key) for key in file.keys()}
+    except safetensors.SafetensorError as err:
+        raise AdapterFileError(f"{path} is not a complete safetensors file ({err}); it may be truncated") from None
+
+
+def _units(entry: PeftFormat, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
+    """Tensors by module path and our parameter name, and the problems found."""
+    units: dict[str, dict[str, torch.Tensor]] = {}
+    unknown = []
+    for key, value in tensors.items():
+        path = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        suffix = next((s for s in entry.tensors if path.endswith("." + s)), None)
+        if suffix is None:
+            unknown.append(key)
+            continue
+        units.setdefault(path[: -len(suffix) - 1], {})[entry.tensors[suffix]] = value
+    problems = []
+    if unknown:
+        problems.append(
+            f"tensors that are not {entry.peft_type} module weights lowrank_fx can load "
+            f"(embedding adapters, DoRA magnitudes, saved modules?): {', '.join(unknown[:5])}"
+            + (f" ... ({len(unknown)} in all)" if len(unknown) > 5 else "")
+        )
+    names = set(entry.tensors.values())
+    for module, found in units.items():
+        if set(found) != names:
+            problems.append(f"{module} lacks {', '.join(sorted(names - set(found)))}")
+    if not units and not unknown:
+        problems.append("it holds no tensors")
+    return units, problems
+
+
+def _literal(name: str) -> str:
+    """A pattern for one module name, matching it (and names ending in '.' + it) like PEFT's lists."""
+    if any(c in name for c in "*?["):
+        return "re:(?:^|\\.)" + re.escape(name) + "$"
+    return name
+
+
+def _peft_patterns(value) -> list[str]:
+    if isinstance(value, str):
+        return [ALL_LINEAR] if value == ALL_LINEAR else [f"re:^(?:{value})$"]
+    return [_literal(name) for name in value]
+
+
+def _spec(gm: fx.GraphModule, config: dict, methods: dict[str, Method]) -> Spec:
+    """The config's target_modules / exclude_modules if they select exactly `methods` here, else names."""
+    distinct = set(methods.values())
+    if len(distinct) > 1:
+        return Spec(targets={_literal(name): method for name, method in methods.items()})
+    method = distinct.pop()
+    if config.get("target_modules") and config.get("layers_to_transform") is None:
+        try:
+            spec = Spec(targets=_peft_patterns(config["target_modules"]), method=method,
+                        exclude=_peft_patterns(config.get("exclude_modules") or []))
+            if set(resolve(gm, spec)[1]) == set(methods):
+                return spec
+        except LowRankFxError:
+            pass
+    return Spec(targets=[_literal(name) for name in methods], method=method)
+
+
+def load_peft(model, directory: str | os.PathLike, adapter: str = "default", example_inputs=None,
+              example_kwargs=None) -> fx.GraphModule:
+    """Load the PEFT adapter in `directory` into `model` as adapter `adapter`; returns the graph.
+
+    `model` is a GraphModule (rewritten or not) or a model to capture with `example_inputs` /
+    `example_kwargs`. If the graph already has `adapter`, its targets and settings must match
+    the PEFT adapter; otherwise it is added. Unsupported PEFT settings (DoRA, biases,
+    modules_to_save, base-modifying initialisations, other PEFT methods) raise
+    AdapterFileError naming them, and nothing changes.
+    """
+    directory = Path(directory)
+    config = _read_config(directory)
+    entry = _format(config, directory)
+    refused = unsupported(entry, config)
+    if refused:
+        raise AdapterFileError(
+            f"the PEFT adapter in {directory} uses settings lowrank_fx cannot load faithfully; "
+            "nothing was loaded:\n" + "\n".join(f"  - {line}" for line in refused)
+        )
+    units, problems = _units(entry, _read_tensors(directory))
+    methods = {}
+    for module, tensors in units.items():
+        try:
+            methods[module] = entry.method(config, module, tensors)
+        except LowRankFxError as err:
+            problems.append(str(err))
+    if problems:
+        raise AdapterFileError(f"cannot load the PEFT adapter in {directory}:\n" + "\n".join(f"  - {p}" for p in problems))
+    gm = capture(model, example_inputs, example_kwargs)
+    placement = place(gm, adapter, _spec(gm, config, methods), {m: entry.shape(t) for m, t in units.items()})
+    values = {}
+    if placement.module is not None:
+        values = {placement.unit_key(m, name): v for m, tensors in units.items() for name, v in tensors.items()}
+    install(gm, [(placement, values)], source=f"the PEFT adapter in {directory}", cast=True)
+    return gm
+
+
+def _only_adapter(record: Record, adapter: str | None) -> str:
+    names = list(record.adapters)
+    if adapter is None:
+        if len(names) != 1:
+            raise AdapterFileError(f"a PEFT directory holds one adapter; this graph has {names}: pass adapter=<name>")
+        return names[0]
+    if adapter not in names:
+        raise AdapterFileError(f"this graph has no adapter {adapter!r}; it has: {', '.join(names)}")
+    return adapter
+
+
+def save_peft(gm: fx.GraphModule, directory: str | os.PathLike, adapter: str | None = None,
+              base_model_name_or_path: str | None = None, task_type: str | None = None) -> Path:
+    """Write adapter `adapter` of `gm` (default: its only adapter) as a PEFT adapter directory.
+
+    `peft.PeftModel.from_pretrained(original_model, directory)` then loads it and computes
+    what the graph computes. `base_model_name_or_path` and `task_type` (e.g. "CAUSAL_LM")
+    are written to the config for PEFT's Auto classes. Each file is written atomically.
+    """
+    record = Record.find(gm)
+    if record is None or not record.adapters:
+        raise AdapterFileError("this graph has no adapters to save; add one with lfx.rewrite(model, spec, ...) first")
+    name = _only_adapter(record, adapter)
+    _, methods = resolve(gm, record.adapters[name].spec)
+    kinds = {m.kind for m in methods.values()}
+    entry = next((e for e in FORMATS.values() if {e.kind} == kinds), None)
+    if entry is None:
+        raise AdapterFileError(
+            f"adapter {name!r} uses {', '.join(sorted(kinds))}; PEFT export supports adapters of one method among "
+            f"{', '.join(e.kind for e in FORMATS.values())}"
+        )
+    not_modules = [t for t in methods if f"{t}.weight" not in record.aliases]
+    if not_modules:
+        raise AdapterFileError(
+            f"PEFT adapts modules by their .weight, and these targets are not modules with a weight in the "
+            f"original model: {', '.join(not_modules[:5])}; leave them out of the spec to export"
+        )
+    targets = find_targets(gm, record.aliases)
+    groups = getattr(gm, CONTAINER)[name]
+    tensors = {}
+    for target in methods:
+        unit = groups[record.adapters[name].groups[target]].units[unit_key(target)]
+        for suffix, param in entry.tensors.items():
+            tensors[f"{PREFIX}{target}.{suffix}"] = getattr(unit, param).detach().cpu().contiguous().clone()
+    config = {
+        "peft_type": entry.peft_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "task_type": task_type,
+        "inference_mode": True,
+        "target_modules": sorted(methods),
+        "bias": "none",
+        "fan_in_fan_out": all(targets[t].layout == "in_out" for t in methods),
+        **entry.config(methods),
+    }
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_atomic(directory / WEIGHTS, safetensors.torch.save(tensors, metadata={"format": "pt"}))
+    write_atomic(directory / CONFIG, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    return directory
