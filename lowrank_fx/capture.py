@@ -59,18 +59,25 @@ def _aliases(model: nn.Module) -> dict[str, list[str]]:
 
 
 def _hint(model: nn.Module, kwargs: dict, error: Exception) -> str:
+    """What to try after torch.export failed, from the model's config and the error text."""
     text = str(error)
     hints = []
     config = getattr(model, "config", None)
     if getattr(config, "use_cache", False) and "use_cache" not in kwargs:
         hints.append("decoder models need example_kwargs={'use_cache': False}")
-    if "Constraints violated" in text or "specialized" in text or "Dim" in text:
+    if "data-dependent" in text or "DataDependent" in type(error).__name__:
+        hints.append(
+            "the model's Python code branches on, or converts to a number, a tensor's values "
+            "(e.g. `if x.sum() > 0:` or `float(t)`), which torch.export cannot capture: express it "
+            "with tensor ops (torch.where, torch.cond)"
+        )
+    elif "Constraints violated" in text or "specialized" in text or "Dim" in text:
         hints.append(
             "a dimension could not stay dynamic: pass dynamic_shapes=... (torch.export form) "
             "marking it static, or dynamic=False"
         )
-    hints.append("or capture it yourself with torch.export and pass the resulting GraphModule")
-    return "; ".join(hints)
+    hints.append("capture it yourself with torch.export and pass the resulting GraphModule")
+    return "; or ".join(hints)
 
 
 def _plain(gm: fx.GraphModule) -> fx.GraphModule:
