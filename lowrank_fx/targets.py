@@ -39,8 +39,11 @@ LINEAR_OPS = {
     operator.matmul: (0, 1, "in_out"),
 }
 # Ops that may stand between a weight's get_attr and its use: transposes flip the layout,
-# casts keep it. Method names cover `W.t()` and friends in symbolically traced graphs.
-_FLIPS = {aten.t.default, aten.transpose.int, aten.permute.default, torch.t, torch.transpose, "t", "transpose"}
+# casts keep it. Method names cover `W.t()` and friends in symbolically traced graphs, and
+# attribute names `W.T` / `W.mT` (export: aten.numpy_T / aten.mT; symbolic_trace: getattr).
+_FLIPS = {aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default, aten.mT.default,
+          torch.t, torch.transpose, "t", "transpose"}
+_FLIP_ATTRIBUTES = ("T", "mT")
 _CASTS = {aten._to_copy.default, aten.to.dtype, aten.alias.default, aten.detach.default,
           aten.clone.default, aten.contiguous.default, "to", "float", "contiguous", "detach"}
 
@@ -72,7 +75,7 @@ def _weight_source(node) -> tuple[fx.Node, bool] | None:
     """Follow a weight operand back to its get_attr; return (get_attr node, flipped)."""
     flipped = False
     while isinstance(node, fx.Node) and node.op in ("call_function", "call_method"):
-        if node.target in _FLIPS:
+        if node.target in _FLIPS or (node.target is getattr and node.args[1] in _FLIP_ATTRIBUTES):
             if node.target is aten.permute.default and list(node.args[1]) not in ([1, 0], [-1, -2]):
                 return None
             flipped = not flipped

@@ -56,6 +56,10 @@ def check_against_oracle(model, gm, weights, *inputs):
     assert rel_err(ours, expected) <= TOL
     with torch.no_grad():
         assert rel_err(lfx.merge(gm)(*inputs), expected) <= TOL
+    merged = copy.deepcopy(model)  # the original module with the merged state
+    merged.load_state_dict(lfx.merged_state_dict(gm))
+    with torch.no_grad():
+        assert rel_err(merged(*inputs), expected) <= TOL
 
 
 # ---------------------------------------------------------------------------------------
@@ -70,13 +74,14 @@ class RawOps(nn.Module):
         self.raw_bias = nn.Parameter(torch.randn(8))
         self.w_io = nn.Parameter(torch.randn(8, 6) / 3)  # x @ W: (in, out)
         self.w_oi = nn.Parameter(torch.randn(6, 8) / 3)  # x @ W.t(): (out, in)
+        self.w_T = nn.Parameter(torch.randn(6, 8) / 3)  # x @ W.T: (out, in)
         self.mm_w = nn.Parameter(torch.randn(6, 5) / 3)  # torch.mm: (in, out)
         self.addmm_w = nn.Parameter(torch.randn(5, 4) / 3)  # torch.addmm: (in, out)
         self.addmm_b = nn.Parameter(torch.randn(4))
 
     def forward(self, x):
         x = F.linear(x, self.raw_weight, self.raw_bias)
-        h = (x @ self.w_io + x @ self.w_oi.t()).reshape(-1, 6)
+        h = (x @ self.w_io + x @ self.w_oi.t() + x @ self.w_T.T).reshape(-1, 6)
         return torch.addmm(self.addmm_b, torch.mm(h, self.mm_w), self.addmm_w)
 
 
@@ -84,6 +89,7 @@ RAW_EXPECTED = {  # target name: (op, layout, (out, in), parameter)
     "raw": ("linear", "out_in", (8, 8), "raw_weight"),
     "w_io": ("matmul", "in_out", (6, 8), "w_io"),
     "w_oi": ("matmul", "out_in", (6, 8), "w_oi"),
+    "w_T": ("matmul", "out_in", (6, 8), "w_T"),
     "mm_w": ("mm", "in_out", (5, 6), "mm_w"),
     "addmm_w": ("addmm", "in_out", (4, 5), "addmm_w"),
 }
@@ -112,6 +118,15 @@ class Twice(nn.Module):
 
     def forward(self, x):
         return self.head(self.lin(torch.tanh(self.lin(x))))
+
+
+def test_an_exported_graph_module_is_accepted():
+    model = RawOps()
+    x = torch.randn(2, 3, 8)
+    exported = torch.export.export(model, (x,)).module()
+    gm = lfx.rewrite(exported, lfx.Spec(["raw", "w_T"], method=lora()))
+    assert sorted(gm.lowrank_fx.default.lora.target_names) == ["raw", "w_T"]
+    check_against_oracle(model, gm, {"raw": ("raw_weight", "out_in"), "w_T": ("w_T", "out_in")}, x)
 
 
 def test_linear_called_twice_shares_one_adapter():
