@@ -51,13 +51,20 @@ class Placement:
         """Key, inside the adapter's module, of tensor `name` of the unit of `target`."""
         return f"{self.group_of[target]}.units.{unit_key(target)}.{name}"
 
+    def shared_key(self, name: str) -> str:
+        """Key of the group tensor `name` of an adapter made of one group (PEFT's shared tensors)."""
+        groups = sorted(set(self.group_of.values()))
+        if len(groups) != 1:
+            raise AdapterFileError(f"adapter {self.adapter!r} has groups {groups}; one shared {name} cannot fill them")
+        return f"{groups[0]}.{name}"
+
 
 def _listed(items: list[str]) -> str:
     shown = ", ".join(items[:SHOWN])
     return shown + (f" ... ({len(items)} in all)" if len(items) > SHOWN else "")
 
 
-def _target_problems(graph_targets: dict, shapes: dict[str, tuple[int, int]], expected_fingerprint) -> list[str]:
+def _target_problems(graph_targets: dict, shapes: dict[str, tuple[int, int] | None], expected_fingerprint) -> list[str]:
     problems = []
     missing = [name for name in shapes if name not in graph_targets]
     if missing:
@@ -67,7 +74,7 @@ def _target_problems(graph_targets: dict, shapes: dict[str, tuple[int, int]], ex
             + (f" (nearest graph targets to the first: {', '.join(hint)})" if hint else "")
         )
     for name, shape in shapes.items():
-        if name in graph_targets and tuple(graph_targets[name].shape) != tuple(shape):
+        if shape is not None and name in graph_targets and tuple(graph_targets[name].shape) != tuple(shape):
             out, in_ = graph_targets[name].shape
             problems.append(f"target {name}: base weight is {shape[0]}x{shape[1]} (out x in) in the file, "
                             f"{out}x{in_} in this graph")
@@ -105,9 +112,10 @@ def _method_problems(current: dict, incoming: dict) -> list[str]:
     return problems
 
 
-def place(gm: fx.GraphModule, adapter: str, spec: Spec, shapes: dict[str, tuple[int, int]],
+def place(gm: fx.GraphModule, adapter: str, spec: Spec, shapes: dict[str, tuple[int, int] | None],
           expected_fingerprint: str | None = None) -> Placement:
-    """Where the values of `adapter` (targets `shapes`: name -> (out, in)) go in `gm`."""
+    """Where the values of `adapter` go in `gm`. `shapes`: its target names -> the (out, in)
+    of their base weights (None where the source does not say; the tensors are checked anyway)."""
     record = Record.find(gm)
     placement = Placement(adapter, spec, exists=adapter in record.adapters)
     graph_targets = find_targets(gm, record.aliases)
@@ -120,12 +128,14 @@ def place(gm: fx.GraphModule, adapter: str, spec: Spec, shapes: dict[str, tuple[
         placement.problems.append(f"its spec does not fit this graph: {err}")
         return placement
     if set(assignment) != set(shapes):
+        parts = []
         extra = [n for n in assignment if n not in shapes]
         lacking = [n for n in shapes if n not in assignment]
-        placement.problems.append(
-            "on this graph its spec selects other targets than the file holds: "
-            + "; ".join(part for part in (extra and f"also {_listed(extra)}", lacking and f"not {_listed(lacking)}") if part)
-        )
+        if extra:
+            parts.append(f"also {_listed(extra)}")
+        if lacking:
+            parts.append(f"not {_listed(lacking)}")
+        placement.problems.append(f"on this graph its spec selects other targets than the file holds: {'; '.join(parts)}")
         return placement
     if placement.exists:
         info = record.adapters[adapter]

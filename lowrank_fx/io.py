@@ -5,7 +5,8 @@ Format, version 1: ONE safetensors file (suggested suffix `.safetensors`).
     `<adapter>.<name inside gm.lowrank_fx[adapter]>`, for example
     `default.lora.units.model-layers-0-self_attn-q_proj.lora_A`. Non-persistent buffers
     (tensors a method regenerates, such as random bases rebuilt from a seed) are left out
-    unless `include_buffers=True`.
+    unless `include_buffers=True`, or unless they differ from what the stored spec
+    regenerates (RandLoRA bases imported from PEFT): leaving those out would change the model.
   - Header metadata `"lowrank_fx"`: the manifest, a JSON object
         {"format": "lowrank_fx.adapters", "version": 1, "lowrank_fx": "<library version>",
          "checksum": "sha256:<hex>",      # over every tensor's name, dtype, shape and bytes
@@ -31,13 +32,15 @@ from pathlib import Path
 import safetensors
 import safetensors.torch
 import torch
-from torch import fx
+from torch import fx, nn
 
 from .atomic import write_atomic
 from .capture import capture
 from .errors import AdapterFileError
 from .install import install, place
+from .passes.inject import build_groups
 from .record import CONTAINER, Record
+from .rewrite import resolve
 from .serial import fingerprint, spec_from_json, spec_to_json
 from .targets import find_targets
 
@@ -64,13 +67,28 @@ def _chosen(names, adapter: str | None, where: str) -> list[str]:
     return [adapter]
 
 
+def _buffers_to_keep(gm: fx.GraphModule, adapter: str, include_buffers: bool) -> dict[str, torch.Tensor]:
+    """Non-persistent buffers to store: all of them if asked, else those the spec would not regenerate."""
+    module = getattr(gm, CONTAINER)[adapter]
+    persistent = module.state_dict()
+    buffers = {key: buf for key, buf in module.named_buffers() if key not in persistent}
+    if include_buffers or not buffers:
+        return buffers
+    targets, assignment = resolve(gm, Record.find(gm).adapters[adapter].spec)
+    with torch.random.fork_rng(devices=[]):
+        regenerated = dict(nn.ModuleDict(build_groups(assignment, targets)[0]).named_buffers())
+    return {key: buf for key, buf in buffers.items()
+            if key not in regenerated or not torch.equal(regenerated[key].to(buf.device), buf)}
+
+
 def save_adapters(gm: fx.GraphModule, path: str | os.PathLike, adapter: str | None = None,
                   include_buffers: bool = False) -> Path:
     """Save the adapters of `gm` (all of them, or only `adapter`) to the file `path`.
 
     The write is atomic: `path` keeps its previous content if the save fails midway.
     `include_buffers=True` also stores non-persistent buffers (which methods otherwise
-    regenerate, e.g. RandLoRA's seeded random bases). Returns the path written.
+    regenerate, e.g. RandLoRA's seeded random bases); buffers that differ from what the
+    method regenerates are always stored. Returns the path written.
     """
     record = Record.find(gm)
     if record is None or not record.adapters:
@@ -83,10 +101,7 @@ def save_adapters(gm: fx.GraphModule, path: str | os.PathLike, adapter: str | No
 
     tensors, adapters = {}, {}
     for name in _chosen(record.adapters, adapter, "this graph"):
-        module = getattr(gm, CONTAINER)[name]
-        state = dict(module.state_dict())
-        if include_buffers:
-            state.update((key, buf) for key, buf in module.named_buffers() if key not in state)
+        state = {**getattr(gm, CONTAINER)[name].state_dict(), **_buffers_to_keep(gm, name, include_buffers)}
         tensors.update((f"{name}.{key}", value.detach().cpu().contiguous().clone()) for key, value in state.items())
         shapes = {target: graph_targets[target].shape for target in record.adapters[name].groups}
         adapters[name] = {

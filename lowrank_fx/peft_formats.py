@@ -4,7 +4,8 @@ An entry says how a PEFT method's `adapter_config.json` and per-module tensors m
 of our methods: which tensor suffixes are which unit parameters, which config settings are
 understood (any other setting must be absent or empty, else loading is refused naming it),
 how to build our method for one module, and how to write our methods back as config fields.
-A method whose tensors are all per module is one more entry in `FORMATS`.
+Tensors PEFT keeps once per adapter (RandLoRA's random bases) are `Shared` entries: stored
+as `base_model.<name>` and, as copies, beside every module's own tensors.
 """
 
 from __future__ import annotations
@@ -19,10 +20,20 @@ import torch
 from .errors import AdapterFileError
 from .methods.base import Method
 from .methods.lora import LoRA
+from .methods.randlora import RandLoRA
 
 
 def _any(value) -> bool:
     return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Shared:
+    """A tensor of the whole adapter: our group's tensor `name` <-> PEFT's layout."""
+
+    name: str
+    to_ours: Callable[[torch.Tensor], torch.Tensor]
+    to_peft: Callable[[torch.Tensor, Method], torch.Tensor]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +44,9 @@ class PeftFormat:
     settings: dict[str, Callable[[object], bool]]  # understood config keys -> is this value supported?
     method: Callable[[dict, str, dict[str, torch.Tensor]], Method]  # (config, module, its tensors) -> ours
     config: Callable[[dict[str, Method]], dict]  # our methods by target -> method-specific config fields
-    shape: Callable[[dict[str, torch.Tensor]], tuple[int, int]]  # (out, in) of the base weight
+    # (out, in) of the base weight from a module's tensors; None when they do not tell
+    shape: Callable[[dict[str, torch.Tensor]], tuple[int, int] | None]
+    shared: dict[str, Shared] = dataclasses.field(default_factory=dict)  # PEFT name -> Shared
 
 
 # Settings of every PEFT method. Which modules are adapted is read from the tensor names, so
@@ -60,6 +73,8 @@ HINTS = {
     "layer_replication": "replicated layers do not exist in the captured graph",
     "trainable_token_indices": "trainable embedding rows are not supported",
     "megatron_config": "Megatron parallel layers are not supported",
+    "save_projection": "the random bases are not in the file, and PEFT's generator for them is not "
+                       "lowrank_fx's; re-save the adapter with save_projection=True",
 }
 
 
@@ -131,7 +146,62 @@ LORA = PeftFormat(
     shape=lambda tensors: (tensors["lora_B"].shape[0], tensors["lora_A"].shape[1]),
 )
 
-FORMATS = {entry.peft_type: entry for entry in (LORA,)}
+def _randlora_method(config: dict, module: str, tensors: dict[str, torch.Tensor]) -> RandLoRA:
+    rank = config.get("r", 32)
+    if tensors["lam"].shape[0] != rank:
+        raise AdapterFileError(
+            f"{module}: randlora_lambda {tuple(tensors['lam'].shape)} does not have the rank r={rank} of the config"
+        )
+    # The bases come from the file; seed and sparse only say how PEFT first drew them.
+    return RandLoRA(rank=int(rank), alpha=float(config.get("randlora_alpha", 640)),
+                    dropout=float(config.get("randlora_dropout", 0.0)),
+                    seed=int(config.get("projection_prng_key", 0)), sparse=bool(config.get("sparse", False)))
+
+
+def _randlora_config(methods: dict[str, RandLoRA]) -> dict:
+    distinct = {dataclasses.replace(m, init="default") for m in methods.values()}
+    if len(distinct) > 1:
+        raise AdapterFileError(
+            "PEFT's RandLoraConfig has one rank, alpha, dropout and seed per adapter, but this adapter mixes "
+            f"{sorted(map(repr, distinct))}; save it with one RandLoRA method for every target"
+        )
+    method = distinct.pop()
+    return {
+        "r": method.rank,
+        "randlora_alpha": _plain(method.alpha),
+        "randlora_dropout": method.dropout,
+        "projection_prng_key": method.seed,
+        "sparse": method.sparse,
+        "very_sparse": False,
+        "save_projection": True,
+        "init_weights": True,
+    }
+
+
+RANDLORA = PeftFormat(
+    peft_type="RANDLORA",
+    kind="randlora",
+    tensors={"randlora_lambda": "lam", "randlora_gamma": "gamma"},
+    settings={
+        **COMMON,
+        "r": _any, "randlora_alpha": _any, "randlora_dropout": _any, "init_weights": _any,
+        # the bases are read from the file, so how PEFT drew them does not matter
+        "projection_prng_key": _any, "sparse": _any, "very_sparse": _any,
+        "save_projection": lambda value: value is True,
+    },
+    method=_randlora_method,
+    config=_randlora_config,
+    shape=lambda tensors: None,  # λ (r, N) and γ (N, min(out, in)) do not tell out from in
+    shared={
+        # basis_A (r, d_max) = randlora_A (r, 1, d_max); basis_B (D_max, N_max·r) = randlora_B (D_max, N_max, r)
+        "randlora_A": Shared("basis_A", lambda t: t.reshape(t.shape[0], -1),
+                             lambda t, method: t.reshape(t.shape[0], 1, -1)),
+        "randlora_B": Shared("basis_B", lambda t: t.reshape(t.shape[0], -1),
+                             lambda t, method: t.reshape(t.shape[0], -1, method.rank)),
+    },
+)
+
+FORMATS = {entry.peft_type: entry for entry in (LORA, RANDLORA)}
 
 
 def unsupported(entry: PeftFormat, config: dict) -> list[str]:

@@ -5,11 +5,17 @@ tensors are named `base_model.model.<module path>.<suffix>`, for LoRA
 `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` (r, in) and `...lora_B.weight`
 (out, r). Our target names are the original model's module paths, so `<module path>` is the
 target name. GPT-2's Conv1D stores its weight (in, out), but PEFT keeps lora_A (r, in) and
-lora_B (out, r) for it too, exactly like our units: no transposes either way.
+lora_B (out, r) for it too, exactly like our units: no transposes either way. RandLoRA:
+`<module path>.randlora_lambda` (r, N) and `.randlora_gamma` (N, d) are our λ and γ; the
+random bases are stored once as `base_model.randlora_A` (r, 1, d_max) and
+`base_model.randlora_B` (D_max, N_max, r) (and copied beside every module), which are our
+group's basis_A (r, d_max) and basis_B (D_max, N_max·r) reshaped. peft_formats.py holds
+these tables.
 
-Loading: which modules are adapted, and their ranks, come from the tensors; alpha, rsLoRA,
-dropout, rank_pattern and alpha_pattern from the config (see peft_formats.py for the
-settings and the ones refused). The adapter's spec is the config's own target_modules /
+Loading: which modules are adapted, and their ranks, come from the tensors; the other
+settings (alpha, rsLoRA, dropout, rank_pattern, alpha_pattern, ...) from the config (see
+peft_formats.py for the settings and the ones refused). Random bases are taken from the
+file, never regenerated (PEFT draws them with its own generator). The adapter's spec is the config's own target_modules /
 exclude_modules when they select exactly the adapted modules on this graph, else the
 adapted modules by name. Then it is checked and loaded like an adapter file (install.py):
 all or nothing, with one error listing every difference. Values are cast to the adapter's
@@ -46,7 +52,8 @@ from .targets import find_targets
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
-PREFIX = "base_model.model."
+PREFIX = "base_model.model."  # + module path + "." + tensor suffix
+SHARED_PREFIX = "base_model."  # + name of a tensor of the whole adapter (RandLoRA's bases)
 
 
 def _read_config(directory: Path) -> dict:
@@ -87,17 +94,25 @@ def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
         raise AdapterFileError(f"{path} is not a complete safetensors file ({err}); it may be truncated") from None
 
 
-def _units(entry: PeftFormat, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
-    """Tensors by module path and our parameter name, and the problems found."""
+def _split(entry: PeftFormat, tensors: dict[str, torch.Tensor]):
+    """(tensors by module path and our parameter name, shared tensors by PEFT name, problems)."""
     units: dict[str, dict[str, torch.Tensor]] = {}
-    unknown = []
+    shared, copies, unknown = {}, {}, []
     for key, value in tensors.items():
+        if not key.startswith(PREFIX) and key.startswith(SHARED_PREFIX) and key[len(SHARED_PREFIX):] in entry.shared:
+            shared[key[len(SHARED_PREFIX):]] = value
+            continue
         path = key[len(PREFIX):] if key.startswith(PREFIX) else key
         suffix = next((s for s in entry.tensors if path.endswith("." + s)), None)
-        if suffix is None:
-            unknown.append(key)
+        if suffix is not None:
+            units.setdefault(path[: -len(suffix) - 1], {})[entry.tensors[suffix]] = value
             continue
-        units.setdefault(path[: -len(suffix) - 1], {})[entry.tensors[suffix]] = value
+        copied = next((s for s in entry.shared if path.endswith("." + s)), None)
+        if copied is not None:  # PEFT's copy of a shared tensor beside a module's own
+            copies.setdefault(copied, value)
+            continue
+        unknown.append(key)
+    shared = {**copies, **shared}
     problems = []
     if unknown:
         problems.append(
@@ -109,9 +124,12 @@ def _units(entry: PeftFormat, tensors: dict[str, torch.Tensor]) -> tuple[dict[st
     for module, found in units.items():
         if set(found) != names:
             problems.append(f"{module} lacks {', '.join(sorted(names - set(found)))}")
+    lacking = [SHARED_PREFIX + name for name in entry.shared if name not in shared]
+    if lacking:
+        problems.append(f"the adapter's shared tensors are missing: {', '.join(lacking)}")
     if not units and not unknown:
         problems.append("it holds no tensors")
-    return units, problems
+    return units, shared, problems
 
 
 def _literal(name: str) -> str:
@@ -163,7 +181,7 @@ def load_peft(model, directory: str | os.PathLike, adapter: str = "default", exa
             f"the PEFT adapter in {directory} uses settings lowrank_fx cannot load faithfully; "
             "nothing was loaded:\n" + "\n".join(f"  - {line}" for line in refused)
         )
-    units, problems = _units(entry, _read_tensors(directory))
+    units, shared, problems = _split(entry, _read_tensors(directory))
     methods = {}
     for module, tensors in units.items():
         try:
@@ -177,6 +195,8 @@ def load_peft(model, directory: str | os.PathLike, adapter: str = "default", exa
     values = {}
     if placement.module is not None:
         values = {placement.unit_key(m, name): v for m, tensors in units.items() for name, v in tensors.items()}
+        for peft_name, value in shared.items():
+            values[placement.shared_key(entry.shared[peft_name].name)] = entry.shared[peft_name].to_ours(value)
     install(gm, [(placement, values)], source=f"the PEFT adapter in {directory}", cast=True)
     return gm
 
@@ -219,12 +239,6 @@ def save_peft(gm: fx.GraphModule, directory: str | os.PathLike, adapter: str | N
             f"original model: {', '.join(not_modules[:5])}; leave them out of the spec to export"
         )
     targets = find_targets(gm, record.aliases)
-    groups = getattr(gm, CONTAINER)[name]
-    tensors = {}
-    for target in methods:
-        unit = groups[record.adapters[name].groups[target]].units[unit_key(target)]
-        for suffix, param in entry.tensors.items():
-            tensors[f"{PREFIX}{target}.{suffix}"] = getattr(unit, param).detach().cpu().contiguous().clone()
     config = {
         "peft_type": entry.peft_type,
         "base_model_name_or_path": base_model_name_or_path,
@@ -235,6 +249,16 @@ def save_peft(gm: fx.GraphModule, directory: str | os.PathLike, adapter: str | N
         "fan_in_fan_out": all(targets[t].layout == "in_out" for t in methods),
         **entry.config(methods),
     }
+    groups = getattr(gm, CONTAINER)[name]
+    tensors = {}
+    for target, method in methods.items():
+        group = groups[record.adapters[name].groups[target]]
+        for suffix, param in entry.tensors.items():
+            tensors[f"{PREFIX}{target}.{suffix}"] = getattr(group.units[unit_key(target)], param)
+        for peft_name, shared in entry.shared.items():
+            value = shared.to_peft(getattr(group, shared.name), method)
+            tensors[f"{SHARED_PREFIX}{peft_name}"] = tensors[f"{PREFIX}{target}.{peft_name}"] = value
+    tensors = {key: value.detach().cpu().contiguous().clone() for key, value in tensors.items()}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     write_atomic(directory / WEIGHTS, safetensors.torch.save(tensors, metadata={"format": "pt"}))

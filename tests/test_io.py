@@ -6,7 +6,6 @@ captured graphs, LoRTA's shared factors, and loading straight into an uncaptured
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import pickle

@@ -12,7 +12,8 @@ import json
 import models
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+import safetensors
+from peft import LoraConfig, PeftModel, RandLoraConfig, get_peft_model
 
 import lowrank_fx as lfx
 from lowrank_fx.capture import capture
@@ -74,6 +75,55 @@ def test_our_adapter_loads_in_peft(cases, tmp_path, family):
     ours, theirs = run(case, gm), run(case, peft_model)
     assert rel_err(ours, run(case, base)) > 1e-3
     assert rel_err(ours, theirs) <= TOL
+
+
+def peft_randlora_directory(case, tmp_path, family):
+    """A PEFT RandLoRA adapter with non-zero diagonals and PEFT's own random bases."""
+    config = RandLoraConfig(r=8, randlora_alpha=16, target_modules=MODULES[family], projection_prng_key=5,
+                            fan_in_fan_out=(family == "gpt2"))
+    model = get_peft_model(copy.deepcopy(case.model), config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "randlora_lambda" in name or "randlora_gamma" in name:
+                param.normal_()
+    model.save_pretrained(tmp_path)
+    return model
+
+
+@pytest.mark.parametrize("family", MODULES)
+def test_peft_randlora_loads_onto_graph_and_keeps_its_bases(cases, tmp_path, family):
+    case, base = cases[family]
+    peft_model = peft_randlora_directory(case, tmp_path, family)
+    gm = lfx.load_peft(copy.deepcopy(base), tmp_path)
+    ours = run(case, gm)
+    assert rel_err(ours, run(case, base)) > 1e-3
+    assert rel_err(ours, run(case, peft_model)) <= TOL
+    # PEFT's bases are not what our seed regenerates, so our file must keep them
+    path = lfx.save_adapters(gm, tmp_path / "ours.safetensors")
+    with safetensors.safe_open(str(path), "pt") as file:
+        assert {"default.randlora.basis_A", "default.randlora.basis_B"} <= set(file.keys())
+    assert rel_err(run(case, lfx.load_adapters(copy.deepcopy(base), path)), ours) == 0.0
+
+
+@pytest.mark.parametrize("family", MODULES)
+def test_our_randlora_loads_in_peft(cases, tmp_path, family):
+    case, base = cases[family]
+    method = lfx.RandLoRA(rank=4, alpha=32.0, seed=7, init="nonzero")
+    gm = lfx.rewrite(copy.deepcopy(base), lfx.Spec(MODULES[family], method=method))
+    lfx.save_peft(gm, tmp_path)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(case.model), tmp_path).eval()
+    ours = run(case, gm)
+    assert rel_err(ours, run(case, base)) > 1e-3
+    assert rel_err(ours, run(case, peft_model)) <= TOL  # PEFT used our bases, not its own draw
+    assert rel_err(run(case, lfx.load_peft(copy.deepcopy(base), tmp_path)), ours) <= TOL
+
+
+def test_randlora_without_saved_bases_is_refused(cases, tmp_path):
+    case, base = cases["llama"]
+    peft_randlora_directory(case, tmp_path, "llama")
+    _edit_config(tmp_path, save_projection=False)
+    with pytest.raises(lfx.AdapterFileError, match="save_projection=False.*random bases are not in the file"):
+        lfx.load_peft(copy.deepcopy(base), tmp_path)
 
 
 def test_mixed_ranks_and_alphas_round_trip_through_peft(cases, tmp_path):
