@@ -5,7 +5,8 @@ Patterns are matched against target names (see `targets.py`):
     "*.q_proj" and "model.layers.0.self_attn.q_proj" all match that target;
   - "re:<regex>", searched (re.search) in the full name;
   - "all-linear": every linear-like target except an output head that is tied to an
-    embedding or whose output size equals a vocabulary size.
+    embedding, or whose output size equals an embedding table's size and whose result
+    feeds no other target (see `targets.output_heads`).
 `targets` is a list of patterns sharing `method`, or a dict {pattern: method} for mixed
 specs (the first matching pattern wins). `exclude` removes targets matched by any pattern.
 """
