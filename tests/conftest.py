@@ -1,5 +1,6 @@
-"""Shared test setup: `import models` works from any test file; tests run on the CPU only."""
+"""Shared test setup: `import models` works from any test file; each test starts from seed 0."""
 
+import logging
 import os
 import sys
 
@@ -14,3 +15,8 @@ def _seeded():
     """Every test starts from the same random state, whatever ran before it."""
     torch.manual_seed(0)
     yield
+
+
+# torch.export logs every traced op at DEBUG to its structured-trace logger; pytest would
+# print all of it beside any failure. Only TORCH_TRACE files need those records.
+logging.getLogger("torch.__trace").setLevel(logging.INFO)

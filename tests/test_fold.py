@@ -109,6 +109,7 @@ def test_gpt2_tied_head_folds_into_an_untied_copy():
 
     lfx.load_merged(model, gm)
     assert model.lm_head.weight is not model.transformer.wte.weight
+    assert model.config.tie_word_embeddings is False  # so saving and reloading keeps them apart
     assert torch.equal(model.transformer.wte.weight, embedding)  # the lookup keeps its rows
     assert torch.allclose(model.lm_head.weight, embedding + delta, rtol=0, atol=1e-6)
     assert rel_err(run(model, *other, case), adapted) <= TOL
