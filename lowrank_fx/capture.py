@@ -2,7 +2,8 @@
 
 Three ways in:
   - an `fx.GraphModule` is taken as it is (one from `torch.export(...).module()` is first
-    turned into a plain GraphModule so that `.train()` / `.eval()` work);
+    turned into a plain GraphModule so that `.train()` / `.eval()` work; the nn.Linear calls
+    of a symbolically traced one are inlined, as below);
   - with `example_inputs` / `example_kwargs`: non-strict `torch.export`, every dimension of
     every tensor input `Dim.AUTO` unless `dynamic_shapes` says otherwise, so one graph
     serves every batch size and sequence length the model allows;
@@ -106,6 +107,7 @@ def capture(model, example_inputs=None, example_kwargs=None, dynamic: bool = Tru
         if Record.find(model) is not None:
             return model
         gm = _plain(model)
+        inline_linear(gm)  # a symbolically traced one hides nn.Linear weights in call_module nodes
         make_mode_aware(gm)
         gm.train(model.training)
         Record.attach(gm, aliases=_aliases(gm), state_keys=list(gm.state_dict()))

@@ -151,6 +151,16 @@ def test_symbolic_trace_path_for_a_simple_module():
     check_against_oracle(model, gm, {"lin": ("lin.weight", "out_in"), "head": ("head.weight", "out_in")}, x)
 
 
+def test_a_symbolically_traced_graph_module_is_accepted():
+    model = Twice()
+    x = torch.randn(4, 8)
+    traced = torch.fx.symbolic_trace(model)
+    code = traced.code
+    gm = lfx.rewrite(traced, lfx.Spec(["lin"], method=lora()))
+    assert traced.code == code  # the caller's graph is not edited
+    check_against_oracle(model, gm, {"lin": ("lin.weight", "out_in")}, x)
+
+
 def test_transformer_encoder_packed_in_proj():
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True)
