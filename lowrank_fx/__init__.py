@@ -1,7 +1,8 @@
 """lowrank_fx: parameter-efficient fine-tuning as a torch.fx graph pass."""
 
-from .errors import (AdapterFileError, CaptureError, LowRankFxError, MergeError, ModelTypeError, SpecError,
-                     TargetError)
+from .errors import (AdapterFileError, CaptureError, ExportError, LowRankFxError, MergeError, ModelTypeError,
+                     SpecError, TargetError)
+from .export import AdapterSession, OnnxExport, export_onnx, export_onnx_adapter
 from .io import load_adapters, save_adapters
 from .methods.lora import LoRA
 from .methods.lorta import LoRTA
@@ -20,5 +21,6 @@ __all__ = [
     "save_adapters", "load_adapters", "load_peft", "save_peft",
     "LowRankFxError", "SpecError", "CaptureError", "TargetError", "MergeError", "ModelTypeError",
     "AdapterFileError",
+    "export_onnx", "export_onnx_adapter", "OnnxExport", "AdapterSession", "ExportError",
 ]
 __version__ = "0.1.0"

@@ -32,6 +32,10 @@ class AdapterFileError(LowRankFxError, ValueError):
     saved in a format): unreadable, from another model, or using an unsupported setting."""
 
 
+class ExportError(LowRankFxError, RuntimeError):
+    """ONNX export failed or was refused; the message names the node or adapter and the fix."""
+
+
 def nearest(word: str, choices, n: int = 5) -> list[str]:
     """The `n` entries of `choices` closest to `word`, best first (for 'did you mean')."""
     return difflib.get_close_matches(word, list(choices), n=n, cutoff=0.0)

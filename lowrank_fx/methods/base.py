@@ -34,6 +34,9 @@ def adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
 class Unit(nn.Module):
     """The adapter of one target."""
 
+    # {parameter name: its rank axis}; ONNX export makes these axes dynamic (export/adapter_graph.py)
+    rank_axes: ClassVar[dict[str, int]] = {}
+
     def forward(self, x: torch.Tensor, *shared: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -50,6 +53,7 @@ class AdapterGroup(nn.Module):
     """Units of one method in one adapter, plus the tensors they share."""
 
     shared: tuple[str, ...] = ()
+    rank_axes: ClassVar[dict[str, int]] = {}  # as Unit.rank_axes, for the group's own parameters
 
     def __init__(self, units: dict[str, Unit]):
         super().__init__()

@@ -25,6 +25,8 @@ INITS = ("default", "nonzero")
 
 
 class LoRAUnit(Unit):
+    rank_axes = {"lora_A": 0, "lora_B": 1}
+
     def __init__(self, in_features: int, out_features: int, rank: int, scale: float,
                  dropout: float, dtype: torch.dtype, init: str):
         super().__init__()

@@ -76,6 +76,7 @@ class LoRTAGroup(AdapterGroup):
     """The shared CP factors of one group and its units."""
 
     shared = FACTORS
+    rank_axes = {"A": 1, "B": 0, "C_H": 1, "C_L": 1, "C_M": 1}
 
     def __init__(self, units: dict[str, LoRTAUnit], d_in: int, d_head: int, heads: int,
                  layers: int, matrices: int, rank: int, dtype: torch.dtype, init: str):

@@ -1,0 +1,7 @@
+"""ONNX export and ONNX Runtime deployment: merged graphs, swappable adapters, per-row adapters."""
+
+from .onnx import OnnxExport, export_onnx, export_onnx_adapter
+from .per_row import NONE_ID
+from .session import AdapterSession
+
+__all__ = ["export_onnx", "export_onnx_adapter", "OnnxExport", "AdapterSession", "NONE_ID"]

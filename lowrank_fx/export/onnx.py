@@ -1,0 +1,252 @@
+"""`lfx.export_onnx`: a graph to an ONNX model for ONNX Runtime, merged or with its adapters.
+
+Modes (`mode="auto"` picks "merged" for a graph without adapters, else "adapters"):
+
+  merged    the dense graph (a graph with adapters is folded first, `lfx.merge`).
+  adapters  base weights as constants, ONE adapter's tensors as inputs, each with a
+            same-named default initializer meaning "no update" (ORT's adapter layout;
+            names and defaults: adapter_graph.py). Every adapter of the graph with the same
+            structure gets an `.onnx_adapter` file (`<stem>.<adapter>.onnx_adapter`); one
+            session serves the base model and all of them (`AdapterSession`).
+  per_row   all adapters as constants, plus an `adapter_ids` (batch,) int64 input: row b
+            uses adapter adapter_ids[b], -1 for none (per_row.py).
+
+Inputs are named like the forward's arguments, outputs by their keys (`logits`,
+`last_hidden_state`). Every axis of every input is dynamic unless the graph fixes it
+(`dynamic_shapes={input name: {axis: Dim}}` overrides); dims are named `batch`,
+`sequence`, `<input>_dim<axis>` and `<target>.rank`. The graph is exported in eval mode
+and keeps its own mode. Weights go to `<path>.data` above 2 GB (or with external_data=True).
+A `<stem>.lowrank_fx.json` sidecar records what was exported (manifest.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import fx, nn
+from torch.export import Dim
+
+from ..errors import ExportError
+from ..passes.fold import fold
+from .adapter_graph import (AdapterInput, adapter_graph, adapter_inputs, adapter_names, adapter_tensors,
+                            check_adapter, shared_graph_problem)
+from .exporter import all_axes, eval_mode, name_dims, run_exporter, save
+from .manifest import write_manifest
+from .ort_adapter import SUFFIX, check_adapter_file, layout_fingerprint, model_slots, write_adapter_file
+from .per_row import IDS, NONE_ID, per_row_graph, row_swap
+from .signature import FlatCall, Signature, flat_outputs, signature
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
+
+MODES = ("auto", "merged", "adapters", "per_row")
+
+
+@dataclasses.dataclass
+class OnnxExport:
+    """What `export_onnx` wrote."""
+
+    path: Path
+    mode: str
+    inputs: list[str]  # model inputs, in order (plus "adapter_ids" for per_row)
+    outputs: list[str]
+    adapter_inputs: list[str]  # mode "adapters": the swappable inputs
+    adapters: dict[str, Path]  # mode "adapters": adapter name -> .onnx_adapter file
+    row_adapters: list[str]  # mode "per_row": adapter of id 0, 1, ...; -1 is none
+    files: list[Path]  # every file written, sidecar included
+
+    def session(self, **kwargs):
+        """An AdapterSession over this export (kwargs: providers, session_options, adapters)."""
+        from .session import AdapterSession
+
+        return AdapterSession(self.path, **kwargs)
+
+
+@dataclasses.dataclass
+class _Graph:
+    """What to hand the exporter beyond the model inputs."""
+
+    module: FlatCall
+    extra: list[tuple[str, torch.Tensor, dict]]  # (input name, example, dynamic axes)
+    dim_names: dict[tuple[str, int], str]
+
+
+def _pick_mode(model: nn.Module, mode: str) -> str:
+    if mode not in MODES:
+        raise ExportError(f"mode must be one of {MODES}, got {mode!r}")
+    has_adapters = isinstance(model, fx.GraphModule) and bool(adapter_names(model))
+    if mode == "auto":
+        return "adapters" if has_adapters else "merged"
+    if mode != "merged" and not has_adapters:
+        raise ExportError(
+            f"mode={mode!r} needs a graph with adapters (from lfx.rewrite); this one has none, "
+            "so export it with mode='merged'"
+        )
+    return mode
+
+
+def _chosen(model: fx.GraphModule, adapters) -> list[str]:
+    names = list(adapters) if adapters is not None else adapter_names(model)
+    for name in names:
+        check_adapter(model, name)
+    if not names:
+        raise ExportError("adapters=[] selects nothing; name at least one adapter of the graph")
+    return names
+
+
+def _rank_example(tensor: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """The tensor, zero-padded to size 2 along a rank axis of size 1 (export fixes size-1 dims)."""
+    if axis is None or tensor.shape[axis] >= 2:
+        return tensor
+    pad = list(tensor.shape)
+    pad[axis] = 2 - tensor.shape[axis]
+    return torch.cat([tensor, tensor.new_zeros(pad)], dim=axis)
+
+
+def _adapters_graph(model: fx.GraphModule, sig: Signature, names: list[str]) -> tuple[_Graph, list[AdapterInput]]:
+    template = names[0]
+    for other in names[1:]:
+        problem = shared_graph_problem(model, template, other)
+        if problem:
+            raise ExportError(
+                f"adapter {other!r} cannot share the ONNX graph of {template!r}: {problem}. "
+                f"Export it to its own file: lfx.export_onnx(gm, other_path, adapters=[{other!r}])"
+            )
+    layout = adapter_inputs(model, template)
+    values = adapter_tensors(model, template)
+    paths = [entry.path for entry in layout]
+    module = FlatCall(adapter_graph(model, template), sig, swap=lambda inputs, extra: dict(zip(paths, extra)))
+    extra = [(e.name, _rank_example(values[e.name], e.rank_axis),
+              {} if e.rank_axis is None else {e.rank_axis: Dim.DYNAMIC}) for e in layout]
+    dims = {(e.name, e.rank_axis): f"{e.owner}.rank" for e in layout if e.rank_axis is not None}
+    return _Graph(module, extra, dims), layout
+
+
+def _per_row_graph(model: fx.GraphModule, sig: Signature, names: list[str]) -> _Graph:
+    batch = sig.examples[0].shape[0]
+    ids = torch.arange(batch, dtype=torch.int64) % len(names)
+    module = FlatCall(per_row_graph(model, names), sig, swap=row_swap(len(names)))
+    return _Graph(module, [(IDS, ids, {0: Dim.AUTO})], {(IDS, 0): "batch"})
+
+
+def _model_dims(sig: Signature, dynamic_shapes: dict | None) -> tuple[list[dict], dict]:
+    given = dict(dynamic_shapes or {})
+    unknown = [name for name in given if name not in sig.names]
+    if unknown:
+        raise ExportError(f"dynamic_shapes names {unknown}, which are not inputs; the inputs are {sig.names}")
+    dynamic = [given.get(name, all_axes(t)) for name, t in zip(sig.names, sig.examples)]
+    first = sig.examples[0] if sig.examples else None
+    if first is not None and any(first.shape[axis] == 1 for axis in range(min(2, first.dim()))):
+        warnings.warn(
+            f"example input {sig.names[0]} has size 1 in its batch or sequence axis; the exporter "
+            "fixes size-1 axes, so the ONNX model would accept only size 1 there. Use examples "
+            "with sizes >= 2.", stacklevel=3,
+        )
+    names = {(sig.names[0], 0): "batch", (sig.names[0], 1): "sequence"} if sig.names else {}
+    for name, tensor in zip(sig.names, sig.examples):
+        for axis in range(tensor.dim()):
+            names.setdefault((name, axis), f"{name}_dim{axis}")
+    return dynamic, names
+
+
+def _output_names(model: nn.Module, sig: Signature) -> list[str]:
+    args, kwargs = sig.rebuild(sig.examples)
+    with eval_mode(model), torch.no_grad():
+        try:
+            result = model(*args, **kwargs)
+        except Exception as err:
+            raise ExportError(
+                f"the graph fails in PyTorch on the example inputs ({type(err).__name__}: {err}); "
+                "pass example_inputs / example_kwargs it accepts (as for lfx.rewrite)"
+            ) from err
+    return flat_outputs(result)[0]
+
+
+def _add_defaults(model: ir.Model, layout: list[AdapterInput]) -> None:
+    """Give each adapter input a same-named initializer: empty along its rank axis, else zeros."""
+    import onnx_ir as ir
+
+    inputs = {value.name: value for value in model.graph.inputs}
+    for entry in layout:
+        value = inputs[entry.name]
+        shape = [0 if i == entry.rank_axis else int(d) for i, d in enumerate(value.shape)]
+        value.const_value = ir.tensor(np.zeros(shape, dtype=value.dtype.numpy()), name=entry.name)
+        model.graph.register_initializer(value)
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, example_kwargs=None, *,
+                mode: str = "auto", adapters: list[str] | None = None, dynamic_shapes: dict | None = None,
+                external_data: bool | None = None, opset: int | None = None,
+                custom_translation_table: dict | None = None, optimize: bool = True) -> OnnxExport:
+    """Export `model` (a GraphModule from lfx.rewrite / lfx.merge, or any module) to `path`.
+
+    example_inputs / example_kwargs: a call the model accepts, as for lfx.rewrite (decoders:
+    example_kwargs={"use_cache": False}); tensors become ONNX inputs, other values are fixed.
+    adapters: which adapters to export (default all); in mode "adapters" the first one
+    defines the graph and the others must have the same structure (ranks may differ).
+    """
+    if example_inputs is None and example_kwargs is None:
+        raise ExportError("export_onnx needs example_inputs (and/or example_kwargs): a call the model accepts")
+    mode = _pick_mode(model, mode)
+    sig = signature(model, example_inputs if example_inputs is not None else (), example_kwargs)
+    outputs = _output_names(model, sig)
+    dynamic, dim_names = _model_dims(sig, dynamic_shapes)
+    layout: list[AdapterInput] = []
+    names: list[str] = []
+    if mode == "merged":
+        dense = fold(model) if isinstance(model, fx.GraphModule) and adapter_names(model) else model
+        graph = _Graph(FlatCall(dense, sig), [], {})
+    elif mode == "adapters":
+        names = _chosen(model, adapters)
+        graph, layout = _adapters_graph(model, sig, names)
+    else:
+        names = _chosen(model, adapters)
+        graph = _per_row_graph(model, sig, names)
+    onnx_model = run_exporter(
+        graph.module, sig.examples + [e[1] for e in graph.extra], sig.names + [e[0] for e in graph.extra], outputs,
+        dynamic + [e[2] for e in graph.extra], opset, custom_translation_table, optimize,
+    )
+    name_dims(onnx_model, {**dim_names, **graph.dim_names})
+    _add_defaults(onnx_model, layout)
+    files = save(onnx_model, path, external_data)
+    path = Path(path)
+    adapter_files = {}
+    if mode == "adapters":
+        adapter_files = {name: export_onnx_adapter(model, path.with_name(f"{path.stem}.{name}{SUFFIX}"), name)
+                         for name in names}
+    sidecar = write_manifest(path, {
+        "mode": mode, "inputs": sig.names, "outputs": outputs,
+        "adapter_inputs": [e.name for e in layout],
+        "adapters": {name: file.name for name, file in adapter_files.items()},
+        **({"row_adapters": names, "none_id": NONE_ID} if mode == "per_row" else {}),
+    })
+    return OnnxExport(path, mode, sig.names + ([IDS] if mode == "per_row" else []), outputs,
+                      [e.name for e in layout], adapter_files, names if mode == "per_row" else [],
+                      files + list(adapter_files.values()) + [sidecar])
+
+
+def export_onnx_adapter(gm: fx.GraphModule, path: str | os.PathLike, adapter: str = "default",
+                        model: str | os.PathLike | None = None) -> Path:
+    """Write `adapter` of `gm` as an ONNX Runtime `.onnx_adapter` file.
+
+    It fits any model exported (mode "adapters") from a graph of the same structure, for
+    instance one trained later with the same spec. With `model` (an .onnx path) the file is
+    checked against that model and removed again if it does not fit.
+    """
+    check_adapter(gm, adapter)
+    tensors = adapter_tensors(gm, adapter)
+    axes = {e.name: e.rank_axis for e in adapter_inputs(gm, adapter)}
+    written = write_adapter_file(path, tensors, layout_fingerprint(tensors, axes))
+    if model is not None:
+        try:
+            check_adapter_file(written, model_slots(model))
+        except Exception:
+            written.unlink()
+            raise
+    return written

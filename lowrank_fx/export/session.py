@@ -1,0 +1,141 @@
+"""`AdapterSession`: one ONNX Runtime session serving the base model and every adapter.
+
+    session = lfx.AdapterSession("model.onnx")           # adapter files from the sidecar
+    out = session.run({"input_ids": ids}, adapter="a")   # {"logits": array}; adapter=None: base
+    out = session.run({"input_ids": ids}, rows=["a", None, "b"])   # a per-row export
+
+Unmerged exports ("adapters" mode): each adapter file is checked against the model and
+loaded once (`onnxruntime.LoraAdapter`); its `RunOptions` with the adapter active is kept,
+so switching adapters between runs costs nothing beyond the run. Per-row exports: names
+map to `adapter_ids` (index in the export's adapter list, -1 for none).
+
+Providers: CUDA when onnxruntime-gpu offers it, else CPU (`providers=` overrides).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from ..errors import AdapterFileError, nearest
+from .manifest import read_manifest
+from .ort_adapter import _ort, check_adapter_file, slots
+from .per_row import IDS, NONE_ID
+
+
+def default_providers() -> list[str]:
+    available = _ort().get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def _array(value) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+class AdapterSession:
+    """An InferenceSession over an exported model plus its named adapters.
+
+    model_path: the .onnx written by `lfx.export_onnx`. adapters: extra {name: file} to load
+    besides those listed in the model's sidecar. session_options: an
+    `onnxruntime.SessionOptions` (thread counts, ...); providers: ORT provider list.
+    """
+
+    def __init__(self, model_path: str | os.PathLike, adapters: Mapping[str, str | os.PathLike] | None = None,
+                 providers: Sequence[str] | None = None, session_options=None):
+        ort = _ort()
+        self.path = Path(model_path)
+        manifest = read_manifest(self.path)
+        options = session_options or ort.SessionOptions()
+        if session_options is None:
+            options.log_severity_level = 3  # ORT warns about every overridable initializer
+        self.session = ort.InferenceSession(str(self.path), options, providers=list(providers or default_providers()))
+        self.input_names = [i.name for i in self.session.get_inputs() if i.name != IDS]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.row_adapters: list[str] = list(manifest.get("row_adapters", []))
+        self._per_row = any(i.name == IDS for i in self.session.get_inputs())
+        self._slots = slots(self.session)
+        self._loaded: dict[str, tuple] = {}  # name -> (LoraAdapter, RunOptions with it active)
+        files = {name: self.path.parent / file for name, file in manifest.get("adapters", {}).items()}
+        for name, file in {**files, **dict(adapters or {})}.items():
+            self.add_adapter(name, file)
+
+    @property
+    def adapters(self) -> list[str]:
+        """Names usable as `adapter=` (swappable files, or the per-row export's adapters)."""
+        return list(self._loaded) if not self._per_row else list(self.row_adapters)
+
+    def add_adapter(self, name: str, path: str | os.PathLike) -> None:
+        """Check an .onnx_adapter file against this model and load it under `name`."""
+        if self._per_row:
+            raise AdapterFileError(
+                f"{self.path.name} is a per-row export: its adapters are constants of the graph "
+                f"({', '.join(self.row_adapters)}); adapter files need an export with mode='adapters'"
+            )
+        if not self._slots:
+            raise AdapterFileError(
+                f"{self.path.name} has no adapter inputs (a merged export?); export the adapted "
+                "graph with lfx.export_onnx(gm, path) to swap adapters"
+            )
+        check_adapter_file(path, self._slots)
+        ort = _ort()
+        adapter = ort.LoraAdapter()
+        adapter.Load(str(path))
+        options = ort.RunOptions()
+        options.add_active_adapter(adapter)
+        self._loaded[name] = (adapter, options)
+
+    def _unknown(self, name) -> AdapterFileError:
+        known = self.adapters
+        hint = nearest(str(name), known, n=1)
+        return AdapterFileError(
+            f"unknown adapter {name!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
+            + f" This session has: {', '.join(known) if known else 'no adapters'}."
+            + ("" if self._per_row else " Load more with session.add_adapter(name, path).")
+        )
+
+    def _feeds(self, inputs) -> dict[str, np.ndarray]:
+        if not isinstance(inputs, Mapping):
+            inputs = dict(zip(self.input_names, inputs if isinstance(inputs, (list, tuple)) else [inputs]))
+        missing = [n for n in self.input_names if n not in inputs]
+        if missing:
+            raise ValueError(f"missing model inputs {missing}; this model takes {self.input_names}")
+        return {name: _array(inputs[name]) for name in self.input_names}
+
+    def _row_ids(self, rows: Sequence[str | None]) -> np.ndarray:
+        ids = []
+        for name in rows:
+            if name is not None and name not in self.row_adapters:
+                raise self._unknown(name)
+            ids.append(NONE_ID if name is None else self.row_adapters.index(name))
+        return np.asarray(ids, dtype=np.int64)
+
+    def run(self, inputs, adapter: str | None = None, rows: Sequence[str | None] | None = None) -> dict[str, np.ndarray]:
+        """Outputs by name. `adapter`: one adapter for the whole batch (None: the base model);
+        `rows`: one adapter name (or None) per batch row, for per-row exports."""
+        feeds = self._feeds(inputs)
+        if self._per_row:
+            batch = len(next(iter(feeds.values())))
+            if rows is None:
+                rows = [adapter] * batch
+            elif len(rows) != batch:
+                raise ValueError(f"rows has {len(rows)} entries for a batch of {batch}")
+            feeds[IDS] = self._row_ids(rows)
+            options = None
+        elif rows is not None:
+            raise AdapterFileError(
+                f"{self.path.name} is not a per-row export; export with mode='per_row' to give "
+                "each row its own adapter, or pass adapter=<name> for the whole batch"
+            )
+        elif adapter is None:
+            options = None
+        elif adapter in self._loaded:
+            options = self._loaded[adapter][1]
+        else:
+            raise self._unknown(adapter)
+        results = self.session.run(self.output_names, feeds, options)
+        return dict(zip(self.output_names, results))
