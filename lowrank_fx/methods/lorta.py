@@ -10,8 +10,14 @@ all layers l and matrix types m form a 5-way tensor with modes
     ΔW[h·d_head + j, i] = s · Σ_k A[i, k] c[h, k] B[k, j]   ΔW (out, in), s = alpha / r
 
 Trainable parameters per group: r · (d_in + d_head + H + L + M).
-Training never builds ΔW: Δy = s · ((dropout(x) A)[..., None, :] ⊙ c) B, flattened over
-(H, d_head), costs about what LoRA of rank r costs.
+Training never builds ΔW. Each unit scales B per head,
+
+    B̃[k, h·d_head + j] = c[h, k] B[k, j]      B̃ (r, out), the size of LoRA's B
+    Δy = s · (dropout(x) A) B̃
+
+so a step costs what LoRA of rank r costs, in arithmetic and in activations: x A (..., r)
+is the only per-token intermediate. (Scaling x A per head instead, then applying B per
+head, is the same sum but keeps an (..., H, r) activation for backward.)
 
 Rules (see lorta_index.py):
   - group: targets with equal (out, in); on Llama q/o, k/v (with GQA) and the MLP
@@ -54,19 +60,19 @@ class LoRTAUnit(Unit):
         self.scale = scale
         self.dropout = dropout_module(dropout)
 
-    def _head_scales(self, C_H, C_L, C_M) -> torch.Tensor:
-        return C_H * (C_L[self.layer] * C_M[self.matrix])  # (H, r)
+    def _output_factor(self, B, C_H, C_L, C_M) -> torch.Tensor:
+        """B̃ (r, H·d_head): B scaled per head by c = C_H ⊙ C_L[l] ⊙ C_M[m] (H, r)."""
+        c = C_H * (C_L[self.layer] * C_M[self.matrix])
+        return (c.t()[:, :, None] * B[:, None, :]).flatten(1)
 
     def forward(self, x, A, B, C_H, C_L, C_M) -> torch.Tensor:
         h = self.dropout(x.to(A.dtype)) @ A  # (..., r)
-        per_head = h.unsqueeze(-2) * self._head_scales(C_H, C_L, C_M)  # (..., H, r)
-        return ((per_head @ B).flatten(-2) * self.scale).to(x.dtype)  # (..., H·d_head)
+        return ((h @ self._output_factor(B, C_H, C_L, C_M)) * self.scale).to(x.dtype)  # (..., out)
 
     def delta_weight(self, A, B, C_H, C_L, C_M) -> torch.Tensor:
         """ΔW (out, in) in fp32, or float64 for float64 factors."""
         A, B, C_H, C_L, C_M = (t.to(torch.promote_types(A.dtype, torch.float32)) for t in (A, B, C_H, C_L, C_M))
-        delta = torch.einsum("ik,hk,kj->hji", A, self._head_scales(C_H, C_L, C_M), B)  # (H, d_head, d_in)
-        return delta.reshape(-1, A.shape[0]) * self.scale
+        return (A @ self._output_factor(B, C_H, C_L, C_M)).t() * self.scale
 
     def output_side(self) -> list[nn.Parameter]:
         return []
