@@ -58,12 +58,20 @@ def run(module, args, kwargs, case=None):
 # ---------------------------------------------------------------------------------------
 # All five families, "all-linear".
 
+# Every linear-like target but the vocabulary head (llama, gpt2, t5 have one). GPT-2's MLP
+# (4·32 = 128 wide) and T5's attention (32 wide, like its relative-position table) are as
+# wide as an embedding table, yet they are hidden layers, not heads.
+ALL_LINEAR_COUNTS = {"llama": 14, "gpt2": 8, "bert": 13, "t5": 32, "vit": 13}
+
+
 @pytest.mark.parametrize("family", models.FAMILIES)
 def test_fold_reproduces_adapted_outputs(family):
     case = models.build(family)
     keys = list(case.model.state_dict())
     gm = lfx.rewrite(case.model, lfx.Spec("all-linear", method=lora()),
                      example_inputs=case.args, example_kwargs=case.kwargs)
+    names = gm.lowrank_fx.default.lora.target_names
+    assert len(names) == ALL_LINEAR_COUNTS[family] and "lm_head" not in names
     other = (case.other_args, case.other_kwargs)
     adapted = run(gm, *other, case)
     assert rel_err(adapted, run(case.model, *other, case)) > 1e-3  # the adapters do something

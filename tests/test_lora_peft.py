@@ -101,7 +101,6 @@ def test_outputs_and_gradients_match_peft(family):
     assert errors["grad_B"] <= TOL, errors
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_rslora_scaling_matches_peft(family):
-    errors = run_parity(family, rslora=True)
+def test_rslora_scaling_matches_peft():
+    errors = run_parity("gpt2", rslora=True)
     assert max(errors["out"], errors["grad_A"], errors["grad_B"]) <= TOL, errors

@@ -196,15 +196,6 @@ def test_gpt2_conv1d_and_tied_head():
     assert [(r.target, r.shape) for r in rows] == [("lm_head", (128, 32))]
 
 
-def test_all_linear_keeps_layers_as_wide_as_small_embedding_tables():
-    """T5's attention projections are as wide as its relative-position table (32 buckets)."""
-    case = models.build("t5")
-    gm = capture(case.model, case.args, case.kwargs)
-    names = [r.target for r in lfx.plan(gm, lfx.Spec("all-linear")).rows]
-    assert len(names) == 32 and "lm_head" not in names
-    assert "encoder.block.0.layer.0.SelfAttention.q" in names
-
-
 # ---------------------------------------------------------------------------------------
 # Spec matching.
 
@@ -242,16 +233,6 @@ def test_spec_with_one_method_per_pattern_first_match_wins():
     assert assigned["model.layers.0.self_attn.q_proj"] is small
     assert assigned["model.layers.0.self_attn.k_proj"] is big
     assert "lm_head" not in assigned
-
-
-def test_all_linear_on_llama_excludes_the_vocabulary_head():
-    case = models.build("llama")
-    gm = lfx.rewrite(case.model, lfx.Spec("all-linear", method=lora()),
-                     example_inputs=case.args, example_kwargs=case.kwargs)
-    names = gm.lowrank_fx.default.lora.target_names
-    assert len(names) == 14 and "lm_head" not in names
-    check_graph_shape(gm, names)
-    check_only_adapters_train(gm, "default")
 
 
 # ---------------------------------------------------------------------------------------
