@@ -60,19 +60,12 @@ def scaled_basis(A: torch.Tensor, lam: torch.Tensor, gamma: torch.Tensor) -> tor
     return (lam[:, :, None] * A[:, None, :] * gamma[None, :, :]).reshape(rank * n, -1)
 
 
-def _scaled_basis_for_backward(A, lam, gamma) -> torch.Tensor:
-    """`scaled_basis` again, multiplied in another order on purpose: torch.compile merges
-    identical expressions of forward and backward (CSE) and would then keep forward's Â
-    alive until backward, which is what this Function exists to avoid."""
-    rank, n = lam.shape
-    return (lam[:, :, None] * (A[:, None, :] * gamma[None, :, :])).reshape(rank * n, -1)
-
-
-def _diagonal_grads(grad_scaled, A, lam, gamma):
-    """dλ (r, N) and dγ (N, d) from dÂ (N·r, d), by the product rule on Â = λ ⊗ A ⊗ γ."""
-    g = grad_scaled.reshape(lam.shape[0], lam.shape[1], -1)  # (r, N, d)
-    grad_lam = torch.einsum("knd,kd,nd->kn", g, A, gamma)
-    grad_gamma = torch.einsum("knd,kn,kd->nd", g, lam, A)
+def _diagonal_grads(grad_scaled, A, A_gamma, lam):
+    """dλ (r, N) and dγ (N, d) from dÂ (N·r, d), by the product rule on Â = λ ⊗ (A ⊙ γ);
+    A_gamma (r, N, d) = A[k] ⊙ γ[n]."""
+    g = grad_scaled.reshape(A_gamma.shape)
+    grad_lam = (g * A_gamma).sum(-1)
+    grad_gamma = ((g * lam[:, :, None]) * A[:, None, :]).sum(0)
     return grad_lam, grad_gamma
 
 
@@ -95,7 +88,11 @@ class RandLoRAProduct(torch.autograd.Function):
         x, lam, gamma, basis_A, basis_B = ctx.saved_tensors
         rank, n = lam.shape
         A, Bc = sliced_bases(basis_A, basis_B, rank, n, gamma.shape[1], ctx.big)
-        scaled = _scaled_basis_for_backward(A, lam, gamma)
+        # Â again, multiplied in another order on purpose: torch.compile merges identical
+        # expressions of forward and backward (CSE), and would then keep forward's Â alive
+        # until backward, which is what this Function exists to avoid.
+        A_gamma = A[:, None, :] * gamma[None, :, :]  # (r, N, d)
+        scaled = (lam[:, :, None] * A_gamma).reshape(rank * n, -1)
         x2 = x.reshape(-1, x.shape[-1])
         g2 = grad_y.reshape(-1, grad_y.shape[-1]) * ctx.scale
         if ctx.tall:  # Δy = (x Âᵀ) Bcᵀ
@@ -106,7 +103,7 @@ class RandLoRAProduct(torch.autograd.Function):
             grad_h = g2 @ scaled.t()
             grad_scaled = (x2 @ Bc).t() @ g2
             grad_x = grad_h @ Bc.t() if ctx.needs_input_grad[0] else None
-        grad_lam, grad_gamma = _diagonal_grads(grad_scaled, A, lam, gamma)
+        grad_lam, grad_gamma = _diagonal_grads(grad_scaled, A, A_gamma, lam)
         if grad_x is not None:
             grad_x = grad_x.reshape(x.shape)
         return grad_x, grad_lam, grad_gamma, None, None, None, None, None
