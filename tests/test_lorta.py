@@ -227,3 +227,5 @@ def test_bad_options():
         lfx.LoRTA(head_dim=0)
     with pytest.raises(SpecError, match="did you mean 'head_dim'"):
         lfx.LoRTA(head_dims=8)
+    with pytest.raises(SpecError, match="layer_pattern '\\(' is not a regular expression"):
+        lfx.LoRTA(layer_pattern="(")

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import torch
 from torch import nn
@@ -130,6 +131,14 @@ class LoRTA(Method):
             raise SpecError(f"LoRTA init must be one of {INITS}, got {self.init!r}")
         if self.head_dim is not None and (not isinstance(self.head_dim, int) or self.head_dim <= 0):
             raise SpecError(f"LoRTA head_dim must be a positive integer or None, got {self.head_dim!r}")
+        patterns = {"layer_pattern": self.layer_pattern}
+        if self.matrix_pattern is not None:
+            patterns["matrix_pattern"] = self.matrix_pattern
+        for option, pattern in patterns.items():
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as err:
+                raise SpecError(f"LoRTA {option} {pattern!r} is not a regular expression: {err}") from None
 
     @property
     def scale(self) -> float:
