@@ -1,76 +1,251 @@
-"""The `lowrank-fx` command.
+"""The `lowrank-fx` command: plan | train | merge | export | demo.
 
-    lowrank-fx plan [--model tiny-llama] [--targets all-linear] [--rank 8]
-    lowrank-fx demo [--steps 300]
-
-Bad input exits with status 2 and one line on stderr, never a traceback.
+Models come from a built-in name, `pkg.module:factory`, or a local transformers directory
+or config (see sources.py); nothing is downloaded. Targets and method come from flags or a
+JSON spec file. Bad input exits with status 2 and one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 import sys
+from pathlib import Path
 
-from .errors import LowRankFxError
+from .errors import LowRankFxError, SpecError
 
 EXAMPLES = """examples:
-  lowrank-fx plan                                   # LoRA r=8 on every linear of a tiny Llama
-  lowrank-fx plan --model tiny-gpt2 --targets c_attn c_proj --rank 4
-  lowrank-fx plan --targets 're:.*(q|v)_proj' --exclude 'model.layers.0.*'
-  lowrank-fx demo                                   # train, fold and check a small Llama (< 3 min on 2 CPUs)
+  lowrank-fx plan                                       # LoRA r=8 on every linear of a tiny Llama
+  lowrank-fx plan --model ./my-llama --targets q_proj v_proj --method lorta --rank 16
+  lowrank-fx plan --model mypkg.models:build --spec spec.json
+  lowrank-fx train --model ./my-llama --data corpus.txt --steps 200 --out run/adapter.safetensors
+  lowrank-fx merge --model ./my-llama --adapters run/adapter.safetensors --out run/merged.safetensors
+  lowrank-fx export --model ./my-llama --adapters run/a.safetensors run/b.safetensors --out run/model.onnx
+  lowrank-fx demo                                       # real MiniLM weights: two adapters, fold, ONNX Runtime
+  lowrank-fx demo --synthetic                           # a small random Llama, < 1 minute
+
+A spec file is JSON: {"targets": ["q_proj", "v_proj"], "method": {"method": "lora", "rank": 8},
+"exclude": []}, or {"targets": {"re:.*_proj": {"method": "lorta", "rank": 8}}} for mixed methods.
 """
 
 
-def _plan(args) -> int:
-    from . import LoRA, Spec, plan
-    from .builtin_models import builtin
+def _method(args):
+    from .serial import method_from_json
 
-    built = builtin(args.model)
-    spec = Spec(targets=args.targets, method=LoRA(rank=args.rank, alpha=args.alpha), exclude=args.exclude)
-    print(plan(built.model, spec, built.example_inputs, built.example_kwargs))
+    options = {"method": args.method, "rank": args.rank}
+    if args.alpha is not None:
+        options["alpha"] = args.alpha
+    return method_from_json(options)
+
+
+def _spec(args):
+    from . import Spec
+    from .serial import method_from_json
+
+    if args.spec is None:
+        return Spec(targets=args.targets, method=_method(args), exclude=args.exclude)
+    try:
+        data = json.loads(Path(args.spec).read_text())
+        targets = data["targets"]
+        if isinstance(targets, dict):
+            return Spec(targets={p: method_from_json(m) for p, m in targets.items()}, exclude=data.get("exclude", ()))
+        return Spec(targets=targets, method=method_from_json(data.get("method", {"method": "lora"})),
+                    exclude=data.get("exclude", ()))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise SpecError(f"cannot read spec file {args.spec}: {type(err).__name__}: {err}") from None
+
+
+def _source(args):
+    from .sources import load_model
+
+    return load_model(args.model)
+
+
+def _adapted(args, source):
+    """The model's graph with the adapters of --adapters loaded (all, under their saved names)."""
+    from . import load_adapters
+
+    gm = source.model
+    for path in args.adapters:
+        gm = load_adapters(gm, path, example_inputs=source.example_inputs, example_kwargs=source.example_kwargs)
+    return gm
+
+
+def _plan(args) -> int:
+    from . import plan
+
+    source = _source(args)
+    print(plan(source.model, _spec(args), source.example_inputs, source.example_kwargs))
+    return 0
+
+
+def _train(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from . import loraplus_optimizer, rewrite, save_adapters
+    from .sources import factory_batches, text_batches
+
+    source = _source(args)
+    if args.data is None:
+        raise LowRankFxError("train needs --data: a text file (one text per line) or pkg.module:batches")
+    if Path(args.data).exists():
+        batches = text_batches(args.data, source, args.batch_size, args.seq_len, args.seed)
+        first = next(batches)
+        gm = rewrite(source.model, _spec(args), example_inputs=(first["input_ids"],), example_kwargs=source.example_kwargs,
+                     adapter=args.adapter)
+        batches = itertools.chain([first], batches)
+
+        def loss_of(batch):
+            ids = batch["input_ids"]
+            logits = gm(ids, **source.example_kwargs).logits
+            return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    else:
+        batches = factory_batches(args.data)
+        first = next(batches)
+        gm = rewrite(source.model, _spec(args), example_kwargs=first, adapter=args.adapter)
+        batches = itertools.chain([first], batches)
+
+        def loss_of(batch):
+            out = gm(**batch)
+            loss = getattr(out, "loss", None)
+            if loss is None:
+                raise LowRankFxError("the model output has no .loss; have the batches include labels")
+            return loss
+    optimizer = loraplus_optimizer(gm, lr=args.lr, ratio=args.loraplus_ratio)
+    gm.train()
+    bar = tqdm(itertools.islice(batches, args.steps), total=args.steps, desc="training", unit="step")
+    for step, batch in enumerate(bar, 1):
+        loss = loss_of(batch)
+        if not torch.isfinite(loss):
+            raise LowRankFxError(f"loss is {loss.item()} at step {step}; lower --lr. Last saved adapters kept.")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if args.save_every and step % args.save_every == 0:
+            save_adapters(gm, args.out)
+    path = save_adapters(gm, args.out)
+    print(f"saved adapter {args.adapter!r} to {path}")
+    return 0
+
+
+def _merge(args) -> int:
+    from safetensors.torch import save
+
+    from . import merged_state_dict
+    from .atomic import write_atomic
+
+    source = _source(args)
+    gm = _adapted(args, source)
+    state = merged_state_dict(gm, untie=args.untie)
+    write_atomic(args.out, save({k: v.contiguous() for k, v in state.items()}))
+    print(f"wrote {len(state)} dense tensors (the original model's names) to {args.out}")
+    return 0
+
+
+def _export(args) -> int:
+    from .export import export_onnx
+
+    source = _source(args)
+    gm = _adapted(args, source) if args.adapters else source.model
+    mode = args.mode if args.adapters else "merged"
+    result = export_onnx(gm, args.out, source.example_inputs, source.example_kwargs, mode=mode)
+    for file in result.files:
+        print(f"wrote {file}")
     return 0
 
 
 def _demo(args) -> int:
-    from .demo import format_report, run_demo
+    if args.synthetic:
+        from .demo import format_report, run_demo
 
-    figures = run_demo(steps=args.steps, rank=args.rank, seed=args.seed, progress=not args.quiet)
-    print(format_report(figures))
-    return 0 if figures["fold_error"] < 1e-5 and figures["original_error"] < 1e-5 else 1
+        figures = run_demo(steps=args.steps or 300, rank=args.rank, seed=args.seed, progress=not args.quiet)
+        print(format_report(figures))
+        return 0 if figures["fold_error"] < 1e-5 and figures["original_error"] < 1e-5 else 1
+    from .minilm_demo import run
+
+    return 0 if run(out=args.out, steps=args.steps, progress=not args.quiet) else 1
+
+
+def _add_model(p, default="tiny-llama"):
+    p.add_argument("--model", default=default,
+                   help="built-in name (tiny-llama, tiny-gpt2, tiny-bert), pkg.module:factory, or a local "
+                        "transformers directory / config.json")
+
+
+def _add_spec(p):
+    p.add_argument("--targets", nargs="+", default=["all-linear"], help="glob, re:<regex> or all-linear")
+    p.add_argument("--exclude", nargs="*", default=[], help="patterns to leave out")
+    p.add_argument("--method", default="lora", choices=["lora", "lorta", "randlora"])
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=None, help="default: the method's own")
+    p.add_argument("--spec", default=None, help="JSON spec file (overrides the flags above)")
 
 
 def parser() -> argparse.ArgumentParser:
-    from .builtin_models import BUILTIN
-
+    formatter = argparse.RawDescriptionHelpFormatter
     root = argparse.ArgumentParser(prog="lowrank-fx", description="Parameter-efficient fine-tuning as a torch.fx graph pass.",
-                                   epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = root.add_subparsers(dest="command", required=True, metavar="{plan,demo}")
+                                   epilog=EXAMPLES, formatter_class=formatter)
+    commands = root.add_subparsers(dest="command", required=True, metavar="{plan,train,merge,export,demo}")
 
-    plan = commands.add_parser("plan", help="list what a spec would adapt, with parameter counts",
-                               epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    plan.add_argument("--model", default="tiny-llama", choices=sorted(BUILTIN), help="built-in model config (random weights)")
-    plan.add_argument("--targets", nargs="+", default=["all-linear"], help="glob, re:<regex> or all-linear")
-    plan.add_argument("--exclude", nargs="*", default=[], help="patterns to leave out")
-    plan.add_argument("--rank", type=int, default=8)
-    plan.add_argument("--alpha", type=float, default=16.0)
-    plan.set_defaults(run=_plan)
+    p = commands.add_parser("plan", help="list what a spec would adapt, with parameter counts", epilog=EXAMPLES, formatter_class=formatter)
+    _add_model(p)
+    _add_spec(p)
+    p.set_defaults(run=_plan)
 
-    demo = commands.add_parser("demo", help="adapt, train, fold and check a small model",
-                               epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    demo.add_argument("--steps", type=int, default=300)
-    demo.add_argument("--rank", type=int, default=8)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--quiet", action="store_true", help="no progress bar")
-    demo.set_defaults(run=_demo)
+    p = commands.add_parser("train", help="train adapters and save them", epilog=EXAMPLES, formatter_class=formatter)
+    _add_model(p)
+    _add_spec(p)
+    p.add_argument("--data", help="text file (one text per line; causal LM) or pkg.module:batches")
+    p.add_argument("--out", required=True, help="adapter file to write (.safetensors)")
+    p.add_argument("--adapter", default="default", help="adapter name")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--loraplus-ratio", type=float, default=16.0, help="LoRA+ rate ratio for output-side factors (1 = plain)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--save-every", type=int, default=0, help="also save every N steps (atomic)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_train)
+
+    p = commands.add_parser("merge", help="fold adapters into dense weights for the original model", epilog=EXAMPLES, formatter_class=formatter)
+    _add_model(p)
+    p.add_argument("--adapters", nargs="+", required=True, help="adapter files (from train or save_adapters)")
+    p.add_argument("--out", required=True, help="safetensors file of dense weights, keyed like the original model")
+    p.add_argument("--untie", action="store_true", help="allow folding one use of a tied weight (untie it in your model)")
+    p.set_defaults(run=_merge)
+
+    p = commands.add_parser("export", help="export to ONNX (merged, swappable adapters, or per-row)", epilog=EXAMPLES, formatter_class=formatter)
+    _add_model(p)
+    p.add_argument("--adapters", nargs="*", default=[], help="adapter files; none exports the base model")
+    p.add_argument("--mode", default="adapters", choices=["merged", "adapters", "per_row"])
+    p.add_argument("--out", required=True, help=".onnx file to write (adapter files go beside it)")
+    p.set_defaults(run=_export)
+
+    p = commands.add_parser("demo", help="the main demo (real MiniLM weights), or --synthetic", epilog=EXAMPLES, formatter_class=formatter)
+    p.add_argument("--synthetic", action="store_true", help="small random Llama instead of MiniLM")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="demo_out", help="folder for the loss curve, adapter and ONNX files")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_demo)
     return root
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
+        if getattr(args, "out", None):
+            (Path(args.out) if args.command == "demo" else Path(args.out).parent).mkdir(parents=True, exist_ok=True)
         return args.run(args)
     except LowRankFxError as err:
-        print(f"lowrank-fx {args.command}: error: {err}".splitlines()[0], file=sys.stderr)
+        print(f"lowrank-fx {args.command}: error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as err:
+        print(f"lowrank-fx {args.command}: error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lowrank-fx {args.command}: interrupted", file=sys.stderr)
