@@ -94,9 +94,17 @@ def model_slots(model_path: str | os.PathLike) -> dict[str, tuple[list, str]]:
 def check_adapter_file(path: str | os.PathLike, slots: dict[str, tuple[list, str]]) -> None:
     """Raise AdapterFileError unless the file fits `slots` ({input name: (shape, type)})."""
     found = read_adapter_file(path)
+    if found and not set(found) & set(slots):
+        raise AdapterFileError(
+            f"adapter file {str(path)!r} is for another model: none of its {len(found)} tensors "
+            f"(e.g. {min(found)}) is an adapter input of this ONNX model"
+            + (f" (they are named like {min(slots)})" if slots else "")
+            + ". Use the files written with this model's export, or lfx.export_onnx_adapter(gm, path, "
+            "adapter=...) from the graph it was exported from."
+        )
     problems = []
     sizes: dict[str, int] = {}
-    for name, (shape, dtype) in found.items():
+    for name, (shape, dtype) in sorted(found.items()):
         if name not in slots:
             hint = nearest(name, slots, n=1)
             problems.append(f"{name}: the model has no such adapter input"
