@@ -3,6 +3,7 @@
 from .errors import (AdapterFileError, CaptureError, ExportError, LowRankFxError, MergeError, ModelTypeError,
                      SpecError, TargetError)
 from .export import AdapterSession, OnnxExport, export_onnx, export_onnx_adapter
+from .gates import active_adapters, set_active_adapters
 from .io import load_adapters, save_adapters
 from .methods.lora import LoRA
 from .methods.lorta import LoRTA
@@ -22,5 +23,6 @@ __all__ = [
     "LowRankFxError", "SpecError", "CaptureError", "TargetError", "MergeError", "ModelTypeError",
     "AdapterFileError",
     "export_onnx", "export_onnx_adapter", "OnnxExport", "AdapterSession", "ExportError",
+    "set_active_adapters", "active_adapters",
 ]
 __version__ = "0.1.0"

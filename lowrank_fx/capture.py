@@ -12,6 +12,8 @@ Three ways in:
 Export traces the model in training mode, so dropout and batch norm are in the graph; the
 `mode_aware` pass then makes them follow `.train()` / `.eval()`, and the graph starts in the
 model's own mode. Other Python branches on `self.training` are fixed at capture time (train).
+`torch.no_grad()` / `torch.autocast` blocks, which torch.export records as higher-order ops
+that torch.compile cannot trace with dynamic shapes, become plain calls (passes/grad_regions.py).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch import fx, nn
 from torch.export import Dim, ShapesCollection
 
 from .errors import CaptureError, ModelTypeError
+from .passes.grad_regions import unwrap_regions
 from .passes.inline_linear import inline_linear
 from .passes.mode_aware import make_mode_aware
 from .record import Record
@@ -108,6 +111,7 @@ def capture(model, example_inputs=None, example_kwargs=None, dynamic: bool = Tru
             return model
         gm = _plain(model)
         inline_linear(gm)  # a symbolically traced one hides nn.Linear weights in call_module nodes
+        unwrap_regions(gm)
         make_mode_aware(gm)
         gm.train(model.training)
         Record.attach(gm, aliases=_aliases(gm), state_keys=list(gm.state_dict()))
@@ -131,6 +135,7 @@ def capture(model, example_inputs=None, example_kwargs=None, dynamic: bool = Tru
     finally:
         model.train(was_training)
     gm = _plain(exported.module())
+    unwrap_regions(gm)
     make_mode_aware(gm)
     gm.train(was_training)
     Record.attach(gm, aliases=_aliases(model), state_keys=list(model.state_dict()))

@@ -264,17 +264,19 @@ def test_plan_table_and_totals():
 # The rewritten graph.
 
 def check_graph_shape(gm, names):
-    """Each site: site -> call_module units.<key>(x) -> aten.add(site, delta); users read the add."""
+    """Each site: site -> call_module units.<key>(x) -> get_attr gate -> aten.addcmul(site, delta, gate);
+    users read the addcmul."""
     targets = targets_of(gm)
     nodes = {n.name: n for n in gm.graph.nodes}
     for name in names:
         key = name.replace(".", "-")
         for site_name, x_index in zip(targets[name].sites, targets[name].activations):
             site = nodes[site_name]
-            delta, add = site.next, site.next.next
+            delta, gate, add = site.next, site.next.next, site.next.next.next
             assert (delta.op, delta.target) == ("call_module", f"lowrank_fx.default.lora.units.{key}")
             assert delta.args[0] is site.args[x_index]
-            assert (add.op, add.target, add.args) == ("call_function", aten.add.Tensor, (site, delta))
+            assert (gate.op, gate.target) == ("get_attr", "lowrank_fx_gates.default")
+            assert (add.op, add.target, add.args) == ("call_function", aten.addcmul.default, (site, delta, gate))
             assert set(site.users) == {add}
 
 

@@ -26,6 +26,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import ExportError
+from ..gates import ungate
 from ..methods.base import AdapterGroup, Unit
 from ..record import CONTAINER, KEY, Record
 
@@ -126,7 +127,8 @@ def shared_graph_problem(gm: fx.GraphModule, template: str, other: str) -> str |
 def copy_graph(gm: fx.GraphModule, keep: list[str]) -> tuple[fx.GraphModule, fx.Graph]:
     """A new GraphModule over a copy of gm's graph that keeps only the adapters in `keep`.
 
-    It shares gm's tensors and modules; the caller may replace adapter containers.
+    It shares gm's tensors and modules; the caller may replace adapter containers. Gates are
+    dropped (every kept adapter is applied; see gates.ungate).
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
@@ -137,6 +139,7 @@ def copy_graph(gm: fx.GraphModule, keep: list[str]) -> tuple[fx.GraphModule, fx.
             node.replace_all_uses_with(node.args[0])
     for node in reversed(dropped):
         graph.erase_node(node)
+    ungate(graph)
     new = fx.GraphModule(gm, graph)
     for attr in ("_in_spec", "_out_spec"):
         if hasattr(gm, attr):

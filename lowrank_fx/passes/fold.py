@@ -1,10 +1,12 @@
-"""Fold adapters into dense weights: W ← W + Σ_adapters ΔW, computed in fp32 (float64 for
+"""Fold adapters into dense weights: W ← W + Σ_adapters gate · ΔW, computed in fp32 (float64 for
 float64 weights or updates) and cast back to W's dtype.
 
 `fold(gm)` returns a new GraphModule without adapter nodes or parameters; `gm` itself is
 never modified. A weight that the graph also reads elsewhere (GPT-2's lm_head is the token
 embedding) is folded into an untied copy, `lowrank_fx_untied.<target>`, so the other use
 keeps the original values. Non-finite results are refused before anything is built.
+Adapters whose gate is 0 (made inactive by `lfx.set_active_adapters`) are left out: the
+folded graph computes what `gm` computes.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import MergeError
+from ..gates import GATES, gate_value
 from ..methods.base import unit_key
 from ..record import CONTAINER, KEY, Record, tagged
 from ..targets import LINEAR_OPS, Target, find_targets
@@ -39,16 +42,20 @@ def adapted_record(gm: fx.GraphModule) -> Record:
 
 
 def adapter_deltas(gm: fx.GraphModule) -> tuple[dict[str, Target], dict[str, torch.Tensor]]:
-    """Targets of `gm` and ΔW (out, in) in fp32 or wider per adapted target, summed over adapters."""
+    """Targets of `gm` and gate · ΔW (out, in) in fp32 or wider per adapted target, summed over
+    the active adapters (gate ≠ 0)."""
     record = adapted_record(gm)
     targets = find_targets(gm, record.aliases)
     deltas: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for adapter, info in record.adapters.items():
+            gate = gate_value(gm, adapter)
+            if gate == 0.0:
+                continue
             groups = getattr(gm, CONTAINER)[adapter]
             for name, group in info.groups.items():
                 delta = groups[group].delta_weight(name)
-                delta = delta.to(fold_dtype(delta.dtype))
+                delta = delta.to(fold_dtype(delta.dtype)) * gate
                 deltas[name] = deltas[name] + delta if name in deltas else delta
     bad = [name for name, delta in deltas.items() if not torch.isfinite(delta).all()]
     if bad:
@@ -127,7 +134,7 @@ def _tensor(gm: fx.GraphModule, path: str):
 
 
 def remove_adapter_nodes(gm: fx.GraphModule) -> None:
-    """Drop every node lowrank_fx added (y + Δy becomes y) and the adapter modules."""
+    """Drop every node lowrank_fx added (y + gate · Δy becomes y), the adapter modules and gates."""
     for node in tagged(gm, "add"):
         node.replace_all_uses_with(node.args[0])
     for node in reversed(tagged(gm)):
@@ -135,8 +142,9 @@ def remove_adapter_nodes(gm: fx.GraphModule) -> None:
     for node in list(gm.graph.nodes):
         if node.op == "get_attr" and not node.users:
             gm.graph.erase_node(node)
-    if hasattr(gm, CONTAINER):
-        gm.delete_submodule(CONTAINER)
+    for container in (CONTAINER, GATES):
+        if hasattr(gm, container):
+            gm.delete_submodule(container)
 
 
 def fold(gm: fx.GraphModule) -> fx.GraphModule:

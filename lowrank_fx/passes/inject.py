@@ -6,7 +6,11 @@ base op stays untouched (and folding just removes the two added nodes per site):
     %y      = aten.linear(%x, %W, %b)
     %A, ... = get_attr lowrank_fx.<adapter>.<group>.<shared>      (LoRTA, RandLoRA only)
     %delta  = call_module lowrank_fx.<adapter>.<group>.units.<target>(%x, %A, ...)
-    %y2     = aten.add(%y, %delta)                                  (users of %y now use %y2)
+    %gate   = get_attr lowrank_fx_gates.<adapter>                   (0-dim: 1 active, 0 not)
+    %y2     = aten.addcmul(%y, %delta, %gate)  = y + gate · Δy      (users of %y now use %y2)
+
+Node roles (node.meta["lowrank_fx"]["role"]): "shared", "delta", "gate", "add". The gate
+makes switching adapters a buffer write (gates.py); addcmul adds it at the cost of an add.
 
 Returns the adapter's target -> group map. Nothing in the graph changes if building the
 adapter modules fails.
@@ -17,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
+from ..gates import add_gate
 from ..methods.base import Method, unit_key
 from ..record import CONTAINER, tag
 from ..targets import Target
@@ -50,6 +55,8 @@ def inject(gm: fx.GraphModule, adapter: str, assignment: dict[str, Method], targ
         gm.add_module(CONTAINER, nn.ModuleDict())
     # New modules start in training mode; the adapter follows the graph's mode (LoRA dropout).
     getattr(gm, CONTAINER)[adapter] = nn.ModuleDict(groups).train(gm.training)
+    tensors = [*getattr(gm, CONTAINER)[adapter].parameters(), *getattr(gm, CONTAINER)[adapter].buffers()]
+    gate_path = add_gate(gm, adapter, tensors[0].device if tensors else torch.device("cpu"))
     nodes = {n.name: n for n in gm.graph.nodes}
     for name in assignment:
         target = targets[name]
@@ -60,10 +67,12 @@ def inject(gm: fx.GraphModule, adapter: str, assignment: dict[str, Method], targ
             with gm.graph.inserting_before(site.next):
                 shared = [gm.graph.get_attr(f"{group_path}.{s}") for s in group.shared]
                 delta = gm.graph.call_module(f"{group_path}.units.{unit_key(name)}", (site.args[x_index], *shared))
-                added = gm.graph.call_function(aten.add.Tensor, (site, delta))
+                gate = gm.graph.get_attr(gate_path)
+                added = gm.graph.call_function(aten.addcmul.default, (site, delta, gate))
             for node in shared:
                 tag(node, adapter, name, "shared")
             tag(delta, adapter, name, "delta")
+            tag(gate, adapter, name, "gate")
             tag(added, adapter, name, "add")
             site.replace_all_uses_with(added, delete_user_cb=lambda user: user is not added)
     gm.graph.lint()

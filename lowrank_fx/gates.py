@@ -1,0 +1,84 @@
+"""Adapter gates: which adapters of a graph are active, as data rather than graph structure.
+
+Every adapter has a 0-dim float buffer `gm.lowrank_fx_gates.<adapter>` (1.0 active, 0.0
+inactive). At each call site the inject pass adds the update through it:
+
+    %gate = get_attr lowrank_fx_gates.<adapter>               role "gate"
+    %y2   = aten.addcmul(%y, %delta, %gate)  = y + gate · Δy  role "add"
+
+`set_active_adapters` only writes the buffers in place, so switching adapters changes no
+graph, no module and no guard: a compiled graph keeps running without recompiling (buffers
+are inputs of compiled graphs, not constants). The gates are non-persistent: they are not
+part of `gm.state_dict()` or of adapter files, and a graph starts with every adapter active.
+Folding (`lfx.merge`, `lfx.merged_state_dict`) adds gate · ΔW, so it folds exactly what the
+graph computes: inactive adapters are left out.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+from .errors import SpecError
+from .record import KEY, Record
+
+GATES = "lowrank_fx_gates"
+
+
+def add_gate(gm: fx.GraphModule, adapter: str, device: torch.device) -> str:
+    """Register the gate of `adapter` (1.0, active) and return its get_attr path."""
+    if not hasattr(gm, GATES):
+        gm.add_module(GATES, nn.Module())
+    getattr(gm, GATES).register_buffer(adapter, torch.ones((), device=device), persistent=False)
+    return f"{GATES}.{adapter}"
+
+
+def gate_value(gm: fx.GraphModule, adapter: str) -> float:
+    """The gate of `adapter` as a Python float (1.0 for a graph without gates)."""
+    gates = getattr(gm, GATES, None)
+    gate = getattr(gates, adapter, None) if gates is not None else None
+    return 1.0 if gate is None else float(gate)
+
+
+def _adapter_names(gm: fx.GraphModule) -> list[str]:
+    record = Record.find(gm)
+    return list(record.adapters) if record is not None else []
+
+
+def active_adapters(gm: fx.GraphModule) -> list[str]:
+    """Names of the adapters whose gate is non-zero, in the order they were added."""
+    return [name for name in _adapter_names(gm) if gate_value(gm, name) != 0.0]
+
+
+def set_active_adapters(gm: fx.GraphModule, adapters: str | list[str] | tuple[str, ...]) -> None:
+    """Make exactly `adapters` active (gate 1.0) and every other adapter inactive (0.0).
+
+    Pass one name, a list of names, or [] for the base model. Only buffer values change, in
+    place: a compiled graph is not recompiled. Which parameters train is separate: set
+    `requires_grad` yourself (an inactive adapter gets zero gradients).
+    """
+    names = [adapters] if isinstance(adapters, str) else list(adapters)
+    known = _adapter_names(gm)
+    unknown = [name for name in names if name not in known]
+    if unknown or not hasattr(gm, GATES):
+        raise SpecError(
+            f"no adapter named {', '.join(map(repr, unknown or names))} in this graph; "
+            + (f"its adapters are {', '.join(map(repr, known))}" if known else
+               "it has none (lfx.rewrite(model, spec, adapter=...) adds one)")
+        )
+    gates = getattr(gm, GATES)
+    with torch.no_grad():
+        for name in known:
+            getattr(gates, name).fill_(1.0 if name in names else 0.0)
+
+
+def ungate(graph: fx.Graph) -> None:
+    """Back to ungated adds, y + Δy, in `graph` (in place): for exports, where every adapter
+    kept in the graph is applied and switching is done by the exported graph's own inputs."""
+    roles = {node: node.meta.get(KEY, {}).get("role") for node in graph.nodes}
+    for node, role in roles.items():
+        if role == "add" and node.target is torch.ops.aten.addcmul.default:
+            node.target, node.args = torch.ops.aten.add.Tensor, node.args[:2]
+    for node, role in roles.items():
+        if role == "gate" and not node.users:
+            graph.erase_node(node)
