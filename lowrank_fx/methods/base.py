@@ -98,14 +98,17 @@ class Method:
         return {"method": self.kind, **dataclasses.asdict(self)}
 
 
-def check_rank(method: str, rank: int) -> None:
+INITS = ("default", "nonzero")
+
+
+def check_common(method: str, rank: int, dropout: float, init: str) -> None:
+    """Validate the options every method has: a positive int rank, dropout in [0, 1), a known init."""
     if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
         raise SpecError(f"{method} rank must be a positive integer, got {rank!r}")
-
-
-def check_dropout(method: str, p: float) -> None:
-    if not 0.0 <= float(p) < 1.0:
-        raise SpecError(f"{method} dropout must be in [0, 1), got {p!r}")
+    if not 0.0 <= float(dropout) < 1.0:
+        raise SpecError(f"{method} dropout must be in [0, 1), got {dropout!r}")
+    if init not in INITS:
+        raise SpecError(f"{method} init must be one of {INITS}, got {init!r}")
 
 
 def dropout_module(p: float) -> nn.Module:

@@ -19,9 +19,8 @@ from torch import nn
 
 from ..errors import SpecError
 from ..options import options
-from .base import AdapterGroup, Method, Unit, adapter_dtype, check_dropout, check_rank, dropout_module
+from .base import AdapterGroup, Method, Unit, adapter_dtype, check_common, dropout_module
 
-INITS = ("default", "nonzero")
 
 
 class LoRAUnit(Unit):
@@ -66,10 +65,7 @@ class LoRA(Method):
     kind = "lora"
 
     def __post_init__(self):
-        check_rank("LoRA", self.rank)
-        check_dropout("LoRA", self.dropout)
-        if self.init not in INITS:
-            raise SpecError(f"LoRA init must be one of {INITS}, got {self.init!r}")
+        check_common("LoRA", self.rank, self.dropout, self.init)
 
     @property
     def scale(self) -> float:

@@ -44,10 +44,9 @@ from torch import nn
 
 from ..errors import SpecError
 from ..options import options
-from .base import AdapterGroup, Method, Unit, adapter_dtype, check_dropout, check_rank, dropout_module
+from .base import AdapterGroup, Method, Unit, adapter_dtype, check_common, dropout_module
 from .lorta_index import LAYER_PATTERN, graph_head_dim, layer_key, matrix_key
 
-INITS = ("default", "nonzero")
 FACTORS = ("A", "B", "C_H", "C_L", "C_M")
 
 
@@ -125,10 +124,7 @@ class LoRTA(Method):
     kind = "lorta"
 
     def __post_init__(self):
-        check_rank("LoRTA", self.rank)
-        check_dropout("LoRTA", self.dropout)
-        if self.init not in INITS:
-            raise SpecError(f"LoRTA init must be one of {INITS}, got {self.init!r}")
+        check_common("LoRTA", self.rank, self.dropout, self.init)
         if self.head_dim is not None and (not isinstance(self.head_dim, int) or self.head_dim <= 0):
             raise SpecError(f"LoRTA head_dim must be a positive integer or None, got {self.head_dim!r}")
         patterns = {"layer_pattern": self.layer_pattern}

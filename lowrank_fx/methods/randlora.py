@@ -26,10 +26,9 @@ from torch import nn
 
 from ..errors import SpecError
 from ..options import options
-from .base import AdapterGroup, Method, Unit, adapter_dtype, check_dropout, check_rank, dropout_module
+from .base import AdapterGroup, Method, Unit, adapter_dtype, check_common, dropout_module
 from .randlora_ops import RandLoRAProduct, random_bases, scaled_basis, sliced_bases
 
-INITS = ("default", "nonzero")
 
 
 class RandLoRAUnit(Unit):
@@ -96,10 +95,7 @@ class RandLoRA(Method):
     kind = "randlora"
 
     def __post_init__(self):
-        check_rank("RandLoRA", self.rank)
-        check_dropout("RandLoRA", self.dropout)
-        if self.init not in INITS:
-            raise SpecError(f"RandLoRA init must be one of {INITS}, got {self.init!r}")
+        check_common("RandLoRA", self.rank, self.dropout, self.init)
 
     @property
     def scale(self) -> float:
