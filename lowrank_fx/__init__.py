@@ -1,7 +1,7 @@
 """lowrank_fx: parameter-efficient fine-tuning as a torch.fx graph pass."""
 
 from .errors import (AdapterFileError, CaptureError, ExportError, LowRankFxError, MergeError, ModelTypeError,
-                     SpecError, TargetError)
+                     SpecError, TargetError, TrainingError)
 from .export import AdapterSession, OnnxExport, export_onnx, export_onnx_adapter
 from .gates import active_adapters, set_active_adapters
 from .io import load_adapters, save_adapters
@@ -15,6 +15,7 @@ from .rewrite import rewrite
 from .spec import Spec
 from .state import load_merged, merged_state_dict
 from .train import loraplus_optimizer, loraplus_param_groups
+from .trainer import Trainer
 
 __all__ = [
     "LoRA", "Spec", "rewrite", "plan", "Plan", "merge", "merged_state_dict", "load_merged",
@@ -23,6 +24,6 @@ __all__ = [
     "LowRankFxError", "SpecError", "CaptureError", "TargetError", "MergeError", "ModelTypeError",
     "AdapterFileError",
     "export_onnx", "export_onnx_adapter", "OnnxExport", "AdapterSession", "ExportError",
-    "set_active_adapters", "active_adapters",
+    "set_active_adapters", "active_adapters", "Trainer", "TrainingError",
 ]
 __version__ = "0.1.0"

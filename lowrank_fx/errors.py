@@ -36,6 +36,10 @@ class ExportError(LowRankFxError, RuntimeError):
     """ONNX export failed or was refused; the message names the node or adapter and the fix."""
 
 
+class TrainingError(LowRankFxError, RuntimeError):
+    """Training stopped: a non-finite loss, or a checkpoint that cannot be resumed."""
+
+
 def nearest(word: str, choices, n: int = 5) -> list[str]:
     """The `n` entries of `choices` closest to `word`, best first (for 'did you mean')."""
     return difflib.get_close_matches(word, list(choices), n=n, cutoff=0.0)

@@ -1,0 +1,203 @@
+"""`lfx.Trainer`: a small training loop for adapted graphs, with no framework around it.
+
+    trainer = lfx.Trainer(gm, loss_fn, lr=1e-4, checkpoint_dir="ckpt", checkpoint_every=100)
+    trainer.fit(batches, steps=1000)          # batches: any iterable; loss_fn(model, batch) -> loss
+
+One optimizer step = `accumulate` micro-batches: each runs loss_fn(model, batch) / accumulate
+and backward, then the optimizer steps, the schedule sets every group's rate to
+base rate · f(step) (schedule.py) and the gradients are cleared. With equal-sized
+micro-batches and a mean loss this is the step on their concatenation.
+
+- model: `torch.compile(gm, fullgraph=True, dynamic=True)` (compile=True: inductor; or a
+  torch.compile backend, e.g. "aot_eager"; compile=False: eager);
+  if compiling fails on the first batch, a warning says why and training goes on eagerly.
+  `distributed=True` wraps it in DistributedDataParallel (call
+  torch.distributed.init_process_group first; see README "Training").
+- optimizer: LoRA+ (`loraplus_param_groups`) with `loraplus_ratio` (1.0 = one rate for all).
+- autocast: bf16 autocast on CUDA by default (adapters and the loss stay fp32 where they are).
+- checkpoints (checkpoint.py): every `checkpoint_every` steps and at the end, atomically.
+  With `resume=True` (default) a Trainer whose checkpoint_dir holds a checkpoint continues
+  from it: adapters, optimizer, schedule position, RNG, and the number of batches consumed.
+  Pass the SAME batches in the same order: the ones already consumed are skipped.
+- a NaN/inf loss raises TrainingError naming the step; the last checkpoint stays as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import fx
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .errors import SpecError, TrainingError
+from .schedule import check_schedule, lr_factor
+from .train import loraplus_param_groups
+
+
+def count_tokens(batch) -> int:
+    """Tokens in a batch: the elements of its first integer tensor (token ids), else the
+    first dimension of its first tensor."""
+    leaves = [x for x in torch.utils._pytree.tree_leaves(batch) if isinstance(x, torch.Tensor)]
+    ids = [x for x in leaves if not x.is_floating_point()]
+    if ids:
+        return ids[0].numel()
+    return leaves[0].shape[0] if leaves and leaves[0].dim() else 1
+
+
+class Trainer:
+    def __init__(self, gm: fx.GraphModule, loss_fn, lr: float = 1e-4, loraplus_ratio: float = 16.0,
+                 weight_decay: float = 0.0, optimizer_cls=torch.optim.AdamW, accumulate: int = 1,
+                 schedule: str = "cosine", warmup_steps: int = 0, min_lr_ratio: float = 0.0,
+                 max_grad_norm: float | None = None, compile=True,
+                 autocast: bool | None = None, distributed: bool = False,
+                 checkpoint_dir: str | Path | None = None, checkpoint_every: int | None = None,
+                 keep_checkpoints: int = 2, resume: bool = True, progress: bool = True,
+                 tokens=count_tokens, **optimizer_kwargs):
+        if not isinstance(accumulate, int) or accumulate < 1:
+            raise SpecError(f"accumulate must be a positive integer, got {accumulate!r}")
+        if checkpoint_every is not None and checkpoint_dir is None:
+            raise SpecError("checkpoint_every needs checkpoint_dir=... (where checkpoints go)")
+        check_schedule(schedule, warmup_steps, 0)
+        self.gm, self.loss_fn, self.tokens = gm, loss_fn, tokens
+        self.accumulate, self.max_grad_norm = accumulate, max_grad_norm
+        self.schedule, self.warmup, self.min_lr_ratio = schedule, warmup_steps, min_lr_ratio
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.checkpoint_every, self.keep, self.progress = checkpoint_every, keep_checkpoints, progress
+        groups = loraplus_param_groups(gm, lr, loraplus_ratio, weight_decay)
+        for group in groups:
+            group["lfx_base_lr"] = group["lr"]
+        self.optimizer = optimizer_cls(groups, lr=lr, **optimizer_kwargs)
+        self.params = [p for group in groups for p in group["params"]]
+        device = self.params[0].device
+        self.autocast = device.type == "cuda" and torch.cuda.is_bf16_supported() if autocast is None else autocast
+        self.device_type = device.type
+        self.model = self._model(compile, distributed)
+        self.step, self.batches = 0, 0
+        self.last_checkpoint: Path | None = None
+        if resume and self.checkpoint_dir is not None:
+            found = latest_checkpoint(self.checkpoint_dir)
+            if found is not None:
+                position = load_checkpoint(found, gm, self.optimizer)
+                self.step, self.batches, self.last_checkpoint = position["step"], position["batches"], found
+
+    def _model(self, compile: bool | str, distributed: bool):
+        self.compiled = bool(compile)
+        self.distributed = distributed
+        model = self.gm
+        if compile:
+            backend = "inductor" if compile is True else compile
+            model = torch.compile(self.gm, backend=backend, fullgraph=True, dynamic=True)
+        if distributed and not torch.distributed.is_initialized():
+            raise SpecError("distributed=True needs torch.distributed.init_process_group(...) first "
+                            "(torchrun sets the environment it reads)")
+        return self._ddp(model) if distributed else model
+
+    def _ddp(self, model):
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [torch.cuda.current_device()] if self.device_type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+
+    def _loss(self, batch) -> torch.Tensor:
+        context = (torch.autocast(self.device_type, dtype=torch.bfloat16) if self.autocast
+                   else contextlib.nullcontext())
+        with context:
+            if not self.compiled:
+                return self.loss_fn(self.model, batch)
+            try:
+                return self.loss_fn(self.model, batch)
+            except Exception as err:  # compile failed: say why once and continue eagerly
+                if self.step or self.batches:
+                    raise
+                warnings.warn(f"torch.compile failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                              "training continues without compiling (pass compile=False to skip trying)",
+                              stacklevel=3)
+                self.compiled = False
+                if self.distributed:
+                    self.model.module = self.gm  # the same DDP wrapper (and gradient hooks), eager inside
+                else:
+                    self.model = self.gm
+                return self.loss_fn(self.model, batch)
+
+    def _set_lr(self, total: int | None) -> None:
+        factor = lr_factor(self.step, self.schedule, self.warmup, total, self.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["lfx_base_lr"] * factor
+
+    def _checkpoint(self) -> None:
+        if self.checkpoint_dir is None:
+            return
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+            return
+        self.last_checkpoint = save_checkpoint(self.checkpoint_dir, self.gm, self.optimizer,
+                                               {"step": self.step, "batches": self.batches}, self.keep)
+
+    def _nan_error(self, loss: torch.Tensor) -> TrainingError:
+        where = (f"the last checkpoint, {self.last_checkpoint} (step {self.step_of_checkpoint()}), is untouched"
+                 if self.last_checkpoint else "no checkpoint was written")
+        return TrainingError(
+            f"the loss is {loss.item()} at step {self.step + 1} (micro-batch {self.batches + 1}); "
+            f"training stopped before updating the adapters with it, and {where}. Lower the learning "
+            "rate, add warmup_steps or max_grad_norm, or check that batch for bad values."
+        )
+
+    def step_of_checkpoint(self) -> int | None:
+        if self.last_checkpoint is None:
+            return None
+        return int(self.last_checkpoint.name.split("-")[1])
+
+    def fit(self, batches, steps: int | None = None) -> dict:
+        """Train on `batches` until `steps` optimizer steps in all (counting resumed ones) or
+        until the batches run out. Returns {"step", "loss", "tokens_per_s"}."""
+        check_schedule(self.schedule, self.warmup, steps)
+        self.gm.train()
+        iterator = iter(batches)
+        for _ in range(self.batches):  # consumed before the checkpoint we resumed from
+            next(iterator, None)
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=steps, initial=self.step, unit="step", dynamic_ncols=True)
+        loss_value, tokens, started = float("nan"), 0, time.perf_counter()
+        try:
+            while steps is None or self.step < steps:
+                total = None
+                for _ in range(self.accumulate):
+                    batch = next(iterator, None)
+                    if batch is None:
+                        break
+                    loss = self._loss(batch)
+                    if not torch.isfinite(loss.detach()).all():
+                        raise self._nan_error(loss.detach())
+                    (loss / self.accumulate).backward()
+                    total = loss.detach() / self.accumulate + (0 if total is None else total)
+                    self.batches += 1
+                    tokens += self.tokens(batch)
+                if total is None or self.batches % self.accumulate:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    break  # batches ran out (a partial accumulation is dropped)
+                self._set_lr(steps)
+                if self.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                loss_value = float(total)
+                if bar is not None:
+                    rate = tokens / max(time.perf_counter() - started, 1e-9)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{rate:,.0f}")
+                if self.checkpoint_every and self.step % self.checkpoint_every == 0:
+                    self._checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+        if self.last_checkpoint is None or self.step_of_checkpoint() != self.step:
+            self._checkpoint()
+        return {"step": self.step, "loss": loss_value,
+                "tokens_per_s": tokens / max(time.perf_counter() - started, 1e-9)}
