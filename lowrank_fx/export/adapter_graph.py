@@ -141,10 +141,15 @@ def copy_graph(gm: fx.GraphModule, keep: list[str]) -> tuple[fx.GraphModule, fx.
         graph.erase_node(node)
     ungate(graph)
     new = fx.GraphModule(gm, graph)
+    if keep:  # the kept adapters' own containers, as ModuleDicts like gm's
+        setattr(new, CONTAINER, nn.ModuleDict({name: getattr(gm, CONTAINER)[name] for name in keep}))
     for attr in ("_in_spec", "_out_spec"):
         if hasattr(gm, attr):
             setattr(new, attr, getattr(gm, attr))
     new.meta.update(getattr(gm, "meta", {}))
+    record = Record.find(gm)
+    if record is not None:
+        new.meta[KEY] = dataclasses.replace(record, adapters={k: v for k, v in record.adapters.items() if k in keep})
     return new, graph
 
 
@@ -162,6 +167,6 @@ def adapter_graph(gm: fx.GraphModule, adapter: str) -> fx.GraphModule:
             if scale is not None:
                 delattr(unit, SCALE)
                 unit.register_buffer(SCALE, torch.tensor([scale], dtype=_scale_dtype(unit, group)))
-    setattr(new.get_submodule(CONTAINER), adapter, container)
+    getattr(new, CONTAINER)[adapter] = container
     return new
 

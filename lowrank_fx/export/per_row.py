@@ -10,27 +10,31 @@ per row by mask[b, k], mask = one-hot(adapter_ids):
 A site whose activation was flattened to (batch·n, in) (GPT-2's Conv1D runs addmm on
 (batch·seq, in)) gets the row weights repeated n times. The mask enters the graph as a
 buffer swapped per call (torch.func.functional_call), so the exported graph reads it from
-`adapter_ids`. Works for every method; each Δ_k is the adapter's own unit.
+`adapter_ids`. Works for every method; each Δ_k is the adapter's own unit, except that
+the LoRA adapters of a site are stacked into one rank-ΣR pair (per_row_lora.py; faster).
 """
 
 from __future__ import annotations
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from ..errors import ExportError
+from ..methods.base import unit_key
 from ..record import KEY
 from .adapter_graph import copy_graph, tagged_in
+from .per_row_lora import StackedLoRA, row_weights, stackable
 
 MASK = "lowrank_fx_rows_mask"
+ROWS = "lowrank_fx_rows"  # modules added by this pass (stacked LoRA sites)
 IDS = "adapter_ids"
 NONE_ID = -1
 
 
 def row_scale(delta: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
     """delta (rows, ...) times mask[:, k] row by row; rows = batch · n, batch = mask.shape[0]."""
-    batch, rows = mask.shape[0], delta.shape[0]
-    weights = mask[:, k].to(delta.dtype)[:, None].expand(batch, rows // batch).reshape(rows)
+    rows = delta.shape[0]
+    weights = row_weights(mask[:, k:k + 1].to(delta.dtype), rows)  # (rows, 1)
     return delta * weights.reshape((rows,) + (1,) * (delta.dim() - 1))
 
 
@@ -71,20 +75,56 @@ def _check_rows(graph: fx.Graph, deltas: list[fx.Node]) -> None:
             )
 
 
-def per_row_graph(gm: fx.GraphModule, adapters: list[str]) -> fx.GraphModule:
-    """A graph with `adapters` whose updates are weighted per row by the buffer MASK (batch, K)."""
+def _sites(deltas: list[fx.Node]) -> dict[tuple, list[fx.Node]]:
+    """Delta nodes grouped by call site: (target, activation node) -> the adapters' deltas."""
+    sites: dict[tuple, list[fx.Node]] = {}
+    for delta in deltas:
+        sites.setdefault((delta.meta[KEY]["target"], delta.args[0]), []).append(delta)
+    return sites
+
+
+def _stack(gm: fx.GraphModule, graph: fx.Graph, deltas: list[fx.Node], adapters: list[str], mask: fx.Node,
+           name: str) -> None:
+    """Replace the LoRA deltas of one site by one StackedLoRA call (per_row_lora.py)."""
+    adds = [next(iter(d.users)) for d in deltas]
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    carrier = min(adds, key=order.__getitem__)
+    units = [gm.get_submodule(d.target) for d in deltas]
+    index = [adapters.index(d.meta[KEY]["adapter"]) for d in deltas]
+    gm.get_submodule(ROWS).add_module(name, StackedLoRA(units, index))
+    with graph.inserting_before(carrier):
+        stacked = graph.call_module(f"{ROWS}.{name}", (deltas[0].args[0], mask))
+    stacked.meta[KEY] = dict(carrier.meta[KEY], role="delta")
+    carrier.replace_input_with(carrier.args[1], stacked)
+    for add, delta in zip(adds, deltas):
+        if add is not carrier:
+            add.replace_all_uses_with(add.args[0])
+            graph.erase_node(add)
+        graph.erase_node(delta)
+
+
+def per_row_graph(gm: fx.GraphModule, adapters: list[str], stack_lora: bool = True) -> fx.GraphModule:
+    """A graph with `adapters` whose updates are weighted per row by the buffer MASK (batch, K).
+
+    stack_lora: run the LoRA adapters of each site as one stacked pair (per_row_lora.py).
+    """
     new, graph = copy_graph(gm, adapters)
     new.register_buffer(MASK, torch.zeros(2, len(adapters)))
+    new.add_module(ROWS, nn.Module())
     deltas = [n for n in tagged_in(graph) if n.meta[KEY]["role"] == "delta"]
     _check_rows(graph, deltas)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     with graph.inserting_after(placeholders[-1]):
         mask = graph.get_attr(MASK)
-    for delta in deltas:
-        k = adapters.index(delta.meta[KEY]["adapter"])
-        with graph.inserting_after(delta):
-            weighted = graph.call_function(row_scale, (delta, mask, k))
-        delta.replace_all_uses_with(weighted, delete_user_cb=lambda user: user is not weighted)
+    for i, ((target, _), site) in enumerate(_sites(deltas).items()):
+        lora = [d for d in site if stack_lora and stackable(new.get_submodule(d.target))]
+        if len(lora) > 1:
+            _stack(new, graph, lora, adapters, mask, f"{unit_key(target)}_{i}")
+        for delta in (d for d in site if d not in lora or len(lora) == 1):
+            k = adapters.index(delta.meta[KEY]["adapter"])
+            with graph.inserting_after(delta):
+                weighted = graph.call_function(row_scale, (delta, mask, k))
+            delta.replace_all_uses_with(weighted, delete_user_cb=lambda user: user is not weighted)
     graph.lint()
     new.recompile()
     return new
