@@ -144,7 +144,7 @@ def test_adapter_trained_later_gets_a_file_for_the_same_model(llama, tmp_path):
 
 def test_file_of_another_model_is_rejected_before_any_run(llama, gpt2):
     session, other = llama[3], gpt2[2].adapters["default"]
-    with pytest.raises(lfx.AdapterFileError, match=r"is for another model: none of its 12 tensors \(e.g. transformer.h.0"):
+    with pytest.raises(lfx.AdapterFileError, match=r"for another model: none of its 12 tensors \(e.g. transformer.h.0"):
         session.add_adapter("gpt2", other)
     assert "gpt2" not in session.adapters
 

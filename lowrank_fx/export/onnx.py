@@ -33,9 +33,10 @@ from torch import fx, nn
 from torch.export import Dim
 
 from ..errors import ExportError
+from ..gates import active_adapters
 from ..passes.fold import fold
 from .adapter_graph import (AdapterInput, adapter_graph, adapter_inputs, adapter_names, adapter_tensors,
-                            check_adapter, shared_graph_problem)
+                            check_adapter, copy_graph, shared_graph_problem)
 from .exporter import all_axes, eval_mode, name_dims, run_exporter, save
 from .manifest import write_manifest
 from .ort_adapter import SUFFIX, check_adapter_file, layout_fingerprint, model_slots, write_adapter_file
@@ -188,8 +189,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
 
     example_inputs / example_kwargs: a call the model accepts, as for lfx.rewrite (decoders:
     example_kwargs={"use_cache": False}); tensors become ONNX inputs, other values are fixed.
-    adapters: which adapters to export (default all); in mode "adapters" the first one
-    defines the graph and the others must have the same structure (ranks may differ).
+    adapters: which adapters to export. "merged" folds them into the weights (default: the
+    active ones, lfx.set_active_adapters); "adapters" (default: all) exports the first one's
+    graph, and the others must have the same structure (ranks may differ); "per_row"
+    (default: all) gives them the ids 0, 1, ... in this order.
     """
     if example_inputs is None and example_kwargs is None:
         raise ExportError("export_onnx needs example_inputs (and/or example_kwargs): a call the model accepts")
@@ -200,7 +203,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
     layout: list[AdapterInput] = []
     names: list[str] = []
     if mode == "merged":
-        dense = fold(model) if isinstance(model, fx.GraphModule) and adapter_names(model) else model
+        dense = model
+        if isinstance(model, fx.GraphModule) and adapter_names(model):
+            keep = _chosen(model, adapters) if adapters is not None else active_adapters(model)
+            dense = fold(copy_graph(model, keep)[0]) if keep else copy_graph(model, [])[0]
         graph = _Graph(FlatCall(dense, sig), [], {})
     elif mode == "adapters":
         names = _chosen(model, adapters)

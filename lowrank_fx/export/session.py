@@ -114,7 +114,8 @@ class AdapterSession:
             ids.append(NONE_ID if name is None else self.row_adapters.index(name))
         return np.asarray(ids, dtype=np.int64)
 
-    def run(self, inputs, adapter: str | None = None, rows: Sequence[str | None] | None = None) -> dict[str, np.ndarray]:
+    def run(self, inputs, adapter: str | None = None,
+            rows: Sequence[str | None] | None = None) -> dict[str, np.ndarray]:
         """Outputs by name. `adapter`: one adapter for the whole batch (None: the base model);
         `rows`: one adapter name (or None) per batch row, for per-row exports."""
         feeds = self._feeds(inputs)
