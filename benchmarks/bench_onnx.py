@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import os
 import platform
 import statistics
 import tempfile
@@ -175,11 +176,12 @@ def file_sizes(model, ids, folder: Path) -> list[tuple[str, str, int, int]]:
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return (f"{cpu}, {torch.get_num_threads()} torch thread(s), {__import__('os').cpu_count()} cores; "
-            f"ONNX Runtime {ort.__version__} (CPUExecutionProvider, 1 intra-op thread), torch {torch.__version__}, "
-            f"onnx {onnx.__version__}, onnxscript {onnxscript.__version__}, Python {platform.python_version()}")
+    info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
+    info = {key.strip(): value.strip() for key, value in info.items()}
+    cpu = f"{info.get('model name', platform.processor())} (family {info.get('cpu family')}, model {info.get('model')})"
+    return (f"{cpu}, {os.cpu_count()} cores; ONNX Runtime {ort.__version__} (CPUExecutionProvider, 1 intra-op "
+            f"thread), torch {torch.__version__}, onnx {onnx.__version__}, onnxscript {onnxscript.__version__}, "
+            f"Python {platform.python_version()}")
 
 
 def report(lat: dict, switch: dict, sizes: list, export_s: dict, total_s: float) -> str:
