@@ -86,9 +86,9 @@ def explain(err: Exception) -> ExportError:
     detail = re.sub(r"\x1b\[[0-9;]*m", "", detail)
     return ExportError(
         f"ONNX export failed while tracing the graph ({type(err).__name__}): {detail}\n"
-        "Fix: call the graph eagerly with the same example inputs first (they must work in "
-        "PyTorch); a data-dependent branch or an op torch.export cannot trace has to be "
-        "rewritten in the model, or its shapes pinned with dynamic_shapes=..."
+        "Fix: the graph runs in PyTorch on these examples, so torch.export could not trace "
+        "it: rewrite a data-dependent branch or untraceable op in the model, or pin the "
+        "shapes it needs with dynamic_shapes={input: {axis: Dim(...)}}."
     )
 
 

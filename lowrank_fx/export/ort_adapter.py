@@ -28,7 +28,8 @@ LAYOUT_VERSION = 1
 SUFFIX = ".onnx_adapter"
 
 
-def _ort():
+def load_ort():
+    """The onnxruntime module, or an error saying how to install it."""
     try:
         import onnxruntime
     except ImportError as err:
@@ -50,7 +51,7 @@ def layout_fingerprint(tensors: dict[str, torch.Tensor], rank_axes: dict[str, in
 
 def write_adapter_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], model_version: int) -> Path:
     """Write `tensors` ({ONNX input name: tensor}) as an ONNX Runtime adapter file."""
-    ort = _ort()
+    ort = load_ort()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     values = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(t.detach().cpu().numpy()))
@@ -65,7 +66,7 @@ def write_adapter_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor]
 
 def read_adapter_file(path: str | os.PathLike) -> dict[str, tuple[list[int], str]]:
     """{name: (shape, ORT type such as 'tensor(float)')} of an adapter file's tensors."""
-    ort = _ort()
+    ort = load_ort()
     if not Path(path).is_file():
         raise AdapterFileError(f"adapter file {str(path)!r} does not exist")
     try:
@@ -85,7 +86,7 @@ def slots(session) -> dict[str, tuple[list, str]]:
 
 def model_slots(model_path: str | os.PathLike) -> dict[str, tuple[list, str]]:
     """`slots` of the ONNX model at `model_path` (opens a CPU session to read them)."""
-    ort = _ort()
+    ort = load_ort()
     options = ort.SessionOptions()
     options.log_severity_level = 3
     return slots(ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"]))

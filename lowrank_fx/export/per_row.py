@@ -44,6 +44,7 @@ def one_hot(ids: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def _first_dim(node) -> object | None:
+    """Size of a node's first dimension from its shape metadata (int or SymInt), if known."""
     value = node.meta.get("val") if isinstance(node, fx.Node) else None
     return value.shape[0] if isinstance(value, torch.Tensor) and value.dim() else None
 
@@ -53,15 +54,17 @@ def _divides(batch, rows) -> bool:
         return rows % batch == 0
     import sympy  # symbolic sizes are sympy expressions (imported lazily: it is slow to import)
 
-    as_expr = lambda d: d.node.expr if isinstance(d, torch.SymInt) else sympy.Integer(d)  # noqa: E731
-    return sympy.simplify(sympy.Mod(as_expr(rows), as_expr(batch))) == 0
+    def expr(size):
+        return size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(size)
+
+    return sympy.simplify(sympy.Mod(expr(rows), expr(batch))) == 0
 
 
 def _check_rows(graph: fx.Graph, deltas: list[fx.Node]) -> None:
     """Every adapted activation must lead with the batch (or batch · n) dimension."""
     inputs = [n for n in graph.nodes if n.op == "placeholder" and _first_dim(n) is not None]
     if not inputs:
-        return  # no shape metadata (symbolic_trace): the exported graph checks at run time
+        return  # no shape metadata (a symbolic_trace graph): the layout cannot be checked
     batch = _first_dim(inputs[0])
     for delta in deltas:
         rows = _first_dim(delta.args[0])

@@ -22,12 +22,12 @@ import numpy as np
 
 from ..errors import AdapterFileError, nearest
 from .manifest import read_manifest
-from .ort_adapter import _ort, check_adapter_file, slots
+from .ort_adapter import check_adapter_file, load_ort, slots
 from .per_row import IDS, NONE_ID
 
 
 def default_providers() -> list[str]:
-    available = _ort().get_available_providers()
+    available = load_ort().get_available_providers()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
@@ -47,7 +47,7 @@ class AdapterSession:
 
     def __init__(self, model_path: str | os.PathLike, adapters: Mapping[str, str | os.PathLike] | None = None,
                  providers: Sequence[str] | None = None, session_options=None):
-        ort = _ort()
+        ort = load_ort()
         self.path = Path(model_path)
         manifest = read_manifest(self.path)
         options = session_options or ort.SessionOptions()
@@ -82,7 +82,7 @@ class AdapterSession:
                 "graph with lfx.export_onnx(gm, path) to swap adapters"
             )
         check_adapter_file(path, self._slots)
-        ort = _ort()
+        ort = load_ort()
         adapter = ort.LoraAdapter()
         adapter.Load(str(path))
         options = ort.RunOptions()

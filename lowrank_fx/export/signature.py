@@ -23,6 +23,9 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 
+_TENSOR = object()  # marks where a tensor leaf goes in Signature.leaves
+
+
 def _key_name(key) -> str:
     for attr in ("key", "idx", "name"):
         if hasattr(key, attr):
@@ -50,13 +53,13 @@ class Signature:
 
     names: list[str]  # ONNX input names of the tensor leaves, in order
     examples: list[torch.Tensor]  # the example tensors, in the same order
-    leaves: list  # every leaf of (args, kwargs); None where a tensor goes
+    leaves: list  # every leaf of (args, kwargs); _TENSOR where a tensor goes
     spec: pytree.TreeSpec
 
     def rebuild(self, tensors) -> tuple[tuple, dict]:
         """(args, kwargs) with the tensor leaves replaced by `tensors`, in order."""
         given = iter(tensors)
-        leaves = [next(given) if leaf is None else leaf for leaf in self.leaves]
+        leaves = [next(given) if leaf is _TENSOR else leaf for leaf in self.leaves]
         args, kwargs = pytree.tree_unflatten(leaves, self.spec)
         return tuple(args), dict(kwargs)
 
@@ -70,7 +73,7 @@ def signature(model: nn.Module, args, kwargs) -> Signature:
         if isinstance(leaf, torch.Tensor):
             names.append(_path_name(path, parameters))
             examples.append(leaf)
-            leaves.append(None)
+            leaves.append(_TENSOR)
         else:
             leaves.append(leaf)
     return Signature(names, examples, leaves, spec)
