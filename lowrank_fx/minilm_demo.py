@@ -102,7 +102,7 @@ def _train(gm, task: Task, steps: int, progress: bool) -> list[float]:
     gm.train()
     losses = []
     for step in tqdm(range(steps), desc=f"training {task.name}", disable=not progress, unit="step"):
-        rows = random.Random(step).sample(task.train, 12)
+        rows = random.Random(step).sample(task.train, 16)
         targets = torch.tensor([task.labels.index(r["label"]) for r in rows])
         loss = F.cross_entropy(task.logits(gm, task.encode([r["text"] for r in rows])), targets)
         optimizer.zero_grad(set_to_none=True)
@@ -153,7 +153,7 @@ def run(out: str = "demo_out", steps: int | None = None, progress: bool = True) 
     def lap(name: str) -> None:
         phases[name] = time.perf_counter() - started - sum(phases.values())
 
-    steps = steps or 30
+    steps = steps or 60
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
