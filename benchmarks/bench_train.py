@@ -1,7 +1,7 @@
 """Training step time, compile time and memory: lowrank_fx against PEFT, in the same run.
 
 Model: a Llama built from a config (transformers LlamaForCausalLM, random weights): hidden
-256, 4 layers, 4 heads of 64, MLP 688, vocabulary 1024; batch 4 x 128 tokens, next-token
+256, 4 layers, 4 heads of 64, MLP 704, vocabulary 1024; batch 4 x 128 tokens, next-token
 cross entropy. Every configuration adapts the same targets, q/k/v/o/gate/up/down of every
 layer, and trains with AdamW (lr 1e-4, torch's default foreach implementation).
 
@@ -18,13 +18,20 @@ not carry over; inductor's on-disk caches are switched off, so every compile is 
   - compile time: first step minus the median step;
   - memory: on CUDA torch.cuda.max_memory_allocated over the timed steps; on CPU the peak
     resident set size (RSS, sampled every 1 ms by a thread from /proc/self/statm) during the
-    timed steps. Every process imports torch, transformers, peft and lowrank_fx, so the
-    libraries' share of the RSS is the same for all.
+    timed steps, absolute and as growth over the RSS just before the first step (model built
+    and adapted). Every process imports torch, transformers, peft and lowrank_fx, so the
+    libraries' share of the RSS is the same for all. Eager runs also count the activations
+    autograd saves for backward in one step (saved_tensors_hooks; unique storages that are
+    not parameters or buffers), the part of training memory that adapters change.
 Ours is compiled as lfx.Trainer does: torch.compile(gm, fullgraph=True, dynamic=True);
-PEFT's model with torch.compile(model) (its default, static shapes: one shape here).
+PEFT's model with torch.compile(model) (its default, static shapes: one shape here), and
+for LoRA also with dynamic=True (what serving every batch and sequence length takes).
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_train.py            # ~15 minutes on 2 CPU cores
-    python benchmarks/bench_train.py --quick                      # smaller model, a smoke test
+    OMP_NUM_THREADS=1 python benchmarks/bench_train.py            # ~15 minutes on 2 CPU cores
+    OMP_NUM_THREADS=1 python benchmarks/bench_train.py --quick    # smaller model, a smoke test
+
+One intra-op thread: on a 2-core machine shared with other work, two OpenMP threads wait on
+each other at every op (tens of ms per small matmul), which swamps what is measured.
 """
 
 from __future__ import annotations
@@ -43,9 +50,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_RANK = 8
-SIZES = {"full": dict(hidden=256, layers=4, heads=4, ff=688, vocab=1024, batch=4, seq=128),
+SIZES = {"full": dict(hidden=256, layers=4, heads=4, ff=704, vocab=1024, batch=4, seq=128),
          "quick": dict(hidden=64, layers=2, heads=4, ff=128, vocab=256, batch=2, seq=32)}
-CONFIGS = [("ours", "lora"), ("peft", "lora"), ("ours", "lorta"), ("ours", "randlora"), ("peft", "randlora")]
+# (library, method, modes): "compiled" is ours with dynamic=True and PEFT with its default
+# (static shapes); "dynamic" is PEFT compiled with dynamic=True, ours' setting.
+CONFIGS = [("ours", "lora", ("eager", "compiled")), ("peft", "lora", ("eager", "compiled", "dynamic")),
+           ("ours", "lorta", ("eager", "compiled")), ("ours", "randlora", ("eager", "compiled")),
+           ("peft", "randlora", ("eager", "compiled"))]
 
 
 def rss_bytes() -> int:
@@ -114,7 +125,7 @@ def adapted(lib: str, method: str, size: dict, ids):
     return gm, rank
 
 
-def run_one(lib: str, method: str, compiled: bool, size_name: str, steps: int) -> dict:
+def run_one(lib: str, method: str, mode: str, size_name: str, steps: int) -> dict:
     """Time one configuration in this process."""
     import peft  # noqa: F401  (imported in every process: same library RSS for all)
     import torch
@@ -126,8 +137,11 @@ def run_one(lib: str, method: str, compiled: bool, size_name: str, steps: int) -
     model, rank = adapted(lib, method, size, ids)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    if compiled:
-        run = torch.compile(model, fullgraph=True, dynamic=True) if lib == "ours" else torch.compile(model)
+    compiled = mode != "eager"
+    if lib == "ours" and compiled:
+        run = torch.compile(model, fullgraph=True, dynamic=True)
+    elif compiled:
+        run = torch.compile(model, dynamic=True) if mode == "dynamic" else torch.compile(model)
     else:
         run = model
     cuda = torch.cuda.is_available()
@@ -141,6 +155,7 @@ def run_one(lib: str, method: str, compiled: bool, size_name: str, steps: int) -
         if cuda:
             torch.cuda.synchronize()
 
+    before = rss_bytes()
     start = time.perf_counter()
     step()
     first = time.perf_counter() - start
@@ -154,11 +169,34 @@ def run_one(lib: str, method: str, compiled: bool, size_name: str, steps: int) -
             step()
             times.append(time.perf_counter() - start)
     median = statistics.median(times)
-    return {"lib": lib, "method": method, "compiled": compiled, "rank": rank,
+    saved = None if compiled else saved_bytes(model, step)
+    return {"lib": lib, "method": method, "compiled": compiled, "dynamic": compiled and (lib == "ours" or mode == "dynamic"),
+            "rank": rank,
             "trainable": sum(p.numel() for p in params), "first_step_s": first, "step_s": median,
             "step_min_s": min(times), "compile_s": max(first - median, 0.0) if compiled else None,
             "peak_mib": (torch.cuda.max_memory_allocated() if cuda else rss.peak) / 2**20,
+            "growth_mib": None if cuda else (rss.peak - before) / 2**20,
+            "saved_mib": None if saved is None else saved / 2**20,
             "memory": "cuda max_memory_allocated" if cuda else "peak RSS"}
+
+
+def saved_bytes(model, step) -> int:
+    """Bytes autograd keeps for backward in one eager step: unique storages of saved tensors
+    that are not parameters or buffers."""
+    import torch
+
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in own:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(seen.values())
 
 
 def machine() -> dict:
@@ -170,17 +208,20 @@ def machine() -> dict:
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| library | method | rank | trainable | compiled | step (median) | first step | compile | peak memory |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| library | method | rank | trainable | compiled (shapes) | step median (min) | first step | compile | "
+            "peak RSS (growth) | saved activations |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         compile_s = f"{r['compile_s']:.1f} s" if r["compile_s"] is not None else "-"
-        rows.append(f"| {r['lib']} | {r['method']} | {r['rank']} | {r['trainable']:,} | {'yes' if r['compiled'] else 'no'} | "
-                    f"{1000 * r['step_s']:.1f} ms | {r['first_step_s']:.1f} s | {compile_s} | {r['peak_mib']:.0f} MiB |")
+        rows.append(f"| {r['lib']} | {r['method']} | {r['rank']} | {r['trainable']:,} | {('yes, dynamic' if r['dynamic'] else 'yes, static') if r['compiled'] else 'no'} | "
+                    f"{1000 * r['step_s']:.0f} ({1000 * r['step_min_s']:.0f}) ms | {r['first_step_s']:.1f} s | {compile_s} | "
+                    f"{r['peak_mib']:.0f} ({r['growth_mib']:.0f}) MiB | "
+                    f"{'-' if r['saved_mib'] is None else format(r['saved_mib'], '.1f') + ' MiB'} |")
     return "\n".join(rows)
 
 
 def ratios(results: list[dict]) -> list[str]:
-    get = {(r["lib"], r["method"], r["compiled"]): r for r in results}
+    get = {(r["lib"], r["method"], r["compiled"]): r for r in results if not (r["lib"] == "peft" and r["dynamic"])}
     lines = []
 
     def line(goal, value, limit):
@@ -189,7 +230,10 @@ def ratios(results: list[dict]) -> list[str]:
     ours = get[("ours", "lora", True)]
     best_peft = min(get[("peft", "lora", False)]["step_s"], get[("peft", "lora", True)]["step_s"])
     line("our compiled LoRA step / best PEFT LoRA step (eager or compiled)", ours["step_s"] / best_peft, 0.85)
-    line("our first-step compile / PEFT's (LoRA)", ours["compile_s"] / max(get[("peft", "lora", True)]["compile_s"], 1e-9), 1.0)
+    line("our first-step compile / PEFT's (LoRA, PEFT static)", ours["compile_s"] / get[("peft", "lora", True)]["compile_s"], 1.0)
+    dynamic = next((r for r in results if r["lib"] == "peft" and r["dynamic"]), None)
+    if dynamic is not None:
+        line("our first-step compile / PEFT's (LoRA, both dynamic=True)", ours["compile_s"] / dynamic["compile_s"], 1.0)
     for compiled in (False, True):
         tag = "compiled" if compiled else "eager"
         lora = get[("ours", "lora", compiled)]["step_s"]
@@ -200,7 +244,9 @@ def ratios(results: list[dict]) -> list[str]:
     for method in ("lora", "randlora"):
         for compiled in (False, True):
             value = get[("ours", method, compiled)]["peak_mib"] / get[("peft", method, compiled)]["peak_mib"]
-            line(f"our peak memory / PEFT's ({method}, {'compiled' if compiled else 'eager'})", value, 1.0)
+            line(f"our peak RSS / PEFT's ({method}, {'compiled' if compiled else 'eager'})", value, 1.0)
+        value = get[("ours", method, False)]["saved_mib"] / get[("peft", method, False)]["saved_mib"]
+        line(f"our saved activations / PEFT's ({method}, eager)", value, 1.0)
     return lines
 
 
@@ -208,23 +254,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a small model: checks that everything runs")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
-    parser.add_argument("--one", nargs=3, metavar=("LIB", "METHOD", "COMPILED"), help=argparse.SUPPRESS)
+    parser.add_argument("--one", nargs=3, metavar=("LIB", "METHOD", "MODE"), help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(HERE / "bench_train.json"))
     args = parser.parse_args()
     size = "quick" if args.quick else "full"
     if args.one:
-        lib, method, compiled = args.one
-        print(json.dumps(run_one(lib, method, compiled == "1", size, args.steps)))
+        lib, method, mode = args.one
+        print(json.dumps(run_one(lib, method, mode, size, args.steps)))
         return
     env = {**os.environ, "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1", "TOKENIZERS_PARALLELISM": "false"}
     results, loads = [], []
-    for lib, method in CONFIGS:
-        for compiled in (False, True):
+    for lib, method, modes in CONFIGS:
+        for mode in modes:
             loads.append(os.getloadavg()[0])
-            command = [sys.executable, __file__, "--one", lib, method, str(int(compiled)), "--steps", str(args.steps)]
+            command = [sys.executable, __file__, "--one", lib, method, mode, "--steps", str(args.steps)]
             out = subprocess.run(command + (["--quick"] if args.quick else []), env=env, capture_output=True, text=True)
             if out.returncode:
-                sys.exit(f"{lib} {method} compiled={compiled} failed:\n{out.stderr[-4000:]}")
+                sys.exit(f"{lib} {method} {mode} failed:\n{out.stderr[-4000:]}")
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(json.dumps(results[-1]), flush=True)
     loads.append(os.getloadavg()[0])
