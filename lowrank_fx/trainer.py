@@ -49,6 +49,17 @@ def count_tokens(batch) -> int:
 
 
 class Trainer:
+    """Trains the adapters of `gm` (see the module docstring for each feature).
+
+    loss_fn(model, batch) -> scalar tensor; `model` is the compiled (and, with distributed,
+    DDP-wrapped) graph. lr is the base rate (LoRA+ output-side factors get loraplus_ratio · lr);
+    accumulate: micro-batches per optimizer step; schedule / warmup_steps / min_lr_ratio: the
+    rate over steps (schedule.py); compile: True (inductor), a torch.compile backend, or False;
+    autocast: bf16 autocast (None: on for CUDA); checkpoint_dir / checkpoint_every /
+    keep_checkpoints / resume: checkpoints (checkpoint.py); tokens(batch) -> int for the
+    tokens/s shown; other keyword arguments go to optimizer_cls.
+    """
+
     def __init__(self, gm: fx.GraphModule, loss_fn, lr: float = 1e-4, loraplus_ratio: float = 16.0,
                  weight_decay: float = 0.0, optimizer_cls=torch.optim.AdamW, accumulate: int = 1,
                  schedule: str = "cosine", warmup_steps: int = 0, min_lr_ratio: float = 0.0,
@@ -85,7 +96,7 @@ class Trainer:
                 self.step, self.batches, self.last_checkpoint = position["step"], position["batches"], found
 
     def _model(self, compile: bool | str, distributed: bool):
-        self.compiled = bool(compile)
+        self.compiled, self.compile_checked = bool(compile), False
         self.distributed = distributed
         model = self.gm
         if compile:
@@ -106,13 +117,13 @@ class Trainer:
         context = (torch.autocast(self.device_type, dtype=torch.bfloat16) if self.autocast
                    else contextlib.nullcontext())
         with context:
-            if not self.compiled:
+            if not self.compiled or self.compile_checked:
                 return self.loss_fn(self.model, batch)
             try:
-                return self.loss_fn(self.model, batch)
-            except Exception as err:  # compile failed: say why once and continue eagerly
-                if self.step or self.batches:
-                    raise
+                loss = self.loss_fn(self.model, batch)
+                self.compile_checked = True  # compiled on this first call; later errors are real ones
+                return loss
+            except Exception as err:  # compiling failed: say why once and continue eagerly
                 warnings.warn(f"torch.compile failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
                               "training continues without compiling (pass compile=False to skip trying)",
                               stacklevel=3)
@@ -137,7 +148,7 @@ class Trainer:
                                                {"step": self.step, "batches": self.batches}, self.keep)
 
     def _nan_error(self, loss: torch.Tensor) -> TrainingError:
-        where = (f"the last checkpoint, {self.last_checkpoint} (step {self.step_of_checkpoint()}), is untouched"
+        where = (f"the last checkpoint, {self.last_checkpoint} (step {self._checkpoint_step()}), is untouched"
                  if self.last_checkpoint else "no checkpoint was written")
         return TrainingError(
             f"the loss is {loss.item()} at step {self.step + 1} (micro-batch {self.batches + 1}); "
@@ -145,7 +156,7 @@ class Trainer:
             "rate, add warmup_steps or max_grad_norm, or check that batch for bad values."
         )
 
-    def step_of_checkpoint(self) -> int | None:
+    def _checkpoint_step(self) -> int | None:
         if self.last_checkpoint is None:
             return None
         return int(self.last_checkpoint.name.split("-")[1])
@@ -197,7 +208,7 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-        if self.last_checkpoint is None or self.step_of_checkpoint() != self.step:
+        if self.last_checkpoint is None or self._checkpoint_step() != self.step:
             self._checkpoint()
         return {"step": self.step, "loss": loss_value,
                 "tokens_per_s": tokens / max(time.perf_counter() - started, 1e-9)}
