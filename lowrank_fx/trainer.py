@@ -163,7 +163,8 @@ class Trainer:
 
     def fit(self, batches, steps: int | None = None) -> dict:
         """Train on `batches` until `steps` optimizer steps in all (counting resumed ones) or
-        until the batches run out. Returns {"step", "loss", "tokens_per_s"}."""
+        until the batches run out. Returns {"step", "loss": the last step's, "tokens_per_s":
+        over the steps after the first one of this call, which compiles (None after one step)}."""
         check_schedule(self.schedule, self.warmup, steps)
         self.gm.train()
         iterator = iter(batches)
@@ -174,7 +175,7 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=steps, initial=self.step, unit="step", dynamic_ncols=True)
-        loss_value, tokens, started = float("nan"), 0, time.perf_counter()
+        loss_value, tokens, started, timing = float("nan"), 0, time.perf_counter(), False
         try:
             while steps is None or self.step < steps:
                 total = None
@@ -199,10 +200,12 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
                 loss_value = float(total)
+                if not timing:  # the first step compiles: tokens/s counts the steps after it
+                    timing, tokens, started = True, 0, time.perf_counter()
                 if bar is not None:
-                    rate = tokens / max(time.perf_counter() - started, 1e-9)
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{rate:,.0f}")
+                    rate = tokens / max(time.perf_counter() - started, 1e-9)
+                    bar.set_postfix(loss=f"{loss_value:.4f}", **({"tok_s": f"{rate:,.0f}"} if tokens else {}))
                 if self.checkpoint_every and self.step % self.checkpoint_every == 0:
                     self._checkpoint()
         finally:
@@ -210,5 +213,5 @@ class Trainer:
                 bar.close()
         if self.last_checkpoint is None or self._checkpoint_step() != self.step:
             self._checkpoint()
-        return {"step": self.step, "loss": loss_value,
-                "tokens_per_s": tokens / max(time.perf_counter() - started, 1e-9)}
+        rate = tokens / max(time.perf_counter() - started, 1e-9) if tokens else None
+        return {"step": self.step, "loss": loss_value, "tokens_per_s": rate}
