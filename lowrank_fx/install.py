@@ -90,11 +90,15 @@ def _config(method) -> dict:
     return {k: v for k, v in method.config().items() if k not in IGNORED}
 
 
+def _one_sided(first, second) -> tuple[list[str], list[str]]:
+    """(names only in `first`, names only in `second`), each in its own order."""
+    return [n for n in first if n not in second], [n for n in second if n not in first]
+
+
 def _method_problems(current: dict, incoming: dict) -> list[str]:
     """Differences between the graph's adapter (target -> method) and the loaded one."""
     problems = []
-    only_graph = [n for n in current if n not in incoming]
-    only_file = [n for n in incoming if n not in current]
+    only_graph, only_file = _one_sided(current, incoming)
     if only_graph:
         problems.append(f"the graph's adapter also adapts {_listed(only_graph)}, which the file lacks")
     if only_file:
@@ -129,8 +133,7 @@ def place(gm: fx.GraphModule, adapter: str, spec: Spec, shapes: dict[str, tuple[
         return placement
     if set(assignment) != set(shapes):
         parts = []
-        extra = [n for n in assignment if n not in shapes]
-        lacking = [n for n in shapes if n not in assignment]
+        extra, lacking = _one_sided(assignment, shapes)
         if extra:
             parts.append(f"also {_listed(extra)}")
         if lacking:
