@@ -53,10 +53,11 @@ def inject(gm: fx.GraphModule, adapter: str, assignment: dict[str, Method], targ
     groups, group_of = build_groups(assignment, targets)
     if not hasattr(gm, CONTAINER):
         gm.add_module(CONTAINER, nn.ModuleDict())
-    # New modules start in training mode; the adapter follows the graph's mode (LoRA dropout).
-    getattr(gm, CONTAINER)[adapter] = nn.ModuleDict(groups).train(gm.training)
-    tensors = [*getattr(gm, CONTAINER)[adapter].parameters(), *getattr(gm, CONTAINER)[adapter].buffers()]
-    gate_path = add_gate(gm, adapter, tensors[0].device if tensors else torch.device("cpu"))
+    # Adapters live where the weights they adapt live (a graph captured on a GPU), and
+    # follow the graph's mode (new modules start in training mode; LoRA dropout).
+    device = gm.get_parameter(targets[next(iter(assignment))].weight).device
+    getattr(gm, CONTAINER)[adapter] = nn.ModuleDict(groups).to(device).train(gm.training)
+    gate_path = add_gate(gm, adapter, device)
     nodes = {n.name: n for n in gm.graph.nodes}
     for name in assignment:
         target = targets[name]
