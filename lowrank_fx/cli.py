@@ -82,9 +82,8 @@ def _plan(args) -> int:
 
 def _train(args) -> int:
     import torch
-    from tqdm import tqdm
 
-    from . import loraplus_optimizer, rewrite, save_adapters
+    from . import Trainer, rewrite, save_adapters
     from .sources import factory_batches, text_batches
 
     source = _source(args)
@@ -93,39 +92,27 @@ def _train(args) -> int:
     if Path(args.data).exists():
         batches = text_batches(args.data, source, args.batch_size, args.seq_len, args.seed)
         first = next(batches)
-        gm = rewrite(source.model, _spec(args), example_inputs=(first["input_ids"],), example_kwargs=source.example_kwargs,
-                     adapter=args.adapter)
-        batches = itertools.chain([first], batches)
+        gm = rewrite(source.model, _spec(args), example_inputs=(first["input_ids"],),
+                     example_kwargs=source.example_kwargs, adapter=args.adapter)
 
-        def loss_of(batch):
+        def loss_fn(model, batch):  # next-token cross entropy
             ids = batch["input_ids"]
-            logits = gm(ids, **source.example_kwargs).logits
+            logits = model(ids, **source.example_kwargs).logits
             return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
     else:
         batches = factory_batches(args.data)
         first = next(batches)
         gm = rewrite(source.model, _spec(args), example_kwargs=first, adapter=args.adapter)
-        batches = itertools.chain([first], batches)
 
-        def loss_of(batch):
-            out = gm(**batch)
-            loss = getattr(out, "loss", None)
+        def loss_fn(model, batch):
+            loss = getattr(model(**batch), "loss", None)
             if loss is None:
                 raise LowRankFxError("the model output has no .loss; have the batches include labels")
             return loss
-    optimizer = loraplus_optimizer(gm, lr=args.lr, ratio=args.loraplus_ratio)
-    gm.train()
-    bar = tqdm(itertools.islice(batches, args.steps), total=args.steps, desc="training", unit="step")
-    for step, batch in enumerate(bar, 1):
-        loss = loss_of(batch)
-        if not torch.isfinite(loss):
-            raise LowRankFxError(f"loss is {loss.item()} at step {step}; lower --lr. Last saved adapters kept.")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if args.save_every and step % args.save_every == 0:
-            save_adapters(gm, args.out)
+    checkpoints = f"{args.out}.checkpoints" if args.save_every else None
+    trainer = Trainer(gm, loss_fn, lr=args.lr, loraplus_ratio=args.loraplus_ratio, schedule="constant",
+                      compile=args.compile, checkpoint_dir=checkpoints, checkpoint_every=args.save_every or None)
+    trainer.fit(itertools.chain([first], batches), steps=args.steps)
     path = save_adapters(gm, args.out)
     print(f"saved adapter {args.adapter!r} to {path}")
     return 0
@@ -206,7 +193,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--loraplus-ratio", type=float, default=16.0, help="LoRA+ rate ratio for output-side factors (1 = plain)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--save-every", type=int, default=0, help="also save every N steps (atomic)")
+    p.add_argument("--save-every", type=int, default=0,
+                   help="checkpoint every N steps under <out>.checkpoints/ (atomic; a rerun resumes from it)")
+    p.add_argument("--compile", action="store_true", help="train with torch.compile (fullgraph, dynamic shapes)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_train)
 

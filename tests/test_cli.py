@@ -1,5 +1,6 @@
 """The `lowrank-fx` command: every subcommand on a built-in model, and bad input."""
 
+import json
 import subprocess
 import sys
 
@@ -99,3 +100,15 @@ def test_entry_point_never_prints_a_traceback():
                          capture_output=True, text=True)
     assert run.returncode == 2
     assert "Traceback" not in run.stderr and "nothing_like_this" in run.stderr
+
+
+def test_train_checkpoints_and_resumes(corpus, tmp_path):
+    out = tmp_path / "adapter.safetensors"
+    argv = ["train", "--data", str(corpus), "--targets", "q_proj", "--rank", "2", "--out", str(out), "--save-every", "2"]
+    assert main(argv + ["--steps", "2"]) == 0
+    checkpoints = tmp_path / "adapter.safetensors.checkpoints"
+    assert (checkpoints / "latest.json").exists()
+    first = load_file(str(out))
+    assert main(argv + ["--steps", "4"]) == 0  # resumes at step 2 and trains two more
+    assert any((load_file(str(out))[k] != first[k]).any() for k in first)
+    assert json.loads((checkpoints / "latest.json").read_text())["step"] == 4
