@@ -13,9 +13,8 @@ import time
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from . import LoRA, Spec, load_merged, merge, rewrite
+from . import LoRA, Spec, Trainer, load_merged, merge, rewrite
 from .builtin_models import builtin
 
 
@@ -39,21 +38,18 @@ def run_demo(steps: int = 300, rank: int = 8, lr: float = 1e-2, batch: int = 16,
     spec = Spec(targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"],
                 method=LoRA(rank=rank, alpha=2.0 * rank))
     gm = rewrite(model, spec, example_inputs=built.example_inputs, example_kwargs=built.example_kwargs)
-    gm.train()
-    params = [p for p in gm.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr)
     generator = torch.Generator().manual_seed(seed)
     losses = []
-    bar = tqdm(range(steps), desc="training LoRA", disable=not progress, unit="step")
-    for _ in bar:
-        inputs, labels = _batch(vocab, batch, seq, generator)
-        logits = gm(inputs, use_cache=False).logits
-        loss = F.cross_entropy(logits.reshape(-1, vocab), labels.reshape(-1))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+
+    def loss_fn(model, pair):  # next-token cross entropy
+        inputs, labels = pair
+        loss = F.cross_entropy(model(inputs, use_cache=False).logits.reshape(-1, vocab), labels.reshape(-1))
         losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        return loss
+
+    batches = (_batch(vocab, batch, seq, generator) for _ in range(steps))
+    Trainer(gm, loss_fn, lr=lr, loraplus_ratio=1.0, schedule="constant", compile=False,
+            progress=progress).fit(batches, steps=steps)
     gm.eval()
     inputs, labels = _batch(vocab, 3, 45, generator)  # shapes not used for capture
     with torch.no_grad():
@@ -63,7 +59,7 @@ def run_demo(steps: int = 300, rank: int = 8, lr: float = 1e-2, batch: int = 16,
         original = model(inputs, use_cache=False).logits
     accuracy = float((adapted.argmax(-1) == labels).float().mean())
     return {
-        "trainable": sum(p.numel() for p in params),
+        "trainable": sum(p.numel() for p in gm.parameters() if p.requires_grad),
         "base": sum(p.numel() for p in model.parameters()),
         "first_loss": sum(losses[:10]) / 10,
         "last_loss": sum(losses[-10:]) / 10,

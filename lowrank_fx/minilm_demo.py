@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import itertools
 import json
 import random
 import time
@@ -23,9 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
-from . import LoRA, Spec, load_merged, loraplus_optimizer, merge, rewrite, save_adapters
+from . import LoRA, Spec, Trainer, load_merged, merge, rewrite, save_adapters
 from .errors import LowRankFxError
 from .export import AdapterSession, export_onnx, export_onnx_adapter
 
@@ -97,18 +97,25 @@ class Task:
         return float((predicted == self.test_targets).float().mean())
 
 
-def _train(gm, task: Task, steps: int, progress: bool) -> list[float]:
-    optimizer = loraplus_optimizer(gm, lr=5e-4, ratio=16.0)
-    gm.train()
-    losses = []
-    for step in tqdm(range(steps), desc=f"training {task.name}", disable=not progress, unit="step"):
+def _batches(task: Task):
+    """Endless batches of 16 training sentences: ((input_ids, attention_mask), label ids)."""
+    for step in itertools.count():
         rows = random.Random(step).sample(task.train, 16)
-        targets = torch.tensor([task.labels.index(r["label"]) for r in rows])
-        loss = F.cross_entropy(task.logits(gm, task.encode([r["text"] for r in rows])), targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        yield task.encode([r["text"] for r in rows]), torch.tensor([task.labels.index(r["label"]) for r in rows])
+
+
+def _train(gm, task: Task, steps: int, progress: bool) -> list[float]:
+    """Train `gm`'s adapter on `task` with lfx.Trainer (LoRA+, eager); the loss of every step."""
+    losses = []
+
+    def loss_fn(model, batch):
+        inputs, targets = batch
+        loss = F.cross_entropy(task.logits(model, inputs), targets)
         losses.append(loss.item())
+        return loss
+
+    Trainer(gm, loss_fn, lr=5e-4, loraplus_ratio=16.0, schedule="constant", compile=False,
+            progress=progress).fit(_batches(task), steps=steps)
     gm.eval()
     return losses
 
