@@ -3,19 +3,20 @@
 from .errors import (AdapterFileError, CaptureError, ExportError, LowRankFxError, MergeError, ModelTypeError,
                      SpecError, TargetError, TrainingError)
 from .export import AdapterSession, OnnxExport, export_onnx, export_onnx_adapter
-from .gates import active_adapters, set_active_adapters
-from .io import load_adapters, save_adapters
+from .graph.gates import active_adapters, set_active_adapters
+from .files.adapter_file import load_adapters, save_adapters
 from .methods.lora import LoRA
 from .methods.lorta import LoRTA
 from .methods.randlora import RandLoRA
 from .passes.fold import fold as merge
-from .peft_interop import load_peft, save_peft
-from .plan import Plan, plan
-from .rewrite import rewrite
+from .files.peft import load_peft, save_peft
+from .adapt.plan import Plan, plan
+from .adapt.rewrite import rewrite
 from .spec import Spec
-from .state import load_merged, merged_state_dict
-from .train import loraplus_optimizer, loraplus_param_groups
-from .trainer import Trainer
+from .adapt.merged_state import load_merged, merged_state_dict
+from .training.loraplus import loraplus_optimizer, loraplus_param_groups
+from .training.trainer import Trainer
+from .version import __version__
 
 __all__ = [
     "LoRA", "Spec", "rewrite", "plan", "Plan", "merge", "merged_state_dict", "load_merged",
@@ -26,4 +27,3 @@ __all__ = [
     "export_onnx", "export_onnx_adapter", "OnnxExport", "AdapterSession", "ExportError",
     "set_active_adapters", "active_adapters", "Trainer", "TrainingError",
 ]
-__version__ = "0.1.0"

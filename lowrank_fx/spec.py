@@ -1,6 +1,6 @@
 """`Spec`: which targets to adapt and with which method.
 
-Patterns are matched against target names (see `targets.py`):
+Patterns are matched against target names (see `graph/targets.py`):
   - a glob, matched against the whole name or any dotted suffix of it, so "q_proj",
     "*.q_proj" and "model.layers.0.self_attn.q_proj" all match that target;
   - "re:<regex>", searched (re.search) in the full name;
@@ -17,8 +17,9 @@ import fnmatch
 import re
 from typing import Mapping, Sequence, Union
 
-from .errors import SpecError
+from .errors import SpecError, nearest
 from .methods.base import Method
+from .methods.lora import LoRA
 from .options import options
 
 ALL_LINEAR = "all-linear"
@@ -62,8 +63,6 @@ class Spec:
             rules = list(self.targets.items())
         else:
             if self.method is None:
-                from .methods.lora import LoRA
-
                 object.__setattr__(self, "method", LoRA())
             rules = [(p, self.method) for p in self.targets]
         if not rules:
@@ -105,8 +104,6 @@ class Spec:
 
 
 def _no_match_message(pattern: str, names: Sequence[str]) -> str:
-    from .errors import nearest
-
     if not names:
         return f"pattern {pattern!r} matched nothing: the model has no linear-like targets"
     key = pattern[3:] if pattern.startswith("re:") else pattern.strip("*.")

@@ -7,8 +7,8 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from lowrank_fx.builtin_models import builtin
-from lowrank_fx.cli import main
+from lowrank_fx.cli.builtin_models import builtin
+from lowrank_fx.cli.main import main
 
 
 @pytest.fixture(scope="module")

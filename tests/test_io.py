@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 import lowrank_fx as lfx
-from lowrank_fx.capture import capture
-from lowrank_fx.io import MANIFEST_KEY, read_manifest
+from lowrank_fx.adapt.capture import capture
+from lowrank_fx.files.adapter_file import MANIFEST_KEY, read_manifest
 
 
 class Toy(nn.Module):

@@ -16,7 +16,7 @@ import safetensors
 from peft import LoraConfig, PeftModel, RandLoraConfig, get_peft_model
 
 import lowrank_fx as lfx
-from lowrank_fx.capture import capture
+from lowrank_fx.adapt.capture import capture
 
 TOL = 1e-5
 MODULES = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_proj", "c_fc"]}

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import lowrank_fx as lfx
-from lowrank_fx.capture import capture
-from lowrank_fx.record import Record
-from lowrank_fx.targets import find_targets, output_heads
+from lowrank_fx.adapt.capture import capture
+from lowrank_fx.graph.record import Record
+from lowrank_fx.graph.targets import find_targets, output_heads
 
 aten = torch.ops.aten
 TOL = 1e-5

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import lowrank_fx as lfx
-import lowrank_fx.checkpoint as checkpoint
+import lowrank_fx.training.checkpoint as checkpoint
 
 
 def _graph():

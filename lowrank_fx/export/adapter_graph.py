@@ -26,9 +26,9 @@ import torch
 from torch import fx, nn
 
 from ..errors import ExportError
-from ..gates import ungate
+from ..graph.gates import ungate
 from ..methods.base import AdapterGroup, Unit
-from ..record import CONTAINER, KEY, Record
+from ..graph.record import CONTAINER, KEY, Record
 
 SCALE = "scale"
 

@@ -33,7 +33,7 @@ from torch import fx, nn
 from torch.export import Dim
 
 from ..errors import ExportError
-from ..gates import active_adapters
+from ..graph.gates import active_adapters
 from ..passes.fold import fold
 from .adapter_graph import (AdapterInput, adapter_graph, adapter_inputs, adapter_names, adapter_tensors,
                             check_adapter, copy_graph, shared_graph_problem)
@@ -41,6 +41,7 @@ from .exporter import all_axes, eval_mode, name_dims, run_exporter, save
 from .manifest import write_manifest
 from .ort_adapter import SUFFIX, check_adapter_file, layout_fingerprint, model_slots, write_adapter_file
 from .per_row import IDS, NONE_ID, per_row_graph, row_swap
+from .session import AdapterSession
 from .signature import FlatCall, Signature, flat_outputs, signature
 
 if TYPE_CHECKING:
@@ -64,8 +65,6 @@ class OnnxExport:
 
     def session(self, **kwargs):
         """An AdapterSession over this export (kwargs: providers, session_options, adapters)."""
-        from .session import AdapterSession
-
         return AdapterSession(self.path, **kwargs)
 
 

@@ -21,7 +21,7 @@ from torch import fx, nn
 
 from ..errors import ExportError
 from ..methods.base import unit_key
-from ..record import KEY
+from ..graph.record import KEY
 from .adapter_graph import copy_graph, tagged_in
 from .per_row_lora import StackedLoRA, row_weights, stackable
 

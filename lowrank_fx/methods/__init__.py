@@ -1,1 +1,4 @@
-"""Adapter methods: one file each. A method turns a list of targets into adapter groups."""
+"""Adapter methods, one file each: parameters, init, the update Δy, the dense ΔW, and counts.
+
+Read `base.py` first (the Method / Unit / AdapterGroup interface), then `lora.py`.
+"""

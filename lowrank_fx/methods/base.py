@@ -45,7 +45,7 @@ class Unit(nn.Module):
         raise NotImplementedError
 
     def output_side(self) -> list[nn.Parameter]:
-        """Parameters that LoRA+ trains at ratio · lr (see train.py)."""
+        """Parameters that LoRA+ trains at ratio · lr (see training/loraplus.py)."""
         raise NotImplementedError
 
 

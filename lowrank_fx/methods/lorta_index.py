@@ -27,6 +27,7 @@ import torch
 from torch import fx
 
 from ..errors import SpecError
+from ..graph.mode_modules import ModeAttention
 
 LAYER_PATTERN = r"(?:^|\.)(?:layers|layer|h|block|blocks)\.\d+(?=\.)"
 
@@ -63,8 +64,6 @@ def _query_head_dim(gm: fx.GraphModule, node: fx.Node) -> int | None:
             return None
     elif node.op == "call_module":
         # `passes/mode_aware.py` turns attention with dropout into ModeAttention modules.
-        from ..passes.mode_aware import ModeAttention
-
         if not isinstance(gm.get_submodule(node.target), ModeAttention):
             return None
     else:

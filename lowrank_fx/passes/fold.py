@@ -18,10 +18,10 @@ import torch
 from torch import fx, nn
 
 from ..errors import MergeError
-from ..gates import GATES, gate_value
+from ..graph.gates import GATES, gate_value
 from ..methods.base import unit_key
-from ..record import CONTAINER, KEY, Record, tagged
-from ..targets import LINEAR_OPS, Target, find_targets
+from ..graph.record import CONTAINER, KEY, Record, tagged
+from ..graph.targets import LINEAR_OPS, Target, find_targets
 
 UNTIED = "lowrank_fx_untied"
 

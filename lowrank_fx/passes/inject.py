@@ -10,7 +10,7 @@ base op stays untouched (and folding just removes the two added nodes per site):
     %y2     = aten.addcmul(%y, %delta, %gate)  = y + gate · Δy      (users of %y now use %y2)
 
 Node roles (node.meta["lowrank_fx"]["role"]): "shared", "delta", "gate", "add". The gate
-makes switching adapters a buffer write (gates.py); addcmul adds it at the cost of an add.
+makes switching adapters a buffer write (graph/gates.py); addcmul adds it at the cost of an add.
 
 Returns the adapter's target -> group map. Nothing in the graph changes if building the
 adapter modules fails.
@@ -21,10 +21,10 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from ..gates import add_gate
+from ..graph.gates import add_gate
 from ..methods.base import Method, unit_key
-from ..record import CONTAINER, tag
-from ..targets import Target
+from ..graph.record import CONTAINER, tag
+from ..graph.targets import Target
 
 aten = torch.ops.aten
 

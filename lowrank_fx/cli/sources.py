@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .builtin_models import BUILTIN, builtin
-from .errors import LowRankFxError
+from ..errors import LowRankFxError
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 

@@ -17,7 +17,7 @@ settings (alpha, rsLoRA, dropout, rank_pattern, alpha_pattern, ...) from the con
 peft_formats.py for the settings and the ones refused). Random bases are taken from the
 file, never regenerated (PEFT draws them with its own generator). The adapter's spec is the config's own target_modules /
 exclude_modules when they select exactly the adapted modules on this graph, else the
-adapted modules by name. Then it is checked and loaded like an adapter file (install.py):
+adapted modules by name. Then it is checked and loaded like an adapter file (files/into_graph.py):
 all or nothing, with one error listing every difference. Values are cast to the adapter's
 dtype (PEFT may store fp16 / bf16).
 
@@ -40,15 +40,15 @@ import torch
 from torch import fx
 
 from .atomic import write_atomic
-from .capture import capture
-from .errors import AdapterFileError, LowRankFxError
-from .install import install, place
-from .methods.base import Method, unit_key
+from ..adapt.capture import capture
+from ..errors import AdapterFileError, LowRankFxError
+from .into_graph import install, place
+from ..methods.base import Method, unit_key
 from .peft_formats import FORMATS, PeftFormat, unsupported
-from .record import CONTAINER, Record
-from .rewrite import resolve
-from .spec import ALL_LINEAR, Spec
-from .targets import find_targets
+from ..graph.record import CONTAINER, Record
+from ..adapt.rewrite import resolve
+from ..spec import ALL_LINEAR, Spec
+from ..graph.targets import find_targets
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"

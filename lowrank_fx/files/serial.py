@@ -13,9 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 
-from .errors import AdapterFileError, LowRankFxError
-from .methods.base import Method
-from .spec import Spec
+from ..errors import AdapterFileError, LowRankFxError
+from ..methods.base import Method
+from ..spec import Spec
 
 
 def method_classes() -> dict[str, type[Method]]:

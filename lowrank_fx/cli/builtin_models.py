@@ -9,7 +9,7 @@ import dataclasses
 
 import torch
 
-from .errors import LowRankFxError
+from ..errors import LowRankFxError
 
 
 @dataclasses.dataclass

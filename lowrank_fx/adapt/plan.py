@@ -7,7 +7,7 @@ import dataclasses
 import torch
 
 from .capture import capture
-from .passes.inject import build_groups
+from ..passes.inject import build_groups
 from .rewrite import resolve
 
 

@@ -14,7 +14,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from . import LoRA, Spec, Trainer, load_merged, merge, rewrite
+from .. import LoRA, Spec, Trainer, load_merged, merge, rewrite
 from .builtin_models import builtin
 
 

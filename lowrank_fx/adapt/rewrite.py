@@ -5,11 +5,11 @@ from __future__ import annotations
 from torch import fx
 
 from .capture import capture
-from .errors import SpecError, TargetError
-from .passes.inject import inject
-from .record import CONTAINER, AdapterInfo, Record
-from .spec import Spec
-from .targets import Target, find_targets, output_heads, weight_uses
+from ..errors import SpecError, TargetError
+from ..passes.inject import inject
+from ..graph.record import CONTAINER, AdapterInfo, Record
+from ..spec import Spec, _compile
+from ..graph.targets import Target, find_targets, output_heads, weight_uses
 
 
 def resolve(gm: fx.GraphModule, spec: Spec) -> tuple[dict[str, Target], dict]:
@@ -29,8 +29,6 @@ def resolve(gm: fx.GraphModule, spec: Spec) -> tuple[dict[str, Target], dict]:
 
 def _raise_if_not_linear(gm, spec, targets, err):
     """A pattern that matches a weight which is not linear-like gets a TargetError instead."""
-    from .spec import _compile
-
     linear_weights = {t.weight for t in targets.values()}
     for pattern, _ in spec.rules():
         match = _compile(pattern)

@@ -6,7 +6,7 @@ switches between them in one ONNX Runtime session.
 Classification is by similarity: a sentence's embedding (mean-pooled, L2-normalised) is
 compared with the embeddings of one short description per label, encoded by the same
 model and adapter, logits = cos / 0.05. "Before" is the pretrained model used this way
-(zero-shot). The data (lowrank_fx/demo_data, CC0) was written for this demo.
+(zero-shot). The data (lowrank_fx/cli/demo_data, CC0) was written for this demo.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import LoRA, Spec, Trainer, load_merged, merge, rewrite, save_adapters
-from .errors import LowRankFxError
-from .export import AdapterSession, export_onnx, export_onnx_adapter
+from .. import LoRA, Spec, Trainer, load_merged, merge, rewrite, save_adapters
+from ..errors import LowRankFxError
+from ..export import AdapterSession, export_onnx, export_onnx_adapter
 
 TASKS = {
     "sentiment": {"positive": "A happy, positive review.", "negative": "An unhappy, negative complaint."},
@@ -65,7 +65,7 @@ def _load_minilm():
 
 
 def _rows(task: str) -> tuple[list[dict], list[dict]]:
-    text = resources.files("lowrank_fx.demo_data").joinpath(f"{task}.tsv").read_text(encoding="utf-8")
+    text = resources.files("lowrank_fx.cli.demo_data").joinpath(f"{task}.tsv").read_text(encoding="utf-8")
     rows = list(csv.DictReader(text.splitlines(), delimiter="\t"))
     random.Random(0).shuffle(rows)
     cut = int(len(rows) * 0.6)

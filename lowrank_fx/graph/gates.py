@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from .errors import SpecError
+from ..errors import SpecError
 from .record import KEY, Record
 
 GATES = "lowrank_fx_gates"

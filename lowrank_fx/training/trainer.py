@@ -33,9 +33,9 @@ import torch
 from torch import fx
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .errors import SpecError, TrainingError
+from ..errors import SpecError, TrainingError
 from .schedule import check_schedule, lr_factor
-from .train import loraplus_param_groups
+from .loraplus import loraplus_param_groups
 
 
 def count_tokens(batch) -> int:

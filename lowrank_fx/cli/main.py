@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import LowRankFxError, SpecError
+from ..errors import LowRankFxError, SpecError
 
 EXAMPLES = """examples:
   lowrank-fx plan                                       # LoRA r=8 on every linear of a tiny Llama
@@ -31,7 +31,7 @@ A spec file is JSON: {"targets": ["q_proj", "v_proj"], "method": {"method": "lor
 
 
 def _method(args):
-    from .serial import method_from_json
+    from ..files.serial import method_from_json
 
     options = {"method": args.method, "rank": args.rank}
     if args.alpha is not None:
@@ -40,8 +40,8 @@ def _method(args):
 
 
 def _spec(args):
-    from . import Spec
-    from .serial import method_from_json
+    from .. import Spec
+    from ..files.serial import method_from_json
 
     if args.spec is None:
         return Spec(targets=args.targets, method=_method(args), exclude=args.exclude)
@@ -64,7 +64,7 @@ def _source(args):
 
 def _adapted(args, source):
     """The model's graph with the adapters of --adapters loaded (all, under their saved names)."""
-    from . import load_adapters
+    from .. import load_adapters
 
     gm = source.model
     for path in args.adapters:
@@ -73,7 +73,7 @@ def _adapted(args, source):
 
 
 def _plan(args) -> int:
-    from . import plan
+    from .. import plan
 
     source = _source(args)
     print(plan(source.model, _spec(args), source.example_inputs, source.example_kwargs))
@@ -83,7 +83,7 @@ def _plan(args) -> int:
 def _train(args) -> int:
     import torch
 
-    from . import Trainer, rewrite, save_adapters
+    from .. import Trainer, rewrite, save_adapters
     from .sources import factory_batches, text_batches
 
     source = _source(args)
@@ -121,8 +121,8 @@ def _train(args) -> int:
 def _merge(args) -> int:
     from safetensors.torch import save
 
-    from . import merged_state_dict
-    from .atomic import write_atomic
+    from .. import merged_state_dict
+    from ..files.atomic import write_atomic
 
     source = _source(args)
     gm = _adapted(args, source)
@@ -133,7 +133,7 @@ def _merge(args) -> int:
 
 
 def _export(args) -> int:
-    from .export import export_onnx
+    from ..export import export_onnx
 
     source = _source(args)
     gm = _adapted(args, source) if args.adapters else source.model
@@ -146,12 +146,12 @@ def _export(args) -> int:
 
 def _demo(args) -> int:
     if args.synthetic:
-        from .demo import format_report, run_demo
+        from .demo_synthetic import format_report, run_demo
 
         figures = run_demo(steps=args.steps or 300, rank=args.rank, seed=args.seed, progress=not args.quiet)
         print(format_report(figures))
         return 0 if figures["fold_error"] < 1e-5 and figures["original_error"] < 1e-5 else 1
-    from .minilm_demo import run
+    from .demo_minilm import run
 
     return 0 if run(out=args.out, steps=args.steps, progress=not args.quiet) else 1
 

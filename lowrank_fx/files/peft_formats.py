@@ -17,10 +17,10 @@ from typing import Callable
 
 import torch
 
-from .errors import AdapterFileError
-from .methods.base import Method
-from .methods.lora import LoRA
-from .methods.randlora import RandLoRA
+from ..errors import AdapterFileError
+from ..methods.base import Method
+from ..methods.lora import LoRA
+from ..methods.randlora import RandLoRA
 
 
 def _any(value) -> bool:

@@ -35,14 +35,15 @@ import torch
 from torch import fx, nn
 
 from .atomic import write_atomic
-from .capture import capture
-from .errors import AdapterFileError
-from .install import install, place
-from .passes.inject import build_groups
-from .record import CONTAINER, Record
-from .rewrite import resolve
+from ..adapt.capture import capture
+from ..errors import AdapterFileError
+from ..version import __version__
+from .into_graph import install, place
+from ..passes.inject import build_groups
+from ..graph.record import CONTAINER, Record
+from ..adapt.rewrite import resolve
 from .serial import fingerprint, spec_from_json, spec_to_json
-from .targets import find_targets
+from ..graph.targets import find_targets
 
 FORMAT = "lowrank_fx.adapters"
 VERSION = 1
@@ -97,8 +98,6 @@ def save_adapters(gm: fx.GraphModule, path: str | os.PathLike, adapter: str | No
     if path.is_dir():
         raise AdapterFileError(f"{path} is a directory; give a file name, e.g. {path / 'adapters.safetensors'}")
     graph_targets = find_targets(gm, record.aliases)
-    from . import __version__
-
     tensors, adapters = {}, {}
     for name in _chosen(record.adapters, adapter, "this graph"):
         state = {**getattr(gm, CONTAINER)[name].state_dict(), **_buffers_to_keep(gm, name, include_buffers)}

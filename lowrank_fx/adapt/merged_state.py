@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from .errors import MergeError
-from .passes.fold import adapted_record, adapter_deltas, merged_weight, read_elsewhere
+from ..errors import MergeError
+from ..passes.fold import adapted_record, adapter_deltas, merged_weight, read_elsewhere
 
 
 def _gm_name(record, key: str, gm_names: set[str]) -> str | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-from .errors import SpecError
+from ..errors import SpecError
 
 SCHEDULES = ("cosine", "linear", "constant")
 

@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from .errors import LowRankFxError
-from .record import CONTAINER
+from ..errors import LowRankFxError
+from ..graph.record import CONTAINER
 
 
 def _output_side(gm: fx.GraphModule) -> list[torch.nn.Parameter]:
