@@ -1,19 +1,28 @@
 """lowrank_fx: parameter-efficient fine-tuning as a torch.fx graph pass."""
 
-from .errors import (AdapterFileError, CaptureError, ExportError, LowRankFxError, MergeError, ModelTypeError,
-                     SpecError, TargetError, TrainingError)
+from .adapt.merged_state import load_merged, merged_state_dict
+from .adapt.plan import Plan, plan
+from .adapt.rewrite import rewrite
+from .errors import (
+                     AdapterFileError,
+                     CaptureError,
+                     ExportError,
+                     LowRankFxError,
+                     MergeError,
+                     ModelTypeError,
+                     SpecError,
+                     TargetError,
+                     TrainingError,
+)
 from .export import AdapterSession, OnnxExport, export_onnx, export_onnx_adapter
-from .graph.gates import active_adapters, set_active_adapters
 from .files.adapter_file import load_adapters, save_adapters
+from .files.peft import load_peft, save_peft
+from .graph.gates import active_adapters, set_active_adapters
 from .methods.lora import LoRA
 from .methods.lorta import LoRTA
 from .methods.randlora import RandLoRA
 from .passes.fold import fold as merge
-from .files.peft import load_peft, save_peft
-from .adapt.plan import Plan, plan
-from .adapt.rewrite import rewrite
 from .spec import Spec
-from .adapt.merged_state import load_merged, merged_state_dict
 from .training.loraplus import loraplus_optimizer, loraplus_param_groups
 from .training.trainer import Trainer
 from .version import __version__

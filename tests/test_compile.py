@@ -5,6 +5,7 @@ Most checks use the aot_eager backend (dynamo + AOTAutograd, what decides breaks
 recompiles); one test runs the real inductor backend end to end.
 """
 
+import models
 import pytest
 import torch
 from torch import nn
@@ -12,7 +13,6 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
 import lowrank_fx as lfx
-import models
 
 METHODS = {
     "lora": lfx.LoRA(rank=4, init="nonzero"),

@@ -8,7 +8,6 @@ shapes; tied weights; the input graph is never modified; non-finite updates are 
 
 from __future__ import annotations
 
-
 import models
 import pytest
 import torch

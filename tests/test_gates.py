@@ -1,11 +1,11 @@
 """Adapter gates (eager): set_active_adapters picks adapters by writing buffers; folding,
 saving and loading agree with what is active."""
 
+import models
 import pytest
 import torch
 
 import lowrank_fx as lfx
-import models
 
 
 def _two_adapters():

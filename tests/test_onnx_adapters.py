@@ -10,6 +10,7 @@ All but the first skip the onnxscript optimizer (optimize=False): it costs secon
 
 import re
 
+import models
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -17,7 +18,6 @@ import pytest
 import torch
 
 import lowrank_fx as lfx
-import models
 from lowrank_fx.export.adapter_graph import copy_graph
 
 

@@ -1,12 +1,12 @@
 """Merged ONNX export: ONNX Runtime matches PyTorch at shapes other than the export's."""
 
+import models
 import numpy as np
 import onnx
 import pytest
 import torch
 
 import lowrank_fx as lfx
-import models
 
 FAMILIES = ["llama", "gpt2", "bert"]
 ATTENTION = ["re:(q_proj|v_proj|c_attn|query|value)$"]

@@ -2,12 +2,12 @@
 
 import json
 
+import models
 import numpy as np
 import pytest
 import torch
 
 import lowrank_fx as lfx
-import models
 from lowrank_fx.export.adapter_graph import copy_graph
 
 

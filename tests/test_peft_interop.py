@@ -11,8 +11,8 @@ import json
 
 import models
 import pytest
-import torch
 import safetensors
+import torch
 from peft import LoraConfig, PeftModel, RandLoraConfig, get_peft_model
 
 import lowrank_fx as lfx

@@ -26,10 +26,10 @@ from torch import fx, nn
 from torch.export import Dim, ShapesCollection
 
 from ..errors import CaptureError, ModelTypeError
+from ..graph.record import Record
 from ..passes.grad_regions import unwrap_regions
 from ..passes.inline_linear import inline_linear
 from ..passes.mode_aware import make_mode_aware
-from ..graph.record import Record
 
 
 def _tensors(tree) -> list[torch.Tensor]:

@@ -6,8 +6,8 @@ import dataclasses
 
 import torch
 
-from .capture import capture
 from ..passes.inject import build_groups
+from .capture import capture
 from .rewrite import resolve
 
 

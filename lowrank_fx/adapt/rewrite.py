@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from torch import fx
 
-from .capture import capture
 from ..errors import SpecError, TargetError
-from ..passes.inject import inject
 from ..graph.record import CONTAINER, AdapterInfo, Record
-from ..spec import Spec, _compile
 from ..graph.targets import Target, find_targets, output_heads, weight_uses
+from ..passes.inject import inject
+from ..spec import Spec, _compile
+from .capture import capture
 
 
 def resolve(gm: fx.GraphModule, spec: Spec) -> tuple[dict[str, Target], dict]:

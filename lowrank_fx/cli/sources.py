@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .builtin_models import BUILTIN, builtin
 from ..errors import LowRankFxError
+from .builtin_models import BUILTIN, builtin
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 

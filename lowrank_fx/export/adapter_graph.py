@@ -27,8 +27,8 @@ from torch import fx, nn
 
 from ..errors import ExportError
 from ..graph.gates import ungate
-from ..methods.base import AdapterGroup, Unit
 from ..graph.record import CONTAINER, KEY, Record
+from ..methods.base import AdapterGroup, Unit
 
 SCALE = "scale"
 

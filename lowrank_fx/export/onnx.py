@@ -35,8 +35,16 @@ from torch.export import Dim
 from ..errors import ExportError
 from ..graph.gates import active_adapters
 from ..passes.fold import fold
-from .adapter_graph import (AdapterInput, adapter_graph, adapter_inputs, adapter_names, adapter_tensors,
-                            check_adapter, copy_graph, shared_graph_problem)
+from .adapter_graph import (
+    AdapterInput,
+    adapter_graph,
+    adapter_inputs,
+    adapter_names,
+    adapter_tensors,
+    check_adapter,
+    copy_graph,
+    shared_graph_problem,
+)
 from .exporter import all_axes, eval_mode, name_dims, run_exporter, save
 from .manifest import write_manifest
 from .ort_adapter import SUFFIX, check_adapter_file, layout_fingerprint, model_slots, write_adapter_file

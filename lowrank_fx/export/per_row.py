@@ -20,8 +20,8 @@ import torch
 from torch import fx, nn
 
 from ..errors import ExportError
-from ..methods.base import unit_key
 from ..graph.record import KEY
+from ..methods.base import unit_key
 from .adapter_graph import copy_graph, tagged_in
 from .per_row_lora import StackedLoRA, row_weights, stackable
 

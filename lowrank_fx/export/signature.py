@@ -22,7 +22,6 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-
 _TENSOR = object()  # marks where a tensor leaf goes in Signature.leaves
 
 

@@ -34,16 +34,16 @@ import safetensors.torch
 import torch
 from torch import fx, nn
 
-from .atomic import write_atomic
 from ..adapt.capture import capture
-from ..errors import AdapterFileError
-from ..version import __version__
-from .into_graph import install, place
-from ..passes.inject import build_groups
-from ..graph.record import CONTAINER, Record
 from ..adapt.rewrite import resolve
-from .serial import fingerprint, spec_from_json, spec_to_json
+from ..errors import AdapterFileError
+from ..graph.record import CONTAINER, Record
 from ..graph.targets import find_targets
+from ..passes.inject import build_groups
+from ..version import __version__
+from .atomic import write_atomic
+from .into_graph import install, place
+from .serial import fingerprint, spec_from_json, spec_to_json
 
 FORMAT = "lowrank_fx.adapters"
 VERSION = 1

@@ -23,14 +23,14 @@ import dataclasses
 import torch
 from torch import fx, nn
 
+from ..adapt.rewrite import resolve, rewrite
 from ..errors import AdapterFileError, LowRankFxError, nearest
+from ..graph.record import CONTAINER, Record
+from ..graph.targets import find_targets
 from ..methods.base import unit_key
 from ..passes.inject import build_groups
-from ..graph.record import CONTAINER, Record
-from ..adapt.rewrite import resolve, rewrite
-from .serial import fingerprint
 from ..spec import Spec
-from ..graph.targets import find_targets
+from .serial import fingerprint
 
 IGNORED = ("init", "dropout")
 SHOWN = 8  # items listed per kind of difference

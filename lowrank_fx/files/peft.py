@@ -39,16 +39,16 @@ import safetensors.torch
 import torch
 from torch import fx
 
-from .atomic import write_atomic
 from ..adapt.capture import capture
-from ..errors import AdapterFileError, LowRankFxError
-from .into_graph import install, place
-from ..methods.base import Method, unit_key
-from .peft_formats import FORMATS, PeftFormat, unsupported
-from ..graph.record import CONTAINER, Record
 from ..adapt.rewrite import resolve
-from ..spec import ALL_LINEAR, Spec
+from ..errors import AdapterFileError, LowRankFxError
+from ..graph.record import CONTAINER, Record
 from ..graph.targets import find_targets
+from ..methods.base import Method, unit_key
+from ..spec import ALL_LINEAR, Spec
+from .atomic import write_atomic
+from .into_graph import install, place
+from .peft_formats import FORMATS, PeftFormat, unsupported
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"

@@ -22,7 +22,6 @@ from ..options import options
 from .base import AdapterGroup, Method, Unit, adapter_dtype, check_common, dropout_module
 
 
-
 class LoRAUnit(Unit):
     rank_axes = {"lora_A": 0, "lora_B": 1}
 

@@ -30,7 +30,6 @@ from .base import AdapterGroup, Method, Unit, adapter_dtype, check_common, dropo
 from .randlora_ops import RandLoRAProduct, random_bases, scaled_basis, sliced_bases
 
 
-
 class RandLoRAUnit(Unit):
     def __init__(self, in_features: int, out_features: int, rank: int, scale: float,
                  dropout: float, dtype: torch.dtype, init: str):

@@ -19,9 +19,9 @@ from torch import fx, nn
 
 from ..errors import MergeError
 from ..graph.gates import GATES, gate_value
-from ..methods.base import unit_key
 from ..graph.record import CONTAINER, KEY, Record, tagged
 from ..graph.targets import LINEAR_OPS, Target, find_targets
+from ..methods.base import unit_key
 
 UNTIED = "lowrank_fx_untied"
 

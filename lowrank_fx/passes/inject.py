@@ -22,9 +22,9 @@ import torch
 from torch import fx, nn
 
 from ..graph.gates import add_gate
-from ..methods.base import Method, unit_key
 from ..graph.record import CONTAINER, tag
 from ..graph.targets import Target
+from ..methods.base import Method, unit_key
 
 aten = torch.ops.aten
 

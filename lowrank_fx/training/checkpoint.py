@@ -27,9 +27,9 @@ import safetensors
 import safetensors.torch
 import torch
 
-from ..files.atomic import write_atomic
 from ..errors import TrainingError
 from ..files.adapter_file import load_adapters, save_adapters
+from ..files.atomic import write_atomic
 
 LATEST = "latest.json"
 ADAPTERS = "adapters.safetensors"

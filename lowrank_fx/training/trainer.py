@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 from torch import fx
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ..errors import SpecError, TrainingError
-from .schedule import check_schedule, lr_factor
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .loraplus import loraplus_param_groups
+from .schedule import check_schedule, lr_factor
 
 
 def count_tokens(batch) -> int:
