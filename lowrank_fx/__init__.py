@@ -3,17 +3,8 @@
 from .adapt.merged_state import load_merged, merged_state_dict
 from .adapt.plan import Plan, plan
 from .adapt.rewrite import rewrite
-from .errors import (
-                     AdapterFileError,
-                     CaptureError,
-                     ExportError,
-                     LowRankFxError,
-                     MergeError,
-                     ModelTypeError,
-                     SpecError,
-                     TargetError,
-                     TrainingError,
-)
+from .errors import (AdapterFileError, CaptureError, ExportError, LowRankFxError, MergeError, ModelTypeError,
+                     SpecError, TargetError, TrainingError)
 from .export import AdapterSession, OnnxExport, export_onnx, export_onnx_adapter
 from .files.adapter_file import load_adapters, save_adapters
 from .files.peft import load_peft, save_peft
