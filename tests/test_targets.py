@@ -17,8 +17,9 @@ from torch import nn
 
 import lowrank_fx as lfx
 from lowrank_fx.adapt.capture import capture
+from lowrank_fx.graph.heads import output_heads
 from lowrank_fx.graph.record import Record
-from lowrank_fx.graph.targets import find_targets, output_heads
+from lowrank_fx.graph.targets import find_targets
 
 aten = torch.ops.aten
 TOL = 1e-5

@@ -5,8 +5,9 @@ from __future__ import annotations
 from torch import fx
 
 from ..errors import SpecError, TargetError
+from ..graph.heads import output_heads
 from ..graph.record import CONTAINER, AdapterInfo, Record
-from ..graph.targets import Target, find_targets, output_heads, weight_uses
+from ..graph.targets import Target, find_targets, weight_uses
 from ..passes.inject import inject
 from ..spec import Spec, _compile
 from .capture import capture
