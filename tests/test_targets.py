@@ -146,9 +146,10 @@ def test_linear_called_twice_shares_one_adapter():
 def test_symbolic_trace_path_for_a_simple_module():
     model = Twice()
     x = torch.randn(4, 8)
-    gm = lfx.rewrite(model, lfx.Spec("all-linear", method=lora()))  # no example inputs
+    gm = lfx.rewrite(model, lfx.Spec(["lin", "head"], method=lora()))  # no example inputs
     assert not any(n.op == "call_module" and n.target in ("lin", "head") for n in gm.graph.nodes)
     assert sorted(gm.lowrank_fx.default.lora.target_names) == ["head", "lin"]
+    assert list(lfx.plan(model, lfx.Spec("all-linear")).left_out) == ["head"]  # its result is the output
     check_against_oracle(model, gm, {"lin": ("lin.weight", "out_in"), "head": ("head.weight", "out_in")}, x)
 
 
@@ -186,7 +187,8 @@ def test_gpt2_conv1d_and_tied_head():
     assert (targets["transformer.h.0.mlp.c_fc"].shape, targets["transformer.h.0.mlp.c_proj"].shape) == ((128, 32), (32, 128))
     head = targets["lm_head"]  # named by its calling module, not by transformer.wte
     assert (head.op, head.layout, head.shape) == ("linear", "out_in", (128, 32))
-    assert "transformer.wte" not in targets
+    # The tied table is also read by an embedding: a target of its own, which all-linear leaves out.
+    assert (targets["transformer.wte"].op, targets["transformer.wte"].shape) == ("embedding", (32, 128))
     assert output_heads(gm, targets) == {"lm_head"}
 
     rows = lfx.plan(gm, lfx.Spec("all-linear")).rows

@@ -18,7 +18,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import MergeError
-from ..passes.fold import adapted_record, adapter_deltas, merged_weight, read_elsewhere
+from ..passes.fold import adapted_record, adapter_deltas, merged_bias, merged_weight, read_elsewhere
 
 
 def _gm_name(record, key: str, gm_names: set[str]) -> str | None:
@@ -36,19 +36,23 @@ def _owns(key: str, target) -> bool:
 def merged_plan(gm: fx.GraphModule) -> tuple[dict[str, torch.Tensor], list[tuple[str, str]]]:
     """(state by original key, [(folded key, tied key that keeps the original)])."""
     record = adapted_record(gm)
-    targets, deltas = adapter_deltas(gm)
+    targets, deltas, bias_deltas = adapter_deltas(gm)
     tensors = dict(gm.state_dict(keep_vars=True))
     state, conflicts, copies = {}, [], {}
-    folded_by_weight = {}
+    folded = []  # (graph tensor name, target, merged value, whether the graph reads the tensor elsewhere)
     for name, delta in deltas.items():
         t = targets[name]
-        folded_by_weight[t.weight] = (t, merged_weight(tensors[t.weight], delta, t.layout), read_elsewhere(gm, t))
+        folded.append((t.weight, t, merged_weight(tensors[t.weight], delta, t), read_elsewhere(gm, t)))
+    for name, delta in bias_deltas.items():
+        t = targets[name]
+        folded.append((t.bias, t, merged_bias(tensors[t.bias], delta), False))
     for key in record.state_keys:
         name = _gm_name(record, key, set(tensors))
         if name is None:
             raise MergeError(f"the graph has no tensor for the original model's {key!r}; was it captured from another model?")
         value = tensors[name]  # the graph's own tensor: it outlives the loop, so its id is unique
-        owner = next((entry for weight, entry in folded_by_weight.items() if tensors[weight] is tensors[name]), None)
+        owners = [entry[1:] for entry in folded if tensors[entry[0]] is tensors[name]]
+        owner = next((entry for entry in owners if _owns(key, entry[0])), owners[0] if owners else None)
         if owner is not None:
             target, merged, shared_use = owner
             if _owns(key, target) or not shared_use:

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..methods.lora import LoRAUnit
+from ..graph.op_kinds import LinearKind
+from ..methods.lora_unit import LoRAUnit
 
 
 def row_weights(columns: torch.Tensor, rows: int) -> torch.Tensor:
@@ -45,4 +46,5 @@ class StackedLoRA(nn.Module):
 
 
 def stackable(unit: nn.Module) -> bool:
-    return isinstance(unit, LoRAUnit)
+    """Plain LoRA on a linear site, without a bias: its factors concatenate along r."""
+    return type(unit) is LoRAUnit and isinstance(unit.op_kind, LinearKind) and unit.lora_B_bias is None

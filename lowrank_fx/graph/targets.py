@@ -1,17 +1,21 @@
-"""Finding the linear-like nodes of a graph and naming them.
+"""Finding the nodes that are linear in a weight parameter, and naming them.
 
-A linear-like node multiplies an activation x (..., in) by a 2-D weight parameter:
+A target is one weight parameter W and every node that applies it to an activation:
 
     aten.linear(x, W, b?)          W (out, in)    nn.Linear, F.linear, MHA in_proj / out_proj
     aten.addmm(b, x, W)            W (in, out)    Hugging Face Conv1D (GPT-2)
     aten.mm(x, W), aten.matmul(x, W)
                                    W (in, out), or (out, in) when reached through .t()
+    aten.conv1d/2d/3d(x, W, b?, stride, padding, dilation, groups)      W (out, in/g, k...)
+    aten.embedding(W, ids, padding_idx)                                 W (num, dim)
 
-The weight operand may pass through transposes (which flip the layout) and dtype casts on
-its way from the `get_attr` node. A target is one weight: every call site that multiplies
-by it shares one adapter. Its name is the path of the module that calls it (so GPT-2's
-tied head is `lm_head`, not `transformer.wte`), else the weight's name without a trailing
-`.weight` / `_weight`.
+The weight operand may pass through transposes (which flip the layout), dtype casts, and
+a row selection (`W.chunk(3)[i]`, `W.split(...)[i]`, `W[a:b]`: MultiheadAttention's packed
+in_proj called on separate query, key and value); such a site uses rows a:b of the update.
+Every call site of a weight shares one adapter. A target's name is the path of the module
+that calls it (so GPT-2's tied head is `lm_head`, not `transformer.wte`), else the weight's
+name without a trailing `.weight` / `_weight`. `graph/op_kinds.py` maps each weight to the
+matrix (out, in) that methods adapt.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import operator
 import torch
 import torch.nn.functional as F
 from torch import fx
+
+from .op_kinds import LINEAR, ConvKind, EmbeddingKind, OpKind
 
 aten = torch.ops.aten
 
@@ -50,40 +56,96 @@ _CASTS = {aten._to_copy.default, aten.to.dtype, aten.alias.default, aten.detach.
 
 @dataclasses.dataclass
 class Target:
-    """One adaptable weight W and the nodes that multiply by it.
+    """One adaptable weight W and the nodes that apply it.
 
-    Adapters are defined for W in (out, in) layout; `layout == "in_out"` records that the
-    graph stores the weight transposed (Conv1D), which folding must respect.
+    Methods adapt W's matrix view (out_features, in_features) (graph/op_kinds.py);
+    `layout == "in_out"` records that the graph stores a linear weight transposed (Conv1D),
+    which folding must respect. `rows[i]` is the (start, stop) of W's rows that site i uses,
+    or None for all of them.
     """
 
     name: str
     weight: str  # get_attr target, the weight's name inside the GraphModule
     out_features: int
     in_features: int
-    op: str  # short op name of the first call site: linear, addmm, mm, matmul
+    op: str  # short op name of the first call site: linear, addmm, mm, matmul, conv2d, embedding, ...
     layout: str  # "out_in" or "in_out"
     sites: list[str]  # names of the call-site nodes
     activations: list[int]  # per site: the arg index of x
     dtype: torch.dtype
+    kind: OpKind = LINEAR
+    weight_shape: tuple[int, ...] = ()
+    rows: list[tuple[int, int] | None] = dataclasses.field(default_factory=list)
+    bias: str | None = None  # the bias parameter every site adds, if they all add the same one
 
     @property
     def shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features)
 
 
-def weight_source(node) -> tuple[fx.Node, bool] | None:
-    """Follow a weight operand back to its get_attr; return (get_attr node, flipped)."""
+def _leading_size(node, gm: fx.GraphModule) -> int | None:
+    """Size of dim 0 of a tensor that is a parameter, or a cast of one."""
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in _CASTS:
+        node = node.args[0]
+    if isinstance(node, fx.Node) and node.op == "get_attr" and _is_parameter(gm, node.target):
+        return int(gm.get_parameter(node.target).shape[0])
+    return None
+
+
+def _row_selection(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, tuple[int, int]] | None:
+    """(the sliced parameter, (start, stop)) if `node` selects rows (dim 0) of a parameter."""
+    if node.target is operator.getitem:
+        parent, index = node.args
+        if not isinstance(parent, fx.Node) or parent.op != "call_function" or not isinstance(index, int):
+            return None
+        rows = _leading_size(parent.args[0], gm) if parent.args else None
+        if rows is None:
+            return None
+        dim = parent.args[2] if len(parent.args) > 2 else parent.kwargs.get("dim", 0)
+        if parent.target in (aten.chunk.default, aten.split.Tensor):
+            count = parent.args[1]
+            size = -(-rows // count) if parent.target is aten.chunk.default else count
+            sizes = [min(size, rows - start) for start in range(0, rows, size)]
+        elif parent.target is aten.split_with_sizes.default:
+            sizes = list(parent.args[1])
+        else:
+            return None
+        if dim != 0 or not all(isinstance(n, int) for n in sizes) or index >= len(sizes):
+            return None
+        start = sum(sizes[:index])
+        return parent.args[0], (start, start + sizes[index])
+    if node.target is aten.slice.Tensor:
+        tensor, dim, start, stop, step = (list(node.args) + [0, None, None, 1][len(node.args) - 1:])[:5]
+        rows = _leading_size(tensor, gm)
+        if rows is None or dim != 0 or step != 1 or not all(isinstance(v, (int, type(None))) for v in (start, stop)):
+            return None
+        start, stop, _ = slice(start, stop).indices(rows)
+        return tensor, (start, stop)
+    return None
+
+
+def weight_source(node, gm: fx.GraphModule | None = None) -> tuple[fx.Node, bool, tuple[int, int] | None] | None:
+    """Follow a weight operand back to its get_attr; return (get_attr node, flipped, row range).
+
+    With `gm`, a row selection of the stored weight (before any transpose) is followed too.
+    """
     flipped = False
+    selected = None
     while isinstance(node, fx.Node) and node.op in ("call_function", "call_method"):
         if node.target in _FLIPS or (node.target is getattr and node.args[1] in _FLIP_ATTRIBUTES):
             if node.target is aten.permute.default and list(node.args[1]) not in ([1, 0], [-1, -2]):
                 return None
             flipped = not flipped
-        elif node.target not in _CASTS:
+            node = node.args[0]
+        elif node.target in _CASTS:
+            node = node.args[0]
+        elif gm is not None and not flipped and (found := _row_selection(node, gm)) is not None:
+            node, (start, stop) = found
+            selected = (start, stop) if selected is None else (start + selected[0], start + selected[1])
+        else:
             return None
-        node = node.args[0]
     if isinstance(node, fx.Node) and node.op == "get_attr":
-        return node, flipped
+        return node, flipped, selected
     return None
 
 
@@ -119,28 +181,88 @@ def _target_name(node: fx.Node, weight: str, aliases: dict[str, list[str]]) -> s
     return _default_name(weight)
 
 
-def find_targets(gm: fx.GraphModule, aliases: dict[str, list[str]] | None = None) -> dict[str, Target]:
-    """Every linear-like target of `gm`'s top-level graph, by target name, in graph order."""
-    aliases = aliases or {}
-    by_weight: dict[str, Target] = {}
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in LINEAR_OPS:
-            continue
-        x_index, w_index, base_layout = LINEAR_OPS[node.target]
+_CONV_OPS = {getattr(aten, f"conv{d}d").default: d for d in (1, 2, 3)}
+_CONV_OPS.update({getattr(aten, f"conv{d}d").padding: d for d in (1, 2, 3)})
+
+
+def _conv_kind(node: fx.Node, dims: int, kernel: tuple[int, ...]) -> ConvKind:
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    bound = dict(zip(names, node.args), **node.kwargs)
+    expand = lambda v, default: tuple(v) * (dims if len(v) == 1 else 1) if isinstance(v, (list, tuple)) else (
+        (default,) * dims if v is None else (int(v),) * dims)
+    padding = bound.get("padding", 0)
+    return ConvKind(dims=dims, kernel=kernel, stride=expand(bound.get("stride", 1), 1),
+                    padding=padding if isinstance(padding, str) else expand(padding, 0),
+                    dilation=expand(bound.get("dilation", 1), 1), groups=int(bound.get("groups", 1)))
+
+
+def _site(node: fx.Node, gm: fx.GraphModule):
+    """(activation index, weight operand, base layout, kind, bias operand) of a call site, or None."""
+    if node.op != "call_function":
+        return None
+    if node.target in LINEAR_OPS:
+        x_index, w_index, layout = LINEAR_OPS[node.target]
         if len(node.args) <= w_index:
+            return None
+        b_index = {aten.linear.default: 2, F.linear: 2, aten.addmm.default: 0, torch.addmm: 0}.get(node.target)
+        bias = node.args[b_index] if b_index is not None and len(node.args) > b_index else node.kwargs.get("bias")
+        return x_index, node.args[w_index], layout, None, bias
+    if node.target in _CONV_OPS:
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        return 0, node.args[1], "out_in", _CONV_OPS[node.target], bias
+    if node.target is aten.embedding.default:
+        return 1, node.args[0], "in_out", "embedding", None
+    return None
+
+
+def weight_operand(node: fx.Node) -> fx.Node:
+    """The weight argument of a call site (the node that leads back to the weight's get_attr)."""
+    return _site(node, None)[1]
+
+
+def _kind(node: fx.Node, family, weight: torch.Tensor) -> OpKind | None:
+    if family is None:
+        return LINEAR if weight.dim() == 2 else None
+    if family == "embedding":
+        padding = node.args[2] if len(node.args) > 2 else node.kwargs.get("padding_idx", -1)
+        return EmbeddingKind(None if padding is None or padding < 0 else int(padding)) if weight.dim() == 2 else None
+    if weight.dim() != family + 2:
+        return None
+    return _conv_kind(node, family, tuple(int(k) for k in weight.shape[2:]))
+
+
+def _bias_name(bias) -> str | None:
+    source = weight_source(bias) if isinstance(bias, fx.Node) else None
+    return source[0].target if source is not None and not source[1] else None
+
+
+def find_targets(gm: fx.GraphModule, aliases: dict[str, list[str]] | None = None) -> dict[str, Target]:
+    """Every target of `gm`'s top-level graph (ops linear in a weight parameter), by name, in graph order."""
+    aliases = aliases or {}
+    by_weight: dict[tuple[str, str], Target] = {}
+    for node in gm.graph.nodes:
+        site = _site(node, gm)
+        if site is None:
             continue
-        source = weight_source(node.args[w_index])
+        x_index, operand, base_layout, family, bias = site
+        source = weight_source(operand, gm)
         if source is None or not _is_parameter(gm, source[0].target):
             continue
-        attr, flipped = source
+        attr, flipped, rows = source
         weight = gm.get_parameter(attr.target)
-        if weight.dim() != 2:
+        kind = _kind(node, family, weight)
+        if kind is None or (family is not None and flipped):
             continue
         layout = base_layout if not flipped else ("in_out" if base_layout == "out_in" else "out_in")
-        out_f, in_f = weight.shape if layout == "out_in" else weight.shape[::-1]
-        target = by_weight.get(attr.target)
+        if rows is not None and layout != "out_in":
+            continue  # rows of a transposed weight are its inputs, not its outputs
+        matrix = kind.to_matrix(weight, layout)
+        out_f, in_f = matrix.shape
+        bias_name = _bias_name(bias)
+        key = (attr.target, kind.name)  # a tied weight read by an embedding and a linear is two targets
+        target = by_weight.get(key)
         if target is None:
-            by_weight[attr.target] = Target(
+            by_weight[key] = Target(
                 name=_target_name(node, attr.target, aliases),
                 weight=attr.target,
                 out_features=int(out_f),
@@ -150,13 +272,20 @@ def find_targets(gm: fx.GraphModule, aliases: dict[str, list[str]] | None = None
                 sites=[node.name],
                 activations=[x_index],
                 dtype=weight.dtype,
+                kind=kind,
+                weight_shape=tuple(weight.shape),
+                rows=[rows],
+                bias=bias_name if rows is None else None,
             )
-        elif target.layout != layout:
-            # The same weight used in both orientations is not one linear map; skip the site.
+        elif target.layout != layout or target.kind != kind:
+            # The same weight used in another orientation or op setting is not the same map; skip the site.
             continue
         else:
             target.sites.append(node.name)
             target.activations.append(x_index)
+            target.rows.append(rows)
+            if bias_name != target.bias or rows is not None:
+                target.bias = None
     return {t.name: t for t in by_weight.values()}
 
 

@@ -7,18 +7,24 @@ A `Method` is a frozen config (rank, alpha, ...). `Method.build(targets)` return
     RandLoRA's random bases). The graph reads them with `get_attr` and passes them to
     every unit call, so the sharing is visible in the graph.
 
-At a call site y = x Wᵀ the inject pass adds `Δy = unit(x, *shared)`, of y's shape.
-Folding asks `unit.delta_weight(*shared)` for ΔW (out, in) in fp32: W ← W + ΔW.
+At a call site y = f(x, W) the inject pass adds `Δy = unit(*site_inputs, *shared)`, of y's
+shape; `site_inputs` is ("x",) unless a unit asks for more (DoRA: the site's output y, the
+base weight and bias). Methods work in the weight's matrix view (out, in) (graph/op_kinds.py):
+on a linear site a unit uses its factored form; on any other op (conv, embedding) the
+default is f(x, ΔW) with ΔW built once per call. Folding asks `unit.delta_weight(*shared)`
+for ΔW (out, in) in fp32: W ← W + ΔW (a unit with `uses_base_weight` also gets W).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 from ..errors import SpecError
+from ..graph.op_kinds import LINEAR, EmbeddingKind, LinearKind, OpKind
 
 
 def unit_key(target_name: str) -> str:
@@ -36,13 +42,29 @@ class Unit(nn.Module):
 
     # {parameter name: its rank axis}; ONNX export makes these axes dynamic (export/adapter_graph.py)
     rank_axes: ClassVar[dict[str, int]] = {}
+    # what the inject pass passes before the shared tensors: "x", "y", "weight", "bias"
+    site_inputs: ClassVar[tuple[str, ...]] = ("x",)
+    uses_base_weight: ClassVar[bool] = False  # delta_weight(*shared, base=W (out, in))
+    op_kind: OpKind = LINEAR  # the target's op (graph/op_kinds.py), set by `passes.inject.build_groups`
 
     def forward(self, x: torch.Tensor, *shared: torch.Tensor) -> torch.Tensor:
+        """Δy: the factored form on a linear site, else f(dropout(x), ΔW)."""
+        if isinstance(self.op_kind, LinearKind):
+            return self.linear_update(x, *shared)
+        h = x if isinstance(self.op_kind, EmbeddingKind) else self.dropout(x)
+        return self.op_kind.apply(h, self.delta_weight(*shared))
+
+    def linear_update(self, x: torch.Tensor, *shared: torch.Tensor) -> torch.Tensor:
+        """Δy (..., out) for x (..., in) on a linear site."""
         raise NotImplementedError
 
     def delta_weight(self, *shared: torch.Tensor) -> torch.Tensor:
         """ΔW (out, in), computed in fp32."""
         raise NotImplementedError
+
+    def delta_bias(self) -> torch.Tensor | None:
+        """Δb (out,) that folding adds to the base bias, or None (most methods)."""
+        return None
 
     def output_side(self) -> list[nn.Parameter]:
         """Parameters that LoRA+ trains at ratio · lr (see training/loraplus.py)."""
@@ -66,8 +88,12 @@ class AdapterGroup(nn.Module):
     def shared_tensors(self) -> list[torch.Tensor]:
         return [getattr(self, name) for name in self.shared]
 
-    def delta_weight(self, target_name: str) -> torch.Tensor:
-        return self.unit(target_name).delta_weight(*self.shared_tensors())
+    def delta_weight(self, target_name: str, base: torch.Tensor | None = None) -> torch.Tensor:
+        """ΔW (out, in) of one target; `base` is the target's weight (out, in), for units that need it."""
+        unit = self.unit(target_name)
+        if unit.uses_base_weight:
+            return unit.delta_weight(*self.shared_tensors(), base=base)
+        return unit.delta_weight(*self.shared_tensors())
 
     def output_side(self) -> list[nn.Parameter]:
         """Shared parameters that LoRA+ trains at ratio · lr (LoRTA's B); none by default."""
@@ -93,8 +119,6 @@ class Method:
 
     def config(self) -> dict:
         """Options as plain JSON data, with the method kind."""
-        import dataclasses
-
         return {"method": self.kind, **dataclasses.asdict(self)}
 
 

@@ -1,70 +1,38 @@
-"""LoRA (Hu et al. 2021): a rank-r update of a frozen weight.
-
-    Δy = s · (dropout(x) Aᵀ) Bᵀ        x (..., in), A (r, in), B (out, r)
-    ΔW = s · B A                         (out, in)
-    s  = alpha / r, or alpha / sqrt(r) with rslora
-
-Init ("default"): A ~ Kaiming-uniform(a=√5), B = 0, so the adapted model starts equal to
-the base. Init "nonzero" draws B like A, so the update is non-zero from the first step
-(for tests and demos that need gradients on both factors).
+"""The LoRA method config: rank, alpha, rsLoRA, dropout, DoRA, LoRA bias; its units are in
+lora_unit.py (the math) and dora.py.
 """
 
 from __future__ import annotations
 
 import math
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
 from ..errors import SpecError
+from ..graph.op_kinds import ConvKind, EmbeddingKind
 from ..options import options
-from .base import AdapterGroup, Method, Unit, adapter_dtype, check_common, dropout_module
-
-
-class LoRAUnit(Unit):
-    rank_axes = {"lora_A": 0, "lora_B": 1}
-
-    def __init__(self, in_features: int, out_features: int, rank: int, scale: float,
-                 dropout: float, dtype: torch.dtype, init: str):
-        super().__init__()
-        self.lora_A = nn.Parameter(torch.empty(rank, in_features, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.empty(out_features, rank, dtype=dtype))
-        self.scale = scale
-        self.dropout = dropout_module(dropout)
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        if init == "nonzero":
-            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
-        else:
-            nn.init.zeros_(self.lora_B)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.dropout(x.to(self.lora_A.dtype))
-        return (F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scale).to(x.dtype)
-
-    def delta_weight(self) -> torch.Tensor:
-        """ΔW = s · B A (out, in), in fp32, or float64 for float64 factors."""
-        dtype = torch.promote_types(self.lora_A.dtype, torch.float32)
-        return (self.lora_B.to(dtype) @ self.lora_A.to(dtype)) * self.scale
-
-    def output_side(self) -> list[nn.Parameter]:
-        return [self.lora_B]
+from .base import AdapterGroup, Method, adapter_dtype, check_common
+from .dora import DoRAUnit
+from .lora_unit import LoRAUnit
 
 
 @options
 class LoRA(Method):
-    """Low-rank adaptation: W + (alpha / r) · B A with A (r, in), B (out, r)."""
+    """Low-rank adaptation: W + (alpha / r) · B A with A (r, in), B (out, r); DoRA with dora=True."""
 
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
     rslora: bool = False
     init: str = "default"
+    dora: bool = False
+    bias: bool = False
 
     kind = "lora"
 
     def __post_init__(self):
         check_common("LoRA", self.rank, self.dropout, self.init)
+        for option in ("rslora", "dora", "bias"):
+            if not isinstance(getattr(self, option), bool):
+                raise SpecError(f"LoRA {option} must be True or False, got {getattr(self, option)!r}")
 
     @property
     def scale(self) -> float:
@@ -73,12 +41,29 @@ class LoRA(Method):
     def build(self, targets: list) -> dict[str, AdapterGroup]:
         units = {}
         for t in targets:
-            if self.rank > min(t.in_features, t.out_features):
-                raise SpecError(
-                    f"LoRA rank {self.rank} is larger than {t.name} allows: its weight is "
-                    f"{t.out_features}x{t.in_features}, so the rank can be at most "
-                    f"{min(t.in_features, t.out_features)}"
-                )
-            units[t.name] = LoRAUnit(t.in_features, t.out_features, self.rank, self.scale,
-                                     self.dropout, adapter_dtype(t.dtype), self.init)
-        return {"lora": AdapterGroup(units)}
+            self._check(t)
+            unit_class = DoRAUnit if self.dora else LoRAUnit
+            units[t.name] = unit_class(t, self.rank, self.scale, self.dropout, adapter_dtype(t.dtype), self.init,
+                                       bias=self.bias)
+        return {"dora" if self.dora else "lora": AdapterGroup(units)}
+
+    def _check(self, t) -> None:
+        kind = t.kind
+        if isinstance(kind, ConvKind) and self.rank % kind.groups:
+            raise SpecError(
+                f"LoRA rank {self.rank} on {t.name}, a {kind.name} with groups={kind.groups}: the rank must be "
+                f"a multiple of the groups (each group gets rank / groups); use rank={kind.groups * max(1, self.rank // kind.groups)}"
+            )
+        if self.bias and isinstance(kind, EmbeddingKind):
+            raise SpecError(f"LoRA(bias=True) cannot adapt {t.name}: an embedding has no bias to fold into; "
+                            "use bias=False for embeddings (a mixed spec can give them their own LoRA)")
+        if self.bias and t.bias is None:
+            raise SpecError(f"LoRA(bias=True) adds to the base bias of {t.name}, which has none (or a different "
+                            "one per call site), so the update could not be folded; use bias=False there")
+        if self.dora and self.bias:
+            raise SpecError("LoRA(dora=True, bias=True): DoRA rescales the whole output, so a LoRA bias "
+                            "has no fixed place in it (PEFT refuses it too); choose one of them")
+        if self.dora and any(rows is not None for rows in t.rows):
+            raise SpecError(f"LoRA(dora=True) cannot adapt {t.name}: its call sites use slices of the weight "
+                            "(MultiheadAttention's packed in_proj on separate query/key/value), and DoRA's norm "
+                            "is of the whole weight; use dora=False for it")

@@ -1,5 +1,7 @@
 """Fold adapters into dense weights: W ← W + Σ_adapters gate · ΔW, computed in fp32 (float64 for
-float64 weights or updates) and cast back to W's dtype.
+float64 weights or updates) and cast back to W's dtype. ΔW (out, in) goes back to the weight's
+own shape through its op kind (a conv kernel, a transposed Conv1D or embedding table); a
+unit with a bias update (LoRA bias) adds b ← b + gate · Δb.
 
 `fold(gm)` returns a new GraphModule without adapter nodes or parameters; `gm` itself is
 never modified. A weight that the graph also reads elsewhere (GPT-2's lm_head is the token
@@ -20,7 +22,7 @@ from torch import fx, nn
 from ..errors import MergeError
 from ..graph.gates import GATES, gate_value
 from ..graph.record import CONTAINER, KEY, Record, tagged
-from ..graph.targets import LINEAR_OPS, Target, find_targets
+from ..graph.targets import Target, find_targets, weight_operand
 from ..methods.base import unit_key
 
 UNTIED = "lowrank_fx_untied"
@@ -41,12 +43,18 @@ def adapted_record(gm: fx.GraphModule) -> Record:
     return record
 
 
-def adapter_deltas(gm: fx.GraphModule) -> tuple[dict[str, Target], dict[str, torch.Tensor]]:
-    """Targets of `gm` and gate · ΔW (out, in) in fp32 or wider per adapted target, summed over
-    the active adapters (gate ≠ 0)."""
+def _add(total: dict, name: str, value: torch.Tensor, gate: float) -> None:
+    value = value.to(fold_dtype(value.dtype)) * gate
+    total[name] = total[name] + value if name in total else value
+
+
+def adapter_deltas(gm: fx.GraphModule) -> tuple[dict[str, Target], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Targets of `gm`, gate · ΔW (out, in) and gate · Δb (out,) in fp32 or wider per adapted
+    target, summed over the active adapters (gate ≠ 0). Δb only where a unit has one (LoRA bias)."""
     record = adapted_record(gm)
     targets = find_targets(gm, record.aliases)
     deltas: dict[str, torch.Tensor] = {}
+    bias_deltas: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for adapter, info in record.adapters.items():
             gate = gate_value(gm, adapter)
@@ -54,21 +62,24 @@ def adapter_deltas(gm: fx.GraphModule) -> tuple[dict[str, Target], dict[str, tor
                 continue
             groups = getattr(gm, CONTAINER)[adapter]
             for name, group in info.groups.items():
-                delta = groups[group].delta_weight(name)
-                delta = delta.to(fold_dtype(delta.dtype)) * gate
-                deltas[name] = deltas[name] + delta if name in deltas else delta
-    bad = [name for name, delta in deltas.items() if not torch.isfinite(delta).all()]
+                target = targets[name]
+                base = target.kind.to_matrix(gm.get_parameter(target.weight).detach(), target.layout)
+                _add(deltas, name, groups[group].delta_weight(name, base), gate)
+                bias = groups[group].unit(name).delta_bias()
+                if bias is not None:
+                    _add(bias_deltas, name, bias, gate)
+    bad = [name for name, delta in [*deltas.items(), *bias_deltas.items()] if not torch.isfinite(delta).all()]
     if bad:
         raise MergeError(
             f"refusing to fold: the update of {', '.join(bad)} has NaN or inf values "
             "(diverged training?). The graph is unchanged; load a good checkpoint first."
         )
-    return targets, deltas
+    return targets, deltas, bias_deltas
 
 
-def merged_weight(weight: torch.Tensor, delta: torch.Tensor, layout: str) -> torch.Tensor:
-    """(W + ΔW) in W's own layout and dtype, added in fp32 (float64 if either is float64)."""
-    stored = delta if layout == "out_in" else delta.t()
+def merged_weight(weight: torch.Tensor, delta: torch.Tensor, target: Target) -> torch.Tensor:
+    """(W + ΔW) in W's own shape, layout and dtype, added in fp32 (float64 if either is float64)."""
+    stored = target.kind.to_weight(delta, target.layout, weight.shape)
     wide = torch.promote_types(fold_dtype(weight.dtype), stored.dtype)
     return (weight.detach().to(wide) + stored.to(weight.device, wide)).to(weight.dtype)
 
@@ -80,7 +91,7 @@ def weight_chains(gm: fx.GraphModule, target: Target) -> list[list[fx.Node]]:
     for site_name in target.sites:
         site = nodes[site_name]
         chain = [site]
-        node = site.args[LINEAR_OPS[site.target][1]]
+        node = weight_operand(site)
         while node.op != "get_attr":
             chain.append(node)
             node = node.args[0]
@@ -104,9 +115,11 @@ def _readers(gm: fx.GraphModule, target: Target) -> list[fx.Node]:
 
 
 def read_elsewhere(gm: fx.GraphModule, target: Target) -> bool:
-    """Whether the graph uses the target's weight anywhere but on its call sites' chains."""
+    """Whether the graph uses the target's weight anywhere but on its call sites' chains
+    (and in lowrank_fx's own adapter nodes, which folding removes)."""
     on_chains = {node for chain in weight_chains(gm, target) for node in chain[:-1]}
-    return any(user not in on_chains for reader in _readers(gm, target) for user in reader.users)
+    return any(user not in on_chains and KEY not in user.meta and KEY not in reader.meta
+               for reader in _readers(gm, target) for user in reader.users)
 
 
 def _fold_target(gm: fx.GraphModule, target: Target, merged: torch.Tensor) -> None:
@@ -147,16 +160,26 @@ def remove_adapter_nodes(gm: fx.GraphModule) -> None:
             gm.delete_submodule(container)
 
 
+def merged_bias(bias: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """b + Δb in b's dtype, added in fp32 (float64 if either is float64)."""
+    wide = torch.promote_types(fold_dtype(bias.dtype), delta.dtype)
+    return (bias.detach().to(wide) + delta.to(bias.device, wide)).to(bias.dtype)
+
+
 def fold(gm: fx.GraphModule) -> fx.GraphModule:
-    targets, deltas = adapter_deltas(gm)
-    merged = {name: merged_weight(gm.get_parameter(targets[name].weight), delta, targets[name].layout)
+    targets, deltas, bias_deltas = adapter_deltas(gm)
+    merged = {name: merged_weight(gm.get_parameter(targets[name].weight), delta, targets[name])
               for name, delta in deltas.items()}
+    biases = {targets[name].bias: merged_bias(gm.get_parameter(targets[name].bias), delta)
+              for name, delta in bias_deltas.items()}
     with warnings.catch_warnings():  # torch's own pytree deprecation notice on deepcopy
         warnings.simplefilter("ignore", FutureWarning)
         folded = copy.deepcopy(gm)
+    remove_adapter_nodes(folded)
     for name, weight in merged.items():
         _fold_target(folded, targets[name], weight)
-    remove_adapter_nodes(folded)
+    for path, bias in biases.items():
+        _set_parameter(folded, path, nn.Parameter(bias, requires_grad=False))
     source = Record.find(gm)
     folded.meta[KEY] = Record(aliases=dict(source.aliases), state_keys=list(source.state_keys))
     folded.graph.lint()

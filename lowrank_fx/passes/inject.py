@@ -1,7 +1,9 @@
 """Inject adapters: y = op(x, W)  ->  y' = y + unit(x, *shared) at every call site of a target.
 
-For each target the method's unit computes Δy from the site's own activation x, so the
-base op stays untouched (and folding just removes the two added nodes per site):
+For each target the method's unit computes Δy from the site's own activation x (and, for
+units that ask, from y, W and b: `Unit.site_inputs`), so the base op stays untouched and
+folding just removes the added nodes. A site that uses rows a:b of W (MultiheadAttention's
+packed in_proj on separate query, key, value) adds Δy[..., a:b].
 
     %y      = aten.linear(%x, %W, %b)
     %A, ... = get_attr lowrank_fx.<adapter>.<group>.<shared>      (LoRTA, RandLoRA only)
@@ -29,8 +31,13 @@ from ..methods.base import Method, unit_key
 aten = torch.ops.aten
 
 
-def build_groups(assignment: dict[str, Method], targets: dict[str, Target]) -> tuple[dict[str, nn.Module], dict[str, str]]:
-    """Adapter groups for `assignment` (target name -> method) and each target's group name."""
+def build_groups(assignment: dict[str, Method], targets: dict[str, Target],
+                 weights: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """Adapter groups for `assignment` (target name -> method) and each target's group name.
+
+    Every unit learns its target's op kind; units with `init_from_weight` (DoRA) are given the
+    target's base weight from `weights` (by weight name) when it is there.
+    """
     by_method: dict[Method, list[Target]] = {}
     for name, method in assignment.items():
         by_method.setdefault(method, []).append(targets[name])
@@ -46,11 +53,29 @@ def build_groups(assignment: dict[str, Method], targets: dict[str, Target]) -> t
             groups[unique] = group
             for target in group.target_names:
                 group_of[target] = unique
+                unit = group.unit(target)
+                unit.op_kind = targets[target].kind
+                if hasattr(unit, "init_from_weight") and weights and targets[target].weight in weights:
+                    unit.init_from_weight(weights[targets[target].weight])
     return groups, group_of
 
 
+def _site_input(gm: fx.GraphModule, site: fx.Node, x_index: int, target: Target, role: str):
+    """The node a unit reads for `role`: the activation, the site's output, the base weight or bias."""
+    if role == "x":
+        return site.args[x_index]
+    if role == "y":
+        return site
+    if role == "weight":
+        return gm.graph.get_attr(target.weight)
+    if role == "bias":
+        return gm.graph.get_attr(target.bias) if target.bias is not None else None
+    raise ValueError(f"unknown site input {role!r}")
+
+
 def inject(gm: fx.GraphModule, adapter: str, assignment: dict[str, Method], targets: dict[str, Target]) -> dict[str, str]:
-    groups, group_of = build_groups(assignment, targets)
+    weights = {targets[name].weight: gm.get_parameter(targets[name].weight).detach() for name in assignment}
+    groups, group_of = build_groups(assignment, targets, weights)
     if not hasattr(gm, CONTAINER):
         gm.add_module(CONTAINER, nn.ModuleDict())
     # Adapters live where the weights they adapt live (a graph captured on a GPU), and
@@ -63,19 +88,25 @@ def inject(gm: fx.GraphModule, adapter: str, assignment: dict[str, Method], targ
         target = targets[name]
         group_path = f"{CONTAINER}.{adapter}.{group_of[name]}"
         group = groups[group_of[name]]
-        for site_name, x_index in zip(target.sites, target.activations):
+        unit = group.unit(name)
+        for site_name, x_index, rows in zip(target.sites, target.activations, target.rows):
             site = nodes[site_name]
             with gm.graph.inserting_before(site.next):
+                inputs = [_site_input(gm, site, x_index, target, role) for role in unit.site_inputs]
                 shared = [gm.graph.get_attr(f"{group_path}.{s}") for s in group.shared]
-                delta = gm.graph.call_module(f"{group_path}.units.{unit_key(name)}", (site.args[x_index], *shared))
+                call = gm.graph.call_module(f"{group_path}.units.{unit_key(name)}", (*inputs, *shared))
+                tag(call, adapter, name, "delta")
+                delta = call
+                if rows is not None:
+                    delta = gm.graph.call_function(aten.slice.Tensor, (call, -1, rows[0], rows[1]))
+                    tag(delta, adapter, name, "rows")
                 gate = gm.graph.get_attr(gate_path)
                 added = gm.graph.call_function(aten.addcmul.default, (site, delta, gate))
-            for node in shared:
+            for node in [*(n for n in inputs if n is not None and n.op == "get_attr"), *shared]:
                 tag(node, adapter, name, "shared")
-            tag(delta, adapter, name, "delta")
             tag(gate, adapter, name, "gate")
             tag(added, adapter, name, "add")
-            site.replace_all_uses_with(added, delete_user_cb=lambda user: user is not added)
+            site.replace_all_uses_with(added, delete_user_cb=lambda user: user is not added and user is not call)
     gm.graph.lint()
     gm.recompile()
     return group_of

@@ -1,0 +1,126 @@
+"""LoRA (Hu et al. 2021): a rank-r update of a frozen weight.
+
+    Δy = s · (dropout(x) Aᵀ) Bᵀ  (+ s · b_B with bias=True)   x (..., in), A (r, in), B (out, r)
+    ΔW = s · B A                                                 (out, in)
+    s  = alpha / r, or alpha / sqrt(r) with rslora
+
+On other ops the factors keep PEFT's shapes and the update stays factored:
+  - conv with groups g: A is a conv with the base's kernel, stride, padding, dilation and
+    groups, in → r (weight (r, in/g, k...)), B a 1x1 conv r → out with groups g (weight
+    (out, r/g, 1...)); group j's ΔW is B_j A_j, so ΔW has the base kernel's own shape;
+  - embedding W (num, dim): A (r, num), B (dim, r), Δy = s · A[:, ids]ᵀ Bᵀ, ΔW = s · (B A)ᵀ.
+A rank above min(out, in) is class LoRAUnit(Unit):
+    rank_axes = {"lora_A": 0, "lora_B": 1}
+
+    def __init__(self, target, rank: int, scale: float, dropout: float, dtype: torch.dtype, init: str,
+                 bias: bool = False):
+        super().__init__()
+        self.op_kind = kind = target.kind
+        groups = kind.groups if isinstance(kind, ConvKind) else 1
+        if isinstance(kind, ConvKind):
+            a_shape = (rank, target.in_features // kind.kernel_size, *kind.kernel)
+            b_shape = (target.out_features, rank // groups, *(1,) * kind.dims)
+        else:
+            a_shape, b_shape = (rank, target.in_features), (target.out_features, rank)
+        self.lora_A = nn.Parameter(torch.empty(a_shape, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(b_shape, dtype=dtype))
+        self.lora_B_bias = nn.Parameter(torch.zeros(target.out_features, dtype=dtype)) if bias else None
+        self.scale = scale
+        self.groups = groups
+        self.table_dtype = target.dtype
+        self.dropout = dropout_module(dropout)
+        embedding = isinstance(kind, EmbeddingKind)
+        if embedding:
+            nn.init.zeros_(self.lora_A)
+            nn.init.normal_(self.lora_B)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+        if init == "nonzero":
+            nn.init.kaiming_uniform_(self.lora_A if embedding else self.lora_B, a=math.sqrt(5))
+            if bias:
+                nn.init.uniform_(self.lora_B_bias, -0.5, 0.5)
+
+    def factored(self, h: torch.Tensor) -> torch.Tensor:
+        """
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..graph.op_kinds import ConvKind, EmbeddingKind
+from .base import Unit, dropout_module
+
+
+class LoRAUnit(Unit):
+    rank_axes = {"lora_A": 0, "lora_B": 1}
+
+    def __init__(self, target, rank: int, scale: float, dropout: float, dtype: torch.dtype, init: str,
+                 bias: bool = False):
+        super().__init__()
+        self.op_kind = kind = target.kind
+        groups = kind.groups if isinstance(kind, ConvKind) else 1
+        if isinstance(kind, ConvKind):
+            a_shape = (rank, target.in_features // kind.kernel_size, *kind.kernel)
+            b_shape = (target.out_features, rank // groups, *(1,) * kind.dims)
+        else:
+            a_shape, b_shape = (rank, target.in_features), (target.out_features, rank)
+        self.lora_A = nn.Parameter(torch.empty(a_shape, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(b_shape, dtype=dtype))
+        self.lora_B_bias = nn.Parameter(torch.zeros(target.out_features, dtype=dtype)) if bias else None
+        self.scale = scale
+        self.groups = groups
+        self.table_dtype = target.dtype
+        self.dropout = dropout_module(dropout)
+        embedding = isinstance(kind, EmbeddingKind)
+        if embedding:
+            nn.init.zeros_(self.lora_A)
+            nn.init.normal_(self.lora_B)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+        if init == "nonzero":
+            nn.init.kaiming_uniform_(self.lora_A if embedding else self.lora_B, a=math.sqrt(5))
+            if bias:
+                nn.init.uniform_(self.lora_B_bias, -0.5, 0.5)
+
+    def factored(self, h: torch.Tensor) -> torch.Tensor:
+        """s · B(A(h)) (+ s · b_B) for an input already cast to the factors' dtype, without dropout."""
+        kind = self.op_kind
+        if isinstance(kind, ConvKind):
+            out = kind.conv(kind.conv(h, self.lora_A), self.lora_B, stride=1, padding=0, dilation=1)
+            bias = None if self.lora_B_bias is None else self.lora_B_bias.view(-1, *(1,) * kind.dims)
+        else:
+            first = kind.lookup(h, self.lora_A.t()) if isinstance(kind, EmbeddingKind) else F.linear(h, self.lora_A)
+            out = F.linear(first, self.lora_B)
+            bias = self.lora_B_bias
+        return (out if bias is None else out + bias) * self.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.op_kind, EmbeddingKind):  # x are ids; Δy in the table's dtype
+            return self.factored(x).to(self.table_dtype)
+        return self.factored(self.dropout(x.to(self.lora_A.dtype))).to(x.dtype)
+
+    def lora_matrix(self) -> torch.Tensor:
+        """B A (out, in) in fp32 (float64 for float64 factors), unscaled; block by block for groups."""
+        dtype = torch.promote_types(self.lora_A.dtype, torch.float32)
+        g = self.groups
+        A = self.lora_A.to(dtype).reshape(g, self.lora_A.shape[0] // g, -1)  # (g, r/g, in/g · k)
+        B = self.lora_B.to(dtype).reshape(g, self.lora_B.shape[0] // g, -1)  # (g, out/g, r/g)
+        return (B @ A).reshape(self.lora_B.shape[0], -1)
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = s · B A (out, in), in fp32, or float64 for float64 factors."""
+        return self.lora_matrix() * self.scale
+
+    def delta_bias(self) -> torch.Tensor | None:
+        if self.lora_B_bias is None:
+            return None
+        return self.lora_B_bias.to(torch.promote_types(self.lora_B_bias.dtype, torch.float32)) * self.scale
+
+    def output_side(self) -> list[nn.Parameter]:
+        return [self.lora_B] + ([self.lora_B_bias] if self.lora_B_bias is not None else [])
