@@ -173,7 +173,7 @@ def _output_names(model: nn.Module, sig: Signature) -> list[str]:
                 f"the graph fails in PyTorch on the example inputs ({type(err).__name__}: {err}); "
                 "pass example_inputs / example_kwargs it accepts (as for lfx.rewrite)"
             ) from err
-    return flat_outputs(result)[0]
+    return flat_outputs(result, reserved=[*sig.names, IDS])[0]
 
 
 def _add_defaults(model: ir.Model, layout: list[AdapterInput]) -> None:
