@@ -43,7 +43,8 @@ from ..adapt.capture import capture
 from ..adapt.rewrite import resolve
 from ..errors import AdapterFileError, LowRankFxError
 from ..graph.record import CONTAINER, Record
-from ..graph.targets import find_targets
+from ..graph.op_kinds import ConvKind, EmbeddingKind, LinearKind
+from ..graph.targets import Target, find_targets
 from ..methods.base import Method, unit_key
 from ..spec import ALL_LINEAR, Spec
 from .atomic import write_atomic
@@ -103,7 +104,7 @@ def _split(entry: PeftFormat, tensors: dict[str, torch.Tensor]):
             shared[key[len(SHARED_PREFIX):]] = value
             continue
         path = key[len(PREFIX):] if key.startswith(PREFIX) else key
-        suffix = next((s for s in entry.tensors if path.endswith("." + s)), None)
+        suffix = max((s for s in entry.tensors if path.endswith("." + s)), key=len, default=None)
         if suffix is not None:
             units.setdefault(path[: -len(suffix) - 1], {})[entry.tensors[suffix]] = value
             continue
@@ -120,16 +121,92 @@ def _split(entry: PeftFormat, tensors: dict[str, torch.Tensor]):
             f"(embedding adapters, DoRA magnitudes, saved modules?): {', '.join(unknown[:5])}"
             + (f" ... ({len(unknown)} in all)" if len(unknown) > 5 else "")
         )
-    names = set(entry.tensors.values())
     for module, found in units.items():
-        if set(found) != names:
-            problems.append(f"{module} lacks {', '.join(sorted(names - set(found)))}")
+        if not entry.required <= set(found):
+            problems.append(f"{module} lacks {', '.join(sorted(entry.required - set(found)))}")
     lacking = [SHARED_PREFIX + name for name in entry.shared if name not in shared]
     if lacking:
         problems.append(f"the adapter's shared tensors are missing: {', '.join(lacking)}")
     if not units and not unknown:
         problems.append("it holds no tensors")
     return units, shared, problems
+
+
+def _target_for(module: str, targets: dict[str, Target]) -> str:
+    """Our target name for a PEFT module path. PEFT adapts a MultiheadAttention `mha` as one
+    module: its packed input projection is `mha` itself (ours: `mha.in_proj`) and its output
+    projection sits under `mha.base_layer.out_proj` (ours: `mha.out_proj`)."""
+    name = module.replace(".base_layer.", ".")
+    if name not in targets and f"{name}.in_proj" in targets:
+        return f"{name}.in_proj"
+    return name
+
+
+def _peft_module(target: str, methods: dict, record: Record) -> str:
+    """PEFT's module path for our target (the inverse of `_target_for`)."""
+    owner, _, leaf = target.rpartition(".")
+    if leaf == "in_proj" and f"{target}_weight" in record.aliases:
+        return owner
+    if leaf == "out_proj" and f"{owner}.in_proj" in methods:
+        return f"{owner}.base_layer.out_proj"
+    return target
+
+
+def _grouped_blocks(kind: ConvKind, rank: int, channels: int):
+    """(rows, input channels) of each group's block in a full conv factor (r, in, k...)."""
+    g = kind.groups
+    return [(slice(j * rank // g, (j + 1) * rank // g), slice(j * channels // g, (j + 1) * channels // g))
+            for j in range(g)]
+
+
+def _to_ours(name: str, value: torch.Tensor, target: Target | None, module: str) -> torch.Tensor:
+    """A PEFT module tensor in our unit's layout: DoRA magnitudes flat (out,); for a grouped conv,
+    PEFT's lora_A over all input channels becomes our grouped kernel (r, in/g, k...), which
+    only holds when PEFT's factor is zero outside the groups."""
+    if target is None:
+        return value
+    if name == "lora_magnitude":
+        return value.reshape(-1)
+    kind = target.kind
+    if name == "lora_A" and isinstance(kind, ConvKind) and kind.groups > 1 and value.dim() == kind.dims + 2:
+        rank, channels = value.shape[:2]
+        blocks = _grouped_blocks(kind, rank, channels)
+        inside = torch.zeros_like(value, dtype=torch.bool)
+        for rows, cols in blocks:
+            inside[rows, cols] = True
+        if value[~inside].abs().max() > 0:
+            raise AdapterFileError(
+                f"{module}: PEFT's LoRA on this grouped conv (groups={kind.groups}) mixes input channels across "
+                "groups, an update that no grouped kernel holds, so it could neither fold nor match lowrank_fx's "
+                "grouped LoRA (whose A is grouped like the base conv); train it with lowrank_fx instead"
+            )
+        return torch.cat([value[rows, cols] for rows, cols in blocks])
+    return value
+
+
+def _to_peft(name: str, value: torch.Tensor, target: Target) -> torch.Tensor:
+    """Our unit tensor in PEFT's layout (the inverse of `_to_ours`)."""
+    kind = target.kind
+    if name == "lora_magnitude" and isinstance(kind, ConvKind):
+        return value.reshape(1, -1, *(1,) * kind.dims)
+    if name == "lora_A" and isinstance(kind, ConvKind) and kind.groups > 1:
+        rank, per_group = value.shape[:2]
+        full = value.new_zeros(rank, per_group * kind.groups, *value.shape[2:])
+        for j, (rows, cols) in enumerate(_grouped_blocks(kind, rank, per_group * kind.groups)):
+            full[rows, cols] = value[rows]
+        return full
+    return value
+
+
+def _suffixes(entry: PeftFormat, unit, target: Target) -> dict[str, str]:
+    """Our unit's parameter name -> PEFT's tensor suffix (embeddings have names of their own in PEFT)."""
+    found = {}
+    for suffix, name in entry.tensors.items():
+        if getattr(unit, name, None) is None:
+            continue
+        if name not in found or (isinstance(target.kind, EmbeddingKind) and "embedding" in suffix):
+            found[name] = suffix
+    return found
 
 
 def _literal(name: str) -> str:
@@ -191,6 +268,14 @@ def load_peft(model, directory: str | os.PathLike, adapter: str = "default", exa
     if problems:
         raise AdapterFileError(f"cannot load the PEFT adapter in {directory}:\n" + "\n".join(f"  - {p}" for p in problems))
     gm = capture(model, example_inputs, example_kwargs)
+    targets = find_targets(gm, Record.find(gm).aliases)
+    ours = {module: _target_for(module, targets) for module in units}
+    try:
+        units = {ours[m]: {name: _to_ours(name, value, targets.get(ours[m]), m) for name, value in found.items()}
+                 for m, found in units.items()}
+    except AdapterFileError as err:
+        raise AdapterFileError(f"cannot load the PEFT adapter in {directory}:\n  - {err}") from None
+    methods = {ours[m]: method for m, method in methods.items()}
     placement = place(gm, adapter, _spec(gm, config, methods), {m: entry.shape(t) for m, t in units.items()})
     values = {}
     if placement.module is not None:
@@ -232,7 +317,7 @@ def save_peft(gm: fx.GraphModule, directory: str | os.PathLike, adapter: str | N
             f"adapter {name!r} uses {', '.join(sorted(kinds))}; PEFT export supports adapters of one method among "
             f"{', '.join(e.kind for e in FORMATS.values())}"
         )
-    not_modules = [t for t in methods if f"{t}.weight" not in record.aliases]
+    not_modules = [t for t in methods if f"{t}.weight" not in record.aliases and _peft_module(t, methods, record) == t]
     if not_modules:
         raise AdapterFileError(
             f"PEFT adapts modules by their .weight, and these targets are not modules with a weight in the "
@@ -244,20 +329,22 @@ def save_peft(gm: fx.GraphModule, directory: str | os.PathLike, adapter: str | N
         "base_model_name_or_path": base_model_name_or_path,
         "task_type": task_type,
         "inference_mode": True,
-        "target_modules": sorted(methods),
+        # an adapted MHA is one PEFT module, whose out_proj PEFT adapts with it
+        "target_modules": sorted({m for t in methods if ".base_layer." not in (m := _peft_module(t, methods, record))}),
         "bias": "none",
-        "fan_in_fan_out": all(targets[t].layout == "in_out" for t in methods),
+        "fan_in_fan_out": all(targets[t].layout == "in_out" for t in methods if isinstance(targets[t].kind, LinearKind)),
         **entry.config(methods),
     }
     groups = getattr(gm, CONTAINER)[name]
     tensors = {}
     for target, method in methods.items():
         group = groups[record.adapters[name].groups[target]]
-        for suffix, param in entry.tensors.items():
-            tensors[f"{PREFIX}{target}.{suffix}"] = getattr(group.units[unit_key(target)], param)
+        unit, module = group.units[unit_key(target)], _peft_module(target, methods, record)
+        for param, suffix in _suffixes(entry, unit, targets[target]).items():
+            tensors[f"{PREFIX}{module}.{suffix}"] = _to_peft(param, getattr(unit, param), targets[target])
         for peft_name, shared in entry.shared.items():
             value = shared.to_peft(getattr(group, shared.name), method)
-            tensors[f"{SHARED_PREFIX}{peft_name}"] = tensors[f"{PREFIX}{target}.{peft_name}"] = value
+            tensors[f"{SHARED_PREFIX}{peft_name}"] = tensors[f"{PREFIX}{module}.{peft_name}"] = value
     tensors = {key: value.detach().cpu().contiguous().clone() for key, value in tensors.items()}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,7 @@ class PeftFormat:
     peft_type: str  # adapter_config.json "peft_type"
     kind: str  # our Method.kind
     tensors: dict[str, str]  # PEFT tensor suffix after the module path -> our unit's parameter name
+    required: frozenset[str]  # our parameter names every module must have (the others are optional)
     settings: dict[str, Callable[[object], bool]]  # understood config keys -> is this value supported?
     method: Callable[[dict, str, dict[str, torch.Tensor]], Method]  # (config, module, its tensors) -> ours
     config: Callable[[dict[str, Method]], dict]  # our methods by target -> method-specific config fields
@@ -62,13 +63,11 @@ COMMON = {
 # Why a setting is refused, for the error message (default: "not supported").
 HINTS = {
     "bias": "lowrank_fx adapters do not train biases; only bias='none' loads",
-    "use_dora": "DoRA's magnitude vector has no lowrank_fx method",
     "modules_to_save": "fully trained extra modules (e.g. a classifier head) are not adapters; "
                        "load them into the model before capture",
     "init_lora_weights": "this initialisation modifies the base weights (PiSSA, OLoRA, CorDA, LoftQ, "
                          "LoRA-GA) or is a LoRA variant (MiCA); convert the adapter to plain LoRA with "
                          "PEFT (save_pretrained(..., path_initial_model_for_weight_conversion=...)) first",
-    "lora_bias": "a bias on lora_B has no lowrank_fx counterpart",
     "target_parameters": "adapters on bare parameters (MoE experts) are not supported",
     "layer_replication": "replicated layers do not exist in the captured graph",
     "trainable_token_indices": "trainable embedding rows are not supported",
@@ -91,13 +90,18 @@ def _lora_method(config: dict, module: str, tensors: dict[str, torch.Tensor]) ->
     rank = pattern_value(config.get("rank_pattern") or {}, module, config.get("r", 8))
     alpha = pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
     found = tensors["lora_A"].shape[0]
-    if found != rank or tensors["lora_B"].shape[1] != rank:
+    if found != rank:
         raise AdapterFileError(
             f"{module}: lora_A {tuple(tensors['lora_A'].shape)} and lora_B {tuple(tensors['lora_B'].shape)} "
             f"do not have the rank {rank} that the config gives it (r / rank_pattern)"
         )
+    dora, bias = "lora_magnitude" in tensors, "lora_B_bias" in tensors
+    for setting, value, present in (("use_dora", dora, "a DoRA magnitude"), ("lora_bias", bias, "a lora_B bias")):
+        if bool(config.get(setting, False)) != value:
+            raise AdapterFileError(f"{module}: the config says {setting}={config.get(setting, False)!r} but the module "
+                                   f"{'has' if value else 'lacks'} {present}; the directory is inconsistent")
     return LoRA(rank=int(rank), alpha=float(alpha), dropout=float(config.get("lora_dropout", 0.0)),
-                rslora=bool(config.get("use_rslora", False)))
+                rslora=bool(config.get("use_rslora", False)), dora=dora, bias=bias)
 
 
 def _plain(number: float):
@@ -105,7 +109,7 @@ def _plain(number: float):
 
 
 def _lora_config(methods: dict[str, LoRA]) -> dict:
-    for option in ("rslora", "dropout"):
+    for option in ("rslora", "dropout", "dora", "bias"):
         values = {getattr(m, option) for m in methods.values()}
         if len(values) > 1:
             raise AdapterFileError(
@@ -120,6 +124,8 @@ def _lora_config(methods: dict[str, LoRA]) -> dict:
         "lora_alpha": _plain(alpha),
         "lora_dropout": first.dropout,
         "use_rslora": first.rslora,
+        "use_dora": first.dora,
+        "lora_bias": first.bias,
         "init_lora_weights": True,
         "rank_pattern": {re.escape(t): m.rank for t, m in methods.items() if m.rank != rank},
         "alpha_pattern": {re.escape(t): _plain(m.alpha) for t, m in methods.items() if m.alpha != alpha},
@@ -129,10 +135,13 @@ def _lora_config(methods: dict[str, LoRA]) -> dict:
 LORA = PeftFormat(
     peft_type="LORA",
     kind="lora",
-    tensors={"lora_A.weight": "lora_A", "lora_B.weight": "lora_B"},
+    # Embeddings keep their own names (same shapes as ours); conv factors are conv kernels.
+    tensors={"lora_A.weight": "lora_A", "lora_B.weight": "lora_B", "lora_embedding_A": "lora_A",
+             "lora_embedding_B": "lora_B", "lora_B.bias": "lora_B_bias", "lora_magnitude_vector": "lora_magnitude"},
+    required=frozenset({"lora_A", "lora_B"}),
     settings={
         **COMMON,
-        "r": _any, "lora_alpha": _any, "lora_dropout": _any, "use_rslora": _any,
+        "r": _any, "lora_alpha": _any, "lora_dropout": _any, "use_rslora": _any, "use_dora": _any, "lora_bias": _any,
         "rank_pattern": _any, "alpha_pattern": _any,
         # only the values loaded matter, not how they were initialised, unless the
         # initialisation also changed the base weights
@@ -143,7 +152,8 @@ LORA = PeftFormat(
     },
     method=_lora_method,
     config=_lora_config,
-    shape=lambda tensors: (tensors["lora_B"].shape[0], tensors["lora_A"].shape[1]),
+    # (out, in) for linear and embedding factors; a conv's kernels do not give the matrix view's in
+    shape=lambda tensors: (tensors["lora_B"].shape[0], tensors["lora_A"].shape[1]) if tensors["lora_A"].dim() == 2 else None,
 )
 
 def _randlora_method(config: dict, module: str, tensors: dict[str, torch.Tensor]) -> RandLoRA:
@@ -182,6 +192,7 @@ RANDLORA = PeftFormat(
     peft_type="RANDLORA",
     kind="randlora",
     tensors={"randlora_lambda": "lam", "randlora_gamma": "gamma"},
+    required=frozenset({"lam", "gamma"}),
     settings={
         **COMMON,
         "r": _any, "randlora_alpha": _any, "randlora_dropout": _any, "init_weights": _any,

@@ -1,0 +1,158 @@
+"""PEFT's own custom-model matrix (the LoraConfig rows of its TEST_CASES), against PEFT itself.
+
+Each row adapts one of PEFT's small models (peft_matrix_models.py) with the row's settings.
+Both directions run with identical weights, fp32, relative error 1e-5:
+  - ours -> PEFT: our adapter (random non-zero factors, DoRA magnitudes perturbed) saved with
+    `save_peft` and loaded by `PeftModel.from_pretrained` gives the same outputs; `merge` and
+    `merged_state_dict` (loaded into a fresh model) give them too, as does PEFT's
+    `merge_and_unload` (PEFT cannot merge grouped convs, so those rows skip only that);
+  - PEFT -> ours: a PEFT adapter with random factors (`init_lora_weights=False`) loaded with
+    `load_peft` gives PEFT's outputs (not for grouped convs: PEFT's factor there mixes groups,
+    which `load_peft` refuses with an error, checked below).
+MultiheadAttention: PEFT (0.21.2 and its main branch) adds the out_proj update twice when it
+merges an MHA (its MHA layer merges out_proj by hand, then calls out_proj's own merge), in the
+forward as in merge_and_unload. Our graph adds it once, which a hand-merged oracle confirms;
+against PEFT those rows compare with our out_proj factor B doubled, which is PEFT's effective update.
+DoRA on grouped convs: PEFT computes DoRA's norm from `B.view(-1, r) @ A.view(r, -1)`, which
+is not the update of a grouped factor pair, so its outputs are not DoRA's; those rows check
+our graph against folding (the original model with W' = m ⊙ V / ‖V‖ written in) only.
+Research variants of LoraConfig (VeLoRA, KaSA, MiCA, MonteCLoRA) are refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import peft
+import pytest
+import torch
+
+import lowrank_fx as lfx
+import peft_matrix_models as pm
+
+# (row id, model, LoraConfig settings) in the order of PEFT's TEST_CASES.
+ROWS = [
+    ("Vanilla MLP 1 LoRA", "MLP", {"target_modules": "lin0"}),
+    ("Vanilla MLP 2 LoRA", "MLP", {"target_modules": ["lin0"]}),
+    ("Vanilla MLP 3 LoRA", "MLP", {"target_modules": ["lin1"]}),
+    ("Vanilla MLP 4 LoRA", "MLP", {"target_modules": ["lin0", "lin1"]}),
+    ("Vanilla MLP 6 LoRA", "MLP", {"target_modules": ["lin0"], "lora_alpha": 4, "lora_dropout": 0.1}),
+    ("Vanilla MLP 7 LoRA with DoRA", "MLP", {"target_modules": ["lin0"], "use_dora": True}),
+    ("Vanilla MLP 8 LoRA with DoRA", "MLP", {"target_modules": ["lin0", "lin1"], "use_dora": True}),
+    ("Vanilla MLP 9 LoRA with DoRA", "MLP", {"target_modules": "lin1", "use_dora": True, "lora_alpha": 32}),
+    ("Embedding + transformers Conv1D 1 LoRA", "EmbConv1D", {"target_modules": ["conv1d"]}),
+    ("Embedding + transformers Conv1D 2 LoRA", "EmbConv1D", {"target_modules": ["emb"]}),
+    ("Embedding + transformers Conv1D 3 LoRA", "EmbConv1D", {"target_modules": ["emb", "conv1d"]}),
+    ("Embedding + transformers Conv1D 1 DoRA", "EmbConv1D", {"target_modules": ["conv1d"], "use_dora": True}),
+    ("Embedding + transformers Conv1D 2 DoRA", "EmbConv1D", {"target_modules": ["emb"], "use_dora": True}),
+    ("Embedding + transformers Conv1D 3 DoRA", "EmbConv1D", {"target_modules": ["emb", "conv1d"], "use_dora": True}),
+    ("Conv1d LoRA", "Conv1d", {"target_modules": ["conv1d"]}),
+    ("Conv1d LoRA with DoRA", "Conv1d", {"target_modules": ["conv1d"], "use_dora": True}),
+    ("Conv2d 1 LoRA", "Conv2d", {"target_modules": ["conv2d"]}),
+    ("Conv2d 2 LoRA", "Conv2d", {"target_modules": ["conv2d", "lin0"]}),
+    ("Conv2d 1 LoRA with DoRA", "Conv2d", {"target_modules": ["conv2d"], "use_dora": True}),
+    ("Conv2d 2 LoRA with DoRA", "Conv2d", {"target_modules": ["conv2d", "lin0"], "use_dora": True}),
+    ("Conv2d Groups LoRA", "Conv2dGroups", {"target_modules": ["conv2d"]}),
+    ("Conv2d Groups2 LoRA", "Conv2dGroups2", {"target_modules": ["conv2d"]}),
+    ("Conv2d Groups LoRA with DoRA", "Conv2dGroups", {"target_modules": ["conv2d"], "use_dora": True}),
+    ("Conv2d Groups2 LoRA with DoRA", "Conv2dGroups2", {"target_modules": ["conv2d"], "use_dora": True}),
+    ("Conv3d 1 LoRA", "Conv3d", {"target_modules": ["conv3d"]}),
+    ("Conv3d 2 LoRA", "Conv3d", {"target_modules": ["conv3d", "lin0"]}),
+    ("Conv3d 1 LoRA with DoRA", "Conv3d", {"target_modules": ["conv3d"], "use_dora": True}),
+    ("Conv3d 2 LoRA with DoRA", "Conv3d", {"target_modules": ["conv3d", "lin0"], "use_dora": True}),
+    ("Vanilla MLP 1 LoRA with lora_b bias", "MLP", {"target_modules": ["lin0", "lin1"], "lora_bias": True, "lora_alpha": 32}),
+    ("Conv2d 1 LoRA with lora_b bias", "Conv2d", {"target_modules": ["conv2d"], "lora_bias": True, "lora_alpha": 32}),
+    ("Conv3d 1 LoRA with lora_b bias", "Conv3d", {"target_modules": ["conv3d"], "lora_bias": True, "lora_alpha": 32}),
+    ("MHA 1 LoRA", "MHA", {"target_modules": ["mha"]}),
+    ("MHA 2 LoRA", "MHA", {"target_modules": ["mha", "lin0"]}),
+]
+GROUPED = {"Conv2dGroups", "Conv2dGroups2"}
+# PEFT adapts nn.MultiheadAttention as one module: our targets are its two projections.
+MODULE_TARGETS = {"mha": ["mha.in_proj", "mha.out_proj"]}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def our_spec(settings: dict) -> lfx.Spec:
+    modules = settings["target_modules"]
+    modules = [modules] if isinstance(modules, str) else modules
+    targets = [t for m in modules for t in MODULE_TARGETS.get(m, [m])]
+    method = lfx.LoRA(rank=settings.get("r", 8), alpha=float(settings.get("lora_alpha", 8)),
+                      dropout=settings.get("lora_dropout", 0.0), dora=settings.get("use_dora", False),
+                      bias=settings.get("lora_bias", False), init="nonzero")
+    return lfx.Spec(targets=targets, method=method)
+
+
+def as_peft_computes(gm, model_name: str):
+    """`gm`, or for the MHA rows a copy with out_proj's B doubled (PEFT's double merge, above)."""
+    if model_name != "MHA" or not hasattr(gm.lowrank_fx.default.lora.units, "mha-out_proj"):
+        return gm
+    gm = copy.deepcopy(gm)
+    with torch.no_grad():
+        gm.lowrank_fx.default.lora.units["mha-out_proj"].lora_B.mul_(2)
+    return gm
+
+
+def hand_merged(model, gm):
+    """The original model with W += s · B A written out per target from gm's factors (no lowrank_fx folding)."""
+    merged = copy.deepcopy(model)
+    params = dict(merged.named_parameters())
+    with torch.no_grad():
+        for key, unit in gm.lowrank_fx.default.lora.units.items():
+            name = key.replace("-", ".")
+            weight = params.get(f"{name}.weight", params.get(f"{name}_weight"))
+            weight += unit.scale * (unit.lora_B @ unit.lora_A)
+    return merged
+
+
+def _perturb_magnitudes(gm) -> None:
+    with torch.no_grad():
+        for name, param in gm.lowrank_fx.named_parameters():
+            if name.endswith("lora_magnitude"):
+                param.mul_(1 + 0.2 * torch.randn_like(param))
+            if name.endswith("lora_B_bias"):
+                param.uniform_(-0.5, 0.5)
+
+
+@pytest.mark.parametrize("row,model_name,settings", ROWS, ids=[r[0] for r in ROWS])
+def test_ours_to_peft(row, model_name, settings, tmp_path):
+    model, x = pm.build(model_name), pm.INPUTS[model_name]()
+    gm = lfx.rewrite(copy.deepcopy(model), our_spec(settings), example_inputs=(x,))
+    _perturb_magnitudes(gm)
+    gm.eval()
+    ours = gm(x)
+    lfx.save_peft(gm, tmp_path / "peft")
+    theirs_model = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "peft").eval()
+    with torch.no_grad():
+        theirs = theirs_model(x)
+        if model_name in GROUPED and settings.get("use_dora"):
+            theirs = ours  # PEFT's grouped DoRA is not DoRA (above): the fold checks below are the oracle
+        if model_name == "MHA":
+            assert rel(ours, hand_merged(model, gm)(x)) < 1e-5
+            assert rel(as_peft_computes(gm, model_name)(x), theirs) < 1e-5
+            theirs = ours
+    assert rel(ours, theirs) < 1e-5
+    assert rel(lfx.merge(gm)(x), theirs) < 1e-5
+    fresh = pm.build(model_name, seed=1)
+    fresh.load_state_dict(lfx.merged_state_dict(gm))
+    with torch.no_grad():
+        assert rel(fresh(x), theirs) < 1e-5
+        if model_name not in GROUPED:  # PEFT raises NotImplementedError merging grouped convs
+            assert rel(theirs_model.merge_and_unload()(x), theirs_model(x) if model_name == "MHA" else theirs) < 1e-5
+
+
+@pytest.mark.parametrize("row,model_name,settings", ROWS, ids=[r[0] for r in ROWS])
+def test_peft_to_ours(row, model_name, settings, tmp_path):
+    model, x = pm.build(model_name), pm.INPUTS[model_name]()
+    peft_model = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(init_lora_weights=False, **settings)).eval()
+    peft_model.save_pretrained(tmp_path / "peft")
+    if model_name in GROUPED:
+        with pytest.raises(lfx.AdapterFileError, match="mixes input channels across groups"):
+            lfx.load_peft(copy.deepcopy(model), tmp_path / "peft", example_inputs=(x,))
+        return
+    gm = lfx.load_peft(copy.deepcopy(model), tmp_path / "peft", example_inputs=(x,)).eval()
+    with torch.no_grad():
+        assert rel(as_peft_computes(gm, model_name)(x), peft_model(x)) < 1e-5
