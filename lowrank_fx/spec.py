@@ -99,7 +99,11 @@ class Spec:
                 if name not in chosen and not any(ex(name) for ex in excluded):
                     chosen[name] = method
         if not chosen:
-            raise SpecError(f"every target matched by {self.rules()[0][0]!r} is excluded by {list(self.exclude)}")
+            patterns = [p for p, _ in self.rules()]
+            raise SpecError(
+                f"every target matched by {', '.join(map(repr, patterns))} is excluded by {list(self.exclude)}; "
+                "narrow Spec.exclude or add target patterns"
+            )
         return {n: chosen[n] for n in names if n in chosen}
 
 

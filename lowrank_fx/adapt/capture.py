@@ -9,6 +9,10 @@ Three ways in:
     serves every batch size and sequence length the model allows;
   - without examples: `torch.fx.symbolic_trace`, for simple modules.
 
+An exported graph's forward takes the examples' argument names; the ones that hold no tensor
+(`use_cache=False`) default to their example value and refuse any other (passes/call_defaults.py).
+example_kwargs alone is a complete example; any Mapping (a tokenizer's BatchEncoding) is taken.
+
 Export traces the model in training mode, so dropout and batch norm are in the graph; the
 `mode_aware` pass then makes them follow `.train()` / `.eval()`, and the graph starts in the
 model's own mode. Other Python branches on `self.training` are fixed at capture time (train).
@@ -19,7 +23,9 @@ that torch.compile cannot trace with dynamic shapes, become plain calls (passes/
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
+from collections.abc import Mapping
 
 import torch
 from torch import fx, nn
@@ -27,6 +33,7 @@ from torch.export import Dim, ShapesCollection
 
 from ..errors import CaptureError, ModelTypeError
 from ..graph.record import Record
+from ..passes.call_defaults import set_call_defaults
 from ..passes.grad_regions import unwrap_regions
 from ..passes.inline_linear import inline_linear
 from ..passes.mode_aware import make_mode_aware
@@ -84,6 +91,43 @@ def _hint(model: nn.Module, kwargs: dict, error: Exception) -> str:
     return "; or ".join(hints)
 
 
+def _examples(model: nn.Module, example_inputs, example_kwargs) -> tuple[tuple, dict]:
+    """(args, kwargs) for torch.export. example_kwargs may be any Mapping (a BatchEncoding)."""
+    if example_inputs is None:
+        args = ()
+    elif isinstance(example_inputs, (tuple, list)):
+        args = tuple(example_inputs)
+    else:
+        args = (example_inputs,)
+    if example_kwargs is None:
+        kwargs = {}
+    elif isinstance(example_kwargs, Mapping):
+        kwargs = dict(example_kwargs)
+    else:
+        raise CaptureError(
+            f"example_kwargs must map argument names to values (a dict, or a tokenizer's BatchEncoding), "
+            f"got {type(example_kwargs).__name__}; pass positional examples as example_inputs=(...)"
+        )
+    bad = [k for k in kwargs if not isinstance(k, str)]
+    if bad:
+        raise CaptureError(f"example_kwargs keys must be argument names (strings), got {bad[:3]!r}")
+    if model._forward_pre_hooks:  # a hook may supply or change arguments: let export judge
+        return args, kwargs
+    try:
+        forward = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return args, kwargs
+    try:
+        forward.bind(*args, **kwargs)
+    except TypeError as err:
+        raise CaptureError(
+            f"the examples do not fit {type(model).__name__}.forward{forward}: {err}. Give each argument "
+            "once: positional ones in example_inputs=(...) in the forward's order, the others by name in "
+            "example_kwargs={...} (example_kwargs alone is enough, e.g. {'input_ids': ids, 'use_cache': False})."
+        ) from None
+    return args, kwargs
+
+
 def _plain(gm: fx.GraphModule) -> fx.GraphModule:
     """A plain GraphModule over the same graph and tensors (exported ones refuse .train())."""
     plain = fx.GraphModule(gm, copy.deepcopy(gm.graph))
@@ -118,11 +162,11 @@ def capture(model, example_inputs=None, example_kwargs=None, dynamic: bool = Tru
         return gm
     if example_inputs is None and example_kwargs is None:
         return _symbolic(model)
-    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    kwargs = dict(example_kwargs or {})
+    args, kwargs = _examples(model, example_inputs, example_kwargs)
     if dynamic_shapes is None and dynamic:
         dynamic_shapes = _auto_dynamic(model, args, kwargs)
     was_training = model.training
+    modes = [(module, module.training) for module in model.modules()]
     model.train()
     try:
         exported = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
@@ -133,8 +177,10 @@ def capture(model, example_inputs=None, example_kwargs=None, dynamic: bool = Tru
             f"Try: {_hint(model, kwargs, err)}."
         ) from err
     finally:
-        model.train(was_training)
+        for module, training in modes:  # each submodule's own flag, not only the root's
+            module.training = training
     gm = _plain(exported.module())
+    set_call_defaults(gm, args, kwargs)
     unwrap_regions(gm)
     make_mode_aware(gm)
     gm.train(was_training)

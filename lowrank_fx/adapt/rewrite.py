@@ -19,29 +19,50 @@ def resolve(gm: fx.GraphModule, spec: Spec) -> tuple[dict[str, Target], dict]:
         raise SpecError(f"expected an lfx.Spec, got {type(spec).__name__}; e.g. lfx.Spec(targets=['*.q_proj'], method=lfx.LoRA(rank=8))")
     record = Record.find(gm)
     targets = find_targets(gm, record.aliases if record else None)
+    heads = output_heads(gm, targets)
     try:
-        assignment = spec.assign(list(targets), output_heads(gm, targets))
+        assignment = spec.assign(list(targets), heads)
     except SpecError as err:
-        _raise_if_not_linear(gm, spec, targets, err)
+        _raise_if_not_linear(gm, spec, targets, heads, err)
         raise
     bound = {method: method.for_graph(gm) for method in set(assignment.values())}
     return targets, {name: bound[method] for name, method in assignment.items()}
 
 
-def _raise_if_not_linear(gm, spec, targets, err):
-    """A pattern that matches a weight which is not linear-like gets a TargetError instead."""
-    linear_weights = {t.weight for t in targets.values()}
+def _unmatched(spec: Spec, targets: dict[str, Target], heads: set[str]):
+    """(pattern, matcher) of the first pattern of `spec` that matches no target, as assign sees it."""
     for pattern, _ in spec.rules():
         match = _compile(pattern)
-        if match is None:
-            continue
-        for weight, ops in weight_uses(gm).items():
-            if weight not in linear_weights and (match(weight) or match(weight.rsplit(".", 1)[0])):
-                raise TargetError(
-                    f"pattern {pattern!r} matches {weight}, which is used by {', '.join(sorted(set(ops)))}: "
-                    "not a linear-like op. Only weights multiplied by an activation (linear, addmm, "
-                    "mm, matmul) can be adapted; lfx.plan(...) lists the targets."
-                ) from err
+        hits = [n for n in targets if (n not in heads if match is None else match(n))]
+        if not hits:
+            return pattern, match
+    return None, None
+
+
+def _adapted_tensors(gm: fx.GraphModule, targets: dict[str, Target]) -> set[str]:
+    """Every target's weight, and any parameter its call sites read directly (its bias)."""
+    names = {t.weight for t in targets.values()} | {t.bias for t in targets.values() if t.bias}
+    sites = {site for t in targets.values() for site in t.sites}
+    for node in gm.graph.nodes:
+        if node.name in sites:
+            names.update(arg.target for arg in node.all_input_nodes if arg.op == "get_attr")
+    return names
+
+
+def _raise_if_not_linear(gm, spec, targets, heads, err):
+    """If the pattern that matched no target matches a non-linear op's weight, raise TargetError."""
+    pattern, match = _unmatched(spec, targets, heads)
+    if match is None:  # no pattern failed (all excluded), or "all-linear" found nothing
+        return
+    adapted = _adapted_tensors(gm, targets)
+    for weight, ops in weight_uses(gm).items():
+        if weight not in adapted and (match(weight) or match(weight.rsplit(".", 1)[0])):
+            raise TargetError(
+                f"pattern {pattern!r} matches {weight}, which is used by {', '.join(sorted(set(ops)))}: "
+                "not a linear-like op. Only weights multiplied by an activation (linear, addmm, "
+                f"mm, matmul) can be adapted: drop {pattern!r} from Spec.targets or name a linear layer; "
+                "lfx.plan(...) lists the targets."
+            ) from err
 
 
 def rewrite(model, spec: Spec, example_inputs=None, example_kwargs=None, adapter: str = "default",
@@ -50,7 +71,9 @@ def rewrite(model, spec: Spec, example_inputs=None, example_kwargs=None, adapter
 
     Returns a GraphModule whose base weights are frozen and whose adapter parameters (this
     adapter's only) require grad. Passing a GraphModule that lowrank_fx already rewrote adds
-    a second adapter to it, in place. The graph is unchanged if anything fails.
+    a second adapter to it, in place. The graph is unchanged if anything fails. Every
+    submodule of `model` keeps its train/eval flag. Example arguments that hold no tensor
+    (`use_cache=False`) become defaults of the graph's forward (see capture.py).
     """
     if not isinstance(adapter, str) or not adapter.isidentifier():
         raise SpecError(f"adapter name must be a Python identifier such as 'default', got {adapter!r}")
