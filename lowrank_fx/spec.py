@@ -2,7 +2,9 @@
 
 Patterns are matched against target names (see `graph/targets.py`):
   - a glob, matched against the whole name or any dotted suffix of it, so "q_proj",
-    "*.q_proj" and "model.layers.0.self_attn.q_proj" all match that target;
+    "*.q_proj" and "model.layers.0.self_attn.q_proj" all match that target; a parameter's
+    name ("lin0.weight", "*.in_proj_weight") selects the target of that weight, as PEFT's
+    `target_parameters` do;
   - "re:<regex>", searched (re.search) in the full name;
   - "all-linear": every linear-like target except an output head that is tied to an
     embedding, or whose output size equals an embedding table's size and whose result
@@ -37,9 +39,15 @@ def _compile(pattern: str):
     if pattern == ALL_LINEAR:
         return None  # resolved against the graph by `Spec.assign`
 
+    # A parameter's name selects the target of that weight ("lin0.weight" -> "lin0"), as PEFT's
+    # target_parameters do.
+    module = next((pattern[: -len(s)] for s in (".weight", "_weight") if pattern.endswith(s) and len(pattern) > len(s)), None)
+
     def glob(name: str) -> bool:
         parts = name.split(".")
-        return any(fnmatch.fnmatchcase(".".join(parts[i:]), pattern) for i in range(len(parts)))
+        suffixes = [".".join(parts[i:]) for i in range(len(parts))]
+        return any(fnmatch.fnmatchcase(suffix, pattern) or (module is not None and fnmatch.fnmatchcase(suffix, module))
+                   for suffix in suffixes)
 
     return glob
 

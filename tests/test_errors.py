@@ -55,25 +55,45 @@ def test_rank_must_be_positive():
             lfx.LoRA(rank=rank)
 
 
-def test_rank_larger_than_the_layer_allows_leaves_graph_unchanged():
-    with pytest.raises(lfx.SpecError) as info:
-        rewrite(lfx.Spec(["k_proj"], method=lfx.LoRA(rank=6)))
-    assert "attn.k_proj" in str(info.value) and "4x8" in str(info.value) and "at most 4" in str(info.value)
+def test_rank_above_min_dimension_is_exact_and_a_bias_without_base_bias_leaves_graph_unchanged():
+    # A rank above min(out, in) is accepted, as PEFT does: the update is exact, just not low-rank.
+    model = Small()
+    gm = rewrite(lfx.Spec(["k_proj"], method=lfx.LoRA(rank=6, init="nonzero")), model=model)
+    unit = gm.lowrank_fx.default.lora.units["attn-k_proj"]
+    expected = model(*IDS) + (unit.scale * (model.embed_tokens(*IDS) @ (unit.lora_B @ unit.lora_A).t())).sum(-1)
+    torch.testing.assert_close(gm(*IDS), expected, rtol=1e-5, atol=1e-6)
 
-    gm = rewrite(lfx.Spec(["q_proj"], method=lfx.LoRA(rank=2)))
+    no_bias = Small()
+    no_bias.attn["k_proj"] = nn.Linear(8, 4, bias=False)
+    gm = rewrite(lfx.Spec(["q_proj"], method=lfx.LoRA(rank=2)), model=no_bias)
     before = state_of(gm)
-    with pytest.raises(lfx.SpecError, match="at most 4"):
-        lfx.rewrite(gm, lfx.Spec(["k_proj"], method=lfx.LoRA(rank=5)), adapter="second")
+    with pytest.raises(lfx.SpecError, match="bias=True.*k_proj.*has none"):
+        lfx.rewrite(gm, lfx.Spec(["k_proj"], method=lfx.LoRA(rank=2, bias=True)), adapter="second")
     assert_same(gm, before)
     assert list(gm.lowrank_fx) == ["default"]
 
 
+class WithNorm(Small):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, ids):
+        return super().forward(ids) + self.norm(self.embed_tokens(ids)).sum(-1)
+
+
 def test_target_that_is_not_linear_like():
     with pytest.raises(lfx.TargetError) as info:
-        rewrite(lfx.Spec(["*.embed_tokens", "embed_tokens"]))
+        rewrite(lfx.Spec(["q_proj", "norm"]), model=WithNorm())
     message = str(info.value)
-    assert "embed_tokens.weight" in message and "embedding" in message and "linear-like" in message
+    assert "norm.weight" in message and "layer_norm" in message and "linear-like" in message
     assert isinstance(info.value, ValueError)
+
+
+def test_embeddings_and_convs_are_targets_by_name_but_not_all_linear():
+    gm = rewrite(lfx.Spec(["embed_tokens"], method=lfx.LoRA(rank=2)))
+    assert gm.lowrank_fx.default.lora.target_names == ["embed_tokens"]
+    assert "embed_tokens" not in rewrite(lfx.Spec("all-linear")).lowrank_fx.default.lora.target_names
 
 
 def test_unknown_option_names_the_right_one():

@@ -65,6 +65,8 @@ ROWS = [
     ("Conv3d 1 LoRA with lora_b bias", "Conv3d", {"target_modules": ["conv3d"], "lora_bias": True, "lora_alpha": 32}),
     ("MHA 1 LoRA", "MHA", {"target_modules": ["mha"]}),
     ("MHA 2 LoRA", "MHA", {"target_modules": ["mha", "lin0"]}),
+    ("MLP 1 using nn.Parameter LoRA", "MlpUsingParameters", {"target_parameters": ["lin0.weight"]}),
+    ("MLP 2 using nn.Parameter LoRA", "MLP", {"target_modules": ["lin0"], "target_parameters": ["lin1.weight"]}),
 ]
 GROUPED = {"Conv2dGroups", "Conv2dGroups2"}
 # PEFT adapts nn.MultiheadAttention as one module: our targets are its two projections.
@@ -77,9 +79,9 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def our_spec(settings: dict) -> lfx.Spec:
-    modules = settings["target_modules"]
+    modules = settings.get("target_modules", [])
     modules = [modules] if isinstance(modules, str) else modules
-    targets = [t for m in modules for t in MODULE_TARGETS.get(m, [m])]
+    targets = [t for m in modules for t in MODULE_TARGETS.get(m, [m])] + settings.get("target_parameters", [])
     method = lfx.LoRA(rank=settings.get("r", 8), alpha=float(settings.get("lora_alpha", 8)),
                       dropout=settings.get("lora_dropout", 0.0), dora=settings.get("use_dora", False),
                       bias=settings.get("lora_bias", False), init="nonzero")
@@ -156,3 +158,27 @@ def test_peft_to_ours(row, model_name, settings, tmp_path):
     gm = lfx.load_peft(copy.deepcopy(model), tmp_path / "peft", example_inputs=(x,)).eval()
     with torch.no_grad():
         assert rel(as_peft_computes(gm, model_name)(x), peft_model(x)) < 1e-5
+
+
+VARIANTS = [
+    ("Vanilla MLP 1 LoRA with KaSA", {"target_modules": ["lin0"], "kasa_config": peft.KasaConfig(), "r": 4}, "kasa_config"),
+    ("Vanilla MLP 1 LoRA with MiCA", {"target_modules": ["lin0"], "init_lora_weights": "mica", "r": 4}, "init_lora_weights"),
+    ("Vanilla MLP 10 LoRA with VeLoRA random",
+     {"target_modules": ["lin0"], "velora_config": peft.VeloraConfig(num_groups=2, init_type="random")}, "velora_config"),
+    ("Vanilla MLP 11 LoRA with VeLoRA batch_average",
+     {"target_modules": ["lin0", "lin1"], "velora_config": peft.VeloraConfig(num_groups=2, init_type="batch_average")},
+     "velora_config"),
+    ("Vanilla MLP 12 LoRA with VeLoRA batch_average_once",
+     {"target_modules": ["lin0"], "velora_config": peft.VeloraConfig(num_groups=2, init_type="batch_average_once")},
+     "velora_config"),
+    ("Vanilla MLP 1 LoRA with Monteclora",
+     {"target_modules": ["lin0"], "monteclora_config": peft.MontecloraConfig(num_samples=2)}, "monteclora_config"),
+]
+
+
+@pytest.mark.parametrize("row,settings,setting", VARIANTS, ids=[v[0] for v in VARIANTS])
+def test_research_variants_are_refused_by_name(row, settings, setting, tmp_path):
+    model, x = pm.build("MLP"), pm.INPUTS["MLP"]()
+    peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**settings)).save_pretrained(tmp_path / "peft")
+    with pytest.raises(lfx.AdapterFileError, match=f"{setting}.*(research LoRA variant|MiCA)"):
+        lfx.load_peft(copy.deepcopy(model), tmp_path / "peft", example_inputs=(x,))

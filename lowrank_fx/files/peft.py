@@ -50,6 +50,7 @@ from ..spec import ALL_LINEAR, Spec
 from .atomic import write_atomic
 from .into_graph import install, place
 from .peft_formats import FORMATS, PeftFormat, unsupported
+from .peft_saved import saved_config_and_tensors, saved_values, split_saved, with_train
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -150,6 +151,27 @@ def _peft_module(target: str, methods: dict, record: Record) -> str:
     if leaf == "out_proj" and f"{owner}.in_proj" in methods:
         return f"{owner}.base_layer.out_proj"
     return target
+
+
+# Module types PEFT adapts by module; any other weight is one of PEFT's `target_parameters`.
+PEFT_MODULES = {"Linear", "NonDynamicallyQuantizableLinear", "Conv1D", "Conv1d", "Conv2d", "Conv3d", "Embedding",
+                "MultiheadAttention"}
+
+
+def _is_bare_parameter(target: Target) -> bool:
+    return bool(target.module_type) and target.module_type.rsplit(".", 1)[-1] not in PEFT_MODULES
+
+
+def _parameter_factors(tensors: dict[str, torch.Tensor], target: Target | None, bare: bool) -> dict[str, torch.Tensor]:
+    """Factors of a PEFT `target_parameters` entry in our layout, and back (the map is its own inverse).
+
+    PEFT reads a bare 2-D parameter P as (out, in) = P.shape whatever the op does with it, so
+    for a weight the graph multiplies as x @ P (layout "in_out") its ΔP = s · B A is our
+    ΔWᵀ: our A is its Bᵀ and our B its Aᵀ.
+    """
+    if not bare or target is None or target.layout != "in_out" or "lora_A" not in tensors:
+        return tensors
+    return {**tensors, "lora_A": tensors["lora_B"].t().contiguous(), "lora_B": tensors["lora_A"].t().contiguous()}
 
 
 def _grouped_blocks(kind: ConvKind, rank: int, channels: int):
@@ -258,7 +280,8 @@ def load_peft(model, directory: str | os.PathLike, adapter: str = "default", exa
             f"the PEFT adapter in {directory} uses settings lowrank_fx cannot load faithfully; "
             "nothing was loaded:\n" + "\n".join(f"  - {line}" for line in refused)
         )
-    units, shared, problems = _split(entry, _read_tensors(directory))
+    saved, tensors = split_saved(config, _read_tensors(directory), PREFIX)  # modules_to_save: trained copies
+    units, shared, problems = _split(entry, tensors)
     methods = {}
     for module, tensors in units.items():
         try:
@@ -270,16 +293,22 @@ def load_peft(model, directory: str | os.PathLike, adapter: str = "default", exa
     gm = capture(model, example_inputs, example_kwargs)
     targets = find_targets(gm, Record.find(gm).aliases)
     ours = {module: _target_for(module, targets) for module in units}
+    bare = {name.removesuffix(".weight") for name in config.get("target_parameters") or []}
     try:
-        units = {ours[m]: {name: _to_ours(name, value, targets.get(ours[m]), m) for name, value in found.items()}
+        units = {ours[m]: _parameter_factors(
+                     {name: _to_ours(name, value, targets.get(ours[m]), m) for name, value in found.items()},
+                     targets.get(ours[m]), m in bare)
                  for m, found in units.items()}
     except AdapterFileError as err:
         raise AdapterFileError(f"cannot load the PEFT adapter in {directory}:\n  - {err}") from None
     methods = {ours[m]: method for m, method in methods.items()}
-    placement = place(gm, adapter, _spec(gm, config, methods), {m: entry.shape(t) for m, t in units.items()})
+    spec = with_train(gm, _spec(gm, config, methods), config)
+    placement = place(gm, adapter, spec, {m: entry.shape(t) for m, t in units.items()})
     values = {}
     if placement.module is not None:
-        values = {placement.unit_key(m, name): v for m, tensors in units.items() for name, v in tensors.items()}
+        values, saved_problems = saved_values(gm, placement, saved)
+        placement.problems += saved_problems
+        values.update({placement.unit_key(m, name): v for m, tensors in units.items() for name, v in tensors.items()})
         for peft_name, value in shared.items():
             values[placement.shared_key(entry.shared[peft_name].name)] = entry.shared[peft_name].to_ours(value)
     install(gm, [(placement, values)], source=f"the PEFT adapter in {directory}", cast=True)
@@ -310,6 +339,9 @@ def save_peft(gm: fx.GraphModule, directory: str | os.PathLike, adapter: str | N
         raise AdapterFileError("this graph has no adapters to save; add one with lfx.rewrite(model, spec, ...) first")
     name = _only_adapter(record, adapter)
     _, methods = resolve(gm, record.adapters[name].spec)
+    if not methods:
+        raise AdapterFileError(f"adapter {name!r} only trains whole modules (Spec.train) and adapts no target; "
+                               "a PEFT config needs target_modules, so it cannot be saved as a PEFT adapter")
     kinds = {m.kind for m in methods.values()}
     entry = next((e for e in FORMATS.values() if {e.kind} == kinds), None)
     if entry is None:
@@ -317,31 +349,39 @@ def save_peft(gm: fx.GraphModule, directory: str | os.PathLike, adapter: str | N
             f"adapter {name!r} uses {', '.join(sorted(kinds))}; PEFT export supports adapters of one method among "
             f"{', '.join(e.kind for e in FORMATS.values())}"
         )
+    targets = find_targets(gm, record.aliases)
+    bare = {t for t in methods if _is_bare_parameter(targets[t])}
+    linears = [t for t in methods if isinstance(targets[t].kind, LinearKind) and t not in bare]
     not_modules = [t for t in methods if f"{t}.weight" not in record.aliases and _peft_module(t, methods, record) == t]
     if not_modules:
         raise AdapterFileError(
             f"PEFT adapts modules by their .weight, and these targets are not modules with a weight in the "
             f"original model: {', '.join(not_modules[:5])}; leave them out of the spec to export"
         )
-    targets = find_targets(gm, record.aliases)
     config = {
         "peft_type": entry.peft_type,
         "base_model_name_or_path": base_model_name_or_path,
         "task_type": task_type,
         "inference_mode": True,
         # an adapted MHA is one PEFT module, whose out_proj PEFT adapts with it
-        "target_modules": sorted({m for t in methods if ".base_layer." not in (m := _peft_module(t, methods, record))}),
+        "target_modules": sorted({m for t in methods if t not in bare
+                                  and ".base_layer." not in (m := _peft_module(t, methods, record))}),
+        "target_parameters": sorted(f"{t}.weight" for t in bare) or None,
         "bias": "none",
-        "fan_in_fan_out": all(targets[t].layout == "in_out" for t in methods if isinstance(targets[t].kind, LinearKind)),
+        "fan_in_fan_out": bool(linears) and all(targets[t].layout == "in_out" for t in linears),
         **entry.config(methods),
     }
+    modules_to_save, tensors = saved_config_and_tensors(gm, name, PREFIX)  # Spec.train
+    if modules_to_save:
+        config["modules_to_save"] = modules_to_save
     groups = getattr(gm, CONTAINER)[name]
-    tensors = {}
     for target, method in methods.items():
         group = groups[record.adapters[name].groups[target]]
         unit, module = group.units[unit_key(target)], _peft_module(target, methods, record)
+        ours = {param: _to_peft(param, getattr(unit, param), targets[target]) for param in _suffixes(entry, unit, targets[target])}
+        ours = _parameter_factors(ours, targets[target], target in bare)
         for param, suffix in _suffixes(entry, unit, targets[target]).items():
-            tensors[f"{PREFIX}{module}.{suffix}"] = _to_peft(param, getattr(unit, param), targets[target])
+            tensors[f"{PREFIX}{module}.{suffix}"] = ours[param]
         for peft_name, shared in entry.shared.items():
             value = shared.to_peft(getattr(group, shared.name), method)
             tensors[f"{SHARED_PREFIX}{peft_name}"] = tensors[f"{PREFIX}{module}.{peft_name}"] = value

@@ -55,23 +55,24 @@ class PeftFormat:
 COMMON = {
     "peft_type": _any, "peft_version": _any, "base_model_name_or_path": _any, "revision": _any,
     "task_type": _any, "inference_mode": _any, "auto_mapping": _any,
-    "target_modules": _any, "exclude_modules": _any, "layers_to_transform": _any, "layers_pattern": _any,
+    "target_modules": _any, "exclude_modules": _any, "target_parameters": _any, "layers_to_transform": _any, "layers_pattern": _any,
     "fan_in_fan_out": _any,  # the graph knows each weight's layout (Conv1D or Linear)
+    "modules_to_save": _any,  # trained modules, Spec.train (peft_saved.py)
     "bias": lambda value: value == "none",
 }
 
 # Why a setting is refused, for the error message (default: "not supported").
 HINTS = {
     "bias": "lowrank_fx adapters do not train biases; only bias='none' loads",
-    "modules_to_save": "fully trained extra modules (e.g. a classifier head) are not adapters; "
-                       "load them into the model before capture",
     "init_lora_weights": "this initialisation modifies the base weights (PiSSA, OLoRA, CorDA, LoftQ, "
                          "LoRA-GA) or is a LoRA variant (MiCA); convert the adapter to plain LoRA with "
                          "PEFT (save_pretrained(..., path_initial_model_for_weight_conversion=...)) first",
-    "target_parameters": "adapters on bare parameters (MoE experts) are not supported",
     "layer_replication": "replicated layers do not exist in the captured graph",
     "trainable_token_indices": "trainable embedding rows are not supported",
     "megatron_config": "Megatron parallel layers are not supported",
+    "kasa_config": "KaSA is a research LoRA variant lowrank_fx does not implement",
+    "velora_config": "VeLoRA is a research LoRA variant lowrank_fx does not implement",
+    "monteclora_config": "MonteCLoRA is a research LoRA variant lowrank_fx does not implement",
     "save_projection": "the random bases are not in the file, and PEFT's generator for them is not "
                        "lowrank_fx's; re-save the adapter with save_projection=True",
 }

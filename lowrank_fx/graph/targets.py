@@ -77,6 +77,7 @@ class Target:
     weight_shape: tuple[int, ...] = ()
     rows: list[tuple[int, int] | None] = dataclasses.field(default_factory=list)
     bias: str | None = None  # the bias parameter every site adds, if they all add the same one
+    module_type: str = ""  # qualified class name of the module whose forward applies W ("" if unknown)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -163,6 +164,15 @@ def _calling_module(node: fx.Node) -> str | None:
         return None
     path = list(stack.values())[-1][0]
     return path or None
+
+
+def _calling_type(node: fx.Node) -> str:
+    """Qualified class name of the innermost module the node was traced in, or ""."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    kind = list(stack.values())[-1][1]
+    return kind if isinstance(kind, str) else f"{kind.__module__}.{kind.__qualname__}"
 
 
 def _default_name(weight: str) -> str:
@@ -276,6 +286,7 @@ def find_targets(gm: fx.GraphModule, aliases: dict[str, list[str]] | None = None
                 weight_shape=tuple(weight.shape),
                 rows=[rows],
                 bias=bias_name if rows is None else None,
+                module_type=_calling_type(node),
             )
         elif target.layout != layout or target.kind != kind:
             # The same weight used in another orientation or op setting is not the same map; skip the site.
