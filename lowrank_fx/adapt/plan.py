@@ -1,4 +1,7 @@
-"""`plan(model, spec)`: a dry run listing what `rewrite` would adapt, without changing anything."""
+"""`plan(model, spec)`: a dry run listing what `rewrite` would adapt, without changing anything.
+
+Below the table: what "all-linear" left out and why (graph/heads.py), as `Plan.left_out`.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,9 @@ import dataclasses
 
 import torch
 
+from ..graph.heads import left_out
 from ..passes.inject import build_groups
+from ..spec import ALL_LINEAR
 from .capture import capture
 from .rewrite import resolve
 
@@ -28,19 +33,28 @@ class Plan:
     trainable: int
     base: int
     modes: dict[str, str] = dataclasses.field(default_factory=dict)  # group -> its shared structure
+    left_out: dict[str, str] = dataclasses.field(default_factory=dict)  # target -> why all-linear left it out
 
     def __str__(self) -> str:
         header = ("target", "op", "weight (out x in)", "method", "trainable")
         body = [(r.target, r.op, f"{r.shape[0]} x {r.shape[1]}", r.method, f"{r.trainable:,}") for r in self.rows]
-        body += [(f"[shared by group {g}] {self.modes.get(g, '')}".rstrip(), "", "", "", f"{n:,}")
-                 for g, n in self.shared.items() if n or self.modes.get(g)]
+        shared = [(f"[shared by group {g}] {self.modes.get(g, '')}".rstrip(), f"{n:,}")
+                  for g, n in self.shared.items() if n or self.modes.get(g)]
         widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+        widths[4] = max([widths[4], *(len(count) for _, count in shared)])
         line = "  ".join("-" * w for w in widths)
         fmt = lambda row: "  ".join(c.rjust(w) if i == 4 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        span = sum(widths[:4]) + 2 * 3  # a group's line spans the first four columns (longer ones overflow)
         share = 100.0 * self.trainable / max(self.base, 1)
-        return "\n".join([fmt(header), line, *map(fmt, body), line,
-                          f"{len(self.rows)} targets; trainable {self.trainable:,} of base {self.base:,} "
-                          f"parameters ({share:.3f}%)"])
+        lines = [fmt(header), line, *map(fmt, body),
+                 *(f"{text.ljust(span)}  {count.rjust(widths[4])}" for text, count in shared), line,
+                 (f"{len(self.rows)} targets; trainable {self.trainable:,} of base {self.base:,} "
+                  f"parameters ({share:.3f}%)")]
+        if self.left_out:
+            width = max(map(len, self.left_out))
+            lines += ["", f"left out by all-linear ({len(self.left_out)}):"]
+            lines += [f"  {name.ljust(width)}  {why}" for name, why in self.left_out.items()]
+        return "\n".join(lines)
 
 
 def _describe(method) -> str:
@@ -64,4 +78,6 @@ def plan(model, spec, example_inputs=None, example_kwargs=None, **capture_option
     trainable = sum(p.numel() for group in groups.values() for p in group.parameters())
     base = sum(p.numel() for p in gm.parameters())
     modes = {g: group.describe() for g, group in groups.items() if group.describe()}
-    return Plan(rows, shared, trainable, base, modes)
+    uses_all_linear = any(pattern == ALL_LINEAR for pattern, _ in spec.rules())
+    skipped = {n: why for n, why in left_out(gm, targets).items() if n not in assignment} if uses_all_linear else {}
+    return Plan(rows, shared, trainable, base, modes, skipped)

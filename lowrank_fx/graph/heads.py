@@ -1,27 +1,81 @@
-"""Output heads: the targets that "all-linear" leaves out.
+"""What "all-linear" leaves out, and why: output heads, and targets that are not linear layers.
 
-A head is a target tied to an embedding table (GPT-2's lm_head), or one whose output size
-equals an embedding table's row count (a vocabulary) and whose result feeds no other target.
+"all-linear" means what PEFT's `target_modules="all-linear"` means: every linear layer except
+the model's output head. PEFT (tuners_utils `_maybe_include_all_linear_layers`) takes every
+nn.Linear and Conv1D, then drops the module `get_output_embeddings()` returns (the LM head) and,
+for sequence classification, the model's top-level `classifier` or `score`; a layer before
+the head, such as BERT's `pooler.dense` under the classifier, stays in. Here, from the graph:
+
+  - a target that is not a linear op (a convolution, an embedding) is left out;
+  - an LM head: a target tied to an embedding table (GPT-2's lm_head), or one as wide as an
+    embedding table (a vocabulary) that feeds no other target and whose result is a model
+    output (as below);
+  - a classification head: a target whose name ends in `classifier`, `score` or `qa_outputs`
+    and that feeds no other target;
+  - any other output head: a target that feeds no other target and whose result reaches a
+    model output through shape, activation, softmax, dropout or loss ops only (no residual
+    add, no normalisation, no further linear op): nn.TransformerEncoder's own head, the
+    last layer of an MLP, BertModel's `pooler.dense` (tanh -> `pooler_output`).
+
+"Feeds no other target" keeps hidden layers in "all-linear" that merely look like heads: an
+MLP layer as wide as a small vocabulary, T5's attention as wide as its position buckets, a
+weight called twice in a row. `output_heads` names the heads (the spec's "all-linear" leaves
+them out, beside the non-linear targets); `left_out` gives {target: reason} for both, for `plan`.
 """
 
 from __future__ import annotations
 
-import torch
-from torch import fx
+import operator
 
+import torch
+import torch.nn.functional as F
+import torch.utils._pytree as pytree
+from torch import fx, nn
+
+from .mode_modules import ModeDropout
+from .record import KEY, Record
 from .targets import Target, weight_source
 
 aten = torch.ops.aten
 
+HEAD_NAMES = ("classifier", "score", "qa_outputs")  # the last part of a classification head's name
 
-def _embedding_tables(gm: fx.GraphModule) -> list[torch.Tensor]:
-    """The weights that aten.embedding looks rows up in."""
-    tables = []
+# Ops a head's result may pass through on its way to a model output: shape and dtype changes,
+# slicing, activations, softmax, dropout, losses, scaling by a constant. Anything else (a
+# residual add, a normalisation, a matmul with another activation) means more model follows.
+_PASS_ATEN = frozenset({
+    "view", "_unsafe_view", "reshape", "permute", "transpose", "t", "unsqueeze", "squeeze", "flatten",
+    "unflatten", "contiguous", "clone", "_to_copy", "to", "alias", "detach", "select", "slice", "expand",
+    "dropout", "native_dropout", "feature_dropout", "alpha_dropout",
+    "tanh", "relu", "gelu", "sigmoid", "silu", "hardtanh", "leaky_relu", "elu", "selu", "softplus", "mish",
+    "hardswish", "hardsigmoid", "softmax", "_softmax", "log_softmax", "_log_softmax",
+    "cross_entropy_loss", "nll_loss", "nll_loss_nd", "nll_loss_forward", "nll_loss2d", "nll_loss2d_forward",
+    "mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss", "binary_cross_entropy",
+    "binary_cross_entropy_with_logits", "kl_div",
+})
+_SCALINGS = frozenset({"mul", "div"})  # passed through when the other operand is a constant
+_PASS_FUNCTIONS = {
+    operator.getitem, torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.transpose,
+    torch.permute, torch.tanh, torch.relu, torch.sigmoid, torch.softmax, torch.log_softmax,
+    F.relu, F.gelu, F.silu, F.tanh, F.sigmoid, F.softmax, F.log_softmax, F.dropout, F.cross_entropy,
+    F.nll_loss, F.mse_loss, F.l1_loss, F.binary_cross_entropy_with_logits,
+}
+_PASS_METHODS = frozenset({
+    "view", "reshape", "permute", "transpose", "t", "flatten", "squeeze", "unsqueeze", "contiguous",
+    "clone", "detach", "float", "to", "type_as", "tanh", "relu", "sigmoid", "softmax", "log_softmax",
+})
+_PASS_MODULES = (ModeDropout, nn.Dropout, nn.Identity, nn.Flatten, nn.Tanh, nn.ReLU, nn.GELU, nn.SiLU,
+                 nn.Sigmoid, nn.Softmax, nn.LogSoftmax, nn.CrossEntropyLoss, nn.NLLLoss, nn.MSELoss)
+
+
+def _embedding_tables(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """The weights that aten.embedding looks rows up in, by name."""
+    tables = {}
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is aten.embedding.default:
             source = weight_source(node.args[0])
             if source is not None:
-                tables.append(gm.get_parameter(source[0].target))
+                tables[source[0].target] = gm.get_parameter(source[0].target)
     return tables
 
 
@@ -40,20 +94,124 @@ def _inner_targets(gm: fx.GraphModule, targets: dict[str, Target]) -> set[str]:
     return {t.name for t in targets.values() if any(reaches[nodes[site]] for site in t.sites)}
 
 
-def output_heads(gm: fx.GraphModule, targets: dict[str, Target]) -> set[str]:
-    """Targets that "all-linear" leaves out: output heads tied to an embedding or sized like one.
+def _output_names(gm: fx.GraphModule) -> dict[fx.Node, str]:
+    """Each node the graph returns, by its name among the model's outputs ('logits', 'pooler_output')."""
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    leaves = pytree.tree_flatten_with_path(output.args[0])[0]
+    paths = [path for path, _ in leaves]
+    spec = getattr(gm, "_out_spec", None)  # an exported graph's outputs have the model's structure
+    if spec is not None and getattr(spec, "num_leaves", None) == len(leaves):
+        try:  # rebuild the structure around placeholders 0..n-1 and read each one's path
+            rebuilt = pytree.tree_unflatten(list(range(len(leaves))), spec)
+            paths = [path for path, _ in pytree.tree_flatten_with_path(rebuilt)[0]]
+        except (TypeError, ValueError, KeyError, AttributeError):  # it does not rebuild: positions will do
+            paths = [path for path, _ in leaves]
 
-    A head is a target tied to an embedding table (GPT-2's lm_head), or one whose output
-    size equals an embedding table's row count (a vocabulary) AND whose result feeds no
-    other target. The second condition keeps hidden layers that merely happen to be as wide
-    as some table (an MLP of width 4·d equal to a small vocabulary, attention projections
-    as wide as T5's relative-position buckets) in "all-linear".
-    """
+    def key(entry) -> str:
+        for attr in ("key", "idx", "name"):
+            if hasattr(entry, attr):
+                return str(getattr(entry, attr))
+        return str(entry)
+
+    names: dict[fx.Node, str] = {}
+    for path, (_, node) in zip(paths, leaves):
+        if isinstance(node, fx.Node):
+            names.setdefault(node, ".".join(key(entry) for entry in path) or "output")
+    return names
+
+
+def _passes_through(gm: fx.GraphModule, node: fx.Node, value: fx.Node) -> bool:
+    """Whether `node`, reading `value`, only reshapes, activates, drops out, scores or scales it."""
+    if node.meta.get(KEY, {}).get("role") == "add":  # an adapter's y + gate · Δy
+        return True
+    constant_other = all(not isinstance(a, fx.Node) or a is value for a in node.args[:2])
+    if node.op == "call_function":
+        if isinstance(node.target, torch._ops.OpOverload):
+            name = node.target.overloadpacket.__name__
+            return name in _PASS_ATEN or (name in _SCALINGS and constant_other)
+        if node.target in (operator.mul, operator.truediv):
+            return constant_other
+        return node.target in _PASS_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in _PASS_METHODS or (node.target in ("mul", "div", "__mul__", "__truediv__")
+                                                and constant_other)
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _PASS_MODULES)
+    return False
+
+
+def _reached_outputs(gm: fx.GraphModule, site: fx.Node, names: dict[fx.Node, str]) -> list[str]:
+    """The model outputs that `site`'s result reaches through pass-through ops only."""
+    found, stack, seen = [], [site], {site}
+    while stack:
+        node = stack.pop()
+        for user in node.users:
+            if user.op == "output":
+                found.append(names.get(node, "output"))
+            elif user not in seen and _passes_through(gm, user, node):
+                seen.add(user)
+                stack.append(user)
+    return sorted(set(found), key=found.index)
+
+
+def _kind(target: Target) -> str:
+    return getattr(getattr(target, "kind", None), "name", "linear")
+
+
+def _model_name(gm: fx.GraphModule, tensor: str, besides: str) -> str:
+    """A name of `tensor` in the original model other than `besides`'s own (tied weights have several)."""
+    record = Record.find(gm)
+    names = record.aliases.get(tensor, [tensor]) if record is not None else [tensor]
+    return next((n for n in names if not n.startswith(besides + ".")), tensor)
+
+
+def head_reasons(gm: fx.GraphModule, targets: dict[str, Target]) -> dict[str, str]:
+    """{linear target that is an output head: why}, in graph order (see the module docstring)."""
     tables = _embedding_tables(gm)
-    vocab = {int(table.shape[0]) for table in tables}
-    tied = {id(table) for table in tables}
+    tied = {id(table): name for name, table in tables.items()}
+    vocab = {int(table.shape[0]): name for name, table in reversed(tables.items())}
     inner = _inner_targets(gm, targets)
-    return {
-        t.name for t in targets.values()
-        if id(gm.get_parameter(t.weight)) in tied or (t.out_features in vocab and t.name not in inner)
-    }
+    nodes = {n.name: n for n in gm.graph.nodes}
+    names = _output_names(gm)
+    reasons: dict[str, str] = {}
+    for t in targets.values():
+        if _kind(t) != "linear":
+            continue
+        weight = gm.get_parameter(t.weight)
+        leaf = t.name.rsplit(".", 1)[-1]
+        if id(weight) in tied:
+            reasons[t.name] = f"LM head tied to the embedding {_model_name(gm, tied[id(weight)], t.name)}"
+            continue
+        if t.name in inner:
+            continue
+        if leaf in HEAD_NAMES:
+            reasons[t.name] = f"classification head (named {leaf!r}, as PEFT leaves out)"
+            continue
+        outputs = list(dict.fromkeys(o for site in t.sites for o in _reached_outputs(gm, nodes[site], names)))
+        shown = ", ".join(repr(o) for o in outputs)
+        if outputs and t.out_features in vocab:
+            reasons[t.name] = (f"LM head: as wide as the embedding {_model_name(gm, vocab[t.out_features], t.name)} (a vocabulary), "
+                               f"its result is the model output {shown}")
+        elif outputs:
+            reasons[t.name] = f"output head: its result is the model output {shown} with no linear op after it"
+    return reasons
+
+
+def output_heads(gm: fx.GraphModule, targets: dict[str, Target]) -> set[str]:
+    """The output heads among the linear targets (the names of `head_reasons`)."""
+    return set(head_reasons(gm, targets))
+
+
+def left_out(gm: fx.GraphModule, targets: dict[str, Target]) -> dict[str, str]:
+    """{target: why "all-linear" leaves it out}, in graph order: output heads, and targets that
+    are not linear layers (a conv, an embedding; all-linear adapts linear layers, as PEFT's does)."""
+    heads = head_reasons(gm, targets)
+    reasons = {}
+    for t in targets.values():
+        kind = _kind(t)
+        if kind != "linear":
+            article = "an" if kind[0] in "aeiou" else "a"
+            reasons[t.name] = f"{article} {kind} op, not a linear layer"
+        elif t.name in heads:
+            reasons[t.name] = heads[t.name]
+    return reasons
