@@ -205,17 +205,42 @@ def test_training_never_builds_the_dense_update():
 def test_head_dim_comes_from_the_model(llama):
     case, gm = llama
     assert gm.lowrank_fx.default["lorta_32x32"].modes["d_head"] == 8  # Llama's head_dim
-    with pytest.raises(SpecError, match="no scaled-dot-product attention op.*head_dim"):
-        lfx.rewrite(_Stack(), lfx.Spec(targets=["re:layers"], method=lfx.LoRTA(rank=2)))
+    # No attention op in the graph: one head per group, and the group says why.
+    group = lfx.rewrite(_Stack(), lfx.Spec(targets=["re:layers"], method=lfx.LoRTA(rank=2))).lowrank_fx.default["lorta_16x16"]
+    assert group.modes == {"d_in": 16, "d_head": 16, "H": 1, "L": 3, "M": 4}
+    assert "one head: the graph has no scaled-dot-product attention op" in group.describe()
+
+
+def test_targets_without_a_layer_index_form_a_group_of_their_own():
+    model = _Stack()
+    gm = lfx.rewrite(model, lfx.Spec(targets=["re:."], method=lfx.LoRTA(rank=2, head_dim=4, init="nonzero")))
+    groups = gm.lowrank_fx.default
+    assert list(groups) == ["lorta_16x16", "lorta_16x16_nolayer"]  # the same shape, apart
+    assert groups["lorta_16x16"].modes == {"d_in": 16, "d_head": 4, "H": 4, "L": 3, "M": 4}
+    assert groups["lorta_16x16_nolayer"].modes == {"d_in": 16, "d_head": 4, "H": 4, "L": 1, "M": 1}
+    assert groups["lorta_16x16_nolayer"].target_names == ["head"]
+    assert "no layer index" in groups["lorta_16x16_nolayer"].describe()
+    x = torch.randn(2, 5, 16)
+    merged = lfx.merge(gm)
+    torch.testing.assert_close(merged(x), gm(x), rtol=1e-5, atol=1e-5)
+    # The head's update is its own group's CP slice: layer 0, matrix 0.
+    factors = {k: getattr(groups["lorta_16x16_nolayer"], k).detach() for k in ("A", "B", "C_H", "C_L", "C_M")}
+    expected = reference_delta(factors, 0, 0, scale=8.0 / 2)  # s = alpha / r
+    torch.testing.assert_close(groups["lorta_16x16_nolayer"].delta_weight("head"), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_rank_may_exceed_a_slice_of_the_tensor():
+    # The CP rank of a group's tensor is not bounded by one layer's (out, in).
+    group = lfx.rewrite(_Stack(), lfx.Spec(targets=["re:layers"], method=lfx.LoRTA(rank=17, head_dim=4))).lowrank_fx.default["lorta_16x16"]
+    assert group.A.shape == (16, 17)
 
 
 @pytest.mark.parametrize("method, pattern, message", [
-    (lfx.LoRTA(rank=2, head_dim=4), ["re:."], r"could not find a layer index in target 'head'"),
     (lfx.LoRTA(rank=2, head_dim=5), ["re:layers"], r"head_dim 5 does not divide the output width 16"),
-    (lfx.LoRTA(rank=17, head_dim=4), ["re:layers"], r"rank 17 is larger than .* at most 16"),
     (lfx.LoRTA(rank=2, head_dim=4, matrix_pattern=r"\w+$"), ["re:layers"],
      r"maps layers.0.self.q and layers.0.cross.q to the same layer 'layers.0' and matrix 'q'"),
     (lfx.LoRTA(rank=2, head_dim=4, layer_pattern=r"blocks\.\d+"), ["re:layers"], r"could not find a layer index"),
+    (lfx.LoRTA(rank=2, head_dim=4, layer_pattern=r"layers\.\d+"), ["re:."], r"layer index in target 'head'"),
 ])
 def test_errors(method, pattern, message):
     with pytest.raises(SpecError, match=message):

@@ -24,8 +24,15 @@ Rules (see lorta_index.py):
     projections gate/up and down become separate groups, each with its own factors;
   - L indexes the group's distinct layer keys, M its distinct matrix keys, both in the
     order the graph first uses them; two targets on the same (l, m) are refused;
-  - heads: every group's output is cut into heads of `head_dim`, which defaults to the
-    head size of the model's attention ops; it must divide each group's output width.
+  - targets without a layer index (BERT's pooler, a plain MLP) form groups of their own,
+    `lorta_<out>x<in>_nolayer`, with L = 1 and their whole names as matrix keys;
+  - heads: every group's output is cut into heads of `head_dim`. An explicit head_dim must
+    divide each group's output width. By default it is the head size of the model's
+    attention ops; a group whose width that size does not divide, and every group of a graph
+    without such ops (an MLP, eager attention), gets one head (H = 1, d_head = out), which
+    `describe` (so `lfx.plan`) says;
+  - the rank is the CP rank of the group's tensor and may exceed min(out, in) (a CP tensor's
+    rank is not bounded by its modes; each layer's own update still has rank <= min(out, in)).
 
 Init ("default"): A ~ U(-1/√d_in, 1/√d_in) (Kaiming-uniform with a=√5 for fan-in d_in,
 LoRA's A), B = 0, C_H, C_L, C_M ~ U(0, 1) (non-negative, so no head, layer or matrix starts
@@ -45,7 +52,7 @@ from torch import nn
 from ..errors import SpecError
 from ..options import options
 from .base import AdapterGroup, Method, Unit, adapter_dtype, check_common, dropout_module
-from .lorta_index import LAYER_PATTERN, graph_head_dim, layer_key, matrix_key
+from .lorta_index import LAYER_PATTERN, graph_head_size, layer_key, matrix_key
 
 FACTORS = ("A", "B", "C_H", "C_L", "C_M")
 
@@ -65,7 +72,7 @@ class LoRTAUnit(Unit):
         c = C_H * (C_L[self.layer] * C_M[self.matrix])
         return (c.t()[:, :, None] * B[:, None, :]).flatten(1)
 
-    def forward(self, x, A, B, C_H, C_L, C_M) -> torch.Tensor:
+    def linear_update(self, x, A, B, C_H, C_L, C_M) -> torch.Tensor:
         h = self.dropout(x.to(A.dtype)) @ A  # (..., r)
         return ((h @ self._output_factor(B, C_H, C_L, C_M)) * self.scale).to(x.dtype)  # (..., out)
 
@@ -85,7 +92,8 @@ class LoRTAGroup(AdapterGroup):
     rank_axes = {"A": 1, "B": 0, "C_H": 1, "C_L": 1, "C_M": 1}
 
     def __init__(self, units: dict[str, LoRTAUnit], d_in: int, d_head: int, heads: int,
-                 layers: int, matrices: int, rank: int, dtype: torch.dtype, init: str):
+                 layers: int, matrices: int, rank: int, dtype: torch.dtype, init: str,
+                 notes: tuple[str, ...] = ()):
         super().__init__(units)
         sizes = {"A": (d_in, rank), "B": (rank, d_head), "C_H": (heads, rank),
                  "C_L": (layers, rank), "C_M": (matrices, rank)}
@@ -100,13 +108,15 @@ class LoRTAGroup(AdapterGroup):
         for name in ("C_H", "C_L", "C_M"):
             nn.init.uniform_(getattr(self, name), 0.0, 1.0)
         self.modes = {"d_in": d_in, "d_head": d_head, "H": heads, "L": layers, "M": matrices}
+        self.notes = list(notes)  # why a default fell back (one head, no layer index), for describe
 
     def output_side(self) -> list[nn.Parameter]:
         """B: the zero-initialised factor nearest the output (LoRA's B)."""
         return [self.B]
 
     def describe(self) -> str:
-        return "LoRTA modes " + ", ".join(f"{k}={v}" for k, v in self.modes.items())
+        modes = "LoRTA modes " + ", ".join(f"{k}={v}" for k, v in self.modes.items())
+        return "; ".join([modes, *self.notes])
 
 
 @options
@@ -116,7 +126,7 @@ class LoRTA(Method):
     rank: int = 8
     alpha: float = 8.0
     dropout: float = 0.0
-    head_dim: int | None = None  # None: the head size of the model's attention ops
+    head_dim: int | None = None  # None: the head size of the model's attention ops, else one head
     layer_pattern: str = LAYER_PATTERN
     matrix_pattern: str | None = None  # None: the name after the layer key
     init: str = "default"
@@ -141,35 +151,50 @@ class LoRTA(Method):
         return self.alpha / self.rank
 
     def for_graph(self, gm) -> "LoRTA":
+        """With the default head_dim: this method carrying the graph's head size (or why it has none)."""
         if self.head_dim is not None:
             return self
-        return dataclasses.replace(self, head_dim=graph_head_dim(gm))
+        bound = dataclasses.replace(self)
+        object.__setattr__(bound, "_graph_head", graph_head_size(gm))  # not an option: config() leaves it out
+        return bound
 
     def build(self, targets: list) -> dict[str, AdapterGroup]:
-        if self.head_dim is None:
-            raise SpecError("LoRTA head_dim is unknown; rewrite/plan fill it in from the graph, or pass head_dim=...")
-        by_shape: dict[tuple[int, int], list] = {}
+        required = self.layer_pattern != LAYER_PATTERN  # a pattern of the caller's own must find every layer
+        by_key: dict[tuple[int, int, bool], list] = {}
+        layer_of = {}
         for t in targets:
-            by_shape.setdefault(t.shape, []).append(t)
-        return {f"lorta_{out}x{d_in}": self._group(group) for (out, d_in), group in by_shape.items()}
+            layer_of[t.name] = layer_key(t.name, self.layer_pattern, required=required)
+            by_key.setdefault((*t.shape, layer_of[t.name] is None), []).append(t)
+        return {f"lorta_{out}x{d_in}" + ("_nolayer" if unlayered else ""): self._group(group, layer_of)
+                for (out, d_in, unlayered), group in by_key.items()}
 
-    def _group(self, targets: list) -> LoRTAGroup:
+    def _head_size(self, out: int, names: str) -> tuple[int, tuple[str, ...]]:
+        """d_head for a group of output width `out`, and the note when it falls back to one head."""
+        if self.head_dim is not None:
+            if out % self.head_dim:
+                raise SpecError(
+                    f"LoRTA head_dim {self.head_dim} does not divide the output width {out} of targets "
+                    f"{names}; pass a head_dim that divides it, leave head_dim at its default (such "
+                    f"groups then get one head), or adapt them with a separate LoRTA(head_dim=...) in "
+                    f"a mixed spec (head_dim={out} makes one head)"
+                )
+            return self.head_dim, ()
+        size, why = getattr(self, "_graph_head", (None, "the graph's head size is unknown (not bound to a graph)"))
+        if size is not None and out % size == 0:
+            return size, ()
+        if size is not None:
+            why = f"the attention head size {size} does not divide the output width {out}"
+        return out, (f"one head: {why}",)
+
+    def _group(self, targets: list, layer_of: dict[str, str | None]) -> LoRTAGroup:
         out, d_in = targets[0].shape
         names = ", ".join(t.name for t in targets[:3]) + (" ..." if len(targets) > 3 else "")
-        if self.rank > min(out, d_in):
-            raise SpecError(
-                f"LoRTA rank {self.rank} is larger than targets {names} allow: their weights are "
-                f"{out}x{d_in}, so each layer's update has rank at most {min(out, d_in)}"
-            )
-        if out % self.head_dim:
-            raise SpecError(
-                f"LoRTA head_dim {self.head_dim} does not divide the output width {out} of targets "
-                f"{names}; pass a head_dim that divides it, or adapt them with a separate "
-                f"LoRTA(head_dim=...) in a mixed spec (head_dim={out} makes one head)"
-            )
+        d_head, notes = self._head_size(out, names)
+        if layer_of[targets[0].name] is None:
+            notes += ("no layer index in the targets' names: a group of their own",)
         cells = {}
         for t in targets:
-            layer = layer_key(t.name, self.layer_pattern)
+            layer = layer_of[t.name] or ""
             cell = (layer, matrix_key(t.name, layer, self.matrix_pattern))
             if cell in cells:
                 raise SpecError(
@@ -181,5 +206,5 @@ class LoRTA(Method):
         matrices = list(dict.fromkeys(matrix for _, matrix in cells))
         units = {name: LoRTAUnit(layers.index(layer), matrices.index(matrix), self.scale, self.dropout)
                  for (layer, matrix), name in cells.items()}
-        return LoRTAGroup(units, d_in, self.head_dim, out // self.head_dim, len(layers), len(matrices),
-                          self.rank, adapter_dtype(targets[0].dtype), self.init)
+        return LoRTAGroup(units, d_in, d_head, out // d_head, len(layers), len(matrices),
+                          self.rank, adapter_dtype(targets[0].dtype), self.init, notes)

@@ -15,8 +15,14 @@ and its self- and cross-attention `q` are different matrix types. `matrix_patter
 regex; its first group, or the whole match) replaces the default matrix key, e.g.
 r"\\w+$" for the bare leaf name.
 
+A target without a layer index (BERT's pooler, a classifier, a plain MLP) has no layer key
+under the default `layer_pattern`: LoRTA puts such targets in a group of their own (L = 1).
+A `layer_pattern` the caller chose must find a layer in every target.
+
 The head size comes from the graph: the last dimension of the query of its
-scaled-dot-product-attention ops (every family in tests/models.py has them).
+scaled-dot-product-attention ops (every transformers family in tests/models.py but T5 has
+them). `graph_head_size` says why there is none (no such op, or several sizes), and LoRTA
+then uses one head per group.
 """
 
 from __future__ import annotations
@@ -32,14 +38,18 @@ from ..graph.mode_modules import ModeAttention
 LAYER_PATTERN = r"(?:^|\.)(?:layers|layer|h|block|blocks)\.\d+(?=\.)"
 
 
-def layer_key(name: str, layer_pattern: str) -> str:
+def layer_key(name: str, layer_pattern: str, required: bool = True) -> str | None:
+    """The name up to the end of `layer_pattern`'s first match; None (or, if `required`, SpecError) without one."""
     match = re.search(layer_pattern, name)
     if match is None:
+        if not required:
+            return None
         raise SpecError(
             f"LoRTA could not find a layer index in target {name!r} (layer_pattern "
-            f"{layer_pattern!r}). LoRTA shares its factors across layers, so every target needs "
-            "one: exclude this target (Spec(exclude=[...])), give it another method in a "
-            "mixed spec, or pass LoRTA(layer_pattern=<regex ending at the layer index>)."
+            f"{layer_pattern!r}). With a layer_pattern of your own every target needs one: "
+            "exclude this target (Spec(exclude=[...])), give it another method in a mixed spec, "
+            "fix the pattern, or leave layer_pattern at its default (targets without a layer "
+            "index then form a group of their own)."
         )
     return name[: match.end()]
 
@@ -74,13 +84,11 @@ def _query_head_dim(gm: fx.GraphModule, node: fx.Node) -> int | None:
     return int(query.shape[-1])
 
 
-def graph_head_dim(gm: fx.GraphModule) -> int:
-    """The one attention head size of `gm`; SpecError when there is none or several."""
+def graph_head_size(gm: fx.GraphModule) -> tuple[int | None, str]:
+    """(the one attention head size of `gm`, "") or (None, why there is none)."""
     sizes = {size for node in gm.graph.nodes if (size := _query_head_dim(gm, node)) is not None}
     if len(sizes) == 1:
-        return sizes.pop()
-    found = f"several head sizes {sorted(sizes)}" if sizes else "no scaled-dot-product attention op with a known query shape"
-    raise SpecError(
-        f"LoRTA needs the attention head size and found {found} in the graph; pass "
-        "LoRTA(head_dim=...) (head_dim equal to a target's output width makes it one head)"
-    )
+        return sizes.pop(), ""
+    if sizes:
+        return None, f"the graph's attention ops have several head sizes {sorted(sizes)}"
+    return None, "the graph has no scaled-dot-product attention op with a known query shape"
