@@ -19,7 +19,6 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lowrank_fx as lfx
-from lowrank_fx.errors import SpecError
 
 RANK, TOL = 8, 1e-5
 TARGETS = {
@@ -127,10 +126,38 @@ def test_bases_regenerated_from_seed_and_not_saved():
     assert sparse.std().item() == pytest.approx(1.0, abs=1e-5)
 
 
-def test_rank_above_dimension_is_refused():
-    model = nn.Sequential(nn.Linear(16, 8))
-    with pytest.raises(SpecError, match="rank 12 is larger than 0 allows.*rank <= 8"):
-        lfx.rewrite(model, lfx.Spec(targets=["0"], method=lfx.RandLoRA(rank=12)))
+def test_rank_above_dimension_uses_one_basis_as_peft():
+    """rank 8 on a 5x32 head: N = 1 (λ (8, 1), γ (1, 5)), as PEFT, with PEFT's outputs and gradients."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 5))
+    reference = copy.deepcopy(model)
+    gm = lfx.rewrite(model, lfx.Spec(targets=["0", "2"], method=lfx.RandLoRA(rank=8, init="nonzero")))
+    group = gm.lowrank_fx.default.randlora
+    _randomize(group, lam_scale=0.05)
+    head = group.unit("2")
+    assert head.lam.shape == (8, 1) and head.gamma.shape == (1, 5) and group.unit("0").lam.shape == (8, 4)
+    assert torch.linalg.matrix_rank(group.delta_weight("2").double()) == 5  # full rank
+
+    peft_model = get_peft_model(reference, RandLoraConfig(r=8, randlora_alpha=640, target_modules=["0", "2"]))
+    tuner = peft_model.base_model
+    tuner.randlora_A["default"] = group.basis_A.reshape(8, 1, -1).clone()
+    tuner.randlora_B["default"] = group.basis_B.reshape(group.basis_B.shape[0], -1, 8).clone()
+    layers = {name: m for name, m in peft_model.get_base_model().named_modules() if hasattr(m, "randlora_lambda")}
+    with torch.no_grad():
+        for name, layer in layers.items():
+            assert layer.randlora_lambda["default"].shape == group.unit(name).lam.shape
+            layer.randlora_lambda["default"].copy_(group.unit(name).lam)
+            layer.randlora_gamma["default"].copy_(group.unit(name).gamma)
+    x = torch.randn(3, 4, 32)
+    ours, theirs = gm(x), peft_model(x)
+    assert rel_err(ours, model(x)) > 1e-3
+    assert rel_err(ours, theirs) <= TOL
+    weights = torch.randn_like(ours)
+    (ours * weights).sum().backward()
+    (theirs * weights).sum().backward()
+    for name, layer in layers.items():
+        assert rel_err(group.unit(name).lam.grad, layer.randlora_lambda["default"].grad) <= TOL, name
+        assert rel_err(group.unit(name).gamma.grad, layer.randlora_gamma["default"].grad) <= TOL, name
 
 
 # ---- memory: what training keeps, eager and compiled -------------------------------------

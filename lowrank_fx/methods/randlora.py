@@ -7,6 +7,8 @@ For W (out, in), D = max(out, in), d = min(out, in), N = ceil(d / r):
 B_n (D, r) and A (r, d) are fixed random bases, Λ_n = diag(λ[:, n]) (r) and
 Γ_n = diag(γ[n]) (d) are trained: N·(r + d) parameters per target (λ (r, N), γ (N, d)).
 N·r ≥ d, so ΔW can be full rank. Layout, slicing and the memory-lean Δy: randlora_ops.py.
+A rank above d is accepted, as PEFT accepts it: N = 1, one basis pair B_1 (D, r), A (r, d),
+whose product already spans every (D, d) matrix; λ (r, 1), γ (1, d).
 
 One pair of bases serves every target of the method: sized for the element-wise largest
 (out, in) among them (A (r, d_max), B (D_max, N_max·r)) and sliced per target. They are
@@ -24,7 +26,6 @@ import math
 import torch
 from torch import nn
 
-from ..errors import SpecError
 from ..options import options
 from .base import AdapterGroup, Method, Unit, adapter_dtype, check_common, dropout_module
 from .randlora_ops import RandLoRAProduct, random_bases, scaled_basis, sliced_bases
@@ -44,7 +45,7 @@ class RandLoRAUnit(Unit):
         self.scale = scale
         self.dropout = dropout_module(dropout)
 
-    def forward(self, x: torch.Tensor, basis_A: torch.Tensor, basis_B: torch.Tensor) -> torch.Tensor:
+    def linear_update(self, x: torch.Tensor, basis_A: torch.Tensor, basis_B: torch.Tensor) -> torch.Tensor:
         h = self.dropout(x.to(self.lam.dtype))
         delta = RandLoRAProduct.apply(h, self.lam, self.gamma, basis_A, basis_B, self.big, self.tall, self.scale)
         return delta.to(x.dtype)
@@ -101,13 +102,6 @@ class RandLoRA(Method):
         return self.alpha / self.rank
 
     def build(self, targets: list) -> dict[str, AdapterGroup]:
-        for t in targets:
-            if self.rank > min(t.shape):
-                raise SpecError(
-                    f"RandLoRA rank {self.rank} is larger than {t.name} allows: its weight is "
-                    f"{t.out_features}x{t.in_features}, so one random basis already spans it; "
-                    f"use rank <= {min(t.shape)} (exclude the target or give it its own method)"
-                )
         out_max = max(t.out_features for t in targets)
         in_max = max(t.in_features for t in targets)
         d_max, big_max = min(out_max, in_max), max(out_max, in_max)
