@@ -237,9 +237,10 @@ def test_unknown_output_type_names_the_type_and_the_fix(tmp_path):
 # diffusers UNet2DConditionModel: attention LoRA, fold, compile, ONNX
 
 
-# Folding adds fp32 rounding (W + ΔW vs W x + ΔW x) that the UNet's group norms and time
-# embedding amplify: measured 1e-5 to 3e-5, so the ONNX tests' tolerance, not TOL.
-UNET_TOL = 1e-4
+# alpha = rank (scale 1): still a 25% change of the output. With the default scale 16/2 and
+# random B the adapted UNet is so ill-conditioned that any fp32 reordering (folding, ONNX
+# Runtime's kernels) moves its output by 3e-5 to 1e-4; at scale 1 it is 1e-6, as for the base.
+UNET_LORA = lfx.LoRA(rank=2, alpha=2.0, init="nonzero")
 UNET_TARGETS = ["*.to_q", "*.to_k", "*.to_v", "*.to_out.0"]  # self (attn1) and cross (attn2) attention
 
 
@@ -263,7 +264,7 @@ def unet():
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=8, attention_head_dim=2, norm_num_groups=4,
     ).eval()
-    gm = lfx.rewrite(model, lfx.Spec(targets=UNET_TARGETS, method=LORA), example_inputs=UNET_ARGS)
+    gm = lfx.rewrite(model, lfx.Spec(targets=UNET_TARGETS, method=UNET_LORA), example_inputs=UNET_ARGS)
     return model, gm.eval()
 
 
@@ -283,13 +284,13 @@ def test_unet_adapts_self_and_cross_attention(unet):
 def test_unet_merge_and_fold_into_the_original(unet):
     model, gm = unet
     want = _sample(gm, UNET_OTHER)
-    assert rel_err(_sample(lfx.merge(gm), UNET_OTHER), want) <= UNET_TOL
+    assert rel_err(_sample(lfx.merge(gm), UNET_OTHER), want) <= TOL
     fresh = copy.deepcopy(model)
     fresh.load_state_dict(lfx.merged_state_dict(gm))
-    assert rel_err(_sample(fresh, UNET_OTHER), want) <= UNET_TOL
+    assert rel_err(_sample(fresh, UNET_OTHER), want) <= TOL
     fresh = copy.deepcopy(model)
     lfx.load_merged(fresh, gm)
-    assert rel_err(_sample(fresh, UNET_OTHER), want) <= UNET_TOL
+    assert rel_err(_sample(fresh, UNET_OTHER), want) <= TOL
 
 
 def test_unet_compiled_training_step_equals_eager(unet):
@@ -330,6 +331,6 @@ def test_unet_onnx_matches_pytorch(unet, unet_export):
     for args in (UNET_ARGS, UNET_OTHER):
         feeds = dict(zip(UNET_NAMES, args))
         adapter = "default" if unet_export.mode == "adapters" else None
-        assert rel_err(session.run(feeds, adapter=adapter)["out_sample"], _sample(gm, args)) <= UNET_TOL
+        assert rel_err(session.run(feeds, adapter=adapter)["out_sample"], _sample(gm, args)) <= TOL
         if unet_export.mode == "adapters":
-            assert rel_err(session.run(feeds)["out_sample"], _sample(model, args)) <= UNET_TOL
+            assert rel_err(session.run(feeds)["out_sample"], _sample(model, args)) <= TOL
