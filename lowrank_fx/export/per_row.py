@@ -120,7 +120,9 @@ def per_row_graph(gm: fx.GraphModule, adapters: list[str], stack_lora: bool = Tr
     with graph.inserting_after(placeholders[-1]):
         mask = graph.get_attr(MASK)
     for i, ((target, _), site) in enumerate(_sites(deltas).items()):
-        lora = [d for d in site if stack_lora and stackable(new.get_submodule(d.target))]
+        # stacking replaces the add that reads a delta: a delta read through a row slice (MHA) stays generic
+        lora = [d for d in site if stack_lora and stackable(new.get_submodule(d.target))
+                and next(iter(d.users)).meta[KEY]["role"] == "add"]
         if len(lora) > 1:
             _stack(new, graph, lora, adapters, mask, f"{unit_key(target)}_{i}")
         for delta in (d for d in site if d not in lora or len(lora) == 1):

@@ -27,6 +27,8 @@ A rank above min(out, in) is class LoRAUnit(Unit):
         self.lora_B_bias = nn.Parameter(torch.zeros(target.out_features, dtype=dtype)) if bias else None
         self.scale = scale
         self.groups = groups
+        if groups > 1:  # B's rank axis holds r / g: no shared rank axis, so ONNX keeps both shapes fixed
+            self.rank_axes = {}
         self.table_dtype = target.dtype
         self.dropout = dropout_module(dropout)
         embedding = isinstance(kind, EmbeddingKind)
@@ -74,6 +76,8 @@ class LoRAUnit(Unit):
         self.lora_B_bias = nn.Parameter(torch.zeros(target.out_features, dtype=dtype)) if bias else None
         self.scale = scale
         self.groups = groups
+        if groups > 1:  # B's rank axis holds r / g: no shared rank axis, so ONNX keeps both shapes fixed
+            self.rank_axes = {}
         self.table_dtype = target.dtype
         self.dropout = dropout_module(dropout)
         embedding = isinstance(kind, EmbeddingKind)
