@@ -203,3 +203,24 @@ def test_multihead_attention_every_call_form(form, targets):
     with torch.no_grad():
         assert rel(gm(q2, m2), fresh(q2, m2)) < 1e-5
         assert rel(gm(q2, m2), model(q2, m2)) > 1e-3
+
+
+def test_dora_on_conv_and_embedding_runs_in_onnx_runtime(tmp_path):
+    import peft_matrix_models as pm
+
+    model, ids = pm.build("EmbConv1D"), pm.INPUTS["EmbConv1D"]()
+    spec = lambda rank: lfx.Spec(targets=["emb", "conv1d", "lin0"], method=lfx.LoRA(rank=rank, init="nonzero", dora=True))
+    gm = lfx.rewrite(copy.deepcopy(model), spec(4), example_inputs=(ids,))
+    lfx.rewrite(gm, spec(2), adapter="b")
+    gm.eval()
+    refs = {}
+    for adapter in ("default", "b", None):
+        lfx.set_active_adapters(gm, [adapter] if adapter else [])
+        refs[adapter] = gm(ids).detach()
+    assert rel(refs[None], model(ids)) < 1e-6 and rel(refs["b"], refs[None]) > 1e-3
+    lfx.set_active_adapters(gm, ["default"])
+    merged = lfx.export_onnx(gm, tmp_path / "merged.onnx", example_inputs=(ids,), mode="merged").session()
+    assert rel(merged.run({"ids": ids.numpy()})["output"], refs["default"]) < 1e-5
+    swappable = lfx.export_onnx(gm, tmp_path / "adapters.onnx", example_inputs=(ids,), mode="adapters").session()
+    for adapter in ("default", "b", None):  # no adapter: DoRA's magnitude defaults to the base row norms
+        assert rel(swappable.run({"ids": ids.numpy()}, adapter=adapter)["output"], refs[adapter]) < 1e-5

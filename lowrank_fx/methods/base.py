@@ -66,6 +66,11 @@ class Unit(nn.Module):
         """Δb (out,) that folding adds to the base bias, or None (most methods)."""
         return None
 
+    def neutral_value(self, name: str, gm) -> torch.Tensor | None:
+        """The value of parameter `name` that means "no update" when it is neither empty along
+        the rank nor zeros (DoRA's magnitude: the base row norms); None for the usual ones."""
+        return None
+
     def output_side(self) -> list[nn.Parameter]:
         """Parameters that LoRA+ trains at ratio · lr (see training/loraplus.py)."""
         raise NotImplementedError

@@ -26,7 +26,7 @@ class DoRAUnit(LoRAUnit):
     def __init__(self, target, rank: int, scale: float, dropout: float, dtype: torch.dtype, init: str,
                  bias: bool = False):
         super().__init__(target, rank, scale, dropout, dtype, init, bias=bias)
-        self.layout, self.weight_shape = target.layout, target.weight_shape
+        self.layout, self.weight_shape, self.weight_path = target.layout, target.weight_shape, target.weight
         self.lora_magnitude = nn.Parameter(torch.ones(target.out_features, dtype=dtype))
 
     def init_from_weight(self, weight: torch.Tensor) -> None:
@@ -36,6 +36,13 @@ class DoRAUnit(LoRAUnit):
 
     def _matrix(self, weight: torch.Tensor) -> torch.Tensor:
         return self.op_kind.to_matrix(weight, self.layout).to(torch.promote_types(weight.dtype, torch.float32))
+
+    def neutral_value(self, name: str, gm) -> torch.Tensor | None:
+        """m = ‖W‖ per row: with no LoRA factors (empty along r), W' = W."""
+        if name != "lora_magnitude":
+            return None
+        matrix = self._matrix(gm.get_parameter(self.weight_path).detach())
+        return torch.linalg.vector_norm(matrix, dim=1).to(self.lora_magnitude.dtype)
 
     def _norm(self, matrix: torch.Tensor) -> torch.Tensor:
         """‖W + s · B A‖ (out,) with the LoRA product detached."""
