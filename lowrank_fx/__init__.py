@@ -12,6 +12,7 @@ from .graph.gates import active_adapters, set_active_adapters
 from .methods.lora import LoRA
 from .methods.lorta import LoRTA
 from .methods.randlora import RandLoRA
+from .methods.trainable_tokens import TrainableTokens
 from .passes.fold import fold as merge
 from .spec import Spec
 from .training.loraplus import loraplus_optimizer, loraplus_param_groups
@@ -20,7 +21,7 @@ from .version import __version__
 
 __all__ = [
     "LoRA", "Spec", "rewrite", "plan", "Plan", "merge", "merged_state_dict", "load_merged",
-    "LoRTA", "RandLoRA", "loraplus_optimizer", "loraplus_param_groups",
+    "LoRTA", "RandLoRA", "TrainableTokens", "loraplus_optimizer", "loraplus_param_groups",
     "save_adapters", "load_adapters", "load_peft", "save_peft",
     "LowRankFxError", "SpecError", "CaptureError", "TargetError", "MergeError", "ModelTypeError",
     "AdapterFileError",

@@ -224,3 +224,29 @@ def test_dora_on_conv_and_embedding_runs_in_onnx_runtime(tmp_path):
     swappable = lfx.export_onnx(gm, tmp_path / "adapters.onnx", example_inputs=(ids,), mode="adapters").session()
     for adapter in ("default", "b", None):  # no adapter: DoRA's magnitude defaults to the base row norms
         assert rel(swappable.run({"ids": ids.numpy()}, adapter=adapter)["output"], refs[adapter]) < 1e-5
+
+
+def test_trainable_tokens_fold_and_swap_in_onnx(tmp_path):
+    import peft_matrix_models as pm
+
+    model, ids = pm.build("EmbConv1D"), pm.INPUTS["EmbConv1D"]()
+    ids[0, :3] = torch.tensor([0, 10, 10])
+    gm = lfx.rewrite(copy.deepcopy(model), lfx.Spec(targets={"emb": lfx.TrainableTokens(indices=[0, 10])}),
+                     example_inputs=(ids,)).eval()
+    assert rel(gm(ids), model(ids)) < 1e-7  # rows start as the base rows
+    with torch.no_grad():
+        gm.lowrank_fx.default.tokens.units["emb"].rows.add_(1.0)
+    fresh = pm.build("EmbConv1D", seed=1)
+    fresh.load_state_dict(lfx.merged_state_dict(gm))
+    assert rel(fresh(ids), gm(ids)) < 1e-6 and rel(gm(ids), model(ids)) > 1e-3
+    untouched = [i for i in range(100) if i not in (0, 10)]
+    assert torch.equal(fresh.emb.weight[untouched], model.emb.weight[untouched])
+    swappable = lfx.export_onnx(gm, tmp_path / "tokens.onnx", example_inputs=(ids,), mode="adapters").session()
+    assert rel(swappable.run({"ids": ids.numpy()}, adapter="default")["output"], gm(ids)) < 1e-5
+    assert rel(swappable.run({"ids": ids.numpy()})["output"], model(ids)) < 1e-5
+    with pytest.raises(lfx.SpecError, match="rows of an embedding"):
+        lfx.rewrite(copy.deepcopy(model), lfx.Spec(targets={"lin0": lfx.TrainableTokens(indices=[1])}),
+                    example_inputs=(ids,))
+    with pytest.raises(lfx.SpecError, match="outside emb's table of 100 rows"):
+        lfx.rewrite(copy.deepcopy(model), lfx.Spec(targets={"emb": lfx.TrainableTokens(indices=[100])}),
+                    example_inputs=(ids,))

@@ -46,6 +46,8 @@ ROWS = [
     ("Embedding + transformers Conv1D 1 DoRA", "EmbConv1D", {"target_modules": ["conv1d"], "use_dora": True}),
     ("Embedding + transformers Conv1D 2 DoRA", "EmbConv1D", {"target_modules": ["emb"], "use_dora": True}),
     ("Embedding + transformers Conv1D 3 DoRA", "EmbConv1D", {"target_modules": ["emb", "conv1d"], "use_dora": True}),
+    ("Embedding + transformers Conv1D 1 LoRA trainable_tokens", "EmbConv1D",
+     {"target_modules": ["conv1d"], "trainable_token_indices": {"emb": [0, 10]}}),
     ("Conv1d LoRA", "Conv1d", {"target_modules": ["conv1d"]}),
     ("Conv1d LoRA with DoRA", "Conv1d", {"target_modules": ["conv1d"], "use_dora": True}),
     ("Conv2d 1 LoRA", "Conv2d", {"target_modules": ["conv2d"]}),
@@ -85,7 +87,9 @@ def our_spec(settings: dict) -> lfx.Spec:
     method = lfx.LoRA(rank=settings.get("r", 8), alpha=float(settings.get("lora_alpha", 8)),
                       dropout=settings.get("lora_dropout", 0.0), dora=settings.get("use_dora", False),
                       bias=settings.get("lora_bias", False), init="nonzero")
-    return lfx.Spec(targets=targets, method=method)
+    tokens = settings.get("trainable_token_indices", {})
+    return lfx.Spec(targets={**{t: method for t in targets},
+                             **{m: lfx.TrainableTokens(indices=i) for m, i in tokens.items()}})
 
 
 def as_peft_computes(gm, model_name: str):
@@ -117,6 +121,8 @@ def _perturb_magnitudes(gm) -> None:
                 param.mul_(1 + 0.2 * torch.randn_like(param))
             if name.endswith("lora_B_bias"):
                 param.uniform_(-0.5, 0.5)
+            if name.endswith(".rows"):  # trainable token rows start as the base rows
+                param.add_(torch.randn_like(param))
 
 
 @pytest.mark.parametrize("row,model_name,settings", ROWS, ids=[r[0] for r in ROWS])

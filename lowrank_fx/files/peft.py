@@ -343,7 +343,7 @@ def save_peft(gm: fx.GraphModule, directory: str | os.PathLike, adapter: str | N
         raise AdapterFileError(f"adapter {name!r} only trains whole modules (Spec.train) and adapts no target; "
                                "a PEFT config needs target_modules, so it cannot be saved as a PEFT adapter")
     kinds = {m.kind for m in methods.values()}
-    entry = next((e for e in FORMATS.values() if {e.kind} == kinds), None)
+    entry = next((e for e in FORMATS.values() if kinds <= {e.kind, *e.extra_kinds}), None)
     if entry is None:
         raise AdapterFileError(
             f"adapter {name!r} uses {', '.join(sorted(kinds))}; PEFT export supports adapters of one method among "
@@ -364,7 +364,7 @@ def save_peft(gm: fx.GraphModule, directory: str | os.PathLike, adapter: str | N
         "task_type": task_type,
         "inference_mode": True,
         # an adapted MHA is one PEFT module, whose out_proj PEFT adapts with it
-        "target_modules": sorted({m for t in methods if t not in bare
+        "target_modules": sorted({m for t, method in methods.items() if t not in bare and method.kind == entry.kind
                                   and ".base_layer." not in (m := _peft_module(t, methods, record))}),
         "target_parameters": sorted(f"{t}.weight" for t in bare) or None,
         "bias": "none",

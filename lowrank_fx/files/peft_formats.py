@@ -21,6 +21,7 @@ from ..errors import AdapterFileError
 from ..methods.base import Method
 from ..methods.lora import LoRA
 from ..methods.randlora import RandLoRA
+from ..methods.trainable_tokens import TrainableTokens
 
 
 def _any(value) -> bool:
@@ -48,6 +49,7 @@ class PeftFormat:
     # (out, in) of the base weight from a module's tensors; None when they do not tell
     shape: Callable[[dict[str, torch.Tensor]], tuple[int, int] | None]
     shared: dict[str, Shared] = dataclasses.field(default_factory=dict)  # PEFT name -> Shared
+    extra_kinds: frozenset[str] = frozenset()  # our other methods this PEFT method also carries
 
 
 # Settings of every PEFT method. Which modules are adapted is read from the tensor names, so
@@ -68,7 +70,6 @@ HINTS = {
                          "LoRA-GA) or is a LoRA variant (MiCA); convert the adapter to plain LoRA with "
                          "PEFT (save_pretrained(..., path_initial_model_for_weight_conversion=...)) first",
     "layer_replication": "replicated layers do not exist in the captured graph",
-    "trainable_token_indices": "trainable embedding rows are not supported",
     "megatron_config": "Megatron parallel layers are not supported",
     "kasa_config": "KaSA is a research LoRA variant lowrank_fx does not implement",
     "velora_config": "VeLoRA is a research LoRA variant lowrank_fx does not implement",
@@ -87,7 +88,22 @@ def pattern_value(patterns: dict, name: str, default):
     return default
 
 
-def _lora_method(config: dict, module: str, tensors: dict[str, torch.Tensor]) -> LoRA:
+def _tokens_method(config: dict, module: str, tensors: dict[str, torch.Tensor]) -> TrainableTokens:
+    indices = config.get("trainable_token_indices")
+    if isinstance(indices, dict):
+        indices = next((v for k, v in indices.items() if module == k or module.endswith("." + k)), None)
+    if not indices or len(indices) != tensors["rows"].shape[0]:
+        raise AdapterFileError(f"{module}: {tuple(tensors['rows'].shape)} trainable token rows, but the config's "
+                               f"trainable_token_indices give {indices!r} for it")
+    return TrainableTokens(indices=[int(i) for i in indices])
+
+
+def _lora_method(config: dict, module: str, tensors: dict[str, torch.Tensor]) -> Method:
+    if "rows" in tensors:
+        return _tokens_method(config, module, tensors)
+    missing = [name for name in ("lora_A", "lora_B") if name not in tensors]
+    if missing:
+        raise AdapterFileError(f"{module} lacks {', '.join(missing)}")
     rank = pattern_value(config.get("rank_pattern") or {}, module, config.get("r", 8))
     alpha = pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
     found = tensors["lora_A"].shape[0]
@@ -109,7 +125,14 @@ def _plain(number: float):
     return int(number) if float(number).is_integer() else number
 
 
-def _lora_config(methods: dict[str, LoRA]) -> dict:
+def _lora_config(methods: dict[str, Method]) -> dict:
+    tokens = {t: list(m.indices) for t, m in methods.items() if isinstance(m, TrainableTokens)}
+    methods = {t: m for t, m in methods.items() if not isinstance(m, TrainableTokens)}
+    config = _lora_settings(methods) if methods else {"r": 8, "lora_alpha": 8, "init_lora_weights": True}
+    return {**config, "trainable_token_indices": tokens or None}
+
+
+def _lora_settings(methods: dict[str, LoRA]) -> dict:
     for option in ("rslora", "dropout", "dora", "bias"):
         values = {getattr(m, option) for m in methods.values()}
         if len(values) > 1:
@@ -138,11 +161,15 @@ LORA = PeftFormat(
     kind="lora",
     # Embeddings keep their own names (same shapes as ours); conv factors are conv kernels.
     tensors={"lora_A.weight": "lora_A", "lora_B.weight": "lora_B", "lora_embedding_A": "lora_A",
-             "lora_embedding_B": "lora_B", "lora_B.bias": "lora_B_bias", "lora_magnitude_vector": "lora_magnitude"},
-    required=frozenset({"lora_A", "lora_B"}),
+             "lora_embedding_B": "lora_B", "lora_B.bias": "lora_B_bias", "lora_magnitude_vector": "lora_magnitude",
+             # trainable_token_indices: the new values of the rows (despite the name)
+             "token_adapter.trainable_tokens_delta": "rows"},
+    required=frozenset(),  # a module has LoRA factors or trainable token rows (checked by _lora_method)
+    extra_kinds=frozenset({"trainable_tokens"}),
     settings={
         **COMMON,
         "r": _any, "lora_alpha": _any, "lora_dropout": _any, "use_rslora": _any, "use_dora": _any, "lora_bias": _any,
+        "trainable_token_indices": _any,
         "rank_pattern": _any, "alpha_pattern": _any,
         # only the values loaded matter, not how they were initialised, unless the
         # initialisation also changed the base weights
@@ -154,7 +181,8 @@ LORA = PeftFormat(
     method=_lora_method,
     config=_lora_config,
     # (out, in) for linear and embedding factors; a conv's kernels do not give the matrix view's in
-    shape=lambda tensors: (tensors["lora_B"].shape[0], tensors["lora_A"].shape[1]) if tensors["lora_A"].dim() == 2 else None,
+    shape=lambda tensors: ((tensors["lora_B"].shape[0], tensors["lora_A"].shape[1])
+                           if "lora_A" in tensors and "lora_B" in tensors and tensors["lora_A"].dim() == 2 else None),
 )
 
 def _randlora_method(config: dict, module: str, tensors: dict[str, torch.Tensor]) -> RandLoRA:
