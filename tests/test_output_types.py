@@ -234,14 +234,15 @@ def test_unknown_output_type_names_the_type_and_the_fix(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------
-# diffusers UNet2DConditionModel: attention LoRA, fold, compile, ONNX
+# diffusers UNet2DConditionModel: attention and resnet-conv LoRA, fold, compile, ONNX
 
 
 # alpha = rank (scale 1): still a 25% change of the output. With the default scale 16/2 and
 # random B the adapted UNet is so ill-conditioned that any fp32 reordering (folding, ONNX
 # Runtime's kernels) moves its output by 3e-5 to 1e-4; at scale 1 it is 1e-6, as for the base.
 UNET_LORA = lfx.LoRA(rank=2, alpha=2.0, init="nonzero")
-UNET_TARGETS = ["*.to_q", "*.to_k", "*.to_v", "*.to_out.0"]  # self (attn1) and cross (attn2) attention
+# self (attn1) and cross (attn2) attention, and the resnet convs that SD LoRAs also train
+UNET_TARGETS = ["*.to_q", "*.to_k", "*.to_v", "*.to_out.0", "re:resnets\\.\\d+\\.conv[12]$"]
 
 
 def _unet_inputs(batch: int, size: int, tokens: int, seed: int) -> tuple[torch.Tensor, ...]:
@@ -276,7 +277,9 @@ def _sample(module, args) -> torch.Tensor:
 def test_unet_adapts_self_and_cross_attention(unet):
     model, gm = unet
     targets = list(gm.meta["lowrank_fx"].adapters["default"].groups)
-    assert len(targets) == 32  # 4 projections x 2 attentions x 4 transformer blocks
+    convs = [t for t in targets if ".resnets." in t]
+    assert len(targets) - len(convs) == 32  # 4 projections x 2 attentions x 4 transformer blocks
+    assert len(convs) == 16  # conv1, conv2 of 8 resnets (1 + 1 down, 2 mid, 2 + 2 up)
     assert any(".attn2.to_k" in t for t in targets) and any(".attn1.to_out.0" in t for t in targets)
     assert rel_err(_sample(gm, UNET_OTHER), _sample(model, UNET_OTHER)) > 1e-2
 
@@ -311,7 +314,7 @@ def test_unet_compiled_training_step_equals_eager(unet):
     finally:
         torch._dynamo.reset()
         gm.eval()
-    assert len(grads) == 64  # A and B of 32 targets
+    assert len(grads) == 96  # A and B of 48 targets
     assert torch.allclose(compiled_loss, loss, rtol=1e-5, atol=0)
     for got, want in zip(compiled_grads, grads):
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-7)
