@@ -250,3 +250,13 @@ def test_trainable_tokens_fold_and_swap_in_onnx(tmp_path):
     with pytest.raises(lfx.SpecError, match="outside emb's table of 100 rows"):
         lfx.rewrite(copy.deepcopy(model), lfx.Spec(targets={"emb": lfx.TrainableTokens(indices=[100])}),
                     example_inputs=(ids,))
+
+
+def test_plan_marks_ranks_above_the_weight_size():
+    import peft_matrix_models as pm
+
+    plan = lfx.plan(pm.build("MLP"), lfx.Spec(["lin0", "lin1"], method=lfx.LoRA(rank=8)),
+                    example_inputs=(pm.INPUTS["MLP"](),))
+    notes = {r.target: r.note for r in plan.rows}
+    assert notes == {"lin0": "", "lin1": "rank > min(out, in)"}  # lin1 is 2 x 20
+    assert "[rank > min(out, in)]" in str(plan)

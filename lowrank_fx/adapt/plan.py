@@ -24,6 +24,7 @@ class PlanRow:
     method: str
     group: str
     trainable: int  # parameters of this target's own unit
+    note: str = ""  # e.g. "rank > min(out, in)": exact, but the update is not low-rank there
 
 
 @dataclasses.dataclass
@@ -37,7 +38,8 @@ class Plan:
 
     def __str__(self) -> str:
         header = ("target", "op", "weight (out x in)", "method", "trainable")
-        body = [(r.target, r.op, f"{r.shape[0]} x {r.shape[1]}", r.method, f"{r.trainable:,}") for r in self.rows]
+        body = [(r.target, r.op, f"{r.shape[0]} x {r.shape[1]}", r.method + (f"  [{r.note}]" if r.note else ""),
+                 f"{r.trainable:,}") for r in self.rows]
         shared = [(f"[shared by group {g}] {self.modes.get(g, '')}".rstrip(), f"{n:,}")
                   for g, n in self.shared.items() if n or self.modes.get(g)]
         widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
@@ -71,8 +73,10 @@ def plan(model, spec, example_inputs=None, example_kwargs=None, **capture_option
     for name, method in assignment.items():
         unit = groups[group_of[name]].unit(name)
         t = targets[name]
+        rank = method.config().get("rank")
+        note = "rank > min(out, in)" if isinstance(rank, int) and method.kind == "lora" and rank > min(t.shape) else ""
         rows.append(PlanRow(name, t.op, t.shape, _describe(method), group_of[name],
-                            sum(p.numel() for p in unit.parameters())))
+                            sum(p.numel() for p in unit.parameters()), note))
     shared = {g: sum(p.numel() for p in group.parameters()) - sum(p.numel() for p in group.units.parameters())
               for g, group in groups.items()}
     trainable = sum(p.numel() for group in groups.values() for p in group.parameters())
