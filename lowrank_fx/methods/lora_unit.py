@@ -9,42 +9,12 @@ On other ops the factors keep PEFT's shapes and the update stays factored:
     groups, in → r (weight (r, in/g, k...)), B a 1x1 conv r → out with groups g (weight
     (out, r/g, 1...)); group j's ΔW is B_j A_j, so ΔW has the base kernel's own shape;
   - embedding W (num, dim): A (r, num), B (dim, r), Δy = s · A[:, ids]ᵀ Bᵀ, ΔW = s · (B A)ᵀ.
-A rank above min(out, in) is class LoRAUnit(Unit):
-    rank_axes = {"lora_A": 0, "lora_B": 1}
+A rank above min(out, in) is allowed (the update is still exact, just not low-rank).
 
-    def __init__(self, target, rank: int, scale: float, dropout: float, dtype: torch.dtype, init: str,
-                 bias: bool = False):
-        super().__init__()
-        self.op_kind = kind = target.kind
-        groups = kind.groups if isinstance(kind, ConvKind) else 1
-        if isinstance(kind, ConvKind):
-            a_shape = (rank, target.in_features // kind.kernel_size, *kind.kernel)
-            b_shape = (target.out_features, rank // groups, *(1,) * kind.dims)
-        else:
-            a_shape, b_shape = (rank, target.in_features), (target.out_features, rank)
-        self.lora_A = nn.Parameter(torch.empty(a_shape, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.empty(b_shape, dtype=dtype))
-        self.lora_B_bias = nn.Parameter(torch.zeros(target.out_features, dtype=dtype)) if bias else None
-        self.scale = scale
-        self.groups = groups
-        if groups > 1:  # B's rank axis holds r / g: no shared rank axis, so ONNX keeps both shapes fixed
-            self.rank_axes = {}
-        self.table_dtype = target.dtype
-        self.dropout = dropout_module(dropout)
-        embedding = isinstance(kind, EmbeddingKind)
-        if embedding:
-            nn.init.zeros_(self.lora_A)
-            nn.init.normal_(self.lora_B)
-        else:
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B)
-        if init == "nonzero":
-            nn.init.kaiming_uniform_(self.lora_A if embedding else self.lora_B, a=math.sqrt(5))
-            if bias:
-                nn.init.uniform_(self.lora_B_bias, -0.5, 0.5)
-
-    def factored(self, h: torch.Tensor) -> torch.Tensor:
-        """
+Init ("default"): A ~ Kaiming-uniform(a=√5), B = 0 (for embeddings A = 0, B ~ N(0, 1), as
+PEFT), so the adapted model starts equal to the base. Init "nonzero" draws both factors
+(for tests and demos that need gradients on both). DoRA (`dora=True`) is in dora.py.
+"""
 
 from __future__ import annotations
 
