@@ -11,6 +11,12 @@ Patterns are matched against target names (see `graph/targets.py`):
     feeds no other target (see `targets.output_heads`).
 `targets` is a list of patterns sharing `method`, or a dict {pattern: method} for mixed
 specs (the first matching pattern wins). `exclude` removes targets matched by any pattern.
+
+`train` names modules whose parameters the adapter trains in full, as copies of its own
+(PEFT's `modules_to_save`; passes/train_modules.py): globs or "re:" patterns as above, matched
+against module paths ("classifier", "bert.pooler"). A trained module's weights are left out of
+the adapter's targets, as PEFT does. With `train`, `targets` may be empty (`targets=[]`): an
+adapter that only trains those modules.
 """
 
 from __future__ import annotations
@@ -59,8 +65,14 @@ class Spec:
     targets: Union[str, Sequence[str], Mapping[str, Method]] = ALL_LINEAR
     method: Method | None = None
     exclude: Sequence[str] = ()
+    train: Sequence[str] = ()
 
     def __post_init__(self):
+        if isinstance(self.train, str):
+            object.__setattr__(self, "train", [self.train])
+        object.__setattr__(self, "train", tuple(self.train))
+        if self.targets is None and self.train:
+            object.__setattr__(self, "targets", [])
         if isinstance(self.targets, str):
             object.__setattr__(self, "targets", [self.targets])
         if isinstance(self.exclude, str):
@@ -73,8 +85,9 @@ class Spec:
             if self.method is None:
                 object.__setattr__(self, "method", LoRA())
             rules = [(p, self.method) for p in self.targets]
-        if not rules:
-            raise SpecError("Spec.targets is empty; give at least one pattern, or 'all-linear'")
+        if not rules and not self.train:
+            raise SpecError("Spec.targets is empty; give at least one pattern, or 'all-linear' "
+                            "(or train=[...] for an adapter that only trains whole modules)")
         for pattern, method in rules:
             _compile(pattern)
             if not isinstance(method, Method):
@@ -83,6 +96,10 @@ class Spec:
                     "use lfx.LoRA(...), lfx.LoRTA(...) or lfx.RandLoRA(...)"
                 )
         for pattern in self.exclude:
+            _compile(pattern)
+        for pattern in self.train:
+            if pattern == ALL_LINEAR:
+                raise SpecError("Spec.train takes module patterns ('classifier', 're:...'), not 'all-linear'")
             _compile(pattern)
 
     def rules(self) -> list[tuple[str, Method]]:
@@ -106,7 +123,7 @@ class Spec:
             for name in hits:
                 if name not in chosen and not any(ex(name) for ex in excluded):
                     chosen[name] = method
-        if not chosen:
+        if not chosen and self.rules():
             patterns = [p for p, _ in self.rules()]
             raise SpecError(
                 f"every target matched by {', '.join(map(repr, patterns))} is excluded by {list(self.exclude)}; "

@@ -19,6 +19,7 @@ from torch import fx, nn
 
 from ..errors import MergeError
 from ..passes.fold import adapted_record, adapter_deltas, merged_bias, merged_weight, read_elsewhere
+from ..passes.train_modules import with_trained
 
 
 def _gm_name(record, key: str, gm_names: set[str]) -> str | None:
@@ -37,7 +38,7 @@ def merged_plan(gm: fx.GraphModule) -> tuple[dict[str, torch.Tensor], list[tuple
     """(state by original key, [(folded key, tied key that keeps the original)])."""
     record = adapted_record(gm)
     targets, deltas, bias_deltas = adapter_deltas(gm)
-    tensors = dict(gm.state_dict(keep_vars=True))
+    tensors = with_trained(gm, dict(gm.state_dict(keep_vars=True)))  # trained modules: the active copies
     state, conflicts, copies = {}, [], {}
     folded = []  # (graph tensor name, target, merged value, whether the graph reads the tensor elsewhere)
     for name, delta in deltas.items():

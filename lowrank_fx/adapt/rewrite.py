@@ -9,6 +9,7 @@ from ..graph.heads import output_heads
 from ..graph.record import CONTAINER, AdapterInfo, Record
 from ..graph.targets import Target, find_targets, weight_uses
 from ..passes.inject import inject
+from ..passes.train_modules import add_trained, check_trained, drop_trained, refuse_trained_targets, resolve_trained
 from ..spec import Spec, _compile
 from .capture import capture
 
@@ -25,6 +26,7 @@ def resolve(gm: fx.GraphModule, spec: Spec) -> tuple[dict[str, Target], dict]:
     except SpecError as err:
         _raise_if_not_linear(gm, spec, targets, heads, err)
         raise
+    assignment = drop_trained(gm, spec, targets, assignment)  # a trained module's weights are not targets
     bound = {method: method.for_graph(gm) for method in set(assignment.values())}
     return targets, {name: bound[method] for name, method in assignment.items()}
 
@@ -84,8 +86,15 @@ def rewrite(model, spec: Spec, example_inputs=None, example_kwargs=None, adapter
             f"this graph already has an adapter named {adapter!r}; pass adapter='<another name>' "
             f"(existing: {', '.join(record.adapters)})"
         )
-    targets, assignment = resolve(gm, spec)
-    groups = inject(gm, adapter, assignment, targets)
+    try:
+        targets, assignment = resolve(gm, spec)
+    except (SpecError, TargetError) as err:
+        refuse_trained_targets(gm, spec, err)  # a module another adapter trains is no target here
+        raise
+    trained = resolve_trained(gm, spec)
+    check_trained(gm, adapter, trained)
+    groups = inject(gm, adapter, assignment, targets) if assignment else {}
+    add_trained(gm, adapter, trained)  # Spec.train: the adapter's own copies (passes/train_modules.py)
     record.adapters[adapter] = AdapterInfo(spec=spec, groups=groups)
     for param in gm.parameters():
         param.requires_grad_(False)

@@ -74,11 +74,15 @@ def set_active_adapters(gm: fx.GraphModule, adapters: str | list[str] | tuple[st
 
 def ungate(graph: fx.Graph) -> None:
     """Back to ungated adds, y + Δy, in `graph` (in place): for exports, where every adapter
-    kept in the graph is applied and switching is done by the exported graph's own inputs."""
+    kept in the graph is applied and switching is done by the exported graph's own inputs.
+    A trained module's select(base, copy, gate) becomes select(base, copy), which is the copy
+    (passes/train_modules.py)."""
     roles = {node: node.meta.get(KEY, {}).get("role") for node in graph.nodes}
     for node, role in roles.items():
         if role == "add" and node.target is torch.ops.aten.addcmul.default:
             node.target, node.args = torch.ops.aten.add.Tensor, node.args[:2]
+        elif role == "select":
+            node.args = node.args[:2]
     for node, role in roles.items():
         if role == "gate" and not node.users:
             graph.erase_node(node)

@@ -8,7 +8,8 @@ never modified. A weight that the graph also reads elsewhere (GPT-2's lm_head is
 embedding) is folded into an untied copy, `lowrank_fx_untied.<target>`, so the other use
 keeps the original values. Non-finite results are refused before anything is built.
 Adapters whose gate is 0 (made inactive by `lfx.set_active_adapters`) are left out: the
-folded graph computes what `gm` computes.
+folded graph computes what `gm` computes. Trained modules (`Spec.train`) fold as the copy the
+graph reads: the newest active adapter's that trains them (passes/train_modules.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ..graph.gates import GATES, gate_value
 from ..graph.record import CONTAINER, KEY, Record, tagged
 from ..graph.targets import Target, find_targets, weight_operand
 from ..methods.base import unit_key
+from .train_modules import fold_trained, trained_values
 
 UNTIED = "lowrank_fx_untied"
 
@@ -147,8 +149,9 @@ def _tensor(gm: fx.GraphModule, path: str):
 
 
 def remove_adapter_nodes(gm: fx.GraphModule) -> None:
-    """Drop every node lowrank_fx added (y + gate · Δy becomes y), the adapter modules and gates."""
-    for node in tagged(gm, "add"):
+    """Drop every node lowrank_fx added (y + gate · Δy becomes y, a trained module's select its
+    base), the adapter modules and gates."""
+    for node in tagged(gm, "add") + tagged(gm, "select"):
         node.replace_all_uses_with(node.args[0])
     for node in reversed(tagged(gm)):
         gm.graph.erase_node(node)
@@ -168,6 +171,7 @@ def merged_bias(bias: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 
 def fold(gm: fx.GraphModule) -> fx.GraphModule:
     targets, deltas, bias_deltas = adapter_deltas(gm)
+    trained = trained_values(gm)  # Spec.train: the active adapter's copies replace the base parameters
     merged = {name: merged_weight(gm.get_parameter(targets[name].weight), delta, targets[name])
               for name, delta in deltas.items()}
     biases = {targets[name].bias: merged_bias(gm.get_parameter(targets[name].bias), delta)
@@ -180,6 +184,7 @@ def fold(gm: fx.GraphModule) -> fx.GraphModule:
         _fold_target(folded, targets[name], weight)
     for path, bias in biases.items():
         _set_parameter(folded, path, nn.Parameter(bias, requires_grad=False))
+    fold_trained(folded, trained)
     source = Record.find(gm)
     folded.meta[KEY] = Record(aliases=dict(source.aliases), state_keys=list(source.state_keys))
     folded.graph.lint()
