@@ -187,7 +187,6 @@ def _edit_config(tmp_path, **changes):
 @pytest.mark.parametrize("setting, value", [
     ("use_dora", True),
     ("bias", "all"),
-    ("modules_to_save", ["lm_head"]),
     ("init_lora_weights", "pissa"),
     ("lora_bias", True),
     ("layer_replication", [[0, 2], [1, 2]]),

@@ -28,7 +28,9 @@ from ..errors import AdapterFileError, LowRankFxError, nearest
 from ..graph.record import CONTAINER, Record
 from ..graph.targets import find_targets
 from ..methods.base import unit_key
+from ..methods.trained import TRAINED, build_trained
 from ..passes.inject import build_groups
+from ..passes.train_modules import check_trained, resolve_trained
 from ..spec import Spec
 from .serial import fingerprint
 
@@ -50,6 +52,11 @@ class Placement:
     def unit_key(self, target: str, name: str) -> str:
         """Key, inside the adapter's module, of tensor `name` of the unit of `target`."""
         return f"{self.group_of[target]}.units.{unit_key(target)}.{name}"
+
+    def trained_key(self, param: str) -> str:
+        """Key of the trained copy of the graph's parameter `param` (`Spec.train`)."""
+        module, _, leaf = param.rpartition(".")
+        return f"{TRAINED}.units.{unit_key(module)}.{leaf}"
 
     def shared_key(self, name: str) -> str:
         """Key of the group tensor `name` of an adapter made of one group (PEFT's shared tensors)."""
@@ -140,16 +147,25 @@ def place(gm: fx.GraphModule, adapter: str, spec: Spec, shapes: dict[str, tuple[
             parts.append(f"not {_listed(lacking)}")
         placement.problems.append(f"on this graph its spec selects other targets than the file holds: {'; '.join(parts)}")
         return placement
+    trained = resolve_trained(gm, spec)  # resolve checked its patterns
     if placement.exists:
         info = record.adapters[adapter]
         _, current = resolve(gm, info.spec)
         placement.problems += _method_problems(current, assignment)
+        only_graph, only_file = _one_sided(resolve_trained(gm, info.spec).params, trained.params)
+        if only_graph or only_file:
+            placement.problems.append("trained modules differ: " + "; ".join(
+                [f"the graph's adapter also trains {_listed(only_graph)}"] * bool(only_graph)
+                + [f"the file also trains {_listed(only_file)}"] * bool(only_file)))
         placement.module = getattr(gm, CONTAINER)[adapter]
         placement.group_of = dict(info.groups)
         return placement
     try:
         with torch.random.fork_rng(devices=[]):
             groups, placement.group_of = build_groups(assignment, graph_targets)
+        if trained.params:
+            check_trained(gm, adapter, trained)
+            groups[TRAINED] = build_trained(trained.params, empty=True)
     except LowRankFxError as err:
         placement.problems.append(f"its adapter cannot be built on this graph: {err}")
         return placement

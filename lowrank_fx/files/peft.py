@@ -25,6 +25,9 @@ Saving: target_modules is the exact list of target names, ranks and alphas that 
 from the most common one go to rank_pattern / alpha_pattern, and `fan_in_fan_out` is true
 when every target is stored (in, out) (Conv1D). Only adapters whose targets are modules
 with a `.weight` in the original model can be saved (PEFT adapts modules, not bare weights).
+
+Trained modules (`Spec.train`) <-> PEFT's `modules_to_save`, stored as
+`base_model.model.<module>.<parameter>` (peft_saved.py).
 """
 
 from __future__ import annotations
@@ -267,9 +270,10 @@ def load_peft(model, directory: str | os.PathLike, adapter: str = "default", exa
 
     `model` is a GraphModule (rewritten or not) or a model to capture with `example_inputs` /
     `example_kwargs`. If the graph already has `adapter`, its targets and settings must match
-    the PEFT adapter; otherwise it is added. Unsupported PEFT settings (DoRA, biases,
-    modules_to_save, base-modifying initialisations, other PEFT methods) raise
-    AdapterFileError naming them, and nothing changes.
+    the PEFT adapter; otherwise it is added. `modules_to_save` become the adapter's trained
+    modules (`Spec.train`, peft_saved.py). Unsupported PEFT settings (biases,
+    base-modifying initialisations, other PEFT methods) raise AdapterFileError naming them,
+    and nothing changes.
     """
     directory = Path(directory)
     config = _read_config(directory)

@@ -5,7 +5,9 @@ A method is stored as its `config()`: `{"method": kind, **options}`. It is rebui
 package exports) and passing the options back to the constructor, which validates them; so
 reading a file creates nothing but known classes with checked options, and runs no code.
 
-A spec is `{"rules": [{"pattern": ..., "method": {...}}, ...], "exclude": [...]}`.
+A spec is `{"rules": [{"pattern": ..., "method": {...}}, ...], "exclude": [...]}`, plus
+`"train": [...]` when it trains whole modules (`Spec.train`; absent otherwise, so older readers
+refuse such a file by its extra tensors rather than load it without them).
 """
 
 from __future__ import annotations
@@ -59,10 +61,13 @@ def method_from_json(data) -> Method:
 
 
 def spec_to_json(spec: Spec) -> dict:
-    return {
+    data = {
         "rules": [{"pattern": pattern, "method": method_to_json(method)} for pattern, method in spec.rules()],
         "exclude": list(spec.exclude),
     }
+    if spec.train:
+        data["train"] = list(spec.train)
+    return data
 
 
 def spec_from_json(data) -> Spec:
@@ -70,13 +75,14 @@ def spec_from_json(data) -> Spec:
     try:
         rules = [(rule["pattern"], method_from_json(rule["method"])) for rule in data["rules"]]
         exclude = tuple(data.get("exclude", ()))
+        train = tuple(data.get("train", ()))
     except (KeyError, TypeError) as err:
         raise AdapterFileError(f"malformed spec in the manifest ({type(err).__name__}: {err}): {data!r}") from None
     methods = {method for _, method in rules}
     try:
         if len(methods) == 1:
-            return Spec(targets=[pattern for pattern, _ in rules], method=methods.pop(), exclude=exclude)
-        return Spec(targets=dict(rules), exclude=exclude)
+            return Spec(targets=[pattern for pattern, _ in rules], method=methods.pop(), exclude=exclude, train=train)
+        return Spec(targets=dict(rules), exclude=exclude, train=train)
     except LowRankFxError as err:
         raise AdapterFileError(f"the manifest's spec is not valid: {err}") from None
 
