@@ -14,6 +14,10 @@ an axis is dynamic in the ONNX graph and its default is EMPTY (size 0): no adapt
 no update at about no cost. Every other input keeps its shape and defaults to zeros, which
 is also no update for these methods, whose update is a product of their parameters (and
 of the scale). A method that declares nothing still exports, with fixed ranks.
+
+Trained modules (`Spec.train`, methods/trained.py) are inputs named like the model's own
+parameters (`classifier.weight`), whose default is the BASE value (`Unit.neutral_value`): no
+adapter means the base module.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class AdapterInput:
     path: str  # the tensor's name inside the export graph (for functional_call)
     owner: str  # target or group name: the inputs of one owner come and go together
     rank_axis: int | None
+    default: torch.Tensor | None = None  # the value meaning "no adapter", when not empty / zeros
 
 
 def adapter_names(gm: fx.GraphModule) -> list[str]:
@@ -70,7 +75,9 @@ def _entries(gm: fx.GraphModule, adapter: str):
             target = names[key]
             axes = unit.rank_axes
             for local, param in unit.named_parameters():
-                yield AdapterInput(f"{target}.{local}", f"{prefix}.units.{key}.{local}", target, axes.get(local)), param
+                default = unit.neutral_value(local, gm)
+                yield AdapterInput(f"{target}.{local}", f"{prefix}.units.{key}.{local}", target, axes.get(local),
+                                   default), param
             scale = _unit_scale(unit)
             if scale is not None:
                 yield (AdapterInput(f"{target}.{SCALE}", f"{prefix}.units.{key}.{SCALE}", target, None),
@@ -135,7 +142,7 @@ def copy_graph(gm: fx.GraphModule, keep: list[str]) -> tuple[fx.GraphModule, fx.
         graph = copy.deepcopy(gm.graph)
     dropped = [n for n in tagged_in(graph) if n.meta[KEY]["adapter"] not in keep]
     for node in dropped:
-        if node.meta[KEY]["role"] == "add":
+        if node.meta[KEY]["role"] in ("add", "select"):  # y + Δy -> y; a trained module's select -> its base
             node.replace_all_uses_with(node.args[0])
     for node in reversed(dropped):
         graph.erase_node(node)

@@ -177,14 +177,20 @@ def _output_names(model: nn.Module, sig: Signature) -> list[str]:
 
 
 def _add_defaults(model: ir.Model, layout: list[AdapterInput]) -> None:
-    """Give each adapter input a same-named initializer: empty along its rank axis, else zeros."""
+    """Give each adapter input a same-named initializer: its default (a trained module's base
+    values), else empty along its rank axis, else zeros."""
     import onnx_ir as ir
 
     inputs = {value.name: value for value in model.graph.inputs}
     for entry in layout:
         value = inputs[entry.name]
         shape = [0 if i == entry.rank_axis else int(d) for i, d in enumerate(value.shape)]
-        value.const_value = ir.tensor(np.zeros(shape, dtype=value.dtype.numpy()), name=entry.name)
+        default = entry.default.cpu() if entry.default is not None else None
+        if default is not None and default.dtype == torch.bfloat16:
+            default = default.float()  # numpy has no bfloat16; cast back below
+        array = (default.numpy().astype(value.dtype.numpy()) if default is not None
+                 else np.zeros(shape, dtype=value.dtype.numpy()))
+        value.const_value = ir.tensor(array, name=entry.name)
         model.graph.register_initializer(value)
 
 

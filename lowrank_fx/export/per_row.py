@@ -12,6 +12,7 @@ A site whose activation was flattened to (batch·n, in) (GPT-2's Conv1D runs add
 buffer swapped per call (torch.func.functional_call), so the exported graph reads it from
 `adapter_ids`. Works for every method; each Δ_k is the adapter's own unit, except that
 the LoRA adapters of a site are stacked into one rank-ΣR pair (per_row_lora.py; faster).
+Trained modules (`Spec.train`): each row reads its own adapter's copy (per_row_trained.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ..graph.record import KEY
 from ..methods.base import unit_key
 from .adapter_graph import copy_graph, tagged_in
 from .per_row_lora import StackedLoRA, row_weights, stackable
+from .per_row_trained import per_row_trained
 
 MASK = "lowrank_fx_rows_mask"
 ROWS = "lowrank_fx_rows"  # modules added by this pass (stacked LoRA sites)
@@ -78,6 +80,13 @@ def _check_rows(graph: fx.Graph, deltas: list[fx.Node]) -> None:
             )
 
 
+def _leads_with_batch(graph: fx.Graph, node: fx.Node) -> bool:
+    """Whether `node`'s first dimension is a multiple of the batch (True when shapes are unknown)."""
+    inputs = [n for n in graph.nodes if n.op == "placeholder" and _first_dim(n) is not None]
+    rows = _first_dim(node)
+    return not inputs or rows is None or _divides(_first_dim(inputs[0]), rows)
+
+
 def _sites(deltas: list[fx.Node]) -> dict[tuple, list[fx.Node]]:
     """Delta nodes grouped by call site: (target, activation node) -> the adapters' deltas."""
     sites: dict[tuple, list[fx.Node]] = {}
@@ -130,6 +139,7 @@ def per_row_graph(gm: fx.GraphModule, adapters: list[str], stack_lora: bool = Tr
             with graph.inserting_after(delta):
                 weighted = graph.call_function(row_scale, (delta, mask, k))
             delta.replace_all_uses_with(weighted, delete_user_cb=lambda user: user is not weighted)
+    per_row_trained(graph, adapters, mask, lambda node: _leads_with_batch(graph, node))
     graph.lint()
     new.recompile()
     return new
