@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import fx
 
 from ..errors import SpecError, TargetError
-from ..graph.heads import output_heads
+from ..graph.heads import left_out
 from ..graph.record import CONTAINER, AdapterInfo, Record
 from ..graph.targets import Target, find_targets, weight_uses
 from ..passes.inject import inject
@@ -20,7 +20,7 @@ def resolve(gm: fx.GraphModule, spec: Spec) -> tuple[dict[str, Target], dict]:
         raise SpecError(f"expected an lfx.Spec, got {type(spec).__name__}; e.g. lfx.Spec(targets=['*.q_proj'], method=lfx.LoRA(rank=8))")
     record = Record.find(gm)
     targets = find_targets(gm, record.aliases if record else None)
-    heads = output_heads(gm, targets)
+    heads = set(left_out(gm, targets))  # what "all-linear" leaves out: output heads, non-linear ops
     try:
         assignment = spec.assign(list(targets), heads)
     except SpecError as err:
