@@ -36,6 +36,7 @@ ROWS = [
     ("Vanilla MLP 2 LoRA", "MLP", {"target_modules": ["lin0"]}),
     ("Vanilla MLP 3 LoRA", "MLP", {"target_modules": ["lin1"]}),
     ("Vanilla MLP 4 LoRA", "MLP", {"target_modules": ["lin0", "lin1"]}),
+    ("Vanilla MLP 5 LoRA", "MLP", {"target_modules": ["lin0"], "modules_to_save": ["lin1"]}),
     ("Vanilla MLP 6 LoRA", "MLP", {"target_modules": ["lin0"], "lora_alpha": 4, "lora_dropout": 0.1}),
     ("Vanilla MLP 7 LoRA with DoRA", "MLP", {"target_modules": ["lin0"], "use_dora": True}),
     ("Vanilla MLP 8 LoRA with DoRA", "MLP", {"target_modules": ["lin0", "lin1"], "use_dora": True}),
@@ -89,7 +90,8 @@ def our_spec(settings: dict) -> lfx.Spec:
                       bias=settings.get("lora_bias", False), init="nonzero")
     tokens = settings.get("trainable_token_indices", {})
     return lfx.Spec(targets={**{t: method for t in targets},
-                             **{m: lfx.TrainableTokens(indices=i) for m, i in tokens.items()}})
+                             **{m: lfx.TrainableTokens(indices=i) for m, i in tokens.items()}},
+                    train=settings.get("modules_to_save", ()))
 
 
 def as_peft_computes(gm, model_name: str):
@@ -121,7 +123,7 @@ def _perturb_magnitudes(gm) -> None:
                 param.mul_(1 + 0.2 * torch.randn_like(param))
             if name.endswith("lora_B_bias"):
                 param.uniform_(-0.5, 0.5)
-            if name.endswith(".rows"):  # trainable token rows start as the base rows
+            if name.endswith(".rows") or ".trained." in name:  # token rows and trained modules start as the base
                 param.add_(torch.randn_like(param))
 
 
