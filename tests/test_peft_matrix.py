@@ -16,7 +16,7 @@ against PEFT those rows compare with our out_proj factor B doubled, which is PEF
 DoRA on grouped convs: PEFT computes DoRA's norm from `B.view(-1, r) @ A.view(r, -1)`, which
 is not the update of a grouped factor pair, so its outputs are not DoRA's; those rows check
 our graph against folding (the original model with W' = m ⊙ V / ‖V‖ written in) only.
-Research variants of LoraConfig (VeLoRA, KaSA, MiCA, MonteCLoRA) are refused with a clear error.
+Research variants of LoraConfig (VeLoRA, KaSA, MiCA, MonteCLoRA, BD-LoRA) are refused with a clear error.
 """
 
 from __future__ import annotations
@@ -181,6 +181,13 @@ VARIANTS = [
      "velora_config"),
     ("Vanilla MLP 1 LoRA with Monteclora",
      {"target_modules": ["lin0"], "monteclora_config": peft.MontecloraConfig(num_samples=2)}, "monteclora_config"),
+    ("BD-LoRA A only", {"target_modules": ["lin0", "lin1"],
+                        "use_bdlora": peft.BdLoraConfig(target_modules_bd_a=["lin0"], match_strict=False)}, "use_bdlora"),
+    ("BD-LoRA B only", {"target_modules": ["lin0", "lin1"],
+                        "use_bdlora": peft.BdLoraConfig(target_modules_bd_b=["lin1"], nblocks=2, match_strict=False)},
+     "use_bdlora"),
+    ("BD-LoRA both A and B", {"target_modules": ["lin0", "lin1"], "use_bdlora": peft.BdLoraConfig(
+        target_modules_bd_a=["lin0"], target_modules_bd_b=["lin1"], nblocks=2)}, "use_bdlora"),
 ]
 
 

@@ -74,6 +74,7 @@ HINTS = {
     "kasa_config": "KaSA is a research LoRA variant lowrank_fx does not implement",
     "velora_config": "VeLoRA is a research LoRA variant lowrank_fx does not implement",
     "monteclora_config": "MonteCLoRA is a research LoRA variant lowrank_fx does not implement",
+    "use_bdlora": "BD-LoRA (block-diagonal factors) is a research LoRA variant lowrank_fx does not implement",
     "save_projection": "the random bases are not in the file, and PEFT's generator for them is not "
                        "lowrank_fx's; re-save the adapter with save_projection=True",
 }
