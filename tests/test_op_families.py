@@ -136,8 +136,9 @@ def test_resnet_onnx_merged_swappable_and_per_row(resnet, tmp_path):
 
 
 @pytest.mark.parametrize("method", [lfx.LoRA(rank=2, init="nonzero"), lfx.LoRA(rank=2, init="nonzero", dora=True),
-                                    lfx.RandLoRA(rank=2, init="nonzero")], ids=["lora", "dora", "randlora"])
-def test_conv_and_embedding_compile_fullgraph_like_eager(method):
+                                    lfx.RandLoRA(rank=2, init="nonzero"), lfx.LoRTA(rank=2, init="nonzero")],
+                         ids=["lora", "dora", "randlora", "lorta"])
+def test_every_method_on_conv_and_embedding_folds_and_compiles_fullgraph(method):
     torch.manual_seed(0)
     model = nn.ModuleDict({"emb": nn.Embedding(20, 8), "conv": nn.Conv1d(8, 8, 3, padding=1)})
 
@@ -150,7 +151,12 @@ def test_conv_and_embedding_compile_fullgraph_like_eager(method):
             return self.conv(self.emb(ids).transpose(1, 2)).sum()
 
     ids = torch.randint(0, 20, (2, 6))
-    gm = lfx.rewrite(Net(), lfx.Spec(targets=["emb", "conv"], method=method), example_inputs=(ids,))
+    net = Net()
+    gm = lfx.rewrite(copy.deepcopy(net), lfx.Spec(targets=["emb", "conv"], method=method), example_inputs=(ids,))
+    folded = copy.deepcopy(net)
+    folded.load_state_dict(lfx.merged_state_dict(gm))
+    other = torch.randint(0, 20, (3, 9))
+    assert rel(folded(other), gm(other)) < 1e-5 and rel(gm(other), net(other)) > 1e-4
     params = [p for p in gm.parameters() if p.requires_grad]
     eager = torch.autograd.grad(gm(ids), params)
     compiled = torch.compile(gm, fullgraph=True, backend="aot_eager")
