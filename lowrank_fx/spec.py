@@ -6,9 +6,9 @@ Patterns are matched against target names (see `graph/targets.py`):
     name ("lin0.weight", "*.in_proj_weight") selects the target of that weight, as PEFT's
     `target_parameters` do;
   - "re:<regex>", searched (re.search) in the full name;
-  - "all-linear": every linear-like target except an output head that is tied to an
-    embedding, or whose output size equals an embedding table's size and whose result
-    feeds no other target (see `targets.output_heads`).
+  - "all-linear": every linear layer except the output head, as PEFT means it; embeddings
+    and convolutions are targets by name only (graph/heads.py `left_out` says what is left
+    out and why).
 `targets` is a list of patterns sharing `method`, or a dict {pattern: method} for mixed
 specs (the first matching pattern wins). `exclude` removes targets matched by any pattern.
 
