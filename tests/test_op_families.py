@@ -266,3 +266,12 @@ def test_plan_marks_ranks_above_the_weight_size():
     notes = {r.target: r.note for r in plan.rows}
     assert notes == {"lin0": "", "lin1": "rank > min(out, in)"}  # lin1 is 2 x 20
     assert "[rank > min(out, in)]" in str(plan)
+
+
+def test_plan_lists_the_modules_spec_train_trains():
+    import peft_matrix_models as pm
+
+    plan = lfx.plan(pm.build("MLP"), lfx.Spec(targets=["lin0"], method=lfx.LoRA(rank=2), train=["lin1"]),
+                    example_inputs=(pm.INPUTS["MLP"](),))
+    assert plan.trained == {"lin1.weight": 40, "lin1.bias": 2}
+    assert plan.trainable == 2 * (10 + 20) + 42 and "trained in full by Spec.train" in str(plan)

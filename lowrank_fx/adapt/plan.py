@@ -11,6 +11,7 @@ import torch
 
 from ..graph.heads import left_out
 from ..passes.inject import build_groups
+from ..passes.train_modules import resolve_trained
 from ..spec import ALL_LINEAR
 from .capture import capture
 from .rewrite import resolve
@@ -35,6 +36,7 @@ class Plan:
     base: int
     modes: dict[str, str] = dataclasses.field(default_factory=dict)  # group -> its shared structure
     left_out: dict[str, str] = dataclasses.field(default_factory=dict)  # target -> why all-linear left it out
+    trained: dict[str, int] = dataclasses.field(default_factory=dict)  # Spec.train: parameter -> its size
 
     def __str__(self) -> str:
         header = ("target", "op", "weight (out x in)", "method", "trainable")
@@ -52,6 +54,10 @@ class Plan:
                  *(f"{text.ljust(span)}  {count.rjust(widths[4])}" for text, count in shared), line,
                  (f"{len(self.rows)} targets; trainable {self.trainable:,} of base {self.base:,} "
                   f"parameters ({share:.3f}%)")]
+        if self.trained:
+            width = max(map(len, self.trained))
+            lines += ["", f"trained in full by Spec.train ({sum(self.trained.values()):,} parameters, counted above):"]
+            lines += [f"  {name.ljust(width)}  {count:,}" for name, count in self.trained.items()]
         if self.left_out:
             width = max(map(len, self.left_out))
             lines += ["", f"left out by all-linear ({len(self.left_out)}):"]
@@ -79,9 +85,10 @@ def plan(model, spec, example_inputs=None, example_kwargs=None, **capture_option
                             sum(p.numel() for p in unit.parameters()), note))
     shared = {g: sum(p.numel() for p in group.parameters()) - sum(p.numel() for p in group.units.parameters())
               for g, group in groups.items()}
-    trainable = sum(p.numel() for group in groups.values() for p in group.parameters())
+    trained = {name: param.numel() for name, param in resolve_trained(gm, spec).params.items()}
+    trainable = sum(p.numel() for group in groups.values() for p in group.parameters()) + sum(trained.values())
     base = sum(p.numel() for p in gm.parameters())
     modes = {g: group.describe() for g, group in groups.items() if group.describe()}
     uses_all_linear = any(pattern == ALL_LINEAR for pattern, _ in spec.rules())
     skipped = {n: why for n, why in left_out(gm, targets).items() if n not in assignment} if uses_all_linear else {}
-    return Plan(rows, shared, trainable, base, modes, skipped)
+    return Plan(rows, shared, trainable, base, modes, skipped, trained)
