@@ -41,6 +41,14 @@ def test_plan_from_spec_file_with_mixed_methods(tmp_path, capsys):
     assert "lorta" in out and "lora(" in out
 
 
+def test_spec_file_trains_modules_in_full(tmp_path, capsys):
+    spec = tmp_path / "spec.json"
+    spec.write_text('{"targets": ["q_proj"], "method": {"method": "lora", "rank": 2}, "train": ["lm_head"]}')
+    assert main(["plan", "--spec", str(spec)]) == 0
+    out = capsys.readouterr().out
+    assert "trained in full by Spec.train" in out and "lm_head.weight" in out
+
+
 def test_train_writes_an_adapter_file(trained):
     tensors = load_file(str(trained))
     assert any(name.endswith("lora_A") for name in tensors)

@@ -26,7 +26,8 @@ EXAMPLES = """examples:
   lowrank-fx demo --synthetic                           # a small random Llama, < 1 minute
 
 A spec file is JSON: {"targets": ["q_proj", "v_proj"], "method": {"method": "lora", "rank": 8},
-"exclude": []}, or {"targets": {"re:.*_proj": {"method": "lorta", "rank": 8}}} for mixed methods.
+"exclude": [], "train": ["classifier"]}, or {"targets": {"re:.*_proj": {"method": "lorta", "rank": 8}}} for
+mixed methods; "train" (optional) names modules trained in full, as PEFT's modules_to_save.
 """
 
 
@@ -48,10 +49,10 @@ def _spec(args):
     try:
         data = json.loads(Path(args.spec).read_text())
         targets = data["targets"]
+        extra = {"exclude": data.get("exclude", ()), "train": data.get("train", ())}
         if isinstance(targets, dict):
-            return Spec(targets={p: method_from_json(m) for p, m in targets.items()}, exclude=data.get("exclude", ()))
-        return Spec(targets=targets, method=method_from_json(data.get("method", {"method": "lora"})),
-                    exclude=data.get("exclude", ()))
+            return Spec(targets={p: method_from_json(m) for p, m in targets.items()}, **extra)
+        return Spec(targets=targets, method=method_from_json(data.get("method", {"method": "lora"})), **extra)
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
         raise SpecError(f"cannot read spec file {args.spec}: {type(err).__name__}: {err}") from None
 
