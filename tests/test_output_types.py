@@ -8,9 +8,8 @@ a dataclass, a NamedTuple, nested dict/list/tuple, and user types registered wit
 `register_pytree_node` with and without a `flatten_with_keys_fn`. Each is rewritten with
 LoRA, exported merged and with adapters, and run in ONNX Runtime against PyTorch.
 
-A plain dataclass output is not a pytree type, and torch.export refuses to capture a
-model returning one; registered (`torch.export.register_dataclass`), it captures. Unregistered,
-`export_onnx` of the plain model still names its fields.
+A plain dataclass output is not a pytree type, which torch.export needs; capture registers
+it (`torch.export.register_dataclass`) and exports again.
 
 UNet2DConditionModel (tiny config, random weights): `timestep` must be a tensor, (batch,)
 or 0-dim; a Python int is baked into the graph and other values fail its guard. Its output
@@ -211,18 +210,21 @@ def test_adapters_export_matches_pytorch_with_and_without_the_adapter(exported):
             assert rel_err(adapted[name], base[name]) > 1e-3, name  # the adapter changes it
 
 
-def test_plain_dataclass_is_refused_by_capture_but_exports_from_the_model(tmp_path):
-    """torch.export needs output types pytree knows; export_onnx of the plain model walks the
-    dataclass's fields itself (the int field is a constant, not an output)."""
+def test_plain_dataclass_output_is_registered_by_capture(tmp_path):
+    """torch.export needs output types pytree knows: capture registers a plain dataclass it finds
+    in the output and exports again; the ONNX outputs are its tensor fields (the int field is a
+    constant, not an output). export_onnx of the plain model walks the fields too."""
     model = Tiny("plain").eval()
-    with pytest.raises(lfx.CaptureError, match="Plain"):
-        lfx.rewrite(model, lfx.Spec(targets=["fc1"], method=LORA), example_inputs=(X,))
-    result = lfx.export_onnx(model, tmp_path / "plain.onnx", (X,), optimize=False)
-    assert result.outputs == ["logits", "hidden"]
-    got = result.session().run({"x": OTHER})
+    gm = lfx.rewrite(model, lfx.Spec(targets=["fc1"], method=LORA), example_inputs=(X,)).eval()
     with torch.no_grad():
-        want = model(OTHER)
+        want = gm(OTHER)
+    assert type(want).__name__ == "Plain"
+    result = lfx.export_onnx(gm, tmp_path / "plain.onnx", (X,), mode="adapters", optimize=False)
+    assert result.outputs == ["logits", "hidden"]
+    got = result.session().run({"x": OTHER}, adapter="default")
     assert rel_err(got["logits"], want.logits) <= TOL and rel_err(got["hidden"], want.hidden) <= TOL
+    plain = lfx.export_onnx(Tiny("plain").eval(), tmp_path / "model.onnx", (X,), optimize=False)
+    assert plain.outputs == ["logits", "hidden"]
 
 
 def test_unknown_output_type_names_the_type_and_the_fix(tmp_path):

@@ -23,7 +23,10 @@ that torch.compile cannot trace with dynamic shapes, become plain calls (passes/
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
+import re
+import sys
 import warnings
 from collections.abc import Mapping
 
@@ -67,6 +70,34 @@ def _aliases(model: nn.Module) -> dict[str, list[str]]:
     ):
         groups.setdefault(id(tensor), []).append(name)
     return {name: names for names in groups.values() for name in names}
+
+
+_UNKNOWN_OUTPUT = re.compile(r"Found <class '([\w.]+)'> in output, which is not a known type")
+
+
+def _output_dataclass(error: Exception) -> type | None:
+    """The dataclass an export error says it found in the output, if it can be imported by name."""
+    found = _UNKNOWN_OUTPUT.search(str(error))
+    if found is None:
+        return None
+    module, _, name = found.group(1).rpartition(".")
+    cls = getattr(sys.modules.get(module), name, None)
+    return cls if isinstance(cls, type) and dataclasses.is_dataclass(cls) else None
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes):
+    """Non-strict torch.export; a plain dataclass in the output is registered with pytree first
+    (torch.export needs to know how to flatten it), as often as the output holds new ones."""
+    registered = set()
+    while True:
+        try:
+            return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+        except Exception as err:
+            cls = _output_dataclass(err)
+            if cls is None or cls in registered:
+                raise
+            torch.export.register_dataclass(cls)
+            registered.add(cls)
 
 
 def _hint(model: nn.Module, kwargs: dict, error: Exception) -> str:
@@ -169,7 +200,7 @@ def capture(model, example_inputs=None, example_kwargs=None, dynamic: bool = Tru
     modes = [(module, module.training) for module in model.modules()]
     model.train()
     try:
-        exported = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+        exported = _export(model, args, kwargs, dynamic_shapes)
     except Exception as err:
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__}: "
