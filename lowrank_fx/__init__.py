@@ -8,6 +8,7 @@ from .errors import (AdapterFileError, CaptureError, ExportError, LowRankFxError
 from .export import AdapterSession, OnnxExport, export_onnx, export_onnx_adapter
 from .files.adapter_file import load_adapters, save_adapters
 from .files.peft import load_peft, save_peft
+from .generation import generate
 from .graph.gates import active_adapters, set_active_adapters
 from .methods.lora import LoRA
 from .methods.lorta import LoRTA
@@ -27,4 +28,5 @@ __all__ = [
     "AdapterFileError",
     "export_onnx", "export_onnx_adapter", "OnnxExport", "AdapterSession", "ExportError",
     "set_active_adapters", "active_adapters", "Trainer", "TrainingError",
+    "generate",
 ]

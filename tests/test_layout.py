@@ -29,8 +29,9 @@ RANK = {
     "adapt": 6,
     "files": 7,
     "training": 8, "export": 8,
-    "__init__": 9,  # the public API
-    "cli": 10,
+    "generation": 9,  # decode graphs, generate, generation export and sessions: above export
+    "__init__": 10,  # the public API
+    "cli": 11,
 }
 
 

@@ -28,6 +28,7 @@ import inspect
 import re
 import sys
 import warnings
+import weakref
 from collections.abc import Mapping
 
 import torch
@@ -40,6 +41,32 @@ from ..passes.call_defaults import set_call_defaults
 from ..passes.grad_regions import unwrap_regions
 from ..passes.inline_linear import inline_linear
 from ..passes.mode_aware import make_mode_aware
+
+SOURCE = "lowrank_fx_source"  # gm.meta[SOURCE]: the model the graph was captured from, held weakly
+
+
+class _Source:
+    """A weak reference to the captured model that copies as itself and pickles as empty."""
+
+    def __init__(self, model: nn.Module):
+        self.ref = weakref.ref(model)
+
+    def __call__(self) -> nn.Module | None:
+        return self.ref() if self.ref is not None else None
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __getstate__(self):
+        return {"ref": None}
+
+
+def source_model(gm: fx.GraphModule) -> nn.Module | None:
+    """The model `gm` was captured from, while it is alive (None for a graph given as a graph).
+
+    Generation needs it: its KV-cache decode graph is a second capture of the same model."""
+    ref = getattr(gm, "meta", {}).get(SOURCE)
+    return ref() if ref is not None else None
 
 
 def _tensors(tree) -> list[torch.Tensor]:
@@ -216,6 +243,7 @@ def capture(model, example_inputs=None, example_kwargs=None, dynamic: bool = Tru
     make_mode_aware(gm)
     gm.train(was_training)
     Record.attach(gm, aliases=_aliases(model), state_keys=list(model.state_dict()))
+    gm.meta[SOURCE] = _Source(model)
     return gm
 
 
@@ -231,4 +259,5 @@ def _symbolic(model: nn.Module) -> fx.GraphModule:
     inline_linear(gm)
     gm.train(model.training)
     Record.attach(gm, aliases=_aliases(model), state_keys=list(model.state_dict()))
+    gm.meta[SOURCE] = _Source(model)
     return gm

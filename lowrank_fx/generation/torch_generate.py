@@ -1,0 +1,160 @@
+"""`lfx.generate(gm, input_ids, ...)`: KV-cache generation in PyTorch with the adapters unmerged.
+
+The graph `gm` (from `lfx.rewrite`, captured with use_cache=False for training) does not
+run generation itself: its KV-cache decode graph does (decode_graph.py), a second capture
+of the same model that carries gm's own adapter modules and gates. So generation always sees
+the adapters as they are now (training gm changes it, `lfx.set_active_adapters(gm, ...)`
+switches it), with no fold and no copy.
+
+The model: `rewrite` keeps a weak reference to the model it captured, and generation
+captures that one; pass `model=` when gm was built from a GraphModule or the model is gone.
+The decode graph is built on first use and cached per gm (rebuilt when gm gains an adapter
+or another `model=` is given), like its compiled form (`compile=True`, or a backend name such
+as "aot_eager": `torch.compile(dynamic=True)`; after the first call, no recompiles per
+token or per prompt length, and switching adapters changes buffers only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from collections.abc import Sequence
+
+import torch
+from torch import fx, nn
+
+from ..adapt.capture import source_model
+from ..errors import ModelTypeError
+from ..export.exporter import eval_mode
+from ..graph.gates import GATES, active_adapters, set_active_adapters
+from ..graph.record import Record
+from .decode_graph import LAYOUT, decode_graph, share_adapters, use_base_of
+from .loop import Generated, Sampling, eos_list, run
+
+
+@dataclasses.dataclass
+class _Entry:
+    key: tuple
+    decode: fx.GraphModule
+    compiled: dict  # compile option -> compiled callable
+
+
+_DECODERS: "weakref.WeakKeyDictionary[fx.GraphModule, _Entry]" = weakref.WeakKeyDictionary()
+
+
+def _model(gm: fx.GraphModule, model: nn.Module | None) -> nn.Module:
+    if model is not None:
+        return model
+    found = source_model(gm)
+    if found is None:
+        raise ModelTypeError(
+            "the model this graph was captured from is not known (the graph was built from a GraphModule, "
+            "or the model was freed); pass it: lfx.generate(gm, ids, model=hf_model)"
+        )
+    return found
+
+
+def decoder_for(gm: fx.GraphModule, model: nn.Module | None = None) -> fx.GraphModule:
+    """gm's KV-cache decode graph, sharing gm's base weights, adapter modules and gates (cached)."""
+    if not isinstance(gm, fx.GraphModule) or Record.find(gm) is None:
+        raise ModelTypeError(
+            f"lfx.generate takes a graph from lfx.rewrite (or lfx.merge), got {type(gm).__name__}; "
+            "for a plain model use model.generate(...)"
+        )
+    model = _model(gm, model)
+    record = Record.find(gm)
+    key = (id(model), tuple((name, id(info.spec)) for name, info in record.adapters.items()))
+    entry = _DECODERS.get(gm)
+    if entry is not None and entry.key == key:
+        return entry.decode
+    decode = decode_graph(model)
+    use_base_of(decode, gm)
+    if record.adapters:
+        share_adapters(decode, [(name, gm, name) for name in record.adapters])
+        decode.add_module(GATES, getattr(gm, GATES))  # gm's gates: set_active_adapters(gm) switches both
+    _DECODERS[gm] = _Entry(key, decode, {})
+    return decode
+
+
+def _compiled(gm: fx.GraphModule, decode: fx.GraphModule, option):
+    entry = _DECODERS[gm]
+    key = option if isinstance(option, (bool, str)) else repr(sorted(option.items()))
+    if key not in entry.compiled:
+        if option is True:
+            kwargs = {}
+        elif isinstance(option, str):
+            kwargs = {"backend": option}
+        elif isinstance(option, dict):
+            kwargs = dict(option)
+        else:
+            raise ValueError(f"compile must be False, True, a backend name or a dict of torch.compile options, got {option!r}")
+        kwargs.setdefault("dynamic", True)
+        entry.compiled[key] = torch.compile(decode, **kwargs)
+    return entry.compiled[key]
+
+
+def _text_config(model: nn.Module):
+    config = model.config
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def default_ids(model: nn.Module, eos_token_id, pad_token_id) -> tuple[list[int], int | None]:
+    """EOS and pad ids as transformers' generate picks them: given, else the generation config, else the config."""
+    generation = getattr(model, "generation_config", None)
+    config = _text_config(model)
+    if eos_token_id is None:
+        eos_token_id = getattr(generation, "eos_token_id", None)
+        if eos_token_id is None:
+            eos_token_id = getattr(config, "eos_token_id", None)
+    if pad_token_id is None:
+        pad_token_id = getattr(generation, "pad_token_id", None)
+    return eos_list(eos_token_id), pad_token_id
+
+
+def generate(gm: fx.GraphModule, input_ids, attention_mask=None, adapter: str | Sequence[str] | None = None, *,
+             max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+             seed: int | None = None, compile=False, model: nn.Module | None = None,
+             output_logits: bool = False):
+    """Generate tokens with `gm`'s adapters unmerged; returns (batch, prompt + new) int64, as transformers.
+
+    adapter: which adapters to apply, as `lfx.set_active_adapters` takes them (a name, a list,
+    [] for the base model); None keeps gm's active set. The previous set is restored after.
+    eos_token_id / pad_token_id: None takes the model's generation config (pad: else the first
+    EOS id); eos_token_id=[] never stops early. Left or right padding by attention_mask
+    (loop.py). compile: False, True, a torch.compile backend name, or a dict of its options.
+    model: the Hugging Face model gm was rewritten from (default: the one rewrite captured).
+    output_logits=True returns a `Generated` (sequences, per-step logits) instead.
+    """
+    decode = decoder_for(gm, model)
+    model = _model(gm, model)
+    eos, pad = default_ids(model, eos_token_id, pad_token_id)
+    layout = decode.meta[LAYOUT]
+    device = next(iter(decode.parameters())).device
+    call = _compiled(gm, decode, compile) if compile else decode
+
+    def step(ids, mask, positions, cache):
+        if cache is None:
+            empty = torch.zeros((ids.shape[0], layout.kv_heads, 0, layout.head_dim), dtype=layout.dtype, device=device)
+            cache = [{"key": empty, "value": empty} for _ in range(layout.layers)]
+        # fresh dense inputs: a compiled graph guards on strides, and a sliced prompt has others
+        dense = [t.to(device).clone(memory_format=torch.contiguous_format) for t in (ids, mask, positions)]
+        out = call(input_ids=dense[0], attention_mask=dense[1], position_ids=dense[2], past_key_values=cache)
+        return out["logits"].cpu(), out["present"]
+
+    record = Record.find(gm)
+    previous = active_adapters(gm) if record.adapters else None
+    if adapter is not None:
+        set_active_adapters(gm, adapter)
+    try:
+        with eval_mode(decode), torch.no_grad():
+            result = run(step, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                         sampling=Sampling(do_sample, temperature, top_k, top_p), eos_token_id=eos,
+                         pad_token_id=pad, seed=seed, vocab=getattr(_text_config(model), "vocab_size", None))
+    finally:
+        if previous is not None:
+            set_active_adapters(gm, previous)
+    return result if output_logits else result.sequences
+
+
+__all__ = ["generate", "decoder_for", "Generated"]
