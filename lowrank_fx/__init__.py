@@ -2,9 +2,10 @@
 
 from .adapt.merged_state import load_merged, merged_state_dict
 from .adapt.plan import Plan, plan
+from .adapt.quantize import quantize_base
 from .adapt.rewrite import rewrite
 from .errors import (AdapterFileError, CaptureError, ExportError, LowRankFxError, MergeError, ModelTypeError,
-                     SpecError, TargetError, TrainingError)
+                     QuantizedBaseError, SpecError, TargetError, TrainingError)
 from .export import AdapterSession, OnnxExport, export_onnx, export_onnx_adapter
 from .files.adapter_file import load_adapters, save_adapters
 from .files.peft import load_peft, save_peft
@@ -28,5 +29,6 @@ __all__ = [
     "AdapterFileError",
     "export_onnx", "export_onnx_adapter", "OnnxExport", "AdapterSession", "ExportError",
     "set_active_adapters", "active_adapters", "Trainer", "TrainingError",
+    "quantize_base", "QuantizedBaseError",
     "generate",
 ]

@@ -23,6 +23,10 @@ class MergeError(LowRankFxError, ValueError):
     """Folding adapters into dense weights was refused; the input graph is unchanged."""
 
 
+class QuantizedBaseError(LowRankFxError, ValueError):
+    """A quantized base that lowrank_fx cannot train or fold over (the message says why, measured)."""
+
+
 class ModelTypeError(LowRankFxError, TypeError):
     """The object passed as a model is not a torch.nn.Module."""
 

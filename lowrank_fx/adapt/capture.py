@@ -18,6 +18,11 @@ Export traces the model in training mode, so dropout and batch norm are in the g
 model's own mode. Other Python branches on `self.training` are fixed at capture time (train).
 `torch.no_grad()` / `torch.autocast` blocks, which torch.export records as higher-order ops
 that torch.compile cannot trace with dynamic shapes, become plain calls (passes/grad_regions.py).
+
+Quantized bases: bitsandbytes layers are swapped, while exporting only, for layers that
+dequantize and call F.linear on the same packed tensors (graph/quant_formats.py); every
+quantized layer is then checked for gradients (passes/quantized_base.py). The examples are
+kept, detached, in `gm.meta[EXAMPLES]`: folding with `requantize=True` measures its error on them.
 """
 
 from __future__ import annotations
@@ -36,11 +41,15 @@ from torch import fx, nn
 from torch.export import Dim, ShapesCollection
 
 from ..errors import CaptureError, ModelTypeError
+from ..graph.quant_formats import bitsandbytes_swapped
 from ..graph.record import Record
 from ..passes.call_defaults import set_call_defaults
 from ..passes.grad_regions import unwrap_regions
 from ..passes.inline_linear import inline_linear
 from ..passes.mode_aware import make_mode_aware
+from ..passes.quantized_base import prepare_quantized
+
+EXAMPLES = "lowrank_fx_examples"  # gm.meta[EXAMPLES]: (args, kwargs) the graph was captured with
 
 SOURCE = "lowrank_fx_source"  # gm.meta[SOURCE]: the model the graph was captured from, held weakly
 
@@ -227,7 +236,8 @@ def capture(model, example_inputs=None, example_kwargs=None, dynamic: bool = Tru
     modes = [(module, module.training) for module in model.modules()]
     model.train()
     try:
-        exported = _export(model, args, kwargs, dynamic_shapes)
+        with bitsandbytes_swapped(model):
+            exported = _export(model, args, kwargs, dynamic_shapes)
     except Exception as err:
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__}: "
@@ -239,6 +249,9 @@ def capture(model, example_inputs=None, example_kwargs=None, dynamic: bool = Tru
             module.training = training
     gm = _plain(exported.module())
     set_call_defaults(gm, args, kwargs)
+    prepare_quantized(gm)
+    gm.meta[EXAMPLES] = torch.utils._pytree.tree_map(
+        lambda v: v.detach() if isinstance(v, torch.Tensor) else v, (args, kwargs))
     unwrap_regions(gm)
     make_mode_aware(gm)
     gm.train(was_training)

@@ -1,6 +1,8 @@
 """`plan(model, spec)`: a dry run listing what `rewrite` would adapt, without changing anything.
 
 Below the table: what "all-linear" left out and why (graph/heads.py), as `Plan.left_out`.
+A model with quantized layers gets a column naming each target's base: its scheme and the
+bytes its quantized weight (and scales, bias) occupy, against fp32.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import dataclasses
 import torch
 
 from ..graph.heads import left_out
+from ..graph.quantized import find_regions, region_bytes
 from ..passes.inject import build_groups
 from ..passes.train_modules import resolve_trained
 from ..spec import ALL_LINEAR
@@ -26,6 +29,8 @@ class PlanRow:
     group: str
     trainable: int  # parameters of this target's own unit
     note: str = ""  # e.g. "rank > min(out, in)": exact, but the update is not low-rank there
+    scheme: str = ""  # a quantized base's scheme ("int8", "nf4", "int4", "int4 packed", "bnb-nf4", ...)
+    base_bytes: int = 0  # bytes of the base weight as stored (quantized data, scales, bias)
 
 
 @dataclasses.dataclass
@@ -42,6 +47,10 @@ class Plan:
         header = ("target", "op", "weight (out x in)", "method", "trainable")
         body = [(r.target, r.op, f"{r.shape[0]} x {r.shape[1]}", r.method + (f"  [{r.note}]" if r.note else ""),
                  f"{r.trainable:,}") for r in self.rows]
+        if any(r.scheme for r in self.rows):
+            header = (*header, "base")
+            body = [(*row, f"{r.scheme}, {r.base_bytes:,} B" if r.scheme else f"dense, {r.base_bytes:,} B")
+                    for row, r in zip(body, self.rows)]
         shared = [(f"[shared by group {g}] {self.modes.get(g, '')}".rstrip(), f"{n:,}")
                   for g, n in self.shared.items() if n or self.modes.get(g)]
         widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
@@ -50,10 +59,16 @@ class Plan:
         fmt = lambda row: "  ".join(c.rjust(w) if i == 4 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
         span = sum(widths[:4]) + 2 * 3  # a group's line spans the first four columns (longer ones overflow)
         share = 100.0 * self.trainable / max(self.base, 1)
+        quantized = [r for r in self.rows if r.scheme]
         lines = [fmt(header), line, *map(fmt, body),
                  *(f"{text.ljust(span)}  {count.rjust(widths[4])}" for text, count in shared), line,
                  (f"{len(self.rows)} targets; trainable {self.trainable:,} of base {self.base:,} "
                   f"parameters ({share:.3f}%)")]
+        if quantized:
+            stored = sum(r.base_bytes for r in quantized)
+            dense = sum(4 * r.shape[0] * r.shape[1] for r in quantized)
+            lines.append(f"{len(quantized)} quantized targets: {stored:,} bytes as stored, "
+                         f"{dense:,} as fp32 weights ({stored / max(dense, 1):.2f}x)")
         if self.trained:
             width = max(map(len, self.trained))
             lines += ["", f"trained in full by Spec.train ({sum(self.trained.values()):,} parameters, counted above):"]
@@ -70,19 +85,31 @@ def _describe(method) -> str:
     return f"{method.kind}({options})"
 
 
+def _dense_bytes(gm, target) -> int:
+    try:
+        weight = gm.get_parameter(target.weight)
+    except AttributeError:
+        return 0
+    return weight.numel() * weight.element_size()
+
+
 def plan(model, spec, example_inputs=None, example_kwargs=None, **capture_options) -> Plan:
     gm = capture(model, example_inputs, example_kwargs, **capture_options)
     targets, assignment = resolve(gm, spec)
     with torch.device("meta"):
         groups, group_of = build_groups(assignment, targets)
+    regions = {r.output: r for r in find_regions(gm)}
     rows = []
     for name, method in assignment.items():
         unit = groups[group_of[name]].unit(name)
         t = targets[name]
         rank = method.config().get("rank")
         note = "rank > min(out, in)" if isinstance(rank, int) and method.kind == "lora" and rank > min(t.shape) else ""
+        region = regions.get(t.sites[0]) if t.quantized else None
+        base_bytes = region_bytes(gm, region) if region is not None else _dense_bytes(gm, t)
         rows.append(PlanRow(name, t.op, t.shape, _describe(method), group_of[name],
-                            sum(p.numel() for p in unit.parameters()), note))
+                            sum(p.numel() for p in unit.parameters()), note,
+                            t.kind.scheme if t.quantized else "", base_bytes))
     shared = {g: sum(p.numel() for p in group.parameters()) - sum(p.numel() for p in group.units.parameters())
               for g, group in groups.items()}
     trained = {name: param.numel() for name, param in resolve_trained(gm, spec).params.items()}

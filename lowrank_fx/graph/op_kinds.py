@@ -9,6 +9,11 @@ applies to an activation without a bias:
     embedding   W (num, dim)         matrix (dim, num)          f = W[ids]  (one_hot(ids) · Wᵀ_matrix)
 
 `apply(x, ΔW)` is f(x, ΔW): the fallback any method can use, with ΔW built once per call.
+
+A linear layer whose weight is quantized (graph/quantized.py) is a `QuantizedLinearKind`: a
+linear kind (methods use their factored forms) whose matrix view is (out, in) and whose
+`apply(x, ΔW)` is F.linear, but whose stored weight is no plain matrix: its dense values come
+from running the layer's own region of the graph (`graph.quantized.dequantized`).
 """
 
 from __future__ import annotations
@@ -89,5 +94,25 @@ class EmbeddingKind:
         return weight.t()
 
 
+@dataclasses.dataclass(frozen=True)
+class QuantizedLinearKind(LinearKind):
+    """A linear layer whose weight is stored quantized (`scheme`: "int8", "nf4", "int4", ...).
+
+    Updates are dense (out, in) matrices applied with F.linear beside the quantized base; the
+    base weight is never converted in place. `to_matrix` refuses: its dense values are the
+    region's output on the identity (graph/quantized.py), which needs the graph."""
+
+    scheme: str = ""
+
+    def to_matrix(self, weight: torch.Tensor, layout: str) -> torch.Tensor:
+        raise TypeError(
+            f"a {self.scheme} quantized weight has no plain matrix view; dequantize it with "
+            "lowrank_fx.graph.quantized.dequantized(gm, target)"
+        )
+
+    def to_weight(self, matrix: torch.Tensor, layout: str, shape) -> torch.Tensor:
+        return matrix
+
+
 LINEAR = LinearKind()
-OpKind = LinearKind | ConvKind | EmbeddingKind
+OpKind = LinearKind | ConvKind | EmbeddingKind | QuantizedLinearKind

@@ -16,6 +16,10 @@ Every call site of a weight shares one adapter. A target's name is the path of t
 that calls it (so GPT-2's tied head is `lm_head`, not `transformer.wte`), else the weight's
 name without a trailing `.weight` / `_weight`. `graph/op_kinds.py` maps each weight to the
 matrix (out, in) that methods adapt.
+
+A linear layer with a quantized weight is found as a region of nodes (graph/quantized.py):
+its target keeps the module's name, its sites are the region's output nodes, `inputs` names
+each site's activation, and its kind is a `QuantizedLinearKind`.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .op_kinds import LINEAR, ConvKind, EmbeddingKind, OpKind
+from .op_kinds import LINEAR, ConvKind, EmbeddingKind, OpKind, QuantizedLinearKind
+from .quantized import find_regions, region_scheme
 
 aten = torch.ops.aten
 
@@ -78,6 +83,11 @@ class Target:
     rows: list[tuple[int, int] | None] = dataclasses.field(default_factory=list)
     bias: str | None = None  # the bias parameter every site adds, if they all add the same one
     module_type: str = ""  # qualified class name of the module whose forward applies W ("" if unknown)
+    inputs: list[str] = dataclasses.field(default_factory=list)  # quantized: per site, the activation node
+
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.kind, QuantizedLinearKind)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -250,7 +260,11 @@ def find_targets(gm: fx.GraphModule, aliases: dict[str, list[str]] | None = None
     """Every target of `gm`'s top-level graph (ops linear in a weight parameter), by name, in graph order."""
     aliases = aliases or {}
     by_weight: dict[tuple[str, str], Target] = {}
+    regions = find_regions(gm)
+    inside = {name for r in regions for name in r.nodes}
     for node in gm.graph.nodes:
+        if node.name in inside:
+            continue  # a quantized layer's own ops: the layer is the target (below)
         site = _site(node, gm)
         if site is None:
             continue
@@ -297,7 +311,24 @@ def find_targets(gm: fx.GraphModule, aliases: dict[str, list[str]] | None = None
             target.rows.append(rows)
             if bias_name != target.bias or rows is not None:
                 target.bias = None
-    return {t.name: t for t in by_weight.values()}
+    for region in regions:
+        key = (region.quantized[0], "quantized")
+        target = by_weight.get(key)
+        if target is None:
+            by_weight[key] = Target(
+                name=region.path, weight=region.quantized[0], out_features=region.out_features,
+                in_features=region.in_features, op="linear", layout="out_in", sites=[region.output],
+                activations=[0], dtype=region.dtype, kind=QuantizedLinearKind(region_scheme(gm, region)),
+                weight_shape=(region.out_features, region.in_features), rows=[None], bias=None,
+                module_type=region.module_type, inputs=[region.activation])
+        elif (target.in_features, target.out_features) == (region.in_features, region.out_features):
+            target.sites.append(region.output)
+            target.activations.append(0)
+            target.rows.append(None)
+            target.inputs.append(region.activation)
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    found = sorted(by_weight.values(), key=lambda t: order[t.sites[0]])
+    return {t.name: t for t in found}
 
 
 def weight_uses(gm: fx.GraphModule) -> dict[str, list[str]]:

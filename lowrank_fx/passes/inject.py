@@ -14,6 +14,10 @@ packed in_proj on separate query, key, value) adds Δy[..., a:b].
 Node roles (node.meta["lowrank_fx"]["role"]): "shared", "delta", "gate", "add". The gate
 makes switching adapters a buffer write (graph/gates.py); addcmul adds it at the cost of an add.
 
+On a quantized linear (graph/quantized.py) the site is the output of the layer's region and
+x is the region's activation (`Target.inputs`): Δy is added beside the quantized base, which
+is never converted. Units that read the base weight in the graph (DoRA) are refused there.
+
 Returns the adapter's target -> group map. Nothing in the graph changes if building the
 adapter modules fails.
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
+from ..errors import SpecError
 from ..graph.gates import add_gate
 from ..graph.record import CONTAINER, tag
 from ..graph.targets import Target
@@ -60,10 +65,20 @@ def build_groups(assignment: dict[str, Method], targets: dict[str, Target],
     return groups, group_of
 
 
-def _site_input(gm: fx.GraphModule, site: fx.Node, x_index: int, target: Target, role: str):
+def _refuse_quantized(assignment: dict[str, Method], targets: dict[str, Target]) -> None:
+    for name, method in assignment.items():
+        if targets[name].quantized and (getattr(method, "dora", False) or getattr(method, "kind", "") == "dora"):
+            raise SpecError(
+                f"{name} has a {targets[name].kind.scheme} quantized weight, and DoRA reads the base weight "
+                "in every forward (its column norms), which a quantized weight does not give as a matrix. "
+                "Use LoRA, LoRTA or RandLoRA on quantized layers, or exclude them from the DoRA spec."
+            )
+
+
+def _site_input(gm: fx.GraphModule, site: fx.Node, x_index: int, target: Target, role: str, x_node=None):
     """The node a unit reads for `role`: the activation, the site's output, the base weight or bias."""
     if role == "x":
-        return site.args[x_index]
+        return x_node if x_node is not None else site.args[x_index]
     if role == "y":
         return site
     if role == "weight":
@@ -74,7 +89,9 @@ def _site_input(gm: fx.GraphModule, site: fx.Node, x_index: int, target: Target,
 
 
 def inject(gm: fx.GraphModule, adapter: str, assignment: dict[str, Method], targets: dict[str, Target]) -> dict[str, str]:
-    weights = {targets[name].weight: gm.get_parameter(targets[name].weight).detach() for name in assignment}
+    _refuse_quantized(assignment, targets)
+    weights = {targets[name].weight: gm.get_parameter(targets[name].weight).detach() for name in assignment
+               if not targets[name].quantized}
     groups, group_of = build_groups(assignment, targets, weights)
     if not hasattr(gm, CONTAINER):
         gm.add_module(CONTAINER, nn.ModuleDict())
@@ -89,10 +106,11 @@ def inject(gm: fx.GraphModule, adapter: str, assignment: dict[str, Method], targ
         group_path = f"{CONTAINER}.{adapter}.{group_of[name]}"
         group = groups[group_of[name]]
         unit = group.unit(name)
-        for site_name, x_index, rows in zip(target.sites, target.activations, target.rows):
+        for i, (site_name, x_index, rows) in enumerate(zip(target.sites, target.activations, target.rows)):
             site = nodes[site_name]
+            x_node = nodes[target.inputs[i]] if target.inputs else None
             with gm.graph.inserting_before(site.next):
-                inputs = [_site_input(gm, site, x_index, target, role) for role in unit.site_inputs]
+                inputs = [_site_input(gm, site, x_index, target, role, x_node) for role in unit.site_inputs]
                 shared = [gm.graph.get_attr(f"{group_path}.{s}") for s in group.shared]
                 call = gm.graph.call_module(f"{group_path}.units.{unit_key(name)}", (*inputs, *shared))
                 tag(call, adapter, name, "delta")

@@ -1,0 +1,227 @@
+"""What lowrank_fx knows about quantized weight formats: names, sizes, requantizing, and the
+bitsandbytes layers it swaps before capture.
+
+Finding a quantized layer never depends on a format (graph/quantized.py finds it as the region
+of nodes recorded under one Linear module). This module only
+
+  - names the scheme of a quantized tensor for `plan` ("int8", "nf4", "int4", "int4 packed",
+    "bnb-nf4", ...) and counts its bytes;
+  - requantizes a dense weight into the format of an existing quantized one (folding with
+    `requantize=True`, `load_merged` into a quantized model), with the format's own API:
+    torchao's `from_hp` / `to_nf4` with the old tensor's block sizes, bitsandbytes'
+    `quantize_4bit` / `int8_vectorwise_quant`;
+  - swaps bitsandbytes' `Linear4bit` / `Linear8bitLt` for `BnbLinear4bit` / `BnbLinear8bit`
+    while the model is captured (their parameters do not export: FakeTensor has no `CB` or
+    `quant_state`). The swapped layer holds the same packed tensors (no copy) and computes
+    `F.linear(x, torch.ops.bitsandbytes.dequantize_4bit(...))` (or the 8-bit dequantize): the
+    weight-only semantics bitsandbytes' own backward uses. bitsandbytes' 8-bit *forward* also
+    quantizes the activation to int8 (LLM.int8()); the swapped layer does not.
+
+torchao and bitsandbytes are imported only when a tensor of theirs is met.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+
+def inner_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors a tensor subclass is made of (recursively), or [tensor]."""
+    if not is_traceable_wrapper_subclass(tensor):
+        return [tensor]
+    names, _ = tensor.__tensor_flatten__()
+    return [t for name in names for t in inner_tensors(getattr(tensor, name))]
+
+
+def stored_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a (possibly quantized) tensor occupies: the sum over its inner tensors."""
+    return sum(t.numel() * t.element_size() for t in inner_tensors(tensor))
+
+
+def is_quantized(tensor) -> bool:
+    """A tensor subclass (torchao's quantized weights) or an integer tensor (packed bytes)."""
+    if not isinstance(tensor, torch.Tensor):
+        return False
+    return is_traceable_wrapper_subclass(tensor) or not (tensor.is_floating_point() or tensor.is_complex())
+
+
+def scheme_name(tensor: torch.Tensor, module_type: str = "") -> str:
+    """A short name for the format of a quantized tensor, for `plan` and messages."""
+    kind = type(tensor).__name__
+    if kind == "Int8Tensor":
+        return "int8 dynamic activation" if getattr(tensor, "act_quant_kwargs", None) is not None else "int8"
+    if kind == "NF4Tensor":
+        return "nf4"
+    if kind == "IntxUnpackedToInt8Tensor":
+        dtype = str(getattr(tensor, "target_dtype", "intx")).replace("torch.", "")
+        quantized_activation = getattr(tensor, "activation_quantization", None) is not None
+        return f"{dtype} dynamic activation" if quantized_activation else dtype
+    if kind in ("Int4OpaqueTensor", "Int4TilePackedTo4dTensor", "Int4Tensor"):
+        return "int4 packed" if getattr(tensor, "act_mapping_type", None) is None else "int4 dynamic activation"
+    for swapped in (BnbLinear4bit, BnbLinear8bit):
+        if module_type == f"{swapped.__module__}.{swapped.__qualname__}":
+            return swapped.scheme_label
+    return kind if is_traceable_wrapper_subclass(tensor) else f"{str(tensor.dtype).replace('torch.', '')} packed"
+
+
+# --- requantizing a dense weight into the format of an existing quantized one --------------
+
+def _torchao_requantize(old: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    kind = type(old).__name__
+    if kind == "NF4Tensor":
+        from torchao.quantization import to_nf4
+        return to_nf4(dense, old.block_size, old.scaler_block_size)
+    if kind == "Int8Tensor":
+        from torchao.quantization.granularity import PerRow, PerTensor
+        block = list(old.block_size)
+        if block == [1, dense.shape[1]]:
+            granularity = PerRow()
+        elif block == list(dense.shape):
+            granularity = PerTensor()
+        else:
+            raise NotImplementedError(f"int8 block size {block}")
+        return type(old).from_hp(dense, granularity)
+    if kind == "IntxUnpackedToInt8Tensor":
+        from torchao.quantization.quant_primitives import MappingType
+        mapping = MappingType.SYMMETRIC if not bool(old.zero_point.any()) else MappingType.ASYMMETRIC
+        return type(old).from_hp(dense, tuple(old.block_size), old.target_dtype, mapping_type=mapping)
+    if kind == "Int4OpaqueTensor":
+        return type(old).from_hp(dense, list(old.block_size))
+    raise NotImplementedError(kind)
+
+
+def requantize(old: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """`dense` (out, in) quantized in the format of the torchao tensor `old` (same block sizes).
+
+    Raises NotImplementedError (naming the format) for a format lowrank_fx cannot rebuild."""
+    try:
+        new = _torchao_requantize(old, dense.to(old.dtype).contiguous())
+    except NotImplementedError as err:
+        raise NotImplementedError(
+            f"lowrank_fx cannot requantize a {type(old).__name__} ({err}); fold to dense weights instead "
+            "(lfx.merge(gm) / lfx.merged_state_dict(gm) without requantize)"
+        ) from None
+    return new
+
+
+# --- bitsandbytes, swapped before capture ---------------------------------------------------
+
+class BnbLinear4bit(nn.Linear):
+    """bitsandbytes' Linear4bit as dequantize_4bit + F.linear, on the same packed tensors."""
+
+    scheme_label = "bnb-4bit"
+
+    def __init__(self, source: nn.Module):
+        nn.Module.__init__(self)
+        weight = source.weight
+        state = weight.quant_state
+        self.out_features, self.in_features = int(state.shape[0]), int(state.shape[1])
+        self.weight = nn.Parameter(weight.data, requires_grad=False)  # the packed bytes, shared
+        self.bias = source.bias
+        self.blocksize, self.quant_type = int(state.blocksize), str(state.quant_type)
+        self.shape, self.dtype = [int(s) for s in state.shape], state.dtype
+        self.nested = bool(state.nested)
+        if self.nested:
+            self.register_buffer("absmax", state.absmax)
+            self.register_buffer("absmax_scale", state.state2.absmax)
+            self.register_buffer("absmax_code", state.state2.code)
+            self.register_buffer("absmax_offset", torch.as_tensor(state.offset, dtype=torch.float32).reshape(()))
+            self.absmax_blocksize = int(state.state2.blocksize)
+        else:
+            self.register_buffer("absmax", state.absmax)
+        self.scheme_label = f"bnb-{self.quant_type}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        absmax = self.absmax
+        if self.nested:
+            absmax = torch.ops.bitsandbytes.dequantize_blockwise(
+                absmax, self.absmax_scale, self.absmax_code, self.absmax_blocksize, torch.float32) + self.absmax_offset
+        weight = torch.ops.bitsandbytes.dequantize_4bit(self.weight, absmax.float(), self.blocksize,
+                                                       self.quant_type, self.shape, self.dtype)
+        return F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def requantize(self, dense: torch.Tensor) -> dict[str, torch.Tensor]:
+        """New packed tensors for `dense` (out, in), by this layer's tensor names."""
+        import bitsandbytes.functional as bnbf
+        packed, state = bnbf.quantize_4bit(dense.to(self.dtype).contiguous(), blocksize=self.blocksize,
+                                           compress_statistics=self.nested, quant_type=self.quant_type)
+        new = {"weight": packed.reshape(self.weight.shape), "absmax": state.absmax}
+        if self.nested:
+            new.update(absmax_scale=state.state2.absmax, absmax_code=state.state2.code,
+                       absmax_offset=torch.as_tensor(state.offset, dtype=torch.float32).reshape(()))
+        return new
+
+
+class BnbLinear8bit(nn.Linear):
+    """bitsandbytes' Linear8bitLt (inference weights) as int8_vectorwise_dequant + F.linear."""
+
+    scheme_label = "bnb-int8"
+
+    def __init__(self, source: nn.Module):
+        nn.Module.__init__(self)
+        weight = source.weight
+        scales = getattr(weight, "SCB", None)
+        if scales is None:
+            scales = source.state.SCB
+        self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
+        self.weight = nn.Parameter(weight.data, requires_grad=False)  # int8 rows, shared
+        self.register_buffer("SCB", scales)
+        self.bias = source.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = torch.ops.bitsandbytes.int8_vectorwise_dequant(self.weight, self.SCB)
+        return F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def requantize(self, dense: torch.Tensor) -> dict[str, torch.Tensor]:
+        import bitsandbytes.functional as bnbf
+        rows, scales, _ = bnbf.int8_vectorwise_quant(dense.to(torch.float16).contiguous())
+        return {"weight": rows, "SCB": scales.float()}
+
+
+SWAPPED = {"Linear4bit": BnbLinear4bit, "Linear8bitLt": BnbLinear8bit}
+
+
+def bitsandbytes_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every bitsandbytes Linear4bit / Linear8bitLt in `model`."""
+    if "bitsandbytes" not in sys.modules:
+        return []
+    import bitsandbytes as bnb
+    kinds = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, kinds)]
+
+
+def swap_one(module: nn.Module) -> nn.Module:
+    import bitsandbytes as bnb
+    if isinstance(module, bnb.nn.Linear4bit):
+        if getattr(module.weight, "quant_state", None) is None:
+            raise ValueError("a bitsandbytes Linear4bit whose weight is not quantized yet (move it to its device first)")
+        return BnbLinear4bit(module)
+    if getattr(module.weight, "SCB", None) is None and getattr(getattr(module, "state", None), "SCB", None) is None:
+        raise ValueError("a bitsandbytes Linear8bitLt with fp16 training weights (has_fp16_weights=True) or not "
+                         "quantized yet: create it with has_fp16_weights=False and move it to its device")
+    return BnbLinear8bit(module)
+
+
+@contextlib.contextmanager
+def bitsandbytes_swapped(model: nn.Module):
+    """Within the block, every bitsandbytes layer of `model` is its BnbLinear4bit / BnbLinear8bit."""
+    layers = bitsandbytes_layers(model)
+    swapped = []
+    try:
+        for name, module in layers:
+            parent_name, _, leaf = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            replacement = swap_one(module)
+            replacement.train(module.training)
+            parent._modules[leaf] = replacement
+            swapped.append((parent, leaf, module))
+        yield [name for name, _ in layers]
+    finally:
+        for parent, leaf, module in swapped:
+            parent._modules[leaf] = module

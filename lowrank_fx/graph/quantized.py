@@ -1,0 +1,314 @@
+"""Quantized linear layers, found as regions of the graph.
+
+torch.export reads a quantized weight (a torchao tensor subclass) through
+`access_subclass_inner_tensor` and the scheme's own ops, and a bitsandbytes layer (swapped
+before capture, graph/quant_formats.py) through its dequantize op; no `aten.linear` on a
+weight parameter is left to find. lowrank_fx never matches those op names. A quantized linear
+is instead the **region** of nodes export recorded (`node.meta["nn_module_stack"]`) under one
+call of one `nn.Linear` module (or subclass) with
+
+  - exactly one activation coming in (a tensor computed from the graph's inputs),
+  - exactly one value going out (the layer's output),
+  - a quantized parameter or buffer (a tensor subclass, or integer packed bytes) among the
+    tensors it reads that do not depend on the inputs (its weight side).
+
+Other inputs it may read: the sizes of the activation (reshapes back to (batch, seq, out)),
+which a region's function takes from its own input. A region's function (`region_function`)
+is a small GraphModule x -> y made of the region's nodes and its weight side, sharing the
+graph's tensors. It is what the base computes, so it is the oracle for everything else:
+
+  - the dense weight is y(I) - y(0) transposed (`dequantized`), exact for weight-only schemes;
+  - whether gradients flow through the base is checked on it (passes/quantized_base.py).
+
+A target made of regions keeps its module's name, has a `QuantizedLinearKind` (graph/op_kinds.py),
+`Target.inputs` naming each site's activation node, and its output node as the site.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+import torch
+from torch import fx, nn
+
+from .quant_formats import is_quantized, scheme_name, stored_bytes
+
+
+@dataclasses.dataclass
+class Region:
+    key: str  # nn_module_stack key of the call (plus "#i" when one key holds several calls)
+    path: str  # the module's path in the model
+    module_type: str
+    nodes: list[str]  # the region's nodes, in graph order
+    activation: str  # the one activation coming in
+    output: str  # the one node whose value leaves the region
+    weight_inputs: list[str]  # nodes outside the region, not depending on inputs, that it reads
+    size_inputs: list[str]  # SymInt nodes outside the region that it reads (activation sizes)
+    roots: list[str]  # get_attr targets of its weight side
+    quantized: list[str]  # the roots that are quantized, the weight first
+    in_features: int
+    out_features: int
+    dtype: torch.dtype  # the output's dtype
+    activation_rank: int
+    quantizes_activation: bool  # an integer value computed from the activation inside the region
+
+
+def _type_of(entry) -> str:
+    kind = entry[1]
+    return kind if isinstance(kind, str) else f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _is_linear_type(qualified: str) -> bool:
+    module, _, name = qualified.rpartition(".")
+    try:
+        found = importlib.import_module(module)
+        for part in name.split("."):
+            found = getattr(found, part)
+        return isinstance(found, type) and issubclass(found, nn.Linear)
+    except (ImportError, AttributeError, ValueError):
+        return name.endswith("Linear")
+
+
+def _attr(gm: fx.GraphModule, target: str):
+    owner, _, leaf = target.rpartition(".")
+    try:
+        module = gm.get_submodule(owner) if owner else gm
+    except AttributeError:
+        return None
+    return getattr(module, leaf, None)
+
+
+def _val(node):
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def _components(nodes: list[fx.Node]) -> list[list[fx.Node]]:
+    """Split one module's nodes into its calls: connected by data edges among themselves."""
+    members = set(nodes)
+    parent = {n: n for n in nodes}
+
+    def find(n):
+        while parent[n] is not n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a in members:
+                parent[find(a)] = find(n)
+    groups: dict[fx.Node, list[fx.Node]] = {}
+    for n in nodes:
+        groups.setdefault(find(n), []).append(n)
+    return list(groups.values())
+
+
+def find_regions(gm: fx.GraphModule) -> list[Region]:
+    """Every quantized linear region of `gm`'s top-level graph, in graph order."""
+    by_key: dict[str, tuple[str, str, list[fx.Node]]] = {}
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if node.op != "call_function" or not stack:
+            continue
+        key, entry = list(stack.items())[-1]
+        by_key.setdefault(key, (entry[0], _type_of(entry), []))[2].append(node)
+    if not by_key:
+        return []
+    depends: dict[fx.Node, bool] = {}  # node -> whether it depends on a graph input
+
+    def on_inputs(node: fx.Node) -> bool:
+        todo = [node]
+        while todo:
+            n = todo[-1]
+            if n in depends:
+                todo.pop()
+                continue
+            if n.op == "placeholder":
+                depends[n] = True
+                todo.pop()
+                continue
+            pending = [a for a in n.all_input_nodes if a not in depends]
+            if pending:
+                todo.extend(pending)
+                continue
+            depends[n] = any(depends[a] for a in n.all_input_nodes)
+            todo.pop()
+        return depends[node]
+
+    regions = []
+    for key, (path, module_type, nodes) in by_key.items():
+        if not path or not _is_linear_type(module_type):
+            continue
+        calls = _components(nodes)
+        for index, call in enumerate(calls):
+            region = _region(gm, f"{key}#{index}" if len(calls) > 1 else key, path, module_type, call, on_inputs)
+            if region is not None:
+                regions.append(region)
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    return sorted(regions, key=lambda r: order[r.output])
+
+
+def _roots(node: fx.Node) -> list[fx.Node]:
+    seen, todo, found = set(), [node], []
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "get_attr":
+            found.append(n)
+        todo.extend(n.all_input_nodes)
+    return found
+
+
+def _region(gm, key, path, module_type, call, on_inputs) -> Region | None:
+    members = set(call)
+    external = list(dict.fromkeys(a for n in call for a in n.all_input_nodes if a not in members))
+    activations, weights, sizes = [], [], []
+    for node in external:
+        value = _val(node)
+        if isinstance(value, torch.SymInt):
+            sizes.append(node)
+        elif not on_inputs(node):
+            weights.append(node)
+        elif isinstance(value, torch.Tensor):
+            activations.append(node)
+        else:
+            return None
+    outputs = [n for n in call if any(u not in members for u in n.users)]
+    if len(activations) != 1 or len(outputs) != 1:
+        return None
+    x, y = activations[0], outputs[0]
+    xv, yv = _val(x), _val(y)
+    if not isinstance(xv, torch.Tensor) or not isinstance(yv, torch.Tensor) or xv.dim() < 1 or yv.dim() < 1:
+        return None
+    roots = list(dict.fromkeys(r.target for w in weights for r in _roots(w)))
+    quantized = [r for r in roots if is_quantized(_attr(gm, r))]
+    if not quantized:
+        return None
+    # the weight: a parameter before buffers (bitsandbytes' absmax), then the largest
+    quantized.sort(key=lambda r: (not isinstance(_attr(gm, r), nn.Parameter), -_attr(gm, r).numel()))
+    in_f, out_f = xv.shape[-1], yv.shape[-1]
+    if not isinstance(in_f, int) or not isinstance(out_f, int):
+        return None
+    from_x = {x}
+    integer = False
+    for n in call:  # graph order: whatever depends on the activation
+        if any(a in from_x for a in n.all_input_nodes):
+            from_x.add(n)
+            v = _val(n)
+            values = v if isinstance(v, (list, tuple)) else [v]
+            integer |= any(isinstance(t, torch.Tensor) and not (t.is_floating_point() or t.is_complex())
+                           for t in values)
+    return Region(key=key, path=path, module_type=module_type, nodes=[n.name for n in call],
+                  activation=x.name, output=y.name, weight_inputs=[w.name for w in weights],
+                  size_inputs=[s.name for s in sizes], roots=roots, quantized=quantized,
+                  in_features=int(in_f), out_features=int(out_f), dtype=yv.dtype,
+                  activation_rank=xv.dim(), quantizes_activation=integer)
+
+
+def region_nodes(gm: fx.GraphModule) -> set[str]:
+    """Names of every node inside a quantized region (other target finders skip them)."""
+    return {name for r in find_regions(gm) for name in r.nodes}
+
+
+def region_scheme(gm: fx.GraphModule, region: Region) -> str:
+    return scheme_name(_attr(gm, region.quantized[0]), region.module_type)
+
+
+def region_bytes(gm: fx.GraphModule, region: Region) -> int:
+    """Bytes of every tensor the region's weight side reads (quantized data, scales, bias)."""
+    seen, total = set(), 0
+    for root in region.roots:
+        tensor = _attr(gm, root)
+        if isinstance(tensor, torch.Tensor) and id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += stored_bytes(tensor)
+    return total
+
+
+def _same_size(a, b) -> bool:
+    return isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt) and str(a.node.expr) == str(b.node.expr)
+
+
+def region_function(gm: fx.GraphModule, region: Region, weights_as_inputs: bool = False) -> fx.GraphModule:
+    """A GraphModule computing the region: f(x) (reading `gm`'s tensors), or, with
+    `weights_as_inputs`, f(x, *weight inputs) in the order of `region.weight_inputs`."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    activation = nodes[region.activation]
+    env[activation] = x = graph.placeholder("x")
+    if weights_as_inputs:
+        for i, name in enumerate(region.weight_inputs):
+            env[nodes[name]] = graph.placeholder(f"w{i}")
+    else:
+        needed = set()
+        todo = [nodes[name] for name in region.weight_inputs]
+        while todo:
+            n = todo.pop()
+            if n not in needed:
+                needed.add(n)
+                todo.extend(n.all_input_nodes)
+        for n in gm.graph.nodes:
+            if n in needed:
+                env[n] = graph.node_copy(n, lambda a: env[a])
+    shape = list(_val(activation).shape)
+    for name in region.size_inputs:
+        size = _val(nodes[name])
+        dim = next((d for d, s in enumerate(shape) if _same_size(s, size)), None)
+        if dim is None:
+            raise ValueError(f"the quantized layer {region.path} reads a size ({size}) that is not one of its input's")
+        env[nodes[name]] = graph.call_function(torch.ops.aten.sym_size.int, (x, dim))
+    for name in region.nodes:
+        env[nodes[name]] = graph.node_copy(nodes[name], lambda a: env[a])
+    graph.output(env[nodes[region.output]])
+    return fx.GraphModule(gm, graph)
+
+
+def probe_input(region: Region, rows: torch.Tensor) -> torch.Tensor:
+    """`rows` (n, in) shaped as the region's activation: (1, ..., 1, n, in)."""
+    return rows.reshape((1,) * max(region.activation_rank - 2, 0) + tuple(rows.shape))
+
+
+def dequantize_region(function, region: Region, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W (out, in), b (out,)) that the region computes, y = x Wᵀ + b, probed on the identity."""
+    eye = torch.eye(region.in_features, dtype=dtype, device=device)
+    with torch.no_grad():
+        if region.activation_rank == 1:
+            ys = torch.stack([function(row) for row in eye])
+            y0 = function(torch.zeros(region.in_features, dtype=dtype, device=device))
+        else:
+            ys = function(probe_input(region, eye)).reshape(region.in_features, region.out_features)
+            y0 = function(probe_input(region, eye[:1] * 0)).reshape(region.out_features)
+    return (ys - y0).t().contiguous(), y0
+
+
+def _device(gm: fx.GraphModule, region: Region):
+    for root in region.roots:
+        tensor = _attr(gm, root)
+        if isinstance(tensor, torch.Tensor):
+            return tensor.device
+    return torch.device("cpu")
+
+
+def dequantized(gm: fx.GraphModule, target, with_bias: bool = False):
+    """The dense weight (out, in) that target's quantized layer computes with, in its compute
+    dtype (and the bias, with `with_bias`). Every site of a target reads the same weight."""
+    region = target_region(gm, target)
+    weight, bias = dequantize_region(region_function(gm, region), region, _val_dtype(gm, region), _device(gm, region))
+    return (weight, bias) if with_bias else weight
+
+
+def _val_dtype(gm: fx.GraphModule, region: Region) -> torch.dtype:
+    nodes = {n.name: n for n in gm.graph.nodes}
+    return _val(nodes[region.activation]).dtype
+
+
+def target_region(gm: fx.GraphModule, target) -> Region:
+    site = target.sites[0]
+    for region in find_regions(gm):
+        if region.output == site:
+            return region
+    raise ValueError(f"{target.name} has no quantized region in this graph")
