@@ -9,7 +9,7 @@ from .errors import (AdapterFileError, CaptureError, ExportError, LowRankFxError
 from .export import AdapterSession, OnnxExport, export_onnx, export_onnx_adapter
 from .files.adapter_file import load_adapters, save_adapters
 from .files.peft import load_peft, save_peft
-from .generation import generate
+from .generation import GenerationExport, GenerationSession, export_generation, generate
 from .graph.gates import active_adapters, set_active_adapters
 from .methods.lora import LoRA
 from .methods.lorta import LoRTA
@@ -30,5 +30,5 @@ __all__ = [
     "export_onnx", "export_onnx_adapter", "OnnxExport", "AdapterSession", "ExportError",
     "set_active_adapters", "active_adapters", "Trainer", "TrainingError",
     "quantize_base", "QuantizedBaseError",
-    "generate",
+    "generate", "export_generation", "GenerationExport", "GenerationSession",
 ]

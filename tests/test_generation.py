@@ -67,14 +67,24 @@ class Family:
         lfx.set_active_adapters(self.gm, ["a", "b"])
 
 
+_BUILT: dict[str, object] = {}
+
+
+def built(key: str, make):
+    """One Family / one export per key for the whole module, whichever fixture asks first."""
+    if key not in _BUILT:
+        _BUILT[key] = make()
+    return _BUILT[key]
+
+
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request):
-    return Family(request.param)
+    return built(request.param, lambda: Family(request.param))
 
 
 @pytest.fixture(scope="module")
 def llama():
-    return Family("llama")
+    return built("llama", lambda: Family("llama"))
 
 
 def prompts(seed: int, lengths=(5, 3)) -> list[torch.Tensor]:
@@ -170,12 +180,12 @@ def test_targets_that_differ_are_named(llama):
                               rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4,
                                                "long_factor": [2.0] * 4, "original_max_position_embeddings": 64})),
 ])
-def test_models_whose_cache_is_not_full_kv_are_refused(setting, build):
+def test_models_whose_cache_is_not_full_kv_are_refused(llama, setting, build):
     model = build()
-    gm = lfx.rewrite(model, lfx.Spec(targets="all-linear", method=lfx.LoRA(rank=2)),
-                     example_kwargs={"input_ids": torch.randint(4, VOCAB, (2, 5)), "use_cache": False})
+    with pytest.raises(ModelTypeError, match=setting):  # refused from the model alone, before any capture
+        lfx.generate(llama.gm, prompts(0)[0], model=model, max_new_tokens=2)
     with pytest.raises(ModelTypeError, match=setting):
-        lfx.generate(gm, prompts(0)[0], max_new_tokens=2)
+        lfx.export_generation(model, llama.gm, "unused")
 
 
 def test_recurrent_models_are_refused(llama):
@@ -302,3 +312,187 @@ def test_compiled_generation_matches_and_never_recompiles(llama):
                                max_new_tokens=steps, eos_token_id=None)
             assert torch.equal(got.sequences, want.sequences)
             assert rel(got.logits, want.logits) < 1e-5
+
+
+# -- export_generation, GenerationSession, onnxruntime-genai ---------------------------------------
+
+og = pytest.importorskip("onnxruntime_genai")
+
+
+def word_tokenizer():
+    """A tiny word-level tokenizer, built here (no download): <pad> <s> <unk> </s> w4 ... w127."""
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {"<pad>": PAD, "<s>": 1, "<unk>": 2, "</s>": EOS, **{f"w{i}": i for i in range(4, VOCAB)}}
+    core = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>",
+                                                bos_token="<s>", eos_token="</s>")
+
+
+class Exported:
+    """A family exported once, with adapters a and b: Llama from its graph and per row, Qwen2 from
+    an adapter file, Phi-3 from {name: graph}, GPT-2 from its graph with a tokenizer."""
+
+    def __init__(self, fam: Family, root):
+        self.family = fam
+        self.directory = root / fam.name
+        tokenizer = None
+        if fam.name == "qwen2":  # from one adapter file holding both
+            path = lfx.save_adapters(fam.gm, root / f"{fam.name}.safetensors")
+            adapters = {"a": path, "b": path}
+        elif fam.name == "phi3":  # {name: graph}
+            adapters = {"a": fam.gm, "b": fam.gm}
+        else:  # the graph with all its adapters
+            adapters = fam.gm
+            tokenizer = word_tokenizer() if fam.name == "gpt2" else None
+        self.result = lfx.export_generation(fam.model, adapters, self.directory, per_row=fam.name == "llama",
+                                            tokenizer=tokenizer)
+        self.session = lfx.GenerationSession(self.directory)
+        self.genai = og.Model(str(self.directory))
+        self.genai_adapters = og.Adapters(self.genai)
+        for name, path in self.result.adapters.items():
+            self.genai_adapters.load(str(path), name)
+
+
+def export_of(fam: Family, tmp_path_factory) -> Exported:
+    return built(f"export:{fam.name}", lambda: Exported(fam, tmp_path_factory.mktemp("generation")))
+
+
+@pytest.fixture(scope="module")
+def exported(family, tmp_path_factory):
+    return export_of(family, tmp_path_factory)
+
+
+def genai_generate(model, ids: torch.Tensor, new: int, adapters=None, adapter=None, inputs=None):
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=ids.shape[1] + new, do_sample=False, batch_size=ids.shape[0])
+    generator = og.Generator(model, params)
+    if adapter is not None:
+        generator.set_active_adapter(adapters, adapter)
+    for name, value in (inputs or {}).items():
+        generator.set_model_input(name, value)
+    generator.append_tokens(ids.numpy().astype("int32"))
+    while not generator.is_done():
+        generator.generate_next_token()
+    return torch.stack([torch.as_tensor(generator.get_sequence(i), dtype=torch.long) for i in range(ids.shape[0])])
+
+
+def test_export_writes_the_generation_directory(exported):
+    import json
+
+    import onnx
+
+    result, name = exported.result, exported.family.name
+    assert sorted(p.name for p in result.directory.glob("*.onnx")) == ["model.onnx"]  # the base, exported once
+    assert {n: p.name for n, p in result.adapters.items()} == {"a": "a.onnx_adapter", "b": "b.onnx_adapter"}
+    assert all(p.exists() for p in result.files)
+    config = json.loads(result.config.read_text())
+    assert config["model"]["type"] == {"llama": "llama", "qwen2": "qwen2", "phi3": "phi3", "gpt2": "decoder"}[name]
+    assert config["search"]["past_present_share_buffer"] is False
+    assert config["model"]["eos_token_id"] == EOS and config["model"]["vocab_size"] == VOCAB
+    graph = onnx.load(str(result.model), load_external_data=False).graph
+    inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    outputs = [o.name for o in graph.output]
+    assert outputs == ["logits", "present.0.key", "present.0.value", "present.1.key", "present.1.value"]
+    for key in ("input_ids", "attention_mask", "position_ids", "past_key_values.1.value"):
+        assert key in inputs
+    past = inputs["past_key_values.0.key"]
+    decoder = config["model"]["decoder"]
+    assert isinstance(past[0], str) and isinstance(past[2], str)  # batch and past length are dynamic
+    assert past[1] == decoder["num_key_value_heads"] and past[3] == decoder["head_size"] == 8
+    assert (result.per_row is not None) == (name == "llama")
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_session_and_genai_match_transformers(exported, adapter):
+    fam = exported.family
+    for ids in prompts(9):
+        want = hf_generate(fam.merged[adapter], ids, max_new_tokens=8, eos_token_id=None)
+        got = exported.session.generate(ids, adapter=adapter, max_new_tokens=8, eos_token_id=[], output_logits=True)
+        assert torch.equal(got.sequences, want.sequences)
+        assert rel(got.logits, want.logits) < 1e-5
+        genai = genai_generate(exported.genai, ids, 8, exported.genai_adapters, adapter)
+        assert torch.equal(genai, want.sequences)
+
+
+def test_session_switches_adapters_per_call_without_reloading(exported):
+    ids = prompts(10)[0]
+    alone = {a: exported.session.generate(ids, adapter=a, max_new_tokens=6, eos_token_id=[]) for a in ADAPTERS}
+    ort_session = exported.session._main.session
+    for adapter in ["b", None, "a", "a", "b", None]:
+        assert torch.equal(exported.session.generate(ids, adapter=adapter, max_new_tokens=6, eos_token_id=[]),
+                           alone[adapter])
+    assert exported.session._main.session is ort_session
+
+
+def test_session_pads_and_stops_like_lfx_generate(exported):
+    fam = exported.family
+    rows = prompts(11, lengths=(2, 5, 4))
+    ids = torch.full((3, 5), PAD)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, 5 - row.shape[1]:], mask[i, 5 - row.shape[1]:] = row[0], 1
+    torch_tokens = lfx.generate(fam.gm, ids, mask, adapter="a", max_new_tokens=7, eos_token_id=[])
+    eos = int(torch_tokens[1, 7])
+    want = hf_generate(fam.merged["a"], ids, mask, max_new_tokens=7, eos_token_id=eos)
+    got = exported.session.generate(ids, mask, adapter="a", max_new_tokens=7, eos_token_id=eos, pad_token_id=PAD)
+    assert torch.equal(got, want.sequences)
+    right = torch.full((3, 5), PAD)
+    right_mask = torch.zeros_like(right)
+    for i, row in enumerate(rows):
+        right[i, :row.shape[1]], right_mask[i, :row.shape[1]] = row[0], 1
+    got = exported.session.generate(right, right_mask, adapter="a", max_new_tokens=7, eos_token_id=[])
+    assert torch.equal(got, lfx.generate(fam.gm, right, right_mask, adapter="a", max_new_tokens=7, eos_token_id=[]))
+    genai = genai_generate(exported.genai, right, 7, exported.genai_adapters, "a")  # genai reads right padding
+    assert torch.equal(genai, got)
+
+
+def test_per_row_generation_gives_each_row_its_adapter(llama, tmp_path_factory):
+    exported = export_of(llama, tmp_path_factory)
+    ids = torch.cat(prompts(12, lengths=(4, 4, 4)))
+    rows = ["a", None, "b"]
+    want = torch.stack([exported.session.generate(ids[i:i + 1], adapter=a, max_new_tokens=6, eos_token_id=[])[0]
+                        for i, a in enumerate(rows)])
+    assert torch.equal(exported.session.generate(ids, rows=rows, max_new_tokens=6, eos_token_id=[]), want)
+    genai = og.Model(str(exported.result.per_row.parent))
+    ids_input = exported.session._per_row().row_ids(rows)
+    assert torch.equal(genai_generate(genai, ids, 6, inputs={"adapter_ids": ids_input}), want)
+    with pytest.raises(ValueError, match="one name"):
+        exported.session.generate(ids, rows=["a"], max_new_tokens=2)
+
+
+def test_unknown_adapter_gets_a_did_you_mean(exported):
+    with pytest.raises(lfx.AdapterFileError, match="did you mean 'a'"):
+        exported.session.generate(prompts(0)[0], adapter="a_", max_new_tokens=2)
+
+
+def test_an_adapter_file_for_another_model_is_refused_before_any_run(llama, tmp_path_factory):
+    session = lfx.GenerationSession(export_of(llama, tmp_path_factory).directory)
+    other = export_of(built("gpt2", lambda: Family("gpt2")), tmp_path_factory).result.adapters["a"]
+    with pytest.raises(lfx.AdapterFileError, match="for another model"):
+        session.add_adapter("gpt2", other)
+    assert session.adapters == ["a", "b"]
+
+
+def test_export_refuses_an_eos_outside_the_vocabulary(llama, tmp_path):
+    model = tiny("llama", eos_token_id=VOCAB + 5)
+    with pytest.raises(lfx.ExportError, match=r"eos_token_id=\[133\] lies outside the vocabulary \[0, 128\)"):
+        lfx.export_generation(model, llama.gm, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_export_refuses_a_model_with_an_adapter_merged_into_it(llama, tmp_path):
+    with pytest.raises(lfx.ExportError, match="merged into this model"):
+        lfx.export_generation(llama.merged["a"], {"a": llama.gm}, tmp_path / "out")
+
+
+def test_export_writes_the_tokenizer(tmp_path_factory):
+    tokenizers = pytest.importorskip("tokenizers")
+    gpt2 = built("gpt2", lambda: Family("gpt2"))
+    result = export_of(gpt2, tmp_path_factory).result
+    assert "tokenizer.json" in {p.name for p in result.tokenizer}
+    again = tokenizers.Tokenizer.from_file(str(result.directory / "tokenizer.json"))
+    assert again.encode("w10 w20 w30").ids == [10, 20, 30]
+    ids = torch.tensor([[10, 20, 30]])
+    want = lfx.generate(gpt2.gm, ids, adapter="a", max_new_tokens=5, eos_token_id=[])
+    assert torch.equal(result.session().generate(ids, adapter="a", max_new_tokens=5, eos_token_id=[]), want)

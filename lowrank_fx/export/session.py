@@ -114,6 +114,26 @@ class AdapterSession:
             ids.append(NONE_ID if name is None else self.row_adapters.index(name))
         return np.asarray(ids, dtype=np.int64)
 
+    def run_options(self, adapter: str | None):
+        """The RunOptions that make `adapter` active (None: the base model, no options), for
+        callers that run `self.session` themselves (KV-cache generation). Unknown names raise
+        with a did-you-mean."""
+        if adapter is None:
+            return None
+        if self._per_row:
+            raise AdapterFileError(
+                f"{self.path.name} is a per-row export: pick adapters per row (row_ids) rather than per run"
+            )
+        if adapter not in self._loaded:
+            raise self._unknown(adapter)
+        return self._loaded[adapter][1]
+
+    def row_ids(self, rows: Sequence[str | None]) -> np.ndarray:
+        """The `adapter_ids` input of a per-row export for one adapter name (or None) per row."""
+        if not self._per_row:
+            raise AdapterFileError(f"{self.path.name} is not a per-row export; it has no adapter_ids input")
+        return self._row_ids(rows)
+
     def run(self, inputs, adapter: str | None = None,
             rows: Sequence[str | None] | None = None) -> dict[str, np.ndarray]:
         """Outputs by name. `adapter`: one adapter for the whole batch (None: the base model);

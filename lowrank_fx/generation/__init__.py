@@ -6,6 +6,9 @@ Read `decode_graph.py` first (the second capture and how adapters are shared), t
 `loop.py`, the one token loop every runtime runs.
 """
 
+from .export import GenerationExport, export_generation
+from .loop import Generated
+from .session import GenerationSession
 from .torch_generate import generate
 
-__all__ = ["generate"]
+__all__ = ["generate", "export_generation", "GenerationExport", "GenerationSession", "Generated"]

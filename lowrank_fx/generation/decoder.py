@@ -186,7 +186,8 @@ def cache_layout(model: nn.Module) -> CacheLayout:
     model.eval()
     try:
         with torch.no_grad():
-            out = model(input_ids=ids, use_cache=True, **{cache_arg: make_cache([])})
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
+                        **{cache_arg: make_cache([])})
     finally:
         for module, training in modes:
             module.training = training

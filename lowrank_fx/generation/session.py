@@ -1,0 +1,150 @@
+"""`lfx.GenerationSession(directory)`: KV-cache generation with plain ONNX Runtime.
+
+    session = lfx.GenerationSession("out/")                  # a directory from export_generation
+    session.generate(ids, adapter="a", max_new_tokens=32)    # (batch, prompt + new) int64
+    session.generate(ids, rows=["a", None, "b"])             # per-row export: one adapter per row
+
+No onnxruntime-genai needed. One InferenceSession serves the base model and every adapter
+file listed in the export's sidecar (export/session.py: each file is checked against the
+model and loaded once; switching adapters between calls is a different RunOptions, no
+reload). The KV cache stays in OrtValues between steps: each step's `present.<i>.*` outputs
+are the next step's `past_key_values.<i>.*` inputs as they are, never copied to numpy.
+Padding, sampling and EOS are `loop.py`'s, the same code as `lfx.generate`.
+
+Per-row generation (`rows=`) runs the export's `per_row/` model (export_generation(...,
+per_row=True)), whose `adapter_ids` input picks each row's adapter; it is loaded on first use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import AdapterFileError, ExportError
+from ..export.ort_adapter import load_ort
+from ..export.per_row import IDS
+from ..export.session import AdapterSession
+from .genai_config import CONFIG, PER_ROW
+from .loop import Generated, Sampling, as_ids, eos_list, run
+
+_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+class GenerationSession:
+    """Generation over a directory written by `lfx.export_generation` (see the module docstring).
+
+    providers / session_options: as for onnxruntime.InferenceSession (default: CUDA when
+    available, else CPU). adapters: extra {name: .onnx_adapter file} to load.
+    """
+
+    def __init__(self, directory: str | os.PathLike, providers: Sequence[str] | None = None, session_options=None,
+                 adapters: Mapping[str, str | os.PathLike] | None = None):
+        self.directory = Path(directory)
+        config_path = self.directory / CONFIG
+        if not config_path.is_file():
+            raise ExportError(
+                f"{self.directory} has no {CONFIG}; give a directory written by lfx.export_generation(model, adapters, directory)"
+            )
+        self.config = json.loads(config_path.read_text())
+        model = self.config["model"]
+        decoder = model["decoder"]
+        self.layers = int(decoder["num_hidden_layers"])
+        self.kv_heads = int(decoder["num_key_value_heads"])
+        self.head_dim = int(decoder["head_size"])
+        self.vocab_size = int(model["vocab_size"])
+        self.eos_token_id = eos_list(model.get("eos_token_id"))
+        self.pad_token_id = model.get("pad_token_id")
+        names = decoder["inputs"]
+        outputs = decoder["outputs"]
+        self._names = (names["input_ids"], names["attention_mask"], names["position_ids"])
+        self._past = [(names["past_key_names"] % i, names["past_value_names"] % i) for i in range(self.layers)]
+        self._present = [(outputs["present_key_names"] % i, outputs["present_value_names"] % i)
+                         for i in range(self.layers)]
+        self._logits = outputs["logits"]
+        self._options = {"providers": providers, "session_options": session_options}
+        self._main = AdapterSession(self.directory / decoder["filename"], adapters=adapters, **self._options)
+        self._rows: AdapterSession | None = None
+        past_type = {i.name: i.type for i in self._main.session.get_inputs()}.get(self._past[0][0], "tensor(float)")
+        self._past_dtype = _NUMPY.get(past_type, np.float32)
+
+    @property
+    def adapters(self) -> list[str]:
+        """Names usable as `adapter=`."""
+        return self._main.adapters
+
+    def add_adapter(self, name: str, path: str | os.PathLike) -> None:
+        """Check an .onnx_adapter file against the exported model and load it under `name`."""
+        self._main.add_adapter(name, path)
+
+    def _per_row(self) -> AdapterSession:
+        if self._rows is None:
+            path = self.directory / PER_ROW / self.config["model"]["decoder"]["filename"]
+            if not path.is_file():
+                raise AdapterFileError(
+                    f"{self.directory} has no per-row export ({PER_ROW}/); write it with "
+                    "lfx.export_generation(..., per_row=True) to give each row its own adapter"
+                )
+            self._rows = AdapterSession(path, **self._options)
+        return self._rows
+
+    def _stepper(self, session: AdapterSession, options, row_ids: np.ndarray | None):
+        ort = load_ort()
+        outputs = [self._logits] + [name for pair in self._present for name in pair]
+        device = "cpu"
+        ids_array = np.ascontiguousarray(row_ids) if row_ids is not None else None
+
+        def value(array: np.ndarray):  # the array must outlive the run: callers keep it in a local
+            return ort.OrtValue.ortvalue_from_numpy(array, device)
+
+        def step(ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache):
+            arrays = [np.ascontiguousarray(t.numpy()) for t in (ids, mask, positions)]
+            feeds = {name: value(array) for name, array in zip(self._names, arrays)}
+            if cache is None:
+                empty = np.zeros((ids.shape[0], self.kv_heads, 0, self.head_dim), dtype=self._past_dtype)
+                cache = [value(empty)] * (2 * self.layers)
+            feeds.update(zip([name for pair in self._past for name in pair], cache))
+            if row_ids is not None:
+                feeds[IDS] = value(ids_array)
+            results = session.session.run_with_ort_values(outputs, feeds, options)
+            return torch.from_numpy(results[0].numpy()), results[1:]
+
+        return step
+
+    def generate(self, input_ids, attention_mask=None, adapter: str | None = None,
+                 rows: Sequence[str | None] | None = None, *, max_new_tokens: int = 20, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+                 seed: int | None = None, output_logits: bool = False):
+        """Generate; returns (batch, prompt + new) int64 like transformers' generate.
+
+        adapter: one adapter for the batch (None: the base model). rows: one adapter name
+        (or None) per row, with a per-row export. eos_token_id / pad_token_id: None takes
+        genai_config.json's; eos_token_id=[] never stops early. Padding (left or right by
+        attention_mask), sampling and EOS as `lfx.generate` (loop.py).
+        output_logits=True returns a `Generated` (sequences, per-step logits) instead.
+        """
+        batch = as_ids(input_ids, "input_ids").shape[0]
+        if rows is not None:
+            if adapter is not None:
+                raise ValueError("pass adapter= (one for the batch) or rows= (one per row), not both")
+            rows = list(rows)
+            if len(rows) != batch:
+                raise ValueError(f"rows has {len(rows)} entries for a batch of {batch}; give one name (or None) per row")
+            session = self._per_row()
+            step = self._stepper(session, None, session.row_ids(rows))
+        else:
+            step = self._stepper(self._main, self._main.run_options(adapter), None)
+        eos = self.eos_token_id if eos_token_id is None else eos_list(eos_token_id)
+        pad = self.pad_token_id if pad_token_id is None else pad_token_id
+        result = run(step, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                     sampling=Sampling(do_sample, temperature, top_k, top_p), eos_token_id=eos, pad_token_id=pad,
+                     seed=seed, vocab=self.vocab_size)
+        return result if output_logits else result.sequences
+
+
+__all__ = ["GenerationSession", "Generated"]
