@@ -345,3 +345,114 @@ def test_a_training_step_moves_only_adapters():
     gm.lowrank_fx.load_state_dict(saved)
     assert moved
     assert torch.equal(base.quantized_data, base_bytes)
+
+
+# --- step 4: folding ---------------------------------------------------------------------------
+
+def _examples_output(module, ids):
+    """Logits without dropout (the tiny Llama has none; graphs are put in eval mode). A model is
+    left in its mode: bitsandbytes' 4-bit layers repack their weights in eval mode on CPU."""
+    if isinstance(module, torch.fx.GraphModule):
+        module.eval()
+    with torch.no_grad():
+        out = module(ids, use_cache=False) if not isinstance(module, torch.fx.GraphModule) else module(ids)
+    return out.logits
+
+
+@pytest.mark.parametrize("scheme", TORCHAO_SCHEMES + BNB_SCHEMES)
+def test_merge_folds_to_dense_weights_exactly(scheme):
+    """Dequantized W + ΔW in fp32: the folded graph is the dense twin's folded graph, and the
+    merged state dict is the twin's, loadable into a plain Llama."""
+    quantized, twin, gm, dense, *_ = _graphs(scheme)
+    ids = _ids(2, 6, seed=5)
+    merged, twin_merged = lfx.merge(gm), lfx.merge(dense)
+    assert not any("lowrank_fx" in str(n.target) or "access_subclass" in str(n.target) for n in merged.graph.nodes)
+    assert not any(isinstance(t, torch.Tensor) and type(t).__name__ not in ("Parameter", "Tensor")
+                   for t in [*merged.parameters(), *merged.buffers()])
+    weight = merged.get_parameter("model.layers.0.self_attn.q_proj.weight")
+    assert type(weight) is torch.nn.Parameter and weight.dtype == torch.float32 and weight.shape == (32, 32)
+    assert _rel(_examples_output(merged, ids), _examples_output(twin_merged, ids)) < 1e-6
+    assert _rel(_examples_output(merged, ids), _examples_output(gm, ids)) < 1e-5
+    state, twin_state = lfx.merged_state_dict(gm), lfx.merged_state_dict(dense)
+    assert set(state) == set(twin_state) == set(_llama().state_dict())
+    assert all(torch.allclose(state[k], twin_state[k], rtol=1e-6, atol=1e-7) for k in state)
+    plain = _llama(seed=2)
+    plain.load_state_dict(state)
+    assert _rel(_examples_output(plain, ids), _examples_output(gm, ids)) < 1e-5
+
+
+def test_merge_shares_frozen_weights_instead_of_copying_them():
+    """NF4 tensors cannot be deep-copied; lowrank_fx's copies share every frozen tensor."""
+    quantized, _, gm, *_ = _graphs("nf4")
+    with pytest.raises(Exception):
+        copy.deepcopy(quantized.model.layers[0].self_attn.q_proj.weight)
+    merged = lfx.merge(gm, requantize=True, tolerance=1.0)
+    assert merged.get_parameter("lm_head.weight") is gm.get_parameter("lm_head.weight")
+    assert merged.get_parameter("model.embed_tokens.weight") is gm.get_parameter("model.embed_tokens.weight")
+    dense = lfx.merge(gm)
+    assert dense.get_parameter("model.norm.weight") is gm.get_parameter("model.norm.weight")
+
+
+@pytest.mark.parametrize("scheme", TORCHAO_SCHEMES + BNB_SCHEMES)
+def test_merge_requantize_keeps_the_format_and_reports_the_measured_error(scheme):
+    from lowrank_fx.passes.quantized_fold import RequantizeWarning
+    quantized, _, gm, *_ = _graphs(scheme)
+    with pytest.warns(RequantizeWarning, match="output error"):
+        merged = lfx.merge(gm, requantize=True, tolerance=0.0)
+    report = merged.requantize_report
+    base_weight = gm.get_parameter("model.layers.0.mlp.up_proj.weight")
+    new_weight = merged.get_parameter("model.layers.0.mlp.up_proj.weight")
+    assert type(new_weight.data if scheme.startswith("bnb") else new_weight) is \
+        type(base_weight.data if scheme.startswith("bnb") else base_weight)
+    assert new_weight.dtype == base_weight.dtype and new_weight.shape == base_weight.shape
+    assert new_weight is not base_weight
+    assert report.targets == len(LINEARS)
+    # the report is the error one measures oneself, on the capture's examples
+    ids = _ids()
+    exact = _examples_output(gm, ids)
+    measured = _rel(_examples_output(merged, ids), exact)
+    assert report.output_error == pytest.approx(measured, rel=1e-4)
+    assert 0 < report.output_error < 1.0 and 0 < report.update_lost < 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RequantizeWarning)
+        lfx.merge(gm, requantize=True, tolerance=1.0)  # under the tolerance: no warning
+
+
+@pytest.mark.parametrize("scheme", ["int8", "nf4", "int4-packed", "bnb-nf4", "bnb-int8"])
+def test_load_merged_into_the_quantized_model_requantizes_with_the_same_report(scheme):
+    _, _, gm, *_ = _graphs(scheme)
+    model = _quantized(scheme)  # the original quantized model, built again (same seed)
+    kind = type(model.model.layers[1].mlp.down_proj.weight)
+    old = model.model.layers[1].mlp.down_proj.weight
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = lfx.merge(gm, requantize=True)
+        lfx.load_merged(model, gm)
+    assert type(model.model.layers[1].mlp.down_proj.weight) is kind
+    assert model.model.layers[1].mlp.down_proj.weight is not old
+    ids = _ids()
+    ours = _examples_output(model, ids)
+    assert _rel(ours, _examples_output(merged, ids)) < 1e-5  # the same requantized weights as merge's
+    report = model.lowrank_fx_requantize_report
+    assert report.output_error == pytest.approx(merged.requantize_report.output_error, rel=1e-3)
+    assert report.output_error == pytest.approx(_rel(ours, _examples_output(gm, ids)), rel=1e-4)
+
+
+def test_quantize_base_quantizes_linears_but_not_the_head_or_embeddings():
+    from torchao.prototype.quantization.int4 import Int4OpaqueTensor
+    from torchao.quantization import Int8Tensor, NF4Tensor
+    for scheme, kind in [("int8", Int8Tensor), ("nf4", NF4Tensor), ("int4", Int4OpaqueTensor)]:
+        model = _llama()
+        returned = lfx.quantize_base(model, scheme, exclude=["*.layers.1.mlp.down_proj"])
+        assert returned is model  # in place
+        for name in LINEARS:
+            weight = model.get_submodule(name).weight
+            if name == "model.layers.1.mlp.down_proj":
+                assert type(weight) is torch.nn.Parameter
+            else:
+                assert isinstance(weight, kind) and not weight.requires_grad, (scheme, name)
+        assert type(model.lm_head.weight) is torch.nn.Parameter
+        assert type(model.model.embed_tokens.weight) is torch.nn.Parameter
+        assert model.lowrank_fx_quantized["scheme"] == scheme and len(model.lowrank_fx_quantized["layers"]) == 13
+    with pytest.raises(lfx.SpecError, match="one of"):
+        lfx.quantize_base(_llama(), "int3")

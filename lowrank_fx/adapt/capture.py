@@ -42,14 +42,13 @@ from torch.export import Dim, ShapesCollection
 
 from ..errors import CaptureError, ModelTypeError
 from ..graph.quant_formats import bitsandbytes_swapped
+from ..graph.quantized import EXAMPLES, SWAPPED_LAYERS, SharedLayers
 from ..graph.record import Record
 from ..passes.call_defaults import set_call_defaults
 from ..passes.grad_regions import unwrap_regions
 from ..passes.inline_linear import inline_linear
 from ..passes.mode_aware import make_mode_aware
 from ..passes.quantized_base import prepare_quantized
-
-EXAMPLES = "lowrank_fx_examples"  # gm.meta[EXAMPLES]: (args, kwargs) the graph was captured with
 
 SOURCE = "lowrank_fx_source"  # gm.meta[SOURCE]: the model the graph was captured from, held weakly
 
@@ -236,7 +235,7 @@ def capture(model, example_inputs=None, example_kwargs=None, dynamic: bool = Tru
     modes = [(module, module.training) for module in model.modules()]
     model.train()
     try:
-        with bitsandbytes_swapped(model):
+        with bitsandbytes_swapped(model) as swapped:
             exported = _export(model, args, kwargs, dynamic_shapes)
     except Exception as err:
         raise CaptureError(
@@ -250,6 +249,7 @@ def capture(model, example_inputs=None, example_kwargs=None, dynamic: bool = Tru
     gm = _plain(exported.module())
     set_call_defaults(gm, args, kwargs)
     prepare_quantized(gm)
+    gm.meta[SWAPPED_LAYERS] = SharedLayers(swapped)
     gm.meta[EXAMPLES] = torch.utils._pytree.tree_map(
         lambda v: v.detach() if isinstance(v, torch.Tensor) else v, (args, kwargs))
     unwrap_regions(gm)

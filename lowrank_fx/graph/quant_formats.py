@@ -110,6 +110,22 @@ def requantize(old: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
     return new
 
 
+def requantize_bitsandbytes(module: nn.Module, dense: torch.Tensor) -> nn.Parameter:
+    """A new weight for a bitsandbytes Linear4bit / Linear8bitLt holding `dense` (out, in),
+    quantized as the old one (4-bit: same quant type, block size, nested statistics)."""
+    import bitsandbytes as bnb
+    old = module.weight
+    if isinstance(module, bnb.nn.Linear4bit):
+        state = old.quant_state
+        new = bnb.nn.Params4bit(dense.detach().to("cpu", state.dtype).contiguous(), requires_grad=False,
+                                quant_type=state.quant_type, blocksize=state.blocksize,
+                                compress_statistics=state.nested, quant_storage=old.quant_storage)
+        return new.to(old.device)  # bitsandbytes quantizes when a Params4bit moves to its device
+    new = bnb.nn.Int8Params(dense.detach().to("cpu").contiguous(), requires_grad=False, has_fp16_weights=False)
+    module.state.CB = module.state.SCB = None  # the layer takes CB / SCB from its new weight on first use
+    return new.to(old.device)
+
+
 # --- bitsandbytes, swapped before capture ---------------------------------------------------
 
 class BnbLinear4bit(nn.Linear):
@@ -210,7 +226,8 @@ def swap_one(module: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def bitsandbytes_swapped(model: nn.Module):
-    """Within the block, every bitsandbytes layer of `model` is its BnbLinear4bit / BnbLinear8bit."""
+    """Within the block, every bitsandbytes layer of `model` is its BnbLinear4bit / BnbLinear8bit;
+    the block gets {name: swapped layer}."""
     layers = bitsandbytes_layers(model)
     swapped = []
     try:
@@ -221,7 +238,7 @@ def bitsandbytes_swapped(model: nn.Module):
             replacement.train(module.training)
             parent._modules[leaf] = replacement
             swapped.append((parent, leaf, module))
-        yield [name for name, _ in layers]
+        yield {name: parent._modules[leaf] for (name, _), (parent, leaf, _) in zip(layers, swapped)}
     finally:
         for parent, leaf, module in swapped:
             parent._modules[leaf] = module

@@ -34,6 +34,16 @@ from torch import fx, nn
 
 from .quant_formats import is_quantized, scheme_name, stored_bytes
 
+EXAMPLES = "lowrank_fx_examples"  # gm.meta[EXAMPLES]: (args, kwargs) of the capture, detached
+SWAPPED_LAYERS = "lowrank_fx_swapped"  # gm.meta[SWAPPED_LAYERS]: {path: BnbLinear4bit | BnbLinear8bit}
+
+
+class SharedLayers(dict):
+    """{path: swapped layer}, kept in gm.meta; copies of the graph share it (no tensor copies)."""
+
+    def __deepcopy__(self, memo):
+        return self
+
 
 @dataclasses.dataclass
 class Region:
@@ -104,6 +114,21 @@ def _components(nodes: list[fx.Node]) -> list[list[fx.Node]]:
     return list(groups.values())
 
 
+def _attach_weight_only(calls: list[list[fx.Node]], on_inputs, position: dict) -> list[list[fx.Node]]:
+    """Merge each call made only of weight-side nodes (a check on a scale, say) into the one
+    call that reads the same outside node, so that it goes with its layer."""
+    pure = [c for c in calls if not any(on_inputs(n) for n in c)]
+    kept = [c for c in calls if not any(c is p for p in pure)]
+    for part in pure:
+        reads = {a for n in part for a in n.all_input_nodes}
+        owners = [c for c in kept if reads & {a for n in c for a in n.all_input_nodes}]
+        if len(owners) == 1:
+            owners[0].extend(part)
+        else:
+            kept.append(part)
+    return [sorted(c, key=position.__getitem__) for c in kept]
+
+
 def find_regions(gm: fx.GraphModule) -> list[Region]:
     """Every quantized linear region of `gm`'s top-level graph, in graph order."""
     by_key: dict[str, tuple[str, str, list[fx.Node]]] = {}
@@ -136,17 +161,18 @@ def find_regions(gm: fx.GraphModule) -> list[Region]:
             todo.pop()
         return depends[node]
 
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
+    nodes_by_name = {n.name: n for n in gm.graph.nodes}
     regions = []
     for key, (path, module_type, nodes) in by_key.items():
         if not path or not _is_linear_type(module_type):
             continue
-        calls = _components(nodes)
+        calls = _attach_weight_only(_components(nodes), on_inputs, position)
         for index, call in enumerate(calls):
             region = _region(gm, f"{key}#{index}" if len(calls) > 1 else key, path, module_type, call, on_inputs)
             if region is not None:
                 regions.append(region)
-    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
-    return sorted(regions, key=lambda r: order[r.output])
+    return sorted(regions, key=lambda r: position[nodes_by_name[r.output]])
 
 
 def _roots(node: fx.Node) -> list[fx.Node]:

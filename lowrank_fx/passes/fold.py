@@ -10,6 +10,12 @@ keeps the original values. Non-finite results are refused before anything is bui
 Adapters whose gate is 0 (made inactive by `lfx.set_active_adapters`) are left out: the
 folded graph computes what `gm` computes. Trained modules (`Spec.train`) fold as the copy the
 graph reads: the newest active adapter's that trains them (passes/train_modules.py).
+
+Quantized targets (passes/quantized_fold.py) fold to dense layers: dequantized W + ΔW in fp32,
+exact. `fold(gm, requantize=True)` quantizes W + ΔW again in the base's own format instead and
+reports the measured output error (`folded.requantize_report`, a warning above `tolerance`).
+The copy shares every frozen tensor of `gm` (base weights, quantized or not, are never copied:
+`shared_copy`).
 """
 
 from __future__ import annotations
@@ -22,9 +28,11 @@ from torch import fx, nn
 
 from ..errors import MergeError
 from ..graph.gates import GATES, gate_value
+from ..graph.quantized import dequantized
 from ..graph.record import CONTAINER, KEY, Record, tagged
 from ..graph.targets import Target, find_targets, weight_operand
 from ..methods.base import unit_key
+from .quantized_fold import REPORT, fold_dense, fold_requantized, measure, region_bias, regions_by_output
 from .train_modules import fold_trained, trained_values
 
 UNTIED = "lowrank_fx_untied"
@@ -65,7 +73,7 @@ def adapter_deltas(gm: fx.GraphModule) -> tuple[dict[str, Target], dict[str, tor
             groups = getattr(gm, CONTAINER)[adapter]
             for name, group in info.groups.items():
                 target = targets[name]
-                base = target.kind.to_matrix(gm.get_parameter(target.weight).detach(), target.layout)
+                base = base_matrix(gm, target) if groups[group].unit(name).uses_base_weight else None
                 _add(deltas, name, groups[group].delta_weight(name, base), gate)
                 bias = groups[group].unit(name).delta_bias()
                 if bias is not None:
@@ -79,8 +87,29 @@ def adapter_deltas(gm: fx.GraphModule) -> tuple[dict[str, Target], dict[str, tor
     return targets, deltas, bias_deltas
 
 
-def merged_weight(weight: torch.Tensor, delta: torch.Tensor, target: Target) -> torch.Tensor:
-    """(W + ΔW) in W's own shape, layout and dtype, added in fp32 (float64 if either is float64)."""
+def base_matrix(gm: fx.GraphModule, target: Target) -> torch.Tensor:
+    """The target's base weight as its (out, in) matrix; a quantized one dequantized by its region."""
+    if target.quantized:
+        return dequantized(gm, target)
+    return target.kind.to_matrix(gm.get_parameter(target.weight).detach(), target.layout)
+
+
+def shared_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A deep copy of `gm` that shares every tensor not requiring grad (base weights, quantized
+    ones included: torchao's NF4 tensors cannot be deep-copied, and none should be)."""
+    memo = {id(t): t for t in [*gm.parameters(), *gm.buffers()] if not t.requires_grad}
+    with warnings.catch_warnings():  # torch's own pytree deprecation notice on deepcopy
+        warnings.simplefilter("ignore", FutureWarning)
+        return copy.deepcopy(gm, memo)
+
+
+def merged_weight(weight: torch.Tensor, delta: torch.Tensor, target: Target, gm: fx.GraphModule | None = None) -> torch.Tensor:
+    """(W + ΔW) in W's own shape, layout and dtype, added in fp32 (float64 if either is float64).
+    A quantized target's W is dequantized from `gm`; the sum is dense, in its compute dtype."""
+    if target.quantized:
+        base = dequantized(gm, target)
+        wide = torch.promote_types(fold_dtype(base.dtype), delta.dtype)
+        return (base.to(wide) + delta.to(base.device, wide)).to(base.dtype)
     stored = target.kind.to_weight(delta, target.layout, weight.shape)
     wide = torch.promote_types(fold_dtype(weight.dtype), stored.dtype)
     return (weight.detach().to(wide) + stored.to(weight.device, wide)).to(weight.dtype)
@@ -169,19 +198,31 @@ def merged_bias(bias: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return (bias.detach().to(wide) + delta.to(bias.device, wide)).to(bias.dtype)
 
 
-def fold(gm: fx.GraphModule) -> fx.GraphModule:
+def fold(gm: fx.GraphModule, requantize: bool = False, tolerance: float = 1e-2) -> fx.GraphModule:
+    """A new dense GraphModule with the active adapters folded in; `gm` is unchanged.
+
+    `requantize=True`: quantized targets are quantized again in their base's format rather than
+    made dense, and `folded.requantize_report` (a RequantizeReport) gives the output error measured
+    on the capture's examples; a RequantizeWarning says when it is above `tolerance`."""
     targets, deltas, bias_deltas = adapter_deltas(gm)
     trained = trained_values(gm)  # Spec.train: the active adapter's copies replace the base parameters
-    merged = {name: merged_weight(gm.get_parameter(targets[name].weight), delta, targets[name])
+    merged = {name: merged_weight(gm.get_parameter(targets[name].weight), delta, targets[name], gm)
               for name, delta in deltas.items()}
+    quantized = {name for name in merged if targets[name].quantized}
+    regions = regions_by_output(gm) if quantized else {}
     biases = {targets[name].bias: merged_bias(gm.get_parameter(targets[name].bias), delta)
-              for name, delta in bias_deltas.items()}
-    with warnings.catch_warnings():  # torch's own pytree deprecation notice on deepcopy
-        warnings.simplefilter("ignore", FutureWarning)
-        folded = copy.deepcopy(gm)
+              for name, delta in bias_deltas.items() if name not in quantized}
+    quantized_biases = {name: _quantized_bias(gm, targets[name], regions, delta)
+                        for name, delta in bias_deltas.items() if name in quantized}
+    folded = shared_copy(gm)
     remove_adapter_nodes(folded)
     for name, weight in merged.items():
-        _fold_target(folded, targets[name], weight)
+        if name in quantized:
+            region = regions[targets[name].sites[0]]
+            step = fold_requantized if requantize else fold_dense
+            step(folded, targets[name], region, weight, quantized_biases.get(name))
+        else:
+            _fold_target(folded, targets[name], weight)
     for path, bias in biases.items():
         _set_parameter(folded, path, nn.Parameter(bias, requires_grad=False))
     fold_trained(folded, trained)
@@ -189,4 +230,18 @@ def fold(gm: fx.GraphModule) -> fx.GraphModule:
     folded.meta[KEY] = Record(aliases=dict(source.aliases), state_keys=list(source.state_keys))
     folded.graph.lint()
     folded.recompile()
+    if requantize and quantized:
+        report = measure(gm, folded, len(quantized), tolerance)
+        folded.meta[REPORT] = report
+        folded.requantize_report = report
     return folded
+
+
+def _quantized_bias(gm, target, regions, delta):
+    """b + Δb of a quantized target (LoRA bias=True): the region's bias parameter, else its probed bias."""
+    region = regions[target.sites[0]]
+    path = region_bias(gm, region)
+    if path is not None:
+        return merged_bias(gm.get_parameter(path), delta)
+    _, bias = dequantized(gm, target, with_bias=True)
+    return merged_bias(bias, delta)
