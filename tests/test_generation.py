@@ -496,3 +496,35 @@ def test_export_writes_the_tokenizer(tmp_path_factory):
     ids = torch.tensor([[10, 20, 30]])
     want = lfx.generate(gpt2.gm, ids, adapter="a", max_new_tokens=5, eos_token_id=[])
     assert torch.equal(result.session().generate(ids, adapter="a", max_new_tokens=5, eos_token_id=[]), want)
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+
+def test_cli_exports_a_generation_directory_and_generates(tmp_path, capsys):
+    from lowrank_fx.cli.main import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog\nadapters are small\n")
+    assert main(["train", "--data", str(corpus), "--steps", "2", "--targets", "q_proj", "v_proj", "--rank", "4",
+                 "--adapter", "b", "--out", str(tmp_path / "b.safetensors")]) == 0
+    out = tmp_path / "gen"
+    assert main(["export", "--adapters", str(tmp_path / "b.safetensors"), "--generation", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "torchvision" not in captured.err and "Failed to load" not in captured.err
+    session = lfx.GenerationSession(out)
+    for adapter in ("b", None):
+        argv = ["generate", str(out), "--prompt-ids", "1", "2", "3", "--max-new-tokens", "6"]
+        assert main(argv + (["--adapter", adapter] if adapter else [])) == 0
+        printed = [int(t) for t in capsys.readouterr().out.split()]
+        assert printed == session.generate([[1, 2, 3]], adapter=adapter, max_new_tokens=6)[0].tolist()
+    assert main(["generate", str(out), "--prompt-ids", "1", "--adapter", "bb"]) == 2
+    assert "did you mean 'b'" in capsys.readouterr().err
+
+
+def test_cli_says_a_missing_data_file_is_missing(capsys):
+    from lowrank_fx.cli.main import main
+
+    assert main(["train", "--data", "missing.txt", "--out", "x.safetensors"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--data missing.txt: no such file" in err and "import" not in err and len(err.splitlines()) == 1

@@ -1,8 +1,10 @@
-"""The `lowrank-fx` command: plan | train | merge | export | demo.
+"""The `lowrank-fx` command: plan | train | merge | export | generate | demo.
 
 Models come from a built-in name, `pkg.module:factory`, or a local transformers directory
 or config (see sources.py); nothing is downloaded. Targets and method come from flags or a
 JSON spec file. Bad input exits with status 2 and one line on stderr, never a traceback.
+Third-party log lines a user cannot act on (torch.onnx's "torchvision is not installed")
+are filtered out.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import logging
 import sys
+import warnings
 from pathlib import Path
 
 from ..errors import LowRankFxError, SpecError
@@ -22,6 +26,8 @@ EXAMPLES = """examples:
   lowrank-fx train --model ./my-llama --data corpus.txt --steps 200 --out run/adapter.safetensors
   lowrank-fx merge --model ./my-llama --adapters run/adapter.safetensors --out run/merged.safetensors
   lowrank-fx export --model ./my-llama --adapters run/a.safetensors run/b.safetensors --out run/model.onnx
+  lowrank-fx export --model ./my-llama --adapters run/a.safetensors run/b.safetensors --generation run/gen
+  lowrank-fx generate run/gen --prompt-ids 1 2 3 --adapter a --max-new-tokens 20
   lowrank-fx demo                                       # real MiniLM weights: two adapters, fold, ONNX Runtime
   lowrank-fx demo --synthetic                           # a small random Llama, < 1 minute
 
@@ -87,9 +93,14 @@ def _train(args) -> int:
     from .. import Trainer, rewrite, save_adapters
     from .sources import factory_batches, text_batches
 
-    source = _source(args)
     if args.data is None:
         raise LowRankFxError("train needs --data: a text file (one text per line) or pkg.module:batches")
+    if not Path(args.data).exists() and ":" not in args.data:
+        raise LowRankFxError(
+            f"--data {args.data}: no such file; give a text file (one training text per line) or "
+            "pkg.module:batches (a callable returning batches)"
+        )
+    source = _source(args)
     if Path(args.data).exists():
         batches = text_batches(args.data, source, args.batch_size, args.seq_len, args.seed)
         first = next(batches)
@@ -136,12 +147,48 @@ def _merge(args) -> int:
 def _export(args) -> int:
     from ..export import export_onnx
 
+    if args.generation:
+        return _export_generation(args)
+    if not args.out:
+        raise LowRankFxError("export needs --out FILE.onnx (or --generation DIR for a generation directory)")
     source = _source(args)
     gm = _adapted(args, source) if args.adapters else source.model
     mode = args.mode if args.adapters else "merged"
     result = export_onnx(gm, args.out, source.example_inputs, source.example_kwargs, mode=mode)
     for file in result.files:
         print(f"wrote {file}")
+    return 0
+
+
+def _export_generation(args) -> int:
+    from ..files.adapter_file import read_manifest
+    from ..generation import export_generation
+
+    if not args.adapters:
+        raise LowRankFxError("export --generation needs --adapters: the adapter files to serve")
+    adapters = {}
+    for path in args.adapters:
+        for name in read_manifest(path)["adapters"]:
+            if name in adapters:
+                raise LowRankFxError(f"adapter {name!r} is in both {adapters[name]} and {path}; save them under other names")
+            adapters[name] = path
+    source = _source(args)
+    example = source.example_inputs[0] if source.example_inputs else None
+    result = export_generation(source.model, adapters, args.generation, example_inputs=example,
+                               tokenizer=source.tokenizer, per_row=args.mode == "per_row")
+    for file in result.files:
+        print(f"wrote {file}")
+    return 0
+
+
+def _generate(args) -> int:
+    from ..generation import GenerationSession
+
+    session = GenerationSession(args.directory)
+    tokens = session.generate([args.prompt_ids], adapter=args.adapter, max_new_tokens=args.max_new_tokens,
+                              do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, seed=args.seed)
+    print(" ".join(str(t) for t in tokens[0].tolist()))
     return 0
 
 
@@ -176,7 +223,7 @@ def parser() -> argparse.ArgumentParser:
     formatter = argparse.RawDescriptionHelpFormatter
     root = argparse.ArgumentParser(prog="lowrank-fx", description="Parameter-efficient fine-tuning as a torch.fx graph pass.",
                                    epilog=EXAMPLES, formatter_class=formatter)
-    commands = root.add_subparsers(dest="command", required=True, metavar="{plan,train,merge,export,demo}")
+    commands = root.add_subparsers(dest="command", required=True, metavar="{plan,train,merge,export,generate,demo}")
 
     p = commands.add_parser("plan", help="list what a spec would adapt, with parameter counts", epilog=EXAMPLES, formatter_class=formatter)
     _add_model(p)
@@ -210,9 +257,25 @@ def parser() -> argparse.ArgumentParser:
     p = commands.add_parser("export", help="export to ONNX (merged, swappable adapters, or per-row)", epilog=EXAMPLES, formatter_class=formatter)
     _add_model(p)
     p.add_argument("--adapters", nargs="*", default=[], help="adapter files; none exports the base model")
-    p.add_argument("--mode", default="adapters", choices=["merged", "adapters", "per_row"])
-    p.add_argument("--out", required=True, help=".onnx file to write (adapter files go beside it)")
+    p.add_argument("--mode", default="adapters", choices=["merged", "adapters", "per_row"],
+                   help="with --generation: per_row also writes the per-row decoder (DIR/per_row)")
+    p.add_argument("--out", help=".onnx file to write (adapter files go beside it)")
+    p.add_argument("--generation", metavar="DIR", default=None,
+                   help="write a KV-cache generation directory instead (ONNX Runtime and onnxruntime-genai)")
     p.set_defaults(run=_export)
+
+    p = commands.add_parser("generate", help="generate tokens from a generation directory (export --generation)",
+                            epilog=EXAMPLES, formatter_class=formatter)
+    p.add_argument("directory", help="directory written by export --generation")
+    p.add_argument("--prompt-ids", type=int, nargs="+", required=True, help="prompt token ids")
+    p.add_argument("--adapter", default=None, help="adapter name (default: the base model)")
+    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(run=_generate)
 
     p = commands.add_parser("demo", help="the main demo (real MiniLM weights), or --synthetic", epilog=EXAMPLES, formatter_class=formatter)
     p.add_argument("--synthetic", action="store_true", help="small random Llama instead of MiniLM")
@@ -225,7 +288,35 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
+# Third-party log lines that ask nothing of the user: logger -> phrases that mark them.
+UNACTIONABLE = {
+    "torch.onnx._internal.exporter._registration": ("torchvision is not installed",),  # ops torch.onnx skips
+    "torchao": ("Failed to load",),  # torchao's optional CUDA kernels, absent on CPU builds
+    "torch.utils._pytree": ("register_constant() on Enum subclasses is deprecated",),  # torchao's own enums
+}
+
+
+class _Unactionable(logging.Filter):
+    def __init__(self, phrases: tuple[str, ...]):
+        super().__init__()
+        self.phrases = phrases
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(phrase in message for phrase in self.phrases)
+
+
+def _quiet_third_party() -> None:
+    """Filter UNACTIONABLE log lines and torch.export's internal pytree deprecation warning."""
+    for name, phrases in UNACTIONABLE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _Unactionable) for f in logger.filters):
+            logger.addFilter(_Unactionable(phrases))
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_third_party()
     args = parser().parse_args(argv)
     try:
         if getattr(args, "out", None):
