@@ -14,8 +14,8 @@ of nodes recorded under one Linear module). This module only
     while the model is captured (their parameters do not export: FakeTensor has no `CB` or
     `quant_state`). The swapped layer holds the same packed tensors (no copy) and computes
     `F.linear(x, torch.ops.bitsandbytes.dequantize_4bit(...))` (or the 8-bit dequantize): the
-    weight-only semantics bitsandbytes' own backward uses. bitsandbytes' 8-bit *forward* also
-    quantizes the activation to int8 (LLM.int8()); the swapped layer does not.
+    weight-only semantics bitsandbytes' own backward uses. On CUDA bitsandbytes' 8-bit *forward*
+    also quantizes the activation to int8 (LLM.int8()); the swapped layer never does.
 
 torchao and bitsandbytes are imported only when a tensor of theirs is met.
 """
