@@ -484,3 +484,34 @@ def test_trainer_steps_equal_the_dense_twins(scheme):
     finally:
         gm.lowrank_fx.load_state_dict(saved)
         dense.lowrank_fx.load_state_dict(saved)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "bnb-nf4"])
+def test_a_peft_lora_trained_on_the_quantized_base_loads_and_computes_what_peft_computes(scheme, tmp_path):
+    """PEFT's LoRA on a torchao int8 / bitsandbytes nf4 base (its own quantized layers) -> save_pretrained
+    -> lfx.load_peft into a graph of the same quantized model: PEFT's outputs; and back (save_peft)."""
+    peft = pytest.importorskip("peft")
+    peft_base = _quantized(scheme)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = peft.get_peft_model(peft_base, config)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)  # a trained adapter: B is no longer zero
+    peft_model.save_pretrained(tmp_path)
+    ids = _ids(2, 6, seed=9)
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids, use_cache=False).logits
+    ours = _capture(_quantized(scheme))
+    lfx.load_peft(ours, tmp_path)
+    assert ours.get_parameter("lowrank_fx.default.lora.units.model-layers-0-self_attn-q_proj.lora_A").dtype == torch.float32
+    assert _rel(_examples_output(ours, ids), expected) < 1e-5
+    lfx.save_peft(ours, tmp_path / "back")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = peft.PeftModel.from_pretrained(_quantized(scheme), tmp_path / "back")
+    again.train()  # no dropout here; in eval mode bitsandbytes repacks 4-bit weights for its CPU kernel,
+    # which fails on layers narrower than its 64-value blocks
+    with torch.no_grad():
+        assert _rel(again(input_ids=ids, use_cache=False).logits, expected) < 1e-5

@@ -162,6 +162,8 @@ PEFT_MODULES = {"Linear", "NonDynamicallyQuantizableLinear", "Conv1D", "Conv1d",
 
 
 def _is_bare_parameter(target: Target) -> bool:
+    if target.quantized:  # a quantized Linear (or the bitsandbytes layer swapped in for capture): a module to PEFT
+        return False
     return bool(target.module_type) and target.module_type.rsplit(".", 1)[-1] not in PEFT_MODULES
 
 
