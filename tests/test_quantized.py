@@ -286,6 +286,43 @@ def test_packed_int4_backward_is_a_custom_op_that_dequantizes():
         F.linear(x, weight).sum().backward()
 
 
+def _saved_bytes(gm, ids):
+    """Bytes of the unique storages autograd keeps from forward to backward, leaving out the
+    graph's own tensors (parameters, buffers, and a quantized tensor's inner tensors)."""
+    from lowrank_fx.graph.quant_formats import inner_tensors
+    own = {t.untyped_storage().data_ptr() for p in [*gm.parameters(), *gm.buffers()] for t in inner_tensors(p)}
+    saved = {}
+
+    def pack(tensor):
+        for t in inner_tensors(tensor):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in own:
+                saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    gm.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = gm(ids).logits
+    logits.sum().backward()
+    gm.zero_grad(set_to_none=True)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("scheme", TORCHAO_SCHEMES + BNB_SCHEMES)
+def test_no_dense_weight_is_kept_for_backward(scheme):
+    """Every quantized layer is one custom op that keeps x and its quantized tensors only: what
+    autograd saves is what the dense twin saves (whose weights are parameters), not that plus a
+    dequantized fp32 copy of every weight (which the region's own ops would keep)."""
+    quantized, _, gm, dense, *_ = _graphs(scheme)
+    regions = [n for n in gm.graph.nodes if n.target is torch.ops.lowrank_fx.quantized_linear.default]
+    assert len(regions) == len(LINEARS)
+    ids = _ids(2, 6, seed=13)
+    ours, twins = _saved_bytes(gm, ids), _saved_bytes(dense, ids)
+    dense_weights = sum(4 * quantized.get_submodule(n).out_features * quantized.get_submodule(n).in_features
+                        for n in LINEARS)
+    assert ours <= twins + dense_weights // 10, (ours, twins, dense_weights)
+
+
 def test_bitsandbytes_layers_through_the_swap_equal_their_own_forward():
     for scheme in BNB_SCHEMES:
         quantized, _, gm, *_ = _graphs(scheme)

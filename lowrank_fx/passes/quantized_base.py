@@ -1,5 +1,5 @@
-"""Quantized layers at capture: check that gradients flow through each base, wrap the ones
-whose kernel has no backward, refuse the ones whose gradient is wrong.
+"""Quantized layers at capture: check that gradients flow through each base, refuse the ones
+whose gradient is wrong, and make every one a custom op that saves no dense weight.
 
 Adapters before a quantized layer learn through that layer's input gradient dL/dx = dL/dy · W.
 For every quantized region (graph/quantized.py) this pass runs the region's own function on a
@@ -7,14 +7,18 @@ small random input and compares the input gradient autograd gives with the one o
 layer made dense (y(v) - y(0) is v Wᵀ for a weight-only layer, so <dL/dx, v> must equal
 <dL/dy, y(v) - y(0)>):
 
-  - a kernel without a backward (torchao's packed int4 CPU kernel): the region becomes one
-    custom op, `lowrank_fx::quantized_linear(x, weights, key, out)`, whose forward runs the
-    region's own nodes and whose backward is dL/dy · W with W dequantized by the region itself
-    (`lowrank_fx::quantized_linear_weight`, y(I) - y(0)), eager and under torch.compile;
   - a wrong gradient, as with dynamic activation quantization (the activation is rounded to
     int8 inside the layer, so autograd sees no path, or a rounded one): `QuantizedBaseError`,
     giving the measured relative error of the gradient and of the output against the dense
     layer. Use a weight-only scheme for training.
+  - otherwise the region becomes one custom op, `lowrank_fx::quantized_linear(x, weights, key,
+    out)`, whose forward runs the region's own nodes. Left as they are, those nodes would make
+    autograd keep each layer's dequantized fp32 weight from forward to backward (the input of
+    the matmul), as much memory as the fp32 model. The op keeps only x and the quantized
+    tensors; its backward (`lowrank_fx::quantized_linear_backward`) recomputes the region and
+    takes its input gradient, or, where the kernel has no backward (torchao's packed int4 CPU
+    kernel), gives dL/dy · W with W dequantized by the region (y(I) - y(0)). Eager and under
+    torch.compile (the ops are opaque to it).
 
 The registry of wrapped regions lives in this process: a graph with a wrapped region runs
 wherever this process runs it (deep copies share it), not after pickling to another process.
@@ -30,11 +34,11 @@ from torch import fx
 from ..errors import QuantizedBaseError
 from ..graph.quantized import Region, dequantize_region, find_regions, probe_input, region_function, region_scheme
 
-_WRAPPED: dict[str, tuple[fx.GraphModule, Region]] = {}
+_WRAPPED: dict[str, tuple[fx.GraphModule, Region, str]] = {}  # key -> (f(x, *weights), region, backward mode)
 GRADIENT_TOLERANCE = 1e-3
 
 
-def _wrapped(key: str) -> tuple[fx.GraphModule, Region]:
+def _wrapped(key: str) -> tuple[fx.GraphModule, Region, str]:
     try:
         return _WRAPPED[key]
     except KeyError:
@@ -46,8 +50,8 @@ def _wrapped(key: str) -> tuple[fx.GraphModule, Region]:
 
 @torch.library.custom_op("lowrank_fx::quantized_linear", mutates_args=())
 def quantized_linear(x: torch.Tensor, weights: list[torch.Tensor], key: str, out_features: int) -> torch.Tensor:
-    """y of a quantized linear whose kernel has no backward, computed by its own region."""
-    function, _ = _wrapped(key)
+    """y of a quantized linear, computed by its own region."""
+    function, _, _ = _wrapped(key)
     with torch.no_grad():
         return function(x, *weights).clone()
 
@@ -57,30 +61,33 @@ def _(x, weights, key, out_features):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-@torch.library.custom_op("lowrank_fx::quantized_linear_weight", mutates_args=())
-def quantized_linear_weight(like: torch.Tensor, weights: list[torch.Tensor], key: str,
-                            in_features: int, out_features: int) -> torch.Tensor:
-    """W (out, in) of a wrapped quantized linear, in `like`'s dtype, probed on the identity."""
-    function, region = _wrapped(key)
-    weight, _ = dequantize_region(lambda x: function(x, *weights), region, like.dtype, like.device)
-    return weight
+@torch.library.custom_op("lowrank_fx::quantized_linear_backward", mutates_args=())
+def quantized_linear_backward(x: torch.Tensor, grad: torch.Tensor, weights: list[torch.Tensor], key: str) -> torch.Tensor:
+    """dL/dx of a wrapped quantized linear: the region recomputed and differentiated, or, for a
+    kernel without a backward, dL/dy · W with W probed on the identity."""
+    function, region, mode = _wrapped(key)
+    if mode == "recompute":  # autograd is off inside a custom op; torch.func's own transform is not
+        _, pullback = torch.func.vjp(lambda v: function(v, *weights), x)
+        return pullback(grad)[0]
+    weight, _ = dequantize_region(lambda v: function(v, *weights), region, x.dtype, x.device)
+    return (grad @ weight.to(grad.dtype)).to(x.dtype)
 
 
-@quantized_linear_weight.register_fake
-def _(like, weights, key, in_features, out_features):
-    return like.new_empty((out_features, in_features))
+@quantized_linear_backward.register_fake
+def _(x, grad, weights, key):
+    return torch.empty_like(x)
 
 
 def _setup(ctx, inputs, output):
     x, weights, key, out_features = inputs
-    ctx.save_for_backward(*weights)
-    ctx.key, ctx.in_features, ctx.out_features, ctx.count = key, x.shape[-1], out_features, len(weights)
+    ctx.save_for_backward(x, *weights)
+    ctx.key, ctx.count = key, len(weights)
 
 
 def _backward(ctx, grad):
-    weight = torch.ops.lowrank_fx.quantized_linear_weight(grad, list(ctx.saved_tensors), ctx.key,
-                                                           ctx.in_features, ctx.out_features)
-    return grad @ weight.to(grad.dtype), [None] * ctx.count, None, None
+    x, *weights = ctx.saved_tensors
+    found = torch.ops.lowrank_fx.quantized_linear_backward(x, grad.contiguous(), list(weights), ctx.key)
+    return found, [None] * ctx.count, None, None
 
 
 quantized_linear.register_autograd(_backward, setup_context=_setup)
@@ -156,10 +163,10 @@ def _refusal(gm: fx.GraphModule, region: Region, error: float, detail: str) -> Q
     )
 
 
-def _wrap(gm: fx.GraphModule, region: Region) -> None:
+def _wrap(gm: fx.GraphModule, region: Region, mode: str) -> None:
     nodes = {n.name: n for n in gm.graph.nodes}
     key = f"{region.path}#{uuid.uuid4().hex[:12]}"
-    _WRAPPED[key] = (region_function(gm, region, weights_as_inputs=True), region)
+    _WRAPPED[key] = (region_function(gm, region, weights_as_inputs=True), region, mode)
     output = nodes[region.output]
     weights = [nodes[name] for name in region.weight_inputs]
     with gm.graph.inserting_before(output):
@@ -174,17 +181,19 @@ def _wrap(gm: fx.GraphModule, region: Region) -> None:
 
 
 def prepare_quantized(gm: fx.GraphModule) -> list[str]:
-    """Check every quantized region; wrap those without a backward; refuse wrong gradients.
-    Returns the paths of the wrapped layers."""
-    wrapped = []
-    for region in find_regions(gm):
+    """Check every quantized region, refuse wrong gradients, make each one a custom op (backward:
+    "recompute", or "dequantize" where the kernel has none). Returns the paths of the latter."""
+    without_backward = []
+    regions = find_regions(gm)
+    for region in regions:
         status, error, detail = gradient_check(gm, region)
-        if status == "no backward":
-            _wrap(gm, region)
-            wrapped.append(region.path)
-        elif status == "wrong" or region.quantizes_activation:
+        if status == "wrong" or region.quantizes_activation:
             raise _refusal(gm, region, error, detail)
-    if wrapped:
+        if status == "no backward":
+            without_backward.append(region.path)
+    for region in regions:
+        _wrap(gm, region, "dequantize" if region.path in without_backward else "recompute")
+    if regions:
         gm.graph.lint()
         gm.recompile()
-    return wrapped
+    return without_backward
