@@ -137,8 +137,11 @@ def generate(gm: fx.GraphModule, input_ids, attention_mask=None, adapter: str | 
         if cache is None:
             empty = torch.zeros((ids.shape[0], layout.kv_heads, 0, layout.head_dim), dtype=layout.dtype, device=device)
             cache = [{"key": empty, "value": empty} for _ in range(layout.layers)]
-        # fresh dense inputs: a compiled graph guards on strides, and a sliced prompt has others
+        # fresh dense inputs: a compiled graph guards on strides, and a sliced prompt has others, as
+        # has the prompt step's cache (attention's transposed output; later steps' caches are concatenated)
         dense = [t.to(device).clone(memory_format=torch.contiguous_format) for t in (ids, mask, positions)]
+        if compile:
+            cache = [{part: t.contiguous() for part, t in layer.items()} for layer in cache]
         out = call(input_ids=dense[0], attention_mask=dense[1], position_ids=dense[2], past_key_values=cache)
         return out["logits"].cpu(), out["present"]
 
