@@ -227,6 +227,20 @@ def test_generate_matches_transformers(family, adapter):
     assert lfx.active_adapters(family.gm) == before  # the active set is restored
 
 
+def test_lorta_and_randlora_adapters_generate_like_their_fold(llama):
+    example = {"input_ids": torch.randint(4, VOCAB, (2, 6)), "use_cache": False}
+    gm = lfx.rewrite(llama.model, lfx.Spec(targets=["*.q_proj", "*.o_proj"], method=lfx.LoRTA(rank=4, init="nonzero")),
+                     example_kwargs=example, adapter="t")
+    gm = lfx.rewrite(gm, lfx.Spec(targets=["*.v_proj"], method=lfx.RandLoRA(rank=4, init="nonzero")), adapter="r")
+    ids = prompts(13)[0]
+    for adapter in ("t", "r"):
+        lfx.set_active_adapters(gm, [adapter])
+        want = hf_generate(lfx.load_merged(copy.deepcopy(llama.model), gm), ids, max_new_tokens=6, eos_token_id=None)
+        got = lfx.generate(gm, ids, max_new_tokens=6, eos_token_id=[], output_logits=True)
+        assert torch.equal(got.sequences, want.sequences)
+        assert rel(got.logits, want.logits) < 1e-5
+
+
 def test_eos_stops_rows_and_pads_them_like_transformers(family):
     ids = torch.cat([p for p in prompts(4, lengths=(4, 4, 4))])
     free = lfx.generate(family.gm, ids, adapter="a", max_new_tokens=8, eos_token_id=[])
