@@ -75,7 +75,8 @@ def test_export_writes_onnx_and_adapter_files(trained, tmp_path):
 
 def test_synthetic_demo_runs_and_checks_its_fold(capsys):
     assert main(["demo", "--synthetic", "--steps", "5", "--quiet"]) == 0
-    assert "fold check             PASS" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "fold check             PASS" in out and "ORT = lfx.generate     PASS" in out
 
 
 @pytest.mark.parametrize("argv, words", [

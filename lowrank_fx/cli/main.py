@@ -198,7 +198,7 @@ def _demo(args) -> int:
 
         figures = run_demo(steps=args.steps or 300, rank=args.rank, seed=args.seed, progress=not args.quiet)
         print(format_report(figures))
-        return 0 if figures["fold_error"] < 1e-5 and figures["original_error"] < 1e-5 else 1
+        return 0 if figures["fold_error"] < 1e-5 and figures["original_error"] < 1e-5 and figures["generation_agrees"] else 1
     from .demo_minilm import run
 
     return 0 if run(out=args.out, steps=args.steps, progress=not args.quiet) else 1
