@@ -330,6 +330,20 @@ def test_compiled_generation_matches_and_never_recompiles(llama):
             assert rel(got.logits, want.logits) < 1e-5
 
 
+def test_compiled_generation_matches_transformers_on_every_family(family):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    ids = torch.cat(prompts(9, lengths=(4, 4)))
+    for adapter in ("a", None):
+        got = lfx.generate(family.gm, ids, adapter=active(adapter), max_new_tokens=4, eos_token_id=[],
+                           compile="aot_eager", output_logits=True)
+        want = hf_generate(family.merged[adapter], ids, max_new_tokens=4, eos_token_id=None)
+        assert torch.equal(got.sequences, want.sequences)
+        assert rel(got.logits, want.logits) < 1e-5
+    torch._dynamo.reset()
+
+
 # -- export_generation, GenerationSession, onnxruntime-genai ---------------------------------------
 
 og = pytest.importorskip("onnxruntime_genai")
