@@ -97,7 +97,7 @@ def _auto_dynamic(model, args, kwargs):
     return shapes.dynamic_shapes(model, args, kwargs)
 
 
-def _aliases(model: nn.Module) -> dict[str, list[str]]:
+def tensor_aliases(model: nn.Module) -> dict[str, list[str]]:
     """Every name a parameter or buffer is reachable by, grouped by tensor (tied weights)."""
     groups: dict[int, list[str]] = {}
     for name, tensor in list(model.named_parameters(remove_duplicate=False)) + list(
@@ -224,7 +224,7 @@ def capture(model, example_inputs=None, example_kwargs=None, dynamic: bool = Tru
         unwrap_regions(gm)
         make_mode_aware(gm)
         gm.train(model.training)
-        Record.attach(gm, aliases=_aliases(gm), state_keys=list(gm.state_dict()))
+        Record.attach(gm, aliases=tensor_aliases(gm), state_keys=list(gm.state_dict()))
         return gm
     if example_inputs is None and example_kwargs is None:
         return _symbolic(model)
@@ -255,7 +255,7 @@ def capture(model, example_inputs=None, example_kwargs=None, dynamic: bool = Tru
     unwrap_regions(gm)
     make_mode_aware(gm)
     gm.train(was_training)
-    Record.attach(gm, aliases=_aliases(model), state_keys=list(model.state_dict()))
+    Record.attach(gm, aliases=tensor_aliases(model), state_keys=list(model.state_dict()))
     gm.meta[SOURCE] = _Source(model)
     return gm
 
@@ -271,6 +271,6 @@ def _symbolic(model: nn.Module) -> fx.GraphModule:
         ) from err
     inline_linear(gm)
     gm.train(model.training)
-    Record.attach(gm, aliases=_aliases(model), state_keys=list(model.state_dict()))
+    Record.attach(gm, aliases=tensor_aliases(model), state_keys=list(model.state_dict()))
     gm.meta[SOURCE] = _Source(model)
     return gm

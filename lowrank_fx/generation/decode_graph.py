@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from torch import fx, nn
 
-from ..adapt.capture import capture
+from ..adapt.capture import capture, tensor_aliases
 from ..errors import ModelTypeError, SpecError
 from ..graph.gates import GATES
 from ..graph.record import CONTAINER, AdapterInfo, Record
@@ -41,15 +41,6 @@ def _strip(path: str) -> str:
     if path == PREFIX[:-1]:
         return ""
     return path[len(PREFIX):] if path.startswith(PREFIX) else path
-
-
-def _aliases(model: nn.Module) -> dict[str, list[str]]:
-    groups: dict[int, list[str]] = {}
-    for name, tensor in list(model.named_parameters(remove_duplicate=False)) + list(
-        model.named_buffers(remove_duplicate=False)
-    ):
-        groups.setdefault(id(tensor), []).append(name)
-    return {name: names for names in groups.values() for name in names}
 
 
 def _reroot(gm: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
@@ -79,7 +70,7 @@ def _reroot(gm: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
         if hasattr(gm, attr):
             setattr(decode, attr, getattr(gm, attr))
     decode.train(model.training)
-    Record.attach(decode, aliases=_aliases(model), state_keys=list(model.state_dict()))
+    Record.attach(decode, aliases=tensor_aliases(model), state_keys=list(model.state_dict()))
     return decode
 
 
