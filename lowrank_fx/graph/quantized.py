@@ -80,7 +80,8 @@ def _is_linear_type(qualified: str) -> bool:
         return name.endswith("Linear")
 
 
-def _attr(gm: fx.GraphModule, target: str):
+def module_attr(gm: fx.GraphModule, target: str):
+    """The attribute `target` (a dotted path) of `gm`, or None when there is none."""
     owner, _, leaf = target.rpartition(".")
     try:
         module = gm.get_submodule(owner) if owner else gm
@@ -210,11 +211,11 @@ def _region(gm, key, path, module_type, call, on_inputs) -> Region | None:
     if not isinstance(xv, torch.Tensor) or not isinstance(yv, torch.Tensor) or xv.dim() < 1 or yv.dim() < 1:
         return None
     roots = list(dict.fromkeys(r.target for w in weights for r in _roots(w)))
-    quantized = [r for r in roots if is_quantized(_attr(gm, r))]
+    quantized = [r for r in roots if is_quantized(module_attr(gm, r))]
     if not quantized:
         return None
     # the weight: a parameter before buffers (bitsandbytes' absmax), then the largest
-    quantized.sort(key=lambda r: (not isinstance(_attr(gm, r), nn.Parameter), -_attr(gm, r).numel()))
+    quantized.sort(key=lambda r: (not isinstance(module_attr(gm, r), nn.Parameter), -module_attr(gm, r).numel()))
     in_f, out_f = xv.shape[-1], yv.shape[-1]
     if not isinstance(in_f, int) or not isinstance(out_f, int):
         return None
@@ -240,14 +241,14 @@ def region_nodes(gm: fx.GraphModule) -> set[str]:
 
 
 def region_scheme(gm: fx.GraphModule, region: Region) -> str:
-    return scheme_name(_attr(gm, region.quantized[0]), region.module_type)
+    return scheme_name(module_attr(gm, region.quantized[0]), region.module_type)
 
 
 def region_bytes(gm: fx.GraphModule, region: Region) -> int:
     """Bytes of every tensor the region's weight side reads (quantized data, scales, bias)."""
     seen, total = set(), 0
     for root in region.roots:
-        tensor = _attr(gm, root)
+        tensor = module_attr(gm, root)
         if isinstance(tensor, torch.Tensor) and id(tensor) not in seen:
             seen.add(id(tensor))
             total += stored_bytes(tensor)
@@ -313,7 +314,7 @@ def dequantize_region(function, region: Region, dtype: torch.dtype, device) -> t
 
 def _device(gm: fx.GraphModule, region: Region):
     for root in region.roots:
-        tensor = _attr(gm, root)
+        tensor = module_attr(gm, root)
         if isinstance(tensor, torch.Tensor):
             return tensor.device
     return torch.device("cpu")

@@ -26,7 +26,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from ..errors import MergeError
 from ..graph.gates import active_adapters, set_active_adapters
 from ..graph.quant_formats import requantize as requantize_tensor
-from ..graph.quantized import EXAMPLES, SWAPPED_LAYERS, Region, find_regions
+from ..graph.quantized import EXAMPLES, SWAPPED_LAYERS, Region, find_regions, module_attr
 
 aten = torch.ops.aten
 REPORT = "lowrank_fx_requantize"  # meta key (and attribute) of the report on a requantized graph or model
@@ -62,19 +62,10 @@ def _set(gm: fx.GraphModule, path: str, value: torch.Tensor) -> None:
         module.register_parameter(leaf, nn.Parameter(value.detach(), requires_grad=False))
 
 
-def _get(gm: fx.GraphModule, path: str):
-    owner, _, leaf = path.rpartition(".")
-    try:
-        module = gm.get_submodule(owner) if owner else gm
-    except AttributeError:
-        return None
-    return getattr(module, leaf, None)
-
-
 def region_bias(gm: fx.GraphModule, region: Region) -> str | None:
     """The bias parameter the region adds: its one plain float (out,) parameter, if any."""
-    found = [r for r in region.roots if isinstance(_get(gm, r), nn.Parameter) and not is_traceable_wrapper_subclass(_get(gm, r))
-             and _get(gm, r).is_floating_point() and tuple(_get(gm, r).shape) == (region.out_features,)]
+    found = [r for r in region.roots if isinstance(module_attr(gm, r), nn.Parameter) and not is_traceable_wrapper_subclass(module_attr(gm, r))
+             and module_attr(gm, r).is_floating_point() and tuple(module_attr(gm, r).shape) == (region.out_features,)]
     return found[0] if len(found) == 1 else None
 
 
@@ -132,7 +123,7 @@ def fold_dense(gm: fx.GraphModule, target, region: Region, merged: torch.Tensor,
 
 def fold_requantized(gm: fx.GraphModule, target, region: Region, merged: torch.Tensor, bias: torch.Tensor | None) -> None:
     """Quantize `merged` in the base's own format and let the region read the new tensors."""
-    old = _get(gm, target.weight)
+    old = module_attr(gm, target.weight)
     swapped = gm.meta.get(SWAPPED_LAYERS, {}).get(region.path)
     if is_traceable_wrapper_subclass(old):
         try:
