@@ -43,6 +43,7 @@ import torch
 import transformers as T
 
 import lowrank_fx as lfx
+from results_md import replace_section  # benchmarks/ is on sys.path when a script runs
 
 HERE = Path(__file__).resolve().parent
 SECTION = "## Generation (KV cache, adapters unmerged)"
@@ -205,16 +206,6 @@ def report(results: dict, setup: dict, load: tuple, rounds: int, new: int, total
     return "\n".join(lines) + "\n"
 
 
-def replace_section(path: Path, text: str) -> None:
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    start = old.find(SECTION)
-    if start < 0:
-        path.write_text(old.rstrip("\n") + "\n\n" + text)
-        return
-    end = old.find("\n## ", start + len(SECTION))
-    path.write_text(old[:start] + text + ("\n" + old[end + 1:] if end >= 0 else ""))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds; print only, do not write RESULTS.md")
@@ -249,7 +240,7 @@ def main() -> None:
                   (load_start, os.getloadavg()), rounds, args.new_tokens, time.perf_counter() - started, params)
     print(text)
     if not args.quick:
-        replace_section(args.results, text)
+        replace_section(args.results, SECTION, text)
 
 
 if __name__ == "__main__":

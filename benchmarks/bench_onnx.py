@@ -39,6 +39,7 @@ import torch
 import transformers as T
 
 import lowrank_fx as lfx
+from results_md import replace_section  # benchmarks/ is on sys.path when a script runs
 from lowrank_fx.export import onnx as onnx_export
 from lowrank_fx.export.adapter_graph import copy_graph
 
@@ -235,17 +236,6 @@ def report(lat: dict, switch: dict, sizes: list, export_s: dict, total_s: float)
     return "\n".join(lines) + "\n"
 
 
-def replace_section(path: Path, text: str) -> None:
-    """Put `text` in place of this benchmark's section (up to the next '## '), else append it."""
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    start = old.find(SECTION)
-    if start < 0:
-        path.write_text(old.rstrip("\n") + "\n\n" + text)
-        return
-    end = old.find("\n## ", start + len(SECTION))
-    path.write_text(old[:start] + text + ("\n" + old[end + 1:] if end >= 0 else ""))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats; print only, do not write RESULTS.md")
@@ -273,7 +263,7 @@ def main() -> None:
     text = report(lat, switch, sizes, export_s, time.perf_counter() - started)
     print(text)
     if not args.quick:
-        replace_section(args.results, text)
+        replace_section(args.results, SECTION, text)
 
 
 if __name__ == "__main__":
