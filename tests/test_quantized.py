@@ -552,3 +552,9 @@ def test_a_peft_lora_trained_on_the_quantized_base_loads_and_computes_what_peft_
     # which fails on layers narrower than its 64-value blocks
     with torch.no_grad():
         assert _rel(again(input_ids=ids, use_cache=False).logits, expected) < 1e-5
+
+
+def test_quantized_models_need_export_capture():
+    quantized, _ = _case("nf4")
+    with pytest.raises(lfx.CaptureError, match="example_inputs"):
+        lfx.rewrite(quantized, lfx.Spec("all-linear"))

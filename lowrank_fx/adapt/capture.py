@@ -21,8 +21,9 @@ that torch.compile cannot trace with dynamic shapes, become plain calls (passes/
 
 Quantized bases: bitsandbytes layers are swapped, while exporting only, for layers that
 dequantize and call F.linear on the same packed tensors (graph/quant_formats.py); every
-quantized layer is then checked for gradients (passes/quantized_base.py). The examples are
-kept, detached, in `gm.meta[EXAMPLES]`: folding with `requantize=True` measures its error on them.
+quantized layer is then checked for gradients and made one custom op (passes/quantized_base.py).
+For a quantized model the examples are kept, detached, in `gm.meta[EXAMPLES]`: folding with
+`requantize=True` measures its error on them.
 """
 
 from __future__ import annotations
@@ -39,9 +40,10 @@ from collections.abc import Mapping
 import torch
 from torch import fx, nn
 from torch.export import Dim, ShapesCollection
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from ..errors import CaptureError, ModelTypeError
-from ..graph.quant_formats import bitsandbytes_swapped
+from ..graph.quant_formats import bitsandbytes_layers, bitsandbytes_swapped, is_quantized
 from ..graph.quantized import EXAMPLES, SWAPPED_LAYERS, SharedLayers
 from ..graph.record import Record
 from ..passes.call_defaults import set_call_defaults
@@ -221,6 +223,7 @@ def capture(model, example_inputs=None, example_kwargs=None, dynamic: bool = Tru
             return model
         gm = _plain(model)
         inline_linear(gm)  # a symbolically traced one hides nn.Linear weights in call_module nodes
+        prepare_quantized(gm)
         unwrap_regions(gm)
         make_mode_aware(gm)
         gm.train(model.training)
@@ -248,10 +251,10 @@ def capture(model, example_inputs=None, example_kwargs=None, dynamic: bool = Tru
             module.training = training
     gm = _plain(exported.module())
     set_call_defaults(gm, args, kwargs)
-    prepare_quantized(gm)
-    gm.meta[SWAPPED_LAYERS] = SharedLayers(swapped)
-    gm.meta[EXAMPLES] = torch.utils._pytree.tree_map(
-        lambda v: v.detach() if isinstance(v, torch.Tensor) else v, (args, kwargs))
+    if prepare_quantized(gm):  # a quantized base: what folding with requantize=True needs
+        gm.meta[SWAPPED_LAYERS] = SharedLayers(swapped)
+        gm.meta[EXAMPLES] = torch.utils._pytree.tree_map(
+            lambda v: v.detach() if isinstance(v, torch.Tensor) else v, (args, kwargs))
     unwrap_regions(gm)
     make_mode_aware(gm)
     gm.train(was_training)
@@ -261,6 +264,14 @@ def capture(model, example_inputs=None, example_kwargs=None, dynamic: bool = Tru
 
 
 def _symbolic(model: nn.Module) -> fx.GraphModule:
+    quantized = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if is_quantized(t)
+                 and is_traceable_wrapper_subclass(t)]
+    if quantized or bitsandbytes_layers(model):
+        raise CaptureError(
+            f"{type(model).__name__} has quantized weights ({(quantized or [n for n, _ in bitsandbytes_layers(model)])[0]}, ...), "
+            "which lowrank_fx finds in a torch.export graph only: pass example_inputs=(...) (and example_kwargs) "
+            "so that the model is exported rather than symbolically traced"
+        )
     try:
         gm = fx.symbolic_trace(model)
     except Exception as err:

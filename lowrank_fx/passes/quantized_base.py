@@ -182,7 +182,7 @@ def _wrap(gm: fx.GraphModule, region: Region, mode: str) -> None:
 
 def prepare_quantized(gm: fx.GraphModule) -> list[str]:
     """Check every quantized region, refuse wrong gradients, make each one a custom op (backward:
-    "recompute", or "dequantize" where the kernel has none). Returns the paths of the latter."""
+    "recompute", or "dequantize" where the kernel has none). Returns the wrapped layers' paths."""
     without_backward = []
     regions = find_regions(gm)
     for region in regions:
@@ -196,4 +196,4 @@ def prepare_quantized(gm: fx.GraphModule) -> list[str]:
     if regions:
         gm.graph.lint()
         gm.recompile()
-    return without_backward
+    return [region.path for region in regions]
