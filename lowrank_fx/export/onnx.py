@@ -14,7 +14,9 @@ Modes (`mode="auto"` picks "merged" for a graph without adapters, else "adapters
 Inputs are named like the forward's arguments, outputs by their keys (`logits`,
 `last_hidden_state`). Every axis of every input is dynamic unless the graph fixes it
 (`dynamic_shapes={input name: {axis: Dim}}` overrides); dims are named `batch`,
-`sequence`, `<input>_dim<axis>` and `<target>.rank`. The graph is exported in eval mode
+`sequence`, `<input>_dim<axis>` and `<target>.rank`. A quantized base stays integer in every
+mode but a dense "merged" fold: each quantized layer becomes ONNX Runtime's MatMulNBits (int8,
+int4) or MatMulBnb4 (NF4) over its uint8 codes (quantized_ops.py). The graph is exported in eval mode
 and keeps its own mode. Weights go to `<path>.data` above 2 GB (or with external_data=True).
 A `<stem>.lowrank_fx.json` sidecar records what was exported (manifest.py).
 """
@@ -49,6 +51,7 @@ from .exporter import all_axes, eval_mode, name_dims, run_exporter, save
 from .manifest import write_manifest
 from .ort_adapter import SUFFIX, check_adapter_file, layout_fingerprint, model_slots, write_adapter_file
 from .per_row import IDS, NONE_ID, per_row_graph, row_swap
+from .quantized_ops import integer_base, translations
 from .session import AdapterSession
 from .signature import FlatCall, Signature, flat_outputs, signature
 
@@ -163,6 +166,19 @@ def _model_dims(sig: Signature, dynamic_shapes: dict | None) -> tuple[list[dict]
     return dynamic, names
 
 
+def _integer_base(graph: _Graph, model: nn.Module) -> bool:
+    """Make the quantized layers of the graph to export ONNX Runtime's integer matmuls (on a
+    copy: the caller's graph keeps its own). Whether there were any."""
+    inner = graph.module.model
+    quantized = torch.ops.lowrank_fx.quantized_linear.default
+    if not isinstance(inner, fx.GraphModule) or not any(n.target is quantized for n in inner.graph.nodes):
+        return False
+    if inner is model:
+        inner = graph.module.model = copy_graph(model, [])[0]
+    integer_base(inner)
+    return True
+
+
 def _output_names(model: nn.Module, sig: Signature) -> list[str]:
     args, kwargs = sig.rebuild(sig.examples)
     with eval_mode(model), torch.no_grad():
@@ -227,6 +243,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
     else:
         names = _chosen(model, adapters)
         graph = _per_row_graph(model, sig, names)
+    if _integer_base(graph, model):
+        custom_translation_table = {**translations(), **(custom_translation_table or {})}
     onnx_model = run_exporter(
         graph.module, sig.examples + [e[1] for e in graph.extra], sig.names + [e[0] for e in graph.extra], outputs,
         dynamic + [e[2] for e in graph.extra], opset, custom_translation_table, optimize,

@@ -69,7 +69,7 @@ def region_bias(gm: fx.GraphModule, region: Region) -> str | None:
     return found[0] if len(found) == 1 else None
 
 
-def _erase_dead(gm: fx.GraphModule, candidates: list[fx.Node]) -> None:
+def erase_dead(gm: fx.GraphModule, candidates: list[fx.Node]) -> None:
     """Erase the candidates (and what only they read) once nothing uses them."""
     pending = list(candidates)
     while pending:
@@ -87,7 +87,7 @@ def _erase_dead(gm: fx.GraphModule, candidates: list[fx.Node]) -> None:
             break
 
 
-def _drop_unread(gm: fx.GraphModule, paths: list[str], keep: set[str]) -> None:
+def drop_unread(gm: fx.GraphModule, paths: list[str], keep: set[str]) -> None:
     read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     for path in paths:
         if path in read or path in keep:
@@ -117,8 +117,8 @@ def fold_dense(gm: fx.GraphModule, target, region: Region, merged: torch.Tensor,
     if "val" in output.meta:
         linear.meta["val"] = output.meta["val"]
     output.replace_all_uses_with(linear)
-    _erase_dead(gm, [nodes[name] for name in reversed(region.nodes)])
-    _drop_unread(gm, region.roots, keep={target.weight} | ({bias_path} if bias_path else set()))
+    erase_dead(gm, [nodes[name] for name in reversed(region.nodes)])
+    drop_unread(gm, region.roots, keep={target.weight} | ({bias_path} if bias_path else set()))
 
 
 def fold_requantized(gm: fx.GraphModule, target, region: Region, merged: torch.Tensor, bias: torch.Tensor | None) -> None:
