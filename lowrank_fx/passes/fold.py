@@ -94,10 +94,13 @@ def base_matrix(gm: fx.GraphModule, target: Target) -> torch.Tensor:
     return target.kind.to_matrix(gm.get_parameter(target.weight).detach(), target.layout)
 
 
-def shared_copy(gm: fx.GraphModule) -> fx.GraphModule:
+def shared_copy(gm: fx.GraphModule, every_tensor: bool = False) -> fx.GraphModule:
     """A deep copy of `gm` that shares every tensor not requiring grad (base weights, quantized
-    ones included: torchao's NF4 tensors cannot be deep-copied, and none should be)."""
-    memo = {id(t): t for t in [*gm.parameters(), *gm.buffers()] if not t.requires_grad}
+    ones included: torchao's NF4 tensors cannot be deep-copied, and none should be).
+
+    `every_tensor=True` shares the trainable ones too: a pristine captured graph, whose
+    tensors are all the model's own (adapt/capture_memo.py hands out such copies)."""
+    memo = {id(t): t for t in [*gm.parameters(), *gm.buffers()] if every_tensor or not t.requires_grad}
     with warnings.catch_warnings():  # torch's own pytree deprecation notice on deepcopy
         warnings.simplefilter("ignore", FutureWarning)
         return copy.deepcopy(gm, memo)
