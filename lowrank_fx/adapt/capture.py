@@ -24,6 +24,11 @@ dequantize and call F.linear on the same packed tensors (graph/quant_formats.py)
 quantized layer is then checked for gradients and made one custom op (passes/quantized_base.py).
 For a quantized model the examples are kept, detached, in `gm.meta[EXAMPLES]`: folding with
 `requantize=True` measures its error on them.
+
+Capture once: an exported capture is memoised per model in the process (capture_memo.py), so
+`plan` then `rewrite` trace once, each getting its own copy of the graph; with `cache_dir=` or
+$LOWRANK_FX_CACHE the exported program (without weights) is also kept on disk for the next
+process (capture_cache.py).
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ from ..passes.grad_regions import unwrap_regions
 from ..passes.inline_linear import inline_linear
 from ..passes.mode_aware import make_mode_aware
 from ..passes.quantized_base import prepare_quantized
+from . import capture_memo
+from .capture_cache import CaptureCache, cache_directory, cache_key, cacheable
 
 SOURCE = "lowrank_fx_source"  # gm.meta[SOURCE]: the model the graph was captured from, held weakly
 
@@ -207,11 +214,13 @@ def _plain(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def capture(model, example_inputs=None, example_kwargs=None, dynamic: bool = True,
-            dynamic_shapes=None) -> fx.GraphModule:
+            dynamic_shapes=None, cache_dir=None) -> fx.GraphModule:
     """Capture `model` as a GraphModule whose linear-like nodes can be rewritten.
 
     A GraphModule already captured by lowrank_fx is returned as it is; any other
-    GraphModule gets a plain copy of its graph (sharing its tensors).
+    GraphModule gets a plain copy of its graph (sharing its tensors). An exported capture
+    is memoised (every call gets its own graph) and, with `cache_dir` or $LOWRANK_FX_CACHE,
+    stored on disk without weights (see the module docstring).
     """
     if not isinstance(model, nn.Module):
         raise ModelTypeError(
@@ -232,9 +241,45 @@ def capture(model, example_inputs=None, example_kwargs=None, dynamic: bool = Tru
     if example_inputs is None and example_kwargs is None:
         return _symbolic(model)
     args, kwargs = _examples(model, example_inputs, example_kwargs)
+    key = capture_memo.memo_key(model, args, kwargs, dynamic, dynamic_shapes)
+    gm = capture_memo.recall(model, key)
+    if gm is None:
+        gm = _exported(model, args, kwargs, dynamic, dynamic_shapes, cache_directory(cache_dir))
+        capture_memo.remember(model, key, gm)
+        gm = capture_memo.handout(gm, model.training)
+    return gm
+
+
+def _exported(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, dynamic_shapes,
+              directory) -> fx.GraphModule:
+    """The pristine graph of `model`: loaded from the disk cache in `directory`, else exported
+    (and stored there)."""
+    cache = CaptureCache(directory, cache_key(model, args, kwargs, dynamic, dynamic_shapes)) \
+        if directory is not None and cacheable(model) else None
+    exported = cache.load(model) if cache is not None else None
+    swapped = {}
+    if exported is None:
+        exported, swapped = _traced(model, args, kwargs, dynamic, dynamic_shapes)
+        if cache is not None:
+            cache.save(exported, model)
+    gm = _plain(exported.module())
+    set_call_defaults(gm, args, kwargs)
+    if prepare_quantized(gm):  # a quantized base: what folding with requantize=True needs
+        gm.meta[SWAPPED_LAYERS] = SharedLayers(swapped)
+        gm.meta[EXAMPLES] = torch.utils._pytree.tree_map(
+            lambda v: v.detach() if isinstance(v, torch.Tensor) else v, (args, kwargs))
+    unwrap_regions(gm)
+    make_mode_aware(gm)
+    gm.train(model.training)
+    Record.attach(gm, aliases=tensor_aliases(model), state_keys=list(model.state_dict()))
+    gm.meta[SOURCE] = _Source(model)
+    return gm
+
+
+def _traced(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, dynamic_shapes):
+    """(torch.export's program, the bitsandbytes layers swapped while exporting)."""
     if dynamic_shapes is None and dynamic:
         dynamic_shapes = _auto_dynamic(model, args, kwargs)
-    was_training = model.training
     modes = [(module, module.training) for module in model.modules()]
     model.train()
     try:
@@ -249,18 +294,7 @@ def capture(model, example_inputs=None, example_kwargs=None, dynamic: bool = Tru
     finally:
         for module, training in modes:  # each submodule's own flag, not only the root's
             module.training = training
-    gm = _plain(exported.module())
-    set_call_defaults(gm, args, kwargs)
-    if prepare_quantized(gm):  # a quantized base: what folding with requantize=True needs
-        gm.meta[SWAPPED_LAYERS] = SharedLayers(swapped)
-        gm.meta[EXAMPLES] = torch.utils._pytree.tree_map(
-            lambda v: v.detach() if isinstance(v, torch.Tensor) else v, (args, kwargs))
-    unwrap_regions(gm)
-    make_mode_aware(gm)
-    gm.train(was_training)
-    Record.attach(gm, aliases=tensor_aliases(model), state_keys=list(model.state_dict()))
-    gm.meta[SOURCE] = _Source(model)
-    return gm
+    return exported, swapped
 
 
 def _symbolic(model: nn.Module) -> fx.GraphModule:

@@ -94,6 +94,11 @@ def _dense_bytes(gm, target) -> int:
 
 
 def plan(model, spec, example_inputs=None, example_kwargs=None, **capture_options) -> Plan:
+    """What `rewrite(model, spec, ...)` would adapt, as a printable table; the model is unchanged.
+
+    `capture_options` are rewrite's (`dynamic`, `dynamic_shapes`, `cache_dir`). The capture is
+    memoised, so a following `rewrite` with the same model and examples does not trace again.
+    """
     gm = capture(model, example_inputs, example_kwargs, **capture_options)
     targets, assignment = resolve(gm, spec)
     with torch.device("meta"):

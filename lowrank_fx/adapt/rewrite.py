@@ -68,7 +68,7 @@ def _raise_if_not_linear(gm, spec, targets, heads, err):
 
 
 def rewrite(model, spec: Spec, example_inputs=None, example_kwargs=None, adapter: str = "default",
-            dynamic: bool = True, dynamic_shapes=None) -> fx.GraphModule:
+            dynamic: bool = True, dynamic_shapes=None, cache_dir=None) -> fx.GraphModule:
     """Capture `model` and add the adapter `adapter` described by `spec`.
 
     Returns a GraphModule whose base weights are frozen and whose adapter parameters (this
@@ -76,10 +76,14 @@ def rewrite(model, spec: Spec, example_inputs=None, example_kwargs=None, adapter
     a second adapter to it, in place. The graph is unchanged if anything fails. Every
     submodule of `model` keeps its train/eval flag. Example arguments that hold no tensor
     (`use_cache=False`) become defaults of the graph's forward (see capture.py).
+    `cache_dir` (else $LOWRANK_FX_CACHE) keeps the exported program, without weights, on
+    disk for the next process; within a process a capture is reused anyway (`plan` then
+    `rewrite` trace once), each call getting its own graph.
     """
     if not isinstance(adapter, str) or not adapter.isidentifier():
         raise SpecError(f"adapter name must be a Python identifier such as 'default', got {adapter!r}")
-    gm = capture(model, example_inputs, example_kwargs, dynamic=dynamic, dynamic_shapes=dynamic_shapes)
+    gm = capture(model, example_inputs, example_kwargs, dynamic=dynamic, dynamic_shapes=dynamic_shapes,
+                 cache_dir=cache_dir)
     record = Record.find(gm)
     if adapter in record.adapters:
         raise SpecError(

@@ -1,0 +1,200 @@
+"""The on-disk capture cache: a rerun in a new process loads the exported program instead of
+tracing the model again.
+
+Where: `cache_dir=` of `rewrite` / `plan`, else the environment variable `LOWRANK_FX_CACHE`;
+`cache_dir=False` turns it off. One file per key, `<digest>.lfx-capture`.
+
+The key (capture_key.py) holds what the graph depends on: the model's class (qualified name)
+and every module class's source digest, its Hugging Face config (`config.to_dict()`), every
+parameter and buffer name with shape, dtype, device and tying, the examples' structure,
+shapes, dtypes and non-tensor values, the dynamic-shape choice, and the torch, transformers
+and lowrank_fx versions. The file starts with that key in full, then the payload's length and
+SHA-256, then the payload: the `torch.export.save` archive of the program.
+
+Weights are never stored. Every parameter and buffer of the model, and the examples' tensors,
+go into the archive as empty `meta` tensors (shape and dtype only); a hit puts the model's own
+tensors back into the loaded program before it becomes a GraphModule. So a cache file is small
+and holds no data, the graph of a hit reads the model's tensors (no new memory; an in-place
+edit of a weight changes its output) and a file can never bring in stale weights. Constants
+the forward itself creates (`torch.tensor(0.5)`) are part of the program and are kept.
+
+A stale or corrupt entry (bad bytes, truncated, another key, a program that does not load or
+does not fit the model) is never trusted: a warning says what was wrong and the caller
+captures again and overwrites it. Writes are atomic (a temporary file, then a rename).
+Models whose tensors are quantized subclasses, bitsandbytes layers, and models with forward
+hooks (their code is in no key) bypass the cache; a GraphModule passed in is never exported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+from ..graph.quant_formats import bitsandbytes_layers, is_quantized
+from . import capture_key
+
+ENV = "LOWRANK_FX_CACHE"
+MAGIC = b"lowrank_fx capture cache 1\n"
+SUFFIX = ".lfx-capture"
+
+
+class _Stale(Exception):
+    """What is wrong with a cache entry, in words."""
+
+
+def cache_key(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, dynamic_shapes) -> dict:
+    """The disk key of this capture (see the module docstring)."""
+    cls = type(model)
+    return {"model": f"{cls.__module__}.{cls.__qualname__}", "code": capture_key.code_spec(model),
+            "config": capture_key.config_spec(model), "tensors": capture_key.tensors_spec(model),
+            "examples": capture_key.examples_spec(args, kwargs),
+            "dynamic": capture_key.shapes_spec(dynamic, dynamic_shapes), "versions": capture_key.versions()}
+
+
+def cacheable(model: nn.Module) -> bool:
+    """False for models whose capture depends on more than the key: quantized tensors,
+    bitsandbytes layers, forward hooks."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if any(is_quantized(t) or is_traceable_wrapper_subclass(t) for t in tensors) or bitsandbytes_layers(model):
+        return False
+    return not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+
+
+def cache_directory(cache_dir) -> Path | None:
+    """`cache_dir`, else $LOWRANK_FX_CACHE, else None; False (or "") turns the cache off."""
+    if cache_dir is None:
+        cache_dir = os.environ.get(ENV) or None
+    return Path(cache_dir) if cache_dir else None
+
+
+class CaptureCache:
+    """One entry of the cache: the file for `key` in `directory`."""
+
+    def __init__(self, directory: Path, key: dict):
+        self.key = capture_key.text(key)
+        self.path = Path(directory) / (hashlib.sha256(self.key.encode()).hexdigest()[:32] + SUFFIX)
+
+    def load(self, model: nn.Module) -> torch.export.ExportedProgram | None:
+        """The cached program with `model`'s own tensors in it, or None (no entry, or a bad one:
+        then a warning says what was wrong)."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            return self._distrust(f"unreadable ({err})")
+        try:
+            return self._rebind(self._program(data), model)
+        except _Stale as err:
+            return self._distrust(str(err))
+
+    def save(self, program: torch.export.ExportedProgram, model: nn.Module) -> None:
+        """Store `program` without any weight (a failure to serialize it is a warning)."""
+        try:
+            payload = _serialized(program, model)
+        except Exception as err:
+            warnings.warn(f"lowrank_fx capture cache: cannot store this program ({type(err).__name__}: {err}); "
+                          "captures of this model will not be cached", stacklevel=4)
+            return
+        digest = hashlib.sha256(payload).hexdigest()
+        header = json.dumps({"key": self.key, "bytes": len(payload), "sha256": digest}).encode() + b"\n"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(self.path, MAGIC + header + payload)
+
+    def _distrust(self, why: str) -> None:
+        warnings.warn(f"lowrank_fx capture cache: {self.path} is {why}; capturing again and overwriting it",
+                      stacklevel=5)
+        return None
+
+    def _program(self, data: bytes) -> torch.export.ExportedProgram:
+        if not data.startswith(MAGIC):
+            raise _Stale("not a lowrank_fx capture cache file (bad first bytes)")
+        line_end = data.find(b"\n", len(MAGIC))
+        try:
+            header = json.loads(data[len(MAGIC):line_end])
+            payload = data[line_end + 1:]
+            key, size, digest = header["key"], header["bytes"], header["sha256"]
+        except (ValueError, KeyError, TypeError):
+            raise _Stale("corrupt (its header does not read)") from None
+        if key != self.key:
+            raise _Stale("for another capture (its key differs)")
+        if len(payload) != size:
+            raise _Stale(f"truncated ({len(payload)} of {size} bytes)")
+        if hashlib.sha256(payload).hexdigest() != digest:
+            raise _Stale("corrupt (its checksum does not match)")
+        try:
+            return torch.export.load(io.BytesIO(payload))
+        except Exception as err:
+            raise _Stale(f"a program torch.export.load refused ({type(err).__name__}: {err})") from None
+
+    @staticmethod
+    def _rebind(program: torch.export.ExportedProgram, model: nn.Module) -> torch.export.ExportedProgram:
+        """Put `model`'s own parameters and buffers in place of the stored placeholders."""
+        own = _model_tensors(model)
+        for table in (program.state_dict, program.constants):
+            for name, placeholder in table.items():
+                if not isinstance(placeholder, torch.Tensor) or placeholder.device.type != "meta":
+                    continue  # a constant of the program itself, stored with it
+                tensor = own.get(name)
+                if tensor is None or tensor.shape != placeholder.shape or tensor.dtype != placeholder.dtype:
+                    raise _Stale(f"a program that does not fit the model ({name})")
+                table[name] = tensor
+        return program
+
+
+def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return dict([*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)])
+
+
+def _placeholder(tensor: torch.Tensor) -> torch.Tensor:
+    empty = torch.empty_like(tensor, device="meta")
+    return nn.Parameter(empty, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
+
+
+def _serialized(program: torch.export.ExportedProgram, model: nn.Module) -> bytes:
+    """`torch.export.save` bytes of `program` with the model's tensors and the examples' as
+    meta placeholders; `program` itself is left as it was."""
+    own = {id(t) for t in _model_tensors(model).values()}
+    tables = [program.state_dict, program.constants]
+    saved = [dict(table) for table in tables]
+    examples = program.example_inputs
+    try:
+        for table in tables:
+            for name, value in table.items():
+                if isinstance(value, torch.Tensor) and id(value) in own:
+                    table[name] = _placeholder(value)
+        program.example_inputs = pytree.tree_map(
+            lambda v: torch.empty_like(v, device="meta") if isinstance(v, torch.Tensor) else v, examples)
+        buffer = io.BytesIO()
+        torch.export.save(program, buffer)
+        return buffer.getvalue()
+    finally:
+        for table, old in zip(tables, saved):
+            table.update(old)
+        program.example_inputs = examples
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """`path` holds its old bytes or all of `data`, never part (files/atomic.py is a higher wing)."""
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temp, 0o644)
+        os.replace(temp, path)
+    except BaseException:
+        if os.path.exists(temp):
+            os.unlink(temp)
+        raise
