@@ -13,7 +13,8 @@ Every loader (lowrank_fx adapter files, PEFT directories) goes through two steps
    copied in.
 
 Method options in `IGNORED` do not change what the loaded values mean (the initialisation
-they replace, the dropout used in training), so they may differ between file and graph.
+they replace, the dropout used in training, RandLoRA's compute form), so they may differ
+between file and graph.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from ..passes.train_modules import check_trained, resolve_trained
 from ..spec import Spec
 from .serial import fingerprint
 
-IGNORED = ("init", "dropout")
+IGNORED = ("init", "dropout", "form")
 SHOWN = 8  # items listed per kind of difference
 
 

@@ -6,13 +6,20 @@ For W (out, in), D = max(out, in), d = min(out, in), N = ceil(d / r):
 
 B_n (D, r) and A (r, d) are fixed random bases, Λ_n = diag(λ[:, n]) (r) and
 Γ_n = diag(γ[n]) (d) are trained: N·(r + d) parameters per target (λ (r, N), γ (N, d)).
-N·r ≥ d, so ΔW can be full rank. Layout, slicing and the memory-lean Δy: randlora_ops.py.
+N·r ≥ d, so ΔW can be full rank. Layout and slicing: randlora_ops.py.
 A rank above d is accepted, as PEFT accepts it: N = 1, one basis pair B_1 (D, r), A (r, d),
 whose product already spans every (D, d) matrix; λ (r, 1), γ (1, d).
 
 One pair of bases serves every target of the method: sized for the element-wise largest
 (out, in) among them (A (r, d_max), B (D_max, N_max·r)) and sliced per target. They are
 non-persistent buffers: never saved, regenerated from `seed` (dense, or `sparse=True`).
+
+Training computes Δy = x ΔWᵀ in one of two forms (randlora_forms.py), keeping only x, λ, γ and
+the bases for backward either way: `form="factored"` never builds ΔW (T·N·r·(D + d) per pass);
+`form="dense"` builds ΔW once per pass (D·d·N·r) and applies it with one product of W's size;
+`form="auto"` (default) takes the cheaper for each call's token count T, inside a custom op
+(randlora_op.py), so a compiled graph does not recompile when T crosses the break-even. The
+form is only a compute path: ΔW, folding, files and exports do not depend on it.
 
 Defaults as PEFT 0.21.2's RandLoraConfig: r = 32, alpha = 640, s = alpha / r; init
 λ = 0 (so ΔW starts at 0) and γ = 1/d. Init "nonzero" draws λ ~ U(-1/√(N·r), 1/√(N·r))
@@ -26,14 +33,17 @@ import math
 import torch
 from torch import nn
 
+from ..errors import SpecError
 from ..options import options
 from .base import AdapterGroup, Method, Unit, adapter_dtype, check_common, dropout_module
-from .randlora_ops import RandLoRAProduct, random_bases, scaled_basis, sliced_bases
+from .randlora_forms import FORMS
+from .randlora_op import randlora_delta
+from .randlora_ops import random_bases, scaled_basis, sliced_bases
 
 
 class RandLoRAUnit(Unit):
     def __init__(self, in_features: int, out_features: int, rank: int, scale: float,
-                 dropout: float, dtype: torch.dtype, init: str):
+                 dropout: float, dtype: torch.dtype, init: str, form: str):
         super().__init__()
         self.big, small = max(in_features, out_features), min(in_features, out_features)
         self.tall = out_features >= in_features
@@ -42,12 +52,12 @@ class RandLoRAUnit(Unit):
         self.gamma = nn.Parameter(torch.full((n, small), 1.0 / small, dtype=dtype))
         if init == "nonzero":
             nn.init.uniform_(self.lam, -1.0 / math.sqrt(rank * n), 1.0 / math.sqrt(rank * n))
-        self.scale = scale
+        self.scale, self.form = scale, form
         self.dropout = dropout_module(dropout)
 
     def linear_update(self, x: torch.Tensor, basis_A: torch.Tensor, basis_B: torch.Tensor) -> torch.Tensor:
         h = self.dropout(x.to(self.lam.dtype))
-        delta = RandLoRAProduct.apply(h, self.lam, self.gamma, basis_A, basis_B, self.big, self.tall, self.scale)
+        delta = randlora_delta(h, self.lam, self.gamma, basis_A, basis_B, self.big, self.tall, self.scale, self.form)
         return delta.to(x.dtype)
 
     def delta_weight(self, basis_A: torch.Tensor, basis_B: torch.Tensor) -> torch.Tensor:
@@ -91,11 +101,14 @@ class RandLoRA(Method):
     seed: int = 0
     sparse: bool = False
     init: str = "default"
+    form: str = "auto"  # "auto" | "factored" | "dense": how Δy is computed (module docstring)
 
     kind = "randlora"
 
     def __post_init__(self):
         check_common("RandLoRA", self.rank, self.dropout, self.init)
+        if self.form not in FORMS:
+            raise SpecError(f"RandLoRA form must be one of {FORMS}, got {self.form!r}")
 
     @property
     def scale(self) -> float:
@@ -113,5 +126,5 @@ class RandLoRA(Method):
             bases = random_bases(self.rank, d_max, big_max, math.ceil(d_max / self.rank), self.seed,
                                  self.sparse, dtype)
         units = {t.name: RandLoRAUnit(t.in_features, t.out_features, self.rank, self.scale, self.dropout,
-                                      dtype, self.init) for t in targets}
+                                      dtype, self.init, self.form) for t in targets}
         return {"randlora": RandLoRAGroup(units, bases, self.seed, self.sparse)}
