@@ -264,8 +264,10 @@ def _exported(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, dynami
             cache.save(exported, model)
     gm = _plain(exported.module())
     set_call_defaults(gm, args, kwargs)
-    if prepare_quantized(gm):  # a quantized base: what folding with requantize=True needs
-        gm.meta[SWAPPED_LAYERS] = SharedLayers(swapped)
+    gm.meta[SWAPPED_LAYERS] = SharedLayers(swapped)  # the quantized layers' backward reads them too
+    if not prepare_quantized(gm):
+        del gm.meta[SWAPPED_LAYERS]
+    else:  # a quantized base: what folding with requantize=True needs
         gm.meta[EXAMPLES] = torch.utils._pytree.tree_map(
             lambda v: v.detach() if isinstance(v, torch.Tensor) else v, (args, kwargs))
     unwrap_regions(gm)

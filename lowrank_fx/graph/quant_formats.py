@@ -70,6 +70,18 @@ def scheme_name(tensor: torch.Tensor, module_type: str = "") -> str:
     return kind if is_traceable_wrapper_subclass(tensor) else f"{str(tensor.dtype).replace('torch.', '')} packed"
 
 
+def torchao_dense(kind: type, inner: dict[str, torch.Tensor], context, size, stride) -> torch.Tensor | None:
+    """The dense weight of a torchao tensor rebuilt from its inner tensors (optional ones may
+    be missing), by the format's own dequantize; None when the format has none."""
+    names = list(getattr(kind, "tensor_data_names", [])) + list(getattr(kind, "optional_tensor_data_names", []))
+    values = {name: inner.get(name) for name in names} if names else inner
+    try:
+        tensor = kind.__tensor_unflatten__(values, context, size, stride)
+        return tensor.get_original_weight() if kind.__name__ == "NF4Tensor" else tensor.dequantize()
+    except (KeyError, TypeError, NotImplementedError, RuntimeError, AttributeError):
+        return None
+
+
 # --- requantizing a dense weight into the format of an existing quantized one --------------
 
 def _torchao_requantize(old: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
@@ -153,14 +165,18 @@ class BnbLinear4bit(nn.Linear):
             self.register_buffer("absmax", state.absmax)
         self.scheme_label = f"bnb-{self.quant_type}"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        absmax = self.absmax
+    def dense_weight(self, tensors: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """W (out, in) in the layer's dtype; `tensors` by name replace the layer's own."""
+        get = lambda name: (tensors or {}).get(name, getattr(self, name, None))  # noqa: E731
+        absmax = get("absmax")
         if self.nested:
             absmax = torch.ops.bitsandbytes.dequantize_blockwise(
-                absmax, self.absmax_scale, self.absmax_code, self.absmax_blocksize, torch.float32) + self.absmax_offset
-        weight = torch.ops.bitsandbytes.dequantize_4bit(self.weight, absmax.float(), self.blocksize,
-                                                       self.quant_type, self.shape, self.dtype)
-        return F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+                absmax, get("absmax_scale"), get("absmax_code"), self.absmax_blocksize, torch.float32) + get("absmax_offset")
+        return torch.ops.bitsandbytes.dequantize_4bit(get("weight"), absmax.float(), self.blocksize,
+                                                     self.quant_type, self.shape, self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def requantize(self, dense: torch.Tensor) -> dict[str, torch.Tensor]:
         """New packed tensors for `dense` (out, in), by this layer's tensor names."""
@@ -190,9 +206,14 @@ class BnbLinear8bit(nn.Linear):
         self.register_buffer("SCB", scales)
         self.bias = source.bias
 
+    def dense_weight(self, tensors: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """W (out, in) = CB · SCB / 127; `tensors` by name replace the layer's own."""
+        tensors = tensors or {}
+        return torch.ops.bitsandbytes.int8_vectorwise_dequant(tensors.get("weight", self.weight),
+                                                              tensors.get("SCB", self.SCB))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = torch.ops.bitsandbytes.int8_vectorwise_dequant(self.weight, self.SCB)
-        return F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return F.linear(x, self.dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def requantize(self, dense: torch.Tensor) -> dict[str, torch.Tensor]:
         import bitsandbytes.functional as bnbf

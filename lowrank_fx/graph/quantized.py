@@ -32,7 +32,7 @@ import importlib
 import torch
 from torch import fx, nn
 
-from .quant_formats import is_quantized, scheme_name, stored_bytes
+from .quant_formats import BnbLinear4bit, BnbLinear8bit, is_quantized, scheme_name, stored_bytes, torchao_dense
 
 EXAMPLES = "lowrank_fx_examples"  # gm.meta[EXAMPLES]: (args, kwargs) of the capture, detached
 SWAPPED_LAYERS = "lowrank_fx_swapped"  # gm.meta[SWAPPED_LAYERS]: {path: BnbLinear4bit | BnbLinear8bit}
@@ -259,6 +259,30 @@ def _same_size(a, b) -> bool:
     return isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt) and str(a.node.expr) == str(b.node.expr)
 
 
+def _copy_weight_side(gm: fx.GraphModule, region: Region, graph: fx.Graph, env: dict) -> None:
+    """Copy into `graph` the nodes of `gm` that compute the region's weight inputs."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    needed = set()
+    todo = [nodes[name] for name in region.weight_inputs]
+    while todo:
+        n = todo.pop()
+        if n not in needed:
+            needed.add(n)
+            todo.extend(n.all_input_nodes)
+    for n in gm.graph.nodes:
+        if n in needed:
+            env[n] = graph.node_copy(n, lambda a: env[a])
+
+
+def weight_values(gm: fx.GraphModule, region: Region) -> list[torch.Tensor]:
+    """The tensors the region's weight inputs hold now, in `region.weight_inputs` order."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    graph, env = fx.Graph(), {}
+    _copy_weight_side(gm, region, graph, env)
+    graph.output(tuple(env[nodes[name]] for name in region.weight_inputs))
+    return list(fx.GraphModule(gm, graph)())
+
+
 def region_function(gm: fx.GraphModule, region: Region, weights_as_inputs: bool = False) -> fx.GraphModule:
     """A GraphModule computing the region: f(x) (reading `gm`'s tensors), or, with
     `weights_as_inputs`, f(x, *weight inputs) in the order of `region.weight_inputs`."""
@@ -271,16 +295,7 @@ def region_function(gm: fx.GraphModule, region: Region, weights_as_inputs: bool 
         for i, name in enumerate(region.weight_inputs):
             env[nodes[name]] = graph.placeholder(f"w{i}")
     else:
-        needed = set()
-        todo = [nodes[name] for name in region.weight_inputs]
-        while todo:
-            n = todo.pop()
-            if n not in needed:
-                needed.add(n)
-                todo.extend(n.all_input_nodes)
-        for n in gm.graph.nodes:
-            if n in needed:
-                env[n] = graph.node_copy(n, lambda a: env[a])
+        _copy_weight_side(gm, region, graph, env)
     shape = list(_val(activation).shape)
     for name in region.size_inputs:
         size = _val(nodes[name])
@@ -310,6 +325,34 @@ def dequantize_region(function, region: Region, dtype: torch.dtype, device) -> t
             ys = function(probe_input(region, eye)).reshape(region.in_features, region.out_features)
             y0 = function(probe_input(region, eye[:1] * 0)).reshape(region.out_features)
     return (ys - y0).t().contiguous(), y0
+
+
+def weight_dequantizer(gm: fx.GraphModule, region: Region):
+    """f(weights) -> W (out, in): the region's dense weight from the tensors it reads (in the
+    order of `region.weight_inputs`), by its format's own dequantize: torchao's `dequantize()`
+    on the tensor rebuilt from its inner tensors, a swapped bitsandbytes layer's
+    `dense_weight`. An elementwise pass over the weight, where probing the identity
+    (`dequantize_region`) costs a matmul. None when the format has no dequantize."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    swapped = gm.meta.get(SWAPPED_LAYERS, {}).get(region.path)
+    if isinstance(swapped, (BnbLinear4bit, BnbLinear8bit)):
+        names = [nodes[w].target.removeprefix(region.path + ".") if nodes[w].op == "get_attr" else None
+                 for w in region.weight_inputs]
+        if None in names:
+            return None
+        return lambda weights: swapped.dense_weight(dict(zip(names, weights)))
+    inner = {}
+    for position, name in enumerate(region.weight_inputs):
+        node = nodes[name]
+        if node.target is torch.ops.export.access_subclass_inner_tensor.default and node.args[0].op == "get_attr":
+            inner.setdefault(node.args[0].target, {})[node.args[1]] = position
+    root = region.quantized[0]
+    if root not in inner:
+        return None
+    tensor = module_attr(gm, root)
+    kind, (_, context), size, stride = type(tensor), tensor.__tensor_flatten__(), tensor.shape, tensor.stride()
+    positions = inner[root]
+    return lambda weights: torchao_dense(kind, {name: weights[i] for name, i in positions.items()}, context, size, stride)
 
 
 def _device(gm: fx.GraphModule, region: Region):

@@ -32,13 +32,14 @@ import torch
 from torch import fx
 
 from ..errors import QuantizedBaseError
-from ..graph.quantized import Region, dequantize_region, find_regions, probe_input, region_function, region_scheme
+from ..graph.quantized import (Region, dequantize_region, find_regions, probe_input, region_function, region_scheme,
+                               weight_dequantizer, weight_values)
 
-_WRAPPED: dict[str, tuple[fx.GraphModule, Region, str]] = {}  # key -> (f(x, *weights), region, backward mode)
+_WRAPPED: dict[str, tuple[fx.GraphModule, Region, object]] = {}  # key -> (f(x, *weights), region, W(weights) or None)
 GRADIENT_TOLERANCE = 1e-3
 
 
-def _wrapped(key: str) -> tuple[fx.GraphModule, Region, str]:
+def _wrapped(key: str) -> tuple[fx.GraphModule, Region, object]:
     try:
         return _WRAPPED[key]
     except KeyError:
@@ -63,14 +64,13 @@ def _(x, weights, key, out_features):
 
 @torch.library.custom_op("lowrank_fx::quantized_linear_backward", mutates_args=())
 def quantized_linear_backward(x: torch.Tensor, grad: torch.Tensor, weights: list[torch.Tensor], key: str) -> torch.Tensor:
-    """dL/dx of a wrapped quantized linear: the region recomputed and differentiated, or, for a
-    kernel without a backward, dL/dy · W with W probed on the identity."""
-    function, region, mode = _wrapped(key)
-    if mode == "recompute":  # autograd is off inside a custom op; torch.func's own transform is not
+    """dL/dx of a wrapped quantized linear: dL/dy · W with W rebuilt from the weights, or the
+    region recomputed and differentiated (module docstring)."""
+    function, _, dense_weight = _wrapped(key)
+    if dense_weight is None:  # autograd is off inside a custom op; torch.func's own transform is not
         _, pullback = torch.func.vjp(lambda v: function(v, *weights), x)
         return pullback(grad)[0]
-    weight, _ = dequantize_region(lambda v: function(v, *weights), region, x.dtype, x.device)
-    return (grad @ weight.to(grad.dtype)).to(x.dtype)
+    return (grad @ dense_weight(weights).to(grad.dtype)).to(x.dtype)
 
 
 @quantized_linear_backward.register_fake
@@ -163,10 +163,26 @@ def _refusal(gm: fx.GraphModule, region: Region, error: float, detail: str) -> Q
     )
 
 
-def _wrap(gm: fx.GraphModule, region: Region, mode: str) -> None:
+def _backward_weight(gm: fx.GraphModule, region: Region, function, has_backward: bool):
+    """W(weights) for the backward ("dense" or "probe"), or None to recompute (module docstring)."""
+    dtype, device = _dtype(gm, region), _weight_device(gm, region)
+    probe = lambda ws: dequantize_region(lambda v: function(v, *ws), region, dtype, device)[0]  # noqa: E731
+    dequantizer = weight_dequantizer(gm, region)
+    if dequantizer is not None:
+        weights = weight_values(gm, region)
+        with torch.no_grad():
+            expected, found = probe(weights), dequantizer(weights)
+        if isinstance(found, torch.Tensor) and found.shape == expected.shape and \
+                float((found.to(dtype) - expected).abs().max()) <= 1e-6 * float(expected.abs().max().clamp_min(1e-30)):
+            return dequantizer
+    return None if has_backward else probe
+
+
+def _wrap(gm: fx.GraphModule, region: Region, has_backward: bool) -> None:
     nodes = {n.name: n for n in gm.graph.nodes}
     key = f"{region.path}#{uuid.uuid4().hex[:12]}"
-    _WRAPPED[key] = (region_function(gm, region, weights_as_inputs=True), region, mode)
+    function = region_function(gm, region, weights_as_inputs=True)
+    _WRAPPED[key] = (function, region, _backward_weight(gm, region, function, has_backward))
     output = nodes[region.output]
     weights = [nodes[name] for name in region.weight_inputs]
     with gm.graph.inserting_before(output):
@@ -181,8 +197,8 @@ def _wrap(gm: fx.GraphModule, region: Region, mode: str) -> None:
 
 
 def prepare_quantized(gm: fx.GraphModule) -> list[str]:
-    """Check every quantized region, refuse wrong gradients, make each one a custom op (backward:
-    "recompute", or "dequantize" where the kernel has none). Returns the wrapped layers' paths."""
+    """Check every quantized region, refuse wrong gradients, make each one a custom op (its
+    backward: module docstring). Returns the wrapped layers' paths."""
     without_backward = []
     regions = find_regions(gm)
     for region in regions:
@@ -192,7 +208,7 @@ def prepare_quantized(gm: fx.GraphModule) -> list[str]:
         if status == "no backward":
             without_backward.append(region.path)
     for region in regions:
-        _wrap(gm, region, "dequantize" if region.path in without_backward else "recompute")
+        _wrap(gm, region, region.path not in without_backward)
     if regions:
         gm.graph.lint()
         gm.recompile()
