@@ -8,7 +8,8 @@ implementation (the output's shape), so the choice costs no guard and no recompi
 also fixes what autograd keeps, eager and compiled alike: x, λ, γ and the two shared bases,
 never ΔW (D, d) or Â (N·r, d), which no compiler pass can move out of an opaque op. Its
 backward is a second op, `randlora_delta_backward`, which rebuilds what it needs and chooses
-the form of the backward pass by that pass's own costs.
+the form of the backward pass by that pass's own costs. `delta_forward` and `delta_backward`
+are the two ops' implementations.
 
     lowrank_fx::randlora_delta(x (..., in), s·λ (r, N), γ (N, d), basis_A, basis_B,
                                big, tall, form, compute) -> Δy (..., out)
@@ -41,9 +42,9 @@ def _operands(lam_s, gamma, basis_A, basis_B, big: int, dtype: torch.dtype):
     return A, Bc.to(dtype), scaled_basis(A, lam_s, gamma).to(dtype)
 
 
-@torch.library.custom_op("lowrank_fx::randlora_delta", mutates_args=())
-def _delta_op(x: torch.Tensor, lam_s: torch.Tensor, gamma: torch.Tensor, basis_A: torch.Tensor,
-              basis_B: torch.Tensor, big: int, tall: bool, form: str, compute: torch.dtype) -> torch.Tensor:
+def delta_forward(x: torch.Tensor, lam_s: torch.Tensor, gamma: torch.Tensor, basis_A: torch.Tensor,
+                  basis_B: torch.Tensor, big: int, tall: bool, form: str, compute: torch.dtype) -> torch.Tensor:
+    """Δy (..., out)."""
     x2 = x.reshape(-1, x.shape[-1])
     dense = forms.use_dense(form, forms.pass_costs(x2.shape[0], big, gamma.shape[1], lam_s.numel(), tall))
     with torch.autocast(x.device.type, enabled=False):
@@ -52,15 +53,17 @@ def _delta_op(x: torch.Tensor, lam_s: torch.Tensor, gamma: torch.Tensor, basis_A
     return delta.to(x.dtype).reshape(*x.shape[:-1], delta.shape[-1])
 
 
+_delta_op = torch.library.custom_op("lowrank_fx::randlora_delta", delta_forward, mutates_args=())
+
+
 @_delta_op.register_fake
 def _(x, lam_s, gamma, basis_A, basis_B, big, tall, form, compute):
     return x.new_empty((*x.shape[:-1], big if tall else gamma.shape[1]))
 
 
-@torch.library.custom_op("lowrank_fx::randlora_delta_backward", mutates_args=())
-def _backward_op(grad: torch.Tensor, x: torch.Tensor, lam_s: torch.Tensor, gamma: torch.Tensor,
-                 basis_A: torch.Tensor, basis_B: torch.Tensor, big: int, tall: bool, form: str,
-                 compute: torch.dtype, input_grad: bool) -> list[torch.Tensor]:
+def delta_backward(grad: torch.Tensor, x: torch.Tensor, lam_s: torch.Tensor, gamma: torch.Tensor,
+                   basis_A: torch.Tensor, basis_B: torch.Tensor, big: int, tall: bool, form: str,
+                   compute: torch.dtype, input_grad: bool) -> list[torch.Tensor]:
     """[d(s·λ), dγ], then dx when `input_grad`."""
     x2, g2 = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
     costs = forms.pass_costs(x2.shape[0], big, gamma.shape[1], lam_s.numel(), tall, backward=True,
@@ -71,6 +74,9 @@ def _backward_op(grad: torch.Tensor, x: torch.Tensor, lam_s: torch.Tensor, gamma
                                         input_grad)
         grads = list(diagonal_grads(grad_S.to(lam_s.dtype), A, lam_s, gamma))
     return grads + ([grad_x.to(x.dtype).reshape(x.shape)] if input_grad else [])
+
+
+_backward_op = torch.library.custom_op("lowrank_fx::randlora_delta_backward", delta_backward, mutates_args=())
 
 
 @_backward_op.register_fake
