@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lowrank_fx as lfx
+from lowrank_fx.methods import randlora_op
 
 RANK, TOL = 8, 1e-5
 TARGETS = {
@@ -174,8 +175,9 @@ class _MLP(nn.Module):
         return self.down(torch.relu(self.up(x)))
 
 
-def _mlp_graph():
-    gm = lfx.rewrite(_MLP(), lfx.Spec(targets=["up", "down"], method=lfx.RandLoRA(rank=R, init="nonzero")))
+def _mlp_graph(form="auto"):
+    method = lfx.RandLoRA(rank=R, init="nonzero", form=form)
+    gm = lfx.rewrite(_MLP(), lfx.Spec(targets=["up", "down"], method=method))
     _randomize(gm.lowrank_fx.default.randlora)
     return gm
 
@@ -183,22 +185,33 @@ def _mlp_graph():
 LIMIT = R * math.ceil(IN / R) * IN  # r·N·d of both targets (d = 48 for up and down)
 
 
+_RANDLORA_OPS = {torch.ops.lowrank_fx.randlora_delta.default: randlora_op.delta_forward,
+                 torch.ops.lowrank_fx.randlora_delta_backward.default: randlora_op.delta_backward}
+
+
 class _MatmulShapes(TorchDispatchMode):
-    """Records the output shape of every matrix product run under it."""
+    """Records the output shape of every matrix product run under it, also inside RandLoRA's
+    custom ops, whose implementations it runs under itself (an op is opaque to a mode)."""
 
     def __init__(self):
         super().__init__()
         self.shapes = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in _RANDLORA_OPS:
+            with self:
+                return _RANDLORA_OPS[func](*args, **(kwargs or {}))
         out = func(*args, **(kwargs or {}))
         if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.bmm, torch.ops.aten.addmm, torch.ops.aten.matmul):
             self.shapes.append(tuple(out.shape))
         return out
 
 
-def test_eager_backward_keeps_no_large_activation_and_no_dense_delta():
-    gm = _mlp_graph()
+@pytest.mark.parametrize("form", ["factored", "dense"])
+def test_eager_backward_keeps_no_large_activation_nor_dense_delta(form):
+    """Neither form keeps ΔW (out, in) or Â (r·N, d) for backward; the dense form builds ΔW
+    inside each pass, the factored form never."""
+    gm = _mlp_graph(form)
     owned = {t.untyped_storage().data_ptr() for t in list(gm.parameters()) + list(gm.buffers())}
     large = []
 
@@ -211,11 +224,12 @@ def test_eager_backward_keeps_no_large_activation_and_no_dense_delta():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _MatmulShapes() as products:
         gm(x).square().sum().backward()
     assert large == []
-    assert not {(OUT, IN), (IN, OUT)} & set(products.shapes)  # ΔW of up / down never built
+    assert bool({(OUT, IN), (IN, OUT)} & set(products.shapes)) == (form == "dense")  # ΔW of up / down
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gm.parameters() if p.requires_grad)
 
 
-def test_compiled_matches_eager_and_saves_no_large_tensor():
+@pytest.mark.parametrize("form", ["factored", "dense"])
+def test_compiled_matches_eager_and_saves_no_large_tensor(form):
     from torch._dynamo.backends.common import aot_autograd
     from torch._dynamo.backends.debugging import boxed_nop
     from torch._functorch.partitioners import min_cut_rematerialization_partition
@@ -231,7 +245,7 @@ def test_compiled_matches_eager_and_saves_no_large_tensor():
     # aot_eager with its own partitioner, plus a look at the forward and backward graphs.
     backend = aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"),
                            partition_fn=min_cut_rematerialization_partition, keep_inference_input_mutations=True)
-    gm = _mlp_graph()
+    gm = _mlp_graph(form)
     x = torch.randn(*TOKENS, IN, requires_grad=True)
     compiled = torch.compile(gm, backend=backend, fullgraph=True)
     out = compiled(x)
@@ -257,6 +271,10 @@ def test_compiled_matches_eager_and_saves_no_large_tensor():
     returned = list(forward.output_node().args[0])
     saved = [n for n in returned[1:] if n.op != "placeholder"]  # inputs (weights, bases, x) are kept anyway
     assert saved and all(n.meta["val"].numel() < LIMIT for n in saved), [n.meta["val"].shape for n in saved]
+    # Δy and its gradients are opaque ops of their own (randlora_op.py), whatever the form
+    for graph, op in ((forward, torch.ops.lowrank_fx.randlora_delta.default),
+                      (graphs["backward"].graph, torch.ops.lowrank_fx.randlora_delta_backward.default)):
+        assert sum(n.target == op for n in graph.nodes) == 2
     for graph in (forward, graphs["backward"].graph):
         products = [tuple(n.meta["val"].shape) for n in graph.nodes
                     if n.op == "call_function" and n.target in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)]
