@@ -523,6 +523,37 @@ def test_trainer_steps_equal_the_dense_twins(scheme):
         dense.lowrank_fx.load_state_dict(saved)
 
 
+def test_inductor_trainer_over_every_base_takes_the_dense_twins_steps():
+    """lfx.Trainer with its default compile (inductor, fullgraph, dynamic) on the graph whose layers
+    use every supported base in turn: two steps at two shapes, no fallback to eager, and the
+    adapters end where the eager Trainer over the dense twin puts them."""
+    _, _, gm, dense, *_ = _graphs("mixed")
+    saved = copy.deepcopy(gm.lowrank_fx.state_dict())
+
+    def loss_fn(model, ids):
+        logits = model(ids).logits
+        return F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+
+    batches = [_ids(2, 6, seed=30), _ids(3, 5, seed=31)]
+    torch._dynamo.reset()
+    try:
+        gm.train(), dense.train()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # a compile failure would warn and fall back
+            compiled = lfx.Trainer(gm, loss_fn, lr=1e-2, progress=False, warmup_steps=0)
+            compiled.fit(batches, steps=2)
+        assert compiled.compiled
+        lfx.Trainer(dense, loss_fn, lr=1e-2, compile=False, progress=False, warmup_steps=0).fit(batches, steps=2)
+        trained = dict(gm.lowrank_fx.named_parameters())
+        assert any(not torch.equal(trained[n], saved[n]) for n in saved if n in trained)
+        for name, value in dense.lowrank_fx.named_parameters():
+            assert _rel(trained[name].detach(), value.detach()) < 1e-4, name
+    finally:
+        torch._dynamo.reset()
+        gm.lowrank_fx.load_state_dict(saved)
+        dense.lowrank_fx.load_state_dict(saved)
+
+
 @pytest.mark.parametrize("scheme", ["int8", "bnb-nf4"])
 def test_a_peft_lora_trained_on_the_quantized_base_loads_and_computes_what_peft_computes(scheme, tmp_path):
     """PEFT's LoRA on a torchao int8 / bitsandbytes nf4 base (its own quantized layers) -> save_pretrained
