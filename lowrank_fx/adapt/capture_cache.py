@@ -41,9 +41,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx._graph_pickler import GraphPickler, Options
-from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
@@ -141,8 +138,11 @@ class CaptureCache:
             raise _Stale(f"truncated ({len(payload)} of {size} bytes)")
         if hashlib.sha256(payload).hexdigest() != digest:
             raise _Stale("corrupt (its checksum does not match)")
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
         try:
-            program = GraphPickler.loads(payload, FakeTensorMode(shape_env=ShapeEnv()))
+            program = _pickler().loads(payload, FakeTensorMode(shape_env=ShapeEnv()))
         except Exception as err:
             raise _Stale(f"a program that does not load ({type(err).__name__}: {err})") from None
         if not isinstance(program, torch.export.ExportedProgram):
@@ -187,11 +187,21 @@ def _serialized(program: torch.export.ExportedProgram, model: nn.Module) -> byte
                     table[name] = _placeholder(value)
         program.example_inputs = pytree.tree_map(
             lambda v: torch.empty_like(v, device="meta") if isinstance(v, torch.Tensor) else v, examples)
-        return GraphPickler.dumps(program, Options(ops_filter=None, node_metadata_key_filter=None))
+        from torch.fx._graph_pickler import Options
+
+        return _pickler().dumps(program, Options(ops_filter=None, node_metadata_key_filter=None))
     finally:
         for table, old in zip(tables, saved):
             table.update(old)
         program.example_inputs = examples
+
+
+def _pickler():
+    """torch's GraphPickler, imported on first use: its module imports torch._inductor, seconds
+    that `import lowrank_fx` should not cost (building a transformers model imports it anyway)."""
+    from torch.fx._graph_pickler import GraphPickler
+
+    return GraphPickler
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -7,7 +7,8 @@ pristine graph before any adapter, under a key of
     replaced tensor misses), shape, dtype and device;
   - the model's forward hooks and pre-hooks (by identity), its config and its classes' code;
   - the examples' structure, shapes, dtypes and non-tensor values (not their tensor values:
-    the graph does not depend on them), and the dynamic-shape choice.
+    the graph does not depend on them; a quantized model's graph keeps the first call's
+    examples for `fold(requantize=True)` to measure on), and the dynamic-shape choice.
 
 Every caller gets its own copy of that graph (`passes.fold.shared_copy`): a new graph and
 new small modules (mode switches, records), the model's own tensors. So `rewrite` injects
