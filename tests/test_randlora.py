@@ -19,7 +19,6 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lowrank_fx as lfx
-from lowrank_fx.methods import randlora_op
 
 RANK, TOL = 8, 1e-5
 TARGETS = {
@@ -185,22 +184,14 @@ def _mlp_graph(form="auto"):
 LIMIT = R * math.ceil(IN / R) * IN  # r·N·d of both targets (d = 48 for up and down)
 
 
-_RANDLORA_OPS = {torch.ops.lowrank_fx.randlora_delta.default: randlora_op.delta_forward,
-                 torch.ops.lowrank_fx.randlora_delta_backward.default: randlora_op.delta_backward}
-
-
 class _MatmulShapes(TorchDispatchMode):
-    """Records the output shape of every matrix product run under it, also inside RandLoRA's
-    custom ops, whose implementations it runs under itself (an op is opaque to a mode)."""
+    """Records the output shape of every matrix product run under it."""
 
     def __init__(self):
         super().__init__()
         self.shapes = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in _RANDLORA_OPS:
-            with self:
-                return _RANDLORA_OPS[func](*args, **(kwargs or {}))
         out = func(*args, **(kwargs or {}))
         if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.bmm, torch.ops.aten.addmm, torch.ops.aten.matmul):
             self.shapes.append(tuple(out.shape))

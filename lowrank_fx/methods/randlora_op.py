@@ -5,11 +5,13 @@ Why an op: `form="auto"` picks the factored or the dense form from the call's to
 symbolic token count would add a guard, and a recompile on the other side of k. Inside a
 torch.library custom op the sizes are plain ints: the compiler sees only the op and its fake
 implementation (the output's shape), so the choice costs no guard and no recompile. The op
-also fixes what autograd keeps, eager and compiled alike: x, λ, γ and the two shared bases,
+also fixes what autograd keeps, eager and compiled alike: x, s·λ, γ and the two shared bases,
 never ΔW (D, d) or Â (N·r, d), which no compiler pass can move out of an opaque op. Its
 backward is a second op, `randlora_delta_backward`, which rebuilds what it needs and chooses
 the form of the backward pass by that pass's own costs. `delta_forward` and `delta_backward`
-are the two ops' implementations.
+are the two ops' implementations; eager calls run them through `_EagerDelta`, an
+autograd.Function with the same saved tensors, as a custom op's dispatch costs more than its
+products at small sizes and only the compiler needs the op.
 
     lowrank_fx::randlora_delta(x (..., in), s·λ (r, N), γ (N, d), basis_A, basis_B,
                                big, tall, form, compute) -> Δy (..., out)
@@ -23,8 +25,8 @@ and x is fp32 (the unit casts x to the adapter's dtype), else x's dtype. Â, dÂ
 diagonals' gradients are formed in the parameters' dtype; Δy and dx come back in x's dtype.
 
 Exporting (torch.export, which ONNX export runs under) takes plain torch ops instead, so an
-exported graph holds standard ops only: the dense form for `form="dense"`, else the factored one (an
-exported graph has one form for every shape).
+exported graph holds standard ops only: the dense form for `form="dense"`, else the factored
+one (an exported graph has one form for every shape).
 """
 
 from __future__ import annotations
@@ -84,19 +86,32 @@ def _(grad, x, lam_s, gamma, basis_A, basis_B, big, tall, form, compute, input_g
     return [lam_s.new_empty(lam_s.shape), gamma.new_empty(gamma.shape)] + ([x.new_empty(x.shape)] if input_grad else [])
 
 
-def _setup(ctx, inputs, output):
+def _setup(ctx, inputs, output=None):
     x, lam_s, gamma, basis_A, basis_B, *options = inputs  # options: big, tall, form, compute
     ctx.save_for_backward(x, lam_s, gamma, basis_A, basis_B)
     ctx.options = options
 
 
-def _backward(ctx, grad):
+def _gradients(ctx, grad, backward=torch.ops.lowrank_fx.randlora_delta_backward):
     input_grad = ctx.needs_input_grad[0]
-    grads = torch.ops.lowrank_fx.randlora_delta_backward(grad, *ctx.saved_tensors, *ctx.options, input_grad)
+    grads = backward(grad, *ctx.saved_tensors, *ctx.options, input_grad)
     return (grads[2] if input_grad else None), grads[0], grads[1], None, None, None, None, None, None
 
 
-_delta_op.register_autograd(_backward, setup_context=_setup)
+_delta_op.register_autograd(_gradients, setup_context=_setup)
+
+
+class _EagerDelta(torch.autograd.Function):
+    """The op's autograd outside torch.compile (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        _setup(ctx, inputs)
+        return delta_forward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gradients(ctx, grad, delta_backward)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -110,10 +125,12 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 def randlora_delta(x: torch.Tensor, lam: torch.Tensor, gamma: torch.Tensor, basis_A: torch.Tensor,
                    basis_B: torch.Tensor, big: int, tall: bool, scale, form: str) -> torch.Tensor:
     """Δy (..., out) for x (..., in) and the scale s (a float, or a (1,) tensor as
-    export/adapter_graph.py makes it): the custom op, or plain ops when exporting."""
+    export/adapter_graph.py makes it): the custom op when compiling, its eager twin otherwise,
+    plain ops when exporting."""
     lam_s = lam * scale
     if torch.compiler.is_exporting():
         _, Bc, S = _operands(lam_s, gamma, basis_A, basis_B, big, x.dtype)
         delta = forms.forward(x.reshape(-1, x.shape[-1]), Bc, S, tall, form == "dense")
         return delta.reshape(*x.shape[:-1], delta.shape[-1])
-    return torch.ops.lowrank_fx.randlora_delta(x, lam_s, gamma, basis_A, basis_B, big, tall, form, compute_dtype(x))
+    run = torch.ops.lowrank_fx.randlora_delta if torch.compiler.is_compiling() else _EagerDelta.apply
+    return run(x, lam_s, gamma, basis_A, basis_B, big, tall, form, compute_dtype(x))
