@@ -8,11 +8,18 @@ and backward, then the optimizer steps, the schedule sets every group's rate to
 base rate · f(step) (schedule.py) and the gradients are cleared. With equal-sized
 micro-batches and a mean loss this is the step on their concatenation.
 
-- model: `torch.compile(gm, fullgraph=True, dynamic=True)` (compile=True: inductor; or a
+- model: `fuse_sites(gm)` (passes/fuse_sites.py: the same adapters, LoRA sites that share an
+  input computed together, scale and gate folded into B), compiled with
+  `torch.compile(..., fullgraph=True, dynamic=True)` (compile=True: inductor; or a
   torch.compile backend, e.g. "aot_eager"; compile=False: eager);
   if compiling fails on the first batch, a warning says why and training goes on eagerly.
   `distributed=True` wraps it in DistributedDataParallel (call
   torch.distributed.init_process_group first; see README "Training").
+- checkpoint_activations=True: `lfx.checkpoint_layers(gm)` (in place), so each layer block
+  recomputes in backward (a graph rewritten with layers="auto"); `memory_budget` (0 to 1)
+  sets torch.compile's activation memory budget (`torch._functorch.config.activation_memory_budget`)
+  while compiling: the partitioner recomputes the cheapest activations until what it saves
+  is that fraction of what it would save otherwise (compiled training only).
 - optimizer: LoRA+ (`loraplus_param_groups`) with `loraplus_ratio` (1.0 = one rate for all).
 - autocast: bf16 autocast on CUDA by default (adapters and the loss stay fp32 where they are).
 - checkpoints (checkpoint.py): every `checkpoint_every` steps and at the end, atomically.
@@ -33,6 +40,8 @@ import torch
 from torch import fx
 
 from ..errors import SpecError, TrainingError
+from ..passes.checkpoint_layers import checkpoint_layers
+from ..passes.fuse_sites import fuse_sites
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .loraplus import loraplus_param_groups
 from .schedule import check_schedule, lr_factor
@@ -48,6 +57,20 @@ def count_tokens(batch) -> int:
     return leaves[0].shape[0] if leaves and leaves[0].dim() else 1
 
 
+def _check_budget(budget: float | None, compile) -> float | None:
+    if budget is None:
+        return None
+    if not compile:
+        raise SpecError("memory_budget applies to compiled training; pass compile=True (or a backend), "
+                        "or checkpoint_activations=True for eager training")
+    if not hasattr(torch._functorch.config, "activation_memory_budget"):
+        raise SpecError(f"this torch ({torch.__version__}) has no activation memory budget; "
+                        "use checkpoint_activations=True instead")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 <= budget <= 1.0:
+        raise SpecError(f"memory_budget must be a fraction between 0 and 1 (e.g. 0.5), got {budget!r}")
+    return float(budget)
+
+
 class Trainer:
     """Trains the adapters of `gm` (see the module docstring for each feature).
 
@@ -55,7 +78,8 @@ class Trainer:
     DDP-wrapped) graph. lr is the base rate (LoRA+ output-side factors get loraplus_ratio · lr);
     accumulate: micro-batches per optimizer step; schedule / warmup_steps / min_lr_ratio: the
     rate over steps (schedule.py); compile: True (inductor), a torch.compile backend, or False;
-    autocast: bf16 autocast (None: on for CUDA); checkpoint_dir / checkpoint_every /
+    autocast: bf16 autocast (None: on for CUDA); checkpoint_activations / memory_budget:
+    recompute activations (per layer block; compile's budget); checkpoint_dir / checkpoint_every /
     keep_checkpoints / resume: checkpoints (checkpoint.py); tokens(batch) -> int for the
     tokens/s shown; other keyword arguments go to optimizer_cls.
     """
@@ -65,6 +89,7 @@ class Trainer:
                  schedule: str = "cosine", warmup_steps: int = 0, min_lr_ratio: float = 0.0,
                  max_grad_norm: float | None = None, compile=True,
                  autocast: bool | None = None, distributed: bool = False,
+                 checkpoint_activations: bool = False, memory_budget: float | None = None,
                  checkpoint_dir: str | Path | None = None, checkpoint_every: int | None = None,
                  keep_checkpoints: int = 2, resume: bool = True, progress: bool = True,
                  tokens=count_tokens, **optimizer_kwargs):
@@ -86,6 +111,9 @@ class Trainer:
         device = self.params[0].device
         self.autocast = device.type == "cuda" and torch.cuda.is_bf16_supported() if autocast is None else autocast
         self.device_type = device.type
+        self.memory_budget = _check_budget(memory_budget, compile)
+        if checkpoint_activations:
+            checkpoint_layers(gm)
         self.model = self._model(compile, distributed)
         self.step, self.batches = 0, 0
         self.last_checkpoint: Path | None = None
@@ -98,10 +126,10 @@ class Trainer:
     def _model(self, compile: bool | str, distributed: bool):
         self.compiled, self.compile_checked = bool(compile), False
         self.distributed = distributed
-        model = self.gm
+        model = self.train_graph = fuse_sites(self.gm)  # the same adapters, sites in training form
         if compile:
             backend = "inductor" if compile is True else compile
-            model = torch.compile(self.gm, backend=backend, fullgraph=True, dynamic=True)
+            model = torch.compile(self.train_graph, backend=backend, fullgraph=True, dynamic=True)
         if distributed and not torch.distributed.is_initialized():
             raise SpecError("distributed=True needs torch.distributed.init_process_group(...) first "
                             "(torchrun sets the environment it reads)")
@@ -116,7 +144,9 @@ class Trainer:
     def _loss(self, batch) -> torch.Tensor:
         context = (torch.autocast(self.device_type, dtype=torch.bfloat16) if self.autocast
                    else contextlib.nullcontext())
-        with context:
+        budget = (torch._functorch.config.patch(activation_memory_budget=self.memory_budget)
+                  if self.memory_budget is not None else contextlib.nullcontext())
+        with context, budget:  # the budget is read while compiling, on a call
             if not self.compiled or self.compile_checked:
                 return self.loss_fn(self.model, batch)
             try:
@@ -129,9 +159,9 @@ class Trainer:
                               stacklevel=3)
                 self.compiled = False
                 if self.distributed:
-                    self.model.module = self.gm  # the same DDP wrapper (and gradient hooks), eager inside
+                    self.model.module = self.train_graph  # the same DDP wrapper (and gradient hooks), eager inside
                 else:
-                    self.model = self.gm
+                    self.model = self.train_graph
                 return self.loss_fn(self.model, batch)
 
     def _set_lr(self, total: int | None) -> None:

@@ -1,0 +1,98 @@
+"""The training form of LoRA sites: exact rewrites that read each activation once.
+
+`rewrite` leaves one unit per site, y' = addcmul(y, s · (x Aᵀ) Bᵀ, g), which is what folding,
+export and adapter files read. Per step that form reads x once per site and writes and reads
+the rank-r product, Δy (tokens, out) and y' (tokens, out) separately. The rank-r matmuls are
+memory-bound, so those passes are most of an adapter's cost. `fuse_sites(gm)` returns a graph
+over the same modules and tensors (training it trains `gm`'s adapters) where
+
+  - the LoRA units of one adapter that read the same activation x (q, k, v; gate, up) compute
+    their first factor together, h = x [A_1; …; A_n]ᵀ  (…, n·r): x is read once;
+  - each site is one matmul with the add inside, y'_i = y_i + h_i (g · s_i · B_i)ᵀ  (`addmm`):
+    the scale s_i and gate g fold into B_i (out × r work), and Δy never exists.
+
+Only plain LoRA units on linear sites take part: no dropout (its mask differs per unit), no
+bias, no DoRA, one dtype, no row slice (MultiheadAttention's packed projection). Every other
+site keeps its unit. The rewrite is exact up to float rounding order: the same sums.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..graph.op_kinds import LinearKind
+from ..graph.record import KEY
+from ..methods.lora_unit import LoRAUnit
+
+
+def stacked_down(x: torch.Tensor, *factors: torch.Tensor) -> torch.Tensor:
+    """x [A_1; …; A_n]ᵀ: (…, in) -> (…, n·r)."""
+    return F.linear(x, factors[0] if len(factors) == 1 else torch.cat(factors))
+
+
+def lora_site(y: torch.Tensor, h: torch.Tensor, up: torch.Tensor, gate: torch.Tensor, scale: float) -> torch.Tensor:
+    """y + h (g · s · B)ᵀ as one addmm over the flattened rows: y (…, out), h (…, r), B (out, r)."""
+    out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), (up * (gate * scale)).t())
+    return out.reshape(y.shape)
+
+
+def _fusable(gm: fx.GraphModule, delta: fx.Node) -> LoRAUnit | None:
+    """The delta node's unit, if it is a plain LoRA unit whose add can take the fused form."""
+    unit = gm.get_submodule(delta.target) if delta.op == "call_module" else None
+    if type(unit) is not LoRAUnit or not isinstance(unit.op_kind, LinearKind) or unit.lora_B_bias is not None:
+        return None
+    if not isinstance(unit.dropout, nn.Identity) or len(delta.args) != 1 or len(delta.users) != 1:
+        return None
+    add = next(iter(delta.users))
+    if add.target is not torch.ops.aten.addcmul.default or add.args[1] is not delta:
+        return None
+    x = delta.args[0].meta.get("val")  # y has x's dtype: the base op's output, or another adapter's sum
+    if not isinstance(x, torch.Tensor) or x.dtype != unit.lora_A.dtype:
+        return None
+    return unit
+
+
+def fuse_sites(gm: fx.GraphModule) -> fx.GraphModule:
+    """A graph computing what `gm` computes, over `gm`'s own modules and tensors, with its LoRA
+    sites in the training form above. `gm` itself is unchanged."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        fused = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    for attr in ("_in_spec", "_out_spec"):
+        if hasattr(gm, attr):
+            setattr(fused, attr, getattr(gm, attr))
+    fused.meta.update(getattr(gm, "meta", {}))
+    order = {node: i for i, node in enumerate(fused.graph.nodes)}
+    groups: dict[tuple[str, fx.Node], list[tuple[fx.Node, LoRAUnit]]] = {}
+    for node in list(fused.graph.nodes):
+        if node.meta.get(KEY, {}).get("role") == "delta":
+            unit = _fusable(fused, node)
+            if unit is not None:
+                groups.setdefault((node.meta[KEY]["adapter"], node.args[0]), []).append((node, unit))
+    for (_, x), sites in groups.items():
+        first = min((delta for delta, _ in sites), key=order.__getitem__)
+        with fused.graph.inserting_before(first):
+            factors = [fused.graph.get_attr(f"{delta.target}.lora_A") for delta, _ in sites]
+            h = fused.graph.call_function(stacked_down, (x, *factors))
+            ranks = [unit.lora_A.shape[0] for _, unit in sites]
+            parts = fused.graph.call_function(torch.split, (h, ranks, -1)) if len(sites) > 1 else None
+        for i, (delta, unit) in enumerate(sites):
+            add = next(iter(delta.users))
+            y, _, gate = add.args
+            with fused.graph.inserting_before(add):
+                part = h if parts is None else fused.graph.call_function(operator.getitem, (parts, i))
+                up = fused.graph.get_attr(f"{delta.target}.lora_B")
+                new = fused.graph.call_function(lora_site, (y, part, up, gate, float(unit.scale)))
+            new.meta.update({k: v for k, v in add.meta.items() if k != KEY})
+            add.replace_all_uses_with(new)
+            fused.graph.erase_node(add)
+            fused.graph.erase_node(delta)
+    fused.graph.lint()
+    fused.recompile()
+    return fused

@@ -1,0 +1,119 @@
+"""The training form of LoRA sites (passes/fuse_sites.py): the same function and gradients as the
+rewritten graph, on the graph's own adapters, with q/k/v (and gate/up) reading x once.
+
+The oracle is the rewritten graph itself, run eagerly: outputs and every adapter gradient.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lowrank_fx as lfx
+from lowrank_fx.passes.fuse_sites import fuse_sites, lora_site, stacked_down
+
+from models import build
+
+LORA = lfx.LoRA(rank=4, init="nonzero")
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _forward_backward(module, case, args, kwargs):
+    module.zero_grad(set_to_none=True)
+    out = case.output(module(*args, **kwargs))
+    (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+    return out.detach()
+
+
+def _grads(gm):
+    return {n: p.grad.clone() for n, p in gm.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+@pytest.fixture(scope="module")
+def llama():
+    case = build("llama")
+    spec = lfx.Spec(targets={"*.self_attn.[qkv]_proj": LORA, "*.mlp.gate_proj": LORA, "*.mlp.up_proj": LORA,
+                             "*.layers.0.self_attn.o_proj": LORA, "*.mlp.down_proj": lfx.LoRTA(rank=4, init="nonzero"),
+                             "*.layers.1.self_attn.o_proj": lfx.LoRA(rank=4, dropout=0.1, init="nonzero")})
+    gm = lfx.rewrite(case.model, spec, example_inputs=case.args, example_kwargs=case.kwargs).train()
+    lfx.rewrite(gm, lfx.Spec(["*.q_proj", "*.k_proj"], method=lfx.LoRA(rank=2, init="nonzero")), adapter="second")
+    return case, gm
+
+
+def test_sites_sharing_an_input_compute_their_first_factor_together(llama):
+    case, gm = llama
+    before = gm.code
+    fused = fuse_sites(gm)
+    assert gm.code == before  # the rewritten graph is untouched
+    stacks = sorted(len(n.args) - 1 for n in fused.graph.nodes if n.target is stacked_down)
+    # per layer and adapter: default q/k/v (3), gate/up (2), o alone (layer 0; layer 1's has dropout);
+    # second q/k (2); down is LoRTA and stays a unit
+    assert stacks == sorted([3, 2, 1, 2] + [3, 2, 2])
+    assert sum(n.target is lora_site for n in fused.graph.nodes) == 2 * (3 + 2) + 1 + 2 * 2
+    units = {type(gm.get_submodule(n.target)).__name__ for n in fused.graph.nodes if n.op == "call_module"}
+    assert "LoRTAUnit" in units or any("lorta" in n.lower() for n in units)
+    assert {id(p) for p in fused.parameters()} == {id(p) for p in gm.parameters()}
+
+
+def test_outputs_and_gradients_equal_the_rewritten_graph(llama):
+    case, gm = llama
+    fused = fuse_sites(gm).eval()  # eval: dropout off in both, so the two runs are comparable
+    gm.eval()
+    try:
+        for args, kwargs in ((case.args, case.kwargs), (case.other_args, case.other_kwargs)):
+            expected = _forward_backward(gm, case, args, kwargs)
+            expected_grads = _grads(gm)
+            got = _forward_backward(fused, case, args, kwargs)
+            grads = _grads(gm)
+            assert _rel(got, expected) < 1e-6
+            assert grads.keys() == expected_grads.keys()
+            assert all(_rel(grads[n], expected_grads[n]) < 1e-5 for n in grads)
+    finally:
+        gm.train()
+
+
+def test_gates_switch_the_fused_graph_too(llama):
+    case, gm = llama
+    fused = fuse_sites(gm).eval()
+    gm.eval()
+    try:
+        with torch.no_grad():
+            lfx.set_active_adapters(gm, [])
+            base = case.output(gm(*case.args, **case.kwargs))
+            assert torch.equal(case.output(fused(*case.args, **case.kwargs)), base)
+            lfx.set_active_adapters(gm, ["second"])
+            assert _rel(case.output(fused(*case.args, **case.kwargs)), case.output(gm(*case.args, **case.kwargs))) < 1e-6
+    finally:
+        lfx.set_active_adapters(gm, ["default", "second"])
+        gm.train()
+
+
+def test_compiles_fullgraph_without_recompiles(llama):
+    case, gm = llama
+    fused = fuse_sites(gm).eval()
+    gm.eval()
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True, dynamic=True)
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for args, kwargs in ((case.args, case.kwargs), (case.other_args, case.other_kwargs)):
+                expected = _forward_backward(gm, case, args, kwargs)
+                expected_grads = _grads(gm)
+                got = _forward_backward(compiled, case, args, kwargs)
+                assert _rel(got, expected) < 1e-6
+                assert all(_rel(g, expected_grads[n]) < 1e-5 for n, g in _grads(gm).items())
+    finally:
+        torch._dynamo.reset()
+        gm.train()
+
+
+def test_multihead_attention_rows_keep_their_units():
+    mha = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+    x = torch.randn(2, 5, 16)
+    gm = lfx.rewrite(mha, lfx.Spec("all-linear", method=LORA), example_inputs=(x, x, x))
+    fused = fuse_sites(gm)
+    with torch.no_grad():
+        assert _rel(fused(x, x, x)[0], gm(x, x, x)[0]) < 1e-6
