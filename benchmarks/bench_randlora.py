@@ -20,7 +20,7 @@ ours; PEFT's factored products, which keep x·Bc for a wide target's backward, f
 base's own forward and input-gradient products, and lm_head's, for both) gives the ratio the
 forms can reach at best: the base products are the same for every configuration.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_randlora.py           # ~7 minutes on 2 shared cores
+    OMP_NUM_THREADS=1 python benchmarks/bench_randlora.py           # 5-8 minutes on 2 shared cores
     OMP_NUM_THREADS=1 python benchmarks/bench_randlora.py --quick   # tiny sizes: a smoke test
 
 One intra-op thread, as bench_train.py explains. A full run rewrites the "RandLoRA forms
