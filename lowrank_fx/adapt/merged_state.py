@@ -30,6 +30,7 @@ from ..graph.quant_formats import requantize as requantize_tensor
 from ..graph.quant_formats import requantize_bitsandbytes
 from ..graph.quantized import dequantized
 from ..passes.fold import adapted_record, adapter_deltas, merged_bias, merged_weight, read_elsewhere
+from ..passes.layers import flat_view
 from ..passes.quantized_fold import measure, region_bias, regions_by_output
 from ..passes.train_modules import with_trained
 
@@ -119,6 +120,7 @@ def merged_plan(gm: fx.GraphModule) -> tuple[dict[str, torch.Tensor], list[tuple
 
 def merged_state_dict(gm: fx.GraphModule, untie: bool = False) -> dict[str, torch.Tensor]:
     """Dense weights keyed by the original model's names: `model.load_state_dict(state)`."""
+    gm = flat_view(gm)  # a graph with layer blocks: the same names
     state, conflicts = merged_plan(gm)
     if conflicts and not untie:
         pairs = "; ".join(f"{a} is tied to {b}" for a, b in conflicts)
@@ -136,6 +138,7 @@ def load_merged(model: nn.Module, gm: fx.GraphModule, tolerance: float = 1e-2) -
     shapes are checked before anything changes. Quantized layers of `model` that were adapted
     are requantized in their own format, the others left as they are; the output error this
     costs is measured on the capture's examples (`model.lowrank_fx_requantize_report`)."""
+    gm = flat_view(gm)
     state, conflicts = merged_plan(gm)
     targets, deltas, bias_deltas = adapter_deltas(gm)
     quantized = {name: t for name, t in targets.items() if t.quantized}

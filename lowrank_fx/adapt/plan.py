@@ -1,6 +1,7 @@
 """`plan(model, spec)`: a dry run listing what `rewrite` would adapt, without changing anything.
 
-Below the table: what "all-linear" left out and why (graph/heads.py), as `Plan.left_out`.
+Below the table: what "all-linear" left out and why (graph/heads.py), as `Plan.left_out`, and
+with `layers=` the layer blocks `rewrite(..., layers=...)` would make (passes/layers.py), as `Plan.layers`.
 A model with quantized layers gets a column naming each target's base: its scheme and the
 bytes its quantized weight (and scales, bias) occupy, against fp32.
 """
@@ -14,6 +15,7 @@ import torch
 from ..graph.heads import left_out
 from ..graph.quantized import find_regions, region_bytes
 from ..passes.inject import build_groups
+from ..passes.layers import blocks, candidates, flat_view
 from ..passes.train_modules import resolve_trained
 from ..spec import ALL_LINEAR
 from .capture import capture
@@ -42,6 +44,7 @@ class Plan:
     modes: dict[str, str] = dataclasses.field(default_factory=dict)  # group -> its shared structure
     left_out: dict[str, str] = dataclasses.field(default_factory=dict)  # target -> why all-linear left it out
     trained: dict[str, int] = dataclasses.field(default_factory=dict)  # Spec.train: parameter -> its size
+    layers: dict[str, str] = dataclasses.field(default_factory=dict)  # block path -> its layer's class
 
     def __str__(self) -> str:
         header = ("target", "op", "weight (out x in)", "method", "trainable")
@@ -73,6 +76,9 @@ class Plan:
             width = max(map(len, self.trained))
             lines += ["", f"trained in full by Spec.train ({sum(self.trained.values()):,} parameters, counted above):"]
             lines += [f"  {name.ljust(width)}  {count:,}" for name, count in self.trained.items()]
+        if self.layers:
+            kinds = sorted(set(self.layers.values()))
+            lines += ["", f"layer blocks ({len(self.layers)}, {', '.join(kinds)}): {', '.join(self.layers)}"]
         if self.left_out:
             width = max(map(len, self.left_out))
             lines += ["", f"left out by all-linear ({len(self.left_out)}):"]
@@ -93,13 +99,18 @@ def _dense_bytes(gm, target) -> int:
     return weight.numel() * weight.element_size()
 
 
-def plan(model, spec, example_inputs=None, example_kwargs=None, **capture_options) -> Plan:
+def plan(model, spec, example_inputs=None, example_kwargs=None, layers=None, **capture_options) -> Plan:
     """What `rewrite(model, spec, ...)` would adapt, as a printable table; the model is unchanged.
+
+    `layers` ("auto" or glob patterns, as for rewrite) also lists the layer blocks it would make;
+    a graph that has blocks already lists its own.
 
     `capture_options` are rewrite's (`dynamic`, `dynamic_shapes`, `cache_dir`). The capture is
     memoised, so a following `rewrite` with the same model and examples does not trace again.
     """
     gm = capture(model, example_inputs, example_kwargs, **capture_options)
+    existing = {path: type(gm.get_submodule(path)).__name__.removesuffix("Block") for path in blocks(gm)}
+    gm = flat_view(gm)
     targets, assignment = resolve(gm, spec)
     with torch.device("meta"):
         groups, group_of = build_groups(assignment, targets)
@@ -123,4 +134,5 @@ def plan(model, spec, example_inputs=None, example_kwargs=None, **capture_option
     modes = {g: group.describe() for g, group in groups.items() if group.describe()}
     uses_all_linear = any(pattern == ALL_LINEAR for pattern, _ in spec.rules())
     skipped = {n: why for n, why in left_out(gm, targets).items() if n not in assignment} if uses_all_linear else {}
-    return Plan(rows, shared, trainable, base, modes, skipped, trained)
+    found = existing or (candidates(gm, layers) if layers is not None else {})
+    return Plan(rows, shared, trainable, base, modes, skipped, trained, found)

@@ -9,6 +9,8 @@ from ..graph.heads import left_out
 from ..graph.record import CONTAINER, AdapterInfo, Record
 from ..graph.targets import Target, find_targets, weight_uses
 from ..passes.inject import inject
+from ..passes.checkpoint_layers import checkpoint_layers, checkpointed
+from ..passes.layers import candidates, structure, unstructure
 from ..passes.train_modules import add_trained, check_trained, drop_trained, refuse_trained_targets, resolve_trained
 from ..spec import Spec, _compile
 from .capture import capture
@@ -68,7 +70,7 @@ def _raise_if_not_linear(gm, spec, targets, heads, err):
 
 
 def rewrite(model, spec: Spec, example_inputs=None, example_kwargs=None, adapter: str = "default",
-            dynamic: bool = True, dynamic_shapes=None, cache_dir=None) -> fx.GraphModule:
+            dynamic: bool = True, dynamic_shapes=None, cache_dir=None, layers=None) -> fx.GraphModule:
     """Capture `model` and add the adapter `adapter` described by `spec`.
 
     Returns a GraphModule whose base weights are frozen and whose adapter parameters (this
@@ -79,12 +81,35 @@ def rewrite(model, spec: Spec, example_inputs=None, example_kwargs=None, adapter
     `cache_dir` (else $LOWRANK_FX_CACHE) keeps the exported program, without weights, on
     disk for the next process; within a process a capture is reused anyway (`plan` then
     `rewrite` trace once), each call getting its own graph.
+    `layers="auto"` gives the graph its layers back: each repeated block (decoder layer, ViT
+    block, ...) becomes a call_module submodule owning its weights and adapters, for FSDP2
+    per-layer sharding and `lfx.checkpoint_layers`; a list of glob patterns over module paths
+    names the blocks instead (passes/layers.py). Outputs and every name a user sees (targets,
+    adapter files, merged state, PEFT, gates) are those of the flat graph, the default (None).
+    A structured graph keeps its blocks when another adapter is added.
     """
     if not isinstance(adapter, str) or not adapter.isidentifier():
         raise SpecError(f"adapter name must be a Python identifier such as 'default', got {adapter!r}")
     gm = capture(model, example_inputs, example_kwargs, dynamic=dynamic, dynamic_shapes=dynamic_shapes,
                  cache_dir=cache_dir)
     record = Record.find(gm)
+    recompute = checkpointed(gm)
+    kept = unstructure(gm)  # a graph with blocks is flat while an adapter is added, then structured again
+    if layers is not None and not kept:
+        candidates(gm, layers)  # a bad layers= is refused before anything changes
+    try:
+        _add_adapter(gm, record, spec, adapter)
+    finally:
+        if kept:
+            structure(gm, kept)
+            if recompute:
+                checkpoint_layers(gm)
+    if layers is not None and not kept:
+        structure(gm, layers)
+    return gm
+
+
+def _add_adapter(gm: fx.GraphModule, record: Record, spec: Spec, adapter: str) -> None:
     if adapter in record.adapters:
         raise SpecError(
             f"this graph already has an adapter named {adapter!r}; pass adapter='<another name>' "
@@ -104,4 +129,3 @@ def rewrite(model, spec: Spec, example_inputs=None, example_kwargs=None, adapter
         param.requires_grad_(False)
     for param in getattr(gm, CONTAINER)[adapter].parameters():
         param.requires_grad_(True)
-    return gm

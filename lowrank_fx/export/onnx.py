@@ -37,6 +37,7 @@ from torch.export import Dim
 from ..errors import ExportError
 from ..graph.gates import active_adapters
 from ..passes.fold import fold
+from ..passes.layers import flat_view
 from .adapter_graph import (
     AdapterInput,
     adapter_graph,
@@ -225,6 +226,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
     """
     if example_inputs is None and example_kwargs is None:
         raise ExportError("export_onnx needs example_inputs (and/or example_kwargs): a call the model accepts")
+    model = flat_view(model) if isinstance(model, fx.GraphModule) else model  # layer blocks inlined
     mode = _pick_mode(model, mode)
     sig = signature(model, example_inputs if example_inputs is not None else (), example_kwargs)
     outputs = _output_names(model, sig)
@@ -276,6 +278,7 @@ def export_onnx_adapter(gm: fx.GraphModule, path: str | os.PathLike, adapter: st
     instance one trained later with the same spec. With `model` (an .onnx path) the file is
     checked against that model and removed again if it does not fit.
     """
+    gm = flat_view(gm)
     check_adapter(gm, adapter)
     tensors = adapter_tensors(gm, adapter)
     axes = {e.name: e.rank_axis for e in adapter_inputs(gm, adapter)}

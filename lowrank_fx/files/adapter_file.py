@@ -39,6 +39,7 @@ from ..adapt.rewrite import resolve
 from ..errors import AdapterFileError
 from ..graph.record import CONTAINER, Record
 from ..graph.targets import find_targets
+from ..passes.layers import flat_view
 from ..passes.inject import build_groups
 from ..version import __version__
 from .atomic import write_atomic
@@ -91,6 +92,7 @@ def save_adapters(gm: fx.GraphModule, path: str | os.PathLike, adapter: str | No
     regenerate, e.g. RandLoRA's seeded random bases); buffers that differ from what the
     method regenerates are always stored. Returns the path written.
     """
+    gm = flat_view(gm)  # a graph with layer blocks: the same names, read from its flat graph
     record = Record.find(gm)
     if record is None or not record.adapters:
         raise AdapterFileError("this graph has no adapters to save; add one with lfx.rewrite(model, spec, ...) first")
@@ -193,7 +195,7 @@ def load_adapters(model, path: str | os.PathLike, adapter: str | None = None, ex
             shapes = {target: (int(shape[0]), int(shape[1])) for target, shape in entry["targets"].items()}
         except (TypeError, ValueError, IndexError):
             raise AdapterFileError(f"{path}: malformed target shapes for adapter {name!r}") from None
-        placement = place(gm, name, spec_from_json(entry["spec"]), shapes, entry.get("fingerprint"))
+        placement = place(flat_view(gm), name, spec_from_json(entry["spec"]), shapes, entry.get("fingerprint"))
         prefix = f"{name}."
         items.append((placement, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}))
     install(gm, items, source=f"adapters from {path}")

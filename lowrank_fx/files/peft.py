@@ -48,6 +48,7 @@ from ..errors import AdapterFileError, LowRankFxError
 from ..graph.record import CONTAINER, Record
 from ..graph.op_kinds import ConvKind, EmbeddingKind, LinearKind
 from ..graph.targets import Target, find_targets
+from ..passes.layers import flat_view
 from ..methods.base import Method, unit_key
 from ..spec import ALL_LINEAR, Spec
 from .atomic import write_atomic
@@ -296,7 +297,8 @@ def load_peft(model, directory: str | os.PathLike, adapter: str = "default", exa
             problems.append(str(err))
     if problems:
         raise AdapterFileError(f"cannot load the PEFT adapter in {directory}:\n" + "\n".join(f"  - {p}" for p in problems))
-    gm = capture(model, example_inputs, example_kwargs)
+    structured = capture(model, example_inputs, example_kwargs)
+    gm = flat_view(structured)  # a graph with layer blocks is read flat; adapters are added to it
     targets = find_targets(gm, Record.find(gm).aliases)
     ours = {module: _target_for(module, targets) for module in units}
     bare = {name.removesuffix(".weight") for name in config.get("target_parameters") or []}
@@ -317,8 +319,8 @@ def load_peft(model, directory: str | os.PathLike, adapter: str = "default", exa
         values.update({placement.unit_key(m, name): v for m, tensors in units.items() for name, v in tensors.items()})
         for peft_name, value in shared.items():
             values[placement.shared_key(entry.shared[peft_name].name)] = entry.shared[peft_name].to_ours(value)
-    install(gm, [(placement, values)], source=f"the PEFT adapter in {directory}", cast=True)
-    return gm
+    install(structured, [(placement, values)], source=f"the PEFT adapter in {directory}", cast=True)
+    return structured
 
 
 def _only_adapter(record: Record, adapter: str | None) -> str:
@@ -340,6 +342,7 @@ def save_peft(gm: fx.GraphModule, directory: str | os.PathLike, adapter: str | N
     what the graph computes. `base_model_name_or_path` and `task_type` (e.g. "CAUSAL_LM")
     are written to the config for PEFT's Auto classes. Each file is written atomically.
     """
+    gm = flat_view(gm)  # a graph with layer blocks: the same names, read from its flat graph
     record = Record.find(gm)
     if record is None or not record.adapters:
         raise AdapterFileError("this graph has no adapters to save; add one with lfx.rewrite(model, spec, ...) first")

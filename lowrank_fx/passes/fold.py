@@ -31,6 +31,7 @@ from ..graph.gates import GATES, gate_value
 from ..graph.quantized import dequantized
 from ..graph.record import CONTAINER, KEY, Record, tagged
 from ..graph.targets import Target, find_targets, weight_operand
+from .layers import flat_view
 from ..methods.base import unit_key
 from .quantized_fold import REPORT, fold_dense, fold_requantized, measure, region_bias, regions_by_output
 from .train_modules import fold_trained, trained_values
@@ -206,7 +207,9 @@ def fold(gm: fx.GraphModule, requantize: bool = False, tolerance: float = 1e-2) 
 
     `requantize=True`: quantized targets are quantized again in their base's format rather than
     made dense, and `folded.requantize_report` (a RequantizeReport) gives the output error measured
-    on the capture's examples; a RequantizeWarning says when it is above `tolerance`."""
+    on the capture's examples; a RequantizeWarning says when it is above `tolerance`.
+    A graph with layer blocks (passes/layers.py) folds into a flat one."""
+    gm = flat_view(gm)
     targets, deltas, bias_deltas = adapter_deltas(gm)
     trained = trained_values(gm)  # Spec.train: the active adapter's copies replace the base parameters
     merged = {name: merged_weight(gm.get_parameter(targets[name].weight), delta, targets[name], gm)
