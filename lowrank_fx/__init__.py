@@ -15,6 +15,7 @@ from .methods.lora import LoRA
 from .methods.lorta import LoRTA
 from .methods.randlora import RandLoRA
 from .methods.trainable_tokens import TrainableTokens
+from .passes.checkpoint_layers import checkpoint_layers
 from .passes.fold import fold as merge
 from .spec import Spec
 from .training.loraplus import loraplus_optimizer, loraplus_param_groups
@@ -31,4 +32,5 @@ __all__ = [
     "set_active_adapters", "active_adapters", "Trainer", "TrainingError",
     "quantize_base", "QuantizedBaseError",
     "generate", "export_generation", "GenerationExport", "GenerationSession",
+    "checkpoint_layers",
 ]
