@@ -8,8 +8,8 @@ from ..errors import SpecError, TargetError
 from ..graph.heads import left_out
 from ..graph.record import CONTAINER, AdapterInfo, Record
 from ..graph.targets import Target, find_targets, weight_uses
-from ..passes.inject import inject
 from ..passes.checkpoint_layers import checkpoint_layers, checkpointed
+from ..passes.inject import inject
 from ..passes.layers import candidates, structure, unstructure
 from ..passes.train_modules import add_trained, check_trained, drop_trained, refuse_trained_targets, resolve_trained
 from ..spec import Spec, _compile

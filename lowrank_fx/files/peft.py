@@ -45,11 +45,11 @@ from torch import fx
 from ..adapt.capture import capture
 from ..adapt.rewrite import resolve
 from ..errors import AdapterFileError, LowRankFxError
-from ..graph.record import CONTAINER, Record
 from ..graph.op_kinds import ConvKind, EmbeddingKind, LinearKind
+from ..graph.record import CONTAINER, Record
 from ..graph.targets import Target, find_targets
-from ..passes.layers import flat_view
 from ..methods.base import Method, unit_key
+from ..passes.layers import flat_view
 from ..spec import ALL_LINEAR, Spec
 from .atomic import write_atomic
 from .into_graph import install, place

@@ -31,8 +31,8 @@ from ..graph.gates import GATES, gate_value
 from ..graph.quantized import dequantized
 from ..graph.record import CONTAINER, KEY, Record, tagged
 from ..graph.targets import Target, find_targets, weight_operand
-from .layers import flat_view
 from ..methods.base import unit_key
+from .layers import flat_view
 from .quantized_fold import REPORT, fold_dense, fold_requantized, measure, region_bias, regions_by_output
 from .train_modules import fold_trained, trained_values
 
