@@ -17,6 +17,7 @@ from .methods.randlora import RandLoRA
 from .methods.trainable_tokens import TrainableTokens
 from .passes.checkpoint_layers import checkpoint_layers
 from .passes.fold import fold as merge
+from .passes.fuse_sites import fuse_sites
 from .spec import Spec
 from .training.loraplus import loraplus_optimizer, loraplus_param_groups
 from .training.trainer import Trainer
@@ -30,7 +31,7 @@ __all__ = [
     "AdapterFileError",
     "export_onnx", "export_onnx_adapter", "OnnxExport", "AdapterSession", "ExportError",
     "set_active_adapters", "active_adapters", "Trainer", "TrainingError",
-    "quantize_base", "QuantizedBaseError",
+    "quantize_base", "QuantizedBaseError", "fuse_sites",
     "generate", "export_generation", "GenerationExport", "GenerationSession",
     "checkpoint_layers",
 ]
