@@ -143,6 +143,15 @@ def test_other_examples_or_options_miss(case, exports):
     assert len(exports) == 3
 
 
+def test_another_attention_implementation_misses(exports):
+    case = build("llama")
+    sdpa = capture(case.model, case.args, case.kwargs)
+    case.model.set_attn_implementation("eager")  # not in config.to_dict(), yet another graph
+    eager = capture(case.model, case.args, case.kwargs)
+    assert len(exports) == 2 and eager.code != sdpa.code
+    assert torch.allclose(_out(case, eager), _out(case, sdpa), atol=1e-5)
+
+
 def test_the_memo_holds_its_model_weakly():
     model = build("llama").model
     capture(model, (torch.randint(0, 128, (2, 8)),), {"use_cache": False})

@@ -58,12 +58,15 @@ def tensors_spec(model: nn.Module) -> list:
 
 
 def config_spec(model: nn.Module):
-    """A Hugging Face model's `config.to_dict()` (None for other models), JSON-safe."""
+    """A Hugging Face model's `config.to_dict()` (None for other models), JSON-safe, with the
+    attention implementation (sdpa, eager, ...), which to_dict leaves out and the graph shows."""
     config = getattr(model, "config", None)
     to_dict = getattr(config, "to_dict", None)
     if not callable(to_dict):
         return None
-    return json.loads(json.dumps(to_dict(), sort_keys=True, default=repr))
+    spec = json.loads(json.dumps(to_dict(), sort_keys=True, default=repr))
+    spec["_attn_implementation"] = repr(getattr(config, "_attn_implementation", None))
+    return spec
 
 
 @lru_cache(maxsize=None)
