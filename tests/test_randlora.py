@@ -219,7 +219,7 @@ def test_eager_backward_keeps_no_large_activation_nor_dense_delta(form):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gm.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("form", ["factored", "dense"])
+@pytest.mark.parametrize("form", ["factored", "dense", "auto"])
 def test_compiled_matches_eager_and_saves_no_large_tensor(form):
     from torch._dynamo.backends.common import aot_autograd
     from torch._dynamo.backends.debugging import boxed_nop
@@ -262,11 +262,11 @@ def test_compiled_matches_eager_and_saves_no_large_tensor(form):
     returned = list(forward.output_node().args[0])
     saved = [n for n in returned[1:] if n.op != "placeholder"]  # inputs (weights, bases, x) are kept anyway
     assert saved and all(n.meta["val"].numel() < LIMIT for n in saved), [n.meta["val"].shape for n in saved]
-    # Δy and its gradients are opaque ops of their own (randlora_op.py), whatever the form
+    # "auto" is an opaque op (randlora_op.py); the fixed forms are traced: the dense form builds
+    # ΔW in each pass (and, as checked above, does not keep it), the factored form never
     for graph, op in ((forward, torch.ops.lowrank_fx.randlora_delta.default),
                       (graphs["backward"].graph, torch.ops.lowrank_fx.randlora_delta_backward.default)):
-        assert sum(n.target == op for n in graph.nodes) == 2
-    for graph in (forward, graphs["backward"].graph):
+        assert sum(n.target == op for n in graph.nodes) == (2 if form == "auto" else 0)
         products = [tuple(n.meta["val"].shape) for n in graph.nodes
                     if n.op == "call_function" and n.target in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)]
-        assert not {(OUT, IN), (IN, OUT)} & set(products)
+        assert bool({(OUT, IN), (IN, OUT)} & set(products)) == (form == "dense")

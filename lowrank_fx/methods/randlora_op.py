@@ -9,9 +9,11 @@ also fixes what autograd keeps, eager and compiled alike: x, s·λ, γ and the t
 never ΔW (D, d) or Â (N·r, d), which no compiler pass can move out of an opaque op. Its
 backward is a second op, `randlora_delta_backward`, which rebuilds what it needs and chooses
 the form of the backward pass by that pass's own costs. `delta_forward` and `delta_backward`
-are the two ops' implementations; eager calls run them through `_EagerDelta`, an
-autograd.Function with the same saved tensors, as a custom op's dispatch costs more than its
-products at small sizes and only the compiler needs the op.
+are the two ops' implementations. Only a compiled `form="auto"` needs the op: eager calls,
+and compiled calls with a fixed form (no choice, so no guard), run the same implementations
+through `_Delta`, an autograd.Function with the same saved tensors. That spares them the op's
+dispatch, which costs more than its products at small sizes, and lets the compiler fuse the
+element-wise work (Â, dλ, dγ) into the graph around it.
 
     lowrank_fx::randlora_delta(x (..., in), s·λ (r, N), γ (N, d), basis_A, basis_B,
                                big, tall, form, compute) -> Δy (..., out)
@@ -37,11 +39,19 @@ from . import randlora_forms as forms
 from .randlora_ops import diagonal_grads, scaled_basis, sliced_bases
 
 
-def _operands(lam_s, gamma, basis_A, basis_B, big: int, dtype: torch.dtype):
-    """(A (r, d), and in `dtype` Bc (D, R) and S = Â(s·λ) = s·Â (R, d)) of one target."""
+def _operands(lam_s, gamma, basis_A, basis_B, big: int, dtype: torch.dtype, backward: bool = False):
+    """(A (r, d), and in `dtype` Bc (D, R) and S = Â(s·λ) = s·Â (R, d)) of one target.
+
+    Backward multiplies S's factors in another order on purpose: a compiler tracing both passes
+    would otherwise merge the two expressions (CSE) and keep forward's S, or the dense form's
+    ΔW built from it, alive until backward, which is what this module exists to avoid."""
     rank, n = lam_s.shape
     A, Bc = sliced_bases(basis_A, basis_B, rank, n, gamma.shape[1], big)
-    return A, Bc.to(dtype), scaled_basis(A, lam_s, gamma).to(dtype)
+    if backward:
+        S = (lam_s[:, :, None] * (A[:, None, :] * gamma[None, :, :])).reshape(rank * n, -1)
+    else:
+        S = scaled_basis(A, lam_s, gamma)
+    return A, Bc.to(dtype), S.to(dtype)
 
 
 def delta_forward(x: torch.Tensor, lam_s: torch.Tensor, gamma: torch.Tensor, basis_A: torch.Tensor,
@@ -71,7 +81,7 @@ def delta_backward(grad: torch.Tensor, x: torch.Tensor, lam_s: torch.Tensor, gam
     costs = forms.pass_costs(x2.shape[0], big, gamma.shape[1], lam_s.numel(), tall, backward=True,
                              input_grad=input_grad)
     with torch.autocast(x.device.type, enabled=False):
-        A, Bc, S = _operands(lam_s, gamma, basis_A, basis_B, big, compute)
+        A, Bc, S = _operands(lam_s, gamma, basis_A, basis_B, big, compute, backward=True)
         grad_S, grad_x = forms.backward(g2.to(compute), x2.to(compute), Bc, S, tall, forms.use_dense(form, costs),
                                         input_grad)
         grads = list(diagonal_grads(grad_S.to(lam_s.dtype), A, lam_s, gamma))
@@ -101,8 +111,8 @@ def _gradients(ctx, grad, backward=torch.ops.lowrank_fx.randlora_delta_backward)
 _delta_op.register_autograd(_gradients, setup_context=_setup)
 
 
-class _EagerDelta(torch.autograd.Function):
-    """The op's autograd outside torch.compile (module docstring)."""
+class _Delta(torch.autograd.Function):
+    """The op's autograd as a traceable Function, for eager calls and compiled fixed forms."""
 
     @staticmethod
     def forward(ctx, *inputs):
@@ -125,12 +135,12 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 def randlora_delta(x: torch.Tensor, lam: torch.Tensor, gamma: torch.Tensor, basis_A: torch.Tensor,
                    basis_B: torch.Tensor, big: int, tall: bool, scale, form: str) -> torch.Tensor:
     """Δy (..., out) for x (..., in) and the scale s (a float, or a (1,) tensor as
-    export/adapter_graph.py makes it): the custom op when compiling, its eager twin otherwise,
-    plain ops when exporting."""
+    export/adapter_graph.py makes it): plain ops when exporting, the custom op when compiling
+    form="auto", else `_Delta`."""
     lam_s = lam * scale
     if torch.compiler.is_exporting():
         _, Bc, S = _operands(lam_s, gamma, basis_A, basis_B, big, x.dtype)
         delta = forms.forward(x.reshape(-1, x.shape[-1]), Bc, S, tall, form == "dense")
         return delta.reshape(*x.shape[:-1], delta.shape[-1])
-    run = torch.ops.lowrank_fx.randlora_delta if torch.compiler.is_compiling() else _EagerDelta.apply
+    run = torch.ops.lowrank_fx.randlora_delta if form == "auto" and torch.compiler.is_compiling() else _Delta.apply
     return run(x, lam_s, gamma, basis_A, basis_B, big, tall, form, compute_dtype(x))
