@@ -117,3 +117,22 @@ def test_multihead_attention_rows_keep_their_units():
     fused = fuse_sites(gm)
     with torch.no_grad():
         assert _rel(fused(x, x, x)[0], gm(x, x, x)[0]) < 1e-6
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_layer_blocks_are_fused_inside_and_the_structured_graph_is_untouched(checkpointed):
+    case = build("llama")
+    spec = lfx.Spec("all-linear", method=LORA)
+    gm = lfx.rewrite(case.model, spec, example_inputs=case.args, example_kwargs=case.kwargs, layers="auto").eval()
+    if checkpointed:
+        lfx.checkpoint_layers(gm)
+    block_code = gm.get_submodule("model.layers.0").code
+    fused = fuse_sites(gm).eval()
+    assert gm.get_submodule("model.layers.0").code == block_code
+    block = fused.get_submodule("model.layers.0")
+    assert sorted(len(n.args) - 1 for n in block.graph.nodes if n.target is stacked_down) == [1, 1, 2, 3]
+    expected = _forward_backward(gm, case, case.other_args, case.other_kwargs)
+    expected_grads = _grads(gm)
+    got = _forward_backward(fused, case, case.other_args, case.other_kwargs)
+    assert _rel(got, expected) < 1e-6
+    assert all(_rel(g, expected_grads[n]) < 1e-5 for n, g in _grads(gm).items())

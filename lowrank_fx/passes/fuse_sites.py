@@ -11,7 +11,9 @@ over the same modules and tensors (training it trains `gm`'s adapters) where
   - each site is one matmul with the add inside, y'_i = y_i + h_i (g · s_i · B_i)ᵀ  (`addmm`):
     the scale s_i and gate g fold into B_i (out × r work), and Δy never exists.
 
-Only plain LoRA units on linear sites take part: no dropout (its mask differs per unit), no
+A graph structured into layer blocks (passes/layers.py, checkpointed or not) gets each
+block's sites rewritten inside a copy of the block, installed at the block's path in the new
+graph only. Only plain LoRA units on linear sites take part: no dropout (its mask differs per unit), no
 bias, no DoRA, one dtype, no row slice (MultiheadAttention's packed projection). Every other
 site keeps its unit. The rewrite is exact up to float rounding order: the same sums.
 """
@@ -29,6 +31,7 @@ from torch import fx, nn
 from ..graph.op_kinds import LinearKind
 from ..graph.record import KEY
 from ..methods.lora_unit import LoRAUnit
+from .layers import block_call
 
 
 def stacked_down(x: torch.Tensor, *factors: torch.Tensor) -> torch.Tensor:
@@ -58,6 +61,13 @@ def _fusable(gm: fx.GraphModule, delta: fx.Node) -> LoRAUnit | None:
     return unit
 
 
+def _install(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Put `module` at `path` of `root` (whose parents on that path are its own: GraphModule copies
+    make fresh ones)."""
+    owner, _, leaf = path.rpartition(".")
+    setattr(root.get_submodule(owner) if owner else root, leaf, module)
+
+
 def fuse_sites(gm: fx.GraphModule) -> fx.GraphModule:
     """A graph computing what `gm` computes, over `gm`'s own modules and tensors, with its LoRA
     sites in the training form above. `gm` itself is unchanged."""
@@ -68,6 +78,10 @@ def fuse_sites(gm: fx.GraphModule) -> fx.GraphModule:
         if hasattr(gm, attr):
             setattr(fused, attr, getattr(gm, attr))
     fused.meta.update(getattr(gm, "meta", {}))
+    for node in list(fused.graph.nodes):
+        found = block_call(fused, node)
+        if found is not None:
+            _install(fused, found[0], fuse_sites(fused.get_submodule(found[0])))
     order = {node: i for i, node in enumerate(fused.graph.nodes)}
     groups: dict[tuple[str, fx.Node], list[tuple[fx.Node, LoRAUnit]]] = {}
     for node in list(fused.graph.nodes):
