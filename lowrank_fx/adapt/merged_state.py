@@ -26,6 +26,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import MergeError
+from ..graph.dtensors import whole
 from ..graph.quant_formats import requantize as requantize_tensor
 from ..graph.quant_formats import requantize_bitsandbytes
 from ..graph.quantized import dequantized
@@ -119,9 +120,12 @@ def merged_plan(gm: fx.GraphModule) -> tuple[dict[str, torch.Tensor], list[tuple
 
 
 def merged_state_dict(gm: fx.GraphModule, untie: bool = False) -> dict[str, torch.Tensor]:
-    """Dense weights keyed by the original model's names: `model.load_state_dict(state)`."""
-    gm = flat_view(gm)  # a graph with layer blocks: the same names
-    state, conflicts = merged_plan(gm)
+    """Dense weights keyed by the original model's names: `model.load_state_dict(state)`.
+    A graph sharded by FSDP2 is gathered for it (every rank calls; each gets the whole state)."""
+    with whole(gm) as sharded:
+        state, conflicts = merged_plan(flat_view(gm))  # a graph with layer blocks: the same names
+        if sharded:
+            state = {key: value.clone() for key, value in state.items()}
     if conflicts and not untie:
         pairs = "; ".join(f"{a} is tied to {b}" for a, b in conflicts)
         raise MergeError(

@@ -37,10 +37,11 @@ from torch import fx, nn
 from ..adapt.capture import capture
 from ..adapt.rewrite import resolve
 from ..errors import AdapterFileError
+from ..graph.dtensors import whole, writes_files
 from ..graph.record import CONTAINER, Record
 from ..graph.targets import find_targets
-from ..passes.layers import flat_view
 from ..passes.inject import build_groups
+from ..passes.layers import flat_view
 from ..version import __version__
 from .atomic import write_atomic
 from .into_graph import install, place
@@ -91,8 +92,14 @@ def save_adapters(gm: fx.GraphModule, path: str | os.PathLike, adapter: str | No
     `include_buffers=True` also stores non-persistent buffers (which methods otherwise
     regenerate, e.g. RandLoRA's seeded random bases); buffers that differ from what the
     method regenerates are always stored. Returns the path written.
+    A graph sharded by FSDP2 is gathered: every rank calls this, rank 0 writes.
     """
-    gm = flat_view(gm)  # a graph with layer blocks: the same names, read from its flat graph
+    with whole(gm) as sharded:
+        data, path = _serialised(flat_view(gm), path, adapter, include_buffers)  # blocks: the flat names
+    return write_atomic(path, data) if writes_files(sharded) else path
+
+
+def _serialised(gm: fx.GraphModule, path, adapter: str | None, include_buffers: bool) -> tuple[bytes, Path]:
     record = Record.find(gm)
     if record is None or not record.adapters:
         raise AdapterFileError("this graph has no adapters to save; add one with lfx.rewrite(model, spec, ...) first")
@@ -112,8 +119,7 @@ def save_adapters(gm: fx.GraphModule, path: str | os.PathLike, adapter: str | No
         }
     manifest = {"format": FORMAT, "version": VERSION, "lowrank_fx": __version__,
                 "checksum": _checksum(tensors), "adapters": adapters}
-    data = safetensors.torch.save(tensors, metadata={MANIFEST_KEY: json.dumps(manifest), "format": "pt"})
-    return write_atomic(path, data)
+    return safetensors.torch.save(tensors, metadata={MANIFEST_KEY: json.dumps(manifest), "format": "pt"}), path
 
 
 def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:

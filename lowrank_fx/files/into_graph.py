@@ -26,6 +26,7 @@ from torch import fx, nn
 
 from ..adapt.rewrite import resolve, rewrite
 from ..errors import AdapterFileError, LowRankFxError, nearest
+from ..graph.dtensors import like_slot
 from ..graph.record import CONTAINER, Record
 from ..graph.targets import find_targets
 from ..methods.base import unit_key
@@ -232,4 +233,4 @@ def install(gm: fx.GraphModule, items: list[tuple[Placement, dict[str, torch.Ten
             required, optional = _slots(container[placement.adapter])
             for key, value in tensors.items():
                 slot = required.get(key, optional.get(key))
-                slot.copy_(value.to(slot.dtype))
+                slot.copy_(like_slot(slot, value.to(slot.dtype)))  # an FSDP2 slot gets this rank's shard

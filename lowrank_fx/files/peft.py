@@ -45,6 +45,7 @@ from torch import fx
 from ..adapt.capture import capture
 from ..adapt.rewrite import resolve
 from ..errors import AdapterFileError, LowRankFxError
+from ..graph.dtensors import whole, writes_files
 from ..graph.op_kinds import ConvKind, EmbeddingKind, LinearKind
 from ..graph.record import CONTAINER, Record
 from ..graph.targets import Target, find_targets
@@ -341,8 +342,21 @@ def save_peft(gm: fx.GraphModule, directory: str | os.PathLike, adapter: str | N
     `peft.PeftModel.from_pretrained(original_model, directory)` then loads it and computes
     what the graph computes. `base_model_name_or_path` and `task_type` (e.g. "CAUSAL_LM")
     are written to the config for PEFT's Auto classes. Each file is written atomically.
+    A graph sharded by FSDP2 is gathered: every rank calls this, rank 0 writes.
     """
-    gm = flat_view(gm)  # a graph with layer blocks: the same names, read from its flat graph
+    with whole(gm) as sharded:
+        config, tensors = _peft_files(flat_view(gm), adapter, base_model_name_or_path, task_type)  # blocks: flat names
+    directory = Path(directory)
+    if not writes_files(sharded):
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
+    write_atomic(directory / WEIGHTS, safetensors.torch.save(tensors, metadata={"format": "pt"}))
+    write_atomic(directory / CONFIG, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    return directory
+
+
+def _peft_files(gm: fx.GraphModule, adapter: str | None, base_model_name_or_path, task_type) -> tuple[dict, dict]:
+    """(adapter_config.json's content, adapter_model.safetensors' tensors) of `adapter`."""
     record = Record.find(gm)
     if record is None or not record.adapters:
         raise AdapterFileError("this graph has no adapters to save; add one with lfx.rewrite(model, spec, ...) first")
@@ -394,9 +408,4 @@ def save_peft(gm: fx.GraphModule, directory: str | os.PathLike, adapter: str | N
         for peft_name, shared in entry.shared.items():
             value = shared.to_peft(getattr(group, shared.name), method)
             tensors[f"{SHARED_PREFIX}{peft_name}"] = tensors[f"{PREFIX}{module}.{peft_name}"] = value
-    tensors = {key: value.detach().cpu().contiguous().clone() for key, value in tensors.items()}
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    write_atomic(directory / WEIGHTS, safetensors.torch.save(tensors, metadata={"format": "pt"}))
-    write_atomic(directory / CONFIG, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
-    return directory
+    return config, {key: value.detach().cpu().contiguous().clone() for key, value in tensors.items()}

@@ -30,6 +30,7 @@ import torch
 from ..errors import TrainingError
 from ..files.adapter_file import load_adapters, save_adapters
 from ..files.atomic import write_atomic
+from ..graph.dtensors import gathered, is_dtensor, like_slot, writes_files
 
 LATEST = "latest.json"
 ADAPTERS = "adapters.safetensors"
@@ -48,7 +49,7 @@ def _optimizer_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.
     for index, entries in state["state"].items():
         for name, value in entries.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"optimizer.{index}.{name}"] = value.detach().cpu().contiguous()
+                tensors[f"optimizer.{index}.{name}"] = gathered(value).detach().cpu().contiguous()
             else:
                 scalars.setdefault(str(index), {})[name] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
@@ -85,9 +86,13 @@ def save_checkpoint(root: str | Path, gm, optimizer: torch.optim.Optimizer, posi
     """Write the checkpoint of step `position["step"]` under `root`; returns its directory."""
     root = Path(root)
     step_dir = root / f"step-{position['step']:08d}"
-    step_dir.mkdir(parents=True, exist_ok=True)
+    writes = writes_files(any(map(is_dtensor, gm.parameters())))  # FSDP2: every rank gathers, rank 0 writes
+    if writes:
+        step_dir.mkdir(parents=True, exist_ok=True)
     save_adapters(gm, step_dir / ADAPTERS)
     tensors, meta = _optimizer_parts(optimizer)
+    if not writes:
+        return step_dir
     tensors.update(_rng_tensors())
     meta.update(position)
     data = safetensors.torch.save(tensors, metadata={META_KEY: json.dumps(meta)})
@@ -121,8 +126,14 @@ def load_checkpoint(step_dir: Path, gm, optimizer: torch.optim.Optimizer) -> dic
     with safetensors.safe_open(str(step_dir / STATE), framework="pt") as file:
         meta = json.loads((file.metadata() or {})[META_KEY])
         tensors = {key: file.get_tensor(key) for key in file.keys()}
+    state = _optimizer_state(tensors, meta)
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    for index, entries in state["state"].items():  # FSDP2: this rank's shard of each moment
+        for name, value in entries.items():
+            if isinstance(value, torch.Tensor) and index < len(params) and value.shape == params[index].shape:
+                entries[name] = like_slot(params[index], value)
     try:
-        optimizer.load_state_dict(_optimizer_state(tensors, meta))
+        optimizer.load_state_dict(state)
     except (ValueError, KeyError) as err:
         raise TrainingError(
             f"the optimizer state in {step_dir} does not fit this optimizer ({err}); resume with the "

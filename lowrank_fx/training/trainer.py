@@ -13,8 +13,11 @@ micro-batches and a mean loss this is the step on their concatenation.
   `torch.compile(..., fullgraph=True, dynamic=True)` (compile=True: inductor; or a
   torch.compile backend, e.g. "aot_eager"; compile=False: eager);
   if compiling fails on the first batch, a warning says why and training goes on eagerly.
-  `distributed=True` wraps it in DistributedDataParallel (call
-  torch.distributed.init_process_group first; see README "Training").
+  `distributed="ddp"` (or True) wraps it in DistributedDataParallel; `distributed="fsdp"`
+  shards it per layer block with FSDP2 (fsdp.py; a graph rewritten with layers="auto"),
+  trained as it is (without fuse_sites' copy, whose root tensors FSDP would not shard),
+  and every rank takes part in checkpoints (rank 0 writes). Call
+  torch.distributed.init_process_group first; see README "Several processes".
 - checkpoint_activations=True: `lfx.checkpoint_layers(gm)` (in place), so each layer block
   recomputes in backward (a graph rewritten with layers="auto"); `memory_budget` (0 to 1)
   sets torch.compile's activation memory budget (`torch._functorch.config.activation_memory_budget`)
@@ -43,6 +46,7 @@ from ..errors import SpecError, TrainingError
 from ..passes.checkpoint_layers import checkpoint_layers
 from ..passes.fuse_sites import fuse_sites
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .fsdp import shard_layers
 from .loraplus import loraplus_param_groups
 from .schedule import check_schedule, lr_factor
 
@@ -71,6 +75,16 @@ def _check_budget(budget: float | None, compile) -> float | None:
     return float(budget)
 
 
+def _check_distributed(distributed) -> str | None:
+    """None, "ddp" or "fsdp" for the `distributed` option (True means "ddp")."""
+    if distributed not in (False, True, "ddp", "fsdp"):
+        raise SpecError(f"distributed must be False, 'ddp' (or True) or 'fsdp', got {distributed!r}")
+    if distributed and not torch.distributed.is_initialized():
+        raise SpecError(f"distributed={distributed!r} needs torch.distributed.init_process_group(...) first "
+                        "(torchrun sets the environment it reads)")
+    return {True: "ddp", "ddp": "ddp", "fsdp": "fsdp"}.get(distributed)
+
+
 class Trainer:
     """Trains the adapters of `gm` (see the module docstring for each feature).
 
@@ -88,7 +102,7 @@ class Trainer:
                  weight_decay: float = 0.0, optimizer_cls=torch.optim.AdamW, accumulate: int = 1,
                  schedule: str = "cosine", warmup_steps: int = 0, min_lr_ratio: float = 0.0,
                  max_grad_norm: float | None = None, compile=True,
-                 autocast: bool | None = None, distributed: bool = False,
+                 autocast: bool | None = None, distributed: bool | str = False,
                  checkpoint_activations: bool = False, memory_budget: float | None = None,
                  checkpoint_dir: str | Path | None = None, checkpoint_every: int | None = None,
                  keep_checkpoints: int = 2, resume: bool = True, progress: bool = True,
@@ -103,6 +117,9 @@ class Trainer:
         self.schedule, self.warmup, self.min_lr_ratio = schedule, warmup_steps, min_lr_ratio
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.checkpoint_every, self.keep, self.progress = checkpoint_every, keep_checkpoints, progress
+        self.sharded = _check_distributed(distributed) == "fsdp"
+        if self.sharded:
+            shard_layers(gm)  # before the optimizer: FSDP2 makes the parameters DTensors
         groups = loraplus_param_groups(gm, lr, loraplus_ratio, weight_decay)
         for group in groups:
             group["lfx_base_lr"] = group["lr"]
@@ -126,14 +143,11 @@ class Trainer:
     def _model(self, compile: bool | str, distributed: bool):
         self.compiled, self.compile_checked = bool(compile), False
         self.distributed = distributed
-        model = self.train_graph = fuse_sites(self.gm)  # the same adapters, sites in training form
+        model = self.train_graph = self.gm if self.sharded else fuse_sites(self.gm)  # sites in training form
         if compile:
             backend = "inductor" if compile is True else compile
             model = torch.compile(self.train_graph, backend=backend, fullgraph=True, dynamic=True)
-        if distributed and not torch.distributed.is_initialized():
-            raise SpecError("distributed=True needs torch.distributed.init_process_group(...) first "
-                            "(torchrun sets the environment it reads)")
-        return self._ddp(model) if distributed else model
+        return self._ddp(model) if distributed and not self.sharded else model
 
     def _ddp(self, model):
         from torch.nn.parallel import DistributedDataParallel
@@ -158,7 +172,7 @@ class Trainer:
                               "training continues without compiling (pass compile=False to skip trying)",
                               stacklevel=3)
                 self.compiled = False
-                if self.distributed:
+                if self.distributed and not self.sharded:
                     self.model.module = self.train_graph  # the same DDP wrapper (and gradient hooks), eager inside
                 else:
                     self.model = self.train_graph
@@ -172,8 +186,8 @@ class Trainer:
     def _checkpoint(self) -> None:
         if self.checkpoint_dir is None:
             return
-        if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
-            return
+        if not self.sharded and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+            return  # DDP: rank 0 holds everything; FSDP: every rank gathers, rank 0 writes
         self.last_checkpoint = save_checkpoint(self.checkpoint_dir, self.gm, self.optimizer,
                                                {"step": self.step, "batches": self.batches}, self.keep)
 
