@@ -136,7 +136,7 @@ def _membership(gm: fx.GraphModule, blocks: set[str]) -> dict[fx.Node, str]:
     return member
 
 
-def _contiguous(gm: fx.GraphModule, path: str, nodes: list[fx.Node]) -> str | None:
+def _contiguous(nodes: list[fx.Node]) -> str | None:
     """Move the nodes between the block's first and last that do not depend on the block
     before it; the reason if one does (the block's calls interleave with other work)."""
     inside = set(nodes)
@@ -153,10 +153,10 @@ def _contiguous(gm: fx.GraphModule, path: str, nodes: list[fx.Node]) -> str | No
     return None
 
 
-def _mirror(block: nn.Module, target: str, module: nn.Module) -> None:
-    """Register `module` in `block` at the root-relative path `target` (the same object)."""
+def _register(holder: nn.Module, target: str, module: nn.Module) -> None:
+    """Register `module` (the same object) in `holder` at the dotted path `target`, making
+    plain intermediate modules where there are none."""
     *parents, name = target.split(".")
-    holder = block
     for part in parents:
         child = holder._modules.get(part)
         if child is None:
@@ -169,7 +169,10 @@ def _mirror(block: nn.Module, target: str, module: nn.Module) -> None:
 def _block_module(gm: fx.GraphModule, path: str, kind: str, graph: fx.Graph,
                   mirrored: dict[str, nn.Module]) -> fx.GraphModule:
     """A GraphModule running `graph` that holds the layer's own children and tensors."""
-    layer = gm.get_submodule(path)
+    try:
+        layer = gm.get_submodule(path)
+    except AttributeError:  # a layer without tensors of its own is not in the captured tree
+        layer = nn.Module()
     block = fx.GraphModule(nn.Module(), fx.Graph(), class_name=kind + "Block")
     for name, child in layer._modules.items():
         block.add_module(name, child)
@@ -178,7 +181,7 @@ def _block_module(gm: fx.GraphModule, path: str, kind: str, graph: fx.Graph,
     for name, buffer in layer._buffers.items():
         block.register_buffer(name, buffer, persistent=name not in layer._non_persistent_buffers_set)
     for target, module in mirrored.items():
-        _mirror(block, target, module)
+        _register(block, target, module)
     block.meta[BLOCK] = sorted({target.split(".")[0] for target in mirrored})
     block.graph = graph
     block.train(layer.training)
@@ -229,8 +232,7 @@ def _extract(gm: fx.GraphModule, path: str, kind: str, nodes: list[fx.Node]) -> 
             node.replace_all_uses_with(item, delete_user_cb=lambda user: user not in inside)
     for node in reversed(nodes):
         gm.graph.erase_node(node)
-    parent, _, name = path.rpartition(".")
-    setattr(gm.get_submodule(parent), name, block)
+    _register(gm, path, block)
     return BlockInfo(path, kind, len(nodes), len(inputs), len(outputs))
 
 
@@ -251,7 +253,7 @@ def structure(gm: fx.GraphModule, layers="auto") -> Structured:
     result = Structured([])
     for path in sorted(runs, key=lambda p: order[min(runs[p], key=order.__getitem__)]):
         nodes = sorted(runs[path], key=order.__getitem__)
-        problem = _contiguous(gm, path, nodes)
+        problem = _contiguous(nodes)
         if problem is not None:
             if layers != "auto":
                 raise SpecError(f"cannot make {path} a block: {problem}; name other modules in layers=[...]")
