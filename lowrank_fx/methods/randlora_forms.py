@@ -36,6 +36,18 @@ factored form always costs more, and T* is finite. With R = d: T* = D (forward),
 d x d target switches at T = d in forward and T = 2d in backward; a tall target with D ≥ 2d
 keeps the factored backward at any T. `form="auto"` picks the cheaper form per pass from
 these counts, so forward and backward of one call may use different forms.
+
+At a site y' = x Wᵀ + b + g·Δy on a plain dense linear, fuse_sites' training form can also add
+g·ΔW to W before the base product (randlora_merged.py): one product of W's size in all, whose
+counts are the dense column's above (building P, then y', dx and dP each one T·D·d product).
+Against it stands the base product (T·D·d forward, and T·D·d for dx) plus the factored form:
+
+    forward               T* = D·d / (D + d) = ρ
+    backward with dx      tall T* = 2·D·d·R / (R·(D + 2d) − D·d),  wide T* = 2·D·d·R / (2·R·(D + d) − D·d)
+    backward without dx   T* = ρ·R / (R − ρ)  (as above: no base product)
+
+all finite, since R ≥ d. For a square d x d target (tall) with R = d: d/2 forward, d backward with dx.
+`merged_costs` gives both sides; `form="auto"` merges where it is cheaper, per pass.
 """
 
 from __future__ import annotations
@@ -54,8 +66,18 @@ def pass_costs(tokens: int, big: int, small: int, cols: int, tall: bool, backwar
     return tokens * cols * (big + small), big * small * (cols + tokens)
 
 
+def merged_costs(tokens: int, big: int, small: int, cols: int, tall: bool, backward: bool = False,
+                 input_grad: bool = True) -> tuple[int, int]:
+    """(base product + factored Δy, merged product) multiply-adds of one pass at a site; the merged
+    form's are pass_costs' dense ones."""
+    factored, dense = pass_costs(tokens, big, small, cols, tall, backward, input_grad)
+    base = tokens * big * small if not backward or input_grad else 0
+    return factored + base, dense
+
+
 def use_dense(form: str, costs: tuple[int, int]) -> bool:
-    """Whether a pass of `costs` = (factored, dense) runs in the dense form under `form`."""
+    """Whether a pass of `costs` = (factored, dense) runs in the dense form under `form` (for
+    merged_costs: whether it merges)."""
     if form == "auto":
         return costs[1] < costs[0]
     return form == "dense"

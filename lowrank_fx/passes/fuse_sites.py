@@ -1,4 +1,4 @@
-"""The training form of LoRA sites: exact rewrites that read each activation once.
+"""The training form of LoRA and RandLoRA sites: exact rewrites that read each activation once.
 
 `rewrite` leaves one unit per site, y' = addcmul(y, s · (x Aᵀ) Bᵀ, g), which is what folding,
 export and adapter files read. Per step that form reads x once per site and writes and reads
@@ -11,11 +11,18 @@ over the same modules and tensors (training it trains `gm`'s adapters) where
   - each site is one matmul with the add inside, y'_i = y_i + h_i (g · s_i · B_i)ᵀ  (`addmm`):
     the scale s_i and gate g fold into B_i (out × r work), and Δy never exists.
 
+RandLoRA sites on a plain dense linear (`aten.linear` with a frozen float weight; not quantized,
+no conv or embedding, no row slice, no dropout) become the other kind of fused site: the base
+product and the unit give way to y' = x (W + g·ΔW)ᵀ + b, one product of W's size
+(methods/randlora_merged.py), with form="auto" choosing per pass between that and the base
+product plus the factored Δy; form="factored" keeps the unit.
+
 A graph structured into layer blocks (passes/layers.py, checkpointed or not) gets each
 block's sites rewritten inside a copy of the block, installed at the block's path in the new
-graph only. Only plain LoRA units on linear sites take part: no dropout (its mask differs per unit), no
-bias, no DoRA, one dtype, no row slice (MultiheadAttention's packed projection). Every other
-site keeps its unit. The rewrite is exact up to float rounding order: the same sums.
+graph only. Of LoRA, only plain units on linear sites take part: no dropout (its mask differs per
+unit), no bias, no DoRA, one dtype, no row slice (MultiheadAttention's packed projection). Every
+other site keeps its unit. The weight must be frozen when fuse_sites runs (the merged product
+gives no dW). The rewrite is exact up to float rounding order: the same sums.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ from torch import fx, nn
 from ..graph.op_kinds import LinearKind
 from ..graph.record import KEY
 from ..methods.lora_unit import LoRAUnit
+from ..methods.randlora import RandLoRAUnit
+from ..methods.randlora_merged import randlora_linear
 from .layers import block_call
 
 
@@ -61,6 +70,43 @@ def _fusable(gm: fx.GraphModule, delta: fx.Node) -> LoRAUnit | None:
     return unit
 
 
+def _attr(gm: fx.GraphModule, target: str):
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)
+
+
+def _merge_randlora(gm: fx.GraphModule, delta: fx.Node) -> None:
+    """Replace y = aten.linear(x, W, b), the unit and y + g·Δy with randlora_linear, where the
+    delta node is a RandLoRA unit's on a plain dense linear with a frozen weight of the unit's shape."""
+    unit = gm.get_submodule(delta.target) if delta.op == "call_module" else None
+    if (type(unit) is not RandLoRAUnit or unit.form == "factored" or not isinstance(unit.op_kind, LinearKind)
+            or not isinstance(unit.dropout, nn.Identity) or len(delta.users) != 1):
+        return
+    add = next(iter(delta.users))
+    if add.target is not torch.ops.aten.addcmul.default or add.args[1] is not delta:
+        return
+    base, x, gate = add.args[0], delta.args[0], add.args[2]
+    if base.target is not torch.ops.aten.linear.default or len(base.users) != 1 or base.args[0] is not x or base.kwargs:
+        return
+    weight, bias = base.args[1], (base.args[2] if len(base.args) > 2 else None)
+    if weight.op != "get_attr" or (bias is not None and bias.op != "get_attr"):
+        return
+    W, small = _attr(gm, weight.target), unit.gamma.shape[1]
+    shape = (unit.big, small) if unit.tall else (small, unit.big)
+    value = base.meta.get("val")  # the base product's output, of x's dtype (x may be another site's sum)
+    if (not isinstance(W, nn.Parameter) or W.requires_grad or W.dtype != unit.lam.dtype or tuple(W.shape) != shape
+            or not isinstance(value, torch.Tensor) or value.dtype != W.dtype):
+        return
+    with gm.graph.inserting_before(add):
+        lam, gamma = gm.graph.get_attr(f"{delta.target}.lam"), gm.graph.get_attr(f"{delta.target}.gamma")
+        new = gm.graph.call_function(randlora_linear, (x, weight, bias, lam, gamma, *delta.args[1:], gate, unit.big,
+                                                       unit.tall, float(unit.scale), unit.form))
+    new.meta.update({k: v for k, v in add.meta.items() if k != KEY})
+    add.replace_all_uses_with(new)
+    for node in (add, delta, base):
+        gm.graph.erase_node(node)
+
+
 def _install(root: nn.Module, path: str, module: nn.Module) -> None:
     """Put `module` at `path` of `root` (whose parents on that path are its own: GraphModule copies
     make fresh ones)."""
@@ -70,7 +116,7 @@ def _install(root: nn.Module, path: str, module: nn.Module) -> None:
 
 def fuse_sites(gm: fx.GraphModule) -> fx.GraphModule:
     """A graph computing what `gm` computes, over `gm`'s own modules and tensors, with its LoRA
-    sites in the training form above. `gm` itself is unchanged."""
+    and RandLoRA sites in the training form above. `gm` itself is unchanged."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         fused = fx.GraphModule(gm, copy.deepcopy(gm.graph))
@@ -82,6 +128,9 @@ def fuse_sites(gm: fx.GraphModule) -> fx.GraphModule:
         found = block_call(fused, node)
         if found is not None:
             _install(fused, found[0], fuse_sites(fused.get_submodule(found[0])))
+    for node in list(fused.graph.nodes):
+        if node.meta.get(KEY, {}).get("role") == "delta":
+            _merge_randlora(fused, node)
     order = {node: i for i, node in enumerate(fused.graph.nodes)}
     groups: dict[tuple[str, fx.Node], list[tuple[fx.Node, LoRAUnit]]] = {}
     for node in list(fused.graph.nodes):
