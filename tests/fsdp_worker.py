@@ -5,9 +5,9 @@
     python tests/fsdp_worker.py OUT_DIR resume      # one process, resuming fsdp's step-2 checkpoint
 
 Every rank captures the same tiny Llama with layer blocks and the same LoRA init. `fsdp`
-trains 2 steps with lfx.Trainer(distributed="fsdp") on each rank's half of the global batches
+trains 2 steps with lfx.Trainer(distributed="fsdp", compile="aot_eager") on each rank's half of the global batches
 (checkpointing at the end; rank 0 copies the checkpoint to OUT_DIR/ckpt-copy), then a fresh
-graph and Trainer resume it sharded to step 3; it writes OUT_DIR/fsdp.safetensors (gathered,
+graph and an eager Trainer resume it sharded to step 3; it writes OUT_DIR/fsdp.safetensors (gathered,
 by rank 0) and OUT_DIR/rank<r>.json with the base-weight bytes the rank holds, plus the merged state
 (fsdp-merged.safetensors) and a PEFT directory (fsdp-peft). `single` writes the same as
 single*; `resume` continues the copied checkpoint unsharded in one process
@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 
 import safetensors.torch
 import torch
@@ -50,8 +51,8 @@ def batches(rank: int, world: int) -> list[torch.Tensor]:
     return [b[rank * shard:(rank + 1) * shard] for b in every]
 
 
-def trainer(gm, **options):
-    return lfx.Trainer(gm, loss_fn, lr=1e-2, warmup_steps=1, progress=False, compile=False, **options)
+def trainer(gm, compile=False, **options):
+    return lfx.Trainer(gm, loss_fn, lr=1e-2, warmup_steps=1, progress=False, compile=compile, **options)
 
 
 def base_bytes(gm) -> dict:
@@ -92,7 +93,11 @@ def main(out: str, mode: str) -> None:
     mine = batches(rank, world)
     ckpt = os.path.join(out, "ckpt")
     first = graph()
-    trainer(first, distributed="fsdp", checkpoint_dir=ckpt).fit(mine, steps=STEPS - 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(first, compile="aot_eager", distributed="fsdp", checkpoint_dir=ckpt).fit(mine, steps=STEPS - 1)
+    fell_back = [str(w.message) for w in caught if "torch.compile failed" in str(w.message)]
+    assert not fell_back, fell_back  # it trained compiled
     dist.barrier()
     if rank == 0:
         shutil.copytree(ckpt, os.path.join(out, "ckpt-copy"))

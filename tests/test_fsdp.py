@@ -1,5 +1,6 @@
 """FSDP2 per layer block: two gloo processes on CPU (torchrun, as README shows) train a
-Llama graph rewritten with layers="auto" under lfx.Trainer(distributed="fsdp"). Their adapters,
+Llama graph rewritten with layers="auto" under lfx.Trainer(distributed="fsdp"), compiled
+(aot_eager, without falling back to eager) for the first two steps, eager after resuming. Their adapters,
 merged state and PEFT directory (gathered, written by rank 0) equal one process on the global
 batches; each rank holds half of the base weights; the sharded checkpoint resumes sharded
 (in tests/fsdp_worker.py) and unsharded."""
@@ -18,19 +19,24 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fsdp_worker.p
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
 
 
-def _run(args, timeout=240):
+def _start(args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait(process, timeout=240):
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output[-6000:]
 
 
 @pytest.fixture(scope="module")
 def out(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-          WORKER, str(out), "fsdp"])
-    _run([sys.executable, WORKER, str(out), "single"])
-    _run([sys.executable, WORKER, str(out), "resume"])
+    single = _start([sys.executable, WORKER, str(out), "single"])  # alongside the two ranks
+    _wait(_start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                  WORKER, str(out), "fsdp"]))
+    _wait(single)
+    _wait(_start([sys.executable, WORKER, str(out), "resume"]))
     return out
 
 

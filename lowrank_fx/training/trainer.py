@@ -15,8 +15,9 @@ micro-batches and a mean loss this is the step on their concatenation.
   if compiling fails on the first batch, a warning says why and training goes on eagerly.
   `distributed="ddp"` (or True) wraps it in DistributedDataParallel; `distributed="fsdp"`
   shards it per layer block with FSDP2 (fsdp.py; a graph rewritten with layers="auto"),
-  trained as it is (without fuse_sites' copy, whose root tensors FSDP would not shard),
-  and every rank takes part in checkpoints (rank 0 writes). Call
+  trained as it is (without fuse_sites' copy, whose root tensors FSDP would not shard) and
+  compiled with fullgraph=False (torch.compile breaks the graph at FSDP's hooks), and every
+  rank takes part in checkpoints (rank 0 writes). Call
   torch.distributed.init_process_group first; see README "Several processes".
 - checkpoint_activations=True: `lfx.checkpoint_layers(gm)` (in place), so each layer block
   recomputes in backward (a graph rewritten with layers="auto"); `memory_budget` (0 to 1)
@@ -146,7 +147,7 @@ class Trainer:
         model = self.train_graph = self.gm if self.sharded else fuse_sites(self.gm)  # sites in training form
         if compile:
             backend = "inductor" if compile is True else compile
-            model = torch.compile(self.train_graph, backend=backend, fullgraph=True, dynamic=True)
+            model = torch.compile(self.train_graph, backend=backend, fullgraph=not self.sharded, dynamic=True)
         return self._ddp(model) if distributed and not self.sharded else model
 
     def _ddp(self, model):
