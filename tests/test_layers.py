@@ -222,3 +222,21 @@ def test_bad_layers_are_refused_before_anything_changes(llama):
     with pytest.raises(lfx.SpecError, match="decoder"):
         lfx.rewrite(gm, lfx.Spec(targets=["*.v_proj"], method=lfx.LoRA(rank=2)), adapter="b", layers=["decoder.*"])
     assert list(gm.meta["lowrank_fx"].adapters) == ["default"]
+
+
+@pytest.mark.parametrize("form", ["dora", "trained module", "int8 base"])
+def test_other_adapter_forms_inside_blocks(form):
+    case = models.build("llama")
+    method = lfx.LoRA(rank=2, init="nonzero", dora=form == "dora")
+    spec = lfx.Spec(targets=["*.q_proj", "*.down_proj"], method=method,
+                    train=["model.layers.1.input_layernorm"] if form == "trained module" else ())
+    if form == "int8 base":
+        lfx.quantize_base(case.model, "int8")
+    flat, structured = _pair(case, spec)
+    assert blocks(structured) == ["model.layers.0", "model.layers.1"]
+    want, want_grads = _run(flat, case)
+    got, got_grads = _run(structured, case)
+    assert torch.equal(got, want) and got_grads.keys() == want_grads.keys()
+    assert all(torch.equal(got_grads[name], want_grads[name]) for name in want_grads)
+    state, flat_state = lfx.merged_state_dict(structured), lfx.merged_state_dict(flat)
+    assert list(state) == list(flat_state) and all(torch.equal(state[k], flat_state[k]) for k in state)
