@@ -94,7 +94,7 @@ def save_adapters(gm: fx.GraphModule, path: str | os.PathLike, adapter: str | No
     method regenerates are always stored. Returns the path written.
     A graph sharded by FSDP2 is gathered: every rank calls this, rank 0 writes.
     """
-    with whole(gm) as sharded:
+    with whole(getattr(gm, CONTAINER, nn.Module())) as sharded:  # FSDP2: the adapters only, not the base
         data, path = _serialised(flat_view(gm), path, adapter, include_buffers)  # blocks: the flat names
     return write_atomic(path, data) if writes_files(sharded) else path
 

@@ -40,7 +40,7 @@ from pathlib import Path
 import safetensors
 import safetensors.torch
 import torch
-from torch import fx
+from torch import fx, nn
 
 from ..adapt.capture import capture
 from ..adapt.rewrite import resolve
@@ -344,7 +344,7 @@ def save_peft(gm: fx.GraphModule, directory: str | os.PathLike, adapter: str | N
     are written to the config for PEFT's Auto classes. Each file is written atomically.
     A graph sharded by FSDP2 is gathered: every rank calls this, rank 0 writes.
     """
-    with whole(gm) as sharded:
+    with whole(getattr(gm, CONTAINER, nn.Module())) as sharded:  # FSDP2: the adapters only, not the base
         config, tensors = _peft_files(flat_view(gm), adapter, base_model_name_or_path, task_type)  # blocks: flat names
     directory = Path(directory)
     if not writes_files(sharded):

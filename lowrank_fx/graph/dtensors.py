@@ -42,12 +42,13 @@ def writes_files(sharded: bool) -> bool:
 
 
 @contextlib.contextmanager
-def whole(gm: nn.Module):
-    """While inside, every DTensor parameter of `gm` is replaced, on its module, by its whole
-    value (all-gathered: every rank must enter), so code that reads parameters by name sees
-    plain tensors; the shards are put back on leaving. Yields whether anything was sharded."""
+def whole(root: nn.Module):
+    """While inside, every DTensor parameter of `root` (a graph, or only its adapter
+    container) is replaced, on its own module, by its whole value (all-gathered: every rank
+    must enter), so code that reads parameters by name sees plain tensors; the shards are put
+    back on leaving. Yields whether anything was sharded."""
     swapped = []
-    for module in gm.modules():
+    for module in root.modules():
         for name, param in list(module._parameters.items()):
             if param is not None and is_dtensor(param):
                 full = nn.Parameter(param.full_tensor().detach(), requires_grad=param.requires_grad)
