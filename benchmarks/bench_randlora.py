@@ -11,12 +11,14 @@ Step: zero_grad, forward, next-token cross entropy, backward, AdamW (lr 1e-4).
 
 All configurations of a size live in one process and are timed round-robin, one step of each
 per round for `--rounds` rounds, so load from other jobs on a shared machine hits all alike;
-step time is the median. Compiled: ours as lfx.Trainer compiles it (torch.compile(gm,
-fullgraph=True, dynamic=True), inductor), PEFT's model with torch.compile(model) (its default:
+step time is the median. Ours runs as lfx.Trainer trains it: lfx.fuse_sites(gm), whose RandLoRA
+sites compute x (W + g·ΔW)ᵀ + b in one product (form "dense"; "auto" per pass, merged or the base
+product plus the factored Δy; "factored" keeps the rewritten site). Compiled: ours as lfx.Trainer
+compiles it (torch.compile(fuse_sites(gm), fullgraph=True, dynamic=True), inductor), PEFT's model with torch.compile(model) (its default:
 static shapes, graph breaks allowed); each is compiled and warmed up before the timed rounds.
 
-Beside the times, a multiply-add model of the linear layers (randlora_forms.pass_costs for
-ours; PEFT's factored products, which keep x·Bc for a wide target's backward, for PEFT; the
+Beside the times, a multiply-add model of the linear layers (randlora_forms.merged_costs for
+ours, the base's own products included; PEFT's factored products, which keep x·Bc for a wide target's backward, for PEFT; the
 base's own forward and input-gradient products, and lm_head's, for both) gives the ratio the
 forms can reach at best: the base products are the same for every configuration.
 
@@ -68,24 +70,24 @@ def target_shapes(size: dict) -> list[tuple[str, int, int]]:
 
 
 def flop_model(size: dict, rank: int) -> dict:
-    """Multiply-adds per step of the linear layers (every target's dx counted): the base's
-    products (forward and dx, and lm_head's) and each way of computing the adapters, plus
-    which form "auto" takes per target for forward / backward."""
-    from lowrank_fx.methods.randlora_forms import pass_costs
+    """Multiply-adds per step of the linear layers (every target's dx counted): lm_head's products
+    (forward and dx, the same for all) and each way of computing the target sites, their base
+    products included, plus which form "auto" takes per target for forward / backward."""
+    from lowrank_fx.methods.randlora_forms import merged_costs
 
     tokens, layers = size["batch"] * size["seq"], size["layers"]
-    macs = {"base": 2 * tokens * size["hidden"] * size["vocab"], "auto": 0, "factored": 0, "dense": 0, "peft": 0}
+    macs = {"lm_head": 2 * tokens * size["hidden"] * size["vocab"], "auto": 0, "factored": 0, "dense": 0, "peft": 0}
     picks = {}
     for name, out, in_ in target_shapes(size):
         big, small, tall = max(out, in_), min(out, in_), out >= in_
         cols = math.ceil(small / rank) * rank
-        passes = [pass_costs(tokens, big, small, cols, tall), pass_costs(tokens, big, small, cols, tall, backward=True)]
-        macs["base"] += layers * 2 * tokens * big * small
+        passes = [merged_costs(tokens, big, small, cols, tall), merged_costs(tokens, big, small, cols, tall, True)]
         macs["factored"] += layers * sum(p[0] for p in passes)
         macs["dense"] += layers * sum(p[1] for p in passes)
         macs["auto"] += layers * sum(min(p) for p in passes)
-        macs["peft"] += layers * tokens * cols * (2 * big + 3 * small)  # forward T·R(D + d), backward T·R(D + 2d)
-        picks[f"{name} {out}x{in_}"] = " / ".join("dense" if p[1] < p[0] else "factored" for p in passes)
+        # base forward and dx 2·T·D·d, adapter forward T·R(D + d), backward T·R(D + 2d)
+        macs["peft"] += layers * tokens * (2 * big * small + cols * (2 * big + 3 * small))
+        picks[f"{name} {out}x{in_}"] = " / ".join("merged" if p[1] < p[0] else "factored" for p in passes)
     return {"macs": macs, "auto_picks": picks}
 
 
@@ -102,7 +104,8 @@ def build(config, size: dict, rank: int, ids):
     method = lfx.RandLoRA(rank=rank, alpha=20.0 * rank, form=form)
     gm = lfx.rewrite(build_model(size), lfx.Spec(targets=[f"*.{t}" for t in TARGETS], method=method),
                      example_inputs=(ids,), example_kwargs={"use_cache": False}).train()
-    return gm, (torch.compile(gm, fullgraph=True, dynamic=True) if compiled else gm)
+    fused = lfx.fuse_sites(gm)  # the training form lfx.Trainer trains: merged-product sites unless factored
+    return gm, (torch.compile(fused, fullgraph=True, dynamic=True) if compiled else fused)
 
 
 def stepper(model, run, ids):
@@ -174,29 +177,21 @@ def section(report: dict) -> str:
         best_auto = min(ours[("auto", False)], ours[("auto", True)])
         ratio, goal = best_auto / best_peft, GOALS[name]
         macs = flops["macs"]
-        bound = (macs["base"] + macs["auto"]) / (macs["base"] + macs["peft"])
+        bound = (macs["lm_head"] + macs["auto"]) / (macs["lm_head"] + macs["peft"])
         lines += ["", f"- Goal: ours(auto) ÷ best PEFT ≤ {goal}: **{ratio:.2f}** "
                       f"({'met' if ratio <= goal else 'not met'}; best of our eager and compiled auto, "
                       f"{1e3 * best_auto:.0f} ms, over PEFT's best, {1e3 * best_peft:.0f} ms).",
-                  f"- Multiply-adds per step in the linear layers (GMAC): base products {macs['base'] / 1e9:.1f} "
-                  f"(the same for all); adapters: PEFT {macs['peft'] / 1e9:.1f}, ours factored "
-                  f"{macs['factored'] / 1e9:.1f}, dense {macs['dense'] / 1e9:.1f}, auto {macs['auto'] / 1e9:.1f}. "
-                  f"So ours(auto) ÷ PEFT is at best {bound:.2f} on these products, before attention, norms and the "
-                  "optimizer, which are the same for both.",
+                  f"- Multiply-adds per step in the linear layers (GMAC): lm_head {macs['lm_head'] / 1e9:.1f} "
+                  f"(the same for all); target sites, base products included: PEFT {macs['peft'] / 1e9:.1f}, ours "
+                  f"factored {macs['factored'] / 1e9:.1f}, merged (dense) {macs['dense'] / 1e9:.1f}, auto "
+                  f"{macs['auto'] / 1e9:.1f}. So ours(auto) ÷ PEFT is at best {bound:.2f} on these products, before "
+                  "attention, norms and the optimizer, which are the same for both.",
                   "- auto's form per target (forward / backward): "
                   + "; ".join(f"{k}: {v}" for k, v in flops["auto_picks"].items()) + ".", ""]
-    lines += [("Why the goals are out of reach in this form: Δy = x ΔWᵀ is added to the base's own output, so "
-               "every configuration pays the base's products (forward and dx, 2·T·D·d per target) and, at best, "
-               "the dense form's 3·T·D·d (Δy, dx and dΔW = gᵀx) on top, against PEFT's T·R·(2D + 3d) ≈ 5·T·D·d for "
-               "a square target with R ≈ d. With T ≫ width that bounds ours ÷ PEFT near (2 + 3) / (2 + 5) ≈ 0.7, "
-               "not 0.5. At (a), T = 512 is only about twice the forward break-even of the 256-wide targets "
-               "(T* ≈ 250 for R = 264), the tall MLP targets (D = 2.75·d ≥ 2·d) keep the factored backward at any "
-               "T, and a wide target's factored backward recomputes x·Bc (T, R), which PEFT keeps (ours keeps only "
-               "x, λ, γ and the bases): the counts come out even. Beyond the counts, a compiled auto site is two "
-               "custom-op calls whose small element-wise work (Â, dλ, dγ) the compiler cannot fuse (a fixed form "
-               "is traced and fused, but cannot switch). Reaching 0.5 needs one product with W + ΔW in place of the base's product "
-               "plus Δy (3·T·D·d per target in all), which changes the call site, not the adapter "
-               "(passes/inject.py adds y + gate·Δy today)."), ""]
+    lines += [("Ours is the form lfx.Trainer trains, lfx.fuse_sites(gm): with \"dense\" (and \"auto\" past the "
+               "break-evens) each site is one product with W + g·ΔW (methods/randlora_merged.py), 3·T·D·d per "
+               "target with dx plus building ΔW twice (2·D·d·R), against PEFT's base products and factored "
+               "adapter, T·(2·D·d + R·(2D + 3d)) ≈ 7·T·D·d for a square target with R ≈ d."), ""]
     return "\n".join(lines)
 
 
