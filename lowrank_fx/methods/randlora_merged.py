@@ -78,12 +78,14 @@ def linear_backward(grad: torch.Tensor, x: torch.Tensor, W: torch.Tensor, lam_s:
     merged = forms.use_dense(form, costs)
     with torch.autocast(x.device.type, enabled=False):
         A, Bc, S = _operands(lam_s, gamma, basis_A, basis_B, big, compute, backward=True)
-        gc, xc = g2.to(compute), x2.to(compute)
-        # dL/dΔy = g·dy: the dense form's dŜ = Bcᵀ dP when merged, the factored form's (and its dx) when not
-        grad_S, grad_x = forms.backward(gc * gate.to(compute), xc, Bc, S, tall, merged, input_grad and not merged)
+        gc, xc, gate_c = g2.to(compute), x2.to(compute), gate.to(compute)
+        # dL/dΔy = g·dy, and dŜ and Δy's dx are linear in it: the dense form's dŜ = Bcᵀ dP when merged,
+        # the factored form's dŜ (and its dx) when not, taken for dy and scaled by g after
+        grad_S, grad_x = forms.backward(gc, xc, Bc, S, tall, merged, input_grad and not merged)
         if input_grad:
-            grad_x = gc @ merged_weight(W, Bc, S, gate, tall) if merged else torch.addmm(grad_x, gc, W.to(compute))
-        grads = list(diagonal_grads(grad_S.to(lam_s.dtype), A, lam_s, gamma))
+            grad_x = (gc @ merged_weight(W, Bc, S, gate, tall) if merged
+                      else torch.addcmul(gc @ W.to(compute), grad_x, gate_c))
+        grads = list(diagonal_grads((grad_S * gate_c).to(lam_s.dtype), A, lam_s, gamma))
     if input_grad:
         grads.append(grad_x.to(x.dtype).reshape(x.shape))
     return grads + ([g2.sum(0)] if bias_grad else [])
