@@ -29,9 +29,9 @@ import torch
 from torch import fx
 
 from ..errors import ExportError
-from ..graph.quant_integer import TABLE_DRIFT, IntegerWeight, integer_form
+from ..graph.quant_integer import RUNTIME_NF4, TABLE_DRIFT, IntegerWeight, integer_form
 from ..graph.quantized import (SWAPPED_LAYERS, dequantize_region, find_regions, module_attr, probe_input,
-                               region_function, region_scheme)
+                               region_device, region_function, region_scheme)
 from ..passes import quantized_base  # noqa: F401  (registers lowrank_fx::quantized_linear)
 from ..passes.quantized_fold import drop_unread, erase_dead
 
@@ -57,13 +57,10 @@ def pack_nbits(form: IntegerWeight) -> tuple[torch.Tensor, torch.Tensor, torch.T
     codes = codes.reshape(n, blocks, form.block)
     packed = _nibbles(codes, high_first=False) if form.bits == 4 else codes
     zero = form.zero_points
-    if zero is not None and not zero.is_floating_point():
-        if form.bits == 4:
-            zero = torch.cat([zero, torch.full((n, blocks % 2), midpoint, dtype=torch.uint8)], dim=1)
-            zero = _nibbles(zero, high_first=False)
-        zero = zero.reshape(-1)
-    elif zero is not None:
-        zero = zero.reshape(-1)
+    if zero is not None and not zero.is_floating_point() and form.bits == 4:  # packed like B, a row per n
+        zero = torch.cat([zero, torch.full((n, blocks % 2), midpoint, dtype=torch.uint8)], dim=1)
+        zero = _nibbles(zero, high_first=False)
+    zero = None if zero is None else zero.reshape(-1)
     return packed.contiguous(), form.scales.reshape(-1).contiguous(), zero
 
 
@@ -91,16 +88,17 @@ def _(x, packed, scales, zero_points, k, n, bits, block):
 
 
 @torch.library.custom_op("lowrank_fx::matmul_bnb4", mutates_args=())
-def matmul_bnb4(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor,
+def matmul_bnb4(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
                 k: int, n: int, block: int, quant_type: int) -> torch.Tensor:
-    """x Wᵀ with W (n, k) decoded from MatMulBnb4's packed codes (table: the 16 code values)."""
+    """x Wᵀ with W (n, k) decoded from MatMulBnb4's packed codes, with ONNX Runtime's NF4 values
+    (quant_type 1, the only one exported)."""
     codes = _unnibble(packed, high_first=True)[: n * k].long()
-    weight = (table.float()[codes].reshape(-1, block) * absmax.float()[:, None]).reshape(n, k)
+    weight = (RUNTIME_NF4.to(absmax.device)[codes].reshape(-1, block) * absmax.float()[:, None]).reshape(n, k)
     return torch.nn.functional.linear(x, weight.to(x.dtype))
 
 
 @matmul_bnb4.register_fake
-def _(x, packed, absmax, table, k, n, block, quant_type):
+def _(x, packed, absmax, k, n, block, quant_type):
     return x.new_empty((*x.shape[:-1], n))
 
 
@@ -143,7 +141,7 @@ def translations() -> dict:
         inputs = (x, packed, scales) if zero_points is None else (x, packed, scales, zero_points)
         return microsoft.MatMulNBits(*inputs, K=k, N=n, bits=bits, block_size=block)
 
-    def bnb4(x, packed, absmax, table, k: int, n: int, block: int, quant_type: int):
+    def bnb4(x, packed, absmax, k: int, n: int, block: int, quant_type: int):
         return microsoft.MatMulBnb4(x, packed, absmax, K=k, N=n, block_size=block, quant_type=quant_type)
 
     return {torch.ops.lowrank_fx.matmul_nbits.default: nbits, torch.ops.lowrank_fx.matmul_bnb4.default: bnb4}
@@ -161,7 +159,7 @@ def _replacement(gm: fx.GraphModule, stem: str, x: fx.Node, form: IntegerWeight,
     if form.form == "codebook":
         packed = _nibbles(form.codes.reshape(-1), high_first=True)
         args = (x, _buffer(gm, f"{stem}_B", packed), _buffer(gm, f"{stem}_absmax", form.scales.to(dtype)),
-                _buffer(gm, f"{stem}_table", form.table), k, n, form.block, form.quant_type)
+                k, n, form.block, form.quant_type)
         return gm.graph.call_function(torch.ops.lowrank_fx.matmul_bnb4.default, args)
     packed, scales, zero = pack_nbits(form)
     zero = zero.to(dtype) if zero is not None and zero.is_floating_point() else zero
@@ -199,8 +197,7 @@ def integer_base(gm: fx.GraphModule) -> list[str]:
             continue
         function = region_function(gm, region)
         dtype = region.dtype
-        device = output.meta["val"].device if "val" in output.meta else torch.device("cpu")
-        dense, bias = dequantize_region(function, region, dtype, device)
+        dense, bias = dequantize_region(function, region, dtype, region_device(gm, region))
         weight = gm.meta.get(SWAPPED_LAYERS, {}).get(region.path) or module_attr(gm, region.quantized[0])
         try:
             form = integer_form(weight, dense.cpu())

@@ -355,7 +355,8 @@ def weight_dequantizer(gm: fx.GraphModule, region: Region):
     return lambda weights: torchao_dense(kind, {name: weights[i] for name, i in positions.items()}, context, size, stride)
 
 
-def _device(gm: fx.GraphModule, region: Region):
+def region_device(gm: fx.GraphModule, region: Region) -> torch.device:
+    """The device of the tensors the region reads (its first root that is a tensor; else the CPU)."""
     for root in region.roots:
         tensor = module_attr(gm, root)
         if isinstance(tensor, torch.Tensor):
@@ -367,11 +368,12 @@ def dequantized(gm: fx.GraphModule, target, with_bias: bool = False):
     """The dense weight (out, in) that target's quantized layer computes with, in its compute
     dtype (and the bias, with `with_bias`). Every site of a target reads the same weight."""
     region = target_region(gm, target)
-    weight, bias = dequantize_region(region_function(gm, region), region, _val_dtype(gm, region), _device(gm, region))
+    weight, bias = dequantize_region(region_function(gm, region), region, activation_dtype(gm, region), region_device(gm, region))
     return (weight, bias) if with_bias else weight
 
 
-def _val_dtype(gm: fx.GraphModule, region: Region) -> torch.dtype:
+def activation_dtype(gm: fx.GraphModule, region: Region) -> torch.dtype:
+    """The dtype of the activation coming into the region."""
     nodes = {n.name: n for n in gm.graph.nodes}
     return _val(nodes[region.activation]).dtype
 

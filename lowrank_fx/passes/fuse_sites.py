@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..graph.op_kinds import LinearKind
+from ..graph.quantized import module_attr
 from ..graph.record import KEY
 from ..methods.lora_unit import LoRAUnit
 from ..methods.randlora import RandLoRAUnit
@@ -70,11 +71,6 @@ def _fusable(gm: fx.GraphModule, delta: fx.Node) -> LoRAUnit | None:
     return unit
 
 
-def _attr(gm: fx.GraphModule, target: str):
-    owner, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, name)
-
-
 def _merge_randlora(gm: fx.GraphModule, delta: fx.Node) -> None:
     """Replace y = aten.linear(x, W, b), the unit and y + g·Δy with randlora_linear, where the
     delta node is a RandLoRA unit's on a plain dense linear with a frozen weight of the unit's shape."""
@@ -91,7 +87,7 @@ def _merge_randlora(gm: fx.GraphModule, delta: fx.Node) -> None:
     weight, bias = base.args[1], (base.args[2] if len(base.args) > 2 else None)
     if weight.op != "get_attr" or (bias is not None and bias.op != "get_attr"):
         return
-    W, small = _attr(gm, weight.target), unit.gamma.shape[1]
+    W, small = module_attr(gm, weight.target), unit.gamma.shape[1]
     shape = (unit.big, small) if unit.tall else (small, unit.big)
     value = base.meta.get("val")  # the base product's output, of x's dtype (x may be another site's sum)
     if (not isinstance(W, nn.Parameter) or W.requires_grad or W.dtype != unit.lam.dtype or tuple(W.shape) != shape

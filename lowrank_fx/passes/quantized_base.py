@@ -32,8 +32,8 @@ import torch
 from torch import fx
 
 from ..errors import QuantizedBaseError
-from ..graph.quantized import (Region, dequantize_region, find_regions, probe_input, region_function, region_scheme,
-                               weight_dequantizer, weight_values)
+from ..graph.quantized import (Region, activation_dtype, dequantize_region, find_regions, probe_input, region_device,
+                               region_function, region_scheme, weight_dequantizer, weight_values)
 
 _WRAPPED: dict[str, tuple[fx.GraphModule, Region, object]] = {}  # key -> (f(x, *weights), region, W(weights) or None)
 GRADIENT_TOLERANCE = 1e-3
@@ -93,28 +93,10 @@ def _backward(ctx, grad):
 quantized_linear.register_autograd(_backward, setup_context=_setup)
 
 
-def _device(gm, region):
-    nodes = {n.name: n for n in gm.graph.nodes}
-    value = nodes[region.activation].meta.get("val")
-    return value.device if isinstance(value, torch.Tensor) and value.device.type != "meta" else _weight_device(gm, region)
-
-
-def _weight_device(gm, region):
-    for name, tensor in list(gm.named_parameters()) + list(gm.named_buffers()):
-        if name in region.roots:
-            return tensor.device
-    return torch.device("cpu")
-
-
-def _dtype(gm, region):
-    nodes = {n.name: n for n in gm.graph.nodes}
-    return nodes[region.activation].meta["val"].dtype
-
-
 def gradient_check(gm: fx.GraphModule, region: Region, rows: int = 4) -> tuple[str, float, str]:
     """("ok" | "no backward" | "wrong", measured relative error of the input gradient, detail)."""
     function = region_function(gm, region)
-    dtype, device = _dtype(gm, region), _weight_device(gm, region)
+    dtype, device = activation_dtype(gm, region), region_device(gm, region)
     generator = torch.Generator().manual_seed(0)
     x = probe_input(region, torch.randn(rows, region.in_features, generator=generator)).to(device, dtype)
     v = probe_input(region, torch.randn(rows, region.in_features, generator=generator)).to(device, dtype)
@@ -138,7 +120,7 @@ def gradient_check(gm: fx.GraphModule, region: Region, rows: int = 4) -> tuple[s
 def _refusal(gm: fx.GraphModule, region: Region, error: float, detail: str) -> QuantizedBaseError:
     """The error for a region whose gradient is wrong, with the full measured errors."""
     function = region_function(gm, region)
-    dtype, device = _dtype(gm, region), _weight_device(gm, region)
+    dtype, device = activation_dtype(gm, region), region_device(gm, region)
     weight, bias = dequantize_region(function, region, dtype, device)
     generator = torch.Generator().manual_seed(1)
     x = probe_input(region, torch.randn(8, region.in_features, generator=generator)).to(device, dtype).requires_grad_(True)
@@ -165,7 +147,7 @@ def _refusal(gm: fx.GraphModule, region: Region, error: float, detail: str) -> Q
 
 def _backward_weight(gm: fx.GraphModule, region: Region, function, has_backward: bool):
     """W(weights) for the backward ("dense" or "probe"), or None to recompute (module docstring)."""
-    dtype, device = _dtype(gm, region), _weight_device(gm, region)
+    dtype, device = activation_dtype(gm, region), region_device(gm, region)
     probe = lambda ws: dequantize_region(lambda v: function(v, *ws), region, dtype, device)[0]  # noqa: E731
     dequantizer = weight_dequantizer(gm, region)
     if dequantizer is not None:
