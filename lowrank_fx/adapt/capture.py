@@ -48,6 +48,7 @@ from torch.export import Dim, ShapesCollection
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from ..errors import CaptureError, ModelTypeError
+from ..graph.module_copy import over_graph
 from ..graph.quant_formats import bitsandbytes_layers, bitsandbytes_swapped, is_quantized
 from ..graph.quantized import EXAMPLES, SWAPPED_LAYERS, SharedLayers
 from ..graph.record import Record
@@ -205,12 +206,7 @@ def _examples(model: nn.Module, example_inputs, example_kwargs) -> tuple[tuple, 
 
 def _plain(gm: fx.GraphModule) -> fx.GraphModule:
     """A plain GraphModule over the same graph and tensors (exported ones refuse .train())."""
-    plain = fx.GraphModule(gm, copy.deepcopy(gm.graph))
-    for attr in ("_in_spec", "_out_spec"):
-        if hasattr(gm, attr):
-            setattr(plain, attr, getattr(gm, attr))
-    plain.meta.update(getattr(gm, "meta", {}))
-    return plain
+    return over_graph(gm, copy.deepcopy(gm.graph))
 
 
 def capture(model, example_inputs=None, example_kwargs=None, dynamic: bool = True,

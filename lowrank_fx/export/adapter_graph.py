@@ -31,6 +31,7 @@ from torch import fx, nn
 
 from ..errors import ExportError
 from ..graph.gates import ungate
+from ..graph.module_copy import over_graph
 from ..graph.record import CONTAINER, KEY, Record
 from ..methods.base import AdapterGroup, Unit
 
@@ -147,13 +148,9 @@ def copy_graph(gm: fx.GraphModule, keep: list[str]) -> tuple[fx.GraphModule, fx.
     for node in reversed(dropped):
         graph.erase_node(node)
     ungate(graph)
-    new = fx.GraphModule(gm, graph)
+    new = over_graph(gm, graph)
     if keep:  # the kept adapters' own containers, as ModuleDicts like gm's
         setattr(new, CONTAINER, nn.ModuleDict({name: getattr(gm, CONTAINER)[name] for name in keep}))
-    for attr in ("_in_spec", "_out_spec"):
-        if hasattr(gm, attr):
-            setattr(new, attr, getattr(gm, attr))
-    new.meta.update(getattr(gm, "meta", {}))
     record = Record.find(gm)
     if record is not None:
         new.meta[KEY] = dataclasses.replace(record, adapters={k: v for k, v in record.adapters.items() if k in keep})

@@ -27,6 +27,7 @@ from torch import fx, nn
 from ..adapt.capture import capture, tensor_aliases
 from ..errors import ModelTypeError, SpecError
 from ..graph.gates import GATES
+from ..graph.module_copy import copy_call_specs
 from ..graph.record import CONTAINER, AdapterInfo, Record
 from ..graph.targets import find_targets
 from ..passes.inject import inject
@@ -66,9 +67,7 @@ def _reroot(gm: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
             }
     decode = fx.GraphModule(owners, graph, class_name="DecodeGraph")
     decode.graph.lint()
-    for attr in ("_in_spec", "_out_spec"):
-        if hasattr(gm, attr):
-            setattr(decode, attr, getattr(gm, attr))
+    copy_call_specs(gm, decode)
     decode.train(model.training)
     Record.attach(decode, aliases=tensor_aliases(model), state_keys=list(model.state_dict()))
     return decode

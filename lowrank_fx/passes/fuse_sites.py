@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..graph.module_copy import over_graph
 from ..graph.op_kinds import LinearKind
 from ..graph.quantized import module_attr
 from ..graph.record import KEY
@@ -115,11 +116,7 @@ def fuse_sites(gm: fx.GraphModule) -> fx.GraphModule:
     and RandLoRA sites in the training form above. `gm` itself is unchanged."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        fused = fx.GraphModule(gm, copy.deepcopy(gm.graph))
-    for attr in ("_in_spec", "_out_spec"):
-        if hasattr(gm, attr):
-            setattr(fused, attr, getattr(gm, attr))
-    fused.meta.update(getattr(gm, "meta", {}))
+        fused = over_graph(gm, copy.deepcopy(gm.graph))
     for node in list(fused.graph.nodes):
         found = block_call(fused, node)
         if found is not None:

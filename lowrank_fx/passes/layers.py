@@ -48,6 +48,7 @@ from torch import fx, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import SpecError
+from ..graph.module_copy import copy_call_specs
 from ..graph.record import KEY
 
 BLOCK = "lowrank_fx_block"  # block.meta[BLOCK]: the root-level names it mirrors (its adapter containers)
@@ -343,9 +344,7 @@ def flat_view(gm: fx.GraphModule) -> fx.GraphModule:
     view._buffers.update(gm._buffers)
     view._non_persistent_buffers_set.update(gm._non_persistent_buffers_set)
     view.meta = gm.meta
-    for attr in ("_in_spec", "_out_spec"):
-        if hasattr(gm, attr):
-            setattr(view, attr, getattr(gm, attr))
+    copy_call_specs(gm, view)
     view.graph = flat_graph(gm)
     view.training = gm.training
     return view
