@@ -25,6 +25,14 @@ quantized layer is then checked for gradients and made one custom op (passes/qua
 For a quantized model the examples are kept, detached, in `gm.meta[EXAMPLES]`: folding with
 `requantize=True` measures its error on them.
 
+Trace each block once: a module list whose children repeat one block (a decoder's layers) is
+traced only up to a short prefix, one child per kind (graph/block_lists.py), and the other
+children are written into the graph as copies over their own weights (passes/repeat_blocks.py):
+node for node what tracing every child gives, at the cost of two or three children rather than
+all of them. A prefix that cannot be repeated (a forward that reads every block's output, a
+per-layer graph input) is traced whole instead, with an INFO log on "lowrank_fx" saying why;
+`trace_blocks=False` always traces whole.
+
 Capture once: an exported capture is memoised per model in the process (capture_memo.py), so
 `plan` then `rewrite` trace once, each getting its own copy of the graph; with `cache_dir=` or
 $LOWRANK_FX_CACHE the exported program (without weights) is also kept on disk for the next
@@ -36,6 +44,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import logging
 import re
 import sys
 import warnings
@@ -48,6 +57,7 @@ from torch.export import Dim, ShapesCollection
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from ..errors import CaptureError, ModelTypeError
+from ..graph.block_lists import prefixes, repeated_lists
 from ..graph.module_copy import over_graph
 from ..graph.quant_formats import bitsandbytes_layers, bitsandbytes_swapped, is_quantized
 from ..graph.quantized import EXAMPLES, SWAPPED_LAYERS, SharedLayers
@@ -57,9 +67,11 @@ from ..passes.grad_regions import unwrap_regions
 from ..passes.inline_linear import inline_linear
 from ..passes.mode_aware import make_mode_aware
 from ..passes.quantized_base import prepare_quantized
+from ..passes.repeat_blocks import NotRepeatable, repeat_blocks
 from . import capture_memo
 from .capture_cache import CaptureCache, cache_directory, cache_key, cacheable
 
+logger = logging.getLogger(__name__)
 SOURCE = "lowrank_fx_source"  # gm.meta[SOURCE]: the model the graph was captured from, held weakly
 
 
@@ -210,13 +222,14 @@ def _plain(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def capture(model, example_inputs=None, example_kwargs=None, dynamic: bool = True,
-            dynamic_shapes=None, cache_dir=None) -> fx.GraphModule:
+            dynamic_shapes=None, cache_dir=None, trace_blocks: bool = True) -> fx.GraphModule:
     """Capture `model` as a GraphModule whose linear-like nodes can be rewritten.
 
     A GraphModule already captured by lowrank_fx is returned as it is; any other
     GraphModule gets a plain copy of its graph (sharing its tensors). An exported capture
     is memoised (every call gets its own graph) and, with `cache_dir` or $LOWRANK_FX_CACHE,
-    stored on disk without weights (see the module docstring).
+    stored on disk without weights (see the module docstring). `trace_blocks=False` traces
+    every child of a repeated module list instead of one per kind (see the module docstring).
     """
     if not isinstance(model, nn.Module):
         raise ModelTypeError(
@@ -237,28 +250,35 @@ def capture(model, example_inputs=None, example_kwargs=None, dynamic: bool = Tru
     if example_inputs is None and example_kwargs is None:
         return _symbolic(model)
     args, kwargs = _examples(model, example_inputs, example_kwargs)
-    key = capture_memo.memo_key(model, args, kwargs, dynamic, dynamic_shapes)
+    key = capture_memo.memo_key(model, args, kwargs, dynamic, dynamic_shapes, trace_blocks)
     gm = capture_memo.recall(model, key)
     if gm is None:
-        gm = _exported(model, args, kwargs, dynamic, dynamic_shapes, cache_directory(cache_dir))
+        gm = _exported(model, args, kwargs, dynamic, dynamic_shapes, cache_directory(cache_dir), trace_blocks)
         capture_memo.remember(model, key, gm)
         gm = capture_memo.handout(gm, model.training)
     return gm
 
 
 def _exported(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, dynamic_shapes,
-              directory) -> fx.GraphModule:
+              directory, trace_blocks: bool) -> fx.GraphModule:
     """The pristine graph of `model`: loaded from the disk cache in `directory`, else exported
-    (and stored there)."""
-    cache = CaptureCache(directory, cache_key(model, args, kwargs, dynamic, dynamic_shapes)) \
+    (and stored there). Repeated blocks are traced once per kind and copied (repeat_blocks)."""
+    cache = CaptureCache(directory, cache_key(model, args, kwargs, dynamic, dynamic_shapes, trace_blocks)) \
         if directory is not None and cacheable(model) else None
+    lists = repeated_lists(model) if trace_blocks and not bitsandbytes_layers(model) else []
     exported = cache.load(model) if cache is not None else None
-    swapped = {}
-    if exported is None:
-        exported, swapped = _traced(model, args, kwargs, dynamic, dynamic_shapes)
-        if cache is not None:
-            cache.save(exported, model)
+    fresh, swapped = exported is None, {}
+    if fresh:
+        exported, swapped = _traced(model, args, kwargs, dynamic, dynamic_shapes, lists)
     gm = _plain(exported.module())
+    try:
+        repeat_blocks(gm, model, lists)
+    except NotRepeatable as why:
+        logger.info("tracing every block of %s: %s", type(model).__name__, why)
+        exported, swapped = _traced(model, args, kwargs, dynamic, dynamic_shapes, [])
+        gm, fresh = _plain(exported.module()), True
+    if fresh and cache is not None:
+        cache.save(exported, model)
     set_call_defaults(gm, args, kwargs)
     gm.meta[SWAPPED_LAYERS] = SharedLayers(swapped)  # the quantized layers' backward reads them too
     if not prepare_quantized(gm):
@@ -274,16 +294,20 @@ def _exported(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, dynami
     return gm
 
 
-def _traced(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, dynamic_shapes):
-    """(torch.export's program, the bitsandbytes layers swapped while exporting)."""
+def _traced(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, dynamic_shapes, lists):
+    """(torch.export's program, the bitsandbytes layers swapped while exporting). Each list in
+    `lists` holds only its traced prefix meanwhile (graph/block_lists.py)."""
     if dynamic_shapes is None and dynamic:
         dynamic_shapes = _auto_dynamic(model, args, kwargs)
     modes = [(module, module.training) for module in model.modules()]
     model.train()
     try:
-        with bitsandbytes_swapped(model) as swapped:
+        with bitsandbytes_swapped(model) as swapped, prefixes(model, lists):
             exported = _export(model, args, kwargs, dynamic_shapes)
     except Exception as err:
+        if lists:  # the model's forward may need every block (it indexes them by position)
+            logger.info("tracing every block of %s: a prefix failed to export (%s)", type(model).__name__, err)
+            return _traced(model, args, kwargs, dynamic, dynamic_shapes, [])
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__}: "
             f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}\n"

@@ -56,13 +56,13 @@ class _Stale(Exception):
     """What is wrong with a cache entry, in words."""
 
 
-def cache_key(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, dynamic_shapes) -> dict:
+def cache_key(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, dynamic_shapes, trace_blocks: bool) -> dict:
     """The disk key of this capture (see the module docstring)."""
     cls = type(model)
     return {"model": f"{cls.__module__}.{cls.__qualname__}", "code": capture_key.code_spec(model),
             "config": capture_key.config_spec(model), "tensors": capture_key.tensors_spec(model),
             "examples": capture_key.examples_spec(args, kwargs),
-            "dynamic": capture_key.shapes_spec(dynamic, dynamic_shapes), "versions": capture_key.versions()}
+            "dynamic": capture_key.shapes_spec(dynamic, dynamic_shapes), "blocks": trace_blocks, "versions": capture_key.versions()}
 
 
 def cacheable(model: nn.Module) -> bool:

@@ -35,14 +35,14 @@ def _hooks(model: nn.Module) -> list:
             for kind in ("_forward_pre_hooks", "_forward_hooks") if getattr(module, kind)]
 
 
-def memo_key(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, dynamic_shapes) -> str:
+def memo_key(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, dynamic_shapes, trace_blocks: bool) -> str:
     """The key of this capture in the memo (see the module docstring)."""
     tensors = [[name, id(t), t._version, list(t.shape), str(t.dtype), str(t.device)]
                for name, t in [*model.named_parameters(remove_duplicate=False),
                                *model.named_buffers(remove_duplicate=False)]]
     return capture_key.text([tensors, _hooks(model), capture_key.config_spec(model), capture_key.code_spec(model),
                              capture_key.examples_spec(args, kwargs),
-                             capture_key.shapes_spec(dynamic, dynamic_shapes)])
+                             capture_key.shapes_spec(dynamic, dynamic_shapes), trace_blocks])
 
 
 def handout(gm: fx.GraphModule, training: bool) -> fx.GraphModule:

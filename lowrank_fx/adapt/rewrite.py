@@ -70,7 +70,8 @@ def _raise_if_not_linear(gm, spec, targets, heads, err):
 
 
 def rewrite(model, spec: Spec, example_inputs=None, example_kwargs=None, adapter: str = "default",
-            dynamic: bool = True, dynamic_shapes=None, cache_dir=None, layers=None) -> fx.GraphModule:
+            dynamic: bool = True, dynamic_shapes=None, cache_dir=None, layers=None,
+            trace_blocks: bool = True) -> fx.GraphModule:
     """Capture `model` and add the adapter `adapter` described by `spec`.
 
     Returns a GraphModule whose base weights are frozen and whose adapter parameters (this
@@ -87,11 +88,15 @@ def rewrite(model, spec: Spec, example_inputs=None, example_kwargs=None, adapter
     names the blocks instead (passes/layers.py). Outputs and every name a user sees (targets,
     adapter files, merged state, PEFT, gates) are those of the flat graph, the default (None).
     A structured graph keeps its blocks when another adapter is added.
+    `trace_blocks` (default True): torch.export traces one child of each kind of a repeated
+    module list (a decoder's layers) and the others are written as copies over their own
+    weights, so capture costs about the same at 4 or 80 layers (graph/block_lists.py,
+    passes/repeat_blocks.py); False traces every child.
     """
     if not isinstance(adapter, str) or not adapter.isidentifier():
         raise SpecError(f"adapter name must be a Python identifier such as 'default', got {adapter!r}")
     gm = capture(model, example_inputs, example_kwargs, dynamic=dynamic, dynamic_shapes=dynamic_shapes,
-                 cache_dir=cache_dir)
+                 cache_dir=cache_dir, trace_blocks=trace_blocks)
     record = Record.find(gm)
     recompute = checkpointed(gm)
     kept = unstructure(gm)  # a graph with blocks is flat while an adapter is added, then structured again
