@@ -191,7 +191,7 @@ def test_models_whose_cache_is_not_full_kv_are_refused(llama, setting, build):
 def test_recurrent_models_are_refused(llama):
     mamba = transformers.MambaForCausalLM(transformers.MambaConfig(hidden_size=32, num_hidden_layers=2,
                                                                    vocab_size=VOCAB, state_size=4))
-    with pytest.raises(ModelTypeError, match="recurrent state"):
+    with pytest.raises(ModelTypeError, match="recurrent"):  # transformers >= 5.25 reports Mamba by its layer types
         lfx.generate(llama.gm, prompts(0)[0], model=mamba, max_new_tokens=2)
 
 
