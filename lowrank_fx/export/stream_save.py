@@ -65,16 +65,29 @@ def _streamed(model: ir.Model) -> list[ir.Value]:
 
 
 def _skeleton(model: ir.Model, streamed: list[ir.Value]) -> bytes:
-    """The serialized model without the initializers in `streamed` (restored afterwards)."""
+    """The serialized model without the initializers in `streamed` (restored afterwards), but
+    with their value infos, as onnx_ir writes them."""
     order = list(model.graph.initializers.values())
     for value in streamed:
         model.graph.initializers.pop(value.name)
     try:
-        return ir.serde.serialize_model(model).SerializeToString()
+        proto = ir.serde.serialize_model(model)
     finally:
         model.graph.initializers.clear()
         for value in order:
             model.graph.register_initializer(value)
+    inputs = {value.name for value in model.graph.inputs}
+    infos = [ir.serde.serialize_value(v) for v in streamed if v.name not in inputs and _has_info(v)]
+    infos += list(proto.graph.value_info)  # onnx_ir lists initializers' value infos first
+    del proto.graph.value_info[:]
+    proto.graph.value_info.extend(infos)
+    return proto.SerializeToString()
+
+
+def _has_info(value: ir.Value) -> bool:
+    """Whether onnx_ir writes a value_info for this initializer (as its own save does)."""
+    return (value.shape is not None or value.type is not None or bool(value.metadata_props)
+            or bool(value.doc_string))
 
 
 def save_streaming(model: ir.Model, path: str | os.PathLike) -> Path:
