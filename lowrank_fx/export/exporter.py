@@ -3,7 +3,8 @@
 `run_exporter` exports in eval mode and without autograd, with the dynamic axes given per
 input, and returns the `onnx_ir` model for post-processing. Symbolic dimensions get
 readable names afterwards (`name_dims`): the exporter's `s72` becomes `batch`.
-`save` writes the model, with external data when asked or when it is above 2 GB.
+`save` writes the model, with external data when asked or when it is above 2 GB, streaming
+the weights to disk one at a time either way (stream_save.py; onnx_ir's external-data writer).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch.export import Dim
 
 from ..errors import ExportError
 from .signature import FlatCall
+from .stream_save import save_streaming
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -46,15 +48,18 @@ def all_axes(tensor: torch.Tensor) -> dict:
 
 def run_exporter(module: FlatCall, examples: list[torch.Tensor], input_names: list[str],
                  output_names: list[str], dynamic: list[dict], opset: int | None = None,
-                 custom_translation_table: dict | None = None, optimize: bool = True) -> ir.Model:
-    """The ONNX model of `module(*examples)` (an onnx_ir Model, not yet saved)."""
+                 custom_translation_table: dict | None = None) -> ir.Model:
+    """The ONNX model of `module(*examples)` (an onnx_ir Model, not yet cleaned up or saved).
+
+    The exporter's own optimizer is off: optimize.py's clean-up runs afterwards, once the
+    caller has set lazy weights (merged_weights.py)."""
     with eval_mode(module), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(
                 module, tuple(examples), dynamo=True, dynamic_shapes=(tuple(dynamic),),
                 input_names=input_names, output_names=output_names, opset_version=opset,
-                custom_translation_table=custom_translation_table, optimize=optimize, verbose=False,
+                custom_translation_table=custom_translation_table, optimize=False, verbose=False,
             )
         except Exception as err:
             raise explain(err) from err
@@ -123,9 +128,20 @@ def save(model: ir.Model, path: str | os.PathLike, external_data: bool | None) -
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-    if external_data or (external_data is None and size > TWO_GB):
-        data = path.with_name(path.name + ".data")
-        ir.save(model, path, external_data=data.name)
-        return [path, data]
-    ir.save(model, path)
-    return [path]
+    if size > TWO_GB and external_data is False:
+        raise ExportError(
+            f"the weights are {size / 2**30:.1f} GiB, above protobuf's 2 GiB limit for one .onnx "
+            "file: export with external_data=True (or None, the default, which picks it)"
+        )
+    data = path.with_name(path.name + ".data")
+    files = [path, data] if external_data or size > TWO_GB else [path]
+    try:
+        if len(files) == 2:
+            ir.save(model, path, external_data=data.name)
+        else:
+            save_streaming(model, path)
+    except BaseException:  # a lazy weight that failed (MergeError) leaves no partial files
+        for file in files:
+            file.unlink(missing_ok=True)
+        raise
+    return files

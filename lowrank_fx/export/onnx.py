@@ -18,6 +18,9 @@ Inputs are named like the forward's arguments, outputs by their keys (`logits`,
 mode but a dense "merged" fold: each quantized layer becomes ONNX Runtime's MatMulNBits (int8,
 int4) or MatMulBnb4 (NF4) over its uint8 codes (quantized_ops.py). The graph is exported in eval mode
 and keeps its own mode. Weights go to `<path>.data` above 2 GB (or with external_data=True).
+Weights are streamed to disk one at a time; a merged export computes each folded weight
+as it is written (merged_weights.py) and optimize=True runs a clean-up whose cost grows
+linearly with the graph (optimize.py), not onnxscript's full optimizer.
 A `<stem>.lowrank_fx.json` sidecar records what was exported (manifest.py).
 """
 
@@ -36,7 +39,6 @@ from torch.export import Dim
 
 from ..errors import ExportError
 from ..graph.gates import active_adapters
-from ..passes.fold import fold
 from ..passes.layers import flat_view
 from .adapter_graph import (
     AdapterInput,
@@ -50,6 +52,8 @@ from .adapter_graph import (
 )
 from .exporter import all_axes, eval_mode, name_dims, run_exporter, save
 from .manifest import write_manifest
+from .merged_weights import MergedGraph, attach_merged, merged_graph
+from .optimize import optimize_graph
 from .ort_adapter import SUFFIX, check_adapter_file, layout_fingerprint, model_slots, write_adapter_file
 from .per_row import IDS, NONE_ID, per_row_graph, row_swap
 from .quantized_ops import integer_base, translations
@@ -233,12 +237,12 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
     dynamic, dim_names = _model_dims(sig, dynamic_shapes)
     layout: list[AdapterInput] = []
     names: list[str] = []
+    merged = None
     if mode == "merged":
-        dense = model
+        merged = MergedGraph(model, {})
         if isinstance(model, fx.GraphModule) and adapter_names(model):
-            keep = _chosen(model, adapters) if adapters is not None else active_adapters(model)
-            dense = fold(copy_graph(model, keep)[0]) if keep else copy_graph(model, [])[0]
-        graph = _Graph(FlatCall(dense, sig), [], {})
+            merged = merged_graph(model, _chosen(model, adapters) if adapters is not None else active_adapters(model))
+        graph = _Graph(FlatCall(merged.graph, sig), [], {})
     elif mode == "adapters":
         names = _chosen(model, adapters)
         graph, layout = _adapters_graph(model, sig, names)
@@ -249,8 +253,12 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
         custom_translation_table = {**translations(), **(custom_translation_table or {})}
     onnx_model = run_exporter(
         graph.module, sig.examples + [e[1] for e in graph.extra], sig.names + [e[0] for e in graph.extra], outputs,
-        dynamic + [e[2] for e in graph.extra], opset, custom_translation_table, optimize,
+        dynamic + [e[2] for e in graph.extra], opset, custom_translation_table,
     )
+    if merged is not None:
+        attach_merged(onnx_model, merged)
+    if optimize:
+        optimize_graph(onnx_model)
     name_dims(onnx_model, {**dim_names, **graph.dim_names})
     _add_defaults(onnx_model, layout)
     files = save(onnx_model, path, external_data)

@@ -190,7 +190,8 @@ def export_generation(model: nn.Module, adapters, directory: str | os.PathLike, 
     dtype: export the base in this dtype (torch.float16, ...). tokenizer: a transformers
     tokenizer (saved with save_pretrained) or a tokenizer file or directory (copied).
     per_row=True also writes per_row/ (rows=[...] in GenerationSession, `adapter_ids` in genai).
-    optimize: run the onnxscript optimizer on the exported graphs (slower export, faster model).
+    optimize: clean up the exported graphs (export/optimize.py: weight transposes and small
+    constants folded, common subexpressions merged; cost linear in the graph's size).
     """
     check_decoder(model)
     text_config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
