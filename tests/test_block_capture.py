@@ -14,6 +14,7 @@ import zlib
 import pytest
 import torch
 import transformers as T
+from torch._subclasses.fake_tensor import FakeTensor
 
 import lowrank_fx as lfx
 from lowrank_fx.adapt import capture_memo
@@ -37,9 +38,9 @@ def _ids(batch: int, seq: int) -> torch.Tensor:
 def _model(family: str, **extra):
     torch.manual_seed(0)
     if family == "llama":
-        model = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                                                 num_hidden_layers=LAYERS, num_attention_heads=4,
-                                                 num_key_value_heads=2, **extra))
+        model = T.LlamaForCausalLM(T.LlamaConfig(**{**dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                                           num_hidden_layers=LAYERS, num_attention_heads=4,
+                                                           num_key_value_heads=2), **extra}))
         kwargs = {"input_ids": _ids(2, 8), "use_cache": False}
     elif family == "qwen2":
         model = T.Qwen2ForCausalLM(T.Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
@@ -184,3 +185,33 @@ def test_the_disk_cache_stores_the_traced_prefix_and_a_hit_gives_the_same_graph(
     again = capture(model, example_kwargs=kwargs, cache_dir=tmp_path)
     assert _ops(first) == _ops(again)
     assert torch.equal(_main(first(**kwargs)), _main(again(**kwargs)))
+
+
+def test_the_kv_cache_decode_graph_is_traced_by_blocks_and_generates_like_transformers(monkeypatch):
+    """The decode graph reads each layer's own cache slot and returns its own new keys and values:
+    copied layers must read and write theirs, not the template's (greedy tokens and logits
+    against transformers' generate on the folded model)."""
+    model, _ = _model("llama", num_hidden_layers=5, eos_token_id=3, pad_token_id=0, bos_token_id=1)
+    kwargs = {"input_ids": _ids(2, 6), "use_cache": False}
+    gm = lfx.rewrite(model, lfx.Spec(["*.q_proj", "*.v_proj", "*.down_proj"], lfx.LoRA(rank=2, init="nonzero")),
+                     example_kwargs=kwargs)
+    merged = lfx.load_merged(copy.deepcopy(model), gm)
+    layer_class = type(model.model.layers[0])
+    calls = []
+    forward = layer_class.forward
+
+    def counted(self, hidden_states, *args, **kw):
+        if isinstance(hidden_states, FakeTensor):  # traced by torch.export, not run eagerly
+            calls.append(self)
+        return forward(self, hidden_states, *args, **kw)
+
+    monkeypatch.setattr(layer_class, "forward", counted)
+    ids = torch.randint(4, VOCAB, (1, 5), generator=torch.Generator().manual_seed(3))
+    got = lfx.generate(gm, ids, max_new_tokens=8, eos_token_id=[], output_logits=True)
+    assert calls == [model.model.layers[0], model.model.layers[1]]  # the decode capture traced two layers
+    with torch.no_grad():
+        want = merged.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8,
+                               output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    assert torch.equal(got.sequences, want.sequences)
+    for ours, theirs in zip(got.logits, want.logits):
+        assert float((ours - theirs).abs().max() / theirs.abs().max()) < 1e-5
