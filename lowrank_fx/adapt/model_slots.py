@@ -17,7 +17,7 @@ class Slots:
     def __init__(self, model: nn.Module):
         self.model = model
         self._replaced: list[tuple[nn.Module, str, str, torch.Tensor]] = []  # (module, kind, leaf, old)
-        self._wrapped: dict[int, nn.Parameter] = {}
+        self._wrapped: dict[int, tuple[torch.Tensor, nn.Parameter]] = {}  # holds the tensor: its id stays unique
 
     def find(self, key: str) -> tuple[nn.Module, str, str] | None:
         """(module, "param" | "buffer", leaf) of a state_dict key, or None if it names neither."""
@@ -38,8 +38,8 @@ class Slots:
         old = table[leaf]
         if kind == "param" and not isinstance(value, nn.Parameter):
             if id(value) not in self._wrapped:
-                self._wrapped[id(value)] = nn.Parameter(value, requires_grad=old.requires_grad)
-            value = self._wrapped[id(value)]
+                self._wrapped[id(value)] = (value, nn.Parameter(value, requires_grad=old.requires_grad))
+            value = self._wrapped[id(value)][1]
         self._replaced.append((module, kind, leaf, old))
         table[leaf] = value
 
