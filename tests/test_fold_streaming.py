@@ -173,11 +173,29 @@ def test_inplace_merge_of_bf16_weights_rounds_like_the_copy():
         assert torch.equal(gm.get_parameter(name), weight), name  # weights and LoRA-bias biases
 
 
-def test_inplace_merge_that_fails_changes_nothing():
+def test_lora_bound_covers_its_update():
+    _, gm = _adapted()
+    group = gm.lowrank_fx.default.lora
+    for name in group.target_names:
+        unit = group.unit(name)
+        assert unit.delta_weight().abs().max().item() <= unit.delta_bound()
+    _, dora = _adapted("dora")
+    group = dora.lowrank_fx.default[dora.meta["lowrank_fx"].adapters["default"].groups[name]]
+    assert group.unit(name).delta_bound() is None  # DoRA's ΔW reads W and divides by a norm
+
+
+@pytest.mark.parametrize("broken", ["inf", "overflow"])
+def test_inplace_merge_that_fails_changes_nothing(broken):
     case, gm = _adapted()
     last = list(gm.meta["lowrank_fx"].adapters["default"].groups)[-1]
+    unit = gm.lowrank_fx.default.lora.unit(last)
     with torch.no_grad():
-        gm.lowrank_fx.default.lora.unit(last).lora_B[1, 0] = float("inf")
+        if broken == "inf":
+            unit.lora_B[1, 0] = float("inf")
+        else:  # finite factors whose product is past fp32's range: the bound cannot vouch, ΔW is checked
+            unit.lora_B.fill_(3e38)
+            unit.lora_A.fill_(1.0)
+            assert torch.isfinite(unit.lora_B).all() and not torch.isfinite(unit.delta_weight()).all()
     code, values = gm.code, _weights(gm)
     with pytest.raises(lfx.MergeError, match=last) as info:
         lfx.merge(gm, inplace=True)

@@ -29,7 +29,7 @@ from ..errors import MergeError
 from ..graph.quantized import dequantized
 from ..graph.record import Record
 from ..graph.targets import Target
-from ..passes.fold_graph import read_elsewhere
+from ..passes.fold_graph import GraphIndex, read_elsewhere
 from ..passes.fold_updates import Update, merged_bias, merged_weight, target_update, updates
 from ..passes.quantized_fold import region_bias, regions_by_output
 from ..passes.train_modules import with_trained
@@ -86,10 +86,11 @@ def merged_plan(gm: fx.GraphModule) -> MergedPlan:
     tensors = with_trained(gm, dict(gm.state_dict(keep_vars=True)))  # trained modules: the active copies
     quantized = {name for name, t in targets.items() if t.quantized}
     folds = []  # (graph tensor, target, leaf, whether the graph reads the tensor elsewhere)
+    index = GraphIndex(gm)
     for name, update in found.items():
         if name not in quantized:
             t = update.target
-            folds.append((tensors[t.weight], t, "weight", read_elsewhere(gm, t)))
+            folds.append((tensors[t.weight], t, "weight", read_elsewhere(gm, index, t)))
             if _has_bias_update(update):
                 folds.append((tensors[t.bias], t, "bias", False))
     plan = MergedPlan(list(record.state_keys), {}, {}, {}, targets, found, [])

@@ -29,7 +29,7 @@ from torch import fx, nn
 
 from ..errors import MergeError
 from ..graph.record import KEY, Record
-from .fold_graph import fold_target, quantized_bias, remove_adapter_nodes, set_parameter
+from .fold_graph import GraphIndex, fold_target, quantized_bias, remove_adapter_nodes, set_parameter
 from .fold_inplace import fold_in_place
 from .fold_updates import merged_bias, merged_weight, target_update, updates
 from .layers import flat_view
@@ -85,6 +85,7 @@ def fold(gm: fx.GraphModule, requantize: bool = False, tolerance: float = 1e-2,
     regions = regions_by_output(gm) if quantized else {}
     folded = shared_copy(gm)
     remove_adapter_nodes(folded)
+    index = GraphIndex(folded)
     for name, update in found.items():
         target = update.target
         delta, bias_delta = target_update(gm, update)
@@ -94,7 +95,7 @@ def fold(gm: fx.GraphModule, requantize: bool = False, tolerance: float = 1e-2,
             step = fold_requantized if requantize else fold_dense
             step(folded, target, regions[target.sites[0]], weight, bias)
         else:
-            fold_target(folded, target, merged_weight(gm.get_parameter(target.weight), delta, target))
+            fold_target(folded, index, target, merged_weight(gm.get_parameter(target.weight), delta, target))
             if bias_delta is not None:
                 bias = merged_bias(gm.get_parameter(target.bias), bias_delta)
                 set_parameter(folded, target.bias, nn.Parameter(bias, requires_grad=False))

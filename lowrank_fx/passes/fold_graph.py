@@ -20,12 +20,38 @@ from .quantized_fold import region_bias
 UNTIED = "lowrank_fx_untied"
 
 
-def weight_chains(gm: fx.GraphModule, target: Target) -> list[list[fx.Node]]:
+class GraphIndex:
+    """`gm`'s nodes by name and its get_attr nodes by the parameter they read, built once
+    (O(nodes)) so that finding every target's chains and readers stays linear in the graph.
+    Valid while the graph's nodes and parameters stay; folding a target changes only that
+    target's entries, which it does not read again."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.nodes = {n.name: n for n in gm.graph.nodes}
+        self._readers: dict[int, tuple[torch.Tensor, list[fx.Node]]] = {}  # holds the tensor: its id stays unique
+        for node in gm.graph.nodes:
+            if node.op == "get_attr":
+                tensor = _tensor(gm, node.target)
+                if tensor is not None:
+                    self._readers.setdefault(id(tensor), (tensor, []))[1].append(node)
+
+    def readers(self, tensor: torch.Tensor) -> list[fx.Node]:
+        entry = self._readers.get(id(tensor))
+        return entry[1] if entry is not None and entry[0] is tensor else []
+
+
+def _tensor(gm: fx.GraphModule, path: str):
+    try:
+        return gm.get_parameter(path)
+    except AttributeError:
+        return None
+
+
+def weight_chains(index: GraphIndex, target: Target) -> list[list[fx.Node]]:
     """Per call site: [site, the ops between it and the weight..., the weight's get_attr]."""
-    nodes = {n.name: n for n in gm.graph.nodes}
     chains = []
     for site_name in target.sites:
-        site = nodes[site_name]
+        site = index.nodes[site_name]
         chain = [site]
         node = weight_operand(site)
         while node.op != "get_attr":
@@ -44,36 +70,28 @@ def set_parameter(gm: fx.GraphModule, path: str, value: nn.Parameter) -> None:
         setattr(module, leaf, value)
 
 
-def _tensor(gm: fx.GraphModule, path: str):
-    try:
-        return gm.get_parameter(path)
-    except AttributeError:
-        return None
-
-
-def _readers(gm: fx.GraphModule, target: Target) -> list[fx.Node]:
+def _readers(gm: fx.GraphModule, index: GraphIndex, target: Target) -> list[fx.Node]:
     """Every get_attr node that reads the target's weight tensor, under any of its names."""
-    weight = gm.get_parameter(target.weight)
-    return [n for n in gm.graph.nodes if n.op == "get_attr" and _tensor(gm, n.target) is weight]
+    return index.readers(gm.get_parameter(target.weight))
 
 
-def read_elsewhere(gm: fx.GraphModule, target: Target) -> bool:
+def read_elsewhere(gm: fx.GraphModule, index: GraphIndex, target: Target) -> bool:
     """Whether the graph uses the target's weight anywhere but on its call sites' chains
     (and in lowrank_fx's own adapter nodes, which folding removes)."""
-    on_chains = {node for chain in weight_chains(gm, target) for node in chain[:-1]}
+    on_chains = {node for chain in weight_chains(index, target) for node in chain[:-1]}
     return any(user not in on_chains and KEY not in user.meta and KEY not in reader.meta
-               for reader in _readers(gm, target) for user in reader.users)
+               for reader in _readers(gm, index, target) for user in reader.users)
 
 
-def fold_target(gm: fx.GraphModule, target: Target, merged: torch.Tensor) -> None:
+def fold_target(gm: fx.GraphModule, index: GraphIndex, target: Target, merged: torch.Tensor) -> None:
     """Make the target's call sites read `merged` (a new tensor): under every name of the weight,
     or, where the graph also reads the weight elsewhere, as `lowrank_fx_untied.<target>`."""
     parameter = nn.Parameter(merged, requires_grad=False)
-    if not read_elsewhere(gm, target):
-        for reader in _readers(gm, target):
+    if not read_elsewhere(gm, index, target):
+        for reader in _readers(gm, index, target):
             set_parameter(gm, reader.target, parameter)
         return
-    chains = weight_chains(gm, target)
+    chains = weight_chains(index, target)
     if not hasattr(gm, UNTIED):
         gm.add_module(UNTIED, nn.Module())
     getattr(gm, UNTIED).register_parameter(unit_key(target.name), parameter)

@@ -26,10 +26,12 @@ original model keeps its tensor there:
   - a quantized target: its weight has no dense storage to add to, so it becomes a dense
     aten.linear on W + ΔW (dequantized, fp32 sum); the quantized tensor is left as it was.
 
-All or nothing. Every update is built and checked (and dropped) before the first write: a NaN
-or inf update raises MergeError with every weight, gm's graph and its adapters unchanged. This
-check costs one more ΔW per target, about as much again as the fold itself. Refused up front:
-a graph sharded by FSDP2 (its weights are shards on each rank).
+All or nothing. Every update is checked before the first write: a NaN or inf update raises
+MergeError with every weight, gm's graph and its adapters unchanged. A LoRA update is shown
+finite by its factors' bound, |ΔW_ij| ≤ |s| · max_i Σ_k |B_ik| · max |A| (no ΔW built, so the
+in-place fold builds each ΔW once, as PEFT does); the other methods' ΔW is built, checked and
+dropped, then built again for the write (about twice the time). Refused up front: a graph
+sharded by FSDP2 (its weights are shards on each rank).
 
 Afterwards gm has no adapters: `lfx.merge(gm)` or `lfx.merged_state_dict(gm)` again raise
 MergeError ("no adapters to fold") rather than add ΔW twice. The gates of the folded adapters
@@ -48,26 +50,30 @@ from ..graph.dtensors import is_dtensor
 from ..graph.gates import GATES
 from ..graph.record import KEY, Record
 from .checkpoint_layers import checkpoint_layers, checkpointed
-from .fold_graph import fold_target, quantized_bias, read_elsewhere, remove_adapter_nodes, set_parameter
-from .fold_updates import Update, add_in_place, merged_bias, merged_weight, target_update, updates
+from .fold_graph import GraphIndex, fold_target, quantized_bias, read_elsewhere, remove_adapter_nodes, set_parameter
+from .fold_updates import Update, add_in_place, check_update, merged_bias, merged_weight, target_update, updates
 from .layers import flat_view, structure, unstructure
 from .quantized_fold import fold_dense, regions_by_output
 from .train_modules import trained_values
 
 
 def _checked(gm: fx.GraphModule, found: dict[str, Update]) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-    """Build every target's update once before anything changes (MergeError on NaN / inf) and
-    keep the folded (weight, bias or None) of the targets that cannot fold in place."""
+    """Check every target's update before anything changes (MergeError on NaN / inf) and keep
+    the folded (weight, bias or None) of the targets that cannot fold in place."""
     copies = {}
     regions = None
+    index = GraphIndex(gm)
     for name, update in found.items():
         target = update.target
+        if not target.quantized and not read_elsewhere(gm, index, target):
+            check_update(gm, update)  # LoRA: by its factors' bound, no ΔW built
+            continue
         delta, bias_delta = target_update(gm, update)
         if target.quantized:
             regions = regions or regions_by_output(gm)
             bias = quantized_bias(gm, target, regions, bias_delta) if bias_delta is not None else None
             copies[name] = (merged_weight(None, delta, target, gm), bias)
-        elif read_elsewhere(gm, target):
+        else:
             bias = merged_bias(gm.get_parameter(target.bias), bias_delta) if bias_delta is not None else None
             copies[name] = (merged_weight(gm.get_parameter(target.weight), delta, target), bias)
         del delta, bias_delta
@@ -94,6 +100,7 @@ def fold_in_place(gm: fx.GraphModule) -> fx.GraphModule:
     regions = regions_by_output(gm) if any(update.target.quantized for update in found.values()) else {}
     record = Record.find(gm)
     remove_adapter_nodes(gm)
+    index = GraphIndex(gm)
     for name, update in found.items():
         target = update.target
         if name in copies:
@@ -101,7 +108,7 @@ def fold_in_place(gm: fx.GraphModule) -> fx.GraphModule:
             if target.quantized:
                 fold_dense(gm, target, regions[target.sites[0]], weight, bias)
                 continue
-            fold_target(gm, target, weight)
+            fold_target(gm, index, target, weight)
             if bias is not None:
                 set_parameter(gm, target.bias, nn.Parameter(bias, requires_grad=False))
             continue

@@ -13,6 +13,10 @@ quantized W dequantized.
 `target_update(gm, update)` builds one target's ΔW and Δb and refuses NaN or inf. Folding
 builds, uses and drops one target's ΔW before the next, so it never holds more than one ΔW
 (beside the weights it folds into).
+
+Finite check: a unit may bound max |ΔW| from its parameters (`Unit.delta_bound`; LoRA:
+|s| · max_i Σ_k |B_ik| · max |A|); when Σ_a |g_a| · bound_a < fp32 max / 4, ΔW is finite without
+looking at it. Otherwise ΔW is checked in one pass (min and max, which propagate NaN).
 """
 
 from __future__ import annotations
@@ -89,24 +93,54 @@ def finite(value: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
+def _refuse(name: str) -> MergeError:
+    return MergeError(
+        f"refusing to fold: the update of {name} has NaN or inf values (diverged training?). "
+        "Nothing was changed; load a good checkpoint first."
+    )
+
+
+def _bias(update: Update) -> torch.Tensor | None:
+    bias = None
+    for gate, group in update.parts:
+        unit_bias = group.unit(update.target.name).delta_bias()
+        if unit_bias is not None:
+            bias = _add(bias, unit_bias, gate)
+    return bias
+
+
+def bounded(update: Update) -> bool:
+    """Whether ΔW is finite by the units' own bounds, Σ_a |g_a| · max |ΔW_a| < fp32 max / 4,
+    without building it (LoRA: from B and A; other methods give no bound), and Δb is finite."""
+    total = 0.0
+    for gate, group in update.parts:
+        bound = group.unit(update.target.name).delta_bound(*group.shared_tensors())
+        if bound is None:
+            return False
+        total += abs(gate) * bound
+    bias = _bias(update)
+    return total < torch.finfo(torch.float32).max / 4 and (bias is None or finite(bias))
+
+
 def target_update(gm: fx.GraphModule, update: Update) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(ΔW (out, in), Δb (out,) or None) of one target, summed over its adapters; MergeError on NaN / inf."""
+    """(ΔW (out, in), Δb (out,) or None) of one target, summed over its adapters; MergeError on
+    NaN / inf, checked on ΔW itself (one pass) unless the units' bounds already show it finite."""
     name = update.target.name
-    delta = bias = None
+    delta = None
     with torch.no_grad():
         for gate, group in update.parts:
-            unit = group.unit(name)
-            base = base_matrix(gm, update.target) if unit.uses_base_weight else None
+            base = base_matrix(gm, update.target) if group.unit(name).uses_base_weight else None
             delta = _add(delta, group.delta_weight(name, base), gate)
-            unit_bias = unit.delta_bias()
-            if unit_bias is not None:
-                bias = _add(bias, unit_bias, gate)
-    if not finite(delta) or (bias is not None and not finite(bias)):
-        raise MergeError(
-            f"refusing to fold: the update of {name} has NaN or inf values (diverged training?). "
-            "Nothing was changed; load a good checkpoint first."
-        )
+        bias = _bias(update)
+    if not bounded(update) and (not finite(delta) or (bias is not None and not finite(bias))):
+        raise _refuse(name)
     return delta, bias
+
+
+def check_update(gm: fx.GraphModule, update: Update) -> None:
+    """MergeError unless the target's update is finite: by the bounds, else by building it (then dropped)."""
+    if not bounded(update):
+        target_update(gm, update)
 
 
 def merged_weight(weight: torch.Tensor | None, delta: torch.Tensor, target: Target,
