@@ -96,7 +96,8 @@ def fold_in_place(gm: fx.GraphModule) -> fx.GraphModule:
     gates = getattr(gm, GATES, None)
     recompute = checkpointed(gm)
     kept = unstructure(gm)
-    _, found = updates(gm)  # the flat graph's own nodes
+    if kept:
+        _, found = updates(gm)  # the flat graph's own nodes
     regions = regions_by_output(gm) if any(update.target.quantized for update in found.values()) else {}
     record = Record.find(gm)
     remove_adapter_nodes(gm)
@@ -112,7 +113,7 @@ def fold_in_place(gm: fx.GraphModule) -> fx.GraphModule:
             if bias is not None:
                 set_parameter(gm, target.bias, nn.Parameter(bias, requires_grad=False))
             continue
-        delta, bias_delta = target_update(gm, update)
+        delta, bias_delta = target_update(gm, update, checked=True)  # by _checked, before any write
         weight = gm.get_parameter(target.weight)
         add_in_place(weight, target.kind.to_weight(delta, target.layout, weight.shape))
         if bias_delta is not None:

@@ -122,9 +122,10 @@ def bounded(update: Update) -> bool:
     return total < torch.finfo(torch.float32).max / 4 and (bias is None or finite(bias))
 
 
-def target_update(gm: fx.GraphModule, update: Update) -> tuple[torch.Tensor, torch.Tensor | None]:
+def target_update(gm: fx.GraphModule, update: Update, checked: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(ΔW (out, in), Δb (out,) or None) of one target, summed over its adapters; MergeError on
-    NaN / inf, checked on ΔW itself (one pass) unless the units' bounds already show it finite."""
+    NaN / inf, checked on ΔW itself (one pass) unless the units' bounds already show it finite.
+    `checked=True`: `check_update` passed on this update and its parameters have not changed."""
     name = update.target.name
     delta = None
     with torch.no_grad():
@@ -132,7 +133,7 @@ def target_update(gm: fx.GraphModule, update: Update) -> tuple[torch.Tensor, tor
             base = base_matrix(gm, update.target) if group.unit(name).uses_base_weight else None
             delta = _add(delta, group.delta_weight(name, base), gate)
         bias = _bias(update)
-    if not bounded(update) and (not finite(delta) or (bias is not None and not finite(bias))):
+    if not checked and not bounded(update) and (not finite(delta) or (bias is not None and not finite(bias))):
         raise _refuse(name)
     return delta, bias
 
