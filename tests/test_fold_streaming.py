@@ -252,7 +252,7 @@ def test_inplace_merge_writes_trained_modules_into_the_base():
 
 
 def test_inplace_merge_folds_a_quantized_target_to_a_dense_layer():
-    torchao = pytest.importorskip("torchao")
+    pytest.importorskip("torchao")
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
     def quantized():
