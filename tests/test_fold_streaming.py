@@ -48,12 +48,17 @@ def _out(module, case) -> torch.Tensor:
 
 
 def _expected(gm) -> dict[str, torch.Tensor]:
-    """{weight name: W + Σ_adapters ΔW} by the formula, from each group's own delta_weight (all gates 1)."""
+    """{weight name: W + Σ_adapters ΔW} by the formula (all gates 1): LoRA's s · B A from its factors,
+    the other methods' ΔW from their group's delta_weight."""
     total: dict[str, torch.Tensor] = {}
     for adapter, info in gm.meta["lowrank_fx"].adapters.items():
         for target, group in info.groups.items():
             weight = gm.get_parameter(f"{target}.weight").detach()  # Llama: (out, in), as ΔW
-            delta = getattr(gm.lowrank_fx, adapter)[group].delta_weight(target, weight).float()
+            unit = getattr(gm.lowrank_fx, adapter)[group].unit(target)
+            if hasattr(unit, "lora_B") and not hasattr(unit, "lora_magnitude"):  # plain LoRA: s · B A from its factors
+                delta = (unit.lora_B.detach() @ unit.lora_A.detach()) * unit.scale
+            else:
+                delta = getattr(gm.lowrank_fx, adapter)[group].delta_weight(target, weight).detach().float()
             total[target] = total[target] + delta if target in total else delta
     return {f"{t}.weight": (gm.get_parameter(f"{t}.weight").detach().float() + d).to(gm.get_parameter(f"{t}.weight").dtype)
             for t, d in total.items()}
