@@ -66,6 +66,12 @@ class Unit(nn.Module):
         """Δb (out,) that folding adds to the base bias, or None (most methods)."""
         return None
 
+    def delta_bound(self, *shared: torch.Tensor) -> float | None:
+        """An upper bound on max |ΔW| from the parameters alone, without building ΔW, so that
+        folding can trust a finite ΔW unchecked (passes/fold_updates.py); None where only ΔW
+        itself tells (the default)."""
+        return None
+
     def neutral_value(self, name: str, gm) -> torch.Tensor | None:
         """The value of parameter `name` that means "no update" when it is neither empty along
         the rank nor zeros (DoRA's magnitude: the base row norms); None for the usual ones."""

@@ -48,6 +48,10 @@ class DoRAUnit(LoRAUnit):
         """‖W + s · B A‖ (out,) with the LoRA product detached."""
         return torch.linalg.vector_norm(matrix + self.delta_lora().detach().to(matrix.dtype), dim=1)
 
+    def delta_bound(self) -> float | None:
+        """None: ΔW = m ⊙ V / ‖V‖ − W also depends on W and on ‖V‖, which may vanish."""
+        return None
+
     def delta_lora(self) -> torch.Tensor:
         return self.lora_matrix() * self.scale
 

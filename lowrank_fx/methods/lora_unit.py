@@ -88,8 +88,20 @@ class LoRAUnit(Unit):
         return (B @ A).reshape(self.lora_B.shape[0], -1)
 
     def delta_weight(self) -> torch.Tensor:
-        """ΔW = s · B A (out, in), in fp32, or float64 for float64 factors."""
-        return self.lora_matrix() * self.scale
+        """ΔW = s · B A (out, in), in fp32, or float64 for float64 factors (scaled in place: one
+        (out, in) tensor, not two)."""
+        return self.lora_matrix().mul_(self.scale)
+
+    def delta_bound(self) -> float | None:
+        """|ΔW_ij| = |s| · |Σ_k B_ik A_kj| ≤ |s| · max_i Σ_k |B_ik| · max_kj |A_kj| (a group's block
+        sums over fewer k): two reductions over the factors, O(r · (out + in)); inf or NaN for a
+        non-finite factor, or one too large to sum."""
+        if self.lora_A.numel() == 0 or self.lora_B.numel() == 0:
+            return 0.0
+        with torch.no_grad():
+            rows = torch.linalg.vector_norm(self.lora_B.detach().flatten(1), ord=1, dim=1).max()
+            entries = torch.linalg.vector_norm(self.lora_A.detach(), ord=float("inf"))
+            return abs(self.scale) * float(rows) * float(entries)
 
     def delta_bias(self) -> torch.Tensor | None:
         if self.lora_B_bias is None:
