@@ -100,7 +100,7 @@ def _refuse(name: str) -> MergeError:
     )
 
 
-def _bias(update: Update) -> torch.Tensor | None:
+def bias_update(update: Update) -> torch.Tensor | None:
     bias = None
     for gate, group in update.parts:
         unit_bias = group.unit(update.target.name).delta_bias()
@@ -118,7 +118,7 @@ def bounded(update: Update) -> bool:
         if bound is None:
             return False
         total += abs(gate) * bound
-    bias = _bias(update)
+    bias = bias_update(update)
     return total < torch.finfo(torch.float32).max / 4 and (bias is None or finite(bias))
 
 
@@ -132,7 +132,7 @@ def target_update(gm: fx.GraphModule, update: Update, checked: bool = False) -> 
         for gate, group in update.parts:
             base = base_matrix(gm, update.target) if group.unit(name).uses_base_weight else None
             delta = _add(delta, group.delta_weight(name, base), gate)
-        bias = _bias(update)
+        bias = bias_update(update)
     if not checked and not bounded(update) and (not finite(delta) or (bias is not None and not finite(bias))):
         raise _refuse(name)
     return delta, bias
