@@ -57,6 +57,7 @@ from ..passes.grad_regions import unwrap_regions
 from ..passes.inline_linear import inline_linear
 from ..passes.mode_aware import make_mode_aware
 from ..passes.quantized_base import prepare_quantized
+from ..progress import stage
 from . import capture_memo
 from .capture_cache import CaptureCache, cache_directory, cache_key, cacheable
 
@@ -274,6 +275,7 @@ def _exported(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, dynami
     return gm
 
 
+@stage("capturing the model (torch.export)")
 def _traced(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, dynamic_shapes):
     """(torch.export's program, the bitsandbytes layers swapped while exporting)."""
     if dynamic_shapes is None and dynamic:

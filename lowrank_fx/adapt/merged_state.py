@@ -34,6 +34,7 @@ from ..passes.fold import adapted_record, adapter_deltas, merged_bias, merged_we
 from ..passes.layers import flat_view
 from ..passes.quantized_fold import measure, region_bias, regions_by_output
 from ..passes.train_modules import with_trained
+from ..progress import stage
 
 
 def _gm_name(record, key: str, gm_names: set[str]) -> str | None:
@@ -119,6 +120,7 @@ def merged_plan(gm: fx.GraphModule) -> tuple[dict[str, torch.Tensor], list[tuple
     return state, conflicts
 
 
+@stage("building the merged state dict")
 def merged_state_dict(gm: fx.GraphModule, untie: bool = False) -> dict[str, torch.Tensor]:
     """Dense weights keyed by the original model's names: `model.load_state_dict(state)`.
     A graph sharded by FSDP2 is gathered for it (every rank calls; each gets the whole state)."""
@@ -136,6 +138,7 @@ def merged_state_dict(gm: fx.GraphModule, untie: bool = False) -> dict[str, torc
     return state
 
 
+@stage("loading merged weights into the model")
 def load_merged(model: nn.Module, gm: fx.GraphModule, tolerance: float = 1e-2) -> nn.Module:
     """Load the folded weights of `gm` into the original `model` as new tensors, untying
     shared weights where only one use was adapted. `gm` keeps its own weights. All keys and

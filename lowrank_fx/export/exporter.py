@@ -19,6 +19,7 @@ import torch
 from torch.export import Dim
 
 from ..errors import ExportError
+from ..progress import stage
 from .signature import FlatCall
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ def all_axes(tensor: torch.Tensor) -> dict:
     return {axis: Dim.AUTO for axis in range(tensor.dim())}
 
 
+@stage("exporting ONNX (torch.onnx.export)")
 def run_exporter(module: FlatCall, examples: list[torch.Tensor], input_names: list[str],
                  output_names: list[str], dynamic: list[dict], opset: int | None = None,
                  custom_translation_table: dict | None = None, optimize: bool = True) -> ir.Model:
@@ -112,6 +114,7 @@ def name_dims(model: ir.Model, names: dict[tuple[str, int], str]) -> None:
         value.shape = ir.Shape(dims)
 
 
+@stage("writing the ONNX file")
 def save(model: ir.Model, path: str | os.PathLike, external_data: bool | None) -> list[Path]:
     """Write `model` to `path`; returns the files written (the .onnx and any .data file).
 

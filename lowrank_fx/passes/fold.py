@@ -32,6 +32,7 @@ from ..graph.quantized import dequantized
 from ..graph.record import CONTAINER, KEY, Record, tagged
 from ..graph.targets import Target, find_targets, weight_operand
 from ..methods.base import unit_key
+from ..progress import stage
 from .layers import flat_view
 from .quantized_fold import REPORT, fold_dense, fold_requantized, measure, region_bias, regions_by_output
 from .train_modules import fold_trained, trained_values
@@ -202,6 +203,7 @@ def merged_bias(bias: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return (bias.detach().to(wide) + delta.to(bias.device, wide)).to(bias.dtype)
 
 
+@stage("folding adapters into the base weights")
 def fold(gm: fx.GraphModule, requantize: bool = False, tolerance: float = 1e-2) -> fx.GraphModule:
     """A new dense GraphModule with the active adapters folded in; `gm` is unchanged.
 

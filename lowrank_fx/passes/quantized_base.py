@@ -43,6 +43,7 @@ from ..errors import QuantizedBaseError
 from ..graph.quant_check import ROWS, dequantize_check, gradient_check, random_rows
 from ..graph.quantized import (Region, activation_dtype, dequantize_region, find_regions, region_device, region_function,
                                region_scheme, run_rows, weight_dequantizer, weight_values)
+from ..progress import steps
 
 _WRAPPED: dict[str, tuple[fx.GraphModule, Region, object]] = {}  # key -> (f(x, *weights), region, W(weights) or None)
 
@@ -191,7 +192,8 @@ def prepare_quantized(gm: fx.GraphModule) -> list[str]:
     """Check every quantized region (a wrong one raises before the graph changes), then make
     each one a custom op (its backward: module docstring). Returns the wrapped layers' paths."""
     checked = []
-    for region in find_regions(gm):
+    regions = find_regions(gm)
+    for region in steps(regions, "checking quantized layers", len(regions)):
         function = region_function(gm, region, weights_as_inputs=True)
         weights = weight_values(gm, region)
         if region.quantizes_activation:
