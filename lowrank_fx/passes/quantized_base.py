@@ -143,9 +143,10 @@ def _mismatch(gm: fx.GraphModule, region: Region, worst: float, relative: float)
         f"{region.path} ({region_scheme(gm, region)}): the format's own dequantize does not give the weight "
         f"this layer computes with. On {2 * ROWS} probe rows x, the layer's output differs from x·Wᵀ + b "
         f"(W by the dequantize) by up to {relative:.2e} of the largest output, {worst:.3g} times the "
-        "floating-point rounding bound. The gradient through this layer, folding and export would all use "
-        "that wrong W. Keep this layer dense (lfx.quantize_base(model, scheme, exclude=[...]) or leave it "
-        "out of your own quantization), or quantize it with another scheme."
+        "floating-point rounding bound. The tensor is inconsistent (or lowrank_fx rebuilds it wrongly from its "
+        "inner tensors), and the gradient through this layer would be computed with that W. Keep this layer "
+        "dense (lfx.quantize_base(model, scheme, exclude=[...]) or leave it out of your own quantization), or "
+        "quantize it with another scheme."
     )
 
 
