@@ -18,7 +18,8 @@ is a small GraphModule x -> y made of the region's nodes and its weight side, sh
 graph's tensors. It is what the base computes, so it is the oracle for everything else:
 
   - the dense weight is y(I) - y(0) transposed (`dequantized`), exact for weight-only schemes;
-  - whether gradients flow through the base is checked on it (passes/quantized_base.py).
+  - at capture, the format's own dequantize (`weight_dequantizer`) is checked against it on a
+    few rows, or, where there is none, whether gradients flow through it (graph/quant_check.py).
 
 A target made of regions keeps its module's name, has a `QuantizedLinearKind` (graph/op_kinds.py),
 `Target.inputs` naming each site's activation node, and its output node as the site.
