@@ -1,4 +1,5 @@
-"""Shared test setup: `import models` works from any test file; each test starts from seed 0."""
+"""Shared test setup: `import models` works from any test file; each test starts from seed 0;
+progress output is off (LOWRANK_FX_QUIET=1)."""
 
 import logging
 import os
@@ -8,6 +9,9 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+# no progress lines or bars in the suite's output (tests/test_progress.py unsets it where it looks)
+os.environ["LOWRANK_FX_QUIET"] = "1"
 
 
 @pytest.fixture(autouse=True)

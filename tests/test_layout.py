@@ -20,7 +20,7 @@ PACKAGE = pathlib.Path(lowrank_fx.__file__).parent
 
 # Lowest first. A wing may use any wing of lower rank.
 RANK = {
-    "errors": 0, "version": 0,
+    "errors": 0, "version": 0, "progress": 0,
     "options": 1,
     "graph": 2,
     "methods": 3,

@@ -68,6 +68,7 @@ from ..passes.inline_linear import inline_linear
 from ..passes.mode_aware import make_mode_aware
 from ..passes.quantized_base import prepare_quantized
 from ..passes.repeat_blocks import NotRepeatable, repeat_blocks
+from ..progress import stage
 from . import capture_memo
 from .capture_cache import CaptureCache, cache_directory, cache_key, cacheable
 
@@ -294,6 +295,7 @@ def _exported(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, dynami
     return gm
 
 
+@stage("capturing the model (torch.export)")
 def _traced(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, dynamic_shapes, lists):
     """(torch.export's program, the bitsandbytes layers swapped while exporting). Each list in
     `lists` holds only its traced prefix meanwhile (graph/block_lists.py)."""

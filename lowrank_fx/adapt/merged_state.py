@@ -31,10 +31,12 @@ from ..graph.quant_formats import requantize as requantize_tensor
 from ..graph.quant_formats import requantize_bitsandbytes
 from ..passes.layers import flat_view
 from ..passes.quantized_fold import measure
+from ..progress import stage
 from .merged_plan import folded_values, merged_plan, quantized_key
 from .model_slots import Slots, same_tensor
 
 
+@stage("building the merged state dict")
 def merged_state_dict(gm: fx.GraphModule, untie: bool = False) -> dict[str, torch.Tensor]:
     """Dense weights keyed by the original model's names: `model.load_state_dict(state)`.
 
@@ -66,6 +68,7 @@ def merged_state_dict(gm: fx.GraphModule, untie: bool = False) -> dict[str, torc
     return {key: values[key] for key in plan.keys if key in values}
 
 
+@stage("loading merged weights into the model")
 def load_merged(model: nn.Module, gm: fx.GraphModule, tolerance: float = 1e-2) -> nn.Module:
     """Load the folded weights of `gm` into the original `model`, one target at a time, as new
     tensors; `gm` keeps its own weights. Returns `model`.

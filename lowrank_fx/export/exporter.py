@@ -20,6 +20,7 @@ import torch
 from torch.export import Dim
 
 from ..errors import ExportError
+from ..progress import stage
 from .signature import FlatCall
 from .stream_save import save_streaming
 
@@ -46,6 +47,7 @@ def all_axes(tensor: torch.Tensor) -> dict:
     return {axis: Dim.AUTO for axis in range(tensor.dim())}
 
 
+@stage("exporting ONNX (torch.onnx.export)")
 def run_exporter(module: FlatCall, examples: list[torch.Tensor], input_names: list[str],
                  output_names: list[str], dynamic: list[dict], opset: int | None = None,
                  custom_translation_table: dict | None = None) -> ir.Model:
@@ -117,6 +119,7 @@ def name_dims(model: ir.Model, names: dict[tuple[str, int], str]) -> None:
         value.shape = ir.Shape(dims)
 
 
+@stage("writing the ONNX file")
 def save(model: ir.Model, path: str | os.PathLike, external_data: bool | None) -> list[Path]:
     """Write `model` to `path`; returns the files written (the .onnx and any .data file).
 

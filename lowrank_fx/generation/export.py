@@ -41,6 +41,7 @@ from ..export.onnx import export_onnx
 from ..files.adapter_file import load_adapters
 from ..graph.record import Record
 from ..graph.targets import find_targets
+from ..progress import stage
 from .decode_graph import EXAMPLES, LAYOUT, decode_graph, share_adapters
 from .decoder import check_decoder
 from .genai_config import CONFIG, MODEL, PER_ROW, check_token_ids, genai_config, token_ids
@@ -176,6 +177,7 @@ def _tokenizer_files(tokenizer, directory: Path) -> list[Path]:
     return copied
 
 
+@stage("exporting the KV-cache decoder")
 def _export(decode, path: Path, names: list[str], mode: str, optimize: bool):
     examples = decode.meta[EXAMPLES]
     return export_onnx(decode, path, example_kwargs=examples, mode=mode, adapters=names,

@@ -18,7 +18,8 @@ is a small GraphModule x -> y made of the region's nodes and its weight side, sh
 graph's tensors. It is what the base computes, so it is the oracle for everything else:
 
   - the dense weight is y(I) - y(0) transposed (`dequantized`), exact for weight-only schemes;
-  - whether gradients flow through the base is checked on it (passes/quantized_base.py).
+  - at capture, the format's own dequantize (`weight_dequantizer`) is checked against it on a
+    few rows, or, where there is none, whether gradients flow through it (graph/quant_check.py).
 
 A target made of regions keeps its module's name, has a `QuantizedLinearKind` (graph/op_kinds.py),
 `Target.inputs` naming each site's activation node, and its output node as the site.
@@ -314,16 +315,23 @@ def probe_input(region: Region, rows: torch.Tensor) -> torch.Tensor:
     return rows.reshape((1,) * max(region.activation_rank - 2, 0) + tuple(rows.shape))
 
 
+def run_rows(function, region: Region, rows: torch.Tensor) -> torch.Tensor:
+    """The region's function on each row of `rows` (n, in): (n, out). A region whose activation
+    is one vector (in,) is called once per row."""
+    if region.activation_rank == 1:
+        return torch.stack([function(row) for row in rows])
+    return function(probe_input(region, rows)).reshape(rows.shape[0], region.out_features)
+
+
 def dequantize_region(function, region: Region, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W (out, in), b (out,)) that the region computes, y = x Wᵀ + b, probed on the identity."""
+    """(W (out, in), b (out,)) that the region computes, y = x Wᵀ + b, probed on the identity:
+    in rows through the layer, an (in × in × out) product. Exact for a weight-only layer without
+    bias (each output is the one product W_ij · 1; with a bias, one rounding of W_ij + b_i), so it
+    is the oracle where a format has no dequantize."""
     eye = torch.eye(region.in_features, dtype=dtype, device=device)
     with torch.no_grad():
-        if region.activation_rank == 1:
-            ys = torch.stack([function(row) for row in eye])
-            y0 = function(torch.zeros(region.in_features, dtype=dtype, device=device))
-        else:
-            ys = function(probe_input(region, eye)).reshape(region.in_features, region.out_features)
-            y0 = function(probe_input(region, eye[:1] * 0)).reshape(region.out_features)
+        ys = run_rows(function, region, eye)
+        y0 = run_rows(function, region, eye[:1] * 0)[0]
     return (ys - y0).t().contiguous(), y0
 
 

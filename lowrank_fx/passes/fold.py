@@ -29,6 +29,7 @@ from torch import fx, nn
 
 from ..errors import MergeError
 from ..graph.record import KEY, Record
+from ..progress import stage
 from .fold_graph import GraphIndex, fold_target, quantized_bias, remove_adapter_nodes, set_parameter
 from .fold_inplace import fold_in_place
 from .fold_updates import merged_bias, merged_weight, target_update, updates
@@ -49,6 +50,7 @@ def shared_copy(gm: fx.GraphModule, every_tensor: bool = False) -> fx.GraphModul
         return copy.deepcopy(gm, memo)
 
 
+@stage("folding adapters into the base weights")
 def fold(gm: fx.GraphModule, requantize: bool = False, tolerance: float = 1e-2,
          inplace: bool = False) -> fx.GraphModule:
     """The dense graph: every active adapter folded into its target's weight, W + Σ gate · ΔW.

@@ -1,24 +1,32 @@
-"""Quantized layers at capture: check that gradients flow through each base, refuse the ones
-whose gradient is wrong, and make every one a custom op that saves no dense weight.
+"""Quantized layers at capture: check each base, refuse the ones whose weight or gradient is
+wrong, and make every one a custom op that saves no dense weight.
 
 Adapters before a quantized layer learn through that layer's input gradient dL/dx = dL/dy · W.
-For every quantized region (graph/quantized.py) this pass runs the region's own function on a
-small random input and compares the input gradient autograd gives with the one of the same
-layer made dense (y(v) - y(0) is v Wᵀ for a weight-only layer, so <dL/dx, v> must equal
-<dL/dy, y(v) - y(0)>):
+Every quantized region (graph/quantized.py) becomes one custom op,
+`lowrank_fx::quantized_linear(x, weights, key, out)`, whose forward runs the region's own nodes.
+Left as they are, those nodes would make autograd keep each layer's dequantized fp32 weight from
+forward to backward (the input of the matmul), as much memory as the fp32 model. The op keeps
+only x and the quantized tensors; its backward (`lowrank_fx::quantized_linear_backward`) is, by
+what the layer's format offers:
 
-  - a wrong gradient, as with dynamic activation quantization (the activation is rounded to
-    int8 inside the layer, so autograd sees no path, or a rounded one): `QuantizedBaseError`,
-    giving the measured relative error of the gradient and of the output against the dense
-    layer. Use a weight-only scheme for training.
-  - otherwise the region becomes one custom op, `lowrank_fx::quantized_linear(x, weights, key,
-    out)`, whose forward runs the region's own nodes. Left as they are, those nodes would make
-    autograd keep each layer's dequantized fp32 weight from forward to backward (the input of
-    the matmul), as much memory as the fp32 model. The op keeps only x and the quantized
-    tensors; its backward (`lowrank_fx::quantized_linear_backward`) recomputes the region and
-    takes its input gradient, or, where the kernel has no backward (torchao's packed int4 CPU
-    kernel), gives dL/dy · W with W dequantized by the region (y(I) - y(0)). Eager and under
-    torch.compile (the ops are opaque to it).
+  - dL/dy · W with W rebuilt by the format's own dequantize (torchao's `dequantize()` on the
+    tensor rebuilt from its inner tensors, a swapped bitsandbytes layer's `dense_weight`): one
+    elementwise pass over the weight. At capture that W is checked against the layer on a few
+    random rows (graph/quant_check.py `dequantize_check`, within the floating-point bound of a
+    dot product); a mismatch raises `QuantizedBaseError` naming the layer.
+  - without a dequantize: the region recomputed and differentiated (`torch.func.vjp`), after a
+    gradient check at capture (`gradient_check`: <dL/dx, v> = <dL/dy, y(v) - y(0)> on random
+    rows); or, where the kernel has no backward (torchao's packed int4 CPU kernel), dL/dy · W with
+    W probed on the identity (y(I) - y(0)): in rows through the layer per step. A black box
+    x -> x Wᵀ gives W only from in independent rows; no fewer rows determine it.
+
+Every check at capture costs O(weights) per layer: one call of the layer on a few rows (its own
+dequantize included), the format's dequantize, and x W_dᵀ for those rows.
+
+A layer that quantizes its activation (dynamic activation schemes: the activation is rounded to
+int8 inside the layer, so autograd sees no path, or a rounded one) is refused with the measured
+relative error of its gradient and output against the dense layer. Use a weight-only scheme for
+training. Eager and under torch.compile (the ops are opaque to it).
 
 The registry of wrapped regions lives in this process: a graph with a wrapped region runs
 wherever this process runs it (deep copies share it), not after pickling to another process.
@@ -32,11 +40,12 @@ import torch
 from torch import fx
 
 from ..errors import QuantizedBaseError
-from ..graph.quantized import (Region, activation_dtype, dequantize_region, find_regions, probe_input, region_device,
-                               region_function, region_scheme, weight_dequantizer, weight_values)
+from ..graph.quant_check import ROWS, dequantize_check, gradient_check, random_rows
+from ..graph.quantized import (Region, activation_dtype, dequantize_region, find_regions, region_device, region_function,
+                               region_scheme, run_rows, weight_dequantizer, weight_values)
+from ..progress import steps
 
 _WRAPPED: dict[str, tuple[fx.GraphModule, Region, object]] = {}  # key -> (f(x, *weights), region, W(weights) or None)
-GRADIENT_TOLERANCE = 1e-3
 
 
 def _wrapped(key: str) -> tuple[fx.GraphModule, Region, object]:
@@ -93,42 +102,25 @@ def _backward(ctx, grad):
 quantized_linear.register_autograd(_backward, setup_context=_setup)
 
 
-def gradient_check(gm: fx.GraphModule, region: Region, rows: int = 4) -> tuple[str, float, str]:
-    """("ok" | "no backward" | "wrong", measured relative error of the input gradient, detail)."""
-    function = region_function(gm, region)
-    dtype, device = activation_dtype(gm, region), region_device(gm, region)
-    generator = torch.Generator().manual_seed(0)
-    x = probe_input(region, torch.randn(rows, region.in_features, generator=generator)).to(device, dtype)
-    v = probe_input(region, torch.randn(rows, region.in_features, generator=generator)).to(device, dtype)
-    x.requires_grad_(True)
-    try:
-        y = function(x)
-        g = torch.randn(y.shape, generator=generator).to(device, dtype)
-        if not y.requires_grad:
-            return "wrong", 1.0, "no gradient reaches the layer's input: autograd sees no path through it"
-        (grad,) = torch.autograd.grad(y, x, g)
-    except (RuntimeError, NotImplementedError) as err:
-        return "no backward", float("nan"), str(err).strip().splitlines()[0]
+def _dense(dequantizer, region: Region, weights: list[torch.Tensor]):
+    """W (out, in) by the format's own `dequantizer`, or None when it has none (or not of that shape)."""
     with torch.no_grad():
-        change = function(v) - function(torch.zeros_like(v))
-        expected = (g * change).flatten(0, -2).sum(-1)
-        got = (grad * v).flatten(0, -2).sum(-1)
-        error = float((got - expected).norm() / expected.norm().clamp_min(1e-30))
-    return ("ok" if error <= GRADIENT_TOLERANCE else "wrong"), error, ""
+        dense = dequantizer(weights) if dequantizer is not None else None
+    return dense if isinstance(dense, torch.Tensor) and dense.shape == (region.out_features, region.in_features) else None
 
 
-def _refusal(gm: fx.GraphModule, region: Region, error: float, detail: str) -> QuantizedBaseError:
-    """The error for a region whose gradient is wrong, with the full measured errors."""
-    function = region_function(gm, region)
+def _refusal(gm: fx.GraphModule, region: Region, layer, weights: list[torch.Tensor], detail: str) -> QuantizedBaseError:
+    """The error for a region whose gradient is wrong, with the full measured errors (W by the
+    format's dequantize, else probed on the identity: once, for the layer refused)."""
     dtype, device = activation_dtype(gm, region), region_device(gm, region)
-    weight, bias = dequantize_region(function, region, dtype, device)
-    generator = torch.Generator().manual_seed(1)
-    x = probe_input(region, torch.randn(8, region.in_features, generator=generator)).to(device, dtype).requires_grad_(True)
-    y = function(x)
-    g = torch.randn(y.shape, generator=generator).to(device, dtype)
+    weight = _dense(weight_dequantizer(gm, region), region, weights)
+    weight = dequantize_region(layer, region, dtype, device)[0] if weight is None else weight.to(dtype)
+    x = random_rows(region, 8, 1, dtype, device).requires_grad_(True)
+    y = run_rows(layer, region, x)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
     grad = torch.autograd.grad(y, x, g)[0] if y.requires_grad else torch.zeros_like(x)
     with torch.no_grad():
-        dense = x @ weight.t() + bias
+        dense = x @ weight.t() + run_rows(layer, region, torch.zeros_like(x[:1]))
         grad_error = float((grad - g @ weight).norm() / (g @ weight).norm())
         out_error = float((y - dense).norm() / dense.norm())
     scheme = region_scheme(gm, region)
@@ -145,26 +137,45 @@ def _refusal(gm: fx.GraphModule, region: Region, error: float, detail: str) -> Q
     )
 
 
-def _backward_weight(gm: fx.GraphModule, region: Region, function, has_backward: bool):
-    """W(weights) for the backward ("dense" or "probe"), or None to recompute (module docstring)."""
+def _mismatch(gm: fx.GraphModule, region: Region, worst: float, relative: float) -> QuantizedBaseError:
+    """The error for a layer whose format's dequantize is not the weight it computes with."""
+    return QuantizedBaseError(
+        f"{region.path} ({region_scheme(gm, region)}): the format's own dequantize does not give the weight "
+        f"this layer computes with. On {2 * ROWS} probe rows x, the layer's output differs from x·Wᵀ + b "
+        f"(W by the dequantize) by up to {relative:.2e} of the largest output, {worst:.3g} times the "
+        "floating-point rounding bound. The tensor is inconsistent (or lowrank_fx rebuilds it wrongly from its "
+        "inner tensors), and the gradient through this layer would be computed with that W. Keep this layer "
+        "dense (lfx.quantize_base(model, scheme, exclude=[...]) or leave it out of your own quantization), or "
+        "quantize it with another scheme."
+    )
+
+
+def _backward_weight(gm: fx.GraphModule, region: Region, function, weights: list[torch.Tensor]):
+    """W(weights) for the backward: the format's dequantize, checked on this layer (a mismatch
+    raises); else None to recompute the region, or the identity probe where it has no backward
+    (the gradient checked first: a wrong one raises)."""
     dtype, device = activation_dtype(gm, region), region_device(gm, region)
-    probe = lambda ws: dequantize_region(lambda v: function(v, *ws), region, dtype, device)[0]  # noqa: E731
+    layer = lambda v: function(v, *weights)  # noqa: E731
     dequantizer = weight_dequantizer(gm, region)
-    if dequantizer is not None:
-        weights = weight_values(gm, region)
-        with torch.no_grad():
-            expected, found = probe(weights), dequantizer(weights)
-        if isinstance(found, torch.Tensor) and found.shape == expected.shape and \
-                float((found.to(dtype) - expected).abs().max()) <= 1e-6 * float(expected.abs().max().clamp_min(1e-30)):
-            return dequantizer
-    return None if has_backward else probe
+    dense = _dense(dequantizer, region, weights)
+    if dense is not None:
+        ok, worst, relative = dequantize_check(layer, region, dense, dtype, device)
+        if not ok:
+            raise _mismatch(gm, region, worst, relative)
+        return dequantizer
+    status, _, detail = gradient_check(layer, region, dtype, device)
+    if status == "wrong":
+        raise _refusal(gm, region, layer, weights, detail)
+    if status == "ok":
+        return None
+    return lambda ws: dequantize_region(lambda v: function(v, *ws), region, dtype, device)[0]
 
 
-def _wrap(gm: fx.GraphModule, region: Region, has_backward: bool) -> None:
+def _wrap(gm: fx.GraphModule, region: Region, function: fx.GraphModule, dense_weight) -> None:
+    """Replace the region by one `quantized_linear` call running `function` (f(x, *weights))."""
     nodes = {n.name: n for n in gm.graph.nodes}
     key = f"{region.path}#{uuid.uuid4().hex[:12]}"
-    function = region_function(gm, region, weights_as_inputs=True)
-    _WRAPPED[key] = (function, region, _backward_weight(gm, region, function, has_backward))
+    _WRAPPED[key] = (function, region, dense_weight)
     output = nodes[region.output]
     weights = [nodes[name] for name in region.weight_inputs]
     with gm.graph.inserting_before(output):
@@ -179,19 +190,19 @@ def _wrap(gm: fx.GraphModule, region: Region, has_backward: bool) -> None:
 
 
 def prepare_quantized(gm: fx.GraphModule) -> list[str]:
-    """Check every quantized region, refuse wrong gradients, make each one a custom op (its
-    backward: module docstring). Returns the wrapped layers' paths."""
-    without_backward = []
+    """Check every quantized region (a wrong one raises before the graph changes), then make
+    each one a custom op (its backward: module docstring). Returns the wrapped layers' paths."""
+    checked = []
     regions = find_regions(gm)
-    for region in regions:
-        status, error, detail = gradient_check(gm, region)
-        if status == "wrong" or region.quantizes_activation:
-            raise _refusal(gm, region, error, detail)
-        if status == "no backward":
-            without_backward.append(region.path)
-    for region in regions:
-        _wrap(gm, region, region.path not in without_backward)
-    if regions:
+    for region in steps(regions, "checking quantized layers", len(regions)):
+        function = region_function(gm, region, weights_as_inputs=True)
+        weights = weight_values(gm, region)
+        if region.quantizes_activation:
+            raise _refusal(gm, region, lambda v: function(v, *weights), weights, "")
+        checked.append((region, function, _backward_weight(gm, region, function, weights)))
+    for region, function, dense_weight in checked:
+        _wrap(gm, region, function, dense_weight)
+    if checked:
         gm.graph.lint()
         gm.recompile()
-    return [region.path for region in regions]
+    return [region.path for region, _, _ in checked]
