@@ -10,6 +10,7 @@ Stages (ours | PEFT or the floor):
   wrap       lfx.rewrite(model, Spec("all-linear", LoRA(rank=16)))  | peft get_peft_model
   wrap_cached  lfx.rewrite with a warm disk cache (another process stored it)
   merge      lfx.merge(gm)                                          | PeftModel.merge_adapter()
+  merge_inplace  lfx.merge(gm, inplace=True)                        | (the same PEFT run)
   state      lfx.merged_state_dict(gm)
   onnx_merged / onnx_adapters   lfx.export_onnx(gm, mode=...)
   genai      lfx.export_generation(model, gm, dir)
@@ -54,8 +55,9 @@ PAIRS = {  # stage -> (ours, theirs or None)
     "wrap": ("wrap", "peft_wrap"), "wrap_cached": ("wrap_cached", None), "merge": ("merge", "peft_merge"),
     "state": ("state", None), "onnx_merged": ("onnx_merged", None), "onnx_adapters": ("onnx_adapters", None),
     "genai": ("genai", None), "generate": ("generate", "peft_generate"), "nf4_wrap": ("nf4_wrap", "peft_nf4_wrap"),
-    "onnx_run": ("onnx_run", None),
+    "onnx_run": ("onnx_run", None), "merge_inplace": ("merge_inplace", None),
 }
+SAME_PEER = {"merge_inplace": "peft_merge"}  # compared with the peer another stage ran
 
 
 # ---------------------------------------------------------------- worker (one stage, one process)
@@ -151,6 +153,8 @@ def _prepare(stage: str, model, scratch: Path):
     gm = lfx.rewrite(model, _spec(), example_kwargs=_examples(model), cache_dir=False)
     if stage == "merge":
         return lambda: lfx.merge(gm)
+    if stage == "merge_inplace":
+        return lambda: lfx.merge(gm, inplace=True)
     if stage == "state":
         return lambda: lfx.merged_state_dict(gm)
     if stage == "onnx_merged":
@@ -281,6 +285,7 @@ def _stages(args, scratch: Path) -> str:
             "|---|---|---|---|---|---|"]
     for stage in stages:
         ours, theirs = PAIRS[stage]
+        theirs = theirs or (SAME_PEER.get(stage) if SAME_PEER.get(stage) in results else None)
         mine = results[ours]
         t_ours = _median([r["seconds"] for r in mine])
         m_ours = _median([r["extra_peak_bytes"] for r in mine]) / 2**30
