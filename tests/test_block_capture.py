@@ -215,3 +215,24 @@ def test_the_kv_cache_decode_graph_is_traced_by_blocks_and_generates_like_transf
     assert torch.equal(got.sequences, want.sequences)
     for ours, theirs in zip(got.logits, want.logits):
         assert float((ours - theirs).abs().max() / theirs.abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("scheme", ["int8", "nf4"])
+def test_a_quantized_base_is_traced_by_blocks_and_matches_the_whole_capture(scheme):
+    (model, kwargs), (twin, _) = _model("llama"), _model("llama")
+    for each in (model, twin):
+        lfx.quantize_base(each, scheme)
+    spec = lfx.Spec("all-linear", method=lfx.LoRA(rank=4))
+    graphs = [lfx.rewrite(model, spec, example_kwargs=kwargs), lfx.rewrite(twin, spec, example_kwargs=kwargs,
+                                                                          trace_blocks=False)]
+    # a quantized weight's inner tensors are read just before each copied layer, not at the top
+    assert sorted(_ops(graphs[0])) == sorted(_ops(graphs[1]))
+    outputs = []
+    for gm in graphs:
+        _fill(gm)
+        out = _main(gm(**kwargs))
+        out.square().mean().backward()
+        outputs.append(out.detach())
+    assert torch.equal(outputs[0], outputs[1])
+    for (name, ours), (_, theirs) in zip(graphs[0].lowrank_fx.named_parameters(), graphs[1].lowrank_fx.named_parameters()):
+        assert torch.equal(ours.grad, theirs.grad), name

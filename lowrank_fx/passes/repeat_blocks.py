@@ -28,6 +28,7 @@ child only (a per-layer cache), or children of different kinds with different ou
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import torch
 from torch import fx, nn
@@ -47,6 +48,7 @@ class _Child:
     chain: dict[fx.Node, int]  # value of child j-1 it reads -> position among that child's outputs
     inputs: list[fx.Node]  # values outside every child that only this child reads (its cache), graph order
     slots: list[fx.Node]  # the graph inputs those are computed from, graph order
+    owned: list[fx.Node]  # values outside every child computed from the child's own tensors
     returned: list[fx.Node]  # nodes the graph's output reads directly
 
 
@@ -77,13 +79,13 @@ def _members(gm: fx.GraphModule, entry: BlockList) -> dict[int, list[fx.Node]]:
 def _children(gm: fx.GraphModule, entry: BlockList, members: dict[int, list[fx.Node]]) -> list[_Child]:
     owner = {node: j for j, nodes in members.items() for node in nodes}
     derived = set()  # nodes outside every child that are computed from a child's values
-    roots: dict[fx.Node, frozenset] = {}  # node outside every child -> the graph inputs it is computed from
+    roots: dict[fx.Node, frozenset] = {}  # node outside every child -> the graph inputs and tensors it is computed from
     for node in gm.graph.nodes:
         if node in owner:
             continue
         if any(a in owner or a in derived for a in node.all_input_nodes):
             derived.add(node)
-        roots[node] = frozenset([node]) if node.op == "placeholder" else \
+        roots[node] = frozenset([node]) if node.op in ("placeholder", "get_attr") else \
             frozenset().union(*(roots.get(a, frozenset()) for a in node.all_input_nodes))
     order = {node: k for k, node in enumerate(gm.graph.nodes)}
     reach: dict[fx.Node, set[int]] = {}  # graph input -> the traced children that read it (or values of it)
@@ -101,6 +103,8 @@ def _children(gm: fx.GraphModule, entry: BlockList, members: dict[int, list[fx.N
         returned = [n for n in nodes if any(u.op == "output" for u in n.users)]
         chain: dict[fx.Node, int] = {}
         private: list[fx.Node] = []
+        owned: list[fx.Node] = []
+        path = f"{entry.path}.{j}"
         for node in nodes:
             for arg in node.all_input_nodes:
                 if arg in inside or arg.op == "get_attr":
@@ -109,14 +113,18 @@ def _children(gm: fx.GraphModule, entry: BlockList, members: dict[int, list[fx.N
                 if source is None:
                     if arg in derived:
                         raise NotRepeatable(f"{entry.path}.{j} reads {arg.name}, computed from a block outside any block")
-                    if any(reach[root] == {j} for root in roots[arg]) and arg not in private:
+                    if any(root.op == "placeholder" and reach[root] == {j} for root in roots[arg]) and arg not in private:
                         private.append(arg)  # computed from a graph input of this child alone
+                    elif any(root.op == "get_attr" and _own(root.target, path) for root in roots[arg]) \
+                            and arg not in owned:
+                        owned.append(arg)  # computed from this child's own tensor (a quantized weight's parts)
                 elif source == j - 1:
                     chain[arg] = children[j - 1].outputs.index(arg)
                 elif source != 0 or not entry.first_unique:
                     raise NotRepeatable(f"{entry.path}.{j} reads {entry.path}.{source}, not the block before it")
-        slots = {root for arg in private for root in roots[arg] if reach[root] == {j}}
+        slots = {root for arg in private for root in roots[arg] if root.op == "placeholder" and reach[root] == {j}}
         children.append(_Child(nodes, outputs, chain, sorted(private, key=order.get), sorted(slots, key=order.get),
+                               owned,
                                returned))
     for j, child in enumerate(children[:-1]):
         following = set(children[j + 1].nodes) if j or not entry.first_unique else \
@@ -131,13 +139,17 @@ def _children(gm: fx.GraphModule, entry: BlockList, members: dict[int, list[fx.N
 
 
 def _renamed_meta(meta: dict, old: str, new: str) -> dict:
+    """`meta` with module path `old` (and the stack keys made from it, dotted or underscored) renamed to `new`."""
     copied = dict(meta)
     stack = meta.get("nn_module_stack")
     if stack:
         def rename(path: str) -> str:
             return new + path[len(old):] if path == old or path.startswith(old + ".") else path
-        old_key, new_key = old.replace(".", "_"), new.replace(".", "_")
-        copied["nn_module_stack"] = {key.replace(old_key, new_key): (rename(path), kind)
+
+        dotted = re.compile(rf"(?<![\w.]){re.escape(old)}(?=\.|$)|(?<=__){re.escape(old)}(?=\.|$)")
+        flat = re.compile(rf"{re.escape(old.replace('.', '_'))}(?=_|$)")
+        new_flat = new.replace(".", "_")
+        copied["nn_module_stack"] = {flat.sub(new_flat, dotted.sub(new, key)): (rename(path), kind)
                                      for key, (path, kind) in stack.items()}
     return copied
 
@@ -183,7 +195,7 @@ def _expand(gm: fx.GraphModule, model: nn.Module, entry: BlockList, children: li
                                 f"{len(children[j - 1].outputs)}")
         local: dict[fx.Node, fx.Node] = dict(attrs[i])
         local.update((theirs, env[mine]) for theirs, mine in zip(template.slots, inputs(i)))
-        for node in _prologue(graph, template):  # the cache values this child reads, from its own inputs
+        for node in _prologue(graph, template, own[j]):  # what this child reads, from its own inputs and tensors
             local[node] = new.node_copy(node, lambda arg: local.get(arg, env.get(arg)))
 
         def value(arg: fx.Node) -> fx.Node:
@@ -274,19 +286,20 @@ def _spec(node: fx.Node):
     return (value.dim(), value.dtype) if isinstance(value, torch.Tensor) else type(value)
 
 
-def _prologue(graph: fx.Graph, child: _Child) -> list[fx.Node]:
-    """The nodes outside every child that compute `child.inputs` from its own graph inputs, in order."""
-    needed, stack = set(), list(child.inputs)
+def _prologue(graph: fx.Graph, child: _Child, tensors: list[fx.Node]) -> list[fx.Node]:
+    """The nodes outside every child that compute what `child` reads from its own graph inputs
+    (its cache slot) or its own `tensors` (a quantized weight's inner tensors), in graph order."""
+    needed, stack = set(), [*child.inputs, *child.owned]
     while stack:
         node = stack.pop()
-        if node in needed or node.op == "placeholder":
+        if node in needed or node.op in ("placeholder", "get_attr"):
             continue
         needed.add(node)
         stack.extend(node.all_input_nodes)
-    slots = set(child.slots)
+    seeds = set(child.slots) | set(tensors)
     mine = set()
     for node in graph.nodes:  # only what depends on the child's own inputs is recomputed per copy
-        if node in needed and any(a in slots or a in mine for a in node.all_input_nodes):
+        if node in needed and any(a in seeds or a in mine for a in node.all_input_nodes):
             mine.add(node)
     return [node for node in graph.nodes if node in mine]
 
