@@ -116,3 +116,25 @@ def test_capture_never_probes_a_layer_on_the_identity(monkeypatch, scheme):
     monkeypatch.setattr(quantized_base, "dequantize_region", refuse)
     gm = _capture(_quantized(scheme))
     assert sum(n.target is torch.ops.lowrank_fx.quantized_linear.default for n in gm.graph.nodes) == 14
+
+
+def test_layers_of_one_kind_are_checked_once_and_a_layer_of_another_kind_on_its_own(monkeypatch):
+    """The 2-layer Llama's 14 nf4 layers come in 4 kinds by shape ((32, 32): q, o; (16, 32): k, v;
+    (64, 32): gate, up; (32, 64): down): 4 checks. A format broken for one of them is still caught."""
+    import lowrank_fx.passes.quantized_base as quantized_base
+
+    shapes = []
+    real = quantized_base.dequantize_check
+
+    def counted(layer, region, dense, *args):
+        shapes.append((region.out_features, region.in_features))
+        return real(layer, region, dense, *args)
+
+    monkeypatch.setattr(quantized_base, "dequantize_check", counted)
+    gm = _capture(_quantized("nf4"))
+    assert sum(n.target is torch.ops.lowrank_fx.quantized_linear.default for n in gm.graph.nodes) == 14
+    assert sorted(shapes) == sorted({(32, 32), (16, 32), (64, 32), (32, 64)})
+    monkeypatch.setattr(quantized_base, "dequantize_check",
+                        lambda layer, region, dense, *args: real(layer, region, dense * (1.001 if region.in_features == 64 else 1.0), *args))
+    with pytest.raises(QuantizedBaseError, match=r"model\.layers\.0\.mlp\.down_proj"):
+        _capture(_quantized("nf4"))

@@ -21,7 +21,9 @@ what the layer's format offers:
     x -> x Wᵀ gives W only from in independent rows; no fewer rows determine it.
 
 Every check at capture costs O(weights) per layer: one call of the layer on a few rows (its own
-dequantize included), the format's dequantize, and x W_dᵀ for those rows.
+dequantize included), the format's dequantize, and x W_dᵀ for those rows. Layers of one kind
+(same ops, sizes, format and tensor shapes: every layer's q_proj in a decoder) run the same code
+path, so the check runs on the first of each kind and its verdict serves the others.
 
 A layer that quantizes its activation (dynamic activation schemes: the activation is rounded to
 int8 inside the layer, so autograd sees no path, or a rounded one) is refused with the measured
@@ -150,25 +152,40 @@ def _mismatch(gm: fx.GraphModule, region: Region, worst: float, relative: float)
     )
 
 
-def _backward_weight(gm: fx.GraphModule, region: Region, function, weights: list[torch.Tensor]):
-    """W(weights) for the backward: the format's dequantize, checked on this layer (a mismatch
-    raises); else None to recompute the region, or the identity probe where it has no backward
-    (the gradient checked first: a wrong one raises)."""
+def _backward_weight(gm: fx.GraphModule, region: Region, function, weights: list[torch.Tensor], verdict: str | None):
+    """(W(weights) for the backward, the verdict): the format's dequantize, checked on this layer
+    (a mismatch raises), verdict "dense"; else None to recompute the region ("recompute"), or the
+    identity probe where it has no backward ("probe"; the gradient checked first: a wrong one
+    raises). A `verdict` already reached on a layer of the same kind is taken without checking."""
     dtype, device = activation_dtype(gm, region), region_device(gm, region)
     layer = lambda v: function(v, *weights)  # noqa: E731
     dequantizer = weight_dequantizer(gm, region)
-    dense = _dense(dequantizer, region, weights)
-    if dense is not None:
-        ok, worst, relative = dequantize_check(layer, region, dense, dtype, device)
-        if not ok:
-            raise _mismatch(gm, region, worst, relative)
-        return dequantizer
-    status, _, detail = gradient_check(layer, region, dtype, device)
-    if status == "wrong":
-        raise _refusal(gm, region, layer, weights, detail)
-    if status == "ok":
-        return None
-    return lambda ws: dequantize_region(lambda v: function(v, *ws), region, dtype, device)[0]
+    if verdict is None:
+        dense = _dense(dequantizer, region, weights)
+        if dense is not None:
+            ok, worst, relative = dequantize_check(layer, region, dense, dtype, device)
+            if not ok:
+                raise _mismatch(gm, region, worst, relative)
+            verdict = "dense"
+        else:
+            status, _, detail = gradient_check(layer, region, dtype, device)
+            if status == "wrong":
+                raise _refusal(gm, region, layer, weights, detail)
+            verdict = "recompute" if status == "ok" else "probe"
+    if verdict == "dense":
+        return dequantizer, verdict
+    if verdict == "recompute":
+        return None, verdict
+    return (lambda ws: dequantize_region(lambda v: function(v, *ws), region, dtype, device)[0]), verdict
+
+
+def _kind(gm: fx.GraphModule, nodes: dict[str, fx.Node], region: Region, weights: list[torch.Tensor]) -> tuple:
+    """What a layer's check depends on: its ops, sizes, activation dtype and the type, shape and
+    dtype of every tensor it reads (a format's block sizes show in its scales' shapes). The check
+    is of the format's code path on such a layer, which another layer's values do not change."""
+    return (tuple(str(nodes[name].target) for name in region.nodes), region.in_features, region.out_features,
+            str(activation_dtype(gm, region)), region.module_type,
+            tuple((type(w).__qualname__, tuple(w.shape), str(w.dtype)) for w in weights))
 
 
 def _wrap(gm: fx.GraphModule, region: Region, function: fx.GraphModule, dense_weight) -> None:
@@ -190,16 +207,20 @@ def _wrap(gm: fx.GraphModule, region: Region, function: fx.GraphModule, dense_we
 
 
 def prepare_quantized(gm: fx.GraphModule) -> list[str]:
-    """Check every quantized region (a wrong one raises before the graph changes), then make
-    each one a custom op (its backward: module docstring). Returns the wrapped layers' paths."""
-    checked = []
+    """Check the quantized regions (a wrong one raises before the graph changes), then make
+    each one a custom op (its backward: module docstring). Returns the wrapped layers' paths.
+    Layers of one kind (`_kind`: the 24 q_proj of a decoder) are checked once, on the first."""
+    checked, verdicts = [], {}
     regions = find_regions(gm)
+    nodes = {n.name: n for n in gm.graph.nodes}
     for region in steps(regions, "checking quantized layers", len(regions)):
         function = region_function(gm, region, weights_as_inputs=True)
         weights = weight_values(gm, region)
         if region.quantizes_activation:
             raise _refusal(gm, region, lambda v: function(v, *weights), weights, "")
-        checked.append((region, function, _backward_weight(gm, region, function, weights)))
+        kind = _kind(gm, nodes, region, weights)
+        dense_weight, verdicts[kind] = _backward_weight(gm, region, function, weights, verdicts.get(kind))
+        checked.append((region, function, dense_weight))
     for region, function, dense_weight in checked:
         _wrap(gm, region, function, dense_weight)
     if checked:
