@@ -44,10 +44,12 @@ SECTION = "## Real-sized models (issue 18)"
 MODELS = {
     "qwen-0.5b": dict(family="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                       num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
-                      max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6),
+                      max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                      bos_token_id=151643, eos_token_id=151643),
     "llama-1b": dict(family="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True,
                      max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5, head_dim=64,
+                     bos_token_id=128000, eos_token_id=128001,
                      rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
 }
