@@ -4,7 +4,7 @@
     share_adapters(decode, [("a", gm, "a"), ...])      # gm's adapter modules, not copies
 
 Capture: `KVDecoder(model)` (decoder.py) through lowrank_fx's capture (non-strict
-torch.export, every axis dynamic). The wrapper's own `model.` prefix is taken off every
+torch.export; batch, new tokens and past length dynamic, each one symbol shared by every input). The wrapper's own `model.` prefix is taken off every
 tensor, module and module-stack path, so the decode graph names its weights, and hence its
 targets, exactly like a graph captured from `model` itself (`model.layers.0.self_attn.q_proj`).
 torch.export's guard check (`_guards_fn`) is dropped: it insists on the example's size
@@ -23,6 +23,7 @@ it still decodes with its original base.
 from __future__ import annotations
 
 from torch import fx, nn
+from torch.export import Dim
 
 from ..adapt.capture import capture, tensor_aliases
 from ..errors import ModelTypeError, SpecError
@@ -73,11 +74,22 @@ def _reroot(gm: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
     return decode
 
 
+def _dims(layers: int) -> dict:
+    """The decode graph's dynamic sizes: one batch, one new-token count and one past length for
+    every input (48 cache tensors of a 24-layer model share two symbols instead of bringing 4 each:
+    a quarter of the capture's time); the mask's length, past + new, is left to torch.export."""
+    batch, new, past = Dim("batch"), Dim("new_tokens"), Dim("past")
+    cache = {0: batch, 2: past}
+    return {"input_ids": {0: batch, 1: new}, "attention_mask": {0: batch, 1: Dim.AUTO},
+            "position_ids": {0: batch, 1: new},
+            "past_key_values": [{"key": cache, "value": cache} for _ in range(layers)]}
+
+
 def decode_graph(model: nn.Module) -> fx.GraphModule:
     """Capture KVDecoder(model) as a GraphModule named like `model` (see the module docstring)."""
     layout = cache_layout(model)
     examples = example_inputs(model, layout)
-    captured = capture(KVDecoder(model), example_kwargs=examples)
+    captured = capture(KVDecoder(model), example_kwargs=examples, dynamic_shapes=_dims(layout.layers))
     decode = _reroot(captured, model)
     decode.meta[LAYOUT] = layout
     decode.meta[EXAMPLES] = examples
