@@ -1,6 +1,6 @@
 """Write the blocks capture did not trace: copies of a traced block over their own weights.
 
-Capture traces each repeated module list only up to a prefix (adapt/block_lists.py). In that
+Capture traces each repeated module list only up to a prefix (graph/block_lists.py). In that
 graph, the nodes of traced child j of list `model.layers` are those recorded under the module
 path `model.layers.j` (nn_module_stack). For child j >= 1 every value it reads from outside
 itself is one of:
@@ -8,6 +8,12 @@ itself is one of:
   - an output of child j-1 (a node of child j-1 that is read outside it), at position p
     of that child's outputs in graph order: the *chain* input p;
   - a tensor of its own (`get_attr model.layers.j.<leaf>`): renamed for the copy;
+  - a value computed outside every child from its own tensors (the inner tensors of a
+    torchao NF4 weight): recomputed for the copy from the copy's tensors;
+  - a graph input that only this child reads, or a value computed from one (a KV cache
+    slot): the copy reads child i's, found by the stride the traced children show
+    (`_slots`); the values child j returns to the graph's output (its new keys and values)
+    go to child i's places in that output the same way;
   - anything else computed outside every child (masks, rotary cos/sin, symbolic sizes, a
     shared tensor), or by child 0 when child 0 is of a kind of its own (T5's position bias,
     which child 0 computes and every later child reads): read by the copy as it is.
@@ -21,8 +27,9 @@ capture gives: the same nodes in the same order, over the same tensors.
 
 The pass refuses (NotRepeatable, and capture traces the whole model instead) when the prefix
 does not have this shape: a child read by anything but the next child (all hidden states
-returned), a child reading an earlier child than the one before it, a graph input read by one
-child only (a per-layer cache), or children of different kinds with different output counts.
+returned), a child reading an earlier child than the one before it or a value computed from
+one outside any child, per-child inputs or outputs that follow no stride, or children of
+different kinds with different output counts.
 """
 
 from __future__ import annotations
@@ -124,8 +131,7 @@ def _children(gm: fx.GraphModule, entry: BlockList, members: dict[int, list[fx.N
                     raise NotRepeatable(f"{entry.path}.{j} reads {entry.path}.{source}, not the block before it")
         slots = {root for arg in private for root in roots[arg] if root.op == "placeholder" and reach[root] == {j}}
         children.append(_Child(nodes, outputs, chain, sorted(private, key=order.get), sorted(slots, key=order.get),
-                               owned,
-                               returned))
+                               owned, returned))
     for j, child in enumerate(children[:-1]):
         following = set(children[j + 1].nodes) if j or not entry.first_unique else \
             {n for later in children[1:] for n in later.nodes}
