@@ -29,8 +29,8 @@ Trace each block once: a module list whose children repeat one block (a decoder'
 traced only up to a short prefix, one child per kind (graph/block_lists.py), and the other
 children are written into the graph as copies over their own weights (passes/repeat_blocks.py):
 node for node what tracing every child gives, at the cost of two or three children rather than
-all of them. A prefix that cannot be repeated (a forward that reads every block's output, a
-per-layer graph input) is traced whole instead, with an INFO log on "lowrank_fx" saying why;
+all of them (a KV-cache graph's per-layer inputs and outputs follow the traced layers' stride).
+A prefix that cannot be repeated (a forward that reads every block's output) is traced whole instead, with an INFO log on "lowrank_fx" saying why;
 `trace_blocks=False` always traces whole.
 
 Capture once: an exported capture is memoised per model in the process (capture_memo.py), so

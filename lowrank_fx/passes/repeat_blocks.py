@@ -333,18 +333,16 @@ def repeat_blocks(gm: fx.GraphModule, model: nn.Module, lists: list[BlockList]) 
     Raises NotRepeatable when the traced prefix cannot be repeated (gm's graph is then as it
     was, though it may hold tensors of the model it does not read).
     A list whose children are all in the graph already (a whole-model capture) is left alone."""
-    todo = []
-    for entry in lists:
-        members = _members(gm, entry)
-        if entry.keep in members:  # traced in full
-            continue
-        todo.append(entry)
-    original = gm.graph
+    original, expanded = gm.graph, []
     try:
-        for entry in todo:
-            _expand(gm, model, entry, _children(gm, entry, _members(gm, entry)))
+        for entry in lists:
+            members = _members(gm, entry)  # of the graph as the lists before it left it
+            if entry.keep in members:  # traced in full
+                continue
+            _expand(gm, model, entry, _children(gm, entry, members))
+            expanded.append(entry.path)
     except NotRepeatable:
         gm.graph = original
         raise
     gm.graph.lint()
-    return [entry.path for entry in todo]
+    return expanded
