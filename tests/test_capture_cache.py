@@ -163,7 +163,7 @@ def test_the_memo_holds_its_model_weakly():
 
 
 def test_a_quantized_model_is_memoised_and_bypasses_the_disk(tmp_path, exports):
-    torchao = pytest.importorskip("torchao")
+    import torchao
     case = build("llama", seed=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

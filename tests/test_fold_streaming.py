@@ -257,7 +257,6 @@ def test_inplace_merge_writes_trained_modules_into_the_base():
 
 
 def test_inplace_merge_folds_a_quantized_target_to_a_dense_layer():
-    pytest.importorskip("torchao")
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
     def quantized():

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import copy
 
+import onnxruntime_genai as og
 import pytest
+import tokenizers
 import torch
 import transformers
 
@@ -346,12 +348,9 @@ def test_compiled_generation_matches_transformers_on_every_family(family):
 
 # -- export_generation, GenerationSession, onnxruntime-genai ---------------------------------------
 
-og = pytest.importorskip("onnxruntime_genai")
-
 
 def word_tokenizer():
     """A tiny word-level tokenizer, built here (no download): <pad> <s> <unk> </s> w4 ... w127."""
-    tokenizers = pytest.importorskip("tokenizers")
     vocab = {"<pad>": PAD, "<s>": 1, "<unk>": 2, "</s>": EOS, **{f"w{i}": i for i in range(4, VOCAB)}}
     core = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
@@ -517,7 +516,6 @@ def test_export_refuses_a_model_with_an_adapter_merged_into_it(llama, tmp_path):
 
 
 def test_export_writes_the_tokenizer(tmp_path_factory):
-    tokenizers = pytest.importorskip("tokenizers")
     gpt2 = built("gpt2", lambda: Family("gpt2"))
     result = export_of(gpt2, tmp_path_factory).result
     assert "tokenizer.json" in {p.name for p in result.tokenizer}

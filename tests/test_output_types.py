@@ -22,6 +22,7 @@ import copy
 import dataclasses
 import typing
 
+import diffusers
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -36,7 +37,6 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 import lowrank_fx as lfx
 from lowrank_fx.export.signature import flat_outputs
 
-diffusers = pytest.importorskip("diffusers")
 BaseOutput = diffusers.utils.BaseOutput
 
 TOL = 1e-5  # fp32, relative to the largest magnitude

@@ -13,21 +13,21 @@ from __future__ import annotations
 import copy
 import warnings
 
+import bitsandbytes as bnb
+import peft
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 
-torchao = pytest.importorskip("torchao")
-transformers = pytest.importorskip("transformers")
+import lowrank_fx as lfx
+from lowrank_fx.errors import QuantizedBaseError
+from lowrank_fx.adapt.capture import capture
+from lowrank_fx.graph.targets import find_targets
 
-import lowrank_fx as lfx  # noqa: E402
-from lowrank_fx.errors import QuantizedBaseError  # noqa: E402
-from lowrank_fx.adapt.capture import capture  # noqa: E402
-from lowrank_fx.graph.targets import find_targets  # noqa: E402
-
-from torchao.quantization import (  # noqa: E402
+from torchao.quantization import (
     Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, IntxWeightOnlyConfig, quantize_, to_nf4)
-from torchao.quantization.granularity import PerGroup  # noqa: E402
+from torchao.quantization.granularity import PerGroup
 
 VOCAB = 128
 TORCHAO_SCHEMES = ["int8", "nf4", "int4", "int4-packed"]
@@ -92,7 +92,6 @@ def _quantize_layer(model, name, scheme):
 
 
 def _bitsandbytes(model, name, scheme):
-    bnb = pytest.importorskip("bitsandbytes")
     module = model.get_submodule(name)
     parent_name, _, leaf = name.rpartition(".")
     if scheme == "bnb-int8":
@@ -558,7 +557,6 @@ def test_inductor_trainer_over_every_base_takes_the_dense_twins_steps():
 def test_a_peft_lora_trained_on_the_quantized_base_loads_and_computes_what_peft_computes(scheme, tmp_path):
     """PEFT's LoRA on a torchao int8 / bitsandbytes nf4 base (its own quantized layers) -> save_pretrained
     -> lfx.load_peft into a graph of the same quantized model: PEFT's outputs; and back (save_peft)."""
-    peft = pytest.importorskip("peft")
     peft_base = _quantized(scheme)
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0)
     with warnings.catch_warnings():

@@ -11,10 +11,7 @@ from lowrank_fx.errors import QuantizedBaseError
 from lowrank_fx.graph.quant_check import dequantize_check, gradient_check, rounding_factor
 from lowrank_fx.graph.quantized import Region
 
-pytest.importorskip("torchao")
-pytest.importorskip("transformers")
-
-from test_quantized import _capture, _quantized  # noqa: E402
+from test_quantized import _capture, _quantized
 
 
 def _region(n_in: int, n_out: int) -> Region:
@@ -94,7 +91,6 @@ def test_a_dequantize_that_is_not_the_layers_weight_is_refused_by_name(monkeypat
 
 
 def test_a_bitsandbytes_dequantize_that_is_not_the_layers_weight_is_refused_by_name(monkeypatch):
-    pytest.importorskip("bitsandbytes")
     from lowrank_fx.graph.quant_formats import BnbLinear4bit
 
     real = BnbLinear4bit.dense_weight

@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import warnings
 
+import bitsandbytes as bnb
 import numpy as np
+import onnx
 import pytest
 import torch
 
-onnx = pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
-pytest.importorskip("torchao")
+import lowrank_fx as lfx
+from lowrank_fx.errors import ExportError
 
-import lowrank_fx as lfx  # noqa: E402
-from lowrank_fx.errors import ExportError  # noqa: E402
-
-from test_quantized import BNB_SCHEMES, LINEARS, TORCHAO_SCHEMES, _ids, _quantized, _rel, _rewrite  # noqa: E402
+from test_quantized import BNB_SCHEMES, LINEARS, TORCHAO_SCHEMES, _ids, _quantized, _rel, _rewrite
 
 SPEC = lfx.Spec(targets={"*_proj": lfx.LoRA(rank=4, init="nonzero")})
 INTEGER_OPS = {"MatMulNBits", "MatMulBnb4"}
@@ -131,7 +129,6 @@ def test_merged_export_is_dense_and_a_requantized_merge_stays_integer(tmp_path):
 
 
 def test_a_format_without_an_integer_form_is_refused_naming_the_layer(tmp_path):
-    bnb = pytest.importorskip("bitsandbytes")
     model = _quantized("int8")
     layer = model.model.layers[0].self_attn.q_proj
     fp4 = bnb.nn.Linear4bit(32, 32, bias=False, quant_type="fp4")
