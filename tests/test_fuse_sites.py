@@ -1,7 +1,8 @@
 """The training form of LoRA sites (passes/fuse_sites.py): the same function and gradients as the
 rewritten graph, on the graph's own adapters, with q/k/v (and gate/up) reading x once.
 
-The oracle is the rewritten graph itself, run eagerly: outputs and every adapter gradient.
+The oracle is the rewritten graph itself, run eagerly: outputs and every adapter gradient. The
+fused graph shares the graph's parameters, so each run's gradients are copied before the other runs.
 """
 
 from __future__ import annotations
@@ -13,23 +14,19 @@ import lowrank_fx as lfx
 from lowrank_fx.passes.fuse_sites import fuse_sites, lora_site, stacked_down
 
 from models import build
+from oracles import assert_grads_match, rel
 
 LORA = lfx.LoRA(rank=4, init="nonzero")
 
 
-def _rel(a, b):
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
-def _forward_backward(module, case, args, kwargs):
-    module.zero_grad(set_to_none=True)
+def _run(module, gm, case, args, kwargs):
+    """Forward and backward of `module` (gm, or a fused form over gm's parameters): the output, and
+    the gradients of gm's trainable parameters by name, copied before anything else runs."""
+    gm.zero_grad(set_to_none=True)
     out = case.output(module(*args, **kwargs))
     (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
-    return out.detach()
-
-
-def _grads(gm):
-    return {n: p.grad.clone() for n, p in gm.named_parameters() if p.requires_grad and p.grad is not None}
+    grads = {n: p.grad.clone() for n, p in gm.named_parameters() if p.requires_grad and p.grad is not None}
+    return out.detach(), grads
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +61,10 @@ def test_outputs_and_gradients_equal_the_rewritten_graph(llama):
     gm.eval()
     try:
         for args, kwargs in ((case.args, case.kwargs), (case.other_args, case.other_kwargs)):
-            expected = _forward_backward(gm, case, args, kwargs)
-            expected_grads = _grads(gm)
-            got = _forward_backward(fused, case, args, kwargs)
-            grads = _grads(gm)
-            assert _rel(got, expected) < 1e-6
-            assert grads.keys() == expected_grads.keys()
-            assert all(_rel(grads[n], expected_grads[n]) < 1e-5 for n in grads)
+            expected, expected_grads = _run(gm, gm, case, args, kwargs)
+            got, grads = _run(fused, gm, case, args, kwargs)
+            assert rel(got, expected) < 1e-6
+            assert_grads_match(grads, expected_grads)
     finally:
         gm.train()
 
@@ -85,7 +79,7 @@ def test_gates_switch_the_fused_graph_too(llama):
             base = case.output(gm(*case.args, **case.kwargs))
             assert torch.equal(case.output(fused(*case.args, **case.kwargs)), base)
             lfx.set_active_adapters(gm, ["second"])
-            assert _rel(case.output(fused(*case.args, **case.kwargs)), case.output(gm(*case.args, **case.kwargs))) < 1e-6
+            assert rel(case.output(fused(*case.args, **case.kwargs)), case.output(gm(*case.args, **case.kwargs))) < 1e-6
     finally:
         lfx.set_active_adapters(gm, ["default", "second"])
         gm.train()
@@ -100,11 +94,10 @@ def test_compiles_fullgraph_without_recompiles(llama):
     try:
         with torch._dynamo.config.patch(error_on_recompile=True):
             for args, kwargs in ((case.args, case.kwargs), (case.other_args, case.other_kwargs)):
-                expected = _forward_backward(gm, case, args, kwargs)
-                expected_grads = _grads(gm)
-                got = _forward_backward(compiled, case, args, kwargs)
-                assert _rel(got, expected) < 1e-6
-                assert all(_rel(g, expected_grads[n]) < 1e-5 for n, g in _grads(gm).items())
+                expected, expected_grads = _run(gm, gm, case, args, kwargs)
+                got, grads = _run(compiled, gm, case, args, kwargs)
+                assert rel(got, expected) < 1e-6
+                assert_grads_match(grads, expected_grads)
     finally:
         torch._dynamo.reset()
         gm.train()
@@ -116,7 +109,7 @@ def test_multihead_attention_rows_keep_their_units():
     gm = lfx.rewrite(mha, lfx.Spec("all-linear", method=LORA), example_inputs=(x, x, x))
     fused = fuse_sites(gm)
     with torch.no_grad():
-        assert _rel(fused(x, x, x)[0], gm(x, x, x)[0]) < 1e-6
+        assert rel(fused(x, x, x)[0], gm(x, x, x)[0]) < 1e-6
 
 
 @pytest.mark.parametrize("checkpointed", [False, True])
@@ -131,8 +124,7 @@ def test_layer_blocks_are_fused_inside_and_the_structured_graph_is_untouched(che
     assert gm.get_submodule("model.layers.0").code == block_code
     block = fused.get_submodule("model.layers.0")
     assert sorted(len(n.args) - 1 for n in block.graph.nodes if n.target is stacked_down) == [1, 1, 2, 3]
-    expected = _forward_backward(gm, case, case.other_args, case.other_kwargs)
-    expected_grads = _grads(gm)
-    got = _forward_backward(fused, case, case.other_args, case.other_kwargs)
-    assert _rel(got, expected) < 1e-6
-    assert all(_rel(g, expected_grads[n]) < 1e-5 for n, g in _grads(gm).items())
+    expected, expected_grads = _run(gm, gm, case, case.other_args, case.other_kwargs)
+    got, grads = _run(fused, gm, case, case.other_args, case.other_kwargs)
+    assert rel(got, expected) < 1e-6
+    assert_grads_match(grads, expected_grads)
