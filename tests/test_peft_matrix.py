@@ -9,13 +9,18 @@ Both directions run with identical weights, fp32, relative error 1e-5:
   - PEFT -> ours: a PEFT adapter with random factors (`init_lora_weights=False`) loaded with
     `load_peft` gives PEFT's outputs (not for grouped convs: PEFT's factor there mixes groups,
     which `load_peft` refuses with an error, checked below).
-MultiheadAttention: PEFT (0.21.2 and its main branch) adds the out_proj update twice when it
-merges an MHA (its MHA layer merges out_proj by hand, then calls out_proj's own merge), in the
-forward as in merge_and_unload. Our graph adds it once, which a hand-merged oracle confirms;
-against PEFT those rows compare with our out_proj factor B doubled, which is PEFT's effective update.
-DoRA on grouped convs: PEFT computes DoRA's norm from `B.view(-1, r) @ A.view(r, -1)`, which
-is not the update of a grouped factor pair, so its outputs are not DoRA's; those rows check
-our graph against folding (the original model with W' = m ⊙ V / ‖V‖ written in) only.
+Where PEFT does not compute the method, the oracle is `hand_merged`: the original model with
+each adapted weight written in by hand from PEFT's own tensors (W + s · B A; DoRA's
+m ⊙ V / ‖V‖), run through the model's own forward:
+  - MultiheadAttention: PEFT (0.21.2 and its main branch) adds the out_proj update twice when it
+    merges an MHA (its MHA layer merges out_proj by hand, then calls out_proj's own merge), in the
+    forward as in merge_and_unload. Ours is checked against the oracle (in_proj and out_proj
+    updated once, through F.multi_head_attention_forward); PEFT's output equals the oracle with
+    out_proj's update doubled, which the rows assert to pin down what PEFT computes;
+  - DoRA on grouped convs: PEFT computes DoRA's norm from `B.view(-1, r) @ A.view(r, -1)`, which
+    is not the update of a grouped factor pair, so its outputs are not DoRA's; the oracle is the
+    grouped kernel's DoRA weight, with the norm of each output channel over (in/g, k, k), run by
+    the model's F.conv2d(groups=g).
 Research variants of LoraConfig (VeLoRA, KaSA, MiCA, MonteCLoRA, BD-LoRA) are refused with a clear error.
 """
 
@@ -104,15 +109,39 @@ def as_peft_computes(gm, model_name: str):
     return gm
 
 
-def hand_merged(model, gm):
-    """The original model with W += s · B A written out per target from gm's factors (no lowrank_fx folding)."""
+def peft_update(layer, shape: torch.Size) -> torch.Tensor:
+    """s · B A of one PEFT LoRA layer, from its own tensors, in the base weight's `shape`. On a conv
+    with groups g PEFT's A (r, in, k…) spans every input channel and B (out, r/g) is grouped: output
+    channel o of group j gets Σ_l B[o, l] A[j·r/g + l], whose input channels outside group j must be
+    zero for the update to be a grouped kernel."""
+    a, b, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
+    out, r = b.shape[0], a.shape[0]
+    g = getattr(layer.get_base_layer(), "groups", 1)
+    full = (b.reshape(g, out // g, r // g) @ a.reshape(g, r // g, -1)).reshape(out, g, -1)  # (out, g, in/g · k…)
+    rows, own = torch.arange(out), torch.arange(out) // (out // g)
+    outside = torch.ones(out, g, dtype=torch.bool)
+    outside[rows, own] = False
+    assert not full[outside].any(), "the update mixes input channels across groups"
+    return s * full[rows, own].reshape(shape)
+
+
+def hand_merged(model, peft_model, out_proj_times: int = 1):
+    """`model` with each weight PEFT adapts written in by hand from PEFT's tensors: V = W + s · B A,
+    for DoRA m ⊙ V / ‖V‖ with ‖V‖ the norm of each output channel's row (every dim but the first).
+    out_proj's update counts `out_proj_times` (2: what PEFT computes for an MHA, module docstring)."""
     merged = copy.deepcopy(model)
-    params = dict(merged.named_parameters())
     with torch.no_grad():
-        for key, unit in gm.lowrank_fx.default.lora.units.items():
-            name = key.replace("-", ".")
-            weight = params.get(f"{name}.weight", params.get(f"{name}_weight"))
-            weight += unit.scale * (unit.lora_B @ unit.lora_A)
+        for name, layer in peft_model.base_model.model.named_modules():
+            if not isinstance(layer, peft.tuners.lora.LoraLayer):
+                continue
+            name = name.replace(".base_layer", "")
+            target = merged.get_submodule(name)
+            weight = target.in_proj_weight if isinstance(target, torch.nn.MultiheadAttention) else target.weight
+            v = weight + peft_update(layer, weight.shape) * (out_proj_times if name.endswith("out_proj") else 1)
+            if layer.use_dora["default"]:
+                m = layer.lora_magnitude_vector["default"].weight.reshape(-1, *(1,) * (v.dim() - 1))
+                v = m * v / v.flatten(1).norm(dim=1).reshape(m.shape)
+            weight.copy_(v)
     return merged
 
 
@@ -137,21 +166,20 @@ def test_ours_to_peft(row, model_name, settings, tmp_path):
     lfx.save_peft(gm, tmp_path / "peft")
     theirs_model = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "peft").eval()
     with torch.no_grad():
-        theirs = theirs_model(x)
-        if model_name in GROUPED and settings.get("use_dora"):
-            theirs = ours  # PEFT's grouped DoRA is not DoRA (above): the fold checks below are the oracle
-        if model_name == "MHA":
-            assert rel(ours, hand_merged(model, gm)(x)) < 1e-5
-            assert rel(as_peft_computes(gm, model_name)(x), theirs) < 1e-5
-            theirs = ours
-    assert rel(ours, theirs) < 1e-5
-    assert rel(lfx.merge(gm)(x), theirs) < 1e-5
+        theirs = expected = theirs_model(x)
+        if model_name == "MHA":  # PEFT doubles out_proj's update (module docstring): the oracle is by hand
+            assert rel(theirs, hand_merged(model, theirs_model, out_proj_times=2)(x)) < 1e-5
+            expected = hand_merged(model, theirs_model)(x)
+        if model_name in GROUPED and settings.get("use_dora"):  # PEFT's grouped DoRA is not DoRA (above)
+            expected = hand_merged(model, theirs_model)(x)
+    assert rel(ours, expected) < 1e-5
+    assert rel(lfx.merge(gm)(x), expected) < 1e-5
     fresh = pm.build(model_name, seed=1)
     fresh.load_state_dict(lfx.merged_state_dict(gm))
     with torch.no_grad():
-        assert rel(fresh(x), theirs) < 1e-5
+        assert rel(fresh(x), expected) < 1e-5
         if model_name not in GROUPED:  # PEFT raises NotImplementedError merging grouped convs
-            assert rel(theirs_model.merge_and_unload()(x), theirs_model(x) if model_name == "MHA" else theirs) < 1e-5
+            assert rel(theirs_model.merge_and_unload()(x), theirs) < 1e-5  # PEFT's merge: PEFT's forward
 
 
 @pytest.mark.parametrize("row,model_name,settings", ROWS, ids=[r[0] for r in ROWS])
@@ -166,6 +194,8 @@ def test_peft_to_ours(row, model_name, settings, tmp_path):
     gm = lfx.load_peft(copy.deepcopy(model), tmp_path / "peft", example_inputs=(x,)).eval()
     with torch.no_grad():
         assert rel(as_peft_computes(gm, model_name)(x), peft_model(x)) < 1e-5
+        if model_name == "MHA":
+            assert rel(gm(x), hand_merged(model, peft_model)(x)) < 1e-5
 
 
 VARIANTS = [
