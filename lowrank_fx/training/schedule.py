@@ -5,7 +5,9 @@
     linear:  f(t) = m + (1 - m) · (1 - p)
     constant: f(t) = 1
 with m = min_ratio, p clipped to [0, 1]. The LoRA+ groups keep their ratio: every group's
-rate is its base rate times the same f(t).
+rate is its base rate times the same f(t). Up to `total` these are torch's schedulers:
+LinearLR(1 / warmup, 1, warmup - 1), then CosineAnnealingLR(total - warmup, eta_min = m · lr)
+or LinearLR(1, m, total - warmup).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ def check_schedule(name: str, warmup: int, total: int | None) -> None:
         raise SpecError(f"warmup_steps must be a non-negative integer, got {warmup!r}")
     if name != "constant" and total is None:
         raise SpecError(f"the {name!r} schedule needs the number of steps: fit(batches, steps=N), "
-                        "or schedule='constant'")
+                        "fit(batches, epochs=N) over batches that have a len(), or schedule='constant'")
 
 
 def lr_factor(step: int, name: str, warmup: int, total: int | None, min_ratio: float = 0.0) -> float:

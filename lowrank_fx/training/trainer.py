@@ -1,18 +1,24 @@
 """`lfx.Trainer`: a small training loop for adapted graphs, with no framework around it.
 
     trainer = lfx.Trainer(gm, loss_fn, lr=1e-4, checkpoint_dir="ckpt", checkpoint_every=100)
-    trainer.fit(batches, steps=1000)          # batches: any iterable; loss_fn(model, batch) -> loss
+    trainer.fit(batches, steps=1000)          # loss_fn(model, batch) -> scalar loss tensor
+    trainer.fit(batches, epochs=3)            # or passes over the batches
 
 One optimizer step = `accumulate` micro-batches: each runs loss_fn(model, batch) / accumulate
 and backward, then the optimizer steps, the schedule sets every group's rate to
 base rate · f(step) (schedule.py) and the gradients are cleared. With equal-sized
 micro-batches and a mean loss this is the step on their concatenation.
+`batches` (batches.py): a list or DataLoader is read pass after pass until `steps`; a step
+never spans two passes, and a pass's last, partial step is taken on the mean of its
+micro-batches. A one-shot iterator (a generator) is one pass: running out before `steps`
+warns, and fit returns what ran (steps, the loss of each, micro-batches, passes).
 
 - model: `fuse_sites(gm)` (passes/fuse_sites.py: the same adapters, LoRA sites that share an
   input computed together, scale and gate folded into B), compiled with
   `torch.compile(..., fullgraph=True, dynamic=True)` (compile=True: inductor; or a
   torch.compile backend, e.g. "aot_eager"; compile=False: eager);
-  if compiling fails on the first batch, a warning says why and training goes on eagerly.
+  if compiling fails on the first batch (torch.compile's own errors), a warning says why and
+  training goes on eagerly; an error of loss_fn propagates as it is.
   `distributed="ddp"` (or True) wraps it in DistributedDataParallel; `distributed="fsdp"`
   shards it per layer block with FSDP2 (fsdp.py; a graph rewritten with layers="auto"),
   trained as it is (without fuse_sites' copy, whose root tensors FSDP would not shard) and
@@ -29,27 +35,34 @@ micro-batches and a mean loss this is the step on their concatenation.
 - checkpoints (checkpoint.py): every `checkpoint_every` steps and at the end, atomically.
   With `resume=True` (default) a Trainer whose checkpoint_dir holds a checkpoint continues
   from it: adapters, optimizer, schedule position, RNG, and the number of batches consumed.
-  Pass the SAME batches in the same order: the ones already consumed are skipped.
+  Pass the SAME batches in the same order: the ones already consumed are skipped (whole
+  passes without reading them when len(batches) is known).
 - a NaN/inf loss raises TrainingError naming the step; the last checkpoint stays as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
 import warnings
 from pathlib import Path
 
 import torch
 from torch import fx
 
-from ..errors import SpecError, TrainingError
+from ..errors import ModelTypeError, SpecError, TrainingError
+from ..graph.record import Record
 from ..passes.checkpoint_layers import checkpoint_layers
 from ..passes.fuse_sites import fuse_sites
+from .batches import Passes, check_fit, one_shot, total_steps
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .fsdp import shard_layers
 from .loraplus import loraplus_param_groups
+from .meter import Meter
 from .schedule import check_schedule, lr_factor
+
+# what compiling can raise on the first call (BackendCompilerFailed, InductorError, Unsupported,
+# TorchRuntimeError, ...); anything else comes from the user's code and propagates as it is
+COMPILE_ERRORS = (torch._dynamo.exc.TorchDynamoException,)
 
 
 def count_tokens(batch) -> int:
@@ -60,6 +73,26 @@ def count_tokens(batch) -> int:
     if ids:
         return ids[0].numel()
     return leaves[0].shape[0] if leaves and leaves[0].dim() else 1
+
+
+def check_graph(gm) -> None:
+    if not isinstance(gm, fx.GraphModule) or Record.find(gm) is None:
+        raise ModelTypeError(f"lfx.Trainer trains the adapters of a graph from lfx.rewrite, got a {type(gm).__name__}; "
+                             "pass gm = lfx.rewrite(model, spec, example_inputs=...)")
+
+
+def checked_loss(loss) -> torch.Tensor:
+    """`loss` if it is what loss_fn must return: a one-element tensor computed from the model's output."""
+    if not isinstance(loss, torch.Tensor):
+        raise TrainingError(f"loss_fn returned a {type(loss).__name__}; it must return a scalar tensor computed "
+                            "from the model's output, e.g. F.cross_entropy(model(x), y) (not loss.item())")
+    if loss.numel() != 1:
+        raise TrainingError(f"loss_fn returned a tensor of shape {tuple(loss.shape)}; it must return a scalar: "
+                            "reduce it, e.g. loss.mean()")
+    if not loss.requires_grad:
+        raise TrainingError("loss_fn returned a tensor that does not depend on the adapters (requires_grad=False); "
+                            "compute it from the model's output, outside torch.no_grad() and without .detach()")
+    return loss
 
 
 def _check_budget(budget: float | None, compile) -> float | None:
@@ -89,10 +122,11 @@ def _check_distributed(distributed) -> str | None:
 class Trainer:
     """Trains the adapters of `gm` (see the module docstring for each feature).
 
-    loss_fn(model, batch) -> scalar tensor; `model` is the compiled (and, with distributed,
-    DDP-wrapped) graph. lr is the base rate (LoRA+ output-side factors get loraplus_ratio · lr);
-    accumulate: micro-batches per optimizer step; schedule / warmup_steps / min_lr_ratio: the
-    rate over steps (schedule.py); compile: True (inductor), a torch.compile backend, or False;
+    gm: a graph from lfx.rewrite. loss_fn(model, batch) -> scalar tensor computed from the
+    model's output; `model` is the compiled (and, with distributed, DDP-wrapped) graph. lr is
+    the base rate (LoRA+ output-side factors get loraplus_ratio · lr); accumulate: micro-batches
+    per optimizer step; schedule / warmup_steps / min_lr_ratio: the rate over steps
+    (schedule.py); compile: True (inductor), a torch.compile backend, or False;
     autocast: bf16 autocast (None: on for CUDA); checkpoint_activations / memory_budget:
     recompute activations (per layer block; compile's budget); checkpoint_dir / checkpoint_every /
     keep_checkpoints / resume: checkpoints (checkpoint.py); tokens(batch) -> int for the
@@ -108,7 +142,8 @@ class Trainer:
                  checkpoint_dir: str | Path | None = None, checkpoint_every: int | None = None,
                  keep_checkpoints: int = 2, resume: bool = True, progress: bool = True,
                  tokens=count_tokens, **optimizer_kwargs):
-        if not isinstance(accumulate, int) or accumulate < 1:
+        check_graph(gm)
+        if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
             raise SpecError(f"accumulate must be a positive integer, got {accumulate!r}")
         if checkpoint_every is not None and checkpoint_dir is None:
             raise SpecError("checkpoint_every needs checkpoint_dir=... (where checkpoints go)")
@@ -168,7 +203,7 @@ class Trainer:
                 loss = self.loss_fn(self.model, batch)
                 self.compile_checked = True  # compiled on this first call; later errors are real ones
                 return loss
-            except Exception as err:  # compiling failed: say why once and continue eagerly
+            except COMPILE_ERRORS as err:  # compiling failed: say why once and continue eagerly
                 warnings.warn(f"torch.compile failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
                               "training continues without compiling (pass compile=False to skip trying)",
                               stacklevel=3)
@@ -206,57 +241,90 @@ class Trainer:
             return None
         return int(self.last_checkpoint.name.split("-")[1])
 
-    def fit(self, batches, steps: int | None = None) -> dict:
-        """Train on `batches` until `steps` optimizer steps in all (counting resumed ones) or
-        until the batches run out. Returns {"step", "loss": the last step's, "tokens_per_s":
-        over the steps after the first one of this call, which compiles (None after one step)}."""
-        check_schedule(self.schedule, self.warmup, steps)
-        self.gm.train()
-        iterator = iter(batches)
-        for _ in range(self.batches):  # consumed before the checkpoint we resumed from
-            next(iterator, None)
-        bar = None
-        if self.progress:
-            from tqdm.auto import tqdm
+    def fit(self, batches, steps: int | None = None, epochs: int | None = None) -> dict:
+        """Train on `batches` (batches.py): until `steps` optimizer steps in all (counting resumed
+        ones), a re-iterable read pass after pass; or for `epochs` passes in all (default: one).
 
-            bar = tqdm(total=steps, initial=self.step, unit="step", dynamic_ncols=True)
-        loss_value, tokens, started, timing = float("nan"), 0, time.perf_counter(), False
+        A step never spans two passes; a pass's last, partial step (fewer than `accumulate`
+        micro-batches) is taken on their mean. A one-shot iterator that runs out before `steps`
+        warns and returns what ran. Returns {"step": steps in all, "loss": the last step's,
+        "losses": every step's of this call, "batches": micro-batches consumed in all,
+        "epochs": passes in all (micro-batches / pass length; None while unknown),
+        "tokens_per_s": over the steps after the first of this call, which compiles}.
+        """
+        check_fit(batches, steps, epochs)
+        if steps is None:
+            epochs = epochs or 1
+        total = total_steps(batches, steps, epochs, self.accumulate)
+        check_schedule(self.schedule, self.warmup, total)
+        self.gm.train()
+        passes, started_at = Passes(batches, self.batches), self.batches
+        meter, losses, ran_out = Meter(self.progress, total, self.step), [], False
         try:
-            while steps is None or self.step < steps:
-                total = None
-                for _ in range(self.accumulate):
-                    batch = next(iterator, None)
-                    if batch is None:
-                        break
-                    loss = self._loss(batch)
-                    if not torch.isfinite(loss.detach()).all():
-                        raise self._nan_error(loss.detach())
-                    (loss / self.accumulate).backward()
-                    total = loss.detach() / self.accumulate + (0 if total is None else total)
-                    self.batches += 1
-                    tokens += self.tokens(batch)
-                if total is None or self.batches % self.accumulate:
-                    self.optimizer.zero_grad(set_to_none=True)
-                    break  # batches ran out (a partial accumulation is dropped)
-                self._set_lr(steps)
-                if self.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.step += 1
-                loss_value = float(total)
-                if not timing:  # the first step compiles: tokens/s counts the steps after it
-                    timing, tokens, started = True, 0, time.perf_counter()
-                if bar is not None:
-                    bar.update(1)
-                    rate = tokens / max(time.perf_counter() - started, 1e-9)
-                    bar.set_postfix(loss=f"{loss_value:.4f}", **({"tok_s": f"{rate:,.0f}"} if tokens else {}))
-                if self.checkpoint_every and self.step % self.checkpoint_every == 0:
-                    self._checkpoint()
+            while not (steps is not None and self.step >= steps or epochs is not None and passes.index >= epochs):
+                micro = passes.open()
+                if micro is None:  # a one-shot iterator, already read
+                    ran_out = True
+                    break
+                read, ended = self._train_pass(micro, steps, total, losses, meter)
+                if ended and not passes.end(read):  # the pass gave no batch
+                    if not losses and not started_at:
+                        raise SpecError("batches is empty: fit needs at least one batch")
+                    ran_out = True
+                    break
         finally:
-            if bar is not None:
-                bar.close()
+            meter.close()
+        if ran_out:
+            why = (f"a {type(batches).__name__} is read once; pass a list or a DataLoader to read it pass "
+                   "after pass, or fewer steps" if one_shot(batches) else
+                   f"a pass over the {type(batches).__name__} gave no batch")
+            of = f" of {total}" if total else ""
+            warnings.warn(f"fit stopped early: the batches ran out after {self.batches} micro-batches, at step "
+                          f"{self.step}{of}: {why}", stacklevel=2)
         if self.last_checkpoint is None or self._checkpoint_step() != self.step:
             self._checkpoint()
-        rate = tokens / max(time.perf_counter() - started, 1e-9) if tokens else None
-        return {"step": self.step, "loss": loss_value, "tokens_per_s": rate}
+        return {"step": self.step, "loss": losses[-1] if losses else float("nan"), "losses": losses,
+                "batches": self.batches, "epochs": passes.epochs(self.batches), "tokens_per_s": meter.rate()}
+
+    def _train_pass(self, micro, steps, total, losses, meter) -> tuple[int, bool]:
+        """Steps over one pass: (micro-batches read, whether the pass ended rather than `steps`)."""
+        group, read = [], 0
+        for batch in micro:
+            group.append(self._backward(batch))
+            meter.micro_batch(self.tokens(batch))
+            read += 1
+            if len(group) == self.accumulate:
+                self._optimizer_step(group, total, losses, meter)
+                group = []
+                if steps is not None and self.step >= steps:
+                    return read, False
+        if group:
+            self._optimizer_step(group, total, losses, meter)
+        return read, True
+
+    def _backward(self, batch) -> torch.Tensor:
+        """loss_fn on one micro-batch, its gradient / accumulate added; the loss, detached."""
+        loss = checked_loss(self._loss(batch))
+        if not torch.isfinite(loss.detach()).all():
+            raise self._nan_error(loss.detach())
+        (loss / self.accumulate).backward()
+        self.batches += 1
+        return loss.detach()
+
+    def _optimizer_step(self, group: list[torch.Tensor], total, losses: list[float], meter) -> None:
+        """One optimizer step on the gradients of `group`'s micro-batches: their mean (a partial
+        group's gradients, summed over accumulate, are scaled up to it)."""
+        if len(group) < self.accumulate:
+            for param in self.params:
+                if param.grad is not None:
+                    param.grad.mul_(self.accumulate / len(group))
+        self._set_lr(total)
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        losses.append(float(sum(group) / len(group)))
+        meter.step(losses[-1])
+        if self.checkpoint_every and self.step % self.checkpoint_every == 0:
+            self._checkpoint()
