@@ -4,11 +4,19 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 
+import lowrank_fx as lfx
 from lowrank_fx.cli.builtin_models import builtin
 from lowrank_fx.cli.main import main
+
+
+def rel_err(got, want) -> float:
+    got, want = np.asarray(got), np.asarray(want)
+    return float(np.abs(got - want).max() / np.abs(want).max())
 
 
 @pytest.fixture(scope="module")
@@ -55,22 +63,59 @@ def test_train_writes_an_adapter_file(trained):
     assert any(name.endswith("lora_B") for name in tensors)
 
 
-def test_merge_writes_weights_the_original_model_loads(trained, tmp_path):
+def _adapted(path):
+    """The built-in tiny Llama (the CLI's own weights) with the adapter file loaded, and its inputs."""
+    built = builtin("tiny-llama")
+    gm = lfx.load_adapters(built.model, str(path), example_inputs=built.example_inputs,
+                           example_kwargs=built.example_kwargs)
+    return gm, built
+
+
+def test_merge_equals_the_library_fold(trained, tmp_path):
     out = tmp_path / "merged.safetensors"
     assert main(["merge", "--adapters", str(trained), "--out", str(out)]) == 0
     state = load_file(str(out))
+    gm, built = _adapted(trained)
+    expected = lfx.merged_state_dict(gm)
+    assert set(state) == set(expected) == set(builtin("tiny-llama").model.state_dict())
+    for key, value in expected.items():
+        assert torch.equal(state[key], value), key
+    base = builtin("tiny-llama").model.state_dict()
+    adapter = load_file(str(trained))
+    scale = 16.0 / 4  # LoRA's default alpha over the fixture's rank
+    for layer in range(2):
+        for proj in ("q_proj", "v_proj"):  # by hand: W + (alpha / r) B A
+            unit = f"default.lora.units.model-layers-{layer}-self_attn-{proj}"
+            key = f"model.layers.{layer}.self_attn.{proj}.weight"
+            folded = base[key] + scale * adapter[f"{unit}.lora_B"] @ adapter[f"{unit}.lora_A"]
+            assert torch.allclose(state[key], folded, rtol=1e-6, atol=1e-6), key
+            assert not torch.equal(state[key], base[key]), key  # the fixture's training moved B off zero
     model = builtin("tiny-llama").model
-    assert set(state) == set(model.state_dict())
-    before = model.model.layers[0].self_attn.q_proj.weight.clone()
     model.load_state_dict(state)
-    changed = (model.model.layers[0].self_attn.q_proj.weight - before).abs().max()
-    assert changed > 0  # training moved B off zero, so the fold changed q_proj
+    ids = built.example_inputs[0]
+    with torch.no_grad():
+        want = lfx.merge(gm)(ids, use_cache=False).logits
+        got = model(ids, use_cache=False).logits
+    assert rel_err(got, want) < 1e-5
 
 
-def test_export_writes_onnx_and_adapter_files(trained, tmp_path):
+@pytest.mark.parametrize("mode", ["adapters", "merged"])
+def test_export_runs_in_onnx_runtime_as_the_graph_does(trained, tmp_path, mode):
     out = tmp_path / "model.onnx"
-    assert main(["export", "--adapters", str(trained), "--out", str(out)]) == 0
-    assert out.exists() and (tmp_path / "model.default.onnx_adapter").exists()
+    assert main(["export", "--adapters", str(trained), "--out", str(out), "--mode", mode]) == 0
+    gm, built = _adapted(trained)
+    ids = torch.randint(0, 64, (3, 11))  # another batch and length than the export's example
+    session = lfx.AdapterSession(out)
+    assert session.adapters == (["default"] if mode == "adapters" else [])
+    with torch.no_grad():
+        adapted = gm(ids, use_cache=False).logits.numpy()
+        base = builtin("tiny-llama").model(ids, use_cache=False).logits.numpy()
+    got = session.run({"input_ids": ids}, adapter="default" if mode == "adapters" else None)
+    assert rel_err(got[session.output_names[0]], adapted) < 1e-5
+    assert rel_err(adapted, base) > 1e-4  # the adapter changes the output, so the check above can tell
+    if mode == "adapters":
+        got = session.run({"input_ids": ids}, adapter=None)
+        assert rel_err(got[session.output_names[0]], base) < 1e-5
 
 
 def test_synthetic_demo_runs_and_checks_its_fold(capsys):
@@ -83,7 +128,7 @@ def test_synthetic_demo_runs_and_checks_its_fold(capsys):
     (["plan", "--model", "no-such-model"], "not a built-in"),
     (["plan", "--targets", "q_prj"], "q_proj"),
     (["plan", "--rank", "0"], "rank must be a positive integer"),
-    (["plan", "--spec", "/nonexistent/spec.json"], "cannot read spec file"),
+    (["plan", "--spec", "/nonexistent/spec.json"], "spec file /nonexistent/spec.json does not exist"),
     (["plan", "--model", "json:no_such_factory"], "no attribute"),
     (["train", "--out", "x.safetensors"], "needs --data"),
 ])

@@ -2,7 +2,9 @@
 
 Models come from a built-in name, `pkg.module:factory`, or a local transformers directory
 or config (see sources.py); nothing is downloaded. Targets and method come from flags or a
-JSON spec file. Bad input exits with status 2 and one line on stderr, never a traceback.
+JSON spec file (spec_file.py). Bad input exits with status 2 and one message on stderr, never
+a traceback: one line, or a first line and the full list when the error lists differences.
+Number flags and output paths are checked (checks.py) before any model is loaded.
 Third-party log lines a user cannot act on (torch.onnx's "torchvision is not installed")
 are filtered out.
 """
@@ -11,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import logging
 import sys
 import warnings
 from pathlib import Path
 
-from ..errors import LowRankFxError, SpecError
+from ..errors import LowRankFxError
+from .checks import at_least, check_output_file, check_output_folder, positive_float
 
 EXAMPLES = """examples:
   lowrank-fx plan                                       # LoRA r=8 on every linear of a tiny Llama
@@ -38,29 +40,21 @@ mixed methods; "train" (optional) names modules trained in full, as PEFT's modul
 
 
 def _method(args):
-    from ..files.serial import method_from_json
+    from ..files.serial import method_classes
 
-    options = {"method": args.method, "rank": args.rank}
+    options = {"rank": args.rank}
     if args.alpha is not None:
         options["alpha"] = args.alpha
-    return method_from_json(options)
+    return method_classes()[args.method](**options)
 
 
 def _spec(args):
     from .. import Spec
-    from ..files.serial import method_from_json
+    from .spec_file import read_spec
 
     if args.spec is None:
         return Spec(targets=args.targets, method=_method(args), exclude=args.exclude)
-    try:
-        data = json.loads(Path(args.spec).read_text())
-        targets = data["targets"]
-        extra = {"exclude": data.get("exclude", ()), "train": data.get("train", ())}
-        if isinstance(targets, dict):
-            return Spec(targets={p: method_from_json(m) for p, m in targets.items()}, **extra)
-        return Spec(targets=targets, method=method_from_json(data.get("method", {"method": "lora"})), **extra)
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
-        raise SpecError(f"cannot read spec file {args.spec}: {type(err).__name__}: {err}") from None
+    return read_spec(args.spec)
 
 
 def _source(args):
@@ -125,6 +119,7 @@ def _train(args) -> int:
     trainer = Trainer(gm, loss_fn, lr=args.lr, loraplus_ratio=args.loraplus_ratio, schedule="constant",
                       compile=args.compile, checkpoint_dir=checkpoints, checkpoint_every=args.save_every or None)
     trainer.fit(itertools.chain([first], batches), steps=args.steps)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     path = save_adapters(gm, args.out)
     print(f"saved adapter {args.adapter!r} to {path}")
     return 0
@@ -139,6 +134,7 @@ def _merge(args) -> int:
     source = _source(args)
     gm = _adapted(args, source)
     state = merged_state_dict(gm, untie=args.untie)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_atomic(args.out, save({k: v.contiguous() for k, v in state.items()}))
     print(f"wrote {len(state)} dense tensors (the original model's names) to {args.out}")
     return 0
@@ -219,10 +215,17 @@ def _add_spec(p):
     p.add_argument("--spec", default=None, help="JSON spec file (overrides the flags above)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the command's one-line error format (the usage is one --help away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
     formatter = argparse.RawDescriptionHelpFormatter
-    root = argparse.ArgumentParser(prog="lowrank-fx", description="Parameter-efficient fine-tuning as a torch.fx graph pass.",
-                                   epilog=EXAMPLES, formatter_class=formatter)
+    root = _Parser(prog="lowrank-fx", description="Parameter-efficient fine-tuning as a torch.fx graph pass.",
+                   epilog=EXAMPLES, formatter_class=formatter)
     commands = root.add_subparsers(dest="command", required=True, metavar="{plan,train,merge,export,generate,demo}")
 
     p = commands.add_parser("plan", help="list what a spec would adapt, with parameter counts", epilog=EXAMPLES, formatter_class=formatter)
@@ -236,12 +239,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="text file (one text per line; causal LM) or pkg.module:batches")
     p.add_argument("--out", required=True, help="adapter file to write (.safetensors)")
     p.add_argument("--adapter", default="default", help="adapter name")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--steps", type=at_least(1), default=200)
+    p.add_argument("--lr", type=positive_float, default=1e-3)
     p.add_argument("--loraplus-ratio", type=float, default=16.0, help="LoRA+ rate ratio for output-side factors (1 = plain)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--save-every", type=int, default=0,
+    p.add_argument("--batch-size", type=at_least(1), default=8)
+    p.add_argument("--seq-len", type=at_least(2), default=64, help="tokens per row (the loss predicts tokens 2..N)")
+    p.add_argument("--save-every", type=at_least(0), default=0,
                    help="checkpoint every N steps under <out>.checkpoints/ (atomic; a rerun resumes from it)")
     p.add_argument("--compile", action="store_true", help="train with torch.compile (fullgraph, dynamic shapes)")
     p.add_argument("--seed", type=int, default=0)
@@ -269,7 +272,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("directory", help="directory written by export --generation")
     p.add_argument("--prompt-ids", type=int, nargs="+", required=True, help="prompt token ids")
     p.add_argument("--adapter", default=None, help="adapter name (default: the base model)")
-    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--max-new-tokens", type=at_least(1), default=20)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -279,7 +282,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("demo", help="the main demo (real MiniLM weights), or --synthetic", epilog=EXAMPLES, formatter_class=formatter)
     p.add_argument("--synthetic", action="store_true", help="small random Llama instead of MiniLM")
-    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--steps", type=at_least(1), default=None)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="demo_out", help="folder for the loss curve, adapter and ONNX files")
@@ -315,18 +318,35 @@ def _quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
 
 
+def _check_outputs(args) -> None:
+    """Refuse an output path that cannot be written, before any model is loaded."""
+    if args.command == "train":
+        check_output_file(args.out, "adapter.safetensors")
+    elif args.command == "merge":
+        check_output_file(args.out, "merged.safetensors")
+    elif args.command == "export" and args.generation:
+        check_output_folder(args.generation, "--generation")
+    elif args.command == "export" and args.out:
+        check_output_file(args.out, "model.onnx")
+    elif args.command == "demo" and not args.synthetic:
+        check_output_folder(args.out, "--out")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command `argv` (default: sys.argv[1:]); returns the exit status."""
     _quiet_third_party()
-    args = parser().parse_args(argv)
     try:
-        if getattr(args, "out", None):
-            (Path(args.out) if args.command == "demo" else Path(args.out).parent).mkdir(parents=True, exist_ok=True)
+        args = parser().parse_args(argv)
+    except SystemExit as done:  # --help, or a bad flag (already reported on stderr)
+        return int(done.code or 0)
+    try:
+        _check_outputs(args)
         return args.run(args)
     except LowRankFxError as err:
-        print(f"lowrank-fx {args.command}: error: {str(err).splitlines()[0]}", file=sys.stderr)
+        print(f"lowrank-fx {args.command}: error: {err}", file=sys.stderr)
         return 2
     except (OSError, ValueError) as err:
-        print(f"lowrank-fx {args.command}: error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", file=sys.stderr)
+        print(f"lowrank-fx {args.command}: error: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lowrank-fx {args.command}: interrupted", file=sys.stderr)

@@ -46,8 +46,22 @@ def _import(path: str):
     return getattr(module, attr)
 
 
+def _call(path: str):
+    """Call the callable `path` names with no arguments (what a factory must accept)."""
+    factory = _import(path)
+    if not callable(factory):
+        raise LowRankFxError(f"{path} is a {type(factory).__name__}, not a callable; name a function that takes no arguments")
+    try:
+        inspect.signature(factory).bind()
+    except TypeError as err:
+        raise LowRankFxError(f"{path} cannot be called without arguments ({err}); name a function that takes none") from None
+    except ValueError:  # builtins without a signature: let the call itself tell
+        pass
+    return factory()
+
+
 def _from_factory(path: str) -> Source:
-    made = _import(path)()
+    made = _call(path)
     if isinstance(made, torch.nn.Module):
         return Source(made, None, None)
     if isinstance(made, tuple) and made and isinstance(made[0], torch.nn.Module):
@@ -84,8 +98,11 @@ def _from_transformers(path: Path) -> Source:
         raise LowRankFxError(f"cannot read the model config {config_file}: {err}") from None
     architecture = (config_data.get("architectures") or ["AutoModel"])[0]
     model_class = getattr(transformers, architecture, transformers.AutoModel)
-    config = transformers.AutoConfig.from_pretrained(str(config_file.parent if not path.is_dir() else path),
-                                                     local_files_only=True)
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(config_file.parent if not path.is_dir() else path),
+                                                         local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise LowRankFxError(f"{config_file} is not a transformers config transformers can read: {err}") from None
     has_weights = path.is_dir() and any((path / name).exists() for name in WEIGHT_FILES)
     if has_weights:
         model = model_class.from_pretrained(str(path), local_files_only=True)
@@ -142,7 +159,7 @@ def text_batches(path: str, source: Source, batch_size: int, seq_len: int, seed:
 
 
 def factory_batches(path: str):
-    batches = _import(path)()
+    batches = _call(path)
     try:
         return iter(batches)
     except TypeError:

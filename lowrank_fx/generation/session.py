@@ -50,13 +50,17 @@ class GenerationSession:
             raise ExportError(
                 f"{self.directory} has no {CONFIG}; give a directory written by lfx.export_generation(model, adapters, directory)"
             )
-        self.config = json.loads(config_path.read_text())
-        model = self.config["model"]
-        decoder = model["decoder"]
-        self.layers = int(decoder["num_hidden_layers"])
-        self.kv_heads = int(decoder["num_key_value_heads"])
-        self.head_dim = int(decoder["head_size"])
-        self.vocab_size = int(model["vocab_size"])
+        try:
+            self.config = json.loads(config_path.read_text())
+            model = self.config["model"]
+            decoder = model["decoder"]
+            self.layers = int(decoder["num_hidden_layers"])
+            self.kv_heads = int(decoder["num_key_value_heads"])
+            self.head_dim = int(decoder["head_size"])
+            self.vocab_size = int(model["vocab_size"])
+        except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
+            raise ExportError(f"{config_path} is damaged or not from lfx.export_generation ({type(err).__name__}: {err}); "
+                              "write the directory again with lfx.export_generation") from None
         self.eos_token_id = eos_list(model.get("eos_token_id"))
         self.pad_token_id = model.get("pad_token_id")
         names = decoder["inputs"]
