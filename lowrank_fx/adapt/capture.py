@@ -6,11 +6,15 @@ Three ways in:
     of a symbolically traced one are inlined, as below);
   - with `example_inputs` / `example_kwargs`: non-strict `torch.export`, every dimension of
     every tensor input `Dim.AUTO` unless `dynamic_shapes` says otherwise, so one graph
-    serves every batch size and sequence length the model allows;
+    serves every batch size and sequence length the model allows (examples of batch 1 are
+    traced as a batch of 2, batch_one.py; what torch.export could not do is explained by
+    capture_hints.py);
   - without examples: `torch.fx.symbolic_trace`, for simple modules.
 
 An exported graph's forward takes the examples' argument names; the ones that hold no tensor
-(`use_cache=False`) default to their example value and refuse any other (passes/call_defaults.py).
+(`use_cache=False`) default to their example value and refuse any other (passes/call_defaults.py);
+a call the graph cannot serve (an argument it was not captured with, a size torch.export fixed,
+the model's dtype changed after capture) raises a CaptureError saying so (passes/call_errors.py).
 example_kwargs alone is a complete example; any Mapping (a tokenizer's BatchEncoding) is taken.
 
 Export traces the model in training mode, so dropout and batch norm are in the graph; the
@@ -70,6 +74,8 @@ from ..passes.quantized_base import prepare_quantized
 from ..passes.repeat_blocks import NotRepeatable, repeat_blocks
 from ..progress import stage
 from . import capture_memo
+from .batch_one import takes, widened
+from .capture_hints import hint
 from .capture_cache import CaptureCache, cache_directory, cache_key, cacheable
 
 logger = logging.getLogger(__name__)
@@ -106,18 +112,23 @@ def _tensors(tree) -> list[torch.Tensor]:
 
 
 def _auto_dynamic(model, args, kwargs):
+    """torch.export's dynamic_shapes with every dimension of every example tensor Dim.AUTO."""
     shapes = ShapesCollection()
     for tensor in _tensors((args, kwargs)):
         if tensor.dim():
             shapes[tensor] = {i: Dim.AUTO for i in range(tensor.dim())}
-        if any(size == 1 for size in tensor.shape[:2]):
-            warnings.warn(
-                "an example input has size 1 in its batch or sequence dimension; torch.export "
-                "fixes size-1 dimensions, so the graph will accept only size 1 there. Use "
-                "examples with sizes >= 2 for dimensions that should stay dynamic.",
-                stacklevel=3,
-            )
     return shapes.dynamic_shapes(model, args, kwargs)
+
+
+def _warn_size_one(args, kwargs) -> None:
+    """Warn when the examples a graph was traced with have size 1 in a batch or sequence dimension."""
+    if any(size == 1 for tensor in _tensors((args, kwargs)) for size in tensor.shape[:2]):
+        warnings.warn(
+            "an example input has size 1 in its batch or sequence dimension; torch.export "
+            "fixes size-1 dimensions, so the graph will accept only size 1 there. Use "
+            "examples with sizes >= 2 for dimensions that should stay dynamic.",
+            stacklevel=4,
+        )
 
 
 def tensor_aliases(model: nn.Module) -> dict[str, list[str]]:
@@ -156,28 +167,6 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes):
                 raise
             torch.export.register_dataclass(cls)
             registered.add(cls)
-
-
-def _hint(model: nn.Module, kwargs: dict, error: Exception) -> str:
-    """What to try after torch.export failed, from the model's config and the error text."""
-    text = str(error)
-    hints = []
-    config = getattr(model, "config", None)
-    if getattr(config, "use_cache", False) and "use_cache" not in kwargs:
-        hints.append("decoder models need example_kwargs={'use_cache': False}")
-    if "data-dependent" in text or "DataDependent" in type(error).__name__:
-        hints.append(
-            "the model's Python code branches on, or converts to a number, a tensor's values "
-            "(e.g. `if x.sum() > 0:` or `float(t)`), which torch.export cannot capture: express it "
-            "with tensor ops (torch.where, torch.cond)"
-        )
-    elif "Constraints violated" in text or "specialized" in text or "Dim" in text:
-        hints.append(
-            "a dimension could not stay dynamic: pass dynamic_shapes=... (torch.export form) "
-            "marking it static, or dynamic=False"
-        )
-    hints.append("capture it yourself with torch.export and pass the resulting GraphModule")
-    return "; or ".join(hints)
 
 
 def _examples(model: nn.Module, example_inputs, example_kwargs) -> tuple[tuple, dict]:
@@ -270,17 +259,18 @@ def _exported(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, dynami
     exported = cache.load(model) if cache is not None else None
     fresh, swapped = exported is None, {}
     if fresh:
-        exported, swapped = _traced(model, args, kwargs, dynamic, dynamic_shapes, lists)
-    gm = _plain(exported.module())
+        exported, swapped, gm = _traced(model, args, kwargs, dynamic, dynamic_shapes, lists)
+    else:
+        gm = _plain(exported.module())
     try:
         repeat_blocks(gm, model, lists)
     except NotRepeatable as why:
         logger.info("tracing every block of %s: %s", type(model).__name__, why)
-        exported, swapped = _traced(model, args, kwargs, dynamic, dynamic_shapes, [])
-        gm, fresh = _plain(exported.module()), True
+        exported, swapped, gm = _traced(model, args, kwargs, dynamic, dynamic_shapes, [])
+        fresh = True
     if fresh and cache is not None:
         cache.save(exported, model)
-    set_call_defaults(gm, args, kwargs)
+    set_call_defaults(gm, args, kwargs, model)
     gm.meta[SWAPPED_LAYERS] = SharedLayers(swapped)  # the quantized layers' backward reads them too
     if not prepare_quantized(gm):
         del gm.meta[SWAPPED_LAYERS]
@@ -297,28 +287,65 @@ def _exported(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, dynami
 
 @stage("capturing the model (torch.export)")
 def _traced(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, dynamic_shapes, lists):
-    """(torch.export's program, the bitsandbytes layers swapped while exporting). Each list in
-    `lists` holds only its traced prefix meanwhile (graph/block_lists.py)."""
-    if dynamic_shapes is None and dynamic:
-        dynamic_shapes = _auto_dynamic(model, args, kwargs)
+    """(torch.export's program, the bitsandbytes layers swapped while exporting, its plain graph).
+
+    Each list in `lists` holds only its traced prefix meanwhile (graph/block_lists.py); when the
+    prefix fails, every block is traced. With every size dynamic, examples of batch 1 are first
+    traced as a batch of 2, kept if that graph takes them too (batch_one.py)."""
+    name = type(model).__name__
+    auto = dynamic and dynamic_shapes is None
+    wide = widened(args, kwargs) if auto else None
+    if wide is not None:
+        try:
+            exported, swapped = _export_with(model, *wide, _auto_dynamic(model, *wide), lists)
+        except Exception as err:
+            logger.info("capturing %s at batch 1: it failed to export at batch 2 (%s)", name, _first_line(err))
+        else:
+            gm = _plain(exported.module())
+            if takes(gm, args, kwargs):
+                _warn_size_one(*wide)
+                return exported, swapped, gm
+            logger.info("capturing %s at batch 1: its graph traced at batch 2 does not take batch 1", name)
+    shapes = _auto_dynamic(model, args, kwargs) if auto else dynamic_shapes
+    try:
+        exported, swapped = _export_with(model, args, kwargs, shapes, lists)
+    except Exception as err:
+        if not lists:
+            raise _failed(model, args, kwargs, auto, err) from err
+        # the model's forward may need every block (it indexes them by position)
+        logger.info("tracing every block of %s: a prefix failed to export (%s)", name, _first_line(err))
+        try:
+            exported, swapped = _export_with(model, args, kwargs, shapes, [])
+        except Exception as err:
+            raise _failed(model, args, kwargs, auto, err) from err
+    if auto:
+        _warn_size_one(args, kwargs)
+    return exported, swapped, _plain(exported.module())
+
+
+def _export_with(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes, lists):
+    """(torch.export's program, the bitsandbytes layers swapped meanwhile), exported in training
+    mode with each list in `lists` cut to its prefix; every submodule keeps its own mode."""
     modes = [(module, module.training) for module in model.modules()]
     model.train()
     try:
         with bitsandbytes_swapped(model) as swapped, prefixes(model, lists):
-            exported = _export(model, args, kwargs, dynamic_shapes)
-    except Exception as err:
-        if lists:  # the model's forward may need every block (it indexes them by position)
-            logger.info("tracing every block of %s: a prefix failed to export (%s)", type(model).__name__, err)
-            return _traced(model, args, kwargs, dynamic, dynamic_shapes, [])
-        raise CaptureError(
-            f"torch.export could not capture {type(model).__name__}: "
-            f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}\n"
-            f"Try: {_hint(model, kwargs, err)}."
-        ) from err
+            return _export(model, args, kwargs, dynamic_shapes), swapped
     finally:
         for module, training in modes:  # each submodule's own flag, not only the root's
             module.training = training
-    return exported, swapped
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _failed(model: nn.Module, args: tuple, kwargs: dict, auto: bool, error: Exception) -> CaptureError:
+    return CaptureError(
+        f"torch.export could not capture {type(model).__name__}: {type(error).__name__}: {_first_line(error)}\n"
+        f"Try: {hint(model, args, kwargs, auto, error)}."
+    )
 
 
 def _symbolic(model: nn.Module) -> fx.GraphModule:

@@ -84,6 +84,21 @@ def _rope_types(config) -> list[str]:
     return found
 
 
+def _check_causal(model: nn.Module) -> None:
+    """Raise ModelTypeError for a model transformers says cannot generate: an encoder (BERT,
+    T5EncoderModel), a classifier or a base model without its language-model head."""
+    can_generate = getattr(model, "can_generate", None)
+    if callable(can_generate) and not can_generate():
+        name = type(model).__name__
+        raise ModelTypeError(
+            f"{name} is not a causal LM but an encoder or a model without a language-model head (BertModel, "
+            f"T5EncoderModel, a sequence classifier, LlamaModel; transformers: {name}.can_generate() is False). "
+            "lfx.generate and lfx.export_generation support decoder-only causal LMs with a KV cache "
+            "(LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM, Phi3ForCausalLM, GPT2LMHeadModel, ...); "
+            "run an encoder's graph directly (gm(**inputs)), or load a decoder's ...ForCausalLM class"
+        )
+
+
 def check_decoder(model: nn.Module) -> None:
     """Raise ModelTypeError unless `model` is a causal LM whose cache KVDecoder can hold."""
     if not isinstance(model, nn.Module):
@@ -92,6 +107,7 @@ def check_decoder(model: nn.Module) -> None:
     name = type(model).__name__
     if getattr(config, "is_encoder_decoder", False):
         raise ModelTypeError(f"{name} is an encoder-decoder model; generation export handles decoder-only causal LMs")
+    _check_causal(model)
     if getattr(model, "_is_stateful", False):
         raise ModelTypeError(
             f"{name} keeps a recurrent state (a stateful cache), not one key/value pair per layer; "
