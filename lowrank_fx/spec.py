@@ -101,6 +101,9 @@ class Spec:
                     "use lfx.LoRA(...), lfx.LoRTA(...) or lfx.RandLoRA(...)"
                 )
         for pattern in self.exclude:
+            if pattern == ALL_LINEAR:
+                raise SpecError("Spec.exclude takes target patterns ('lm_head', 're:...'), not 'all-linear', "
+                                "which would exclude every target")
             _compile(pattern)
         for pattern in self.train:
             if pattern == ALL_LINEAR:
