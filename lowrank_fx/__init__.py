@@ -4,8 +4,8 @@ from .adapt.merged_state import load_merged, merged_state_dict
 from .adapt.plan import Plan, plan
 from .adapt.quantize import quantize_base
 from .adapt.rewrite import rewrite
-from .errors import (AdapterFileError, CaptureError, ExportError, LowRankFxError, MergeError, ModelTypeError,
-                     QuantizedBaseError, SpecError, TargetError, TrainingError)
+from .errors import (AdapterFileError, CaptureError, ExportError, FileWriteError, InputError, LowRankFxError,
+                     MergeError, ModelTypeError, QuantizedBaseError, SpecError, TargetError, TrainingError)
 from .export import AdapterSession, OnnxExport, export_onnx, export_onnx_adapter
 from .files.adapter_file import load_adapters, save_adapters
 from .files.peft import load_peft, save_peft
@@ -28,7 +28,7 @@ __all__ = [
     "LoRTA", "RandLoRA", "TrainableTokens", "loraplus_optimizer", "loraplus_param_groups",
     "save_adapters", "load_adapters", "load_peft", "save_peft",
     "LowRankFxError", "SpecError", "CaptureError", "TargetError", "MergeError", "ModelTypeError",
-    "AdapterFileError",
+    "AdapterFileError", "FileWriteError", "InputError",
     "export_onnx", "export_onnx_adapter", "OnnxExport", "AdapterSession", "ExportError",
     "set_active_adapters", "active_adapters", "Trainer", "TrainingError",
     "quantize_base", "QuantizedBaseError", "fuse_sites",

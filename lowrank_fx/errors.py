@@ -36,8 +36,16 @@ class AdapterFileError(LowRankFxError, ValueError):
     saved in a format): unreadable, from another model, or using an unsupported setting."""
 
 
+class FileWriteError(AdapterFileError, OSError):
+    """A file could not be written (a read-only directory, a full disk); the message names the path."""
+
+
 class ExportError(LowRankFxError, RuntimeError):
     """ONNX export failed or was refused; the message names the node or adapter and the fix."""
+
+
+class InputError(LowRankFxError, ValueError):
+    """Inputs that a model or session does not take: unknown, missing, or too many."""
 
 
 class TrainingError(LowRankFxError, RuntimeError):

@@ -1,7 +1,11 @@
-"""`@options`: a frozen dataclass whose constructor rejects unknown keywords with a hint."""
+"""`@options`: a frozen dataclass whose constructor rejects unknown keywords with a hint; and the
+checks its `__post_init__` runs on each value (type, finiteness, range), each raising SpecError
+with the option, the value and what is valid."""
 
 import dataclasses
 import functools
+import math
+import numbers
 
 from .errors import SpecError, nearest
 
@@ -26,3 +30,44 @@ def options(cls):
 
     cls.__init__ = checked_init
     return cls
+
+
+def set_options(instance, **values) -> None:
+    """Store checked (normalised) values on a frozen options instance, from its `__post_init__`."""
+    for name, value in values.items():
+        object.__setattr__(instance, name, value)
+
+
+def integer(owner: str, name: str, value, low: int = 1, high: int | None = None) -> int:
+    """`value` as an int in [low, high]; SpecError naming the option otherwise (floats, strings and
+    bools are refused, not rounded or parsed)."""
+    top = math.inf if high is None else high
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and low <= value <= top:
+        return int(value)
+    if high is None:
+        valid = "a positive integer" if low == 1 else f"an integer >= {low}"
+    else:
+        valid = f"an integer in [{low}, {high}]"
+    raise SpecError(f"{owner} {name} must be {valid}, got {value!r}")
+
+
+def number(owner: str, name: str, value, valid: str, accept, why: str = "") -> float:
+    """`value` as a finite float for which `accept(value)` holds; SpecError saying `valid` (and
+    `why`) otherwise (NaN, inf, bools and strings are refused)."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and accept(value):
+        return float(value)
+    raise SpecError(f"{owner} {name} must be {valid}, got {value!r}" + (f" ({why})" if why else ""))
+
+
+def flag(owner: str, name: str, value) -> bool:
+    """`value` if it is True or False; SpecError otherwise (1, "yes" and None are refused)."""
+    if isinstance(value, bool):
+        return value
+    raise SpecError(f"{owner} {name} must be True or False, got {value!r}")
+
+
+def choice(owner: str, name: str, value, choices: tuple[str, ...]) -> str:
+    """`value` if it is one of `choices`; SpecError listing them otherwise."""
+    if isinstance(value, str) and value in choices:
+        return value
+    raise SpecError(f"{owner} {name} must be one of {tuple(choices)}, got {value!r}")

@@ -58,6 +58,15 @@ def _compile(pattern: str):
     return glob
 
 
+def _patterns(option: str, value) -> tuple[str, ...]:
+    """A pattern or a sequence of patterns as a tuple of strings; SpecError naming `option` otherwise."""
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, Sequence) and all(isinstance(p, str) for p in value):
+        return tuple(value)
+    raise SpecError(f"Spec.{option} must be a pattern (a string) or a list of patterns, got {value!r}")
+
+
 @options
 class Spec:
     """What to adapt. `Spec(targets=["*.q_proj", "*.v_proj"], method=LoRA(rank=8))`."""
@@ -68,23 +77,19 @@ class Spec:
     train: Sequence[str] = ()
 
     def __post_init__(self):
-        if isinstance(self.train, str):
-            object.__setattr__(self, "train", [self.train])
-        object.__setattr__(self, "train", tuple(self.train))
         if self.targets is None and self.train:
             object.__setattr__(self, "targets", [])
-        if isinstance(self.targets, str):
-            object.__setattr__(self, "targets", [self.targets])
-        if isinstance(self.exclude, str):
-            object.__setattr__(self, "exclude", [self.exclude])
         if isinstance(self.targets, Mapping):
             if self.method is not None:
                 raise SpecError("give either targets={pattern: method} or method=..., not both")
             rules = list(self.targets.items())
         else:
+            object.__setattr__(self, "targets", list(_patterns("targets", self.targets)))
             if self.method is None:
                 object.__setattr__(self, "method", LoRA())
             rules = [(p, self.method) for p in self.targets]
+        object.__setattr__(self, "exclude", _patterns("exclude", self.exclude))
+        object.__setattr__(self, "train", _patterns("train", self.train))
         if not rules and not self.train:
             raise SpecError("Spec.targets is empty; give at least one pattern, or 'all-linear' "
                             "(or train=[...] for an adapter that only trains whole modules)")
@@ -96,6 +101,9 @@ class Spec:
                     "use lfx.LoRA(...), lfx.LoRTA(...) or lfx.RandLoRA(...)"
                 )
         for pattern in self.exclude:
+            if pattern == ALL_LINEAR:
+                raise SpecError("Spec.exclude takes target patterns ('lm_head', 're:...'), not 'all-linear', "
+                                "which would exclude every target")
             _compile(pattern)
         for pattern in self.train:
             if pattern == ALL_LINEAR:

@@ -290,6 +290,7 @@ def _rewrite_manifest(path, edit):
         metadata = file.metadata()
         tensors = {k: file.get_tensor(k) for k in file.keys()}
     manifest = json.loads(metadata[MANIFEST_KEY])
+    manifest.pop("manifest_checksum", None)  # a hand-edited manifest, read as an older writer's file
     edit(manifest)
     safetensors.torch.save_file(tensors, str(path), metadata={**metadata, MANIFEST_KEY: json.dumps(manifest)})
 

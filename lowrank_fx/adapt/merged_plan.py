@@ -26,6 +26,7 @@ import torch
 from torch import fx
 
 from ..errors import MergeError
+from ..graph.folded import GroupMarks, carry_marks
 from ..graph.quantized import dequantized
 from ..graph.record import Record
 from ..graph.targets import Target
@@ -149,9 +150,15 @@ def folded_values(gm: fx.GraphModule, plan: MergedPlan, names=None) -> Iterator[
     """(target, {"weight": new tensor, "bias": new tensor if it has one}) for each target of
     `plan.folded` (or of `names`), one at a time. MergeError on a NaN / inf update, when it is reached."""
     regions = regions_by_output(gm) if plan.quantized else {}
+    marks = GroupMarks(gm)
     for name in plan.folded:
         if names is not None and name not in names:
             continue
         target, update = plan.targets[name], plan.updates.get(name)
-        values = _quantized_values(gm, target, update, regions) if target.quantized else _dense_values(gm, target, update)
+        if target.quantized:
+            values = _quantized_values(gm, target, update, regions)
+        else:
+            values = _dense_values(gm, target, update)
+            for leaf, value in values.items():  # graph/folded.py: loading these adapters again is refused
+                carry_marks(value, gm.get_parameter(getattr(target, leaf)), marks.of(update.parts))
         yield name, values

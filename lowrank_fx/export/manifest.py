@@ -19,6 +19,8 @@ import json
 import os
 from pathlib import Path
 
+from ..errors import ExportError
+
 FORMAT = "lowrank_fx.onnx"
 VERSION = 1
 
@@ -40,5 +42,8 @@ def read_manifest(model_path: str | os.PathLike) -> dict:
     path = manifest_path(model_path)
     if not path.is_file():
         return {}
-    data = json.loads(path.read_text())
-    return data if data.get("format") == FORMAT else {}
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ExportError(f"{path} is not valid JSON ({err}); it may be corrupt: export the model again") from None
+    return data if isinstance(data, dict) and data.get("format") == FORMAT else {}

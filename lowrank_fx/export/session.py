@@ -20,10 +20,11 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..errors import AdapterFileError, nearest
-from .manifest import read_manifest
+from ..errors import AdapterFileError, ExportError, InputError, nearest
+from .manifest import manifest_path, read_manifest
 from .ort_adapter import check_adapter_file, load_ort, slots
 from .per_row import IDS, NONE_ID
+from .session_inputs import check_feeds, described
 
 
 def default_providers() -> list[str]:
@@ -31,10 +32,27 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-def _array(value) -> np.ndarray:
-    if hasattr(value, "detach"):  # a torch tensor
-        value = value.detach().cpu().numpy()
-    return np.asarray(value)
+def _open(ort, path: Path, options, providers: list[str]):
+    """An InferenceSession over `path`; ExportError when the file is missing or ORT cannot read it."""
+    if not path.is_file():
+        raise ExportError(f"ONNX model {str(path)!r} does not exist; export one with lfx.export_onnx(gm, path, ...)")
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as err:  # ORT raises its own exception types (InvalidProtobuf, Fail, ...)
+        reason = " ".join(str(err).split())[:300]
+        raise ExportError(f"ONNX Runtime cannot load {str(path)!r}: {reason}. The file may be truncated or "
+                          "corrupt: export it again") from None
+
+
+def _sidecar(path: Path) -> tuple[list[str], dict[str, str]]:
+    """(row adapters, {adapter: file}) from the model's sidecar; ExportError if they are malformed."""
+    manifest = read_manifest(path)
+    rows, files = manifest.get("row_adapters", []), manifest.get("adapters", {})
+    if not (isinstance(rows, list) and all(isinstance(name, str) for name in rows)
+            and isinstance(files, dict) and all(isinstance(v, str) for v in [*files, *files.values()])):
+        raise ExportError(f"{manifest_path(path)} lists adapters in a malformed way (row_adapters {rows!r}, "
+                          f"adapters {files!r}); it may be corrupt: export the model again")
+    return rows, files
 
 
 class AdapterSession:
@@ -49,18 +67,18 @@ class AdapterSession:
                  providers: Sequence[str] | None = None, session_options=None):
         ort = load_ort()
         self.path = Path(model_path)
-        manifest = read_manifest(self.path)
+        rows, files = _sidecar(self.path)
         options = session_options or ort.SessionOptions()
         if session_options is None:
             options.log_severity_level = 3  # ORT warns about every overridable initializer
-        self.session = ort.InferenceSession(str(self.path), options, providers=list(providers or default_providers()))
+        self.session = _open(ort, self.path, options, list(providers or default_providers()))
         self.input_names = [i.name for i in self.session.get_inputs() if i.name != IDS]
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self.row_adapters: list[str] = list(manifest.get("row_adapters", []))
+        self.row_adapters: list[str] = rows
         self._per_row = any(i.name == IDS for i in self.session.get_inputs())
         self._slots = slots(self.session)
         self._loaded: dict[str, tuple] = {}  # name -> (LoraAdapter, RunOptions with it active)
-        files = {name: self.path.parent / file for name, file in manifest.get("adapters", {}).items()}
+        files = {name: self.path.parent / file for name, file in files.items()}
         for name, file in {**files, **dict(adapters or {})}.items():
             self.add_adapter(name, file)
 
@@ -84,7 +102,11 @@ class AdapterSession:
         check_adapter_file(path, self._slots)
         ort = load_ort()
         adapter = ort.LoraAdapter()
-        adapter.Load(str(path))
+        try:
+            adapter.Load(str(path))
+        except Exception as err:  # ORT's own exception types; the file passed the check above
+            raise AdapterFileError(f"ONNX Runtime cannot load the adapter file {str(path)!r} ({err}); it may "
+                                   "be corrupt: write it again (lfx.export_onnx_adapter)") from None
         options = ort.RunOptions()
         options.add_active_adapter(adapter)
         self._loaded[name] = (adapter, options)
@@ -99,12 +121,9 @@ class AdapterSession:
         )
 
     def _feeds(self, inputs) -> dict[str, np.ndarray]:
-        if not isinstance(inputs, Mapping):
-            inputs = dict(zip(self.input_names, inputs if isinstance(inputs, (list, tuple)) else [inputs]))
-        missing = [n for n in self.input_names if n not in inputs]
-        if missing:
-            raise ValueError(f"missing model inputs {missing}; this model takes {self.input_names}")
-        return {name: _array(inputs[name]) for name in self.input_names}
+        args = [i for i in self.session.get_inputs() if i.name != IDS]
+        extra = "the adapter of each row is given by rows=[...]" if self._per_row else ""
+        return check_feeds(self.path.name, args, inputs, extra)
 
     def _row_ids(self, rows: Sequence[str | None]) -> np.ndarray:
         ids = []
@@ -144,7 +163,7 @@ class AdapterSession:
             if rows is None:
                 rows = [adapter] * batch
             elif len(rows) != batch:
-                raise ValueError(f"rows has {len(rows)} entries for a batch of {batch}")
+                raise InputError(f"rows has {len(rows)} entries for a batch of {batch}; give one adapter name (or None) per row")
             feeds[IDS] = self._row_ids(rows)
             options = None
         elif rows is not None:
@@ -158,5 +177,11 @@ class AdapterSession:
             options = self._loaded[adapter][1]
         else:
             raise self._unknown(adapter)
-        results = self.session.run(self.output_names, feeds, options)
+        try:
+            results = self.session.run(self.output_names, feeds, options)
+        except Exception as err:  # ORT's own exception types: sizes that do not fit the graph, ...
+            shapes = ", ".join(f"{name} {list(array.shape)}" for name, array in feeds.items())
+            raise InputError(f"ONNX Runtime could not run {self.path.name} on inputs {shapes}: "
+                             f"{' '.join(str(err).split())[:300]}; "
+                             f"{described(self.path.name, self.session.get_inputs())}") from None
         return dict(zip(self.output_names, results))

@@ -14,7 +14,11 @@ Format, version 1: ONE safetensors file (suggested suffix `.safetensors`).
              "spec": {"rules": [{"pattern": "*.q_proj", "method": {"method": "lora", "rank": 8, ...}}],
                       "exclude": []},
              "targets": {"<target name>": [out, in]},   # the base weights it adapts
-             "fingerprint": "sha256:<hex>"}}}           # of those names and shapes
+             "fingerprint": "sha256:<hex>"}},           # of those names and shapes
+         "manifest_checksum": "sha256:<hex>"}   # over the rest of the manifest (compact JSON, sorted keys)
+The two checksums together cover every byte that matters: a damaged file is refused rather than
+loaded with other values (an alpha or a pattern changed by one bit). A file without
+"manifest_checksum" (from an older lowrank_fx) is read with its tensor checksum only.
 One file rather than a tensors-plus-JSON pair: a save is then a single atomic rename (a
 crash leaves the old file whole), and a manifest can never be paired with another save's
 tensors. `safe_open(path).metadata()["lowrank_fx"]` or `read_manifest(path)` shows it.
@@ -59,6 +63,11 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
         digest.update(f"{key}|{tensor.dtype}|{list(tensor.shape)}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return "sha256:" + digest.hexdigest()
+
+
+def _manifest_checksum(manifest: dict) -> str:
+    rest = {key: value for key, value in manifest.items() if key != "manifest_checksum"}
+    return "sha256:" + hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _chosen(names, adapter: str | None, where: str) -> list[str]:
@@ -119,6 +128,7 @@ def _serialised(gm: fx.GraphModule, path, adapter: str | None, include_buffers: 
         }
     manifest = {"format": FORMAT, "version": VERSION, "lowrank_fx": __version__,
                 "checksum": _checksum(tensors), "adapters": adapters}
+    manifest["manifest_checksum"] = _manifest_checksum(manifest)
     return safetensors.torch.save(tensors, metadata={MANIFEST_KEY: json.dumps(manifest), "format": "pt"}), path
 
 
@@ -154,6 +164,9 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 def _check_manifest(path: Path, manifest, tensors: dict[str, torch.Tensor]) -> None:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise AdapterFileError(f"{path} has a manifest that is not a {FORMAT} manifest")
+    if "manifest_checksum" in manifest and manifest["manifest_checksum"] != _manifest_checksum(manifest):
+        raise AdapterFileError(f"{path} fails its manifest checksum: its spec or settings are corrupt; "
+                               "save the adapters again")
     version = manifest.get("version")
     if not isinstance(version, int) or version > VERSION:
         raise AdapterFileError(

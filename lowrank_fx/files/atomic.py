@@ -6,26 +6,36 @@ import os
 import tempfile
 from pathlib import Path
 
+from ..errors import FileWriteError
+
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to `path` so that `path` holds either its old content or all of `data`.
 
     The bytes go to a temporary file in the same directory (so the final rename stays on
     one file system), are flushed and fsync'ed, and then `os.replace` swaps the file in;
-    the directory is fsync'ed too so the rename itself survives a power loss.
+    the directory is fsync'ed too so the rename itself survives a power loss. A missing parent
+    directory is created. An OS error (a read-only directory, a full disk) raises FileWriteError
+    (an AdapterFileError and an OSError) naming `path`, with `path` as it was and no temporary file left.
     """
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
-    fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    temp = None
     try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as file:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
+    except BaseException as err:
+        if temp is not None and os.path.exists(temp):
             os.unlink(temp)
+        if isinstance(err, OSError):
+            reason = err.strerror or str(err)
+            raise FileWriteError(f"cannot write {path}: {reason}; it was left as it was. "
+                                 "Check that its directory is writable and has free space.") from None
         raise
     _fsync_directory(directory)
     return path

@@ -8,9 +8,10 @@ Every loader (lowrank_fx adapter files, PEFT directories) goes through two steps
    are built off the graph from `spec`, exactly as `rewrite` will build them. Either way the
    placement holds a module with the tensors the values must fit.
 2. `install(gm, [(placement, tensors), ...], ...)` compares every tensor's name, shape and
-   dtype with the placements and raises ONE `AdapterFileError` listing every difference
-   before anything changes. Only then are missing adapters injected (`rewrite`) and values
-   copied in.
+   dtype with the placements (and refuses NaN or inf values) and raises ONE `AdapterFileError`
+   listing every difference before anything changes. An adapter whose values are already
+   folded into gm's weights (graph/folded.py) is refused as well. Only then are missing
+   adapters injected (`rewrite`) and values copied in.
 
 Method options in `IGNORED` do not change what the loaded values mean (the initialisation
 they replace, the dropout used in training, RandLoRA's compute form), so they may differ
@@ -27,6 +28,8 @@ from torch import fx, nn
 from ..adapt.rewrite import resolve, rewrite
 from ..errors import AdapterFileError, LowRankFxError, nearest
 from ..graph.dtensors import like_slot
+from ..graph.folded import fingerprint as fingerprint_of
+from ..graph.folded import marks_in
 from ..graph.record import CONTAINER, Record
 from ..graph.targets import find_targets
 from ..methods.base import unit_key
@@ -200,7 +203,32 @@ def _tensor_problems(module: nn.Module, tensors: dict[str, torch.Tensor], cast: 
         fits = value.is_floating_point() and slot.is_floating_point() if cast else value.dtype == slot.dtype
         if not fits:
             problems.append(f"tensor {key}: dtype {value.dtype} in the file, {slot.dtype} expected")
+        elif value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            problems.append(f"tensor {key} holds NaN or inf values (training diverged, or the file is corrupt)")
     return problems
+
+
+def _refuse_folded(gm: fx.GraphModule, items: list[tuple[Placement, dict[str, torch.Tensor]]], source: str) -> None:
+    """AdapterFileError if an adapter about to be loaded is already folded into gm's weights:
+    a group's values, as they would be loaded, have the fingerprint a fold marked (graph/folded.py)."""
+    held = marks_in(gm)
+    if not held:
+        return
+    for placement, tensors in items:
+        required, _ = _slots(placement.module)
+        groups: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key in required:
+                group, _, rest = key.partition(".")
+                groups.setdefault(group, {})[rest] = value.to(required[key].dtype)
+        folded = [held[print_] for print_ in map(fingerprint_of, groups.values()) if print_ in held]
+        if folded:
+            raise AdapterFileError(
+                f"this model already has adapter {folded[0]!r} folded into its weights (by lfx.load_merged or "
+                f"lfx.merge); loading {source} (as {placement.adapter!r}) would add that update a second time "
+                "(W + 2·ΔW). Nothing was changed: load adapters into the original weights, or use the model "
+                "as it is."
+            )
 
 
 def install(gm: fx.GraphModule, items: list[tuple[Placement, dict[str, torch.Tensor]]], source: str,
@@ -223,6 +251,7 @@ def install(gm: fx.GraphModule, items: list[tuple[Placement, dict[str, torch.Ten
             "Load it into a graph of the same base model, rewritten with the same spec (or not "
             "yet rewritten under that adapter name, so that the file's spec is applied)."
         )
+    _refuse_folded(gm, items, source)
     with torch.random.fork_rng(devices=[]):
         for placement, _ in items:
             if not placement.exists:

@@ -341,15 +341,15 @@ def save_peft(gm: fx.GraphModule, directory: str | os.PathLike, adapter: str | N
 
     `peft.PeftModel.from_pretrained(original_model, directory)` then loads it and computes
     what the graph computes. `base_model_name_or_path` and `task_type` (e.g. "CAUSAL_LM")
-    are written to the config for PEFT's Auto classes. Each file is written atomically.
-    A graph sharded by FSDP2 is gathered: every rank calls this, rank 0 writes.
+    are written to the config for PEFT's Auto classes. Each file is written atomically, and the
+    directory is created if missing. A graph sharded by FSDP2 is gathered: every rank calls this,
+    rank 0 writes.
     """
     with whole(getattr(gm, CONTAINER, nn.Module())) as sharded:  # FSDP2: the adapters only, not the base
         config, tensors = _peft_files(flat_view(gm), adapter, base_model_name_or_path, task_type)  # blocks: flat names
     directory = Path(directory)
     if not writes_files(sharded):
         return directory
-    directory.mkdir(parents=True, exist_ok=True)
     write_atomic(directory / WEIGHTS, safetensors.torch.save(tensors, metadata={"format": "pt"}))
     write_atomic(directory / CONFIG, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     return directory

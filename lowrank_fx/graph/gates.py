@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from ..errors import SpecError
+from ..errors import ModelTypeError, SpecError
 from .record import KEY, Record
 
 GATES = "lowrank_fx_gates"
@@ -50,26 +50,42 @@ def active_adapters(gm: fx.GraphModule) -> list[str]:
     return [name for name in _adapter_names(gm) if gate_value(gm, name) != 0.0]
 
 
-def set_active_adapters(gm: fx.GraphModule, adapters: str | list[str] | tuple[str, ...]) -> None:
+def set_active_adapters(gm: fx.GraphModule, adapters: str | list[str] | tuple[str, ...] | None) -> None:
     """Make exactly `adapters` active (gate 1.0) and every other adapter inactive (0.0).
 
-    Pass one name, a list of names, or [] for the base model. Only buffer values change, in
-    place: a compiled graph is not recompiled. Which parameters train is separate: set
+    Pass one name, a list of names, or [] (or None) for the base model. Only buffer values
+    change, in place: a compiled graph is not recompiled. Which parameters train is separate: set
     `requires_grad` yourself (an inactive adapter gets zero gradients).
     """
-    names = [adapters] if isinstance(adapters, str) else list(adapters)
+    if not isinstance(gm, fx.GraphModule):
+        raise ModelTypeError(f"set_active_adapters takes the graph lfx.rewrite returned; got a {type(gm).__name__}, "
+                             "which has no adapters")
+    names = _names(adapters)
     known = _adapter_names(gm)
     unknown = [name for name in names if name not in known]
-    if unknown or not hasattr(gm, GATES):
+    if not known and not names:
+        raise SpecError("this graph has no adapters to turn off; it has none (a merged graph holds them in its "
+                        "weights: run the original model for the base model's output)")
+    if unknown:
         raise SpecError(
-            f"no adapter named {', '.join(map(repr, unknown or names))} in this graph; "
+            f"no adapter named {', '.join(map(repr, unknown))} in this graph; "
             + (f"its adapters are {', '.join(map(repr, known))}" if known else
                "it has none (lfx.rewrite(model, spec, adapter=...) adds one)")
         )
-    gates = getattr(gm, GATES)
+    gates = getattr(gm, GATES, None)
     with torch.no_grad():
         for name in known:
             getattr(gates, name).fill_(1.0 if name in names else 0.0)
+
+
+def _names(adapters) -> list[str]:
+    """`adapters` as a list of names: a name, a list or tuple of names, or None (none)."""
+    if adapters is None:
+        return []
+    names = [adapters] if isinstance(adapters, str) else adapters
+    if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) for name in names):
+        raise SpecError(f"adapters must be a name, a list of names, or [] / None for the base model; got {adapters!r}")
+    return list(names)
 
 
 def ungate(graph: fx.Graph) -> None:

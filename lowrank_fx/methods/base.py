@@ -23,8 +23,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..errors import SpecError
 from ..graph.op_kinds import LINEAR, EmbeddingKind, LinearKind, OpKind
+from ..options import choice, integer, number, set_options
 
 
 def unit_key(target_name: str) -> str:
@@ -136,14 +136,19 @@ class Method:
 INITS = ("default", "nonzero")
 
 
-def check_common(method: str, rank: int, dropout: float, init: str) -> None:
-    """Validate the options every method has: a positive int rank, dropout in [0, 1), a known init."""
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-        raise SpecError(f"{method} rank must be a positive integer, got {rank!r}")
-    if not 0.0 <= float(dropout) < 1.0:
-        raise SpecError(f"{method} dropout must be in [0, 1), got {dropout!r}")
-    if init not in INITS:
-        raise SpecError(f"{method} init must be one of {INITS}, got {init!r}")
+def check_common(method: "Method") -> None:
+    """Check and normalise the options every method has: rank an int >= 1, alpha finite and not 0
+    (alpha = 0 would make the update 0, so nothing would train; negative alpha is allowed, as in
+    PEFT), dropout in [0, 1), init one of INITS. SpecError names the option otherwise."""
+    owner = type(method).__name__
+    set_options(
+        method,
+        rank=integer(owner, "rank", method.rank),
+        alpha=number(owner, "alpha", method.alpha, "a finite number other than 0", lambda a: a != 0,
+                     why="the update is scaled by alpha / rank: 0 would train nothing"),
+        dropout=number(owner, "dropout", method.dropout, "in [0, 1)", lambda p: 0 <= p < 1),
+        init=choice(owner, "init", method.init, INITS),
+    )
 
 
 def dropout_module(p: float) -> nn.Module:

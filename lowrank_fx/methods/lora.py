@@ -8,7 +8,7 @@ import math
 
 from ..errors import SpecError
 from ..graph.op_kinds import ConvKind, EmbeddingKind
-from ..options import options
+from ..options import flag, options
 from .base import AdapterGroup, Method, adapter_dtype, check_common
 from .dora import DoRAUnit
 from .lora_unit import LoRAUnit
@@ -29,10 +29,9 @@ class LoRA(Method):
     kind = "lora"
 
     def __post_init__(self):
-        check_common("LoRA", self.rank, self.dropout, self.init)
+        check_common(self)
         for option in ("rslora", "dora", "bias"):
-            if not isinstance(getattr(self, option), bool):
-                raise SpecError(f"LoRA {option} must be True or False, got {getattr(self, option)!r}")
+            flag("LoRA", option, getattr(self, option))
 
     @property
     def scale(self) -> float:

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from ..errors import SpecError
-from ..options import options
+from ..options import integer, options, set_options
 from .base import AdapterGroup, Method, Unit, adapter_dtype, check_common, dropout_module
 from .lorta_index import LAYER_PATTERN, graph_head_size, layer_key, matrix_key
 
@@ -134,16 +134,18 @@ class LoRTA(Method):
     kind = "lorta"
 
     def __post_init__(self):
-        check_common("LoRTA", self.rank, self.dropout, self.init)
-        if self.head_dim is not None and (not isinstance(self.head_dim, int) or self.head_dim <= 0):
-            raise SpecError(f"LoRTA head_dim must be a positive integer or None, got {self.head_dim!r}")
+        check_common(self)
+        if self.head_dim is not None:
+            set_options(self, head_dim=integer("LoRTA", "head_dim", self.head_dim))
         patterns = {"layer_pattern": self.layer_pattern}
         if self.matrix_pattern is not None:
             patterns["matrix_pattern"] = self.matrix_pattern
         for option, pattern in patterns.items():
+            if not isinstance(pattern, str):
+                raise SpecError(f"LoRTA {option} must be a regular expression (a string), got {pattern!r}")
             try:
                 re.compile(pattern)
-            except (re.error, TypeError) as err:
+            except re.error as err:
                 raise SpecError(f"LoRTA {option} {pattern!r} is not a regular expression: {err}") from None
 
     @property

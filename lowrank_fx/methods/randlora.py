@@ -33,8 +33,7 @@ import math
 import torch
 from torch import nn
 
-from ..errors import SpecError
-from ..options import options
+from ..options import choice, flag, integer, options, set_options
 from .base import AdapterGroup, Method, Unit, adapter_dtype, check_common, dropout_module
 from .randlora_forms import FORMS
 from .randlora_op import randlora_delta
@@ -106,9 +105,9 @@ class RandLoRA(Method):
     kind = "randlora"
 
     def __post_init__(self):
-        check_common("RandLoRA", self.rank, self.dropout, self.init)
-        if self.form not in FORMS:
-            raise SpecError(f"RandLoRA form must be one of {FORMS}, got {self.form!r}")
+        check_common(self)
+        set_options(self, seed=integer("RandLoRA", "seed", self.seed, low=0, high=2**64 - 1),
+                    sparse=flag("RandLoRA", "sparse", self.sparse), form=choice("RandLoRA", "form", self.form, FORMS))
 
     @property
     def scale(self) -> float:

@@ -28,6 +28,7 @@ import warnings
 from torch import fx, nn
 
 from ..errors import MergeError
+from ..graph.folded import GroupMarks, carry_marks
 from ..graph.record import KEY, Record
 from ..progress import stage
 from .fold_graph import GraphIndex, fold_target, quantized_bias, remove_adapter_nodes, set_parameter
@@ -86,6 +87,7 @@ def fold(gm: fx.GraphModule, requantize: bool = False, tolerance: float = 1e-2,
     quantized = [name for name, update in found.items() if update.target.quantized]
     regions = regions_by_output(gm) if quantized else {}
     folded = shared_copy(gm)
+    marks = GroupMarks(gm)
     remove_adapter_nodes(folded)
     index = GraphIndex(folded)
     for name, update in found.items():
@@ -97,9 +99,12 @@ def fold(gm: fx.GraphModule, requantize: bool = False, tolerance: float = 1e-2,
             step = fold_requantized if requantize else fold_dense
             step(folded, target, regions[target.sites[0]], weight, bias)
         else:
-            fold_target(folded, index, target, merged_weight(gm.get_parameter(target.weight), delta, target))
+            weight = merged_weight(gm.get_parameter(target.weight), delta, target)
+            carry_marks(weight, gm.get_parameter(target.weight), marks.of(update.parts))  # graph/folded.py
+            fold_target(folded, index, target, weight)
             if bias_delta is not None:
                 bias = merged_bias(gm.get_parameter(target.bias), bias_delta)
+                carry_marks(bias, gm.get_parameter(target.bias), marks.of(update.parts))
                 set_parameter(folded, target.bias, nn.Parameter(bias, requires_grad=False))
         del delta, bias_delta
     fold_trained(folded, trained)

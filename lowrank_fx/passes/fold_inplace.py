@@ -47,6 +47,7 @@ from torch import fx, nn
 
 from ..errors import MergeError
 from ..graph.dtensors import is_dtensor
+from ..graph.folded import GroupMarks, carry_marks, folded_marks, mark_folded
 from ..graph.gates import GATES
 from ..graph.record import KEY, Record
 from .checkpoint_layers import checkpoint_layers, checkpointed
@@ -92,6 +93,8 @@ def fold_in_place(gm: fx.GraphModule) -> fx.GraphModule:
     _, found = updates(view)
     trained = trained_values(view)
     copies = _checked(view, found)
+    marks = GroupMarks(view)  # graph/folded.py: what each weight holds, so loading it again is refused
+    added = {name: marks.of(update.parts) for name, update in found.items()}
     # nothing has changed so far; from here on nothing can fail on the values
     gates = getattr(gm, GATES, None)
     recompute = checkpointed(gm)
@@ -109,15 +112,22 @@ def fold_in_place(gm: fx.GraphModule) -> fx.GraphModule:
             if target.quantized:
                 fold_dense(gm, target, regions[target.sites[0]], weight, bias)
                 continue
+            carry_marks(weight, gm.get_parameter(target.weight), added[name])
             fold_target(gm, index, target, weight)
             if bias is not None:
+                carry_marks(bias, gm.get_parameter(target.bias), added[name])
                 set_parameter(gm, target.bias, nn.Parameter(bias, requires_grad=False))
             continue
         delta, bias_delta = target_update(gm, update, checked=True)  # by _checked, before any write
         weight = gm.get_parameter(target.weight)
+        held = {**folded_marks(weight), **added[name]}  # read before the write makes them stale
         add_in_place(weight, target.kind.to_weight(delta, target.layout, weight.shape))
+        mark_folded(weight, held)
         if bias_delta is not None:
-            add_in_place(gm.get_parameter(target.bias), bias_delta)
+            bias = gm.get_parameter(target.bias)
+            held = {**folded_marks(bias), **added[name]}
+            add_in_place(bias, bias_delta)
+            mark_folded(bias, held)
         del delta, bias_delta
     with torch.no_grad():
         for name, value in trained.items():

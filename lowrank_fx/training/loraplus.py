@@ -26,6 +26,7 @@ from torch import fx
 
 from ..errors import LowRankFxError
 from ..graph.record import CONTAINER
+from ..options import number
 
 
 def _output_side(gm: fx.GraphModule) -> list[torch.nn.Parameter]:
@@ -43,7 +44,11 @@ def loraplus_param_groups(gm: fx.GraphModule, lr: float, ratio: float = 16.0,
     """Optimizer parameter groups: {"name": "base_lr"} at lr, {"name": "ratio_lr"} at ratio · lr.
 
     Only parameters that require grad are included, each once; an empty group is left out.
+    lr and ratio must be finite and > 0, weight_decay finite and >= 0 (SpecError otherwise).
     """
+    lr = number("LoRA+", "lr", lr, "a finite number > 0", lambda v: v > 0)
+    ratio = number("LoRA+", "ratio", ratio, "a finite number > 0 (1 is one rate for all)", lambda v: v > 0)
+    weight_decay = number("LoRA+", "weight_decay", weight_decay, "a finite number >= 0", lambda v: v >= 0)
     fast = {id(p) for p in _output_side(gm)}
     trainable = [p for p in gm.parameters() if p.requires_grad]
     if not trainable:
