@@ -128,7 +128,7 @@ def test_none_and_no_adapters_are_the_base_model_exactly(graph):
 
 def test_set_active_adapters_refusals_say_what_was_wrong(graph):
     model, gm = graph
-    with pytest.raises(lfx.ModelTypeError, match="takes the graph lfx.rewrite returned; got a Sequential"):
+    with pytest.raises(lfx.ModelTypeError, match="takes the graph lfx.rewrite returned, got a Sequential"):
         lfx.set_active_adapters(model, [])
     with pytest.raises(lfx.SpecError, match=r"a name, a list of names, or \[\] / None.*got \[1\]"):
         lfx.set_active_adapters(gm, [1])

@@ -29,6 +29,8 @@ from ..errors import MergeError
 from ..graph.dtensors import whole
 from ..graph.quant_formats import requantize as requantize_tensor
 from ..graph.quant_formats import requantize_bitsandbytes
+from ..graph.record import require_graph
+from ..options import number
 from ..passes.layers import flat_view
 from ..passes.quantized_fold import measure
 from ..progress import stage
@@ -52,6 +54,7 @@ def merged_state_dict(gm: fx.GraphModule, untie: bool = False) -> dict[str, torc
     whose tensors are then all new). Raises MergeError, before any ΔW is built, for a weight tied
     to a name that keeps its original values (see the module notes; `untie=True` allows it), and
     on a NaN or inf update; the graph is unchanged either way."""
+    require_graph(gm, "lfx.merged_state_dict")
     with whole(gm):
         gm = flat_view(gm)  # a graph with layer blocks: the same names
         plan = merged_plan(gm)
@@ -86,6 +89,9 @@ def load_merged(model: nn.Module, gm: fx.GraphModule, tolerance: float = 1e-2) -
     assigned gets its old tensor back before the MergeError. Quantized layers of `model` that were
     adapted are requantized in their own format, the others left as they are; the output error
     this costs is measured on the capture's examples (`model.lowrank_fx_requantize_report`)."""
+    require_graph(gm, "lfx.load_merged")
+    number("lfx.load_merged", "tolerance", tolerance, "a positive number", lambda v: v > 0,
+           "the largest requantization error accepted without a warning")
     gm = flat_view(gm)
     plan = merged_plan(gm)
     quantized = plan.quantized

@@ -39,6 +39,7 @@ from torch.export import Dim
 
 from ..errors import ExportError
 from ..graph.gates import active_adapters
+from ..graph.record import require_graph
 from ..passes.layers import flat_view
 from .adapter_graph import (
     AdapterInput,
@@ -228,6 +229,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
     graph, and the others must have the same structure (ranks may differ); "per_row"
     (default: all) gives them the ids 0, 1, ... in this order.
     """
+    if Path(path).is_dir():
+        raise ExportError(f"{path} is a folder; give the .onnx file to write, e.g. {Path(path) / 'model.onnx'}")
     if example_inputs is None and example_kwargs is None:
         raise ExportError("export_onnx needs example_inputs (and/or example_kwargs): a call the model accepts")
     model = flat_view(model) if isinstance(model, fx.GraphModule) else model  # layer blocks inlined
@@ -286,6 +289,7 @@ def export_onnx_adapter(gm: fx.GraphModule, path: str | os.PathLike, adapter: st
     instance one trained later with the same spec. With `model` (an .onnx path) the file is
     checked against that model and removed again if it does not fit.
     """
+    require_graph(gm, "lfx.export_onnx_adapter")
     gm = flat_view(gm)
     check_adapter(gm, adapter)
     tensors = adapter_tensors(gm, adapter)

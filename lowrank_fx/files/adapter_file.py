@@ -42,7 +42,7 @@ from ..adapt.capture import capture
 from ..adapt.rewrite import resolve
 from ..errors import AdapterFileError
 from ..graph.dtensors import whole, writes_files
-from ..graph.record import CONTAINER, Record
+from ..graph.record import CONTAINER, Record, require_graph
 from ..graph.targets import find_targets
 from ..passes.inject import build_groups
 from ..passes.layers import flat_view
@@ -103,6 +103,7 @@ def save_adapters(gm: fx.GraphModule, path: str | os.PathLike, adapter: str | No
     method regenerates are always stored. Returns the path written.
     A graph sharded by FSDP2 is gathered: every rank calls this, rank 0 writes.
     """
+    require_graph(gm, "lfx.save_adapters")
     with whole(getattr(gm, CONTAINER, nn.Module())) as sharded:  # FSDP2: the adapters only, not the base
         data, path = _serialised(flat_view(gm), path, adapter, include_buffers)  # blocks: the flat names
     return write_atomic(path, data) if writes_files(sharded) else path

@@ -47,7 +47,7 @@ from ..adapt.rewrite import resolve
 from ..errors import AdapterFileError, LowRankFxError
 from ..graph.dtensors import whole, writes_files
 from ..graph.op_kinds import ConvKind, EmbeddingKind, LinearKind
-from ..graph.record import CONTAINER, Record
+from ..graph.record import CONTAINER, Record, require_graph
 from ..graph.targets import Target, find_targets
 from ..methods.base import Method, unit_key
 from ..passes.layers import flat_view
@@ -345,6 +345,7 @@ def save_peft(gm: fx.GraphModule, directory: str | os.PathLike, adapter: str | N
     directory is created if missing. A graph sharded by FSDP2 is gathered: every rank calls this,
     rank 0 writes.
     """
+    require_graph(gm, "lfx.save_peft")
     with whole(getattr(gm, CONTAINER, nn.Module())) as sharded:  # FSDP2: the adapters only, not the base
         config, tensors = _peft_files(flat_view(gm), adapter, base_model_name_or_path, task_type)  # blocks: flat names
     directory = Path(directory)

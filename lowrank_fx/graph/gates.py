@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from ..errors import ModelTypeError, SpecError
-from .record import KEY, Record
+from ..errors import SpecError
+from .record import KEY, Record, require_graph
 
 GATES = "lowrank_fx_gates"
 
@@ -47,6 +47,7 @@ def _adapter_names(gm: fx.GraphModule) -> list[str]:
 
 def active_adapters(gm: fx.GraphModule) -> list[str]:
     """Names of the adapters whose gate is non-zero, in the order they were added."""
+    require_graph(gm, "lfx.active_adapters")
     return [name for name in _adapter_names(gm) if gate_value(gm, name) != 0.0]
 
 
@@ -57,9 +58,7 @@ def set_active_adapters(gm: fx.GraphModule, adapters: str | list[str] | tuple[st
     change, in place: a compiled graph is not recompiled. Which parameters train is separate: set
     `requires_grad` yourself (an inactive adapter gets zero gradients).
     """
-    if not isinstance(gm, fx.GraphModule):
-        raise ModelTypeError(f"set_active_adapters takes the graph lfx.rewrite returned; got a {type(gm).__name__}, "
-                             "which has no adapters")
+    require_graph(gm, "lfx.set_active_adapters")
     names = _names(adapters)
     known = _adapter_names(gm)
     unknown = [name for name in names if name not in known]

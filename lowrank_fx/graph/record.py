@@ -11,6 +11,8 @@ import dataclasses
 
 from torch import fx
 
+from ..errors import ModelTypeError
+
 KEY = "lowrank_fx"
 CONTAINER = "lowrank_fx"  # gm.lowrank_fx[adapter][group] holds the adapter modules
 
@@ -36,6 +38,13 @@ class Record:
         record = Record(aliases=aliases, state_keys=state_keys)
         gm.meta[KEY] = record
         return record
+
+
+def require_graph(gm, call: str) -> None:
+    """Refuse anything but a GraphModule (what lfx.rewrite returns) given to `call`."""
+    if not isinstance(gm, fx.GraphModule):
+        raise ModelTypeError(f"{call} takes the graph lfx.rewrite returned, got a {type(gm).__name__}; "
+                             "pass gm = lfx.rewrite(model, spec, example_inputs=...)")
 
 
 def tag(node: fx.Node, adapter: str, target: str, role: str) -> None:

@@ -21,6 +21,7 @@ from torch import fx
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import SpecError
+from ..graph.record import require_graph
 from .layers import block_call
 
 
@@ -29,6 +30,7 @@ def checkpoint_layers(gm: fx.GraphModule) -> list[str]:
 
     A block already checkpointed is left as it is. Raises SpecError for a graph without blocks.
     """
+    require_graph(gm, "lfx.checkpoint_layers")
     calls = [(node, call) for node in gm.graph.nodes if (call := block_call(gm, node)) is not None]
     if not calls:
         raise SpecError(

@@ -29,7 +29,8 @@ from torch import fx, nn
 
 from ..errors import MergeError
 from ..graph.folded import GroupMarks, carry_marks
-from ..graph.record import KEY, Record
+from ..graph.record import KEY, Record, require_graph
+from ..options import number
 from ..progress import stage
 from .fold_graph import GraphIndex, fold_target, quantized_bias, remove_adapter_nodes, set_parameter
 from .fold_inplace import fold_in_place
@@ -74,6 +75,9 @@ def fold(gm: fx.GraphModule, requantize: bool = False, tolerance: float = 1e-2,
 
     Raises MergeError, leaving `gm` and every tensor unchanged, when `gm` has no adapters or an
     update has NaN or inf values."""
+    require_graph(gm, "lfx.merge")
+    number("lfx.merge", "tolerance", tolerance, "a positive number", lambda v: v > 0,
+           "the largest requantization error accepted without a warning")
     if inplace:
         if requantize:
             raise MergeError(

@@ -25,7 +25,7 @@ import torch
 from torch import fx
 
 from ..errors import LowRankFxError
-from ..graph.record import CONTAINER
+from ..graph.record import CONTAINER, require_graph
 from ..options import number
 
 
@@ -46,6 +46,7 @@ def loraplus_param_groups(gm: fx.GraphModule, lr: float, ratio: float = 16.0,
     Only parameters that require grad are included, each once; an empty group is left out.
     lr and ratio must be finite and > 0, weight_decay finite and >= 0 (SpecError otherwise).
     """
+    require_graph(gm, "lfx.loraplus_param_groups")
     lr = number("LoRA+", "lr", lr, "a finite number > 0", lambda v: v > 0)
     ratio = number("LoRA+", "ratio", ratio, "a finite number > 0 (1 is one rate for all)", lambda v: v > 0)
     weight_decay = number("LoRA+", "weight_decay", weight_decay, "a finite number >= 0", lambda v: v >= 0)
