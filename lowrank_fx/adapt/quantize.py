@@ -22,7 +22,7 @@ import fnmatch
 import torch
 from torch import nn
 
-from ..errors import SpecError
+from ..errors import ModelTypeError, SpecError
 
 SCHEMES = ("int8", "nf4", "int4")
 
@@ -68,6 +68,8 @@ def quantize_base(model: nn.Module, scheme: str, exclude=(), group_size: int | N
     embeddings stay as they are, and so do the layers matching `exclude`. `model.lowrank_fx_quantized`
     says what was done: {"scheme", "layers": [...], "left_dense": {name: why}}.
     """
+    if not isinstance(model, nn.Module):
+        raise ModelTypeError(f"quantize_base takes the model (a torch.nn.Module), got {type(model).__name__}")
     if scheme not in SCHEMES:
         raise SpecError(f"quantize_base scheme must be one of {SCHEMES}, got {scheme!r}")
     if isinstance(exclude, str):

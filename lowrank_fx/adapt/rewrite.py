@@ -16,10 +16,14 @@ from ..spec import Spec, _compile
 from .capture import capture
 
 
-def resolve(gm: fx.GraphModule, spec: Spec) -> tuple[dict[str, Target], dict]:
-    """All targets of `gm` and the spec's target -> method assignment (validated)."""
+def _require_spec(spec) -> None:
     if not isinstance(spec, Spec):
         raise SpecError(f"expected an lfx.Spec, got {type(spec).__name__}; e.g. lfx.Spec(targets=['*.q_proj'], method=lfx.LoRA(rank=8))")
+
+
+def resolve(gm: fx.GraphModule, spec: Spec) -> tuple[dict[str, Target], dict]:
+    """All targets of `gm` and the spec's target -> method assignment (validated)."""
+    _require_spec(spec)
     record = Record.find(gm)
     targets = find_targets(gm, record.aliases if record else None)
     heads = set(left_out(gm, targets))  # what "all-linear" leaves out: output heads, non-linear ops
@@ -95,6 +99,7 @@ def rewrite(model, spec: Spec, example_inputs=None, example_kwargs=None, adapter
     """
     if not isinstance(adapter, str) or not adapter.isidentifier():
         raise SpecError(f"adapter name must be a Python identifier such as 'default', got {adapter!r}")
+    _require_spec(spec)
     gm = capture(model, example_inputs, example_kwargs, dynamic=dynamic, dynamic_shapes=dynamic_shapes,
                  cache_dir=cache_dir, trace_blocks=trace_blocks)
     record = Record.find(gm)

@@ -25,6 +25,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..errors import InputError, SpecError
+
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, object], tuple[torch.Tensor, object]]
 
 
@@ -46,13 +48,13 @@ class Sampling:
 
     def check(self) -> None:
         if not isinstance(self.do_sample, bool):
-            raise ValueError(f"do_sample must be True or False, got {self.do_sample!r}")
+            raise SpecError(f"do_sample must be True or False, got {self.do_sample!r}")
         if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
-            raise ValueError(f"temperature must be a number > 0, got {self.temperature!r} (greedy: do_sample=False)")
+            raise SpecError(f"temperature must be a number > 0, got {self.temperature!r} (greedy: do_sample=False)")
         if not (isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k >= 0):
-            raise ValueError(f"top_k must be an int >= 0 (0: no top-k filter), got {self.top_k!r}")
+            raise SpecError(f"top_k must be an int >= 0 (0: no top-k filter), got {self.top_k!r}")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1] (1: no nucleus filter), got {self.top_p!r}")
+            raise SpecError(f"top_p must be in (0, 1] (1: no nucleus filter), got {self.top_p!r}")
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits after temperature, top-k and top-p (removed tokens at -inf), in float32."""
@@ -82,7 +84,7 @@ def eos_list(eos_token_id) -> list[int]:
         return []
     ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-        raise ValueError(f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}")
+        raise InputError(f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}")
     return ids
 
 
@@ -92,31 +94,35 @@ def as_ids(value, name: str) -> torch.Tensor:
     if tensor.dim() == 1:
         tensor = tensor[None]
     if tensor.dim() != 2:
-        raise ValueError(f"{name} must be (batch, length), got shape {tuple(tensor.shape)}")
+        raise InputError(f"{name} must be (batch, length), got shape {tuple(tensor.shape)}")
     if tensor.dtype.is_floating_point or tensor.dtype == torch.bool or tensor.dtype.is_complex:
-        raise ValueError(f"{name} must hold integers, got {tensor.dtype}")
+        raise InputError(f"{name} must hold integers, got {tensor.dtype}")
     return tensor.long()
 
 
 def check_inputs(input_ids, attention_mask, max_new_tokens: int, vocab: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     ids = as_ids(input_ids, "input_ids")
     if ids.shape[1] == 0:
-        raise ValueError("input_ids is empty: give at least one prompt token per row")
+        raise InputError("input_ids is empty: give at least one prompt token per row")
     mask = torch.ones_like(ids) if attention_mask is None else as_ids(attention_mask, "attention_mask")
     if mask.shape != ids.shape:
-        raise ValueError(f"attention_mask is {tuple(mask.shape)} but input_ids is {tuple(ids.shape)}; they must match")
+        raise InputError(f"attention_mask is {tuple(mask.shape)} but input_ids is {tuple(ids.shape)}; they must match")
     if not bool(((mask == 0) | (mask == 1)).all()):
-        raise ValueError("attention_mask must hold 0 (padding) and 1 (token) only")
+        raise InputError("attention_mask must hold 0 (padding) and 1 (token) only")
     empty = (mask.sum(-1) == 0).nonzero().flatten().tolist()
     if empty:
-        raise ValueError(f"rows {empty} of attention_mask are all padding; every row needs a prompt token")
+        raise InputError(f"rows {empty} of attention_mask are all padding; every row needs a prompt token")
     if vocab is not None:
         bad = ids[(mask == 1) & ((ids < 0) | (ids >= vocab))]
         if bad.numel():
-            raise ValueError(f"input_ids holds {bad[0].item()}, outside the vocabulary [0, {vocab})")
-    if not (isinstance(max_new_tokens, int) and not isinstance(max_new_tokens, bool) and max_new_tokens >= 1):
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+            raise InputError(f"input_ids holds {bad[0].item()}, outside the vocabulary [0, {vocab})")
+    check_count(max_new_tokens)
     return ids, mask
+
+
+def check_count(max_new_tokens) -> None:
+    if not (isinstance(max_new_tokens, int) and not isinstance(max_new_tokens, bool) and max_new_tokens >= 1):
+        raise InputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
 
 
 def run(step: Step, input_ids, attention_mask=None, *, max_new_tokens: int, sampling: Sampling,

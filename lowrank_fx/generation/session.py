@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import AdapterFileError, ExportError
+from ..errors import AdapterFileError, ExportError, InputError
 from ..export.ort_adapter import load_ort
 from ..export.per_row import IDS
 from ..export.session import AdapterSession
@@ -135,10 +135,10 @@ class GenerationSession:
         batch = as_ids(input_ids, "input_ids").shape[0]
         if rows is not None:
             if adapter is not None:
-                raise ValueError("pass adapter= (one for the batch) or rows= (one per row), not both")
+                raise InputError("pass adapter= (one for the batch) or rows= (one per row), not both")
             rows = list(rows)
             if len(rows) != batch:
-                raise ValueError(f"rows has {len(rows)} entries for a batch of {batch}; give one name (or None) per row")
+                raise InputError(f"rows has {len(rows)} entries for a batch of {batch}; give one name (or None) per row")
             session = self._per_row()
             step = self._stepper(session, None, session.row_ids(rows))
         else:

@@ -24,12 +24,12 @@ import torch
 from torch import fx, nn
 
 from ..adapt.capture import source_model
-from ..errors import ModelTypeError
+from ..errors import ModelTypeError, SpecError
 from ..export.exporter import eval_mode
 from ..graph.gates import GATES, active_adapters, set_active_adapters
 from ..graph.record import Record
 from .decode_graph import LAYOUT, decode_graph, share_adapters, use_base_of
-from .loop import Generated, Sampling, eos_list, run
+from .loop import Generated, Sampling, check_count, eos_list, run
 
 
 @dataclasses.dataclass
@@ -87,7 +87,7 @@ def _compiled(gm: fx.GraphModule, decode: fx.GraphModule, option):
         elif isinstance(option, dict):
             kwargs = dict(option)
         else:
-            raise ValueError(f"compile must be False, True, a backend name or a dict of torch.compile options, got {option!r}")
+            raise SpecError(f"compile must be False, True, a backend name or a dict of torch.compile options, got {option!r}")
         kwargs.setdefault("dynamic", True)
         entry.compiled[key] = torch.compile(decode, **kwargs)
     return entry.compiled[key]
@@ -126,6 +126,7 @@ def generate(gm: fx.GraphModule, input_ids, attention_mask=None, adapter: str | 
     model: the Hugging Face model gm was rewritten from (default: the one rewrite captured).
     output_logits=True returns a `Generated` (sequences, per-step logits) instead.
     """
+    check_count(max_new_tokens)
     decode = decoder_for(gm, model)
     model = _model(gm, model)
     eos, pad = default_ids(model, eos_token_id, pad_token_id)

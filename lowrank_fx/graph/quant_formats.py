@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from ..errors import QuantizedBaseError
+
 
 def inner_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
     """The plain tensors a tensor subclass is made of (recursively), or [tensor]."""
@@ -237,10 +239,10 @@ def swap_one(module: nn.Module) -> nn.Module:
     import bitsandbytes as bnb
     if isinstance(module, bnb.nn.Linear4bit):
         if getattr(module.weight, "quant_state", None) is None:
-            raise ValueError("a bitsandbytes Linear4bit whose weight is not quantized yet (move it to its device first)")
+            raise QuantizedBaseError("a bitsandbytes Linear4bit whose weight is not quantized yet (move it to its device first)")
         return BnbLinear4bit(module)
     if getattr(module.weight, "SCB", None) is None and getattr(getattr(module, "state", None), "SCB", None) is None:
-        raise ValueError("a bitsandbytes Linear8bitLt with fp16 training weights (has_fp16_weights=True) or not "
+        raise QuantizedBaseError("a bitsandbytes Linear8bitLt with fp16 training weights (has_fp16_weights=True) or not "
                          "quantized yet: create it with has_fp16_weights=False and move it to its device")
     return BnbLinear8bit(module)
 

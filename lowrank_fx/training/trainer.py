@@ -51,6 +51,7 @@ from torch import fx
 
 from ..errors import ModelTypeError, SpecError, TrainingError
 from ..graph.record import Record
+from ..options import flag, integer, number
 from ..passes.checkpoint_layers import checkpoint_layers
 from ..passes.fuse_sites import fuse_sites
 from .batches import Passes, check_fit, one_shot, total_steps
@@ -119,6 +120,22 @@ def _check_distributed(distributed) -> str | None:
     return {True: "ddp", "ddp": "ddp", "fsdp": "fsdp"}.get(distributed)
 
 
+def _check_options(loss_fn, min_lr_ratio, max_grad_norm, checkpoint_every, keep, resume, progress) -> None:
+    """SpecError for a Trainer option outside its range (lr and the LoRA+ options: loraplus.py)."""
+    if not callable(loss_fn):
+        raise SpecError(f"loss_fn must be a function loss_fn(model, batch) -> scalar tensor, got {type(loss_fn).__name__}")
+    number("Trainer", "min_lr_ratio", min_lr_ratio, "a fraction in [0, 1]", lambda v: 0.0 <= v <= 1.0,
+           "the schedule ends at min_lr_ratio * lr")
+    if max_grad_norm is not None:
+        number("Trainer", "max_grad_norm", max_grad_norm, "None or a positive number", lambda v: v > 0,
+               "gradients are clipped to this norm; None turns clipping off")
+    if checkpoint_every is not None:
+        integer("Trainer", "checkpoint_every", checkpoint_every)
+    integer("Trainer", "keep_checkpoints", keep)
+    flag("Trainer", "resume", resume)
+    flag("Trainer", "progress", progress)
+
+
 class Trainer:
     """Trains the adapters of `gm` (see the module docstring for each feature).
 
@@ -148,6 +165,7 @@ class Trainer:
         if checkpoint_every is not None and checkpoint_dir is None:
             raise SpecError("checkpoint_every needs checkpoint_dir=... (where checkpoints go)")
         check_schedule(schedule, warmup_steps, 0)
+        _check_options(loss_fn, min_lr_ratio, max_grad_norm, checkpoint_every, keep_checkpoints, resume, progress)
         self.gm, self.loss_fn, self.tokens = gm, loss_fn, tokens
         self.accumulate, self.max_grad_norm = accumulate, max_grad_norm
         self.schedule, self.warmup, self.min_lr_ratio = schedule, warmup_steps, min_lr_ratio
