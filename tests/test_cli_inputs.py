@@ -206,3 +206,8 @@ def test_bad_files_and_folders_give_one_line(case, tmp_path, capsys):
 def test_a_bad_flag_is_one_line_and_exit_2(capsys):
     refused(["train", "--steps", "many", "--out", "x.safetensors"], capsys, "argument --steps", "--help")
     refused(["plan", "--method", "dora"], capsys, "argument --method: invalid choice: 'dora'", "randlora")
+
+
+def test_synthetic_demo_with_out_is_refused_since_it_writes_nothing(tmp_path, no_model, capsys):
+    refused(["demo", "--synthetic", "--out", str(tmp_path / "d")], capsys, "--synthetic writes no files", "--out")
+    assert not (tmp_path / "d").exists()

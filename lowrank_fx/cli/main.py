@@ -18,7 +18,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from ..errors import LowRankFxError
+from ..errors import LowRankFxError, SpecError
 from .checks import at_least, check_output_file, check_output_folder, positive_float
 
 EXAMPLES = """examples:
@@ -285,7 +285,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=at_least(1), default=None)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="demo_out", help="folder for the loss curve, adapter and ONNX files")
+    p.add_argument("--out", default=None, help="folder for the loss curve, adapter and ONNX files "
+                   "(default demo_out; not with --synthetic)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_demo)
     return root
@@ -328,7 +329,11 @@ def _check_outputs(args) -> None:
         check_output_folder(args.generation, "--generation")
     elif args.command == "export" and args.out:
         check_output_file(args.out, "model.onnx")
+    elif args.command == "demo" and args.synthetic and args.out is not None:
+        raise SpecError("demo --synthetic writes no files, so --out does nothing there; drop --out, "
+                        "or run the MiniLM demo (without --synthetic) to get the adapter and ONNX files")
     elif args.command == "demo" and not args.synthetic:
+        args.out = args.out or "demo_out"
         check_output_folder(args.out, "--out")
 
 
