@@ -89,7 +89,8 @@ def test_a_dora_spec_names_the_methods_and_the_dora_option(tmp_path, capsys):
     (["q_proj"], ["must hold a JSON object", "not a list"]),
     ({"method": {"method": "lora"}}, ['has no "targets"']),
     ({"targets": {"q_proj": {"method": "lora"}}, "method": {"method": "lora"}}, ["give each method there"]),
-    ({"targets": ["q_proj"], "exclude": 5}, ['"exclude"', "lists of pattern strings"]),
+    ({"targets": ["q_proj"], "exclude": 5}, ["exclude must be a pattern", "or a list of patterns, got 5"]),
+    ({"targets": 5}, ["targets must be", "got 5"]),
 ])
 def test_spec_file_mistakes_are_named(data, words, tmp_path, capsys):
     path = _spec(tmp_path, data)

@@ -90,5 +90,3 @@ def read_spec(path: str) -> Spec:
         return Spec(targets=targets, method=method, **extra)
     except SpecError as err:
         raise err if str(err).startswith("spec file ") else _fail(path, str(err)) from None
-    except TypeError as err:
-        raise _fail(path, f"{err}; \"targets\", \"exclude\" and \"train\" are lists of pattern strings") from None
