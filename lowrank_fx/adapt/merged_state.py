@@ -90,7 +90,7 @@ def load_merged(model: nn.Module, gm: fx.GraphModule, tolerance: float = 1e-2) -
     adapted are requantized in their own format, the others left as they are; the output error
     this costs is measured on the capture's examples (`model.lowrank_fx_requantize_report`)."""
     require_graph(gm, "lfx.load_merged")
-    number("lfx.load_merged", "tolerance", tolerance, "a positive number", lambda v: v > 0,
+    number("lfx.load_merged", "tolerance", tolerance, "a number >= 0 (0: warn on any error)", lambda v: v >= 0,
            "the largest requantization error accepted without a warning")
     gm = flat_view(gm)
     plan = merged_plan(gm)

@@ -76,7 +76,7 @@ def fold(gm: fx.GraphModule, requantize: bool = False, tolerance: float = 1e-2,
     Raises MergeError, leaving `gm` and every tensor unchanged, when `gm` has no adapters or an
     update has NaN or inf values."""
     require_graph(gm, "lfx.merge")
-    number("lfx.merge", "tolerance", tolerance, "a positive number", lambda v: v > 0,
+    number("lfx.merge", "tolerance", tolerance, "a number >= 0 (0: warn on any error)", lambda v: v >= 0,
            "the largest requantization error accepted without a warning")
     if inplace:
         if requantize:
