@@ -1,5 +1,6 @@
 """lowrank_fx: parameter-efficient fine-tuning as a torch.fx graph pass."""
 
+from .adapt.experts_impl import experts_implementation
 from .adapt.merged_state import load_merged, merged_state_dict
 from .adapt.plan import Plan, plan
 from .adapt.quantize import quantize_base
@@ -33,5 +34,5 @@ __all__ = [
     "set_active_adapters", "active_adapters", "Trainer", "TrainingError",
     "quantize_base", "QuantizedBaseError", "fuse_sites",
     "generate", "export_generation", "GenerationExport", "GenerationSession",
-    "checkpoint_layers",
+    "checkpoint_layers", "experts_implementation",
 ]

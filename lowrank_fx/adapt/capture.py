@@ -76,6 +76,7 @@ from ..progress import stage
 from . import capture_memo
 from .batch_one import takes, widened
 from .capture_hints import hint
+from .experts_impl import traced_experts
 from .capture_cache import CaptureCache, cache_directory, cache_key, cacheable
 
 logger = logging.getLogger(__name__)
@@ -329,7 +330,7 @@ def _export_with(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes, li
     modes = [(module, module.training) for module in model.modules()]
     model.train()
     try:
-        with bitsandbytes_swapped(model) as swapped, prefixes(model, lists):
+        with bitsandbytes_swapped(model) as swapped, prefixes(model, lists), traced_experts(model):
             return _export(model, args, kwargs, dynamic_shapes), swapped
     finally:
         for module, training in modes:  # each submodule's own flag, not only the root's

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..version import __version__
+from .experts_impl import chosen, has_experts
 
 
 def _value(value) -> list:
@@ -59,13 +60,16 @@ def tensors_spec(model: nn.Module) -> list:
 
 def config_spec(model: nn.Module):
     """A Hugging Face model's `config.to_dict()` (None for other models), JSON-safe, with the
-    attention implementation (sdpa, eager, ...), which to_dict leaves out and the graph shows."""
+    attention implementation (sdpa, eager, ...), which to_dict leaves out and the graph shows, and
+    for a mixture-of-experts model the experts implementation the capture traces."""
     config = getattr(model, "config", None)
     to_dict = getattr(config, "to_dict", None)
     if not callable(to_dict):
         return None
     spec = json.loads(json.dumps(to_dict(), sort_keys=True, default=repr))
     spec["_attn_implementation"] = repr(getattr(config, "_attn_implementation", None))
+    if has_experts(model):  # the implementation the capture traces, not the model's own (experts_impl.py)
+        spec["_experts_implementation"] = chosen()
     return spec
 
 

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from .experts import ExpertsKind, experts_site
 from .op_kinds import LINEAR, ConvKind, EmbeddingKind, OpKind, QuantizedLinearKind
 from .quantized import find_regions, region_scheme
 
@@ -84,6 +85,7 @@ class Target:
     bias: str | None = None  # the bias parameter every site adds, if they all add the same one
     module_type: str = ""  # qualified class name of the module whose forward applies W ("" if unknown)
     inputs: list[str] = dataclasses.field(default_factory=list)  # quantized: per site, the activation node
+    routes: list[str] = dataclasses.field(default_factory=list)  # expert stacks: per site, the routing node
 
     @property
     def quantized(self) -> bool:
@@ -256,6 +258,26 @@ def _bias_name(bias) -> str | None:
     return source[0].target if source is not None and not source[1] else None
 
 
+def _add_experts_site(by_weight: dict, node: fx.Node, site, gm: fx.GraphModule, aliases) -> None:
+    """Record a call site of a 3-D expert stack (graph/experts.py) on its weight's target."""
+    weight = gm.get_parameter(site.weight.target)
+    kind = ExpertsKind(int(weight.shape[0]), site.kind)
+    experts, out_f, in_f = kind.to_matrix(weight, site.layout).shape
+    key = (site.weight.target, kind.name)
+    target = by_weight.get(key)
+    if target is None:
+        by_weight[key] = Target(
+            name=_target_name(node, site.weight.target, aliases), weight=site.weight.target, out_features=int(out_f),
+            in_features=int(in_f), op=str(node.target).split(".")[-2], layout=site.layout, sites=[node.name],
+            activations=[site.x_index], dtype=weight.dtype, kind=kind, weight_shape=tuple(weight.shape), rows=[None],
+            module_type=_calling_type(node), routes=[site.route.name])
+    elif target.layout == site.layout and target.kind == kind:
+        target.sites.append(node.name)
+        target.activations.append(site.x_index)
+        target.rows.append(None)
+        target.routes.append(site.route.name)
+
+
 def find_targets(gm: fx.GraphModule, aliases: dict[str, list[str]] | None = None) -> dict[str, Target]:
     """Every target of `gm`'s top-level graph (ops linear in a weight parameter), by name, in graph order."""
     aliases = aliases or {}
@@ -265,6 +287,10 @@ def find_targets(gm: fx.GraphModule, aliases: dict[str, list[str]] | None = None
     for node in gm.graph.nodes:
         if node.name in inside:
             continue  # a quantized layer's own ops: the layer is the target (below)
+        stacked = experts_site(node, gm)
+        if stacked is not None:
+            _add_experts_site(by_weight, node, stacked, gm, aliases)
+            continue
         site = _site(node, gm)
         if site is None:
             continue

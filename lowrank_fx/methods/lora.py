@@ -7,10 +7,12 @@ from __future__ import annotations
 import math
 
 from ..errors import SpecError
+from ..graph.experts import ExpertsKind
 from ..graph.op_kinds import ConvKind, EmbeddingKind
 from ..options import flag, options
 from .base import AdapterGroup, Method, adapter_dtype, check_common
 from .dora import DoRAUnit
+from .lora_experts import ExpertsLoRAUnit, check_experts
 from .lora_unit import LoRAUnit
 
 
@@ -25,12 +27,13 @@ class LoRA(Method):
     init: str = "default"
     dora: bool = False
     bias: bool = False
+    shared_experts: bool = False  # expert stacks (lora_experts.py): one A, B for every expert
 
     kind = "lora"
 
     def __post_init__(self):
         check_common(self)
-        for option in ("rslora", "dora", "bias"):
+        for option in ("rslora", "dora", "bias", "shared_experts"):
             flag("LoRA", option, getattr(self, option))
 
     @property
@@ -41,6 +44,11 @@ class LoRA(Method):
         units = {}
         for t in targets:
             self._check(t)
+            if isinstance(t.kind, ExpertsKind):
+                check_experts(self, t)
+                units[t.name] = ExpertsLoRAUnit(t, self.rank, self.scale, self.dropout, adapter_dtype(t.dtype),
+                                                self.init, shared_experts=self.shared_experts)
+                continue
             unit_class = DoRAUnit if self.dora else LoRAUnit
             units[t.name] = unit_class(t, self.rank, self.scale, self.dropout, adapter_dtype(t.dtype), self.init,
                                        bias=self.bias)

@@ -14,6 +14,9 @@ packed in_proj on separate query, key, value) adds Δy[..., a:b].
 Node roles (node.meta["lowrank_fx"]["role"]): "shared", "delta", "gate", "add". The gate
 makes switching adapters a buffer write (graph/gates.py); addcmul adds it at the cost of an add.
 
+On an expert stack (graph/experts.py) a unit also reads the site's routing node (each pair's
+expert, or a grouped site's offsets), so Δy follows the routing of every call.
+
 On a quantized linear (graph/quantized.py) the site is the output of the layer's region and
 x is the region's activation (`Target.inputs`): Δy is added beside the quantized base, which
 is never converted. Units that read the base weight in the graph (DoRA) are refused there.
@@ -28,6 +31,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import SpecError
+from ..graph.experts import ExpertsKind
 from ..graph.gates import add_gate
 from ..graph.record import CONTAINER, tag
 from ..graph.targets import Target
@@ -75,8 +79,22 @@ def _refuse_quantized(assignment: dict[str, Method], targets: dict[str, Target])
             )
 
 
-def _site_input(gm: fx.GraphModule, site: fx.Node, x_index: int, target: Target, role: str, x_node=None):
-    """The node a unit reads for `role`: the activation, the site's output, the base weight or bias."""
+def _refuse_experts(assignment: dict[str, Method], targets: dict[str, Target]) -> None:
+    for name, method in assignment.items():
+        if isinstance(targets[name].kind, ExpertsKind) and method.kind != "lora":
+            raise SpecError(
+                f"{name} is a stack of {targets[name].kind.experts} experts (a 3-D weight), which only LoRA adapts "
+                f"({type(method).__name__} builds one update per matrix, not per routed expert); give it "
+                "lfx.LoRA(...) in a mixed spec, or exclude it"
+            )
+
+
+def _site_input(gm: fx.GraphModule, site: fx.Node, x_index: int, target: Target, role: str, x_node=None,
+                route=None):
+    """The node a unit reads for `role`: the activation, the site's output, the base weight or bias,
+    an expert stack's routing (graph/experts.py)."""
+    if role == "route":
+        return route
     if role == "x":
         return x_node if x_node is not None else site.args[x_index]
     if role == "y":
@@ -90,6 +108,7 @@ def _site_input(gm: fx.GraphModule, site: fx.Node, x_index: int, target: Target,
 
 def inject(gm: fx.GraphModule, adapter: str, assignment: dict[str, Method], targets: dict[str, Target]) -> dict[str, str]:
     _refuse_quantized(assignment, targets)
+    _refuse_experts(assignment, targets)
     weights = {targets[name].weight: gm.get_parameter(targets[name].weight).detach() for name in assignment
                if not targets[name].quantized}
     groups, group_of = build_groups(assignment, targets, weights)
@@ -109,8 +128,9 @@ def inject(gm: fx.GraphModule, adapter: str, assignment: dict[str, Method], targ
         for i, (site_name, x_index, rows) in enumerate(zip(target.sites, target.activations, target.rows)):
             site = nodes[site_name]
             x_node = nodes[target.inputs[i]] if target.inputs else None
+            route = nodes[target.routes[i]] if target.routes else None
             with gm.graph.inserting_before(site.next):
-                inputs = [_site_input(gm, site, x_index, target, role, x_node) for role in unit.site_inputs]
+                inputs = [_site_input(gm, site, x_index, target, role, x_node, route) for role in unit.site_inputs]
                 shared = [gm.graph.get_attr(f"{group_path}.{s}") for s in group.shared]
                 call = gm.graph.call_module(f"{group_path}.units.{unit_key(name)}", (*inputs, *shared))
                 tag(call, adapter, name, "delta")
