@@ -117,3 +117,13 @@ def experts_site(node: fx.Node, gm: fx.GraphModule) -> ExpertsSite | None:
             return None
         return ExpertsSite(stack, layout, 0, offsets, "offsets")
     return None
+
+
+def stack_operand(node: fx.Node):
+    """The argument of an expert-stack site that leads back to the stack (W[ids], Wᵀ or W), or None."""
+    if node.target is aten.bmm.default:
+        return next((arg for arg in node.args[:2] if isinstance(_uncast(arg), fx.Node)
+                     and _uncast(arg).target is aten.index.Tensor), None)
+    if str(node.target) in GROUPED_OPS:
+        return node.args[1]
+    return None

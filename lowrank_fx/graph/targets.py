@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .experts import ExpertsKind, experts_site
+from .experts import ExpertsKind, experts_site, stack_operand
 from .op_kinds import LINEAR, ConvKind, EmbeddingKind, OpKind, QuantizedLinearKind
 from .quantized import find_regions, region_scheme
 
@@ -239,7 +239,8 @@ def _site(node: fx.Node, gm: fx.GraphModule):
 
 def weight_operand(node: fx.Node) -> fx.Node:
     """The weight argument of a call site (the node that leads back to the weight's get_attr)."""
-    return _site(node, None)[1]
+    site = _site(node, None)
+    return site[1] if site is not None else stack_operand(node)
 
 
 def _kind(node: fx.Node, family, weight: torch.Tensor) -> OpKind | None:
