@@ -26,6 +26,9 @@ from the most common one go to rank_pattern / alpha_pattern, and `fan_in_fan_out
 when every target is stored (in, out) (Conv1D). Only adapters whose targets are modules
 with a `.weight` in the original model can be saved (PEFT adapts modules, not bare weights).
 
+Expert stacks (3-D MoE weights) are PEFT `target_parameters` too, named and laid out as
+peft_experts.py says; loading them captures the graph first (their factors' shapes need it).
+
 Trained modules (`Spec.train`) <-> PEFT's `modules_to_save`, stored as
 `base_model.model.<module>.<parameter>` (peft_saved.py).
 """
@@ -46,6 +49,7 @@ from ..adapt.capture import capture
 from ..adapt.rewrite import resolve
 from ..errors import AdapterFileError, LowRankFxError
 from ..graph.dtensors import whole, writes_files
+from ..graph.experts import ExpertsKind
 from ..graph.op_kinds import ConvKind, EmbeddingKind, LinearKind
 from ..graph.record import CONTAINER, Record, require_graph
 from ..graph.targets import Target, find_targets
@@ -54,6 +58,7 @@ from ..passes.layers import flat_view
 from ..spec import ALL_LINEAR, Spec
 from .atomic import write_atomic
 from .into_graph import install, place
+from .peft_experts import experts_units, one_expert, peft_factors, peft_path
 from .peft_formats import FORMATS, PeftFormat, unsupported
 from .peft_saved import saved_config_and_tensors, saved_values, split_saved, with_train
 
@@ -290,15 +295,23 @@ def load_peft(model, directory: str | os.PathLike, adapter: str = "default", exa
         )
     saved, tensors = split_saved(config, _read_tensors(directory), PREFIX)  # modules_to_save: trained copies
     units, shared, problems = _split(entry, tensors)
+    structured, stacks = None, set()
+    if config.get("target_parameters") and not problems:  # expert stacks: their shapes need the graph
+        structured = capture(model, example_inputs, example_kwargs)
+        gm = flat_view(structured)
+        try:
+            units, stacks = experts_units(gm, find_targets(gm, Record.find(gm).aliases), units, config)
+        except AdapterFileError as err:
+            problems.append(str(err))
     methods = {}
     for module, tensors in units.items():
         try:
-            methods[module] = entry.method(config, module, tensors)
+            methods[module] = entry.method(config, module, one_expert(tensors) if module in stacks else tensors)
         except LowRankFxError as err:
             problems.append(str(err))
     if problems:
         raise AdapterFileError(f"cannot load the PEFT adapter in {directory}:\n" + "\n".join(f"  - {p}" for p in problems))
-    structured = capture(model, example_inputs, example_kwargs)
+    structured = structured if structured is not None else capture(model, example_inputs, example_kwargs)
     gm = flat_view(structured)  # a graph with layer blocks is read flat; adapters are added to it
     targets = find_targets(gm, Record.find(gm).aliases)
     ours = {module: _target_for(module, targets) for module in units}
@@ -306,13 +319,13 @@ def load_peft(model, directory: str | os.PathLike, adapter: str = "default", exa
     try:
         units = {ours[m]: _parameter_factors(
                      {name: _to_ours(name, value, targets.get(ours[m]), m) for name, value in found.items()},
-                     targets.get(ours[m]), m in bare)
+                     targets.get(ours[m]), m in bare and m not in stacks)
                  for m, found in units.items()}
     except AdapterFileError as err:
         raise AdapterFileError(f"cannot load the PEFT adapter in {directory}:\n  - {err}") from None
     methods = {ours[m]: method for m, method in methods.items()}
     spec = with_train(gm, _spec(gm, config, methods), config)
-    placement = place(gm, adapter, spec, {m: entry.shape(t) for m, t in units.items()})
+    placement = place(gm, adapter, spec, {m: entry.shape(one_expert(t) if m in stacks else t) for m, t in units.items()})
     values = {}
     if placement.module is not None:
         values, saved_problems = saved_values(gm, placement, saved)
@@ -374,9 +387,11 @@ def _peft_files(gm: fx.GraphModule, adapter: str | None, base_model_name_or_path
             f"{', '.join(e.kind for e in FORMATS.values())}"
         )
     targets = find_targets(gm, record.aliases)
-    bare = {t for t in methods if _is_bare_parameter(targets[t])}
+    stacks = [t for t in methods if isinstance(targets[t].kind, ExpertsKind)]  # peft_experts.py
+    bare = {t for t in methods if _is_bare_parameter(targets[t]) and t not in stacks}
     linears = [t for t in methods if isinstance(targets[t].kind, LinearKind) and t not in bare]
-    not_modules = [t for t in methods if f"{t}.weight" not in record.aliases and _peft_module(t, methods, record) == t]
+    not_modules = [t for t in methods if f"{t}.weight" not in record.aliases and _peft_module(t, methods, record) == t
+                   and t not in stacks]
     if not_modules:
         raise AdapterFileError(
             f"PEFT adapts modules by their .weight, and these targets are not modules with a weight in the "
@@ -388,9 +403,9 @@ def _peft_files(gm: fx.GraphModule, adapter: str | None, base_model_name_or_path
         "task_type": task_type,
         "inference_mode": True,
         # an adapted MHA is one PEFT module, whose out_proj PEFT adapts with it
-        "target_modules": sorted({m for t, method in methods.items() if t not in bare and method.kind == entry.kind
+        "target_modules": sorted({m for t, method in methods.items() if t not in bare and t not in stacks and method.kind == entry.kind
                                   and ".base_layer." not in (m := _peft_module(t, methods, record))}),
-        "target_parameters": sorted(f"{t}.weight" for t in bare) or None,
+        "target_parameters": sorted([f"{t}.weight" for t in bare] + stacks) or None,
         "bias": "none",
         "fan_in_fan_out": bool(linears) and all(targets[t].layout == "in_out" for t in linears),
         **entry.config(methods),
@@ -404,6 +419,8 @@ def _peft_files(gm: fx.GraphModule, adapter: str | None, base_model_name_or_path
         unit, module = group.units[unit_key(target)], _peft_module(target, methods, record)
         ours = {param: _to_peft(param, getattr(unit, param), targets[target]) for param in _suffixes(entry, unit, targets[target])}
         ours = _parameter_factors(ours, targets[target], target in bare)
+        if target in stacks:
+            module, ours = peft_path(target, targets, record, {"target_parameters": stacks}), peft_factors(unit)
         for param, suffix in _suffixes(entry, unit, targets[target]).items():
             tensors[f"{PREFIX}{module}.{suffix}"] = ours[param]
         for peft_name, shared in entry.shared.items():
