@@ -38,6 +38,7 @@ from torch import fx, nn
 from torch.export import Dim
 
 from ..errors import ExportError
+from ..graph.experts import grouped_sites
 from ..graph.gates import active_adapters
 from ..graph.record import require_graph
 from ..passes.layers import flat_view
@@ -234,6 +235,12 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
     if example_inputs is None and example_kwargs is None:
         raise ExportError("export_onnx needs example_inputs (and/or example_kwargs): a call the model accepts")
     model = flat_view(model) if isinstance(model, fx.GraphModule) else model  # layer blocks inlined
+    if isinstance(model, fx.GraphModule) and grouped_sites(model):
+        raise ExportError(
+            f"this graph runs its experts through grouped matmuls ({grouped_sites(model)[0]}, ...), which ONNX has no "
+            "op for: it was captured inside lfx.experts_implementation('grouped_mm'). Capture the model again outside "
+            "that block (batched_mm, the default) and load the adapter into it (lfx.save_adapters / lfx.load_adapters)"
+        )
     mode = _pick_mode(model, mode)
     sig = signature(model, example_inputs if example_inputs is not None else (), example_kwargs)
     outputs = _output_names(model, sig)

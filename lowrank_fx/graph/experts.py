@@ -127,3 +127,8 @@ def stack_operand(node: fx.Node):
     if str(node.target) in GROUPED_OPS:
         return node.args[1]
     return None
+
+
+def grouped_sites(gm: fx.GraphModule) -> list[str]:
+    """Names of the grouped-matmul nodes of `gm` (ONNX has no such op)."""
+    return [n.name for n in gm.graph.nodes if n.op == "call_function" and str(n.target) in GROUPED_OPS]

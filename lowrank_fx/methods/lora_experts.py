@@ -73,10 +73,11 @@ class ExpertsLoRAUnit(Unit):
             delta = F.linear(F.linear(pairs, self.lora_A), self.lora_B)
         else:
             experts, rank, width = self.lora_A.shape
-            h = F.linear(pairs, self.lora_A.reshape(experts * rank, width)).view(-1, experts, rank)
-            chosen = self._expert_of_rows(route, pairs.shape[0])
+            rows = pairs.shape[0]  # not -1: an ONNX adapter input may have rank 0 (no update)
+            h = F.linear(pairs, self.lora_A.reshape(experts * rank, width)).view(rows, experts, rank)
+            chosen = self._expert_of_rows(route, rows)
             mask = (chosen.unsqueeze(-1) == torch.arange(experts, device=chosen.device)).to(h.dtype)
-            h = (h * mask.unsqueeze(-1)).reshape(-1, experts * rank)
+            h = (h * mask.unsqueeze(-1)).reshape(rows, experts * rank)
             delta = F.linear(h, self.lora_B.permute(1, 0, 2).reshape(self.lora_B.shape[1], experts * rank))
         return self._site_shape(delta * self.scale).to(x.dtype)
 
