@@ -10,11 +10,18 @@ Flattened for ONNX (export/signature.py), the inputs are `input_ids`, `attention
 The forward builds a `DynamicCache` from the tensors and calls the model with
 `use_cache=True`; the attention mask covers past and new tokens (`past + seq` columns).
 
-`check_decoder` refuses models whose cache is not one full-attention K/V pair per layer or
-whose positions depend on the total length: sliding-window or chunked attention (the cache
-keeps only the window), recurrent or hybrid layers (Mamba, linear attention: their state is
-no K/V), and length-dependent RoPE (Phi-3's LongRoPE, dynamic NTK: the rotation of every
-cached key would change once the sequence grows past a threshold).
+Sliding-window, chunked and hybrid local/global attention (Mistral, Qwen2 with
+use_sliding_window, Gemma-2/3, Llama-4's chunks) decode through the same flat cache: every
+layer keeps EVERY past token (a transformers DynamicCache built from plain pairs holds full
+layers, never the cropping sliding layers), and the model's own mask functions, which see
+absolute cache indices, hide what lies outside a layer's window or chunk. Tokens therefore
+equal transformers' generate past the window, at the cost of a cache as long as the text.
+
+`check_decoder` refuses models whose cache is not one K/V pair per attention layer or whose
+positions depend on the total length: recurrent or hybrid layers (Mamba, linear attention:
+their state is no K/V) and length-dependent RoPE (Phi-3's LongRoPE, dynamic NTK: the
+rotation of every cached key would change once the sequence grows past a threshold).
+`check_onnx_decoder` also refuses, for ONNX, RoPE computed in complex numbers (Llama-4).
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ from torch import nn
 from ..errors import ModelTypeError
 
 FULL = "full_attention"
+# Layer types whose cache is one key/value pair per token; the window or chunk lives in the mask.
+ATTENTION = (FULL, "sliding_attention", "chunked_attention")
 # RoPE variants whose frequencies depend on the current sequence length.
 LENGTH_DEPENDENT_ROPE = {"longrope": "LongRoPE", "dynamic": "dynamic NTK scaling"}
 
@@ -53,7 +62,7 @@ def _config(model: nn.Module):
     return get_text(decoder=True) if get_text is not None else config
 
 
-def _layer_types(config) -> list[str]:
+def layer_types(config) -> list[str]:
     try:
         from transformers.cache_utils import get_layer_types_and_kwargs
     except ImportError:
@@ -113,19 +122,8 @@ def check_decoder(model: nn.Module) -> None:
             f"{name} keeps a recurrent state (a stateful cache), not one key/value pair per layer; "
             "KV-cache generation supports full-attention decoders only"
         )
-    types = _layer_types(config)
-    windowed = [t for t in types if "sliding" in t or "chunked" in t]
-    if windowed:
-        window = getattr(config, "sliding_window", None) or getattr(config, "attention_chunk_size", None)
-        setting = f"config.sliding_window={window}" if getattr(config, "sliding_window", None) else (
-            f"config.attention_chunk_size={window}")
-        raise ModelTypeError(
-            f"{name} uses sliding-window attention ({setting}; layer types {sorted(set(types))}): its cache keeps "
-            "only the window, which the flat KV-cache decoder does not model. Set the window off "
-            "(config.sliding_window=None, or use_sliding_window=False for Qwen2) if your sequences never exceed "
-            "it, or use a full-attention model."
-        )
-    other = sorted(set(t for t in types if t != FULL))
+    types = layer_types(config)
+    other = sorted(set(t for t in types if t not in ATTENTION))
     if other:
         raise ModelTypeError(
             f"{name} has recurrent or hybrid cache layers (config.layer_types includes {other}); KV-cache "
@@ -139,6 +137,22 @@ def check_decoder(model: nn.Module) -> None:
                 "original_max_position_embeddings, so cached keys would go stale. Use a model with "
                 "rope_type 'default' (or linear / llama3 / yarn scaling), e.g. Phi-3 4k rather than 128k."
             )
+
+
+# model types whose RoPE multiplies complex tensors, which ONNX has no type for
+COMPLEX_ROPE = {"llama4", "llama4_text"}
+
+
+def check_onnx_decoder(model: nn.Module) -> None:
+    """check_decoder, and raise ModelTypeError for a decoder ONNX cannot express (complex RoPE)."""
+    check_decoder(model)
+    kind = getattr(_config(model), "model_type", "")
+    if kind in COMPLEX_ROPE:
+        raise ModelTypeError(
+            f"{type(model).__name__} (model_type {kind!r}) rotates queries and keys with complex-valued RoPE, "
+            "which ONNX cannot express: export_generation does not support it. Generate with lfx.generate "
+            "(eager or compile=...) instead"
+        )
 
 
 def _forward_parameters(model: nn.Module) -> set[str]:

@@ -43,7 +43,7 @@ from ..graph.record import Record
 from ..graph.targets import find_targets
 from ..progress import stage
 from .decode_graph import EXAMPLES, LAYOUT, decode_graph, share_adapters
-from .decoder import check_decoder
+from .decoder import check_onnx_decoder
 from .genai_config import CONFIG, MODEL, PER_ROW, check_token_ids, genai_config, token_ids
 from .session import GenerationSession
 
@@ -195,7 +195,7 @@ def export_generation(model: nn.Module, adapters, directory: str | os.PathLike, 
     optimize: clean up the exported graphs (export/optimize.py: weight transposes and small
     constants folded, common subexpressions merged; cost linear in the graph's size).
     """
-    check_decoder(model)
+    check_onnx_decoder(model)
     text_config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
     check_token_ids(token_ids(text_config, getattr(model, "generation_config", None)), int(text_config.vocab_size))
     directory = Path(directory)

@@ -9,7 +9,9 @@ Built from the Hugging Face config, its generation config and the cache layout:
                            "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
                            "inputs": {"input_ids", "attention_mask", "position_ids",
                                       "past_key_names": "past_key_values.%d.key", "past_value_names": ...},
-                           "outputs": {"logits", "present_key_names": "present.%d.key", ...}}},
+                           "outputs": {"logits", "present_key_names": "present.%d.key", ...},
+                           "sliding_window": {"window_size": W, "slide_key_value_cache": false,
+                                              "slide_inputs": false}}},   (sliding-window models only)
      "search": {"do_sample", "temperature", "top_k", "top_p", "max_length", "num_beams": 1,
                 "past_present_share_buffer": false, ...}}
 
@@ -18,6 +20,11 @@ value input per layer, [batch, kv_heads, past, head_dim]); GPT-2 is "decoder", b
 genai's "gpt2" type expects another cache layout, and so is any model genai has no type
 for. `past_present_share_buffer` is false: genai then feeds the previous step's present
 tensors as past (a growing cache, as the export computes), which is what CPU needs.
+Sliding-window models (Mistral, Qwen2 with use_sliding_window, Gemma-2/3) carry
+`decoder.sliding_window`: the window in tokens, with the cache NOT slid and the inputs NOT
+cut into windows, because the export keeps every past token and applies the window in its
+attention mask (generation/decoder.py). No per-layer `layers` list: genai would then size
+those layers' caches to the window, which the export's full-length cache does not match.
 EOS and pad ids must lie inside the vocabulary: genai compares generated tokens with them,
 so an id it can never produce would silently never stop generation.
 """
@@ -25,7 +32,7 @@ so an id it can never produce would silently never stop generation.
 from __future__ import annotations
 
 from ..errors import ExportError
-from .decoder import CacheLayout
+from .decoder import CacheLayout, layer_types
 
 # The files of a generation directory.
 MODEL = "model.onnx"
@@ -34,7 +41,7 @@ PER_ROW = "per_row"  # subdirectory: the per-row export, with its own genai_conf
 
 # Hugging Face model_type -> genai model type, for the types whose decoders read this layout.
 GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
-               "gemma": "gemma", "granite": "granite", "olmo": "olmo", "smollm3": "smollm3", "nemotron": "nemotron"}
+               "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3_text", "granite": "granite", "olmo": "olmo", "smollm3": "smollm3", "nemotron": "nemotron"}
 
 
 def _first(*values):
@@ -75,6 +82,13 @@ def check_token_ids(ids: dict, vocab: int) -> None:
         )
 
 
+def sliding_window(config) -> dict | None:
+    """genai's `decoder.sliding_window` entry for a config with sliding-window layers, else None."""
+    if "sliding_attention" not in layer_types(config):
+        return None
+    return {"window_size": int(config.sliding_window), "slide_key_value_cache": False, "slide_inputs": False}
+
+
 def genai_config(model, layout: CacheLayout, filename: str = MODEL) -> dict:
     """The genai_config.json content for `model` exported as `filename` (raises ExportError on bad ids)."""
     config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
@@ -103,6 +117,30 @@ def genai_config(model, layout: CacheLayout, filename: str = MODEL) -> dict:
         "early_stopping": True,
         "past_present_share_buffer": False,
     }
+    decoder = {
+        "filename": filename,
+        "head_size": layout.head_dim,
+        "hidden_size": hidden,
+        "num_attention_heads": heads,
+        "num_hidden_layers": layout.layers,
+        "num_key_value_heads": layout.kv_heads,
+        "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+        "inputs": {
+            "input_ids": "input_ids",
+            "attention_mask": "attention_mask",
+            "position_ids": "position_ids",
+            "past_key_names": "past_key_values.%d.key",
+            "past_value_names": "past_key_values.%d.value",
+        },
+        "outputs": {
+            "logits": "logits",
+            "present_key_names": "present.%d.key",
+            "present_value_names": "present.%d.value",
+        },
+    }
+    window = sliding_window(config)
+    if window is not None:
+        decoder["sliding_window"] = window
     return {
         "model": {
             "type": kind,
@@ -111,27 +149,7 @@ def genai_config(model, layout: CacheLayout, filename: str = MODEL) -> dict:
             "bos_token_id": ids["bos_token_id"] if ids["bos_token_id"] is not None else eos[0],
             "eos_token_id": eos if len(eos) > 1 else eos[0],
             "pad_token_id": ids["pad_token_id"],
-            "decoder": {
-                "filename": filename,
-                "head_size": layout.head_dim,
-                "hidden_size": hidden,
-                "num_attention_heads": heads,
-                "num_hidden_layers": layout.layers,
-                "num_key_value_heads": layout.kv_heads,
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
-                "inputs": {
-                    "input_ids": "input_ids",
-                    "attention_mask": "attention_mask",
-                    "position_ids": "position_ids",
-                    "past_key_names": "past_key_values.%d.key",
-                    "past_value_names": "past_key_values.%d.value",
-                },
-                "outputs": {
-                    "logits": "logits",
-                    "present_key_names": "present.%d.key",
-                    "present_value_names": "present.%d.value",
-                },
-            },
+            "decoder": decoder,
         },
         "search": search,
     }

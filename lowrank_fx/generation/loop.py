@@ -33,10 +33,13 @@ Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, object], tuple[torch.
 @dataclasses.dataclass
 class Generated:
     """`sequences` (batch, length) int64: prompt + new tokens; `logits`: the raw next-token
-    logits of every step, (batch, vocab) each (transformers' `output_logits`)."""
+    logits of every step, (batch, vocab) each (transformers' `output_logits`; with beams
+    (batch * num_beams, vocab)); `scores`: with beams, each row's final beam score
+    (transformers' `sequences_scores`), else None."""
 
     sequences: torch.Tensor
     logits: tuple[torch.Tensor, ...]
+    scores: torch.Tensor | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +128,17 @@ def check_count(max_new_tokens) -> None:
         raise InputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
 
 
+def prefill(step: Step, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, object, torch.Tensor]:
+    """Run the prompt: (each row's next-token logits (batch, vocab), the cache, real tokens per row).
+
+    Positions count real tokens (pads at 0); a row's logits are read at its last real token."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0) * mask
+    last = ids.shape[1] - 1 - mask.flip(-1).argmax(-1)
+    logits, cache = step(ids, mask, positions, None)
+    next_logits = logits[torch.arange(ids.shape[0]), last] if logits.shape[1] > 1 else logits[:, -1]
+    return next_logits, cache, mask.sum(-1)  # real tokens so far: the next token's position
+
+
 def run(step: Step, input_ids, attention_mask=None, *, max_new_tokens: int, sampling: Sampling,
         eos_token_id: int | Sequence[int] | None, pad_token_id: int | None, seed: int | None,
         vocab: int | None = None) -> Generated:
@@ -135,12 +149,8 @@ def run(step: Step, input_ids, attention_mask=None, *, max_new_tokens: int, samp
     if pad_token_id is None and eos:
         pad_token_id = eos[0]
     generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
-    batch, length = ids.shape
-    positions = (mask.cumsum(-1) - 1).clamp(min=0) * mask
-    last = length - 1 - mask.flip(-1).argmax(-1)  # each row's last real token
-    logits, cache = step(ids, mask, positions, None)
-    next_logits = logits[torch.arange(batch), last] if logits.shape[1] > 1 else logits[:, -1]
-    seen = mask.sum(-1)  # real tokens so far: the next token's position
+    batch = ids.shape[0]
+    next_logits, cache, seen = prefill(step, ids, mask)
     stop = torch.tensor(eos, dtype=torch.long) if eos else None
     unfinished = torch.ones(batch, dtype=torch.bool)
     tokens, steps = [ids], []

@@ -9,7 +9,8 @@ file listed in the export's sidecar (export/session.py: each file is checked aga
 model and loaded once; switching adapters between calls is a different RunOptions, no
 reload). The KV cache stays in OrtValues between steps: each step's `present.<i>.*` outputs
 are the next step's `past_key_values.<i>.*` inputs as they are, never copied to numpy.
-Padding, sampling and EOS are `loop.py`'s, the same code as `lfx.generate`.
+Padding, sampling and EOS are `loop.py`'s, beam search `beam.py`'s: the same code as
+`lfx.generate` (a beam step reorders the cache rows through numpy).
 
 Per-row generation (`rows=`) runs the export's `per_row/` model (export_generation(...,
 per_row=True)), whose `adapter_ids` input picks each row's adapter; it is loaded on first use.
@@ -30,6 +31,7 @@ from ..export.ort_adapter import load_ort
 from ..export.per_row import IDS
 from ..export.session import AdapterSession
 from .genai_config import CONFIG, PER_ROW
+from .beam import check_beams, run_beams
 from .loop import Generated, Sampling, as_ids, eos_list, run
 
 _NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
@@ -119,20 +121,36 @@ class GenerationSession:
 
         return step
 
+    @staticmethod
+    def _reorder(cache, rows: torch.Tensor):
+        """The cache's OrtValues with their batch rows taken in `rows`' order (beam search)."""
+        ort = load_ort()
+        index = rows.numpy()
+        return [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value.numpy()[index]), "cpu") for value in cache]
+
     def generate(self, input_ids, attention_mask=None, adapter: str | None = None,
                  rows: Sequence[str | None] | None = None, *, max_new_tokens: int = 20, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
-                 seed: int | None = None, output_logits: bool = False):
+                 seed: int | None = None, num_beams: int = 1, length_penalty: float = 1.0, early_stopping=False,
+                 output_logits: bool = False):
         """Generate; returns (batch, prompt + new) int64 like transformers' generate.
 
         adapter: one adapter for the batch (None: the base model). rows: one adapter name
         (or None) per row, with a per-row export. eos_token_id / pad_token_id: None takes
         genai_config.json's; eos_token_id=[] never stops early. Padding (left or right by
-        attention_mask), sampling and EOS as `lfx.generate` (loop.py).
+        attention_mask), sampling and EOS as `lfx.generate` (loop.py); num_beams > 1 with
+        length_penalty and early_stopping: beam search as `lfx.generate` (beam.py).
         output_logits=True returns a `Generated` (sequences, per-step logits) instead.
         """
         batch = as_ids(input_ids, "input_ids").shape[0]
+        check_beams(num_beams, length_penalty, early_stopping)
+        if num_beams > 1 and (do_sample or rows is not None):
+            raise InputError(
+                f"num_beams={num_beams} runs a deterministic beam search over one adapter for the batch: "
+                + ("pass do_sample=False" if do_sample else "rows= (one adapter per row) cannot be combined with it; "
+                   "generate each adapter's rows in their own call with adapter=")
+            )
         if rows is not None:
             if adapter is not None:
                 raise InputError("pass adapter= (one for the batch) or rows= (one per row), not both")
@@ -145,9 +163,14 @@ class GenerationSession:
             step = self._stepper(self._main, self._main.run_options(adapter), None)
         eos = self.eos_token_id if eos_token_id is None else eos_list(eos_token_id)
         pad = self.pad_token_id if pad_token_id is None else pad_token_id
-        result = run(step, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-                     sampling=Sampling(do_sample, temperature, top_k, top_p), eos_token_id=eos, pad_token_id=pad,
-                     seed=seed, vocab=self.vocab_size)
+        if num_beams > 1:
+            result = run_beams(step, self._reorder, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                               num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
+                               eos_token_id=eos, pad_token_id=pad, vocab=self.vocab_size)
+        else:
+            result = run(step, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                         sampling=Sampling(do_sample, temperature, top_k, top_p), eos_token_id=eos, pad_token_id=pad,
+                         seed=seed, vocab=self.vocab_size)
         return result if output_logits else result.sequences
 
 

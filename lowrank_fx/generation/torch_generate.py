@@ -29,6 +29,7 @@ from ..export.exporter import eval_mode
 from ..graph.gates import GATES, active_adapters, set_active_adapters
 from ..graph.record import Record
 from .decode_graph import LAYOUT, decode_graph, share_adapters, use_base_of
+from .beam import check_beams, reorder_tensors, run_beams
 from .loop import Generated, Sampling, check_count, eos_list, run
 
 
@@ -114,19 +115,24 @@ def default_ids(model: nn.Module, eos_token_id, pad_token_id) -> tuple[list[int]
 def generate(gm: fx.GraphModule, input_ids, attention_mask=None, adapter: str | Sequence[str] | None = None, *,
              max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
-             seed: int | None = None, compile=False, model: nn.Module | None = None,
-             output_logits: bool = False):
+             seed: int | None = None, num_beams: int = 1, length_penalty: float = 1.0, early_stopping=False,
+             compile=False, model: nn.Module | None = None, output_logits: bool = False):
     """Generate tokens with `gm`'s adapters unmerged; returns (batch, prompt + new) int64, as transformers.
 
     adapter: which adapters to apply, as `lfx.set_active_adapters` takes them (a name, a list,
     [] for the base model); None keeps gm's active set. The previous set is restored after.
     eos_token_id / pad_token_id: None takes the model's generation config (pad: else the first
     EOS id); eos_token_id=[] never stops early. Left or right padding by attention_mask
-    (loop.py). compile: False, True, a torch.compile backend name, or a dict of its options.
+    (loop.py). num_beams > 1: beam search as transformers' (beam.py), with length_penalty
+    and early_stopping (True, False or "never"); greedy only (do_sample=False). compile: False, True, a torch.compile backend name, or a dict of its options.
     model: the Hugging Face model gm was rewritten from (default: the one rewrite captured).
     output_logits=True returns a `Generated` (sequences, per-step logits) instead.
     """
     check_count(max_new_tokens)
+    check_beams(num_beams, length_penalty, early_stopping)
+    if num_beams > 1 and do_sample:
+        raise SpecError("beam search here is deterministic: pass do_sample=False with num_beams > 1 "
+                        "(or num_beams=1 to sample)")
     decode = decoder_for(gm, model)
     model = _model(gm, model)
     eos, pad = default_ids(model, eos_token_id, pad_token_id)
@@ -152,9 +158,15 @@ def generate(gm: fx.GraphModule, input_ids, attention_mask=None, adapter: str | 
         set_active_adapters(gm, adapter)
     try:
         with eval_mode(decode), torch.no_grad():
-            result = run(step, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-                         sampling=Sampling(do_sample, temperature, top_k, top_p), eos_token_id=eos,
-                         pad_token_id=pad, seed=seed, vocab=getattr(_text_config(model), "vocab_size", None))
+            vocab = getattr(_text_config(model), "vocab_size", None)
+            if num_beams > 1:
+                result = run_beams(step, reorder_tensors, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                                   num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
+                                   eos_token_id=eos, pad_token_id=pad, vocab=vocab)
+            else:
+                result = run(step, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                             sampling=Sampling(do_sample, temperature, top_k, top_p), eos_token_id=eos,
+                             pad_token_id=pad, seed=seed, vocab=vocab)
     finally:
         if previous is not None:
             set_active_adapters(gm, previous)
