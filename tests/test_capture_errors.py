@@ -52,13 +52,19 @@ class KeywordsOnly(nn.Module):
         return self.q_proj(inputs["x"])
 
 
-def test_forward_taking_only_kwargs_names_the_way_out():
-    model, x = KeywordsOnly(), torch.randn(3, 4)
-    with pytest.raises(lfx.CaptureError, match=r"takes x through \*\*inputs.*dynamic=False.*names each argument") as info:
-        lfx.rewrite(model, SPEC, example_kwargs={"x": x})
-    assert info.value.__cause__ is not None
-    gm = lfx.rewrite(model, lfx.Spec(targets=["q_proj"]), example_kwargs={"x": x}, dynamic=False)
-    torch.testing.assert_close(gm(x=x), model(x=x), rtol=1e-5, atol=1e-6)  # the way out works
+def test_forward_taking_only_kwargs_is_captured_with_dynamic_sizes():
+    """x reaches forward through **inputs: captured with every size dynamic (a temporary forward
+    names x while exporting), and the graph takes x by name at other batch sizes."""
+    model = KeywordsOnly()
+    spec = lfx.Spec(targets=["q_proj"], method=lfx.LoRA(rank=2, init="nonzero"))
+    gm = lfx.rewrite(model, spec, example_kwargs={"x": torch.randn(3, 4)})
+    assert list(inspect.signature(gm.forward).parameters) == ["x"]
+    assert "forward" not in vars(model)  # the model's own forward again
+    factors = {name.rsplit(".", 1)[1]: p for name, p in gm.named_parameters() if "lora_" in name}
+    A, B = factors["lora_A"], factors["lora_B"]  # (2, 4), (4, 2); scale alpha / r = 16 / 2
+    for batch in (2, 5):
+        x = torch.randn(batch, 4)
+        torch.testing.assert_close(gm(x=x), model(x=x) + 8.0 * x @ A.T @ B.T, rtol=1e-5, atol=1e-6)
 
 
 class ValueBranch(nn.Module):

@@ -78,6 +78,7 @@ from .batch_one import takes, widened
 from .capture_hints import hint
 from .experts_impl import traced_experts
 from .capture_cache import CaptureCache, cache_directory, cache_key, cacheable
+from .keyword_forward import keyword_forward
 
 logger = logging.getLogger(__name__)
 SOURCE = "lowrank_fx_source"  # gm.meta[SOURCE]: the model the graph was captured from, held weakly
@@ -292,7 +293,13 @@ def _traced(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, dynamic_
 
     Each list in `lists` holds only its traced prefix meanwhile (graph/block_lists.py); when the
     prefix fails, every block is traced. With every size dynamic, examples of batch 1 are first
-    traced as a batch of 2, kept if that graph takes them too (batch_one.py)."""
+    traced as a batch of 2, kept if that graph takes them too (batch_one.py). Keywords the forward
+    takes through **kwargs are named by a temporary forward meanwhile (keyword_forward.py)."""
+    with keyword_forward(model, kwargs):
+        return _traced_as_named(model, args, kwargs, dynamic, dynamic_shapes, lists)
+
+
+def _traced_as_named(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, dynamic_shapes, lists):
     name = type(model).__name__
     auto = dynamic and dynamic_shapes is None
     wide = widened(args, kwargs) if auto else None
@@ -312,13 +319,13 @@ def _traced(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, dynamic_
         exported, swapped = _export_with(model, args, kwargs, shapes, lists)
     except Exception as err:
         if not lists:
-            raise _failed(model, args, kwargs, auto, err) from err
+            raise _failed(model, args, kwargs, err) from err
         # the model's forward may need every block (it indexes them by position)
         logger.info("tracing every block of %s: a prefix failed to export (%s)", name, _first_line(err))
         try:
             exported, swapped = _export_with(model, args, kwargs, shapes, [])
         except Exception as err:
-            raise _failed(model, args, kwargs, auto, err) from err
+            raise _failed(model, args, kwargs, err) from err
     if auto:
         _warn_size_one(args, kwargs)
     return exported, swapped, _plain(exported.module())
@@ -342,10 +349,10 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0] if text else ""
 
 
-def _failed(model: nn.Module, args: tuple, kwargs: dict, auto: bool, error: Exception) -> CaptureError:
+def _failed(model: nn.Module, args: tuple, kwargs: dict, error: Exception) -> CaptureError:
     return CaptureError(
         f"torch.export could not capture {type(model).__name__}: {type(error).__name__}: {_first_line(error)}\n"
-        f"Try: {hint(model, args, kwargs, auto, error)}."
+        f"Try: {hint(model, args, kwargs, error)}."
     )
 
 

@@ -4,8 +4,6 @@ Each hint says what torch.export could not do and what to pass or change, read f
 examples, the model's forward and config, and the error's text:
 
   - a 1-D `input_ids` (one sequence without its batch dimension): pass a 2-D (batch, seq) tensor;
-  - tensors given through the forward's `**kwargs`, whose sizes torch.export cannot keep
-    dynamic: dynamic=False, or a forward that names its arguments;
   - Python code branching on a tensor's values (`if x.sum() > 0:`), at the line the error names:
     tensor ops (torch.where, torch.cond) or a branch on shapes only;
   - a decoder without `use_cache=False`; a dimension that could not stay dynamic.
@@ -18,20 +16,16 @@ import re
 
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
 
 _RAISED_AT = re.compile(r'The following call raised this error:\s*\n\s*File "([^"]+)", line (\d+), in (\S+)\n\s*(.+)')
 
 
-def _bound(model: nn.Module, args: tuple, kwargs: dict) -> tuple[dict, str | None]:
-    """({argument name: example}, the name of forward's **kwargs or None), as far as known."""
+def _bound(model: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """{argument name: example}, as far as known."""
     try:
-        signature = inspect.signature(model.forward)
-        bound = signature.bind_partial(*args, **kwargs).arguments
+        return dict(inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments)
     except (TypeError, ValueError):
-        return dict(kwargs), None
-    varkw = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
-    return dict(bound), varkw
+        return dict(kwargs)
 
 
 def _flat_ids(model: nn.Module, named: dict) -> list[str]:
@@ -46,20 +40,6 @@ def _flat_ids(model: nn.Module, named: dict) -> list[str]:
     ]
 
 
-def _var_keyword(model: nn.Module, named: dict, varkw: str | None, auto: bool) -> list[str]:
-    """A hint for tensors passed through forward's **kwargs while sizes are left dynamic."""
-    extra = named.get(varkw, {}) if varkw else {}
-    names = [k for k, v in extra.items() if any(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(v))]
-    if not names or not auto:
-        return []
-    return [
-        f"{type(model).__name__}.forward takes {', '.join(names)} through **{varkw}, and torch.export cannot "
-        f"mark the sizes of such inputs dynamic: pass dynamic=False (the graph then takes the examples' sizes "
-        f"only), or capture a module whose forward names each argument (def forward(self, {names[0]}): "
-        f"return model({names[0]}={names[0]}))"
-    ]
-
-
 def _data_dependent(text: str) -> str:
     where = _RAISED_AT.search(text)
     at = f" (at {where.group(1)}:{where.group(2)} in {where.group(3)}: `{where.group(4).strip()}`)" if where else ""
@@ -70,12 +50,10 @@ def _data_dependent(text: str) -> str:
     )
 
 
-def hint(model: nn.Module, args: tuple, kwargs: dict, auto: bool, error: Exception) -> str:
-    """What to try after torch.export failed (see the module docstring); `auto`: every size
-    was left dynamic (no dynamic_shapes given, dynamic=True)."""
+def hint(model: nn.Module, args: tuple, kwargs: dict, error: Exception) -> str:
+    """What to try after torch.export failed (see the module docstring)."""
     text = str(error)
-    named, varkw = _bound(model, args, kwargs)
-    hints = [*_flat_ids(model, named), *_var_keyword(model, named, varkw, auto)]
+    hints = _flat_ids(model, _bound(model, args, kwargs))
     config = getattr(model, "config", None)
     if getattr(config, "use_cache", False) and "use_cache" not in kwargs:
         hints.append("decoder models need example_kwargs={'use_cache': False}")
