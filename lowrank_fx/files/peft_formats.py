@@ -22,6 +22,7 @@ from ..methods.base import Method
 from ..methods.lora import LoRA
 from ..methods.randlora import RandLoRA
 from ..methods.trainable_tokens import TrainableTokens
+from .peft_groups import factor_groups, mixes_groups
 
 
 def _any(value) -> bool:
@@ -118,8 +119,10 @@ def _lora_method(config: dict, module: str, tensors: dict[str, torch.Tensor]) ->
         if bool(config.get(setting, False)) != value:
             raise AdapterFileError(f"{module}: the config says {setting}={config.get(setting, False)!r} but the module "
                                    f"{'has' if value else 'lacks'} {present}; the directory is inconsistent")
+    groups = factor_groups(tensors["lora_A"], tensors["lora_B"])
     return LoRA(rank=int(rank), alpha=float(alpha), dropout=float(config.get("lora_dropout", 0.0)),
-                rslora=bool(config.get("use_rslora", False)), dora=dora, bias=bias)
+                rslora=bool(config.get("use_rslora", False)), dora=dora, bias=bias,
+                mixed_groups=mixes_groups(tensors["lora_A"], groups))  # PEFT's grouped-conv layout (peft_groups.py)
 
 
 def _plain(number: float):
