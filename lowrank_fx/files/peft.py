@@ -54,6 +54,8 @@ from ..passes.layers import flat_view
 from ..spec import ALL_LINEAR, Spec
 from .atomic import write_atomic
 from .into_graph import install, place
+from .peft_base import check_base, split_base
+from .peft_bias import bias_config_and_tensors, split_biases, with_biases
 from .peft_formats import FORMATS, PeftFormat, unsupported
 from .peft_groups import mixes_groups, to_full, to_grouped
 from .peft_saved import saved_config_and_tensors, saved_values, split_saved, with_train
@@ -269,6 +271,8 @@ def load_peft(model, directory: str | os.PathLike, adapter: str = "default", exa
             "nothing was loaded:\n" + "\n".join(f"  - {line}" for line in refused)
         )
     saved, tensors = split_saved(config, _read_tensors(directory), PREFIX)  # modules_to_save: trained copies
+    biases, tensors = split_biases(config, tensors, PREFIX, entry.tensors)  # bias="all" / "lora_only"
+    base, tensors = split_base(tensors, PREFIX, entry.tensors)  # embedding tables: must be the model's
     units, shared, problems = _split(entry, tensors)
     methods = {}
     for module, tensors in units.items():
@@ -280,6 +284,7 @@ def load_peft(model, directory: str | os.PathLike, adapter: str = "default", exa
         raise AdapterFileError(f"cannot load the PEFT adapter in {directory}:\n" + "\n".join(f"  - {p}" for p in problems))
     structured = capture(model, example_inputs, example_kwargs)
     gm = flat_view(structured)  # a graph with layer blocks is read flat; adapters are added to it
+    check_base(gm, base, f"the PEFT adapter in {directory}")
     targets = find_targets(gm, Record.find(gm).aliases)
     ours = {module: _target_for(module, targets) for module in units}
     bare = {name.removesuffix(".weight") for name in config.get("target_parameters") or []}
@@ -288,11 +293,11 @@ def load_peft(model, directory: str | os.PathLike, adapter: str = "default", exa
                  targets.get(ours[m]), m in bare)
              for m, found in units.items()}
     methods = {ours[m]: method for m, method in methods.items()}
-    spec = with_train(gm, _spec(gm, config, methods), config)
+    spec = with_biases(with_train(gm, _spec(gm, config, methods), config), biases)
     placement = place(gm, adapter, spec, {m: entry.shape(t) for m, t in units.items()})
     values = {}
     if placement.module is not None:
-        values, saved_problems = saved_values(gm, placement, saved)
+        values, saved_problems = saved_values(gm, placement, {**saved, **biases})
         placement.problems += saved_problems
         values.update({placement.unit_key(m, name): v for m, tensors in units.items() for name, v in tensors.items()})
         for peft_name, value in shared.items():
@@ -368,13 +373,15 @@ def _peft_files(gm: fx.GraphModule, adapter: str | None, base_model_name_or_path
         "target_modules": sorted({m for t, method in methods.items() if t not in bare and method.kind == entry.kind
                                   and ".base_layer." not in (m := _peft_module(t, methods, record))}),
         "target_parameters": sorted(f"{t}.weight" for t in bare) or None,
-        "bias": "none",
         "fan_in_fan_out": bool(linears) and all(targets[t].layout == "in_out" for t in linears),
         **entry.config(methods),
     }
     modules_to_save, tensors = saved_config_and_tensors(gm, name, PREFIX)  # Spec.train
     if modules_to_save:
         config["modules_to_save"] = modules_to_save
+    config["bias"], biases = bias_config_and_tensors(gm, name, {t: _peft_module(t, methods, record) for t in methods},
+                                                     PREFIX)  # Spec.train's single biases
+    tensors.update(biases)
     groups = getattr(gm, CONTAINER)[name]
     for target, method in methods.items():
         group = groups[record.adapters[name].groups[target]]
