@@ -186,7 +186,7 @@ def _edit_config(tmp_path, **changes):
 
 @pytest.mark.parametrize("setting, value", [
     ("use_dora", True),
-    ("bias", "all"),
+    ("bias", "vera_only"),
     ("init_lora_weights", "pissa"),
     ("lora_bias", True),
     ("layer_replication", [[0, 2], [1, 2]]),

@@ -7,8 +7,9 @@ Both directions run with identical weights, fp32, relative error 1e-5:
     `merged_state_dict` (loaded into a fresh model) give them too, as does PEFT's
     `merge_and_unload` (PEFT cannot merge grouped convs, so those rows skip only that);
   - PEFT -> ours: a PEFT adapter with random factors (`init_lora_weights=False`) loaded with
-    `load_peft` gives PEFT's outputs (not for grouped convs: PEFT's factor there mixes groups,
-    which `load_peft` refuses with an error, checked below).
+    `load_peft` gives PEFT's outputs. On grouped convs PEFT's factor mixes input channels across
+    groups: it loads as LoRA(mixed_groups=True), runs unmerged with PEFT's outputs, and `merge`
+    refuses it (as PEFT does); PEFT's grouped DoRA is refused (see below why it is not DoRA).
 Where PEFT does not compute the method, the oracle is `hand_merged`: the original model with
 each adapted weight written in by hand from PEFT's own tensors (W + s · B A; DoRA's
 m ⊙ V / ‖V‖), run through the model's own forward:
@@ -187,8 +188,8 @@ def test_peft_to_ours(row, model_name, settings, tmp_path):
     model, x = pm.build(model_name), pm.INPUTS[model_name]()
     peft_model = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(init_lora_weights=False, **settings)).eval()
     peft_model.save_pretrained(tmp_path / "peft")
-    if model_name in GROUPED:
-        with pytest.raises(lfx.AdapterFileError, match="mixes input channels across groups"):
+    if model_name in GROUPED and settings.get("use_dora"):
+        with pytest.raises(lfx.AdapterFileError, match="dora=True, mixed_groups=True"):
             lfx.load_peft(copy.deepcopy(model), tmp_path / "peft", example_inputs=(x,))
         return
     gm = lfx.load_peft(copy.deepcopy(model), tmp_path / "peft", example_inputs=(x,)).eval()
@@ -196,6 +197,10 @@ def test_peft_to_ours(row, model_name, settings, tmp_path):
         assert rel(as_peft_computes(gm, model_name)(x), peft_model(x)) < 1e-5
         if model_name == "MHA":
             assert rel(gm(x), hand_merged(model, peft_model)(x)) < 1e-5
+    if model_name in GROUPED:
+        assert gm.meta["lowrank_fx"].adapters["default"].spec.method.mixed_groups
+        with pytest.raises(lfx.MergeError, match="mixes channels of the others"):
+            lfx.merge(gm)
 
 
 VARIANTS = [

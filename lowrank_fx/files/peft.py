@@ -58,8 +58,11 @@ from ..passes.layers import flat_view
 from ..spec import ALL_LINEAR, Spec
 from .atomic import write_atomic
 from .into_graph import install, place
+from .peft_base import check_base, split_base
+from .peft_bias import bias_config_and_tensors, split_biases, with_biases
 from .peft_experts import experts_units, one_expert, peft_factors, peft_path
 from .peft_formats import FORMATS, PeftFormat, unsupported
+from .peft_groups import mixes_groups, to_full, to_grouped
 from .peft_saved import saved_config_and_tensors, saved_values, split_saved, with_train
 
 CONFIG = "adapter_config.json"
@@ -186,49 +189,28 @@ def _parameter_factors(tensors: dict[str, torch.Tensor], target: Target | None, 
     return {**tensors, "lora_A": tensors["lora_B"].t().contiguous(), "lora_B": tensors["lora_A"].t().contiguous()}
 
 
-def _grouped_blocks(kind: ConvKind, rank: int, channels: int):
-    """(rows, input channels) of each group's block in a full conv factor (r, in, k...)."""
-    g = kind.groups
-    return [(slice(j * rank // g, (j + 1) * rank // g), slice(j * channels // g, (j + 1) * channels // g))
-            for j in range(g)]
-
-
-def _to_ours(name: str, value: torch.Tensor, target: Target | None, module: str) -> torch.Tensor:
-    """A PEFT module tensor in our unit's layout: DoRA magnitudes flat (out,); for a grouped conv,
-    PEFT's lora_A over all input channels becomes our grouped kernel (r, in/g, k...), which
-    only holds when PEFT's factor is zero outside the groups."""
+def _to_ours(name: str, value: torch.Tensor, target: Target | None) -> torch.Tensor:
+    """A PEFT module tensor in our unit's layout: DoRA magnitudes flat (out,); on a grouped conv,
+    a block-diagonal lora_A becomes our grouped kernel (r, in/g, k...), one that mixes groups
+    stays as is (LoRA(mixed_groups=True), peft_groups.py)."""
     if target is None:
         return value
     if name == "lora_magnitude":
         return value.reshape(-1)
     kind = target.kind
-    if name == "lora_A" and isinstance(kind, ConvKind) and kind.groups > 1 and value.dim() == kind.dims + 2:
-        rank, channels = value.shape[:2]
-        blocks = _grouped_blocks(kind, rank, channels)
-        inside = torch.zeros_like(value, dtype=torch.bool)
-        for rows, cols in blocks:
-            inside[rows, cols] = True
-        if value[~inside].abs().max() > 0:
-            raise AdapterFileError(
-                f"{module}: PEFT's LoRA on this grouped conv (groups={kind.groups}) mixes input channels across "
-                "groups, an update that no grouped kernel holds, so it could neither fold nor match lowrank_fx's "
-                "grouped LoRA (whose A is grouped like the base conv); train it with lowrank_fx instead"
-            )
-        return torch.cat([value[rows, cols] for rows, cols in blocks])
+    if (name == "lora_A" and isinstance(kind, ConvKind) and kind.groups > 1 and value.dim() == kind.dims + 2
+            and not mixes_groups(value, kind.groups)):
+        return to_grouped(value, kind.groups)
     return value
 
 
-def _to_peft(name: str, value: torch.Tensor, target: Target) -> torch.Tensor:
+def _to_peft(name: str, value: torch.Tensor, target: Target, unit) -> torch.Tensor:
     """Our unit tensor in PEFT's layout (the inverse of `_to_ours`)."""
     kind = target.kind
     if name == "lora_magnitude" and isinstance(kind, ConvKind):
         return value.reshape(1, -1, *(1,) * kind.dims)
-    if name == "lora_A" and isinstance(kind, ConvKind) and kind.groups > 1:
-        rank, per_group = value.shape[:2]
-        full = value.new_zeros(rank, per_group * kind.groups, *value.shape[2:])
-        for j, (rows, cols) in enumerate(_grouped_blocks(kind, rank, per_group * kind.groups)):
-            full[rows, cols] = value[rows]
-        return full
+    if name == "lora_A" and isinstance(kind, ConvKind) and kind.groups > 1 and not getattr(unit, "mixed_groups", False):
+        return to_full(value, kind.groups)
     return value
 
 
@@ -294,6 +276,8 @@ def load_peft(model, directory: str | os.PathLike, adapter: str = "default", exa
             "nothing was loaded:\n" + "\n".join(f"  - {line}" for line in refused)
         )
     saved, tensors = split_saved(config, _read_tensors(directory), PREFIX)  # modules_to_save: trained copies
+    biases, tensors = split_biases(config, tensors, PREFIX, entry.tensors)  # bias="all" / "lora_only"
+    base, tensors = split_base(tensors, PREFIX, entry.tensors)  # embedding tables: must be the model's
     units, shared, problems = _split(entry, tensors)
     structured, stacks = None, set()
     if config.get("target_parameters") and not problems:  # expert stacks: their shapes need the graph
@@ -313,22 +297,23 @@ def load_peft(model, directory: str | os.PathLike, adapter: str = "default", exa
         raise AdapterFileError(f"cannot load the PEFT adapter in {directory}:\n" + "\n".join(f"  - {p}" for p in problems))
     structured = structured if structured is not None else capture(model, example_inputs, example_kwargs)
     gm = flat_view(structured)  # a graph with layer blocks is read flat; adapters are added to it
+    check_base(gm, base, f"the PEFT adapter in {directory}")
     targets = find_targets(gm, Record.find(gm).aliases)
     ours = {module: _target_for(module, targets) for module in units}
     bare = {name.removesuffix(".weight") for name in config.get("target_parameters") or []}
     try:
         units = {ours[m]: _parameter_factors(
-                     {name: _to_ours(name, value, targets.get(ours[m]), m) for name, value in found.items()},
+                     {name: _to_ours(name, value, targets.get(ours[m])) for name, value in found.items()},
                      targets.get(ours[m]), m in bare and m not in stacks)
                  for m, found in units.items()}
     except AdapterFileError as err:
         raise AdapterFileError(f"cannot load the PEFT adapter in {directory}:\n  - {err}") from None
     methods = {ours[m]: method for m, method in methods.items()}
-    spec = with_train(gm, _spec(gm, config, methods), config)
+    spec = with_biases(with_train(gm, _spec(gm, config, methods), config), biases)
     placement = place(gm, adapter, spec, {m: entry.shape(one_expert(t) if m in stacks else t) for m, t in units.items()})
     values = {}
     if placement.module is not None:
-        values, saved_problems = saved_values(gm, placement, saved)
+        values, saved_problems = saved_values(gm, placement, {**saved, **biases})
         placement.problems += saved_problems
         values.update({placement.unit_key(m, name): v for m, tensors in units.items() for name, v in tensors.items()})
         for peft_name, value in shared.items():
@@ -406,18 +391,20 @@ def _peft_files(gm: fx.GraphModule, adapter: str | None, base_model_name_or_path
         "target_modules": sorted({m for t, method in methods.items() if t not in bare and t not in stacks and method.kind == entry.kind
                                   and ".base_layer." not in (m := _peft_module(t, methods, record))}),
         "target_parameters": sorted([f"{t}.weight" for t in bare] + stacks) or None,
-        "bias": "none",
         "fan_in_fan_out": bool(linears) and all(targets[t].layout == "in_out" for t in linears),
         **entry.config(methods),
     }
     modules_to_save, tensors = saved_config_and_tensors(gm, name, PREFIX)  # Spec.train
     if modules_to_save:
         config["modules_to_save"] = modules_to_save
+    config["bias"], biases = bias_config_and_tensors(gm, name, {t: _peft_module(t, methods, record) for t in methods},
+                                                     PREFIX)  # Spec.train's single biases
+    tensors.update(biases)
     groups = getattr(gm, CONTAINER)[name]
     for target, method in methods.items():
         group = groups[record.adapters[name].groups[target]]
         unit, module = group.units[unit_key(target)], _peft_module(target, methods, record)
-        ours = {param: _to_peft(param, getattr(unit, param), targets[target]) for param in _suffixes(entry, unit, targets[target])}
+        ours = {param: _to_peft(param, getattr(unit, param), targets[target], unit) for param in _suffixes(entry, unit, targets[target])}
         ours = _parameter_factors(ours, targets[target], target in bare)
         if target in stacks:
             module, ours = peft_path(target, targets, record, {"target_parameters": stacks}), peft_factors(unit)

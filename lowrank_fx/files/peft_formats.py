@@ -22,6 +22,7 @@ from ..methods.base import Method
 from ..methods.lora import LoRA
 from ..methods.randlora import RandLoRA
 from ..methods.trainable_tokens import TrainableTokens
+from .peft_groups import factor_groups, mixes_groups
 
 
 def _any(value) -> bool:
@@ -60,12 +61,12 @@ COMMON = {
     "target_modules": _any, "exclude_modules": _any, "target_parameters": _any, "layers_to_transform": _any, "layers_pattern": _any,
     "fan_in_fan_out": _any,  # the graph knows each weight's layout (Conv1D or Linear)
     "modules_to_save": _any,  # trained modules, Spec.train (peft_saved.py)
-    "bias": lambda value: value == "none",
+    "bias": lambda value: value in ("none", "all", "lora_only"),  # trained biases (peft_bias.py)
 }
 
 # Why a setting is refused, for the error message (default: "not supported").
 HINTS = {
-    "bias": "lowrank_fx adapters do not train biases; only bias='none' loads",
+    "bias": "lowrank_fx trains biases as PEFT's 'all' and 'lora_only' do; other values do not load",
     "init_lora_weights": "this initialisation modifies the base weights (PiSSA, OLoRA, CorDA, LoftQ, "
                          "LoRA-GA) or is a LoRA variant (MiCA); convert the adapter to plain LoRA with "
                          "PEFT (save_pretrained(..., path_initial_model_for_weight_conversion=...)) first",
@@ -118,8 +119,10 @@ def _lora_method(config: dict, module: str, tensors: dict[str, torch.Tensor]) ->
         if bool(config.get(setting, False)) != value:
             raise AdapterFileError(f"{module}: the config says {setting}={config.get(setting, False)!r} but the module "
                                    f"{'has' if value else 'lacks'} {present}; the directory is inconsistent")
+    groups = factor_groups(tensors["lora_A"], tensors["lora_B"])
     return LoRA(rank=int(rank), alpha=float(alpha), dropout=float(config.get("lora_dropout", 0.0)),
-                rslora=bool(config.get("use_rslora", False)), dora=dora, bias=bias)
+                rslora=bool(config.get("use_rslora", False)), dora=dora, bias=bias,
+                mixed_groups=mixes_groups(tensors["lora_A"], groups))  # PEFT's grouped-conv layout (peft_groups.py)
 
 
 def _plain(number: float):

@@ -97,6 +97,7 @@ def saved_config_and_tensors(gm: fx.GraphModule, adapter: str, prefix: str) -> t
     modules = resolve_trained(gm, record.adapters[adapter].spec).modules
     tensors = {}
     for name, copy in group.copies().items():
-        for alias in record.aliases.get(name, [name]):
-            tensors[f"{prefix}{alias}"] = copy
-    return modules, tensors
+        aliases = record.aliases.get(name, [name])
+        if any(alias.startswith(m + ".") for alias in aliases for m in modules):  # not a single parameter (peft_bias.py)
+            tensors.update({f"{prefix}{alias}": copy for alias in aliases})
+    return modules or None, tensors

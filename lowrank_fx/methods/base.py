@@ -72,6 +72,12 @@ class Unit(nn.Module):
         itself tells (the default)."""
         return None
 
+    def fold_refusal(self) -> str | None:
+        """Why this unit's update cannot fold into its weight (it has no ΔW of the weight's shape),
+        or None (the usual case). Folding refuses the whole graph with this reason
+        (passes/fold_updates.py)."""
+        return None
+
     def neutral_value(self, name: str, gm) -> torch.Tensor | None:
         """The value of parameter `name` that means "no update" when it is neither empty along
         the rank nor zeros (DoRA's magnitude: the base row norms); None for the usual ones."""

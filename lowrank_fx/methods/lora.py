@@ -1,5 +1,5 @@
-"""The LoRA method config: rank, alpha, rsLoRA, dropout, DoRA, LoRA bias; its units are in
-lora_unit.py (the math) and dora.py.
+"""The LoRA method config: rank, alpha, rsLoRA, dropout, DoRA, LoRA bias, PEFT's grouped-conv
+layout (mixed_groups); its units are in lora_unit.py (the math) and dora.py.
 """
 
 from __future__ import annotations
@@ -28,13 +28,20 @@ class LoRA(Method):
     dora: bool = False
     bias: bool = False
     shared_experts: bool = False  # expert stacks (lora_experts.py): one A, B for every expert
+    # grouped convs only: PEFT's factor layout, A over every input channel (lora_unit.py); runs unmerged, never folds
+    mixed_groups: bool = False
 
     kind = "lora"
 
     def __post_init__(self):
         check_common(self)
-        for option in ("rslora", "dora", "bias", "shared_experts"):
+        for option in ("rslora", "dora", "bias", "shared_experts", "mixed_groups"):
             flag("LoRA", option, getattr(self, option))
+        if self.dora and self.mixed_groups:
+            raise SpecError("LoRA(dora=True, mixed_groups=True): DoRA's norm is that of the adapted grouped kernel "
+                            "W + ΔW, and PEFT's grouped-conv factors (A over every input channel) give no such "
+                            "kernel (PEFT's own DoRA there takes the norm of another matrix); use mixed_groups=False, "
+                            "lowrank_fx's grouped LoRA, for DoRA on grouped convs")
 
     @property
     def scale(self) -> float:
@@ -51,7 +58,7 @@ class LoRA(Method):
                 continue
             unit_class = DoRAUnit if self.dora else LoRAUnit
             units[t.name] = unit_class(t, self.rank, self.scale, self.dropout, adapter_dtype(t.dtype), self.init,
-                                       bias=self.bias)
+                                       bias=self.bias, **({"mixed_groups": True} if self.mixed_groups else {}))
         return {"dora" if self.dora else "lora": AdapterGroup(units)}
 
     def _check(self, t) -> None:

@@ -8,6 +8,10 @@ On other ops the factors keep PEFT's shapes and the update stays factored:
   - conv with groups g: A is a conv with the base's kernel, stride, padding, dilation and
     groups, in → r (weight (r, in/g, k...)), B a 1x1 conv r → out with groups g (weight
     (out, r/g, 1...)); group j's ΔW is B_j A_j, so ΔW has the base kernel's own shape;
+  - conv with groups g and `mixed_groups` (PEFT's own layout): A is an ungrouped conv in → r
+    (weight (r, in, k...)), B the same grouped 1x1 conv. Output channel o of group j then reads
+    Σ_l B[o, l] A[j·r/g + l] over EVERY input channel, an update no grouped kernel holds: it
+    runs unmerged (as in PEFT), and folding it is refused (`fold_refusal`);
   - embedding W (num, dim): A (r, num), B (dim, r), Δy = s · A[:, ids]ᵀ Bᵀ, ΔW = s · (B A)ᵀ.
 A rank above min(out, in) is allowed (the update is still exact, just not low-rank).
 
@@ -24,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import MergeError
 from ..graph.op_kinds import ConvKind, EmbeddingKind
 from .base import Unit, dropout_module
 
@@ -32,12 +37,14 @@ class LoRAUnit(Unit):
     rank_axes = {"lora_A": 0, "lora_B": 1}
 
     def __init__(self, target, rank: int, scale: float, dropout: float, dtype: torch.dtype, init: str,
-                 bias: bool = False):
+                 bias: bool = False, mixed_groups: bool = False):
         super().__init__()
         self.op_kind = kind = target.kind
         groups = kind.groups if isinstance(kind, ConvKind) else 1
+        self.mixed_groups = mixed_groups and groups > 1  # A over every input channel (module docstring)
         if isinstance(kind, ConvKind):
-            a_shape = (rank, target.in_features // kind.kernel_size, *kind.kernel)
+            a_groups = 1 if self.mixed_groups else groups
+            a_shape = (rank, target.in_features // kind.kernel_size * groups // a_groups, *kind.kernel)
             b_shape = (target.out_features, rank // groups, *(1,) * kind.dims)
         else:
             a_shape, b_shape = (rank, target.in_features), (target.out_features, rank)
@@ -66,7 +73,8 @@ class LoRAUnit(Unit):
         """s · B(A(h)) (+ s · b_B) for an input already cast to the factors' dtype, without dropout."""
         kind = self.op_kind
         if isinstance(kind, ConvKind):
-            out = kind.conv(kind.conv(h, self.lora_A), self.lora_B, stride=1, padding=0, dilation=1)
+            first = kind.conv(h, self.lora_A, groups=1) if self.mixed_groups else kind.conv(h, self.lora_A)
+            out = kind.conv(first, self.lora_B, stride=1, padding=0, dilation=1)
             bias = None if self.lora_B_bias is None else self.lora_B_bias.view(-1, *(1,) * kind.dims)
         else:
             first = kind.lookup(h, self.lora_A.t()) if isinstance(kind, EmbeddingKind) else F.linear(h, self.lora_A)
@@ -79,8 +87,18 @@ class LoRAUnit(Unit):
             return self.factored(x).to(self.table_dtype)
         return self.factored(self.dropout(x.to(self.lora_A.dtype))).to(x.dtype)
 
+    def fold_refusal(self) -> str | None:
+        if not self.mixed_groups:
+            return None
+        return (f"its LoRA has PEFT's grouped-conv layout (mixed_groups=True): A reads every input channel, so "
+                f"the update of each of the {self.groups} groups mixes channels of the others, which no grouped "
+                "kernel holds (PEFT cannot merge it either). It runs unmerged: keep the adapted graph, or "
+                "export it with its adapters (lfx.export_onnx(..., mode=\"adapters\"))")
+
     def lora_matrix(self) -> torch.Tensor:
         """B A (out, in) in fp32 (float64 for float64 factors), unscaled; block by block for groups."""
+        if self.mixed_groups:
+            raise MergeError(f"no dense update: {self.fold_refusal()}")
         dtype = torch.promote_types(self.lora_A.dtype, torch.float32)
         g = self.groups
         A = self.lora_A.to(dtype).reshape(g, self.lora_A.shape[0] // g, -1)  # (g, r/g, in/g · k)

@@ -9,7 +9,9 @@ in fp32, or float64 where W or a factor is float64, summed in the order the adap
 added. A unit that reads the base (DoRA, trainable token rows) gets W's (out, in) matrix, a
 quantized W dequantized.
 
-`updates(gm)` says which adapter groups add to which target without building any tensor;
+`updates(gm)` says which adapter groups add to which target without building any tensor, and
+refuses a graph where an active unit has no ΔW of its weight's shape (`Unit.fold_refusal`: LoRA
+with PEFT's grouped-conv layout), before anything is changed;
 `target_update(gm, update)` builds one target's ΔW and Δb and refuses NaN or inf. Folding
 builds, uses and drops one target's ΔW before the next, so it never holds more than one ΔW
 (beside the weights it folds into).
@@ -67,6 +69,9 @@ def updates(gm: fx.GraphModule) -> tuple[dict[str, Target], dict[str, Update]]:
             continue
         groups = getattr(gm, CONTAINER)[adapter]
         for name, group in info.groups.items():
+            why = groups[group].unit(name).fold_refusal()
+            if why is not None:
+                raise MergeError(f"cannot fold adapter {adapter!r} into {name}: {why}. Nothing was changed.")
             found.setdefault(name, Update(targets[name], [])).parts.append((gate, groups[group]))
     return targets, found
 

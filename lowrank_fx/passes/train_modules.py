@@ -3,7 +3,9 @@ modules' parameters (PEFT's `modules_to_save`), switched by the adapter's gate.
 
 Which parameters: every parameter the graph reads whose name, or a name it is tied to in the
 original model, lies under a module matched by a `train` pattern (the patterns of
-`Spec.targets`: a glob against any dotted suffix of the module path, or "re:<regex>").
+`Spec.targets`: a glob against any dotted suffix of the module path, or "re:<regex>"), or is
+itself matched by one: `train=["*.bias"]` trains single parameters, every bias (PEFT's
+bias="all"), leaving their modules' other parameters as they are.
 Buffers (batch-norm statistics) stay the base model's. Refused with a SpecError: a pattern that
 matches no module (naming the nearest ones); a parameter tied to a name outside the trained
 modules (GPT-2's lm_head is its token embedding: one copy cannot serve only one of the uses);
@@ -55,6 +57,7 @@ class Trained:
 
     params: dict[str, nn.Parameter]  # graph name -> base parameter, in graph order
     modules: list[str]  # the matched modules (outermost), original names: PEFT's modules_to_save
+    single: list[str] = dataclasses.field(default_factory=list)  # parameters matched outside them ("lin0.bias")
 
 
 def _role(node: fx.Node) -> str | None:
@@ -113,16 +116,17 @@ def resolve_trained(gm: fx.GraphModule, spec: Spec) -> Trained:
         names = list(dict.fromkeys([*aliases.get(graph_name, [graph_name]), *(n.target for n in nodes)]))
         names_of[graph_name] = names
     modules = sorted({m for names in names_of.values() for name in names for m in _prefixes(name)})
+    parameters = sorted({name for names in names_of.values() for name in names})
     matched: set[str] = set()
     for pattern in spec.train:
         match = _compile(pattern)
-        hits = [m for m in modules if match(m)]
+        hits = [m for m in modules + parameters if match(m)]
         if not hits:
             raise SpecError(_no_module_message(pattern, modules))
         matched.update(hits)
     chosen: dict[str, nn.Parameter] = {}
     for graph_name, names in names_of.items():
-        covered = [name for name in names if any(m in matched for m in _prefixes(name))]
+        covered = [name for name in names if any(m in matched for m in [*_prefixes(name), name])]
         if not covered:
             continue
         if len(covered) != len(names):
@@ -134,7 +138,8 @@ def resolve_trained(gm: fx.GraphModule, spec: Spec) -> Trained:
             )
         chosen[graph_name] = params[graph_name]
     outermost = sorted(m for m in matched if not any(p in matched for p in _prefixes(m)))
-    return Trained(chosen, outermost)
+    single = set(parameters)
+    return Trained(chosen, [m for m in outermost if m not in single], [m for m in outermost if m in single])
 
 
 def _adapted_elsewhere(gm: fx.GraphModule, trained: Trained, adapter: str) -> list[str]:
@@ -156,11 +161,19 @@ def _adapted_elsewhere(gm: fx.GraphModule, trained: Trained, adapter: str) -> li
 
 def drop_trained(gm: fx.GraphModule, spec: Spec, targets: dict, assignment: dict) -> dict:
     """`assignment` without the targets whose weight a trained module owns (as PEFT does).
-    Raises SpecError when a train pattern matches nothing, or when nothing is left to adapt."""
+    Raises SpecError when a train pattern matches nothing, when nothing is left to adapt, or when
+    a trained bias is also the base of a LoRA bias update (LoRA(bias=True) on the same target)."""
     trained = resolve_trained(gm, spec)
     if not trained.params:
         return assignment
     ids = {id(p) for p in trained.params.values()}
+    clash = [name for name, method in assignment.items() if getattr(method, "bias", False) is True
+             and targets[name].bias is not None and id(gm.get_parameter(targets[name].bias)) in ids]
+    if clash:
+        raise SpecError(
+            f"Spec.train trains the bias of {', '.join(clash[:5])}, which LoRA(bias=True) also updates: one bias "
+            "cannot be both a trained copy and the base of a LoRA bias; train the bias, or use LoRA(bias=True)"
+        )
     kept = {name: method for name, method in assignment.items()
             if id(gm.get_parameter(targets[name].weight)) not in ids}
     if assignment and not kept:

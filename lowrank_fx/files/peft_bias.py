@@ -1,0 +1,96 @@
+"""PEFT's trained biases (LoraConfig bias="all" / "lora_only") <-> trained single parameters.
+
+With bias="all" PEFT trains every parameter named `*.bias` and stores each one; with
+"lora_only" it trains and stores the biases of the modules it adapts. A bias of an adapted
+module is stored under the module's base layer (`base_model.model.lin0.base_layer.bias`),
+any other under its own name (`base_model.model.norm.bias`); a LoRA bias (`lora_B.bias`,
+lora_bias=True) is the adapter's own tensor, not one of these.
+
+Here a trained bias is a trained single parameter of the adapter (`Spec(train=["*.bias"])`,
+passes/train_modules.py): a full copy the graph reads instead of the base bias, folded by
+replacing it, so merging equals PEFT's merge_and_unload. Loading: each stored bias becomes one
+`train` pattern and its value that copy. Saving: bias="lora_only" when every trained single
+parameter is the bias of an adapted target, else "all"; either way every bias of that set is
+written (the untrained ones as the base values, which PEFT then trains from).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import torch
+from torch import fx
+
+from ..errors import AdapterFileError
+from ..graph.record import Record
+from ..passes.train_modules import base_readers, resolve_trained, trained_group
+from ..spec import Spec
+
+TRAINED_BIASES = ("all", "lora_only")  # LoraConfig.bias values that load
+
+
+def split_biases(config: dict, tensors: dict[str, torch.Tensor], prefix: str, suffixes) -> tuple[dict, dict]:
+    """({bias path in the model: tensor} of the trained biases, the other tensors); none with bias="none"."""
+    if config.get("bias", "none") not in TRAINED_BIASES:
+        return {}, tensors
+    biases, rest = {}, {}
+    for key, value in tensors.items():
+        path = key[len(prefix):] if key.startswith(prefix) else None
+        if path is not None and path.endswith(".bias") and not any(path.endswith("." + s) for s in suffixes):
+            biases[path.replace(".base_layer.", ".")] = value
+        else:
+            rest[key] = value
+    return biases, rest
+
+
+def with_biases(spec: Spec, biases: dict[str, torch.Tensor]) -> Spec:
+    """`spec` also training each of these biases, as a single parameter."""
+    if not biases:
+        return spec
+    return dataclasses.replace(spec, train=(*spec.train, *("re:^" + re.escape(path) + "$" for path in biases)))
+
+
+def _names(gm: fx.GraphModule) -> dict[str, list[str]]:
+    """{graph name of a parameter the graph reads: its original names}."""
+    record = Record.find(gm)
+    found = {}
+    for nodes in base_readers(gm).values():
+        name = nodes[0].target
+        found[name] = list(dict.fromkeys(record.aliases.get(name, [name]) + [n.target for n in nodes]))
+    return found
+
+
+def bias_config_and_tensors(gm: fx.GraphModule, adapter: str, modules: dict[str, str], prefix: str) -> tuple[str, dict]:
+    """(LoraConfig bias, {PEFT key: tensor}) for the trained single parameters of `adapter`;
+    ("none", {}) if it has none. `modules`: {adapted target: its PEFT module path}."""
+    trained = resolve_trained(gm, Record.find(gm).adapters[adapter].spec)
+    if not trained.single:
+        return "none", {}
+    others = [name for name in trained.single if not name.endswith(".bias")]
+    if others:
+        raise AdapterFileError(
+            f"adapter {adapter!r} trains single parameters that are not biases ({', '.join(others[:5])}); PEFT "
+            "trains single parameters only as biases (bias='all' / 'lora_only'): train whole modules "
+            "(modules_to_save) or biases instead"
+        )
+    copies = trained_group(gm, adapter).copies()
+    names = _names(gm)
+    single = set(trained.single)
+    biases = {}  # every bias of the chosen set: {original name: value}
+    adapted = {f"{target}.bias" for target in modules}
+    setting = "lora_only" if single <= adapted else "all"
+    in_modules = {name for name in copies  # copies of whole trained modules: modules_to_save writes them
+                  if any(a.startswith(m + ".") for a in names.get(name, [name]) for m in trained.modules)}
+    for graph_name, aliases in names.items():
+        if graph_name in in_modules:
+            continue
+        name = next((a for a in aliases if a.endswith(".bias") and (setting == "all" or a in adapted)), None)
+        if name is not None:
+            biases[name] = copies.get(graph_name, gm.get_parameter(graph_name))
+    tensors = {}
+    for name, value in biases.items():
+        owner = name.removesuffix(".bias")
+        key = f"{modules[owner]}.base_layer.bias" if owner in modules else name
+        tensors[prefix + key] = value
+    return setting, tensors
