@@ -100,7 +100,9 @@ def test_peft_lora_with_the_same_factors(llava, graphs, tmp_path):
     lfx.save_peft(gm, tmp_path / "peft")
     reference = PeftModel.from_pretrained(copy.deepcopy(llava), tmp_path / "peft").eval()
     inputs = {**_inputs(images=2, seq=30, at=7), "use_cache": False}
-    assert rel(_logits(gm, inputs), _logits(reference, inputs)) <= 1e-5
+    want = _logits(reference, inputs)
+    assert rel(want, _logits(llava, inputs)) > 1e-3  # PEFT loaded the (non-zero) factors
+    assert rel(_logits(gm, inputs), want) <= 1e-5
 
 
 def test_compiled_training_step_equals_eager(graphs):
@@ -130,7 +132,7 @@ def test_compiled_training_step_equals_eager(graphs):
 
 def test_merged_onnx_equals_the_folded_model(llava, graphs, examples, tmp_path):
     gm = graphs["all"]
-    result = lfx.export_onnx(gm, tmp_path / "llava.onnx", example_kwargs=examples, mode="merged")
+    result = lfx.export_onnx(gm, tmp_path / "llava.onnx", example_kwargs=examples, mode="merged", optimize=False)
     assert result.inputs == ["input_ids", "pixel_values"] and result.outputs[0] == "logits"
     folded = _folded(llava, gm)
     session = result.session()
@@ -139,9 +141,13 @@ def test_merged_onnx_equals_the_folded_model(llava, graphs, examples, tmp_path):
         assert rel(got, _logits(folded, {**inputs, "use_cache": False})) <= 1e-5
 
 
-def test_image_count_is_fixed_at_capture(graphs):
-    with pytest.raises(lfx.CaptureError, match="pixel_values"):
+def test_image_count_is_fixed_at_capture_and_token_count_checked(graphs):
+    with pytest.raises(lfx.CaptureError, match=r"pixel_values\.size\(\)\[0\] == 2"):
         graphs["language"](**_inputs(images=3, seq=30, at=7))
+    inputs = _inputs(images=2, seq=30, at=7)
+    inputs["input_ids"][0, 7] = 3  # one image token short
+    with pytest.raises(lfx.InputError, match="image token per image feature"):
+        graphs["language"](**inputs)
 
 
 def test_adapting_an_unread_vision_layer_warns(llava, examples):
