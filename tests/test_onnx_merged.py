@@ -105,3 +105,40 @@ def test_op_without_onnx_translation_names_the_node_and_the_fix(tmp_path):
 def test_mode_needs_adapters(tmp_path):
     with pytest.raises(lfx.ExportError, match="mode='merged'"):
         lfx.export_onnx(_Custom(), tmp_path / "x.onnx", (torch.randn(2, 3, 4),), mode="adapters")
+
+
+class _Checked(torch.nn.Module):
+    """Checks a value as LLaVA checks its image-token count: torch._check_tensor_all, which
+    torch.export records as _is_all_true -> item -> _assert_scalar (no ONNX translation)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, x, mask):
+        torch._check_tensor_all(mask.sum() * x.shape[-1] == x.numel())
+        return self.proj(x * mask[..., None])
+
+
+def _assertions(gm):
+    return [n for n in gm.graph.nodes
+            if n.op == "call_function" and ("_assert_scalar" in str(n.target) or "_is_all_true" in str(n.target))]
+
+
+def test_checks_on_values_are_left_out_of_the_onnx_model(tmp_path):
+    """The graph's check nodes are dropped from the export's copy only: ONNX Runtime gives the
+    merged graph's outputs, and the PyTorch graph still checks its inputs."""
+    spec = lfx.Spec(targets=["proj"], method=lfx.LoRA(rank=2, init="nonzero"))
+    x, mask = torch.randn(2, 3, 4), torch.ones(2, 3)
+    gm = lfx.rewrite(_Checked(), spec, example_inputs=(x, mask)).eval()
+    checks = len(_assertions(gm))
+    assert checks >= 2
+    result = lfx.export_onnx(gm, tmp_path / "checked.onnx", (x, mask), mode="merged")
+    assert len(_assertions(gm)) == checks
+    other_x, other_mask = torch.randn(5, 7, 4), torch.ones(5, 7)
+    got = result.session().run({"x": other_x, "mask": other_mask})[result.outputs[0]]
+    with torch.no_grad():
+        want = lfx.merge(gm)(other_x, other_mask)
+    assert rel_err(got, want) <= 1e-5
+    with pytest.raises(Exception):  # the PyTorch graph still refuses a mask that fails the check
+        gm(other_x, torch.zeros(5, 7))

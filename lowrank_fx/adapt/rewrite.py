@@ -13,7 +13,8 @@ from ..passes.inject import inject
 from ..passes.layers import candidates, structure, unstructure
 from ..passes.train_modules import add_trained, check_trained, drop_trained, refuse_trained_targets, resolve_trained
 from ..spec import Spec, _compile
-from .capture import capture
+from .capture import capture, source_model
+from .vision_features import warn_unread_layers
 
 
 def _require_spec(spec) -> None:
@@ -96,6 +97,8 @@ def rewrite(model, spec: Spec, example_inputs=None, example_kwargs=None, adapter
     module list (a decoder's layers) and the others are written as copies over their own
     weights, so capture costs about the same at 4 or 80 layers (graph/block_lists.py,
     passes/repeat_blocks.py); False traces every child.
+    Targets in vision layers a LLaVA-shaped model never feeds its language model (those after
+    config.vision_feature_layer) are adapted with a warning (vision_features.py).
     """
     if not isinstance(adapter, str) or not adapter.isidentifier():
         raise SpecError(f"adapter name must be a Python identifier such as 'default', got {adapter!r}")
@@ -109,6 +112,7 @@ def rewrite(model, spec: Spec, example_inputs=None, example_kwargs=None, adapter
         candidates(gm, layers)  # a bad layers= is refused before anything changes
     try:
         _add_adapter(gm, record, spec, adapter)
+        warn_unread_layers(source_model(gm), list(record.adapters[adapter].groups))
     finally:
         if kept:
             structure(gm, kept)

@@ -41,6 +41,7 @@ from ..errors import ExportError
 from ..graph.experts import grouped_sites
 from ..graph.gates import active_adapters
 from ..graph.record import require_graph
+from ..passes.drop_assertions import drop_assertions, has_assertions
 from ..passes.layers import flat_view
 from .adapter_graph import (
     AdapterInput,
@@ -186,6 +187,17 @@ def _integer_base(graph: _Graph, model: nn.Module) -> bool:
     return True
 
 
+def _drop_assertions(graph: _Graph, model: nn.Module) -> None:
+    """Remove the graph's runtime assertions, which ONNX cannot express (passes/drop_assertions.py),
+    on a copy: the caller's graph keeps them."""
+    inner = graph.module.model
+    if not isinstance(inner, fx.GraphModule) or not has_assertions(inner.graph):
+        return
+    if inner is model:
+        inner = graph.module.model = copy_graph(model, [])[0]
+    drop_assertions(inner)
+
+
 def _output_names(model: nn.Module, sig: Signature) -> list[str]:
     args, kwargs = sig.rebuild(sig.examples)
     with eval_mode(model), torch.no_grad():
@@ -259,6 +271,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
     else:
         names = _chosen(model, adapters)
         graph = _per_row_graph(model, sig, names)
+    _drop_assertions(graph, model)
     if _integer_base(graph, model):
         custom_translation_table = {**translations(), **(custom_translation_table or {})}
     onnx_model = run_exporter(

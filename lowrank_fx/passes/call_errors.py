@@ -21,9 +21,10 @@ import re
 
 from torch import fx
 
-from ..errors import CaptureError, nearest
+from ..errors import CaptureError, InputError, nearest
 
 _GUARD = re.compile(r"Guard failed: (.*)")
+_VALUE_CHECK = re.compile(r"Runtime assertion failed for expression (.*?) on node")
 _SIZE_ONE = re.compile(r"^(\w+)(.*)\.size\(\)\[(\d+)\] == 1$")
 
 
@@ -86,7 +87,8 @@ class CallErrors:
         )
 
     def explain(self, gm: fx.GraphModule, error: Exception) -> None:
-        """Raise CaptureError if `error`, raised by gm's body, comes from what the capture fixed."""
+        """Raise CaptureError if `error`, raised by gm's body, comes from what the capture fixed;
+        InputError if it is a failed check of the model's own on input values."""
         guard = _GUARD.match(str(error)) if isinstance(error, AssertionError) else None
         if guard is not None:
             raise CaptureError(_guard_message(guard.group(1).strip())) from error
@@ -108,6 +110,13 @@ class CallErrors:
                 f"{_names(devices)}: torch.export writes the device into the graph, so it runs only there "
                 f"({_said(error)}). Move the model before "
                 "capturing: model.to(device) before lfx.rewrite(model, spec, ...)"
+            ) from error
+        check = _VALUE_CHECK.search(str(error))
+        if check is not None:
+            raise InputError(
+                f"a check the model's code makes on input values failed ({check.group(1)}): the graph keeps "
+                "the model's own checks, so the original model refuses these inputs too; e.g. LLaVA checks that "
+                "input_ids hold one image token per image feature (images x tokens per image)"
             ) from error
 
 

@@ -140,7 +140,10 @@ def inject(gm: fx.GraphModule, adapter: str, assignment: dict[str, Method], targ
                     tag(delta, adapter, name, "rows")
                 gate = gm.graph.get_attr(gate_path)
                 added = gm.graph.call_function(aten.addcmul.default, (site, delta, gate))
-            for node in [*(n for n in inputs if n is not None and n.op == "get_attr"), *shared]:
+            # the base weight and bias read here are the adapter's own nodes; an activation that
+            # is a buffer (CLIP's position_ids into its position embedding) stays the model's
+            created = [node for role, node in zip(unit.site_inputs, inputs) if role in ("weight", "bias")]
+            for node in [*(n for n in created if n is not None), *shared]:
                 tag(node, adapter, name, "shared")
             tag(gate, adapter, name, "gate")
             tag(added, adapter, name, "add")
