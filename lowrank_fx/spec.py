@@ -14,7 +14,8 @@ specs (the first matching pattern wins). `exclude` removes targets matched by an
 
 `train` names modules whose parameters the adapter trains in full, as copies of its own
 (PEFT's `modules_to_save`; passes/train_modules.py): globs or "re:" patterns as above, matched
-against module paths ("classifier", "bert.pooler"). A trained module's weights are left out of
+against module paths ("classifier", "bert.pooler") and parameter names ("*.bias": single
+parameters, PEFT's bias="all"). A trained module's weights are left out of
 the adapter's targets, as PEFT does. With `train`, `targets` may be empty (`targets=[]`): an
 adapter that only trains those modules.
 """

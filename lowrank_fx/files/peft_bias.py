@@ -9,8 +9,8 @@ lora_bias=True) is the adapter's own tensor, not one of these.
 Here a trained bias is a trained single parameter of the adapter (`Spec(train=["*.bias"])`,
 passes/train_modules.py): a full copy the graph reads instead of the base bias, folded by
 replacing it, so merging equals PEFT's merge_and_unload. Loading: each stored bias becomes one
-`train` pattern and its value that copy. Saving: bias="lora_only" when every trained single
-parameter is the bias of an adapted target, else "all"; either way every bias of that set is
+`train` pattern and its value that copy. Saving: "all" when the adapter trains every bias, or
+one that is not an adapted target's; else "lora_only". Either way every bias of that set is
 written (the untrained ones as the base values, which PEFT then trains from).
 """
 
@@ -79,7 +79,8 @@ def bias_config_and_tensors(gm: fx.GraphModule, adapter: str, modules: dict[str,
     single = set(trained.single)
     biases = {}  # every bias of the chosen set: {original name: value}
     adapted = {f"{target}.bias" for target in modules}
-    setting = "lora_only" if single <= adapted else "all"
+    every = {a for aliases in names.values() for a in aliases if a.endswith(".bias")}
+    setting = "lora_only" if single <= adapted and not every <= single else "all"
     in_modules = {name for name in copies  # copies of whole trained modules: modules_to_save writes them
                   if any(a.startswith(m + ".") for a in names.get(name, [name]) for m in trained.modules)}
     for graph_name, aliases in names.items():
