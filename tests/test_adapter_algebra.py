@@ -11,8 +11,10 @@ draws nothing gives the generator's state at the first mask, and ours starts fro
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
+import onnx
 import pytest
 import safetensors.torch
 import torch
@@ -162,3 +164,200 @@ def test_combination_matches_peft(pair, base, index):
     assert rel_err(ours_out, theirs_out) <= TOL
     with torch.no_grad():
         assert rel_err(ours_out, base(IDS)) > 1e-3
+
+
+def test_dare_seed_is_torch_manual_seed_without_touching_the_global_generator(base):
+    gm = ours_with(base)
+    torch.manual_seed(11)
+    lfx.combine_adapters(gm, {"u": 0.7, "v": 0.3}, "drawn", "dare_ties", density=0.5)
+    state = torch.get_rng_state()
+    lfx.combine_adapters(gm, {"u": 0.7, "v": 0.3}, "seeded", "dare_ties", density=0.5, seed=11)
+    assert torch.equal(torch.get_rng_state(), state)  # a seed draws from its own generator
+    lfx.combine_adapters(gm, {"u": 0.7, "v": 0.3}, "other", "dare_ties", density=0.5, seed=12)
+    for target in ("fc1", "fc2", "emb"):
+        assert torch.equal(unit(gm, "seeded", target).lora_A, unit(gm, "drawn", target).lora_A)
+        assert torch.equal(unit(gm, "seeded", target).lora_B, unit(gm, "drawn", target).lora_B)
+    assert not torch.equal(unit(gm, "seeded", "fc1").lora_A, unit(gm, "other", "fc1").lora_A)
+
+
+@pytest.fixture(scope="module")
+def combined(base):
+    """A graph with u, v, w and their exact "cat" combination, made the only active adapter."""
+    gm = ours_with(base)
+    lfx.combine_adapters(gm, {"u": 0.7, "v": 0.3, "w": -0.4}, "mix", "cat")
+    lfx.set_active_adapters(gm, "mix")
+    return gm
+
+
+def summed_update(gm, target, weights):
+    """Σ_i w_i s_i B_i A_i (out, in) over the adapters that adapt `target`: the oracle of "cat"."""
+    total = 0
+    for adapter, weight in weights.items():
+        if target in Record.find(gm).adapters[adapter].groups:
+            part = unit(gm, adapter, target)
+            total = total + weight * part.scale * (part.lora_B @ part.lora_A).detach()
+    return total
+
+
+def test_combined_adapter_folds_to_its_update(combined, model):
+    merged = lfx.merge(combined)
+    weights = {"u": 0.7, "v": 0.3, "w": -0.4}
+    for target, stored in (("fc1", lambda d: d), ("fc2", lambda d: d), ("emb", lambda d: d.t())):
+        want = model.get_submodule(target).weight + stored(summed_update(combined, target, weights))
+        assert rel_err(merged.get_parameter(f"{target}.weight"), want) <= TOL
+    assert unit(combined, "mix", "fc1").lora_A.shape[0] == 4 + 4 + 2  # cat: the ranks add up
+    with torch.no_grad():
+        assert rel_err(merged(IDS), combined(IDS)) <= TOL
+
+
+def test_combined_adapter_saves_loads_and_switches(combined, base, tmp_path):
+    with torch.no_grad():
+        want = combined(IDS)
+    path = lfx.save_adapters(combined, tmp_path / "mix.safetensors", adapter="mix")
+    loaded = lfx.load_adapters(copy.deepcopy(base), path)
+    assert lfx.active_adapters(loaded) == ["mix"]
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS), want)
+    saved = safetensors.torch.load_file(path)
+    for key, value in getattr(combined, CONTAINER)["mix"].state_dict().items():
+        assert torch.equal(saved[f"mix.{key}"], value)
+    lfx.set_active_adapters(combined, ["u", "v", "w"])
+    try:
+        with torch.no_grad():
+            assert rel_err(combined(IDS), want) > 1e-3  # switching away changes the output ...
+        lfx.set_active_adapters(combined, "mix")
+        with torch.no_grad():
+            assert torch.equal(combined(IDS), want)  # ... and back
+    finally:
+        lfx.set_active_adapters(combined, "mix")
+
+
+def test_svd_combines_other_methods_through_their_update(base):
+    """RandLoRA has no LoRA factors, but an SVD of full rank reproduces its ΔW exactly."""
+    gm = copy.deepcopy(base)
+    torch.manual_seed(3)
+    gm = lfx.rewrite(gm, lfx.Spec(targets=["fc1"], method=lfx.RandLoRA(rank=2, init="nonzero")), adapter="rand")
+    lfx.combine_adapters(gm, {"rand": 0.5}, "low", "svd", svd_rank=8)  # min(out, in) = 8
+    lfx.set_active_adapters(gm, "rand")
+    folded = lfx.merge(gm).get_parameter("fc1.weight")
+    lfx.set_active_adapters(gm, "low")
+    got = lfx.merge(gm).get_parameter("fc1.weight") - base.get_parameter("fc1.weight")
+    assert rel_err(got, 0.5 * (folded - base.get_parameter("fc1.weight"))) <= TOL
+    with pytest.raises(SpecError, match="combines LoRA factors"):
+        lfx.combine_adapters(gm, {"rand": 1.0}, "bad", "linear")
+
+
+def refusal_graph(base):
+    gm = ours_with(base, {name: (["fc1"], rank, alpha) for name, (_, rank, alpha) in ADAPTERS.items()})
+    torch.manual_seed(2)
+    gm = lfx.rewrite(gm, lfx.Spec(targets=["fc1"], method=lfx.LoRA(rank=4, dora=True, init="nonzero")), adapter="dora")
+    gm = lfx.rewrite(gm, lfx.Spec(targets=["fc2"], method=lfx.LoRA(rank=4, bias=True)), adapter="biased")
+    return lfx.rewrite(gm, lfx.Spec(targets=["fc1"], method=lfx.LoRA(rank=4), train=["emb"]), adapter="trains")
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0, "nope": 1.0}, "x"), "no adapter named 'nope'"),
+    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0}, "v"), "already has an adapter named 'v'"),
+    (lambda gm: lfx.combine_adapters(gm, {}, "x"), "non-empty dict"),
+    (lambda gm: lfx.combine_adapters(gm, {"u": float("nan")}, "x"), "finite numbers"),
+    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0}, "global"), "neither a keyword"),
+    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0}, "x", "average"), "unknown combination 'average'"),
+    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0, "w": 1.0}, "x", "linear"), "same rank"),
+    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0, "v": 1.0}, "x", "ties"), "give density="),
+    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0, "v": 1.0}, "x", "ties", density=1.5), r"in \(0, 1\]"),
+    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0, "v": 1.0}, "x", "linear", density=0.5), "only applies"),
+    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0, "v": 1.0}, "x", "ties", density=0.5, seed=1), "draws nothing"),
+    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0, "v": 1.0}, "x", "cat", svd_rank=2), "SVD combinations"),
+    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0, "v": 1.0}, "x", "svd", svd_rank=0), "svd_rank"),
+    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0, "v": 1.0}, "x", "svd", svd_clamp=2.0), "quantile"),
+    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0, "v": 1.0}, "x", "ties", density=0.5, majority_sign_method="max"),
+     "majority_sign_method"),
+    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0, "dora": 1.0}, "x", "linear"), "DoRA"),
+    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0, "biased": 1.0}, "x", "svd"), "LoRA bias"),
+    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0, "trains": 1.0}, "x", "svd"), "Spec.train"),
+    (lambda gm: lfx.combine_adapters(torch.nn.Linear(2, 2), {"u": 1.0}, "x"), "lfx.rewrite returned"),
+    (lambda gm: lfx.delete_adapter(gm, "nope"), "no adapter named 'nope'"),
+])
+def test_refusals_leave_the_graph_unchanged(base, call, message):
+    gm = refusal_graph(base)
+    before = (list(Record.find(gm).adapters), lfx.active_adapters(gm), gm.code)
+    with pytest.raises(lfx.LowRankFxError, match=message):
+        call(gm)
+    assert (list(Record.find(gm).adapters), lfx.active_adapters(gm), gm.code) == before
+
+
+def read_metadata(path):
+    with safetensors.safe_open(str(path), framework="pt") as file:
+        return {key: json.loads(value) for key, value in file.metadata().items() if key == "lowrank_fx"}
+
+
+def test_deleted_adapter_leaves_what_a_graph_without_it_has(base, tmp_path):
+    """Adapter "gone" (LoRA sites and a trained module) is deleted between "u" and a combination
+    of "u"; files, ONNX exports and outputs are those of a graph that only ever had the other two."""
+    def with_u(gm):
+        torch.manual_seed(5)
+        return lfx.rewrite(gm, lfx.Spec(targets=["fc1"], method=lfx.LoRA(rank=4, init="nonzero")), adapter="u")
+
+    had = with_u(copy.deepcopy(base))
+    torch.manual_seed(6)
+    had = lfx.rewrite(had, lfx.Spec(targets=["emb", "fc1"], method=lfx.LoRA(rank=2, init="nonzero"), train=["fc2"]),
+                      adapter="gone")
+    lfx.combine_adapters(had, {"u": -0.5}, "negated")
+    with torch.no_grad():
+        assert rel_err(had(IDS), with_u(copy.deepcopy(base))(IDS)) > 1e-3
+    lfx.delete_adapter(had, "gone")
+    never = lfx.combine_adapters(with_u(copy.deepcopy(base)), {"u": -0.5}, "negated")
+    assert list(Record.find(had).adapters) == ["u", "negated"] and lfx.active_adapters(had) == ["u"]
+    assert all("gone" not in key for key in [*dict(had.named_parameters()), *dict(had.named_buffers())])
+    assert "gone" not in had.code and "select_trained" not in had.code
+    assert had.state_dict().keys() == never.state_dict().keys()
+    assert all(torch.equal(had.state_dict()[k], v) for k, v in never.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(had(IDS), never(IDS))
+    files = [lfx.save_adapters(gm, tmp_path / f"{i}.safetensors") for i, gm in enumerate((had, never))]
+    contents = [(read_metadata(f), safetensors.torch.load_file(f)) for f in files]  # (bytes vary: header order)
+    assert contents[0][0] == contents[1][0] and contents[0][1].keys() == contents[1][1].keys()
+    assert all(torch.equal(contents[0][1][k], v) for k, v in contents[1][1].items())
+    loaded = lfx.load_adapters(copy.deepcopy(base), files[0])
+    lfx.set_active_adapters(loaded, "u")
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS), never(IDS))
+    exports = [lfx.export_onnx(gm, tmp_path / f"{i}.onnx", (IDS,), optimize=False) for i, gm in enumerate((had, never))]
+    assert [onnx_inputs(e.path) for e in exports[:1]] == [onnx_inputs(e.path) for e in exports[1:]]
+    assert exports[0].adapter_inputs == exports[1].adapter_inputs and list(exports[0].adapters) == ["u", "negated"]
+    for adapter in ("u", "negated"):
+        outputs = [next(iter(e.session().run({e.inputs[0]: IDS.numpy()}, adapter=adapter).values())) for e in exports]
+        np.testing.assert_array_equal(outputs[0], outputs[1])
+        lfx.set_active_adapters(never, adapter)
+        with torch.no_grad():
+            want = never(IDS).numpy()
+        assert float(np.abs(outputs[0] - want).max() / np.abs(want).max()) <= TOL  # the combined one exports too
+    lfx.delete_adapter(had, "u")
+    lfx.delete_adapter(had, "negated")
+    assert not hasattr(had, CONTAINER) and not Record.find(had).adapters
+    with torch.no_grad():
+        assert torch.equal(had(IDS), base(IDS))
+
+
+def onnx_inputs(path) -> list[str]:
+    return [value.name for value in onnx.load(str(path), load_external_data=False).graph.input]
+
+
+def test_adapters_disabled_is_the_base_model_and_restores_the_active_set(base):
+    gm = ours_with(base)
+    lfx.set_active_adapters(gm, ["u", "w"])
+    with torch.no_grad():
+        adapted, plain = gm(IDS), base(IDS)
+        with lfx.adapters_disabled(gm):
+            assert lfx.active_adapters(gm) == []
+            assert torch.equal(gm(IDS), plain)
+        assert lfx.active_adapters(gm) == ["u", "w"]
+        assert torch.equal(gm(IDS), adapted)
+        with pytest.raises(KeyError):
+            with lfx.adapters_disabled(gm):
+                raise KeyError("inside")
+        assert lfx.active_adapters(gm) == ["u", "w"]
+        assert torch.equal(gm(IDS), adapted)
+    with pytest.raises(SpecError, match="no adapters"):
+        with lfx.adapters_disabled(copy.deepcopy(base)):
+            pass

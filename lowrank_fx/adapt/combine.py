@@ -36,7 +36,7 @@ from torch import fx
 from ..errors import SpecError, nearest
 from ..graph.op_kinds import ConvKind, EmbeddingKind
 from ..graph.gates import GATES
-from ..graph.record import CONTAINER, Record, require_graph
+from ..graph.record import CONTAINER, Record, check_adapter_name, require_graph
 from ..graph.targets import Target, find_targets
 from ..methods.lora import LoRA
 from ..methods.lora_unit import LoRAUnit
@@ -153,8 +153,7 @@ def _check_call(weights, name, combination, known, density, sign_method, svd_ran
            if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w)}
     if bad:
         raise SpecError(f"weights must be finite numbers (negative ones subtract an adapter); got {bad}")
-    if not isinstance(name, str) or not name.isidentifier():
-        raise SpecError(f"the new adapter's name must be a Python identifier such as 'combined', got {name!r}")
+    check_adapter_name(name, "the new adapter's name")
     if name in known:
         raise SpecError(f"this graph already has an adapter named {name!r}; choose another name, or "
                         f"lfx.delete_adapter(gm, {name!r}) first")
