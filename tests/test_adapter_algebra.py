@@ -20,6 +20,7 @@ import safetensors.torch
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 import lowrank_fx as lfx
 from lowrank_fx.adapt.capture import capture
@@ -28,6 +29,7 @@ from lowrank_fx.graph.record import CONTAINER, Record
 
 TOL = 1e-5
 IDS = torch.tensor([[1, 5, 7, 2, 0, 15], [3, 3, 9, 11, 4, 6]])
+PIXELS = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(0))
 # adapter -> (targets, rank, alpha); "u" and "v" share a rank, "w" does not
 ADAPTERS = {"u": (["emb", "fc1", "fc2"], 4, 8.0), "v": (["fc1", "fc2"], 4, 6.0), "w": (["fc1", "emb"], 2, 4.0)}
 
@@ -43,6 +45,26 @@ class Tiny(nn.Module):
 
     def forward(self, ids):
         return self.fc2(torch.relu(self.fc1(self.emb(ids))))
+
+
+class Wide(nn.Module):
+    """A 3x3 convolution and a transposed-weight linear (GPT-2's Conv1D: PEFT's fan_in_fan_out)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.proj = Conv1D(6, 4)
+
+    def forward(self, pixels):
+        return self.proj(self.conv(pixels).flatten(2).transpose(1, 2).contiguous())
+
+
+# model -> (class, input, adapters, PEFT config options)
+MODELS = {
+    "tiny": (Tiny, IDS, ADAPTERS, {}),
+    "wide": (Wide, PIXELS, {"u": (["conv", "proj"], 4, 8.0), "v": (["conv", "proj"], 4, 6.0), "w": (["proj"], 2, 4.0)},
+             {"fan_in_fan_out": True}),
+}
 
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -74,42 +96,41 @@ def unit(gm, adapter, target):
     return getattr(gm, CONTAINER)[adapter][record.adapters[adapter].groups[target]].unit(target)
 
 
-def peft_twin(model, gm):
+def factors(layer, adapter):
+    """PEFT's (A, B) of `adapter` in `layer` (a linear-like layer's or an embedding's), or None."""
+    if adapter in layer.lora_A:
+        return layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    if adapter in layer.lora_embedding_A:
+        return layer.lora_embedding_A[adapter], layer.lora_embedding_B[adapter]
+    return None
+
+
+def peft_twin(model, gm, adapters, **options):
     """A PeftModel with adapters u, v, w holding exactly the factors of `gm`'s."""
     twin = None
-    for name, (targets, rank, alpha) in ADAPTERS.items():
-        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
+    for name, (targets, rank, alpha) in adapters.items():
+        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False, **options)
         if twin is None:
             twin = get_peft_model(copy.deepcopy(model), config, adapter_name=name)
         else:
             twin.add_adapter(name, config)
         for target in targets:
-            layer, ours = twin.base_model.model.get_submodule(target), unit(gm, name, target)
+            A, B = factors(twin.base_model.model.get_submodule(target), name)
             with torch.no_grad():
-                if target == "emb":
-                    layer.lora_embedding_A[name].copy_(ours.lora_A)
-                    layer.lora_embedding_B[name].copy_(ours.lora_B)
-                else:
-                    layer.lora_A[name].weight.copy_(ours.lora_A)
-                    layer.lora_B[name].weight.copy_(ours.lora_B)
+                A.copy_(unit(gm, name, target).lora_A)
+                B.copy_(unit(gm, name, target).lora_B)
     return twin.eval()
 
 
-def peft_factors(twin, adapter):
-    found = {}
-    for target in ("emb", "fc1", "fc2"):
-        layer = twin.base_model.model.get_submodule(target)
-        if adapter in layer.lora_A:
-            found[target] = (layer.lora_A[adapter].weight, layer.lora_B[adapter].weight)
-        elif adapter in layer.lora_embedding_A:
-            found[target] = (layer.lora_embedding_A[adapter], layer.lora_embedding_B[adapter])
-    return found
-
-
-@pytest.fixture(scope="module")
-def pair(model, base):
-    gm = ours_with(base)
-    return gm, peft_twin(model, gm)
+@pytest.fixture(scope="module", params=list(MODELS))
+def pair(request):
+    """(our graph with adapters u, v, w, its PEFT twin, the input) for each model."""
+    model_class, inputs, adapters, options = MODELS[request.param]
+    torch.manual_seed(0)
+    model = model_class().eval()
+    base = capture(model, (inputs,))
+    gm = ours_with(base, adapters)
+    return gm, peft_twin(model, gm, adapters, **options), inputs, base
 
 
 CASES = [  # (combination, adapters and weights, options)
@@ -131,25 +152,25 @@ CASES = [  # (combination, adapters and weights, options)
 
 
 @pytest.mark.parametrize("index", range(len(CASES)), ids=[f"{c[0]}-{''.join(c[1])}" for c in CASES])
-def test_combination_matches_peft(pair, base, index):
+def test_combination_matches_peft(pair, index):
     combination, weights, options = CASES[index]
-    gm, twin = pair
+    gm, twin, inputs, base = pair
     name = f"mix{index}"
-    peft_options = dict(options)
-    draws = combination.startswith("dare")
-    if draws:  # PEFT's generator at its first mask draw: after a run of the same rank that draws nothing
+    if combination.startswith("dare"):  # PEFT's generator at its first mask: after a same-rank run drawing none
         torch.manual_seed(7)
         twin.add_weighted_adapter(list(weights), list(weights.values()), f"probe{index}",
                                   "svd" if combination.endswith("svd") else "linear",
                                   **{k: v for k, v in options.items() if k.startswith("svd")})
         state = torch.get_rng_state()
         torch.manual_seed(7)
-    twin.add_weighted_adapter(list(weights), list(weights.values()), name, combination, **peft_options)
-    if draws:
+        twin.add_weighted_adapter(list(weights), list(weights.values()), name, combination, **options)
         torch.set_rng_state(state)
+    else:
+        twin.add_weighted_adapter(list(weights), list(weights.values()), name, combination, **options)
     lfx.combine_adapters(gm, weights, name, combination, **options)
-    theirs = peft_factors(twin, name)
-    assert set(theirs) == set(Record.find(gm).adapters[name].groups)
+    groups = Record.find(gm).adapters[name].groups
+    theirs = {t: f for t in groups if (f := factors(twin.base_model.model.get_submodule(t), name)) is not None}
+    assert set(theirs) == set(groups)
     for target, (A, B) in theirs.items():
         ours = unit(gm, name, target)
         assert ours.lora_A.shape == A.shape and ours.lora_B.shape == B.shape
@@ -158,12 +179,13 @@ def test_combination_matches_peft(pair, base, index):
     assert lfx.active_adapters(gm) == ["u", "v", "w"]  # the new adapter starts inactive, as in PEFT
     lfx.set_active_adapters(gm, name)
     twin.set_adapter(name)
-    with torch.no_grad():
-        ours_out, theirs_out = gm(IDS), twin(IDS)
-    lfx.set_active_adapters(gm, ["u", "v", "w"])
+    try:
+        with torch.no_grad():
+            ours_out, theirs_out, base_out = gm(inputs), twin(inputs), base(inputs)
+    finally:
+        lfx.set_active_adapters(gm, ["u", "v", "w"])
     assert rel_err(ours_out, theirs_out) <= TOL
-    with torch.no_grad():
-        assert rel_err(ours_out, base(IDS)) > 1e-3
+    assert rel_err(ours_out, base_out) > 1e-3
 
 
 def test_dare_seed_is_torch_manual_seed_without_touching_the_global_generator(base):
