@@ -383,3 +383,46 @@ def test_adapters_disabled_is_the_base_model_and_restores_the_active_set(base):
     with pytest.raises(SpecError, match="no adapters"):
         with lfx.adapters_disabled(copy.deepcopy(base)):
             pass
+
+
+class Stack(nn.Module):
+    """Two identical blocks in a ModuleList: layers="auto" makes each a call_module block."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8)) for _ in range(2))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+def test_delete_and_combine_on_checkpointed_layer_blocks():
+    torch.manual_seed(0)
+    model, x = Stack().eval(), torch.randn(3, 8)
+
+    def build(names):
+        gm = model
+        for i, adapter in enumerate(names):
+            torch.manual_seed(20 + i)
+            spec = lfx.Spec(targets=["0"] if adapter == "u" else ["2"], method=lfx.LoRA(rank=2, init="nonzero"))
+            gm = lfx.rewrite(gm, spec, example_inputs=(x,), adapter=adapter, layers="auto")
+        lfx.checkpoint_layers(gm)
+        return gm
+
+    had, never = build(["u", "gone"]), build(["u"])
+    lfx.combine_adapters(had, {"u": 1.0, "gone": 1.0}, "both", "cat")
+    lfx.set_active_adapters(had, "both")
+    with torch.no_grad():
+        both = had(x)
+    lfx.set_active_adapters(had, ["u", "gone"])
+    with torch.no_grad():
+        assert rel_err(both, had(x)) <= TOL  # cat is exact: one adapter doing what both did
+    lfx.delete_adapter(had, "gone")
+    lfx.set_active_adapters(had, "u")
+    assert "checkpoint" in had.code and "gone" not in had.code
+    assert all("gone" not in had.get_submodule(f"blocks.{i}").code for i in range(2))
+    assert all("gone" not in n.target for n in had.graph.nodes if n.op == "get_attr")
+    with torch.no_grad():
+        assert torch.equal(had(x), never(x))
