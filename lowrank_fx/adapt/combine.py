@@ -34,8 +34,8 @@ import torch
 from torch import fx
 
 from ..errors import SpecError, nearest
-from ..graph.op_kinds import ConvKind, EmbeddingKind
 from ..graph.gates import GATES
+from ..graph.op_kinds import ConvKind, EmbeddingKind
 from ..graph.record import CONTAINER, Record, check_adapter_name, require_graph
 from ..graph.targets import Target, find_targets
 from ..methods.lora import LoRA
@@ -96,13 +96,14 @@ class _AdapterView:
     """One source adapter: its target -> method map and its units."""
 
     def __init__(self, gm: fx.GraphModule, record: Record, adapter: str):
-        self.name, self.gm = adapter, gm
+        self.name = adapter
         info = record.adapters[adapter]
         if info.spec.train:
             raise SpecError(f"adapter {adapter!r} trains whole modules ({', '.join(info.spec.train)}, Spec.train): "
                             "full copies of a module cannot be combined by these rules; combine adapters "
                             "without Spec.train")
-        self.methods = resolve(gm, info.spec)[1]
+        assigned = resolve(gm, info.spec)[1]
+        self.methods = {target: assigned[target] for target in info.groups}
         self.groups = {t: getattr(gm, CONTAINER)[adapter][group] for t, group in info.groups.items()}
 
     def unit(self, target: str):
@@ -127,7 +128,8 @@ class _AdapterView:
                 raise SpecError(f"{where} is {type(method).__name__}, which has no low-rank update to combine; "
                                 f"{combination!r} takes {', '.join(SVD_METHODS)} adapters")
             if not via_svd and type(unit) is not LoRAUnit:
-                what = "DoRA (its magnitude vector has no weighted sum)" if method.kind == "lora" else type(method).__name__
+                what = ("DoRA (its magnitude vector has no weighted sum)" if method.kind == "lora"
+                        else type(method).__name__)
                 raise SpecError(
                     f"{where} is {what}; {combination!r} combines LoRA factors A and B, so it takes plain LoRA "
                     f"adapters only. The SVD combinations ('svd', 'ties_svd', ...) combine any method's ΔW"
@@ -158,12 +160,13 @@ def _check_call(weights, name, combination, known, density, sign_method, svd_ran
         raise SpecError(f"this graph already has an adapter named {name!r}; choose another name, or "
                         f"lfx.delete_adapter(gm, {name!r}) first")
     if combination not in COMBINATIONS:
-        raise SpecError(f"unknown combination {combination!r}; nearest: {', '.join(nearest(str(combination), COMBINATIONS, 3))} "
-                        f"(all: {', '.join(COMBINATIONS)})")
-    pruning, ties, via_svd = COMBINATIONS[combination]
+        close = ", ".join(nearest(str(combination), COMBINATIONS, 3))
+        raise SpecError(f"unknown combination {combination!r}; nearest: {close} (all: {', '.join(COMBINATIONS)})")
+    pruning, _, via_svd = COMBINATIONS[combination]
     if pruning is not None and (isinstance(density, bool) or not isinstance(density, numbers.Real)
                                 or not 0 < density <= 1):
-        raise SpecError(f"{combination!r} prunes: give density=, the fraction of entries kept, in (0, 1]; got {density!r}")
+        raise SpecError(f"{combination!r} prunes: give density=, the fraction of entries kept, in (0, 1]; "
+                        f"got {density!r}")
     if pruning is None and density is not None:
         raise SpecError(f"density= only applies to the pruning combinations (ties, dare_*, magnitude_prune*), "
                         f"not {combination!r}")
@@ -179,7 +182,7 @@ def _check_call(weights, name, combination, known, density, sign_method, svd_ran
         raise SpecError(f"svd_clamp is a quantile in [0, 1] (None: no clamping), got {svd_clamp!r}")
     if not isinstance(full, bool):
         raise SpecError(f"svd_full_matrices must be True or False, got {full!r}")
-    if seed is not None and (pruning != "random"):
+    if seed is not None and pruning != "random":
         raise SpecError(f"seed= only applies to the DARE combinations, which sample; {combination!r} draws nothing")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise SpecError(f"seed must be an int (None: torch's global generator), got {seed!r}")
@@ -195,7 +198,8 @@ def _new_rank(combination: str, adapters: dict[str, _AdapterView], svd_rank: int
         raise SpecError(f"{combination!r} merges the factors entry by entry, so every adapter needs the same rank "
                         f"(as in PEFT); these have {ranks}. Use 'cat' (rank {sum(ranks.values())}) or 'svd'")
     for target in {t for adapter in adapters.values() for t in adapter.methods}:
-        at = {name: adapter.unit(target).lora_A.shape[0] for name, adapter in adapters.items() if target in adapter.methods}
+        at = {name: adapter.unit(target).lora_A.shape[0] for name, adapter in adapters.items()
+              if target in adapter.methods}
         if len(set(at.values())) > 1:
             raise SpecError(f"{combination!r} needs equal ranks at every target; at {target} they are {at}. "
                             "Use 'cat' or 'svd'")
