@@ -1,5 +1,7 @@
 """lowrank_fx: parameter-efficient fine-tuning as a torch.fx graph pass."""
 
+from .adapt.combine import combine_adapters
+from .adapt.delete import delete_adapter
 from .adapt.experts_impl import experts_implementation
 from .adapt.merged_state import load_merged, merged_state_dict
 from .adapt.plan import Plan, plan
@@ -11,6 +13,7 @@ from .export import AdapterSession, OnnxExport, export_onnx, export_onnx_adapter
 from .files.adapter_file import load_adapters, save_adapters
 from .files.peft import load_peft, save_peft
 from .generation import GenerationExport, GenerationSession, export_generation, generate
+from .graph.disabled import adapters_disabled
 from .graph.gates import active_adapters, set_active_adapters
 from .methods.lora import LoRA
 from .methods.lorta import LoRTA
@@ -35,4 +38,5 @@ __all__ = [
     "quantize_base", "QuantizedBaseError", "fuse_sites",
     "generate", "export_generation", "GenerationExport", "GenerationSession",
     "checkpoint_layers", "experts_implementation",
+    "combine_adapters", "delete_adapter", "adapters_disabled",
 ]

@@ -1,5 +1,5 @@
-"""From a model to an adapted graph and back: capture, plan (a dry run), rewrite, and the merged
-state dict that the original model loads.
+"""From a model to an adapted graph and back: capture, plan (a dry run), rewrite, combining and
+deleting adapters, and the merged state dict that the original model loads.
 
 Read `rewrite.py` first: capture → find targets → resolve the spec → inject.
 """

@@ -6,7 +6,7 @@ from torch import fx
 
 from ..errors import SpecError, TargetError
 from ..graph.heads import left_out
-from ..graph.record import CONTAINER, AdapterInfo, Record
+from ..graph.record import CONTAINER, AdapterInfo, Record, check_adapter_name
 from ..graph.targets import Target, find_targets, weight_uses
 from ..passes.checkpoint_layers import checkpoint_layers, checkpointed
 from ..passes.inject import inject
@@ -100,8 +100,7 @@ def rewrite(model, spec: Spec, example_inputs=None, example_kwargs=None, adapter
     Targets in vision layers a LLaVA-shaped model never feeds its language model (those after
     config.vision_feature_layer) are adapted with a warning (vision_features.py).
     """
-    if not isinstance(adapter, str) or not adapter.isidentifier():
-        raise SpecError(f"adapter name must be a Python identifier such as 'default', got {adapter!r}")
+    check_adapter_name(adapter)
     _require_spec(spec)
     gm = capture(model, example_inputs, example_kwargs, dynamic=dynamic, dynamic_shapes=dynamic_shapes,
                  cache_dir=cache_dir, trace_blocks=trace_blocks)

@@ -8,10 +8,11 @@ what the graph cannot: the original model's names for its tensors and each adapt
 from __future__ import annotations
 
 import dataclasses
+import keyword
 
-from torch import fx
+from torch import fx, nn
 
-from ..errors import ModelTypeError
+from ..errors import ModelTypeError, SpecError
 
 KEY = "lowrank_fx"
 CONTAINER = "lowrank_fx"  # gm.lowrank_fx[adapter][group] holds the adapter modules
@@ -45,6 +46,15 @@ def require_graph(gm, call: str) -> None:
     if not isinstance(gm, fx.GraphModule):
         raise ModelTypeError(f"{call} takes the graph lfx.rewrite returned, got a {type(gm).__name__}; "
                              "pass gm = lfx.rewrite(model, spec, example_inputs=...)")
+
+
+def check_adapter_name(name, what: str = "adapter name") -> None:
+    """SpecError unless `name` can name an adapter: a Python identifier, not a keyword, and not an
+    attribute every module has (`half`, `eval`, ...), as it keys the adapter's ModuleDict."""
+    if (not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name)
+            or hasattr(nn.ModuleDict(), name)):
+        raise SpecError(f"{what} must be a Python identifier that is neither a keyword nor an attribute of "
+                        f"torch modules (such as 'half' or 'eval'), e.g. 'default'; got {name!r}")
 
 
 def tag(node: fx.Node, adapter: str, target: str, role: str) -> None:

@@ -1,0 +1,60 @@
+"""`delete_adapter(gm, name)`: remove one adapter from a graph, as if it had never been added.
+
+Every node the adapter added (graph/record.py roles) goes: an "add" y + g · Δy becomes y and a
+trained module's "select" becomes its base (passes/train_modules.py), then its unit calls,
+slices, gates and tensor reads are erased. Its modules (`gm.lowrank_fx[name]`), its gate buffer
+and its record entry are dropped; so are the container and the gate module once no adapter is
+left. Adapter files, PEFT directories and ONNX exports read the graph and the record, so they
+no longer see it. A graph with layer blocks (checkpointed or not) is flattened, edited and
+structured again, as `rewrite` does when it adds an adapter.
+"""
+
+from __future__ import annotations
+
+from torch import fx
+
+from ..errors import SpecError
+from ..graph.gates import GATES
+from ..graph.record import CONTAINER, KEY, Record, require_graph, tagged
+from ..passes.checkpoint_layers import checkpoint_layers, checkpointed
+from ..passes.layers import structure, unstructure
+
+
+def delete_adapter(gm: fx.GraphModule, name: str) -> None:
+    """Remove adapter `name` from `gm` in place: its parameters, gate, graph nodes and record entry."""
+    require_graph(gm, "lfx.delete_adapter")
+    record = Record.find(gm)
+    known = list(record.adapters) if record is not None else []
+    if not isinstance(name, str) or name not in known:
+        raise SpecError(f"no adapter named {name!r} in this graph; "
+                        + (f"its adapters are {', '.join(map(repr, known))}" if known else "it has none"))
+    recompute = checkpointed(gm)
+    kept = unstructure(gm)
+    try:
+        _erase(gm, name)
+    finally:
+        if kept:
+            structure(gm, kept)
+            if recompute:
+                checkpoint_layers(gm)
+    del record.adapters[name]
+
+
+def _erase(gm: fx.GraphModule, name: str) -> None:
+    nodes = [node for node in tagged(gm) if node.meta[KEY]["adapter"] == name]
+    for node in nodes:
+        if node.meta[KEY]["role"] in ("add", "select"):
+            node.replace_all_uses_with(node.args[0])
+    for node in reversed(nodes):
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    container = getattr(gm, CONTAINER)
+    del container[name]
+    gates = getattr(gm, GATES)
+    del gates._buffers[name]
+    gates._non_persistent_buffers_set.discard(name)
+    if not len(container):
+        delattr(gm, CONTAINER)
+    if not gates._buffers:
+        delattr(gm, GATES)
