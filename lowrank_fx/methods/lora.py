@@ -9,6 +9,7 @@ import math
 from ..errors import SpecError
 from ..graph.op_kinds import ConvKind, EmbeddingKind
 from ..options import flag, options
+from . import lora_init
 from .base import AdapterGroup, Method, adapter_dtype, check_common
 from .dora import DoRAUnit
 from .lora_unit import LoRAUnit
@@ -29,9 +30,10 @@ class LoRA(Method):
     kind = "lora"
 
     def __post_init__(self):
-        check_common(self)
+        check_common(self, lora_init.check_name)
         for option in ("rslora", "dora", "bias"):
             flag("LoRA", option, getattr(self, option))
+        lora_init.check_method(self)
 
     @property
     def scale(self) -> float:
