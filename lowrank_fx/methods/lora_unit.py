@@ -52,7 +52,7 @@ class LoRAUnit(Unit):
             self.rank_axes = {}
         self.table_dtype = target.dtype
         self.dropout = dropout_module(dropout)
-        self.init, self.layout, self.residual = init, target.layout, None
+        self.init, self.layout, self.residual, self.initial_factors = init, target.layout, None, None
         if init not in ("default", "nonzero"):
             self._start(target, rank, init)
             return
@@ -92,6 +92,7 @@ class LoRAUnit(Unit):
         a, b = lora_init.weight_factors(self.init, matrix, self.lora_A.shape[0], self.scale)
         self.lora_A.copy_(a)
         self.lora_B.copy_(b)
+        self.initial_factors = (a, b)  # A₀, B₀: for the conversion to a plain LoRA (files/peft_init.py)
         self.residual = self.op_kind.to_weight(lora_init.residual(matrix, a, b, self.scale), self.layout, weight.shape)
         return self.residual
 
