@@ -223,3 +223,30 @@ def test_bad_targets(cases, tmp_path):
     gm = _ours(case, "llama", "gaussian")
     with pytest.raises(lfx.AdapterFileError, match="converts PiSSA / OLoRA"):
         lfx.save_peft(gm, tmp_path / "x", as_plain_lora=True)
+
+
+def test_in_place_merge_writes_the_model():
+    """merge(inplace=True) promises the model W + ΔW: a PiSSA target's folded weight goes back
+    into the model's own tensor; an inactive PiSSA adapter leaves the model alone."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    x = torch.randn(3, 8)
+    original = [model[0].weight, model[2].weight]
+    values = [w.detach().clone() for w in original]
+    spec = lfx.Spec(targets=["0", "2"], method=lfx.LoRA(rank=2, init="pissa"))
+    gm = lfx.rewrite(model, spec, example_inputs=(x,))
+    _train(gm)
+    want = gm(x)
+    assert all(torch.equal(w, v) for w, v in zip(original, values))  # untouched until asked
+    lfx.merge(gm, inplace=True)
+    assert model[0].weight is original[0] and not torch.equal(original[0], values[0])
+    assert gm.get_parameter("0.weight") is original[0]
+    assert err(model(x), want) <= TOL and err(gm(x), want) <= TOL
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    base = model(x)
+    gm = lfx.rewrite(model, spec, example_inputs=(x,))
+    lfx.set_active_adapters(gm, [])
+    lfx.merge(gm, inplace=True)
+    assert err(model(x), base) == 0

@@ -4,16 +4,23 @@ Such an init splits W into W_res + s · B A. The graph shares the model's tensor
 into a NEW parameter that replaces W under every name the graph holds it by; the user's model
 keeps W. A weight that the graph also reads outside the target's call sites (an embedding tied
 to the head) is refused: the other use must keep W.
+
+`gm.meta[ORIGINALS]` keeps, per weight name, the adapter and the model's own tensor W, so that
+`lfx.merge(gm, inplace=True)` (which promises the model W + ΔW) can write the folded weight
+W_res + s · B A back into the model's tensor when that adapter was folded (`return_to_model`).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import fx, nn
 
 from ..errors import SpecError
 from ..graph.targets import Target
 from ..methods.lora_init import changes_base
 from .fold_graph import GraphIndex, read_elsewhere, set_parameter
+
+ORIGINALS = "lowrank_fx_original_bases"
 
 
 def base_changing(assignment: dict, targets: dict[str, Target]) -> list[str]:
@@ -35,7 +42,7 @@ def check_untied(gm: fx.GraphModule, names: list[str], targets: dict[str, Target
                 f"{name} from this spec or give it its own LoRA with init='default' (a mixed spec)")
 
 
-def write_residuals(gm: fx.GraphModule, units: dict[str, nn.Module], targets: dict[str, Target]) -> None:
+def write_residuals(gm: fx.GraphModule, adapter: str, units: dict[str, nn.Module], targets: dict[str, Target]) -> None:
     """Give each target whose unit holds a residual (`unit.residual`, the weight as the graph stores
     it) a new frozen parameter with it, under every name of the old weight in `gm`."""
     names_of: dict[int, list[str]] = {}
@@ -48,6 +55,24 @@ def write_residuals(gm: fx.GraphModule, units: dict[str, nn.Module], targets: di
         unit.residual = None
         old = gm.get_parameter(targets[name].weight)
         new = nn.Parameter(value.to(device=old.device, dtype=old.dtype).contiguous(), requires_grad=False)
-        for path in names_of.get(id(old), [targets[name].weight]):
+        paths = names_of.get(id(old), [targets[name].weight])
+        for path in paths:
             set_parameter(gm, path, new)
+        originals = gm.meta.setdefault(ORIGINALS, {})
+        for path in paths:
+            originals.setdefault(path, (adapter, old))
+
+
+def return_to_model(gm: fx.GraphModule, folded: list[str]) -> None:
+    """After an in-place fold of the adapters `folded`: each weight a base-changing init of one of
+    them had replaced is copied into the model's own tensor, which the graph reads again."""
+    originals = gm.meta.pop(ORIGINALS, {})
+    with torch.no_grad():
+        for path, (adapter, original) in originals.items():
+            if adapter not in folded:
+                continue
+            current = gm.get_parameter(path)
+            if current is not original:
+                original.copy_(current)
+                set_parameter(gm, path, original)
 
