@@ -187,7 +187,7 @@ def _edit_config(tmp_path, **changes):
 @pytest.mark.parametrize("setting, value", [
     ("use_dora", True),
     ("bias", "vera_only"),
-    ("init_lora_weights", "pissa"),
+    ("init_lora_weights", "corda"),  # PiSSA and OLoRA load now (test_lora_init.py)
     ("lora_bias", True),
     ("layer_replication", [[0, 2], [1, 2]]),
     ("some_future_option", {"on": True}),

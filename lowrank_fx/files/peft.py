@@ -54,6 +54,7 @@ from ..graph.op_kinds import ConvKind, EmbeddingKind, LinearKind
 from ..graph.record import CONTAINER, Record, require_graph
 from ..graph.targets import Target, find_targets
 from ..methods.base import Method, unit_key
+from ..options import flag
 from ..passes.layers import flat_view
 from ..spec import ALL_LINEAR, Spec
 from .atomic import write_atomic
@@ -63,6 +64,7 @@ from .peft_bias import bias_config_and_tensors, split_biases, with_biases
 from .peft_experts import experts_units, one_expert, peft_factors, peft_path
 from .peft_formats import FORMATS, PeftFormat, unsupported
 from .peft_groups import mixes_groups, to_full, to_grouped
+from .peft_init import plain_config, plain_factors
 from .peft_saved import saved_config_and_tensors, saved_values, split_saved, with_train
 
 CONFIG = "adapter_config.json"
@@ -334,18 +336,23 @@ def _only_adapter(record: Record, adapter: str | None) -> str:
 
 
 def save_peft(gm: fx.GraphModule, directory: str | os.PathLike, adapter: str | None = None,
-              base_model_name_or_path: str | None = None, task_type: str | None = None) -> Path:
+              base_model_name_or_path: str | None = None, task_type: str | None = None,
+              as_plain_lora: bool = False) -> Path:
     """Write adapter `adapter` of `gm` (default: its only adapter) as a PEFT adapter directory.
 
     `peft.PeftModel.from_pretrained(original_model, directory)` then loads it and computes
     what the graph computes. `base_model_name_or_path` and `task_type` (e.g. "CAUSAL_LM")
     are written to the config for PEFT's Auto classes. Each file is written atomically, and the
     directory is created if missing. A graph sharded by FSDP2 is gathered: every rank calls this,
-    rank 0 writes.
+    rank 0 writes. `as_plain_lora=True` writes a PiSSA / OLoRA adapter as the plain rank-2r LoRA
+    of its update relative to the ORIGINAL weights (PEFT's `path_initial_model_for_weight_conversion`,
+    files/peft_init.py), for the unchanged base model.
     """
     require_graph(gm, "lfx.save_peft")
+    flag("lfx.save_peft", "as_plain_lora", as_plain_lora)
     with whole(getattr(gm, CONTAINER, nn.Module())) as sharded:  # FSDP2: the adapters only, not the base
-        config, tensors = _peft_files(flat_view(gm), adapter, base_model_name_or_path, task_type)  # blocks: flat names
+        config, tensors = _peft_files(flat_view(gm), adapter, base_model_name_or_path, task_type,  # blocks: flat names
+                                      as_plain_lora)
     directory = Path(directory)
     if not writes_files(sharded):
         return directory
@@ -354,7 +361,8 @@ def save_peft(gm: fx.GraphModule, directory: str | os.PathLike, adapter: str | N
     return directory
 
 
-def _peft_files(gm: fx.GraphModule, adapter: str | None, base_model_name_or_path, task_type) -> tuple[dict, dict]:
+def _peft_files(gm: fx.GraphModule, adapter: str | None, base_model_name_or_path, task_type,
+                as_plain_lora: bool = False) -> tuple[dict, dict]:
     """(adapter_config.json's content, adapter_model.safetensors' tensors) of `adapter`."""
     record = Record.find(gm)
     if record is None or not record.adapters:
@@ -394,6 +402,8 @@ def _peft_files(gm: fx.GraphModule, adapter: str | None, base_model_name_or_path
         "fan_in_fan_out": bool(linears) and all(targets[t].layout == "in_out" for t in linears),
         **entry.config(methods),
     }
+    if as_plain_lora:
+        config = plain_config(config)
     modules_to_save, tensors = saved_config_and_tensors(gm, name, PREFIX)  # Spec.train
     if modules_to_save:
         config["modules_to_save"] = modules_to_save
@@ -408,6 +418,8 @@ def _peft_files(gm: fx.GraphModule, adapter: str | None, base_model_name_or_path
         ours = _parameter_factors(ours, targets[target], target in bare)
         if target in stacks:
             module, ours = peft_path(target, targets, record, {"target_parameters": stacks}), peft_factors(unit)
+        elif as_plain_lora:
+            ours = plain_factors(unit, target, ours)
         for param, suffix in _suffixes(entry, unit, targets[target]).items():
             tensors[f"{PREFIX}{module}.{suffix}"] = ours[param]
         for peft_name, shared in entry.shared.items():

@@ -23,6 +23,7 @@ from ..methods.lora import LoRA
 from ..methods.randlora import RandLoRA
 from ..methods.trainable_tokens import TrainableTokens
 from .peft_groups import factor_groups, mixes_groups
+from .peft_init import config_value, init_of, readable
 
 
 def _any(value) -> bool:
@@ -67,8 +68,8 @@ COMMON = {
 # Why a setting is refused, for the error message (default: "not supported").
 HINTS = {
     "bias": "lowrank_fx trains biases as PEFT's 'all' and 'lora_only' do; other values do not load",
-    "init_lora_weights": "this initialisation modifies the base weights (PiSSA, OLoRA, CorDA, LoftQ, "
-                         "LoRA-GA) or is a LoRA variant (MiCA); convert the adapter to plain LoRA with "
+    "init_lora_weights": "this initialisation modifies the base weights (CorDA, LoftQ, LoRA-GA) or is a "
+                         "LoRA variant (MiCA); convert the adapter to plain LoRA with "
                          "PEFT (save_pretrained(..., path_initial_model_for_weight_conversion=...)) first",
     "layer_replication": "replicated layers do not exist in the captured graph",
     "megatron_config": "Megatron parallel layers are not supported",
@@ -121,7 +122,7 @@ def _lora_method(config: dict, module: str, tensors: dict[str, torch.Tensor]) ->
                                    f"{'has' if value else 'lacks'} {present}; the directory is inconsistent")
     groups = factor_groups(tensors["lora_A"], tensors["lora_B"])
     return LoRA(rank=int(rank), alpha=float(alpha), dropout=float(config.get("lora_dropout", 0.0)),
-                rslora=bool(config.get("use_rslora", False)), dora=dora, bias=bias,
+                rslora=bool(config.get("use_rslora", False)), dora=dora, bias=bias, init=init_of(config),
                 mixed_groups=mixes_groups(tensors["lora_A"], groups))  # PEFT's grouped-conv layout (peft_groups.py)
 
 
@@ -154,7 +155,7 @@ def _lora_settings(methods: dict[str, LoRA]) -> dict:
         "use_rslora": first.rslora,
         "use_dora": first.dora,
         "lora_bias": first.bias,
-        "init_lora_weights": True,
+        "init_lora_weights": config_value(methods),
         "rank_pattern": {re.escape(t): m.rank for t, m in methods.items() if m.rank != rank},
         "alpha_pattern": {re.escape(t): _plain(m.alpha) for t, m in methods.items() if m.alpha != alpha},
     }
@@ -176,8 +177,8 @@ LORA = PeftFormat(
         "trainable_token_indices": _any,
         "rank_pattern": _any, "alpha_pattern": _any,
         # only the values loaded matter, not how they were initialised, unless the
-        # initialisation also changed the base weights
-        "init_lora_weights": lambda value: value in (True, False, "gaussian", "eva", "orthogonal"),
+        # initialisation also changed the base weights: PiSSA / OLoRA are redone on load (peft_init.py)
+        "init_lora_weights": readable,
         # settings only read when a refused setting is on
         "eva_config": _any, "corda_config": _any, "lora_ga_config": _any, "loftq_config": _any,
         "megatron_core": _any, "qalora_group_size": _any, "ensure_weight_tying": _any,

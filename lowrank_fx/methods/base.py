@@ -142,10 +142,11 @@ class Method:
 INITS = ("default", "nonzero")
 
 
-def check_common(method: "Method") -> None:
+def check_common(method: "Method", check_init=None) -> None:
     """Check and normalise the options every method has: rank an int >= 1, alpha finite and not 0
     (alpha = 0 would make the update 0, so nothing would train; negative alpha is allowed, as in
-    PEFT), dropout in [0, 1), init one of INITS. SpecError names the option otherwise."""
+    PEFT), dropout in [0, 1), init one of INITS (or what `check_init(owner, init)` accepts).
+    SpecError names the option otherwise."""
     owner = type(method).__name__
     set_options(
         method,
@@ -153,7 +154,7 @@ def check_common(method: "Method") -> None:
         alpha=number(owner, "alpha", method.alpha, "a finite number other than 0", lambda a: a != 0,
                      why="the update is scaled by alpha / rank: 0 would train nothing"),
         dropout=number(owner, "dropout", method.dropout, "in [0, 1)", lambda p: 0 <= p < 1),
-        init=choice(owner, "init", method.init, INITS),
+        init=check_init(owner, method.init) if check_init else choice(owner, "init", method.init, INITS),
     )
 
 

@@ -29,10 +29,13 @@ class DoRAUnit(LoRAUnit):
         self.layout, self.weight_shape, self.weight_path = target.layout, target.weight_shape, target.weight
         self.lora_magnitude = nn.Parameter(torch.ones(target.out_features, dtype=dtype))
 
-    def init_from_weight(self, weight: torch.Tensor) -> None:
-        """m ← ‖W + s · B A‖ per row, for the base weight W as the graph stores it."""
+    def init_from_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """m ← ‖W + s · B A‖ per row, for the base weight W as the graph stores it (the residual
+        W − s · B₀ A₀ after a base-changing init, so m = ‖W‖ there too)."""
+        weight = super().init_from_weight(weight)
         with torch.no_grad():
             self.lora_magnitude.copy_(self._norm(self._matrix(weight)))
+        return weight
 
     def _matrix(self, weight: torch.Tensor) -> torch.Tensor:
         return self.op_kind.to_matrix(weight, self.layout).to(torch.promote_types(weight.dtype, torch.float32))

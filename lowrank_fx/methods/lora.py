@@ -10,6 +10,7 @@ from ..errors import SpecError
 from ..graph.experts import ExpertsKind
 from ..graph.op_kinds import ConvKind, EmbeddingKind
 from ..options import flag, options
+from . import lora_init
 from .base import AdapterGroup, Method, adapter_dtype, check_common
 from .dora import DoRAUnit
 from .lora_experts import ExpertsLoRAUnit, check_experts
@@ -34,7 +35,7 @@ class LoRA(Method):
     kind = "lora"
 
     def __post_init__(self):
-        check_common(self)
+        check_common(self, lora_init.check_name)
         for option in ("rslora", "dora", "bias", "shared_experts", "mixed_groups"):
             flag("LoRA", option, getattr(self, option))
         if self.dora and self.mixed_groups:
@@ -42,6 +43,7 @@ class LoRA(Method):
                             "W + ΔW, and PEFT's grouped-conv factors (A over every input channel) give no such "
                             "kernel (PEFT's own DoRA there takes the norm of another matrix); use mixed_groups=False, "
                             "lowrank_fx's grouped LoRA, for DoRA on grouped convs")
+        lora_init.check_method(self)
 
     @property
     def scale(self) -> float:

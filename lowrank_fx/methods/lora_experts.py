@@ -112,6 +112,10 @@ def check_experts(method, target) -> None:
         if getattr(method, option):
             raise SpecError(f"LoRA({option}=True) cannot adapt the expert stack {target.name}: {why}; "
                             f"use {option}=False for it (a mixed spec can give other targets their own LoRA)")
+    if method.init not in ("default", "nonzero"):
+        raise SpecError(f"LoRA(init={method.init!r}) cannot adapt the expert stack {target.name}: expert stacks take "
+                        "the default init only; use init='default' for it (a mixed spec can give other targets "
+                        "their own LoRA)")
     if method.rank > min(target.in_features, target.out_features):
         raise SpecError(f"LoRA rank {method.rank} on the expert stack {target.name} is larger than its experts' "
                         f"matrices ({target.out_features} x {target.in_features}) allow; use rank <= "

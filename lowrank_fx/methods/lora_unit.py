@@ -17,7 +17,8 @@ A rank above min(out, in) is allowed (the update is still exact, just not low-ra
 
 Init ("default"): A ~ Kaiming-uniform(a=√5), B = 0 (for embeddings A = 0, B ~ N(0, 1), as
 PEFT), so the adapted model starts equal to the base. Init "nonzero" draws both factors
-(for tests and demos that need gradients on both). DoRA (`dora=True`) is in dora.py.
+(for tests and demos that need gradients on both). PEFT's other inits (gaussian, orthogonal,
+PiSSA, OLoRA) are in lora_init.py. DoRA (`dora=True`) is in dora.py.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from torch import nn
 
 from ..errors import MergeError
 from ..graph.op_kinds import ConvKind, EmbeddingKind
+from . import lora_init
 from .base import Unit, dropout_module
 
 
@@ -57,6 +59,10 @@ class LoRAUnit(Unit):
             self.rank_axes = {}
         self.table_dtype = target.dtype
         self.dropout = dropout_module(dropout)
+        self.init, self.layout, self.residual, self.initial_factors = init, target.layout, None, None
+        if init not in ("default", "nonzero"):
+            self._start(target, rank, init)
+            return
         embedding = isinstance(kind, EmbeddingKind)
         if embedding:
             nn.init.zeros_(self.lora_A)
@@ -68,6 +74,34 @@ class LoRAUnit(Unit):
             nn.init.kaiming_uniform_(self.lora_A if embedding else self.lora_B, a=math.sqrt(5))
             if bias:
                 nn.init.uniform_(self.lora_B_bias, -0.5, 0.5)
+
+    @torch.no_grad()
+    def _start(self, target, rank: int, init: str) -> None:
+        """Factors of the other inits (lora_init.py); the weight-based ones start at 0 until
+        `init_from_weight`."""
+        lora_init.check_target(init, target, rank)
+        if lora_init.uses_weight(init):
+            self.lora_A.zero_()
+            self.lora_B.zero_()
+            return
+        a, b = lora_init.random_factors(init, rank, target.in_features, target.out_features)
+        self.lora_A.copy_(a)
+        self.lora_B.copy_(b)
+
+    @torch.no_grad()
+    def init_from_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """Factors from W (as the graph stores it) for the weight-based inits, keeping the residual
+        W − s · B A for the graph's own base (`self.residual`, passes/residual_base.py); returns
+        the base the graph will hold (W itself for the other inits)."""
+        if not lora_init.uses_weight(self.init):
+            return weight
+        matrix = self.op_kind.to_matrix(weight, self.layout)
+        a, b = lora_init.weight_factors(self.init, matrix, self.lora_A.shape[0], self.scale)
+        self.lora_A.copy_(a)
+        self.lora_B.copy_(b)
+        self.initial_factors = (a, b)  # A₀, B₀: for the conversion to a plain LoRA (files/peft_init.py)
+        self.residual = self.op_kind.to_weight(lora_init.residual(matrix, a, b, self.scale), self.layout, weight.shape)
+        return self.residual
 
     def factored(self, h: torch.Tensor) -> torch.Tensor:
         """s · B(A(h)) (+ s · b_B) for an input already cast to the factors' dtype, without dropout."""

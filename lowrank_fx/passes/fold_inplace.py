@@ -17,6 +17,8 @@ What changes with it. gm shares its weights with the model it was captured from 
 every graph captured from that model), so THE ORIGINAL MODEL NOW HOLDS W + ΔW in those layers,
 exactly as PEFT's in-place merge changes the base model. Another graph over the same weights
 with adapters of its own (a second lfx.rewrite of the model) now runs on W + ΔW plus its update.
+A weight that a PiSSA / OLoRA init gave the graph its own copy of (W_res) is folded there and
+copied into the model's tensor, which gm then reads again (passes/residual_base.py).
 
 Where a fold cannot go in place it makes a new tensor, as `lfx.merge(gm)` does, and the
 original model keeps its tensor there:
@@ -48,13 +50,14 @@ from torch import fx, nn
 from ..errors import MergeError
 from ..graph.dtensors import is_dtensor
 from ..graph.folded import GroupMarks, carry_marks, folded_marks, mark_folded
-from ..graph.gates import GATES
+from ..graph.gates import GATES, active_adapters
 from ..graph.record import KEY, Record
 from .checkpoint_layers import checkpoint_layers, checkpointed
 from .fold_graph import GraphIndex, fold_target, quantized_bias, read_elsewhere, remove_adapter_nodes, set_parameter
 from .fold_updates import Update, add_in_place, check_update, merged_bias, merged_weight, target_update, updates
 from .layers import flat_view, structure, unstructure
 from .quantized_fold import fold_dense, regions_by_output
+from .residual_base import return_to_model
 from .train_modules import trained_values
 
 
@@ -97,6 +100,7 @@ def fold_in_place(gm: fx.GraphModule) -> fx.GraphModule:
     added = {name: marks.of(update.parts) for name, update in found.items()}
     # nothing has changed so far; from here on nothing can fail on the values
     gates = getattr(gm, GATES, None)
+    folded = active_adapters(gm)
     recompute = checkpointed(gm)
     kept = unstructure(gm)
     if kept:
@@ -134,6 +138,7 @@ def fold_in_place(gm: fx.GraphModule) -> fx.GraphModule:
             gm.get_parameter(name).copy_(value)
         for gate in (gates.buffers() if gates is not None else []):
             gate.fill_(0.0)
+    return_to_model(gm, folded)  # PiSSA / OLoRA targets: the model's own tensor gets W_res + ΔW
     gm.meta[KEY] = Record(aliases=dict(record.aliases), state_keys=list(record.state_keys))
     gm.graph.lint()
     gm.recompile()

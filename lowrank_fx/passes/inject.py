@@ -36,6 +36,7 @@ from ..graph.gates import add_gate
 from ..graph.record import CONTAINER, tag
 from ..graph.targets import Target
 from ..methods.base import Method, unit_key
+from .residual_base import base_changing, check_untied, write_residuals
 
 aten = torch.ops.aten
 
@@ -44,8 +45,9 @@ def build_groups(assignment: dict[str, Method], targets: dict[str, Target],
                  weights: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, nn.Module], dict[str, str]]:
     """Adapter groups for `assignment` (target name -> method) and each target's group name.
 
-    Every unit learns its target's op kind; units with `init_from_weight` (DoRA) are given the
-    target's base weight from `weights` (by weight name) when it is there.
+    Every unit learns its target's op kind; units with `init_from_weight` (DoRA, LoRA's
+    weight-based inits) are given the target's base weight from `weights` (by weight name) when
+    it is there.
     """
     by_method: dict[Method, list[Target]] = {}
     for name, method in assignment.items():
@@ -109,6 +111,7 @@ def _site_input(gm: fx.GraphModule, site: fx.Node, x_index: int, target: Target,
 def inject(gm: fx.GraphModule, adapter: str, assignment: dict[str, Method], targets: dict[str, Target]) -> dict[str, str]:
     _refuse_quantized(assignment, targets)
     _refuse_experts(assignment, targets)
+    check_untied(gm, base_changing(assignment, targets), targets)
     weights = {targets[name].weight: gm.get_parameter(targets[name].weight).detach() for name in assignment
                if not targets[name].quantized}
     groups, group_of = build_groups(assignment, targets, weights)
@@ -148,6 +151,7 @@ def inject(gm: fx.GraphModule, adapter: str, assignment: dict[str, Method], targ
             tag(gate, adapter, name, "gate")
             tag(added, adapter, name, "add")
             site.replace_all_uses_with(added, delete_user_cb=lambda user: user is not added and user is not call)
+    write_residuals(gm, adapter, {name: groups[group_of[name]].unit(name) for name in assignment}, targets)
     gm.graph.lint()
     gm.recompile()
     return group_of

@@ -1,0 +1,134 @@
+"""LoRA initialisations other than the default, with PEFT's numerics (`init_lora_weights`).
+
+For a linear target with W (out, in) in fp32 and s the LoRA scale:
+
+    gaussian     A ~ N(0, 1/r²), B = 0                                  (base unchanged)
+    orthogonal   Q = qr(N(0,1) (r, r)).Q;  A = (N(0,1) (in, r/2) · Q[0::2])ᵀ / 10,
+                 B = N(0,1) (r/2, out)ᵀ · Q[1::2] / 10   (r even; B A ≠ 0: the model starts
+                 off the base, as in PEFT)
+    pissa        W = U S Vᵀ (full SVD); with S_r = S[:r] / s:
+                 A = diag(√S_r) Vᵀ[:r],  B = U[:, :r] diag(√S_r),  W_res = W − s · B A
+    pissa_niter_N  the same from torch.svd_lowrank(W, r, niter=N) (random: RNG-dependent)
+    olora        W = Q R (reduced QR);  A = R[:r],  B = Q[:, :r],  W_res = W − s · B A
+
+The inits that change the base (pissa*, olora) leave W_res in the graph's own copy of the
+weight (passes/residual_base.py), so W_res + s · B A = W at the start.
+
+Random draws follow PEFT's order per layer, so the same seed gives the same factors: PEFT first
+builds lora_A and lora_B as nn.Linear modules (a Kaiming-uniform draw of (r, in), then of
+(out, r)) and then runs the init; `peft_layer_draws` makes the first two draws.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from torch import nn
+
+from ..errors import SpecError
+
+RANDOM = ("gaussian", "orthogonal")
+BASE_CHANGING = ("pissa", "olora")  # and pissa_niter_N
+LATER = ("loftq", "eva", "corda")
+NAMES = ("default", "nonzero", *RANDOM, *BASE_CHANGING, "pissa_niter_N")
+_NITER = re.compile(r"pissa_niter_(\d+)")
+
+
+def check_name(owner: str, init) -> str:
+    """`init` if LoRA knows it; SpecError listing the known ones otherwise."""
+    if isinstance(init, str):
+        if init in NAMES[:-1] or _NITER.fullmatch(init):
+            return init
+        if init in LATER:
+            raise SpecError(f"{owner} init={init!r} is not supported yet; the supported inits are {NAMES} "
+                            "(pissa_niter_N with N a number of subspace iterations, e.g. 'pissa_niter_4')")
+    raise SpecError(f"{owner} init must be one of {NAMES} (N a number of subspace iterations, e.g. "
+                    f"'pissa_niter_4'), got {init!r}")
+
+
+def changes_base(init: str) -> bool:
+    """Whether `init` moves part of W into the factors (the graph's base becomes W − s · B A)."""
+    return init in BASE_CHANGING or bool(_NITER.fullmatch(init))
+
+
+def uses_weight(init: str) -> bool:
+    return changes_base(init)
+
+
+def check_method(method) -> None:
+    """Options PEFT refuses with these inits: LoRA bias (only with the default init), an odd
+    rank for orthogonal; and a negative alpha for PiSSA (√ of a negative scale)."""
+    init = method.init
+    if init in ("default", "nonzero"):
+        return
+    if method.bias:
+        raise SpecError(f"LoRA(init={init!r}, bias=True): a LoRA bias is only allowed with the default init "
+                        "(PEFT refuses it too); use bias=False or init='default'")
+    if init.startswith("pissa") and method.alpha < 0:
+        raise SpecError(f"LoRA(init={init!r}, alpha={method.alpha:g}): PiSSA puts √(S / s) into both factors, "
+                        "which needs a positive scale s = alpha / r; use alpha > 0")
+    if init == "orthogonal" and method.rank % 2:
+        raise SpecError(f"LoRA(init='orthogonal') needs an even rank (A and B take alternate rows of an "
+                        f"r x r orthogonal matrix), got rank={method.rank}; use rank={method.rank + 1}")
+
+
+def check_target(init: str, target, rank: int) -> None:
+    """These inits work on linear weights only; the base-changing ones need r ≤ min(out, in)
+    and a float base."""
+    if init in ("default", "nonzero"):
+        return
+    from ..graph.op_kinds import LinearKind
+    if not isinstance(target.kind, LinearKind):
+        raise SpecError(f"LoRA(init={init!r}) cannot adapt {target.name}, a {target.kind.name}: these inits are "
+                        "defined for linear layers only; give it its own LoRA with init='default' (a mixed spec)")
+    if changes_base(init):
+        if rank > min(target.out_features, target.in_features):
+            raise SpecError(f"LoRA(init={init!r}, rank={rank}) on {target.name} ({target.out_features} x "
+                            f"{target.in_features}): the rank must be at most min(out, in) = "
+                            f"{min(target.shape)}, the number of directions the decomposition has")
+        if target.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise SpecError(f"LoRA(init={init!r}) decomposes the weight of {target.name}, whose dtype is "
+                            f"{target.dtype}; run it on a float32, float16 or bfloat16 model")
+
+
+def peft_layer_draws(rank: int, in_features: int, out_features: int) -> None:
+    """Consume the random numbers PEFT's construction of lora_A (in → r) and lora_B (r → out) does."""
+    for shape in ((rank, in_features), (out_features, rank)):
+        nn.init.kaiming_uniform_(torch.empty(shape), a=math.sqrt(5))
+
+
+def random_factors(init: str, rank: int, in_features: int, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A (r, in), B (out, r)) in fp32 for the inits that draw without the weight."""
+    peft_layer_draws(rank, in_features, out_features)
+    if init == "gaussian":
+        return torch.randn(rank, in_features) / rank, torch.zeros(out_features, rank)
+    rotation, _ = torch.linalg.qr(torch.randn(rank, rank))
+    a = (torch.randn(in_features, rank // 2) @ rotation[0::2]).t() / 10.0
+    b = torch.randn(rank // 2, out_features).t() @ rotation[1::2] / 10.0
+    return a.contiguous(), b.contiguous()
+
+
+def weight_factors(init: str, weight: torch.Tensor, rank: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A (r, in), B (out, r)) in fp32 from W (out, in) for the base-changing inits."""
+    weight = weight.to(torch.float32)
+    out_features, in_features = weight.shape
+    peft_layer_draws(rank, in_features, out_features)
+    if init == "olora":
+        q, r = torch.linalg.qr(weight)
+        return r[:rank].contiguous(), q[:, :rank].contiguous()
+    niter = _NITER.fullmatch(init)
+    if niter:
+        left, values, right = torch.svd_lowrank(weight, rank, niter=int(niter.group(1)))
+        rows = right.t()
+    else:
+        left, values, rows = torch.linalg.svd(weight, full_matrices=False)
+        left, values, rows = left[:, :rank], values[:rank], rows[:rank]
+    root = torch.sqrt(values / scale)
+    return torch.diag(root) @ rows, left @ torch.diag(root)
+
+
+def residual(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """W − s · B A, computed in fp32 and returned in W's dtype (out, in)."""
+    return (weight.to(torch.float32) - scale * b @ a).to(weight.dtype)
