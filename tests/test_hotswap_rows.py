@@ -1,0 +1,168 @@
+"""Hot-swap slots (`rewrite(..., max_rank=R)`) and per-row adapters in PyTorch (`lfx.adapter_rows`).
+
+Oracles: PEFT 0.21 with identical weights — `prepare_model_for_compiled_hotswap` /
+`hotswap_adapter` for hot-swapping, `adapter_names=[...]` for mixed batches — and, for per-row
+training and generation, each row run alone with its adapter active. Compiled runs use the
+aot_eager backend under `error_on_recompile`: swapping adapters or row mixes must not recompile.
+One tiny Llama (hidden 32, 1 layer) shared by the module.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import peft
+import pytest
+import safetensors.torch
+import torch
+import transformers
+from peft.utils.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
+
+import lowrank_fx as lfx
+from lowrank_fx.errors import AdapterFileError, InputError, SpecError
+
+VOCAB = 128
+TARGETS = ["q_proj", "v_proj"]
+
+
+def tiny_llama() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, eos_token_id=3, pad_token_id=0,
+                                      bos_token_id=1)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(4, VOCAB, (4, 7), generator=torch.Generator().manual_seed(1))
+
+
+def logits(out) -> torch.Tensor:
+    return out["logits"] if isinstance(out, dict) else out.logits
+
+
+def peft_adapter(model, directory, rank, alpha, seed, targets=TARGETS, **options):
+    """A PEFT LoRA adapter with random (non-zero) factors, saved to `directory`; returns the PeftModel."""
+    torch.manual_seed(seed)
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False,
+                             **options)
+    peft_model = peft.get_peft_model(copy.deepcopy(model), config).eval()
+    peft_model.save_pretrained(directory)
+    return peft_model
+
+
+@pytest.fixture(scope="module")
+def adapters(model, tmp_path_factory):
+    """PEFT adapters of ranks 4, 8, 2 and 6 (rsLoRA), other alphas, on the same targets."""
+    root = tmp_path_factory.mktemp("hotswap")
+    made = {}
+    for name, rank, alpha, seed, options in [("a", 4, 8, 1, {}), ("b", 8, 3, 2, {}), ("c", 2, 5, 3, {}),
+                                           ("r", 6, 5, 7, {"use_rslora": True})]:
+        made[name] = (root / name, peft_adapter(model, root / name, rank, alpha, seed, **options))
+    return made
+
+
+def slot_graph(model, ids, max_rank=8, **options):
+    spec = lfx.Spec(targets=[f"*.{t}" for t in TARGETS], method=lfx.LoRA(rank=4, alpha=8, **options))
+    return lfx.rewrite(model, spec, example_inputs=(ids,), example_kwargs={"use_cache": False}, max_rank=max_rank)
+
+
+def rel(got, want) -> float:
+    return float((got - want).abs().max() / want.abs().max())
+
+
+# -- hot-swap ------------------------------------------------------------------------------------
+
+
+def test_hotswap_equals_peft_hotswap_and_never_recompiles(model, ids, adapters):
+    gm = lfx.load_peft(slot_graph(model, ids), adapters["a"][0]).eval()
+    ours = torch.compile(gm, backend="aot_eager", dynamic=False)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(model), adapters["a"][0]).eval()
+    prepare_model_for_compiled_hotswap(theirs, target_rank=8)
+    theirs = torch.compile(theirs, backend="aot_eager", dynamic=False)
+    errors = {}
+    with torch.no_grad():
+        errors["a"] = rel(logits(ours(ids)), logits(theirs(ids)))
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for name in ("b", "c", "a"):
+                lfx.load_peft(gm, adapters[name][0])
+                hotswap_adapter(theirs, str(adapters[name][0]), adapter_name="default")
+                got, want = logits(ours(ids)), logits(theirs(ids))
+                errors[name] = rel(got, want)
+                assert rel(got, logits(adapters[name][1](ids))) < 1e-5  # and PEFT's own, uncompiled
+            lfx.load_peft(gm, adapters["r"][0])  # PEFT's hotswap refuses another use_rslora; a slot takes it
+            errors["r"] = rel(logits(ours(ids)), logits(adapters["r"][1](ids)))
+    assert max(errors.values()) < 1e-5, errors
+
+
+def test_a_slot_saves_the_adapter_it_holds(model, ids, adapters, tmp_path):
+    gm = lfx.load_peft(slot_graph(model, ids), adapters["c"][0])
+    lfx.save_peft(gm, tmp_path / "back")
+    original = safetensors.torch.load_file(adapters["c"][0] / "adapter_model.safetensors")
+    saved = safetensors.torch.load_file(tmp_path / "back" / "adapter_model.safetensors")
+    assert sorted(saved) == sorted(original)
+    assert all(torch.equal(saved[k], original[k]) for k in original)  # rank 2, not padded to 8
+    lfx.save_adapters(gm, tmp_path / "c.safetensors")
+    spec = lfx.files.adapter_file.read_manifest(tmp_path / "c.safetensors")["adapters"]["default"]["spec"]
+    assert {rule["method"]["rank"] for rule in spec["rules"]} == {2}
+    plain = lfx.load_adapters(model, tmp_path / "c.safetensors", example_inputs=(ids,),
+                              example_kwargs={"use_cache": False})  # an ordinary graph, rank 2
+    with torch.no_grad():
+        assert rel(logits(plain(ids)), logits(adapters["c"][1](ids))) < 1e-5
+        state = {k: v.clone() for k, v in gm.state_dict().items()}
+        for p in gm.lowrank_fx.parameters():
+            p.zero_()
+        gm.load_state_dict(state)  # factors trimmed to rank 2 are padded back
+        assert rel(logits(gm(ids)), logits(adapters["c"][1](ids))) < 1e-5
+        lfx.load_peft(gm, adapters["b"][0])
+        with pytest.raises(InputError, match="has rank 2, but this hot-swap slot holds an adapter of rank 8"):
+            gm.load_state_dict(state)
+
+
+def test_a_slot_trains_like_the_unpadded_adapter(model, ids):
+    slot = slot_graph(model, ids, init="nonzero")
+    plain = lfx.rewrite(model, lfx.Spec(targets=[f"*.{t}" for t in TARGETS], method=lfx.LoRA(rank=4, alpha=8)),
+                        example_inputs=(ids,), example_kwargs={"use_cache": False})
+    unit = slot.lowrank_fx.default.lora.units["model-layers-0-self_attn-q_proj"]
+    with torch.no_grad():
+        for (name, p), (_, q) in zip(slot.lowrank_fx.default.named_parameters(), plain.lowrank_fx.default.named_parameters()):
+            q.copy_(p.narrow(0 if name.endswith("lora_A") else 1, 0, 4))
+    for graph in (slot, plain):
+        logits(graph(ids)).pow(2).mean().backward()
+    assert unit.lora_A.shape == (8, 32)
+    for (name, p), (_, q) in zip(slot.lowrank_fx.default.named_parameters(), plain.lowrank_fx.default.named_parameters()):
+        axis = 0 if name.endswith("lora_A") else 1
+        assert rel(p.grad.narrow(axis, 0, 4), q.grad) < 1e-5
+        assert not p.grad.narrow(axis, 4, 4).any()  # the padding stays zero
+
+
+def test_hotswap_refusals_leave_the_slot_as_it_was(model, ids, adapters, tmp_path):
+    gm = lfx.load_peft(slot_graph(model, ids), adapters["a"][0])
+    with torch.no_grad():
+        before = logits(gm(ids))
+    peft_adapter(model, tmp_path / "big", 16, 8, 4)
+    peft_adapter(model, tmp_path / "other", 4, 8, 5, targets=["q_proj", "k_proj"])
+    peft_adapter(model, tmp_path / "dora", 4, 8, 6, use_dora=True)
+    with pytest.raises(AdapterFileError, match="rank 16, above the slot's max_rank 8"):
+        lfx.load_peft(gm, tmp_path / "big")
+    with pytest.raises(AdapterFileError, match="exactly the slot's targets.*k_proj"):
+        lfx.load_peft(gm, tmp_path / "other")
+    with pytest.raises(AdapterFileError, match="DoRA; hot-swap supports plain LoRA"):
+        lfx.load_peft(gm, tmp_path / "dora")
+    with torch.no_grad():
+        assert torch.equal(logits(gm(ids)), before)
+    spec = lfx.Spec(targets=["*.q_proj"], method=lfx.LoRA(rank=4))
+    for method, message in [(lfx.LoRA(rank=4, dora=True), "uses DoRA"), (lfx.RandLoRA(rank=4), "uses RandLoRA"),
+                            (lfx.LoRA(rank=16), "rank 16 > max_rank 8")]:
+        with pytest.raises(SpecError, match=message):
+            lfx.rewrite(gm, lfx.Spec(targets=["*.k_proj"], method=method), adapter="second", max_rank=8)
+    for bad in (0, 2.5, True):
+        with pytest.raises(SpecError, match="max_rank must be a positive int"):
+            lfx.rewrite(gm, spec, adapter="second", max_rank=bad)
+    assert lfx.active_adapters(gm) == ["default"]
