@@ -18,6 +18,7 @@ from .methods.trainable_tokens import TrainableTokens
 from .passes.checkpoint_layers import checkpoint_layers
 from .passes.fold import fold as merge
 from .passes.fuse_sites import fuse_sites
+from .passes.row_gates import adapter_rows
 from .spec import Spec
 from .training.loraplus import loraplus_optimizer, loraplus_param_groups
 from .training.trainer import Trainer
@@ -33,5 +34,5 @@ __all__ = [
     "set_active_adapters", "active_adapters", "Trainer", "TrainingError",
     "quantize_base", "QuantizedBaseError", "fuse_sites",
     "generate", "export_generation", "GenerationExport", "GenerationSession",
-    "checkpoint_layers",
+    "checkpoint_layers", "adapter_rows",
 ]

@@ -84,8 +84,7 @@ def test_hotswap_equals_peft_hotswap_and_never_recompiles(model, ids, adapters):
     gm = lfx.load_peft(slot_graph(model, ids), adapters["a"][0]).eval()
     ours = torch.compile(gm, backend="aot_eager", dynamic=False)
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(model), adapters["a"][0]).eval()
-    prepare_model_for_compiled_hotswap(theirs, target_rank=8)
-    theirs = torch.compile(theirs, backend="aot_eager", dynamic=False)
+    prepare_model_for_compiled_hotswap(theirs, target_rank=8)  # padded as for compiling (run eagerly here)
     errors = {}
     with torch.no_grad():
         errors["a"] = rel(logits(ours(ids)), logits(theirs(ids)))
@@ -166,3 +165,115 @@ def test_hotswap_refusals_leave_the_slot_as_it_was(model, ids, adapters, tmp_pat
         with pytest.raises(SpecError, match="max_rank must be a positive int"):
             lfx.rewrite(gm, spec, adapter="second", max_rank=bad)
     assert lfx.active_adapters(gm) == ["default"]
+
+
+# -- per-row adapters ----------------------------------------------------------------------------
+
+MIX = ["one", "two", None, "one"]
+
+
+@pytest.fixture(scope="module")
+def two(model, ids, tmp_path_factory):
+    """PEFT adapters one (rank 4 on q, v) and two (rank 2 on q, v, down), and a graph holding both."""
+    root = tmp_path_factory.mktemp("rows")
+    torch.manual_seed(11)
+    theirs = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False), adapter_name="one")
+    theirs.add_adapter("two", peft.LoraConfig(r=2, lora_alpha=3, target_modules=[*TARGETS, "down_proj"],
+                                            init_lora_weights=False))
+    theirs.save_pretrained(root)  # adapters other than "default" go to root / name
+    gm = lfx.load_peft(model, root / "one", adapter="one", example_inputs=(ids,), example_kwargs={"use_cache": False})
+    gm = lfx.load_peft(gm, root / "two", adapter="two").eval()
+    return gm, theirs.eval()
+
+
+def single(gm, x, adapter):
+    """Logits of `x` with only `adapter` (None: none) active."""
+    lfx.set_active_adapters(gm, [] if adapter is None else [adapter])
+    try:
+        return logits(gm(x))
+    finally:
+        lfx.set_active_adapters(gm, ["one", "two"])
+
+
+def test_rows_equal_peft_adapter_names_and_each_rows_own_run(two, ids):
+    gm, theirs = two
+    with torch.no_grad():
+        before = logits(gm(ids))
+        with lfx.adapter_rows(gm, MIX):
+            got = logits(gm(ids))
+        want = theirs(ids, adapter_names=["one", "two", "__base__", "one"]).logits
+        assert rel(got, want) < 1e-5
+        for row, adapter in enumerate(MIX):
+            assert float((got[row] - single(gm, ids[row:row + 1], adapter)[0]).abs().max()) < 1e-6
+        assert lfx.active_adapters(gm) == ["one", "two"]  # restored: every row gets both adapters again
+        assert torch.equal(logits(gm(ids)), before)
+
+
+def test_rows_compiled_do_not_recompile_across_mixes(two, ids):
+    gm, _ = two
+    compiled = torch.compile(gm, backend="aot_eager", dynamic=False)
+    with torch.no_grad():
+        with lfx.adapter_rows(gm, MIX):
+            compiled(ids)  # the first per-row call compiles
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for mix in (["two", "two", "one", None], [None] * 4, ["one", None, "two", "two"]):
+                with lfx.adapter_rows(gm, mix):
+                    got = logits(compiled(ids))
+                with lfx.adapter_rows(gm, mix):
+                    want = logits(gm(ids))
+                assert float((got - want).abs().max()) < 1e-6
+                for row, adapter in enumerate(mix):
+                    assert float((got[row] - single(gm, ids[row:row + 1], adapter)[0]).abs().max()) < 1e-6
+
+
+def test_a_mixed_batch_trains_each_adapter_on_its_own_rows(two, ids):
+    gm, _ = two
+    params = dict(gm.lowrank_fx.named_parameters())
+    gm.train()
+    try:
+        for p in params.values():
+            p.requires_grad_(True)
+            p.grad = None
+        with lfx.adapter_rows(gm, MIX):
+            logits(gm(ids)).pow(2).sum().backward()
+        mixed = {name: p.grad.clone() for name, p in params.items()}
+        for p in params.values():
+            p.grad = None
+        for row, adapter in enumerate(MIX):
+            single(gm, ids[row:row + 1], adapter).pow(2).sum().backward()
+        for name, p in params.items():
+            assert rel(mixed[name], p.grad) < 1e-5, name
+        assert all(p.grad.abs().max() > 0 for p in params.values())  # both adapters had rows to learn from
+    finally:
+        gm.eval()
+        for p in params.values():
+            p.grad = None
+
+
+def test_generate_rows_equal_each_rows_own_generation(two, ids):
+    gm, _ = two
+    prompts = ids[:, :5]
+    together = lfx.generate(gm, prompts, rows=MIX, max_new_tokens=6, eos_token_id=[])
+    for row, adapter in enumerate(MIX):
+        alone = lfx.generate(gm, prompts[row:row + 1], adapter=[] if adapter is None else [adapter],
+                             max_new_tokens=6, eos_token_id=[])
+        assert torch.equal(together[row], alone[0])
+    assert lfx.active_adapters(gm) == ["one", "two"]
+
+
+def test_bad_rows_are_refused(two, ids):
+    gm, _ = two
+    for rows, message in [(["one", "three", None, "one"], "'three', not adapters of this graph"),
+                          ("one", "one adapter name"), ([], "non-empty list")]:
+        with pytest.raises(InputError, match=message):
+            with lfx.adapter_rows(gm, rows):
+                pass
+    with pytest.raises(InputError, match="names 3 rows, but the batch has 4"), torch.no_grad():
+        with lfx.adapter_rows(gm, ["one", "two", None]):
+            gm(ids)
+    assert lfx.active_adapters(gm) == ["one", "two"]  # restored after the error
+    with pytest.raises(InputError, match="either adapter= .* or rows="):
+        lfx.generate(gm, ids, adapter="one", rows=MIX, max_new_tokens=1)
+    with pytest.raises(InputError, match="rows names 2 adapters for 4 prompts"):
+        lfx.generate(gm, ids, rows=["one", None], max_new_tokens=1)

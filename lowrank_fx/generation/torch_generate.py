@@ -30,6 +30,7 @@ from ..graph.gates import GATES, active_adapters, set_active_adapters
 from ..graph.record import Record
 from .decode_graph import LAYOUT, decode_graph, share_adapters, use_base_of
 from .loop import Generated, Sampling, check_count, eos_list, run
+from .rows import row_generation
 
 
 @dataclasses.dataclass
@@ -115,7 +116,7 @@ def generate(gm: fx.GraphModule, input_ids, attention_mask=None, adapter: str | 
              max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
              seed: int | None = None, compile=False, model: nn.Module | None = None,
-             output_logits: bool = False):
+             output_logits: bool = False, rows: Sequence[str | None] | None = None):
     """Generate tokens with `gm`'s adapters unmerged; returns (batch, prompt + new) int64, as transformers.
 
     adapter: which adapters to apply, as `lfx.set_active_adapters` takes them (a name, a list,
@@ -125,6 +126,8 @@ def generate(gm: fx.GraphModule, input_ids, attention_mask=None, adapter: str | 
     (loop.py). compile: False, True, a torch.compile backend name, or a dict of its options.
     model: the Hugging Face model gm was rewritten from (default: the one rewrite captured).
     output_logits=True returns a `Generated` (sequences, per-step logits) instead.
+    rows: one adapter name (or None, the base model) per batch row, instead of `adapter`: the
+    rows are generated together, each with its own adapter (`lfx.adapter_rows`).
     """
     check_count(max_new_tokens)
     decode = decoder_for(gm, model)
@@ -147,11 +150,12 @@ def generate(gm: fx.GraphModule, input_ids, attention_mask=None, adapter: str | 
         return out["logits"].cpu(), out["present"]
 
     record = Record.find(gm)
+    per_row = row_generation(gm, decode, input_ids, adapter, rows)
     previous = active_adapters(gm) if record.adapters else None
     if adapter is not None:
         set_active_adapters(gm, adapter)
     try:
-        with eval_mode(decode), torch.no_grad():
+        with eval_mode(decode), torch.no_grad(), per_row:
             result = run(step, input_ids, attention_mask, max_new_tokens=max_new_tokens,
                          sampling=Sampling(do_sample, temperature, top_k, top_p), eos_token_id=eos,
                          pad_token_id=pad, seed=seed, vocab=getattr(_text_config(model), "vocab_size", None))
