@@ -20,6 +20,7 @@ from peft.utils.hotswap import hotswap_adapter, prepare_model_for_compiled_hotsw
 
 import lowrank_fx as lfx
 from lowrank_fx.errors import AdapterFileError, InputError, SpecError
+from lowrank_fx.generation.torch_generate import decoder_for
 
 VOCAB = 128
 TARGETS = ["q_proj", "v_proj"]
@@ -277,3 +278,17 @@ def test_bad_rows_are_refused(two, ids):
         lfx.generate(gm, ids, adapter="one", rows=MIX, max_new_tokens=1)
     with pytest.raises(InputError, match="rows names 2 adapters for 4 prompts"):
         lfx.generate(gm, ids, rows=["one", None], max_new_tokens=1)
+
+
+def test_generation_follows_a_swap_without_a_new_decode_graph(model, ids, adapters):
+    gm = lfx.load_peft(slot_graph(model, ids), adapters["a"][0])
+    prompt = ids[:2, :4]
+    lfx.generate(gm, prompt, max_new_tokens=1)
+    decode = decoder_for(gm)
+    lfx.load_peft(gm, adapters["b"][0])
+    got = lfx.generate(gm, prompt, max_new_tokens=5, eos_token_id=[])
+    assert decoder_for(gm) is decode  # no new capture: the slot's modules were written in place
+    with torch.no_grad():
+        want = adapters["b"][1].generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5,
+                                         do_sample=False, eos_token_id=None, pad_token_id=0, min_new_tokens=5)
+    assert torch.equal(got, want)

@@ -64,7 +64,8 @@ def decoder_for(gm: fx.GraphModule, model: nn.Module | None = None) -> fx.GraphM
         )
     model = _model(gm, model)
     record = Record.find(gm)
-    key = (id(model), tuple((name, id(info.spec)) for name, info in record.adapters.items()))
+    # a hot-swap slot keeps its modules when another adapter is swapped in: the decode graph stays
+    key = (id(model), tuple((name, info.max_rank or id(info.spec)) for name, info in record.adapters.items()))
     entry = _DECODERS.get(gm)
     if entry is not None and entry.key == key:
         return entry.decode
