@@ -22,6 +22,7 @@ from .methods.trainable_tokens import TrainableTokens
 from .passes.checkpoint_layers import checkpoint_layers
 from .passes.fold import fold as merge
 from .passes.fuse_sites import fuse_sites
+from .passes.row_gates import adapter_rows
 from .spec import Spec
 from .training.loraplus import loraplus_optimizer, loraplus_param_groups
 from .training.trainer import Trainer
@@ -38,5 +39,5 @@ __all__ = [
     "quantize_base", "QuantizedBaseError", "fuse_sites",
     "generate", "export_generation", "GenerationExport", "GenerationSession",
     "checkpoint_layers", "experts_implementation",
-    "combine_adapters", "delete_adapter", "adapters_disabled",
+    "combine_adapters", "delete_adapter", "adapters_disabled", "adapter_rows",
 ]

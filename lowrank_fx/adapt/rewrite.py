@@ -14,6 +14,7 @@ from ..passes.layers import candidates, structure, unstructure
 from ..passes.train_modules import add_trained, check_trained, drop_trained, refuse_trained_targets, resolve_trained
 from ..spec import Spec, _compile
 from .capture import capture, source_model
+from .hotswap import check_max_rank, make_slot, slot_problems
 from .vision_features import warn_unread_layers
 
 
@@ -76,7 +77,7 @@ def _raise_if_not_linear(gm, spec, targets, heads, err):
 
 def rewrite(model, spec: Spec, example_inputs=None, example_kwargs=None, adapter: str = "default",
             dynamic: bool = True, dynamic_shapes=None, cache_dir=None, layers=None,
-            trace_blocks: bool = True) -> fx.GraphModule:
+            trace_blocks: bool = True, max_rank: int | None = None) -> fx.GraphModule:
     """Capture `model` and add the adapter `adapter` described by `spec`.
 
     Returns a GraphModule whose base weights are frozen and whose adapter parameters (this
@@ -99,9 +100,14 @@ def rewrite(model, spec: Spec, example_inputs=None, example_kwargs=None, adapter
     passes/repeat_blocks.py); False traces every child.
     Targets in vision layers a LLaVA-shaped model never feeds its language model (those after
     config.vision_feature_layer) are adapted with a warning (vision_features.py).
+    `max_rank=R` makes the adapter a hot-swap slot (adapt/hotswap.py): its LoRA factors are
+    padded with zeros to rank R and its scale is a buffer, so loading any LoRA adapter of rank
+    <= R into it (`load_adapters` / `load_peft` under the same adapter name) changes values
+    only, and a compiled graph does not recompile.
     """
     check_adapter_name(adapter)
     _require_spec(spec)
+    check_max_rank(max_rank)
     gm = capture(model, example_inputs, example_kwargs, dynamic=dynamic, dynamic_shapes=dynamic_shapes,
                  cache_dir=cache_dir, trace_blocks=trace_blocks)
     record = Record.find(gm)
@@ -110,7 +116,7 @@ def rewrite(model, spec: Spec, example_inputs=None, example_kwargs=None, adapter
     if layers is not None and not kept:
         candidates(gm, layers)  # a bad layers= is refused before anything changes
     try:
-        _add_adapter(gm, record, spec, adapter)
+        _add_adapter(gm, record, spec, adapter, max_rank)
         warn_unread_layers(source_model(gm), list(record.adapters[adapter].groups))
     finally:
         if kept:
@@ -122,7 +128,7 @@ def rewrite(model, spec: Spec, example_inputs=None, example_kwargs=None, adapter
     return gm
 
 
-def _add_adapter(gm: fx.GraphModule, record: Record, spec: Spec, adapter: str) -> None:
+def _add_adapter(gm: fx.GraphModule, record: Record, spec: Spec, adapter: str, max_rank: int | None = None) -> None:
     if adapter in record.adapters:
         raise SpecError(
             f"this graph already has an adapter named {adapter!r}; pass adapter='<another name>' "
@@ -135,10 +141,14 @@ def _add_adapter(gm: fx.GraphModule, record: Record, spec: Spec, adapter: str) -
         raise
     trained = resolve_trained(gm, spec)
     check_trained(gm, adapter, trained)
+    if max_rank is not None:
+        slot_problems(adapter, assignment, targets, spec, max_rank)  # refused before the graph changes
     groups = inject(gm, adapter, assignment, targets) if assignment else {}
     add_trained(gm, adapter, trained)  # Spec.train: the adapter's own copies (passes/train_modules.py)
     record.adapters[adapter] = AdapterInfo(spec=spec, groups=groups)
     for param in gm.parameters():
         param.requires_grad_(False)
+    if max_rank is not None:
+        make_slot(gm, adapter, max_rank)
     for param in getattr(gm, CONTAINER)[adapter].parameters():
         param.requires_grad_(True)

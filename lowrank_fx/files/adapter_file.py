@@ -39,6 +39,7 @@ import torch
 from torch import fx, nn
 
 from ..adapt.capture import capture
+from ..adapt.hotswap import slot_scales
 from ..adapt.rewrite import resolve
 from ..errors import AdapterFileError
 from ..graph.dtensors import whole, writes_files
@@ -83,7 +84,7 @@ def _buffers_to_keep(gm: fx.GraphModule, adapter: str, include_buffers: bool) ->
     """Non-persistent buffers to store: all of them if asked, else those the spec would not regenerate."""
     module = getattr(gm, CONTAINER)[adapter]
     persistent = module.state_dict()
-    buffers = {key: buf for key, buf in module.named_buffers() if key not in persistent}
+    buffers = {key: buf for key, buf in module.named_buffers() if key not in persistent and key not in slot_scales(module)}
     if include_buffers or not buffers:
         return buffers
     targets, assignment = resolve(gm, Record.find(gm).adapters[adapter].spec)

@@ -25,6 +25,7 @@ import dataclasses
 import torch
 from torch import fx, nn
 
+from ..adapt.hotswap import swap_in, swap_problems
 from ..adapt.rewrite import resolve, rewrite
 from ..errors import AdapterFileError, LowRankFxError, nearest
 from ..graph.dtensors import like_slot
@@ -33,6 +34,7 @@ from ..graph.folded import marks_in
 from ..graph.record import CONTAINER, Record
 from ..graph.targets import find_targets
 from ..methods.base import unit_key
+from ..passes.layers import flat_view
 from ..methods.trained import TRAINED, build_trained
 from ..passes.inject import build_groups
 from ..passes.train_modules import check_trained, resolve_trained
@@ -50,6 +52,7 @@ class Placement:
     adapter: str
     spec: Spec
     exists: bool  # the graph already has this adapter
+    swap: bool = False  # it is a hot-swap slot, and `module` the loaded adapter built apart (adapt/hotswap.py)
     module: nn.Module | None = None  # holds the tensors the values must fit
     group_of: dict[str, str] = dataclasses.field(default_factory=dict)  # target -> group
     problems: list[str] = dataclasses.field(default_factory=list)
@@ -153,7 +156,13 @@ def place(gm: fx.GraphModule, adapter: str, spec: Spec, shapes: dict[str, tuple[
         placement.problems.append(f"on this graph its spec selects other targets than the file holds: {'; '.join(parts)}")
         return placement
     trained = resolve_trained(gm, spec)  # resolve checked its patterns
-    if placement.exists:
+    if placement.exists and record.adapters[adapter].max_rank is not None:
+        _, current = resolve(gm, record.adapters[adapter].spec)
+        placement.problems += swap_problems(gm, adapter, current, assignment)
+        if trained.params:
+            placement.problems.append("it trains whole modules (Spec.train); a hot-swap slot holds LoRA factors only")
+        placement.exists = placement.swap = True
+    elif placement.exists:
         info = record.adapters[adapter]
         _, current = resolve(gm, info.spec)
         placement.problems += _method_problems(current, assignment)
@@ -164,6 +173,8 @@ def place(gm: fx.GraphModule, adapter: str, spec: Spec, shapes: dict[str, tuple[
                 + [f"the file also trains {_listed(only_file)}"] * bool(only_file)))
         placement.module = getattr(gm, CONTAINER)[adapter]
         placement.group_of = dict(info.groups)
+        return placement
+    if placement.problems:
         return placement
     try:
         with torch.random.fork_rng(devices=[]):
@@ -259,6 +270,9 @@ def install(gm: fx.GraphModule, items: list[tuple[Placement, dict[str, torch.Ten
     container = getattr(gm, CONTAINER)
     with torch.no_grad():
         for placement, tensors in items:
+            if placement.swap:
+                swap_in(flat_view(gm), placement.adapter, placement.spec, placement.module, placement.group_of, tensors)
+                continue
             required, optional = _slots(container[placement.adapter])
             for key, value in tensors.items():
                 slot = required.get(key, optional.get(key))

@@ -46,6 +46,7 @@ import torch
 from torch import fx, nn
 
 from ..adapt.capture import capture
+from ..adapt.hotswap import loaded_factor
 from ..adapt.rewrite import resolve
 from ..errors import AdapterFileError, LowRankFxError
 from ..graph.dtensors import whole, writes_files
@@ -414,7 +415,8 @@ def _peft_files(gm: fx.GraphModule, adapter: str | None, base_model_name_or_path
     for target, method in methods.items():
         group = groups[record.adapters[name].groups[target]]
         unit, module = group.units[unit_key(target)], _peft_module(target, methods, record)
-        ours = {param: _to_peft(param, getattr(unit, param), targets[target], unit) for param in _suffixes(entry, unit, targets[target])}
+        ours = {param: _to_peft(param, loaded_factor(unit, param), targets[target], unit)  # a hot-swap slot: trimmed
+                for param in _suffixes(entry, unit, targets[target])}
         ours = _parameter_factors(ours, targets[target], target in bare)
         if target in stacks:
             module, ours = peft_path(target, targets, record, {"target_parameters": stacks}), peft_factors(unit)

@@ -26,6 +26,7 @@ from torch import fx, nn
 from torch.export import Dim
 
 from ..adapt.capture import capture, tensor_aliases
+from ..adapt.hotswap import make_slot
 from ..errors import ModelTypeError, SpecError
 from ..graph.gates import GATES
 from ..graph.module_copy import copy_call_specs
@@ -175,6 +176,8 @@ def share_adapters(decode: fx.GraphModule, sources: list[tuple[str, fx.GraphModu
         bound = {method: method.for_graph(decode) for method in set(assignment.values())}
         groups = inject(decode, name, {n: bound[m] for n, m in assignment.items()}, targets)
         record.adapters[name] = AdapterInfo(spec=spec, groups=groups)
+        if info.max_rank is not None:  # a hot-swap slot: padded alike (adapt/hotswap.py)
+            make_slot(decode, name, info.max_rank)
         if groups != info.groups:
             moved = sorted(t for t in wanted if groups.get(t) != info.groups.get(t))
             raise SpecError(f"adapter {source_name!r}: targets {moved[:6]} fall into other groups in the decode graph")

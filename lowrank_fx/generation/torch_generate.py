@@ -31,6 +31,7 @@ from ..graph.record import Record
 from .decode_graph import LAYOUT, decode_graph, share_adapters, use_base_of
 from .beam import check_beams, reorder_tensors, run_beams
 from .loop import Generated, Sampling, check_count, eos_list, run
+from .rows import row_generation
 
 
 @dataclasses.dataclass
@@ -64,7 +65,8 @@ def decoder_for(gm: fx.GraphModule, model: nn.Module | None = None) -> fx.GraphM
         )
     model = _model(gm, model)
     record = Record.find(gm)
-    key = (id(model), tuple((name, id(info.spec)) for name, info in record.adapters.items()))
+    # a hot-swap slot keeps its modules when another adapter is swapped in: the decode graph stays
+    key = (id(model), tuple((name, info.max_rank or id(info.spec)) for name, info in record.adapters.items()))
     entry = _DECODERS.get(gm)
     if entry is not None and entry.key == key:
         return entry.decode
@@ -116,7 +118,8 @@ def generate(gm: fx.GraphModule, input_ids, attention_mask=None, adapter: str | 
              max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
              seed: int | None = None, num_beams: int = 1, length_penalty: float = 1.0, early_stopping=False,
-             compile=False, model: nn.Module | None = None, output_logits: bool = False):
+             compile=False, model: nn.Module | None = None, output_logits: bool = False,
+             rows: Sequence[str | None] | None = None):
     """Generate tokens with `gm`'s adapters unmerged; returns (batch, prompt + new) int64, as transformers.
 
     adapter: which adapters to apply, as `lfx.set_active_adapters` takes them (a name, a list,
@@ -124,15 +127,21 @@ def generate(gm: fx.GraphModule, input_ids, attention_mask=None, adapter: str | 
     eos_token_id / pad_token_id: None takes the model's generation config (pad: else the first
     EOS id); eos_token_id=[] never stops early. Left or right padding by attention_mask
     (loop.py). num_beams > 1: beam search as transformers' (beam.py), with length_penalty
-    and early_stopping (True, False or "never"); greedy only (do_sample=False). compile: False, True, a torch.compile backend name, or a dict of its options.
+    and early_stopping (True, False or "never"); greedy only (do_sample=False), one adapter set.
+    compile: False, True, a torch.compile backend name, or a dict of its options.
     model: the Hugging Face model gm was rewritten from (default: the one rewrite captured).
     output_logits=True returns a `Generated` (sequences, per-step logits) instead.
+    rows: one adapter name (or None, the base model) per batch row, instead of `adapter`: the
+    rows are generated together, each with its own adapter (`lfx.adapter_rows`).
     """
     check_count(max_new_tokens)
     check_beams(num_beams, length_penalty, early_stopping)
     if num_beams > 1 and do_sample:
         raise SpecError("beam search here is deterministic: pass do_sample=False with num_beams > 1 "
                         "(or num_beams=1 to sample)")
+    if num_beams > 1 and rows is not None:
+        raise SpecError("beam search with per-row adapters is not supported: generate each adapter's rows "
+                        "with its own call (adapter=...), or pass num_beams=1 with rows=")
     decode = decoder_for(gm, model)
     model = _model(gm, model)
     eos, pad = default_ids(model, eos_token_id, pad_token_id)
@@ -153,11 +162,12 @@ def generate(gm: fx.GraphModule, input_ids, attention_mask=None, adapter: str | 
         return out["logits"].cpu(), out["present"]
 
     record = Record.find(gm)
+    per_row = row_generation(gm, decode, input_ids, adapter, rows)
     previous = active_adapters(gm) if record.adapters else None
     if adapter is not None:
         set_active_adapters(gm, adapter)
     try:
-        with eval_mode(decode), torch.no_grad():
+        with eval_mode(decode), torch.no_grad(), per_row:
             vocab = getattr(_text_config(model), "vocab_size", None)
             if num_beams > 1:
                 result = run_beams(step, reorder_tensors, input_ids, attention_mask, max_new_tokens=max_new_tokens,

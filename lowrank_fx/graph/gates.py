@@ -98,6 +98,6 @@ def ungate(graph: fx.Graph) -> None:
             node.target, node.args = torch.ops.aten.add.Tensor, node.args[:2]
         elif role == "select":
             node.args = node.args[:2]
-    for node, role in roles.items():
+    for node, role in reversed(roles.items()):  # users first: a per-row weight reads the gate (passes/row_gates.py)
         if role == "gate" and not node.users:
             graph.erase_node(node)

@@ -22,6 +22,7 @@ CONTAINER = "lowrank_fx"  # gm.lowrank_fx[adapter][group] holds the adapter modu
 class AdapterInfo:
     spec: object  # the Spec it was made from
     groups: dict[str, str]  # target name -> group name inside gm.lowrank_fx[adapter]
+    max_rank: int | None = None  # a hot-swap slot's padded rank (adapt/hotswap.py)
 
 
 @dataclasses.dataclass

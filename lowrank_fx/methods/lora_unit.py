@@ -153,7 +153,7 @@ class LoRAUnit(Unit):
         with torch.no_grad():
             rows = torch.linalg.vector_norm(self.lora_B.detach().flatten(1), ord=1, dim=1).max()
             entries = torch.linalg.vector_norm(self.lora_A.detach(), ord=float("inf"))
-            return abs(self.scale) * float(rows) * float(entries)
+            return abs(float(self.scale)) * float(rows) * float(entries)
 
     def delta_bias(self) -> torch.Tensor | None:
         if self.lora_B_bias is None:

@@ -16,6 +16,7 @@ from ..graph.targets import Target, weight_operand
 from ..methods.base import unit_key
 from .fold_updates import merged_bias
 from .quantized_fold import region_bias
+from .row_gates import ROW_GATES
 
 UNTIED = "lowrank_fx_untied"
 
@@ -112,7 +113,7 @@ def remove_adapter_nodes(gm: fx.GraphModule) -> None:
     for node in list(gm.graph.nodes):
         if node.op == "get_attr" and not node.users:
             gm.graph.erase_node(node)
-    for container in (CONTAINER, GATES):
+    for container in (CONTAINER, GATES, ROW_GATES):
         if hasattr(gm, container):
             gm.delete_submodule(container)
 
