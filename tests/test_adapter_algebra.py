@@ -303,9 +303,11 @@ def refusal_graph(base):
 def test_refusals_leave_the_graph_unchanged(base, call, message):
     gm = refusal_graph(base)
     before = (list(Record.find(gm).adapters), lfx.active_adapters(gm), gm.code)
+    state = {key: value.clone() for key, value in gm.state_dict().items()}
     with pytest.raises(lfx.LowRankFxError, match=message):
         call(gm)
     assert (list(Record.find(gm).adapters), lfx.active_adapters(gm), gm.code) == before
+    assert gm.state_dict().keys() == state.keys() and all(torch.equal(gm.state_dict()[k], v) for k, v in state.items())
 
 
 def read_metadata(path):

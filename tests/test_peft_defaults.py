@@ -245,3 +245,34 @@ def test_trained_bias_conflicts_and_non_bias_parameters(tmp_path):
                      example_inputs=(x,))
     with pytest.raises(lfx.AdapterFileError, match=r"not biases \(lin1\.weight\); PEFT trains single parameters only"):
         lfx.save_peft(gm, tmp_path / "weight")
+
+
+def test_all_biases_beside_a_saved_module(tmp_path):
+    """bias="all" with modules_to_save: PEFT also stores the wrapper's biases (the copy's, and the
+    original module's, which must be the model's)."""
+    model, x = pm.build("MLP"), pm.INPUTS["MLP"]()
+    theirs = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
+        target_modules=["lin0"], modules_to_save=["lin1"], bias="all", init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in theirs.named_parameters():
+            if param.requires_grad and "lora_" not in name and "original_module" not in name:
+                param.add_(torch.randn_like(param))
+    theirs.eval().save_pretrained(tmp_path / "peft")
+    assert {"base_model.model.lin1.modules_to_save.bias", "base_model.model.lin1.original_module.bias"} <= set(
+        keys(tmp_path / "peft"))
+    gm = lfx.load_peft(copy.deepcopy(model), tmp_path / "peft", example_inputs=(x,)).eval()
+    with torch.no_grad():
+        expected = theirs(x)
+        assert rel(gm(x), model(x)) > 1e-3
+        assert rel(gm(x), expected) <= TOL
+    lfx.save_peft(gm, tmp_path / "back")
+    assert json.loads((tmp_path / "back" / "adapter_config.json").read_text())["bias"] == "all"
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "back").eval()
+    with torch.no_grad():
+        assert rel(again(x), expected) <= TOL
+
+    with torch.no_grad():
+        theirs.base_model.model.lin1.original_module.bias.add_(0.5)
+    theirs.save_pretrained(tmp_path / "moved")
+    with pytest.raises(lfx.AdapterFileError, match=r"lin1\.bias: differs from the model's by up to 0\.5"):
+        lfx.load_peft(copy.deepcopy(model), tmp_path / "moved", example_inputs=(x,))

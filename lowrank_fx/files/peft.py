@@ -61,7 +61,7 @@ from ..spec import ALL_LINEAR, Spec
 from .atomic import write_atomic
 from .into_graph import install, place
 from .peft_base import check_base, split_base
-from .peft_bias import bias_config_and_tensors, split_biases, with_biases
+from .peft_bias import bias_config_and_tensors, split_biases, unwrap_saved, with_biases
 from .peft_experts import experts_units, one_expert, peft_factors, peft_path
 from .peft_formats import FORMATS, PeftFormat, unsupported
 from .peft_groups import mixes_groups, to_full, to_grouped
@@ -265,9 +265,10 @@ def load_peft(model, directory: str | os.PathLike, adapter: str = "default", exa
     `model` is a GraphModule (rewritten or not) or a model to capture with `example_inputs` /
     `example_kwargs`. If the graph already has `adapter`, its targets and settings must match
     the PEFT adapter; otherwise it is added. `modules_to_save` become the adapter's trained
-    modules (`Spec.train`, peft_saved.py). Unsupported PEFT settings (biases,
-    base-modifying initialisations, other PEFT methods) raise AdapterFileError naming them,
-    and nothing changes.
+    modules (`Spec.train`, peft_saved.py), and bias="all" / "lora_only" trained biases
+    (peft_bias.py); stored base embedding tables must be the model's (peft_base.py).
+    Unsupported PEFT settings (other bias values, base-modifying initialisations, other PEFT
+    methods) raise AdapterFileError naming them, and nothing changes.
     """
     directory = Path(directory)
     config = _read_config(directory)
@@ -281,6 +282,8 @@ def load_peft(model, directory: str | os.PathLike, adapter: str = "default", exa
     saved, tensors = split_saved(config, _read_tensors(directory), PREFIX)  # modules_to_save: trained copies
     biases, tensors = split_biases(config, tensors, PREFIX, entry.tensors)  # bias="all" / "lora_only"
     base, tensors = split_base(tensors, PREFIX, entry.tensors)  # embedding tables: must be the model's
+    saved, wrapped = unwrap_saved(saved)  # bias="all" inside PEFT's modules_to_save wrapper
+    base.update(wrapped)
     units, shared, problems = _split(entry, tensors)
     structured, stacks = None, set()
     if config.get("target_parameters") and not problems:  # expert stacks: their shapes need the graph

@@ -6,7 +6,8 @@ embedding tables (`...embed_tokens.weight`, `lm_head.weight`) when the vocabular
 or with save_embedding_layers=True; PEFT's loader writes them over the model's. lowrank_fx
 never changes base weights when it loads an adapter, so each stored table must equal the
 model's bit for bit (after a cast to the model's dtype); otherwise loading is refused with the
-largest difference.
+largest difference. The same holds for the base biases PEFT stores with bias="all" inside a
+modules_to_save wrapper (`lin1.original_module.bias`, peft_bias.py).
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def check_base(gm: fx.GraphModule, base: dict[str, torch.Tensor], source: str) -
     if problems:
         raise AdapterFileError(
             f"{source} stores base weights that are not this model's (PEFT saves embedding tables with "
-            "save_embedding_layers), and lowrank_fx does not overwrite base weights when it loads an adapter; "
+            "save_embedding_layers, and with bias='all' the original module beside a modules_to_save copy), "
+            "and lowrank_fx does not overwrite base weights when it loads an adapter; "
             "nothing was loaded:\n" + "\n".join(f"  - {p}" for p in problems)
             + "\nUse the model the adapter was trained on; if its vocabulary was resized for training, resize "
               "this model the same way and copy the stored tables into it first"

@@ -44,6 +44,26 @@ def split_biases(config: dict, tensors: dict[str, torch.Tensor], prefix: str, su
     return biases, rest
 
 
+def unwrap_saved(saved: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """(the modules_to_save copies, {parameter path: base value}) from `split_saved`'s tensors.
+    With bias="all" PEFT also stores the biases inside its modules_to_save wrapper: the copy's
+    (`lin1.modules_to_save.bias`, the same tensor as `lin1.bias`) and the original module's
+    (`lin1.original_module.bias`, the base, which must be the model's: peft_base.py)."""
+    copies, base = {}, {}
+    for path, value in saved.items():
+        if ".original_module." in path:
+            base[path.replace(".original_module.", ".")] = value
+        elif ".modules_to_save." in path:
+            plain = path.replace(".modules_to_save.", ".")
+            if plain in saved and not torch.equal(saved[plain], value):
+                copies[path] = value  # two different copies of one parameter: reported as a tensor too many
+            else:
+                copies.setdefault(plain, value)
+        else:
+            copies[path] = value
+    return copies, base
+
+
 def with_biases(spec: Spec, biases: dict[str, torch.Tensor]) -> Spec:
     """`spec` also training each of these biases, as a single parameter."""
     if not biases:
@@ -75,17 +95,14 @@ def bias_config_and_tensors(gm: fx.GraphModule, adapter: str, modules: dict[str,
             "(modules_to_save) or biases instead"
         )
     copies = trained_group(gm, adapter).copies()
-    names = _names(gm)
-    single = set(trained.single)
-    biases = {}  # every bias of the chosen set: {original name: value}
+    names = {graph_name: aliases for graph_name, aliases in _names(gm).items()  # modules_to_save writes those
+             if not any(a.startswith(m + ".") for a in aliases for m in trained.modules)}
     adapted = {f"{target}.bias" for target in modules}
     every = {a for aliases in names.values() for a in aliases if a.endswith(".bias")}
+    single = set(trained.single)
     setting = "lora_only" if single <= adapted and not every <= single else "all"
-    in_modules = {name for name in copies  # copies of whole trained modules: modules_to_save writes them
-                  if any(a.startswith(m + ".") for a in names.get(name, [name]) for m in trained.modules)}
+    biases = {}  # every bias of the chosen set: {original name: value}
     for graph_name, aliases in names.items():
-        if graph_name in in_modules:
-            continue
         name = next((a for a in aliases if a.endswith(".bias") and (setting == "all" or a in adapted)), None)
         if name is not None:
             biases[name] = copies.get(graph_name, gm.get_parameter(graph_name))

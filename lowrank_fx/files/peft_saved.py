@@ -10,7 +10,8 @@ difference in the all-or-nothing report. Names that match no module (PEFT's sequ
 classification adds "classifier" and "score" to every config) are left out. Buffers
 (batch-norm statistics) have no trained copy here and are refused. Saving writes the
 adapter's trained modules as `modules_to_save` and each copy under every name the original
-model has for its parameter.
+model has for its parameter; trained single parameters (`train=["*.bias"]`) are PEFT's
+trained biases instead (peft_bias.py).
 """
 
 from __future__ import annotations

@@ -45,8 +45,8 @@ class LoRAUnit(Unit):
         groups = kind.groups if isinstance(kind, ConvKind) else 1
         self.mixed_groups = mixed_groups and groups > 1  # A over every input channel (module docstring)
         if isinstance(kind, ConvKind):
-            a_groups = 1 if self.mixed_groups else groups
-            a_shape = (rank, target.in_features // kind.kernel_size * groups // a_groups, *kind.kernel)
+            per_group = target.in_features // kind.kernel_size  # in / g input channels
+            a_shape = (rank, per_group * groups if self.mixed_groups else per_group, *kind.kernel)
             b_shape = (target.out_features, rank // groups, *(1,) * kind.dims)
         else:
             a_shape, b_shape = (rank, target.in_features), (target.out_features, rank)
