@@ -105,9 +105,13 @@ def check_adapter(gm: fx.GraphModule, adapter: str) -> None:
 
 
 def _structure(module: nn.Module) -> dict:
-    """What must be equal for two adapters to share a graph, besides their parameters."""
-    plain = {k: v for k, v in vars(module).items() if not k.startswith("_") and k not in ("training", SCALE)}
-    return {"type": type(module).__name__, **plain}
+    """What must be equal for two adapters to share a graph, besides their parameters. How the
+    factors were initialised does not matter; a base the init changed (PiSSA's residual, the
+    adapter's own) is never shared."""
+    plain = {k: v for k, v in vars(module).items()
+             if not k.startswith("_") and k not in ("training", SCALE, "init", "initial_factors", "residual")}
+    residual = getattr(module, "residual", None)
+    return {"type": type(module).__name__, **plain, "residual": None if residual is None else id(residual)}
 
 
 def shared_graph_problem(gm: fx.GraphModule, template: str, other: str) -> str | None:
