@@ -287,3 +287,15 @@ def test_unknown_experts_implementation():
     with pytest.raises(lfx.SpecError, match="batched_mm"):
         with lfx.experts_implementation("eager"):
             pass
+
+
+def test_all_linear_leaves_routers_and_stacks_out_and_the_router_frozen():
+    model = build("mixtral")
+    kwargs = {"input_ids": torch.randint(0, 64, (2, 5)), "use_cache": False}
+    left = lfx.plan(model, lfx.Spec(targets="all-linear"), example_kwargs=kwargs).left_out
+    assert "router" in left["model.layers.0.mlp.gate"] and "experts" in left["model.layers.0.mlp.experts.down_proj"]
+    gm = lfx.rewrite(model, lfx.Spec(targets=["all-linear", *STACKS]), example_kwargs=kwargs)
+    adapted = set(gm.meta["lowrank_fx"].adapters["default"].groups)
+    assert "model.layers.0.mlp.gate" not in adapted and "model.layers.0.mlp.experts.down_proj" in adapted
+    logits(gm(input_ids=torch.randint(0, 64, (3, 4)))).sum().backward()
+    assert model.model.layers[0].mlp.gate.weight.grad is None
