@@ -151,7 +151,24 @@ def report(result: dict, rounds: int, steps: int) -> str:
     lines += ["", "| goal | measured | target | |", "|---|---:|---:|---|"]
     lines += [f"| {goal} | {value:.3f} | ≤ {target} | {'met' if value <= target else 'not met'} |"
               for goal, value, target in goals]
+    lines += ["", NOTES]
     return "\n".join(lines) + "\n"
+
+
+NOTES = """What the figures come from (CPU, fp32):
+- Our grouped graph runs its experts through transformers' fallback op (`transformers::grouped_mm_fallback`, a
+  loop of one matmul per expert: under torch.export transformers picks it for fp32 weights), and the update as
+  two dense matmuls of rank E·r with the other experts masked out; PEFT's eager step runs torch's grouped_mm
+  kernel on W + ΔW, rebuilding every ΔW (E, out, in) per step. Compiled, ours is one graph (fullgraph): the
+  step is within a few percent of the frozen-base floor.
+- PEFT compiled: its parametrization breaks dynamo's graph at every wrapped stack, and dynamo hits its
+  recompile limit (8) in PEFT's `get_delta_factors` and `_remove_parametrizations` (the process also logged it
+  for transformers' experts forward), frames that then run eagerly: a compiled step no faster than its eager one.
+- "ours batched, eager" is the default capture (the one ONNX takes): transformers' batched_mm gathers each
+  routed pair's (out, in) expert matrix, (S, out, in) per stack, here about 1 GiB per step; that is the base
+  model's cost under that implementation, not the adapter's. Train on a grouped_mm capture, export a batched one.
+- The load average counts 5 other jobs on the same 2 cores: absolute times are noisy; the ratios come from
+  configurations interleaved in one process."""
 
 
 def main() -> None:

@@ -25,8 +25,8 @@ COMMON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_
 
 def build(family: str):
     if family == "qwen3_moe":
-        config = T.Qwen3MoeConfig(**COMMON, intermediate_size=48, moe_intermediate_size=24, head_dim=8, num_experts=4,
-                                  num_experts_per_tok=2)
+        config = T.Qwen3MoeConfig(**{**COMMON, "num_hidden_layers": 2}, intermediate_size=48, moe_intermediate_size=24,
+                                  head_dim=8, num_experts=4, num_experts_per_tok=2)
         model = T.Qwen3MoeForCausalLM(config)
     elif family == "mixtral":
         model = T.MixtralForCausalLM(T.MixtralConfig(**COMMON, intermediate_size=24, num_local_experts=4,
@@ -88,7 +88,8 @@ def adapted(request):
 
 def test_family_equals_peft_in_outputs_and_gradients_and_folds_into_the_model(adapted, tmp_path):
     family, model, gm = adapted
-    assert {type(u.op_kind).__name__ for u in units(gm).values()} == {"ExpertsKind"} and len(units(gm)) == 2
+    layers = len(model.model.layers)  # Qwen3-MoE has 2: the second layer's stacks are found in its traced copy
+    assert {type(u.op_kind).__name__ for u in units(gm).values()} == {"ExpertsKind"} and len(units(gm)) == 2 * layers
     peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=[],
                                                                  target_parameters=STACKS))
     copy_into_peft(gm, peft_model)
@@ -154,7 +155,8 @@ def hand_loop(module, adapted_units, hidden, index, weights):
         total = 0
         for k in range(index.shape[1]):
             e = int(index[t, k])
-            up = hidden[t] @ stacks["gate_up_proj"][e] if module.is_transposed else stacks["gate_up_proj"][e] @ hidden[t]
+            gate_up = stacks["gate_up_proj"][e]
+            up = hidden[t] @ gate_up if module.is_transposed else gate_up @ hidden[t]
             if module.has_bias:
                 up = up + module.gate_up_proj_bias[e]
             h = module._apply_gate(up)
@@ -179,11 +181,11 @@ def test_hand_loop_over_experts_with_routing_unseen_at_capture(family, implement
     want = hand_loop(module, adapted_units, hidden, index, weights)
     assert rel(ours, want) <= 1e-5
     ours.square().sum().backward()
-    grads = [u.lora_A.grad.clone() for u in adapted_units.values()] + [u.lora_B.grad.clone() for u in adapted_units.values()]
+    grads = [p.grad.clone() for u in adapted_units.values() for p in (u.lora_A, u.lora_B)]
     for unit in adapted_units.values():
         unit.lora_A.grad = unit.lora_B.grad = None
     hand_loop(module, adapted_units, hidden, index, weights).square().sum().backward()
-    again = [u.lora_A.grad for u in adapted_units.values()] + [u.lora_B.grad for u in adapted_units.values()]
+    again = [p.grad for u in adapted_units.values() for p in (u.lora_A, u.lora_B)]
     assert all(rel(g, h) <= 1e-5 for g, h in zip(grads, again))
 
 
