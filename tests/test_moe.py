@@ -189,12 +189,16 @@ def test_hand_loop_over_experts_with_routing_unseen_at_capture(family, implement
     assert all(rel(g, h) <= 1e-5 for g, h in zip(grads, again))
 
 
-def test_grouped_training_compiles_to_the_same_step():
+def test_implementation_is_part_of_the_capture_and_grouped_training_compiles():
     module = experts_module("qwen3_moe")
+    own = module.config._experts_implementation
     spec = lfx.Spec(targets=["gate_up_proj", "down_proj"], method=lfx.LoRA(rank=3, init="nonzero"))
+    batched = lfx.rewrite(module, spec, example_inputs=routing(6, seed=0))
     with lfx.experts_implementation("grouped_mm"):
-        gm = lfx.rewrite(module, spec, example_inputs=routing(6, seed=0))
-    assert any("grouped_mm" in str(n.target) for n in gm.graph.nodes)
+        gm = lfx.rewrite(module, spec, example_inputs=routing(6, seed=0))  # same model and shapes: not the memo's
+    grouped = [n for n in gm.graph.nodes if "grouped_mm" in str(n.target)]
+    assert len(grouped) == 2 and not any("grouped_mm" in str(n.target) for n in batched.graph.nodes)
+    assert module.config._experts_implementation == own  # the model's own setting is back
     hidden, index, weights = routing(11, seed=3)
     eager = gm(hidden, index, weights)
     compiled = torch.compile(gm, backend="aot_eager", dynamic=True)(hidden, index, weights)
