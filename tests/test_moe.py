@@ -291,8 +291,14 @@ def test_unknown_experts_implementation():
             pass
 
 
-def test_all_linear_leaves_routers_and_stacks_out_and_the_router_frozen():
-    model = build("mixtral")
+@pytest.fixture(scope="module")
+def mixtral():
+    torch.manual_seed(3)
+    return build("mixtral")  # captured once, by the first test (the capture is memoised per model)
+
+
+def test_all_linear_leaves_routers_and_stacks_out_and_the_router_frozen(mixtral):
+    model = mixtral
     kwargs = {"input_ids": torch.randint(0, 64, (2, 5)), "use_cache": False}
     left = lfx.plan(model, lfx.Spec(targets="all-linear"), example_kwargs=kwargs).left_out
     assert "router" in left["model.layers.0.mlp.gate"] and "experts" in left["model.layers.0.mlp.experts.down_proj"]
@@ -301,3 +307,14 @@ def test_all_linear_leaves_routers_and_stacks_out_and_the_router_frozen():
     assert "model.layers.0.mlp.gate" not in adapted and "model.layers.0.mlp.experts.down_proj" in adapted
     logits(gm(input_ids=torch.randint(0, 64, (3, 4)))).sum().backward()
     assert model.model.layers[0].mlp.gate.weight.grad is None
+
+
+def test_shared_update_saves_as_per_expert_copies_peft_loads(mixtral, tmp_path):
+    model = mixtral
+    spec = lfx.Spec(targets=STACKS, method=lfx.LoRA(rank=2, init="nonzero", shared_experts=True))
+    gm = lfx.rewrite(model, spec, example_kwargs={"input_ids": torch.randint(0, 64, (2, 5)), "use_cache": False})
+    lfx.save_peft(gm, tmp_path)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path)
+    ids = torch.randint(0, 64, (3, 6))
+    with torch.no_grad():
+        assert rel(logits(loaded(input_ids=ids)), logits(gm(input_ids=ids))) <= 1e-5
