@@ -189,7 +189,7 @@ def test_hand_loop_over_experts_with_routing_unseen_at_capture(family, implement
     assert all(rel(g, h) <= 1e-5 for g, h in zip(grads, again))
 
 
-def test_implementation_is_part_of_the_capture_and_grouped_training_compiles():
+def test_implementation_is_part_of_the_capture_and_grouped_training_compiles(tmp_path):
     module = experts_module("qwen3_moe")
     own = module.config._experts_implementation
     spec = lfx.Spec(targets=["gate_up_proj", "down_proj"], method=lfx.LoRA(rank=3, init="nonzero"))
@@ -203,6 +203,10 @@ def test_implementation_is_part_of_the_capture_and_grouped_training_compiles():
     eager = gm(hidden, index, weights)
     compiled = torch.compile(gm, backend="aot_eager", dynamic=True)(hidden, index, weights)
     assert rel(compiled, eager) <= 1e-5
+    # trained on the grouped capture, loaded into the batched one (the one ONNX takes)
+    lfx.save_adapters(gm, tmp_path / "grouped.safetensors")
+    lfx.load_adapters(batched, tmp_path / "grouped.safetensors")
+    assert rel(batched(hidden, index, weights), eager) <= 1e-5
 
 
 def test_shared_experts_is_one_update_for_every_expert(tmp_path):
