@@ -25,8 +25,8 @@ COMMON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_
 
 def build(family: str):
     if family == "qwen3_moe":
-        config = T.Qwen3MoeConfig(**COMMON, intermediate_size=48, moe_intermediate_size=24, head_dim=8, num_experts=4,
-                                  num_experts_per_tok=2)
+        config = T.Qwen3MoeConfig(**{**COMMON, "num_hidden_layers": 2}, intermediate_size=48, moe_intermediate_size=24,
+                                  head_dim=8, num_experts=4, num_experts_per_tok=2)
         model = T.Qwen3MoeForCausalLM(config)
     elif family == "mixtral":
         model = T.MixtralForCausalLM(T.MixtralConfig(**COMMON, intermediate_size=24, num_local_experts=4,
@@ -88,7 +88,8 @@ def adapted(request):
 
 def test_family_equals_peft_in_outputs_and_gradients_and_folds_into_the_model(adapted, tmp_path):
     family, model, gm = adapted
-    assert {type(u.op_kind).__name__ for u in units(gm).values()} == {"ExpertsKind"} and len(units(gm)) == 2
+    layers = len(model.model.layers)  # Qwen3-MoE has 2: the second layer's stacks are found in its traced copy
+    assert {type(u.op_kind).__name__ for u in units(gm).values()} == {"ExpertsKind"} and len(units(gm)) == 2 * layers
     peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=[],
                                                                  target_parameters=STACKS))
     copy_into_peft(gm, peft_model)
@@ -111,25 +112,21 @@ def test_family_equals_peft_in_outputs_and_gradients_and_folds_into_the_model(ad
     loaded = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "ours")
     with torch.no_grad():
         assert rel(logits(loaded(input_ids=ids)), ours.detach()) <= 1e-5
+    # a PEFT directory (its nested ParamWrapper names) into ours: the capture is the memoised one
+    peft_other = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, lora_alpha=4, target_modules=[],
+                                                                 target_parameters=STACKS, init_lora_weights=False))
+    peft_other.save_pretrained(tmp_path / "theirs")
+    example = {"input_ids": torch.randint(0, 64, (2, 5)), "use_cache": False}
+    from_peft = lfx.load_peft(model, tmp_path / "theirs", example_kwargs=example)
+    assert {tuple(u.lora_A.shape[:2]) for u in units(from_peft).values()} == {(4, 2)}
+    with torch.no_grad():
+        assert rel(logits(from_peft(input_ids=ids)), logits(peft_other(input_ids=ids))) <= 1e-5
     # fold into the original model, run there at yet another batch and length
     other = torch.randint(0, 64, (4, 3))
     with torch.no_grad():
         want = logits(gm(input_ids=other))
         lfx.merge(gm, inplace=True)
         assert rel(logits(model(input_ids=other)), want) <= 1e-5
-
-
-def test_peft_directory_loads_with_its_nested_names(tmp_path):
-    torch.manual_seed(1)
-    model = build("gpt_oss")  # (E, in, out) stacks
-    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, lora_alpha=4, target_modules=[],
-                                                                 target_parameters=STACKS, init_lora_weights=False))
-    peft_model.save_pretrained(tmp_path)
-    gm = lfx.load_peft(model, tmp_path, example_kwargs={"input_ids": torch.randint(0, 64, (2, 5)), "use_cache": False})
-    ids = torch.randint(0, 64, (3, 4))
-    with torch.no_grad():
-        assert rel(logits(gm(input_ids=ids)), logits(peft_model(input_ids=ids))) <= 1e-5
-    assert {tuple(u.lora_A.shape) for u in units(gm).values()} == {(4, 2, 32), (4, 2, 24)}
 
 
 # --- one experts module, captured alone: a hand loop is the oracle, the routing an input ---
@@ -158,7 +155,8 @@ def hand_loop(module, adapted_units, hidden, index, weights):
         total = 0
         for k in range(index.shape[1]):
             e = int(index[t, k])
-            up = hidden[t] @ stacks["gate_up_proj"][e] if module.is_transposed else stacks["gate_up_proj"][e] @ hidden[t]
+            gate_up = stacks["gate_up_proj"][e]
+            up = hidden[t] @ gate_up if module.is_transposed else gate_up @ hidden[t]
             if module.has_bias:
                 up = up + module.gate_up_proj_bias[e]
             h = module._apply_gate(up)
@@ -183,24 +181,32 @@ def test_hand_loop_over_experts_with_routing_unseen_at_capture(family, implement
     want = hand_loop(module, adapted_units, hidden, index, weights)
     assert rel(ours, want) <= 1e-5
     ours.square().sum().backward()
-    grads = [u.lora_A.grad.clone() for u in adapted_units.values()] + [u.lora_B.grad.clone() for u in adapted_units.values()]
+    grads = [p.grad.clone() for u in adapted_units.values() for p in (u.lora_A, u.lora_B)]
     for unit in adapted_units.values():
         unit.lora_A.grad = unit.lora_B.grad = None
     hand_loop(module, adapted_units, hidden, index, weights).square().sum().backward()
-    again = [u.lora_A.grad for u in adapted_units.values()] + [u.lora_B.grad for u in adapted_units.values()]
+    again = [p.grad for u in adapted_units.values() for p in (u.lora_A, u.lora_B)]
     assert all(rel(g, h) <= 1e-5 for g, h in zip(grads, again))
 
 
-def test_grouped_training_compiles_to_the_same_step():
+def test_implementation_is_part_of_the_capture_and_grouped_training_compiles(tmp_path):
     module = experts_module("qwen3_moe")
+    own = module.config._experts_implementation
     spec = lfx.Spec(targets=["gate_up_proj", "down_proj"], method=lfx.LoRA(rank=3, init="nonzero"))
+    batched = lfx.rewrite(module, spec, example_inputs=routing(6, seed=0))
     with lfx.experts_implementation("grouped_mm"):
-        gm = lfx.rewrite(module, spec, example_inputs=routing(6, seed=0))
-    assert any("grouped_mm" in str(n.target) for n in gm.graph.nodes)
+        gm = lfx.rewrite(module, spec, example_inputs=routing(6, seed=0))  # same model and shapes: not the memo's
+    grouped = [n for n in gm.graph.nodes if "grouped_mm" in str(n.target)]
+    assert len(grouped) == 2 and not any("grouped_mm" in str(n.target) for n in batched.graph.nodes)
+    assert module.config._experts_implementation == own  # the model's own setting is back
     hidden, index, weights = routing(11, seed=3)
     eager = gm(hidden, index, weights)
     compiled = torch.compile(gm, backend="aot_eager", dynamic=True)(hidden, index, weights)
     assert rel(compiled, eager) <= 1e-5
+    # trained on the grouped capture, loaded into the batched one (the one ONNX takes)
+    lfx.save_adapters(gm, tmp_path / "grouped.safetensors")
+    lfx.load_adapters(batched, tmp_path / "grouped.safetensors")
+    assert rel(batched(hidden, index, weights), eager) <= 1e-5
 
 
 def test_shared_experts_is_one_update_for_every_expert(tmp_path):
@@ -287,3 +293,32 @@ def test_unknown_experts_implementation():
     with pytest.raises(lfx.SpecError, match="batched_mm"):
         with lfx.experts_implementation("eager"):
             pass
+
+
+@pytest.fixture(scope="module")
+def mixtral():
+    torch.manual_seed(3)
+    return build("mixtral")  # captured once, by the first test (the capture is memoised per model)
+
+
+def test_all_linear_leaves_routers_and_stacks_out_and_the_router_frozen(mixtral):
+    model = mixtral
+    kwargs = {"input_ids": torch.randint(0, 64, (2, 5)), "use_cache": False}
+    left = lfx.plan(model, lfx.Spec(targets="all-linear"), example_kwargs=kwargs).left_out
+    assert "router" in left["model.layers.0.mlp.gate"] and "experts" in left["model.layers.0.mlp.experts.down_proj"]
+    gm = lfx.rewrite(model, lfx.Spec(targets=["all-linear", *STACKS]), example_kwargs=kwargs)
+    adapted = set(gm.meta["lowrank_fx"].adapters["default"].groups)
+    assert "model.layers.0.mlp.gate" not in adapted and "model.layers.0.mlp.experts.down_proj" in adapted
+    logits(gm(input_ids=torch.randint(0, 64, (3, 4)))).sum().backward()
+    assert model.model.layers[0].mlp.gate.weight.grad is None
+
+
+def test_shared_update_saves_as_per_expert_copies_peft_loads(mixtral, tmp_path):
+    model = mixtral
+    spec = lfx.Spec(targets=STACKS, method=lfx.LoRA(rank=2, init="nonzero", shared_experts=True))
+    gm = lfx.rewrite(model, spec, example_kwargs={"input_ids": torch.randint(0, 64, (2, 5)), "use_cache": False})
+    lfx.save_peft(gm, tmp_path)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path)
+    ids = torch.randint(0, 64, (3, 6))
+    with torch.no_grad():
+        assert rel(logits(loaded(input_ids=ids)), logits(gm(input_ids=ids))) <= 1e-5

@@ -12,6 +12,7 @@ import dataclasses
 
 import torch
 
+from ..graph.experts import ExpertsKind
 from ..graph.heads import left_out
 from ..graph.quantized import find_regions, region_bytes
 from ..passes.inject import build_groups
@@ -121,6 +122,8 @@ def plan(model, spec, example_inputs=None, example_kwargs=None, layers=None, **c
         t = targets[name]
         rank = method.config().get("rank")
         note = "rank > min(out, in)" if isinstance(rank, int) and method.kind == "lora" and rank > min(t.shape) else ""
+        if isinstance(t.kind, ExpertsKind):  # the weight column shows one expert's matrix
+            note = f"{t.kind.experts} experts" + (", one update shared" if getattr(unit, "shared_experts", False) else "")
         region = regions.get(t.sites[0]) if t.quantized else None
         base_bytes = region_bytes(gm, region) if region is not None else _dense_bytes(gm, t)
         rows.append(PlanRow(name, t.op, t.shape, _describe(method), group_of[name],

@@ -81,4 +81,5 @@ def peft_factors(unit) -> dict[str, torch.Tensor]:
     if unit.shared_experts:
         a, b = a.expand(unit.experts, *a.shape), b.expand(unit.experts, *b.shape)
     experts, rank, width = a.shape
-    return {"lora_A": a.reshape(experts * rank, width), "lora_B": b.permute(1, 2, 0).reshape(b.shape[1], rank * experts)}
+    return {"lora_A": a.reshape(experts * rank, width),
+            "lora_B": b.permute(1, 2, 0).reshape(b.shape[1], rank * experts)}

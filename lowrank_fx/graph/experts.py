@@ -45,7 +45,8 @@ class ExpertsKind:
         return matrix if layout == "out_in" else matrix.transpose(-2, -1)
 
     def apply(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        raise TypeError("an expert stack's update depends on the routing; its unit applies it (methods/lora_experts.py)")
+        raise TypeError("an expert stack's update depends on the routing; its unit applies it "
+                        "(methods/lora_experts.py)")
 
 
 @dataclasses.dataclass(frozen=True)

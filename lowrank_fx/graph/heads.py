@@ -202,10 +202,27 @@ def output_heads(gm: fx.GraphModule, targets: dict[str, Target]) -> set[str]:
     return set(head_reasons(gm, targets))
 
 
+ROUTER_HOPS = 6  # ops between a router's linear and its top-k (softmax, sigmoid, bias, grouping)
+
+
+def _routes_experts(gm: fx.GraphModule, site: fx.Node) -> bool:
+    """Whether the site's output reaches an aten.topk within ROUTER_HOPS ops: a mixture-of-experts router."""
+    frontier, seen = [site], {site}
+    for _ in range(ROUTER_HOPS):
+        frontier = [user for node in frontier for user in node.users if user not in seen]
+        seen.update(frontier)
+        if any(node.target is torch.ops.aten.topk.default for node in frontier):
+            return True
+    return False
+
+
 def left_out(gm: fx.GraphModule, targets: dict[str, Target]) -> dict[str, str]:
-    """{target: why "all-linear" leaves it out}, in graph order: output heads, and targets that
-    are not linear layers (a conv, an embedding; all-linear adapts linear layers, as PEFT's does)."""
+    """{target: why "all-linear" leaves it out}, in graph order: output heads, targets that are
+    not linear layers (a conv, an embedding, an expert stack; all-linear adapts linear layers, as
+    PEFT's does) and mixture-of-experts routers (their top-k picks the experts: name them to adapt
+    them; PEFT's all-linear does not reach them either, their weights are bare parameters)."""
     heads = head_reasons(gm, targets)
+    nodes = {n.name: n for n in gm.graph.nodes}
     reasons = {}
     for t in targets.values():
         kind = _kind(t)
@@ -214,4 +231,6 @@ def left_out(gm: fx.GraphModule, targets: dict[str, Target]) -> dict[str, str]:
             reasons[t.name] = f"{article} {kind} op, not a linear layer"
         elif t.name in heads:
             reasons[t.name] = heads[t.name]
+        elif any(_routes_experts(gm, nodes[site]) for site in t.sites):
+            reasons[t.name] = "mixture-of-experts router (its output picks the experts through top-k); name it to adapt it"
     return reasons

@@ -8,6 +8,8 @@ applies to an activation without a bias:
     conv1/2/3d  W (out, in/g, k...)  matrix (out, in/g · Πk)    f = conv(x, W; stride, padding, dilation, g)
     embedding   W (num, dim)         matrix (dim, num)          f = W[ids]  (one_hot(ids) · Wᵀ_matrix)
 
+A 3-D mixture-of-experts stack is an `ExpertsKind` (graph/experts.py), matrix view (E, out, in).
+
 `apply(x, ΔW)` is f(x, ΔW): the fallback any method can use, with ΔW built once per call.
 
 A linear layer whose weight is quantized (graph/quantized.py) is a `QuantizedLinearKind`: a
@@ -23,6 +25,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from .experts import ExpertsKind
 
 _CONVS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -115,4 +119,4 @@ class QuantizedLinearKind(LinearKind):
 
 
 LINEAR = LinearKind()
-OpKind = LinearKind | ConvKind | EmbeddingKind | QuantizedLinearKind
+OpKind = LinearKind | ConvKind | EmbeddingKind | QuantizedLinearKind | ExpertsKind

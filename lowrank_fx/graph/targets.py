@@ -17,6 +17,10 @@ that calls it (so GPT-2's tied head is `lm_head`, not `transformer.wte`), else t
 name without a trailing `.weight` / `_weight`. `graph/op_kinds.py` maps each weight to the
 matrix (out, in) that methods adapt.
 
+A 3-D stack of mixture-of-experts weights (E, out, in) or (E, in, out) is a target at the sites
+that apply it per routed pair, transformers' batched bmm or grouped matmul (graph/experts.py):
+its kind is an `ExpertsKind`, and `routes` names each site's routing node (experts or offsets).
+
 A linear layer with a quantized weight is found as a region of nodes (graph/quantized.py):
 its target keeps the module's name, its sites are the region's output nodes, `inputs` names
 each site's activation, and its kind is a `QuantizedLinearKind`.

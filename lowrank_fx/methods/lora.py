@@ -52,12 +52,12 @@ class LoRA(Method):
     def build(self, targets: list) -> dict[str, AdapterGroup]:
         units = {}
         for t in targets:
-            self._check(t)
             if isinstance(t.kind, ExpertsKind):
                 check_experts(self, t)
                 units[t.name] = ExpertsLoRAUnit(t, self.rank, self.scale, self.dropout, adapter_dtype(t.dtype),
                                                 self.init, shared_experts=self.shared_experts)
                 continue
+            self._check(t)
             unit_class = DoRAUnit if self.dora else LoRAUnit
             units[t.name] = unit_class(t, self.rank, self.scale, self.dropout, adapter_dtype(t.dtype), self.init,
                                        bias=self.bias, **({"mixed_groups": True} if self.mixed_groups else {}))
