@@ -220,7 +220,7 @@ def test_genai_config_carries_the_window(exported):
 
 def test_session_and_genai_match_transformers_past_the_window(exported):
     """ONNX Runtime: greedy and beams. genai: greedy (its own beam scorer picks other hypotheses
-    than transformers' once an EOS enters the beams, with or without a window)."""
+    than transformers' once an EOS enters the beams, whether or not its config has sliding_window)."""
     fam = exported.family
     ids, mask = batch(6)
     for beams in (1, 3):
