@@ -274,8 +274,12 @@ def test_bad_beam_arguments_say_what_is_wrong(mistral, bad, error, message):
         lfx.generate(mistral.gm, torch.tensor([[5, 6, 7]]), max_new_tokens=2, **bad)
 
 
-def test_session_refuses_beams_with_per_row_adapters(tmp_path_factory):
+def test_session_refuses_beams_with_per_row_adapters_and_right_padding(tmp_path_factory):
     fam = built("mistral", lambda: Family("mistral"))
     exported = built("export:mistral", lambda: Exported(fam, tmp_path_factory.mktemp("sliding")))
     with pytest.raises(InputError, match="rows= .one adapter per row. cannot be combined"):
         exported.session.generate(torch.tensor([[5, 6, 7], [8, 9, 10]]), rows=["a", None], num_beams=2)
+    right = torch.tensor([[1, 1, 1], [1, 1, 0]])  # a pad after row 1's tokens would take a window slot
+    for generate in (exported.session.generate, lambda *a, **k: lfx.generate(fam.gm, *a, **k)):
+        with pytest.raises(InputError, match=r"rows \[1\] of attention_mask have padding after their tokens"):
+            generate(torch.tensor([[5, 6, 7], [8, 9, PAD]]), right, max_new_tokens=2)
