@@ -25,8 +25,8 @@ from lowrank_fx.errors import InputError, ModelTypeError, SpecError
 
 VOCAB, EOS, PAD, WINDOW = 128, 3, 0, 4
 FAMILIES = ["mistral", "qwen2", "gemma2", "gemma3", "llama4"]
-ONNX_FAMILIES = FAMILIES[:4]
 GENAI_TYPES = {"mistral": "mistral", "qwen2": "qwen2", "gemma2": "gemma2", "gemma3": "gemma3_text"}
+ONNX_FAMILIES = ["mistral", "qwen2", "gemma3"]  # every layer local; hybrid by depth; alternating (as Gemma-2)
 
 
 def tiny(family: str, window: int = WINDOW) -> torch.nn.Module:
@@ -211,17 +211,25 @@ def genai_generate(exported: Exported, ids: torch.Tensor, new: int) -> torch.Ten
     return torch.stack([torch.as_tensor(generator.get_sequence(i), dtype=torch.long) for i in range(ids.shape[0])])
 
 
-def test_genai_config_carries_the_window(exported):
-    config = json.loads(exported.result.config.read_text())["model"]
-    assert config["type"] == GENAI_TYPES[exported.family.name]
+@pytest.mark.parametrize("name", list(GENAI_TYPES))
+def test_genai_config_carries_the_window(name):
+    from lowrank_fx.generation.decode_graph import LAYOUT
+    from lowrank_fx.generation.genai_config import genai_config
+    from lowrank_fx.generation.torch_generate import decoder_for
+
+    fam = built(name, lambda: Family(name))
+    config = genai_config(fam.model, decoder_for(fam.gm).meta[LAYOUT])["model"]
+    assert config["type"] == GENAI_TYPES[name]
     assert config["decoder"]["sliding_window"] == {"window_size": WINDOW, "slide_key_value_cache": False,
                                                    "slide_inputs": False}
 
 
 def test_session_and_genai_match_transformers_past_the_window(exported):
     """ONNX Runtime: greedy and beams. genai: greedy (its own beam scorer picks other hypotheses
-    than transformers' once an EOS enters the beams, with or without a window)."""
+    than transformers' once an EOS enters the beams, whether or not its config has sliding_window)."""
     fam = exported.family
+    written = json.loads(exported.result.config.read_text())["model"]
+    assert written["type"] == GENAI_TYPES[fam.name] and written["decoder"]["sliding_window"]["window_size"] == WINDOW
     ids, mask = batch(6)
     for beams in (1, 3):
         want = hf_generate(fam.merged, ids, mask, max_new_tokens=8, num_beams=beams, eos_token_id=None)
@@ -274,8 +282,12 @@ def test_bad_beam_arguments_say_what_is_wrong(mistral, bad, error, message):
         lfx.generate(mistral.gm, torch.tensor([[5, 6, 7]]), max_new_tokens=2, **bad)
 
 
-def test_session_refuses_beams_with_per_row_adapters(tmp_path_factory):
+def test_session_refuses_beams_with_per_row_adapters_and_right_padding(tmp_path_factory):
     fam = built("mistral", lambda: Family("mistral"))
     exported = built("export:mistral", lambda: Exported(fam, tmp_path_factory.mktemp("sliding")))
     with pytest.raises(InputError, match="rows= .one adapter per row. cannot be combined"):
         exported.session.generate(torch.tensor([[5, 6, 7], [8, 9, 10]]), rows=["a", None], num_beams=2)
+    right = torch.tensor([[1, 1, 1], [1, 1, 0]])  # a pad after row 1's tokens would take a window slot
+    for generate in (exported.session.generate, lambda *a, **k: lfx.generate(fam.gm, *a, **k)):
+        with pytest.raises(InputError, match=r"rows \[1\] of attention_mask have padding after their tokens"):
+            generate(torch.tensor([[5, 6, 7], [8, 9, PAD]]), right, max_new_tokens=2)

@@ -35,7 +35,8 @@ def check_beams(num_beams, length_penalty, early_stopping) -> None:
     if not (isinstance(num_beams, int) and not isinstance(num_beams, bool) and num_beams >= 1):
         raise SpecError(f"num_beams must be an int >= 1 (1: no beam search), got {num_beams!r}")
     if not isinstance(length_penalty, (int, float)) or isinstance(length_penalty, bool):
-        raise SpecError(f"length_penalty must be a number (1.0: score / length; 0: raw log-probability), got {length_penalty!r}")
+        raise SpecError("length_penalty must be a number (1.0: score / length; 0: raw log-probability), "
+                        f"got {length_penalty!r}")
     if early_stopping not in (True, False, "never"):
         raise SpecError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
 

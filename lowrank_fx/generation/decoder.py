@@ -120,14 +120,15 @@ def check_decoder(model: nn.Module) -> None:
     if getattr(model, "_is_stateful", False):
         raise ModelTypeError(
             f"{name} keeps a recurrent state (a stateful cache), not one key/value pair per layer; "
-            "KV-cache generation supports full-attention decoders only"
+            "KV-cache generation supports attention decoders only (full, sliding-window or chunked)"
         )
     types = layer_types(config)
     other = sorted(set(t for t in types if t not in ATTENTION))
     if other:
         raise ModelTypeError(
             f"{name} has recurrent or hybrid cache layers (config.layer_types includes {other}); KV-cache "
-            "generation supports decoders whose every layer is full attention with one key/value pair"
+            "generation supports decoders whose every layer is attention (full, sliding-window or chunked) with "
+            "one key/value pair per token"
         )
     for kind in _rope_types(config):
         if kind in LENGTH_DEPENDENT_ROPE:

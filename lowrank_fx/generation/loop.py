@@ -123,6 +123,21 @@ def check_inputs(input_ids, attention_mask, max_new_tokens: int, vocab: int | No
     return ids, mask
 
 
+def check_left_padded(attention_mask) -> None:
+    """Refuse a pad after a real token, for models with a sliding window or chunks: the window
+    counts cache slots, so a right-padded row's pads would take window slots from its tokens."""
+    if attention_mask is None:
+        return
+    mask = as_ids(attention_mask, "attention_mask")
+    right = ((mask.cummax(-1).values == 1) & (mask == 0)).any(-1).nonzero().flatten().tolist()
+    if right:
+        raise InputError(
+            f"rows {right} of attention_mask have padding after their tokens. This model attends within a sliding "
+            "window (or chunks) of cache positions, so those pads would sit inside the window: pad on the left "
+            "(tokenizer.padding_side = 'left'), as transformers' generate expects"
+        )
+
+
 def check_count(max_new_tokens) -> None:
     if not (isinstance(max_new_tokens, int) and not isinstance(max_new_tokens, bool) and max_new_tokens >= 1):
         raise InputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")

@@ -32,7 +32,7 @@ from ..export.per_row import IDS
 from ..export.session import AdapterSession
 from .genai_config import CONFIG, PER_ROW
 from .beam import check_beams, run_beams
-from .loop import Generated, Sampling, as_ids, eos_list, run
+from .loop import Generated, Sampling, as_ids, check_left_padded, eos_list, run
 
 _NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
@@ -139,11 +139,14 @@ class GenerationSession:
         adapter: one adapter for the batch (None: the base model). rows: one adapter name
         (or None) per row, with a per-row export. eos_token_id / pad_token_id: None takes
         genai_config.json's; eos_token_id=[] never stops early. Padding (left or right by
-        attention_mask), sampling and EOS as `lfx.generate` (loop.py); num_beams > 1 with
+        attention_mask; left only with a sliding window), sampling and EOS as `lfx.generate`
+        (loop.py); num_beams > 1 with
         length_penalty and early_stopping: beam search as `lfx.generate` (beam.py).
         output_logits=True returns a `Generated` (sequences, per-step logits) instead.
         """
         batch = as_ids(input_ids, "input_ids").shape[0]
+        if "sliding_window" in self.config["model"]["decoder"]:
+            check_left_padded(attention_mask)
         check_beams(num_beams, length_penalty, early_stopping)
         if num_beams > 1 and (do_sample or rows is not None):
             raise InputError(

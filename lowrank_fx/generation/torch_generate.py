@@ -30,7 +30,8 @@ from ..graph.gates import GATES, active_adapters, set_active_adapters
 from ..graph.record import Record
 from .decode_graph import LAYOUT, decode_graph, share_adapters, use_base_of
 from .beam import check_beams, reorder_tensors, run_beams
-from .loop import Generated, Sampling, check_count, eos_list, run
+from .decoder import layer_types
+from .loop import Generated, Sampling, check_count, check_left_padded, eos_list, run
 from .rows import row_generation
 
 
@@ -126,9 +127,10 @@ def generate(gm: fx.GraphModule, input_ids, attention_mask=None, adapter: str | 
     [] for the base model); None keeps gm's active set. The previous set is restored after.
     eos_token_id / pad_token_id: None takes the model's generation config (pad: else the first
     EOS id); eos_token_id=[] never stops early. Left or right padding by attention_mask
-    (loop.py). num_beams > 1: beam search as transformers' (beam.py), with length_penalty
-    and early_stopping (True, False or "never"); greedy only (do_sample=False), one adapter set.
-    compile: False, True, a torch.compile backend name, or a dict of its options.
+    (loop.py); left only for sliding-window or chunked models. num_beams > 1: beam search as
+    transformers' (beam.py), with length_penalty and early_stopping (True, False or "never");
+    greedy only (do_sample=False), one adapter set. compile: False, True, a torch.compile
+    backend name, or a dict of its options.
     model: the Hugging Face model gm was rewritten from (default: the one rewrite captured).
     output_logits=True returns a `Generated` (sequences, per-step logits) instead.
     rows: one adapter name (or None, the base model) per batch row, instead of `adapter`: the
@@ -145,6 +147,8 @@ def generate(gm: fx.GraphModule, input_ids, attention_mask=None, adapter: str | 
     decode = decoder_for(gm, model)
     model = _model(gm, model)
     eos, pad = default_ids(model, eos_token_id, pad_token_id)
+    if any(kind != "full_attention" for kind in layer_types(_text_config(model))):
+        check_left_padded(attention_mask)
     layout = decode.meta[LAYOUT]
     device = next(iter(decode.parameters())).device
     call = _compiled(gm, decode, compile) if compile else decode
