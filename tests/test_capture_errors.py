@@ -67,6 +67,20 @@ def test_forward_taking_only_kwargs_is_captured_with_dynamic_sizes():
         torch.testing.assert_close(gm(x=x), model(x=x) + 8.0 * x @ A.T @ B.T, rtol=1e-5, atol=1e-6)
 
 
+def test_a_forward_set_on_the_instance_is_kept_after_capture():
+    """A forward a hook library set on the instance is captured through, then put back."""
+    model = KeywordsOnly()
+
+    def own(**inputs):
+        return KeywordsOnly.forward(model, **inputs) * 2
+
+    model.forward = own
+    gm = lfx.rewrite(model, lfx.Spec(targets=["q_proj"]), example_kwargs={"x": torch.randn(3, 4)})
+    assert model.forward is own
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(gm(x=x), model.q_proj(x) * 2, rtol=1e-5, atol=1e-6)  # LoRA's B starts at zero
+
+
 class ValueBranch(nn.Module):
     def __init__(self):
         super().__init__()

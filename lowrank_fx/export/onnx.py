@@ -21,7 +21,9 @@ and keeps its own mode. Weights go to `<path>.data` above 2 GB (or with external
 Weights are streamed to disk one at a time; a merged export computes each folded weight
 as it is written (merged_weights.py) and optimize=True runs a clean-up whose cost grows
 linearly with the graph (optimize.py), not onnxscript's full optimizer.
-A `<stem>.lowrank_fx.json` sidecar records what was exported (manifest.py).
+A `<stem>.lowrank_fx.json` sidecar records what was exported (manifest.py). The graph's runtime
+assertions (a model's checks on values, such as LLaVA's image-token count) are left out of the
+ONNX model, which has no such op (passes/drop_assertions.py); the PyTorch graph keeps them.
 """
 
 from __future__ import annotations

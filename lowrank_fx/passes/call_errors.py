@@ -10,8 +10,9 @@ code (casts, dtype checks). The forward that passes/call_defaults.py writes hand
   - any exception its body raises (the body runs inside `try`, so a call that succeeds pays
     nothing): `explain` turns a failed size guard ("Guard failed: input_ids.size()[0] == 1")
     and a failure after the graph's tensors changed dtype or device (`gm.float()` after a
-    bfloat16 capture) into a CaptureError saying what the capture fixed; other errors pass
-    through unchanged.
+    bfloat16 capture) into a CaptureError saying what the capture fixed, and a failed check
+    of the model's own on values ("Runtime assertion failed for expression ...", LLaVA's
+    image-token count) into an InputError; other errors pass through unchanged.
 """
 
 from __future__ import annotations
