@@ -74,6 +74,9 @@ def quantize_base(model: nn.Module, scheme: str, exclude=(), group_size: int | N
         raise SpecError(f"quantize_base scheme must be one of {SCHEMES}, got {scheme!r}")
     if isinstance(exclude, str):
         exclude = [exclude]
+    if not (isinstance(exclude, (list, tuple, set)) and all(isinstance(p, str) for p in exclude)):
+        raise SpecError(f"quantize_base exclude must be a pattern or a list of patterns (e.g. ['lm_head', "
+                        f"'*.down_proj']), got {exclude!r}")
     try:
         import torchao.quantization as tq
     except ImportError as err:
