@@ -182,3 +182,27 @@ def test_bad_input_is_a_clear_error(gm, saved, tmp_path, call, fragment):
     assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
     assert lfx.active_adapters(gm) == active
 
+
+class Wrapped(nn.Module):
+    """One linear layer straight under the root, fed by the graph input (its width a fixed SymInt)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(64, 32)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def test_a_quantized_layer_fed_by_the_input_is_a_target():
+    """Its input width is a SymInt the capture fixed to 64; it used to be taken for a varying size, so
+    the layer was not found and LoRA on it was refused as 'not a linear-like op'."""
+    torch.manual_seed(0)
+    model = lfx.quantize_base(Wrapped(), "int8")
+    x = torch.randn(2, 3, 64)
+    gm = lfx.rewrite(model, lfx.Spec(["lin"], lfx.LoRA(rank=2, init="nonzero")), example_inputs=(x,))
+    unit = gm.lowrank_fx["default"]["lora"].units["lin"]
+    dense = model.lin.weight.dequantize()  # torchao's own decoding of the int8 weight
+    want = x @ dense.T + model.lin.bias + unit.scale * (x @ unit.lora_A.T) @ unit.lora_B.T
+    got = gm(x)
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
