@@ -165,6 +165,7 @@ CASES = [
                                                                              external_data="yes"), "external_data"),
     ("export-onnx-folder-not-writable", lambda gm, f, t: lfx.export_onnx(gm, _write(t / "file", "x") / "m.onnx", (IDS,)),
      "cannot write {tmp}/file/m.onnx"),
+    ("call-with-another-input-dtype", lambda gm, f, t: gm(IDS.float()), "captured with int64 ids"),
     ("export-onnx-adapter-model-missing", lambda gm, f, t: lfx.export_onnx_adapter(gm, t / "a.onnx_adapter",
                                                                                    model=t / "none.onnx"), "none.onnx"),
 ]
