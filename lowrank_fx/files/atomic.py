@@ -34,6 +34,9 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
             os.unlink(temp)
         if isinstance(err, OSError):
             reason = err.strerror or str(err)
+            blocking = next((p for p in path.absolute().parents if p.exists()), None)
+            if blocking is not None and not blocking.is_dir():
+                reason = f"{blocking} is a file, not a folder"
             raise FileWriteError(f"cannot write {path}: {reason}; it was left as it was. "
                                  "Check that its directory is writable and has free space.") from None
         raise
