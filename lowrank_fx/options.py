@@ -71,3 +71,18 @@ def choice(owner: str, name: str, value, choices: tuple[str, ...]) -> str:
     if isinstance(value, str) and value in choices:
         return value
     raise SpecError(f"{owner} {name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def compile_backend(owner: str, name: str, value) -> None:
+    """SpecError unless a string `value` names a torch.compile backend (True, False, dicts and
+    callables are the caller's to check)."""
+    if not isinstance(value, str):
+        return
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if value not in known:
+        hint = nearest(value, known, n=1)
+        raise SpecError(f"{owner} {name}={value!r} is not a torch.compile backend"
+                        + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                        + f"; use True (inductor), False (eager) or one of {', '.join(known)}")

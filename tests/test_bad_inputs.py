@@ -130,6 +130,48 @@ CASES = [
     ("trainer-max-grad-norm-zero", lambda gm, f, t: lfx.Trainer(gm, lambda out, b: out.sum(), max_grad_norm=0.0),
      "max_grad_norm"),
     ("checkpoint-layers-plain-module", lambda gm, f, t: lfx.checkpoint_layers(Small()), "lfx.rewrite returned"),
+    # flags given as strings ("yes", "no" are truthy) or numbers are refused, not read as True
+    ("rewrite-dynamic-not-a-bool", lambda gm, f, t: lfx.rewrite(Small(), lfx.Spec(["q_proj"]), example_inputs=(IDS,),
+                                                               dynamic="yes"), "dynamic"),
+    ("rewrite-trace-blocks-not-a-bool", lambda gm, f, t: lfx.rewrite(Small(), lfx.Spec(["q_proj"]),
+                                                                    example_inputs=(IDS,), trace_blocks="no"),
+     "trace_blocks"),
+    ("rewrite-cache-dir-is-a-file", lambda gm, f, t: lfx.rewrite(Small(), lfx.Spec(["q_proj"]), example_inputs=(IDS,),
+                                                                cache_dir=_write(t / "cache", "x")), "is a file"),
+    ("merge-inplace-not-a-bool", lambda gm, f, t: lfx.merge(gm, inplace="yes"), "inplace"),
+    ("merged-state-dict-untie-not-a-bool", lambda gm, f, t: lfx.merged_state_dict(gm, untie="yes"), "untie"),
+    ("load-merged-model-not-a-module", lambda gm, f, t: lfx.load_merged("model", gm), "nn.Module"),
+    ("save-adapters-path-none", lambda gm, f, t: lfx.save_adapters(gm, None), "file path"),
+    ("save-adapters-include-buffers-not-a-bool", lambda gm, f, t: lfx.save_adapters(gm, t / "x.safetensors",
+                                                                                  include_buffers="yes"),
+     "include_buffers"),
+    ("fuse-sites-plain-module", lambda gm, f, t: lfx.fuse_sites(Small()), "lfx.rewrite returned"),
+    ("quantize-exclude-not-patterns", lambda gm, f, t: lfx.quantize_base(Small(), "int8", exclude=3), "exclude"),
+    ("loraplus-optimizer-not-a-class", lambda gm, f, t: lfx.loraplus_optimizer(gm, lr=1e-3, optimizer_cls="adam"),
+     "optimizer_cls"),
+    ("trainer-optimizer-not-a-class", lambda gm, f, t: lfx.Trainer(gm, lambda out, b: out.sum(), optimizer_cls="adamw"),
+     "optimizer_cls"),
+    ("trainer-optimizer-unknown-option", lambda gm, f, t: lfx.Trainer(gm, lambda out, b: out.sum(), betas_typo=(0.9, 0.9)),
+     "betas_typo"),
+    ("trainer-unknown-backend", lambda gm, f, t: lfx.Trainer(gm, lambda out, b: out.sum(), compile="fastest"),
+     "not a torch.compile backend"),
+    ("trainer-autocast-not-a-bool", lambda gm, f, t: lfx.Trainer(gm, lambda out, b: out.sum(), autocast="bf16"),
+     "autocast"),
+    ("fit-loss-not-from-the-model", lambda gm, f, t: lfx.Trainer(
+        gm, lambda model, b: torch.tensor(1.0, requires_grad=True), compile=False, progress=False).fit([IDS], steps=1),
+     "leaf tensor"),
+    ("export-onnx-opset-too-old", lambda gm, f, t: lfx.export_onnx(gm, t / "m.onnx", (IDS,), opset=3), "opset"),
+    ("export-onnx-external-data-not-a-bool", lambda gm, f, t: lfx.export_onnx(gm, t / "m.onnx", (IDS,),
+                                                                             external_data="yes"), "external_data"),
+    ("export-onnx-folder-not-writable", lambda gm, f, t: lfx.export_onnx(gm, _write(t / "file", "x") / "m.onnx", (IDS,)),
+     "cannot write {tmp}/file/m.onnx"),
+    ("quantize-groups-fit-no-layer", lambda gm, f, t: lfx.quantize_base(Small(), "int4", group_size=7),
+     "int4 groups (7) do not divide its 8 inputs'}; choose a scheme"),
+    ("save-adapters-under-a-file", lambda gm, f, t: lfx.save_adapters(gm, _write(t / "file", "x") / "a.safetensors"),
+     "{tmp}/file is a file, not a folder"),
+    ("call-with-another-input-dtype", lambda gm, f, t: gm(IDS.float()), "captured with int64 ids"),
+    ("export-onnx-adapter-model-missing", lambda gm, f, t: lfx.export_onnx_adapter(gm, t / "a.onnx_adapter",
+                                                                                   model=t / "none.onnx"), "none.onnx"),
 ]
 
 
@@ -144,3 +186,28 @@ def test_bad_input_is_a_clear_error(gm, saved, tmp_path, call, fragment):
     after = gm.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
     assert lfx.active_adapters(gm) == active
+
+
+class Wrapped(nn.Module):
+    """One linear layer straight under the root, fed by the graph input (its width a fixed SymInt)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(64, 32)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def test_a_quantized_layer_fed_by_the_input_is_a_target():
+    """Its input width is a SymInt the capture fixed to 64; it used to be taken for a varying size, so
+    the layer was not found and LoRA on it was refused as 'not a linear-like op'."""
+    torch.manual_seed(0)
+    model = lfx.quantize_base(Wrapped(), "int8")
+    x = torch.randn(2, 3, 64)
+    gm = lfx.rewrite(model, lfx.Spec(["lin"], lfx.LoRA(rank=2, init="nonzero")), example_inputs=(x,))
+    unit = gm.lowrank_fx["default"]["lora"].units["lin"]
+    dense = model.lin.weight.dequantize()  # torchao's own decoding of the int8 weight
+    want = x @ dense.T + model.lin.bias + unit.scale * (x @ unit.lora_A.T) @ unit.lora_B.T
+    got = gm(x)
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5

@@ -72,6 +72,7 @@ from ..passes.inline_linear import inline_linear
 from ..passes.mode_aware import make_mode_aware
 from ..passes.quantized_base import prepare_quantized
 from ..passes.repeat_blocks import NotRepeatable, repeat_blocks
+from ..options import flag
 from ..progress import stage
 from . import capture_memo
 from .batch_one import takes, widened
@@ -228,6 +229,8 @@ def capture(model, example_inputs=None, example_kwargs=None, dynamic: bool = Tru
             f"expected a torch.nn.Module (or an fx.GraphModule), got {type(model).__name__}; "
             "pass the model object itself, e.g. lfx.rewrite(model, spec, example_inputs=(x,))"
         )
+    flag("lfx.rewrite", "dynamic", dynamic)
+    flag("lfx.rewrite", "trace_blocks", trace_blocks)
     if isinstance(model, fx.GraphModule):
         if Record.find(model) is not None:
             return model
@@ -242,10 +245,11 @@ def capture(model, example_inputs=None, example_kwargs=None, dynamic: bool = Tru
     if example_inputs is None and example_kwargs is None:
         return _symbolic(model)
     args, kwargs = _examples(model, example_inputs, example_kwargs)
+    directory = cache_directory(cache_dir)  # a cache_dir that is a file is refused before any tracing
     key = capture_memo.memo_key(model, args, kwargs, dynamic, dynamic_shapes, trace_blocks)
     gm = capture_memo.recall(model, key)
     if gm is None:
-        gm = _exported(model, args, kwargs, dynamic, dynamic_shapes, cache_directory(cache_dir), trace_blocks)
+        gm = _exported(model, args, kwargs, dynamic, dynamic_shapes, directory, trace_blocks)
         capture_memo.remember(model, key, gm)
         gm = capture_memo.handout(gm, model.training)
     return gm

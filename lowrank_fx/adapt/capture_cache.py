@@ -44,6 +44,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from ..errors import SpecError
 from ..graph.quant_formats import bitsandbytes_layers, is_quantized
 from . import capture_key
 
@@ -76,9 +77,17 @@ def cacheable(model: nn.Module) -> bool:
 
 def cache_directory(cache_dir) -> Path | None:
     """`cache_dir`, else $LOWRANK_FX_CACHE, else None; False (or "") turns the cache off."""
-    if cache_dir is None:
+    from_env = cache_dir is None
+    if from_env:
         cache_dir = os.environ.get(ENV) or None
-    return Path(cache_dir) if cache_dir else None
+    if not cache_dir:
+        return None
+    directory = Path(cache_dir)
+    if directory.exists() and not directory.is_dir():
+        where = f"${ENV}" if from_env else "cache_dir"
+        raise SpecError(f"{where} {directory} is a file, not a folder; give a folder for the capture cache "
+                        "(it is created if missing), or cache_dir=False for none")
+    return directory
 
 
 class CaptureCache:

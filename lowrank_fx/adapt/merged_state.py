@@ -25,12 +25,12 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from ..errors import MergeError
+from ..errors import MergeError, ModelTypeError
 from ..graph.dtensors import whole
 from ..graph.quant_formats import requantize as requantize_tensor
 from ..graph.quant_formats import requantize_bitsandbytes
 from ..graph.record import require_graph
-from ..options import number
+from ..options import flag, number
 from ..passes.layers import flat_view
 from ..passes.quantized_fold import measure
 from ..progress import stage
@@ -55,6 +55,7 @@ def merged_state_dict(gm: fx.GraphModule, untie: bool = False) -> dict[str, torc
     to a name that keeps its original values (see the module notes; `untie=True` allows it), and
     on a NaN or inf update; the graph is unchanged either way."""
     require_graph(gm, "lfx.merged_state_dict")
+    flag("lfx.merged_state_dict", "untie", untie)
     with whole(gm):
         gm = flat_view(gm)  # a graph with layer blocks: the same names
         plan = merged_plan(gm)
@@ -89,6 +90,9 @@ def load_merged(model: nn.Module, gm: fx.GraphModule, tolerance: float = 1e-2) -
     assigned gets its old tensor back before the MergeError. Quantized layers of `model` that were
     adapted are requantized in their own format, the others left as they are; the output error
     this costs is measured on the capture's examples (`model.lowrank_fx_requantize_report`)."""
+    if not isinstance(model, nn.Module):
+        raise ModelTypeError(f"lfx.load_merged loads into the original model (a torch.nn.Module), got a "
+                             f"{type(model).__name__}; call lfx.load_merged(model, gm)")
     require_graph(gm, "lfx.load_merged")
     number("lfx.load_merged", "tolerance", tolerance, "a number >= 0 (0: warn on any error)", lambda v: v >= 0,
            "the largest requantization error accepted without a warning")

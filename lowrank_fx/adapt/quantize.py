@@ -74,6 +74,9 @@ def quantize_base(model: nn.Module, scheme: str, exclude=(), group_size: int | N
         raise SpecError(f"quantize_base scheme must be one of {SCHEMES}, got {scheme!r}")
     if isinstance(exclude, str):
         exclude = [exclude]
+    if not (isinstance(exclude, (list, tuple, set)) and all(isinstance(p, str) for p in exclude)):
+        raise SpecError(f"quantize_base exclude must be a pattern or a list of patterns (e.g. ['lm_head', "
+                        f"'*.down_proj']), got {exclude!r}")
     try:
         import torchao.quantization as tq
     except ImportError as err:
@@ -109,10 +112,13 @@ def quantize_base(model: nn.Module, scheme: str, exclude=(), group_size: int | N
             tq.quantize_(module, config, filter_fn=lambda m, fqn: m is module)
         module.weight.requires_grad_(False)
         done.append(name)
+    if not done and not chosen:
+        raise SpecError(f"quantize_base({scheme!r}) found no nn.Linear to quantize besides the output head; "
+                        f"check `exclude` ({list(exclude)})")
     if not done:
-        raise SpecError(
-            f"quantize_base({scheme!r}) found no linear layer to quantize "
-            f"({len(chosen)} candidates; left dense: {dict(list(left.items())[:3])}); check `exclude`"
-        )
+        fix = ("it is quantized already" if all(why == "already quantized" for why in left.values())
+               else "choose a scheme (or int4 group_size) these layers' sizes allow")
+        raise SpecError(f"quantize_base({scheme!r}) left all {len(chosen)} linear layers dense: "
+                        f"{dict(list(left.items())[:3])}; {fix}")
     model.lowrank_fx_quantized = {"scheme": scheme, "layers": done, "left_dense": left}
     return model

@@ -40,9 +40,11 @@ from torch import fx, nn
 from torch.export import Dim
 
 from ..errors import ExportError
+from ..files.atomic import check_writable
 from ..graph.experts import grouped_sites
 from ..graph.gates import active_adapters
 from ..graph.record import require_graph
+from ..options import flag
 from ..passes.drop_assertions import drop_assertions, has_assertions
 from ..passes.layers import flat_view
 from .adapter_graph import (
@@ -69,6 +71,7 @@ if TYPE_CHECKING:
     import onnx_ir as ir
 
 MODES = ("auto", "merged", "adapters", "per_row")
+MIN_OPSET = 18  # the oldest opset torch.onnx's dynamo exporter translates to
 
 
 @dataclasses.dataclass
@@ -248,6 +251,12 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
         raise ExportError(f"{path} is a folder; give the .onnx file to write, e.g. {Path(path) / 'model.onnx'}")
     if example_inputs is None and example_kwargs is None:
         raise ExportError("export_onnx needs example_inputs (and/or example_kwargs): a call the model accepts")
+    if external_data is not None:
+        flag("export_onnx", "external_data", external_data)
+    if opset is not None and not (isinstance(opset, int) and not isinstance(opset, bool) and opset >= MIN_OPSET):
+        raise ExportError(f"export_onnx opset must be an int >= {MIN_OPSET} (torch's ONNX exporter writes opset "
+                          f"{MIN_OPSET} and up), got {opset!r}; leave it None for the exporter's default")
+    check_writable(Path(path).parent, path)
     model = flat_view(model) if isinstance(model, fx.GraphModule) else model  # layer blocks inlined
     if isinstance(model, fx.GraphModule) and grouped_sites(model):
         raise ExportError(
@@ -312,6 +321,9 @@ def export_onnx_adapter(gm: fx.GraphModule, path: str | os.PathLike, adapter: st
     checked against that model and removed again if it does not fit.
     """
     require_graph(gm, "lfx.export_onnx_adapter")
+    if model is not None and not Path(model).is_file():
+        raise ExportError(f"model={model}: no such .onnx file; pass the model exported with "
+                          "lfx.export_onnx(gm, path, mode='adapters') to check the adapter file against")
     gm = flat_view(gm)
     check_adapter(gm, adapter)
     tensors = adapter_tensors(gm, adapter)

@@ -41,10 +41,11 @@ from torch import fx, nn
 from ..adapt.capture import capture
 from ..adapt.hotswap import slot_scales
 from ..adapt.rewrite import resolve
-from ..errors import AdapterFileError
+from ..errors import AdapterFileError, SpecError
 from ..graph.dtensors import whole, writes_files
 from ..graph.record import CONTAINER, Record, require_graph
 from ..graph.targets import find_targets
+from ..options import flag
 from ..passes.inject import build_groups
 from ..passes.layers import flat_view
 from ..version import __version__
@@ -105,6 +106,10 @@ def save_adapters(gm: fx.GraphModule, path: str | os.PathLike, adapter: str | No
     A graph sharded by FSDP2 is gathered: every rank calls this, rank 0 writes.
     """
     require_graph(gm, "lfx.save_adapters")
+    flag("lfx.save_adapters", "include_buffers", include_buffers)
+    if not isinstance(path, (str, os.PathLike)):
+        raise SpecError(f"lfx.save_adapters needs a file path (a str or pathlib.Path), got {path!r}; "
+                        "e.g. lfx.save_adapters(gm, 'adapters.safetensors')")
     with whole(getattr(gm, CONTAINER, nn.Module())) as sharded:  # FSDP2: the adapters only, not the base
         data, path = _serialised(flat_view(gm), path, adapter, include_buffers)  # blocks: the flat names
     return write_atomic(path, data) if writes_files(sharded) else path

@@ -34,11 +34,32 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
             os.unlink(temp)
         if isinstance(err, OSError):
             reason = err.strerror or str(err)
+            blocking = next((p for p in path.absolute().parents if p.exists()), None)
+            if blocking is not None and not blocking.is_dir():
+                reason = f"{blocking} is a file, not a folder"
             raise FileWriteError(f"cannot write {path}: {reason}; it was left as it was. "
                                  "Check that its directory is writable and has free space.") from None
         raise
     _fsync_directory(directory)
     return path
+
+
+def check_writable(directory: str | os.PathLike, what: str) -> None:
+    """Check, before long work whose result goes to `directory`, that it can be created and written
+    in: a file is created (and removed) in it or in the nearest folder above it that exists, and no
+    folder is made. FileWriteError naming `what` (the path the caller writes) if not."""
+    existing = Path(directory).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "a file is in the way", str(existing))
+        fd, temp = tempfile.mkstemp(dir=existing, prefix=".lowrank-fx-check.")
+    except OSError as err:
+        raise FileWriteError(f"cannot write {what}: {err.strerror or err} ({existing}); choose a writable "
+                             "place (nothing was written)") from None
+    os.close(fd)
+    os.unlink(temp)
 
 
 def _fsync_directory(directory: Path) -> None:

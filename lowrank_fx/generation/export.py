@@ -35,10 +35,11 @@ import torch
 from torch import fx, nn
 from torch.export import Dim
 
-from ..errors import ExportError
+from ..errors import ExportError, SpecError
 from ..export.manifest import read_manifest, write_manifest
 from ..export.onnx import export_onnx
 from ..files.adapter_file import load_adapters
+from ..files.atomic import check_writable
 from ..graph.record import Record
 from ..graph.targets import find_targets
 from ..progress import stage
@@ -201,6 +202,9 @@ def export_generation(model: nn.Module, adapters, directory: str | os.PathLike, 
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ExportError(f"{directory} is a file; give a directory to write the generation export into")
+    check_writable(directory, directory)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise SpecError(f"export_generation dtype must be a floating torch.dtype such as torch.float16, got {dtype!r}")
     if dtype is not None and dtype != next(model.parameters()).dtype:
         model = copy.deepcopy(model).to(dtype)
     examples = _examples(model, example_inputs)

@@ -28,6 +28,7 @@ from ..errors import ModelTypeError, SpecError
 from ..export.exporter import eval_mode
 from ..graph.gates import GATES, active_adapters, set_active_adapters
 from ..graph.record import Record
+from ..options import compile_backend
 from .decode_graph import LAYOUT, decode_graph, share_adapters, use_base_of
 from .beam import check_beams, reorder_tensors, run_beams
 from .decoder import layer_types
@@ -87,6 +88,7 @@ def _compiled(gm: fx.GraphModule, decode: fx.GraphModule, option):
         if option is True:
             kwargs = {}
         elif isinstance(option, str):
+            compile_backend("lfx.generate", "compile", option)
             kwargs = {"backend": option}
         elif isinstance(option, dict):
             kwargs = dict(option)

@@ -177,6 +177,14 @@ def find_regions(gm: fx.GraphModule) -> list[Region]:
     return sorted(regions, key=lambda r: position[nodes_by_name[r.output]])
 
 
+def _static(size) -> int | None:
+    """`size` as an int when it is one, also a SymInt that the capture fixed (a graph input's
+    feature width, which a linear layer pins); None for a size that varies."""
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    return int(size) if is_concrete_int(size) else None
+
+
 def _roots(node: fx.Node) -> list[fx.Node]:
     seen, todo, found = set(), [node], []
     while todo:
@@ -217,8 +225,8 @@ def _region(gm, key, path, module_type, call, on_inputs) -> Region | None:
         return None
     # the weight: a parameter before buffers (bitsandbytes' absmax), then the largest
     quantized.sort(key=lambda r: (not isinstance(module_attr(gm, r), nn.Parameter), -module_attr(gm, r).numel()))
-    in_f, out_f = xv.shape[-1], yv.shape[-1]
-    if not isinstance(in_f, int) or not isinstance(out_f, int):
+    in_f, out_f = _static(xv.shape[-1]), _static(yv.shape[-1])
+    if in_f is None or out_f is None:
         return None
     from_x = {x}
     integer = False

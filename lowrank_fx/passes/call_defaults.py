@@ -15,7 +15,7 @@ torch.export fixes every argument that holds no tensor (`use_cache=False`, `retu
         try:
             <the graph's code>
         except Exception as _lowrank_fx_error:
-            _lowrank_fx_call.explain(self, _lowrank_fx_error)
+            _lowrank_fx_call.explain(self, _lowrank_fx_error, locals())
             raise
 
 Positional examples stay positional (trailing non-tensor ones get defaults), keyword examples
@@ -171,7 +171,7 @@ def set_call_defaults(gm: fx.GraphModule, args: tuple, kwargs: dict, model: nn.M
     last_tensor = max((i for i, n in enumerate(names[:positional]) if n not in fixed), default=-1)
     required = [n for n in names[:last_tensor] if n in fixed]  # a default there would need all later ones
     errors = CallErrors(gm, names, positional, type(model).__name__ if model is not None else "the model",
-                        _parameters(model))
+                        _parameters(model), {n: v.dtype for n, v in values.items() if isinstance(v, torch.Tensor)})
     gm.graph.set_codegen(CallDefaultsCodeGen(info, positional, fixed, required, errors))
     gm.recompile()
     return {n: v for n, v in fixed.items() if n not in required}

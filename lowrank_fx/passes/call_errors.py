@@ -20,6 +20,7 @@ from __future__ import annotations
 import inspect
 import re
 
+import torch
 from torch import fx
 
 from ..errors import CaptureError, InputError, nearest
@@ -50,8 +51,9 @@ class CallErrors:
     forward (None when unknown), and the dtypes and devices of its tensors."""
 
     def __init__(self, gm: fx.GraphModule, names: list[str], positional: int, model: str,
-                 accepted: list[str] | None):
+                 accepted: list[str] | None, input_dtypes: dict | None = None):
         self.names = list(names)
+        self.input_dtypes = dict(input_dtypes or {})  # argument name -> dtype of its example tensor
         self.positional = positional
         self.model = model
         self.accepted = None if accepted is None else list(accepted)
@@ -87,14 +89,22 @@ class CallErrors:
             f"capture's examples: {capture % '<name>'}"
         )
 
-    def explain(self, gm: fx.GraphModule, error: Exception) -> None:
+    def explain(self, gm: fx.GraphModule, error: Exception, given: dict | None = None) -> None:
         """Raise CaptureError if `error`, raised by gm's body, comes from what the capture fixed;
-        InputError if it is a failed check of the model's own on input values."""
+        InputError if it is a failed check of the model's own on input values. `given`: the
+        call's arguments by name (the forward's locals)."""
         guard = _GUARD.match(str(error)) if isinstance(error, AssertionError) else None
         if guard is not None:
             raise CaptureError(_guard_message(guard.group(1).strip())) from error
         if not isinstance(error, RuntimeError):
             return
+        for name, dtype in self.input_dtypes.items():
+            value = (given or {}).get(name)
+            if isinstance(value, torch.Tensor) and value.dtype != dtype:
+                raise CaptureError(
+                    f"{name} is {_names([value.dtype])} but this graph was captured with {_names([dtype])} "
+                    f"{name} ({_said(error)}); pass {name}.to({dtype}), as the model takes it"
+                ) from error
         dtypes, devices = _kinds(gm)
         if self.dtypes and not self.dtypes <= dtypes:
             wanted = sorted(map(str, dtypes - self.dtypes)) or ["dtype"]
@@ -149,8 +159,8 @@ def public(forward):
 
 def guarded_body(body: list[str], call: str, error: str) -> list[str]:
     """The lines of a generated forward's body inside `try`, handing an exception to
-    `{call}.explain(self, {error})` before it is raised again."""
+    `{call}.explain(self, {error}, locals())` before it is raised again."""
     lines = "".join(body).split("\n")
     return ["try:\n", *(f"    {line}\n" for line in lines if line.strip()),
-            f"except Exception as {error}:\n", f"    {call}.explain(self, {error})\n", "    raise\n"]
+            f"except Exception as {error}:\n", f"    {call}.explain(self, {error}, locals())\n", "    raise\n"]
 

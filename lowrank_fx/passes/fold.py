@@ -30,7 +30,7 @@ from torch import fx, nn
 from ..errors import MergeError
 from ..graph.folded import GroupMarks, carry_marks
 from ..graph.record import KEY, Record, require_graph
-from ..options import number
+from ..options import flag, number
 from ..progress import stage
 from .fold_graph import GraphIndex, fold_target, quantized_bias, remove_adapter_nodes, set_parameter
 from .fold_inplace import fold_in_place
@@ -76,6 +76,8 @@ def fold(gm: fx.GraphModule, requantize: bool = False, tolerance: float = 1e-2,
     Raises MergeError, leaving `gm` and every tensor unchanged, when `gm` has no adapters or an
     update has NaN or inf values."""
     require_graph(gm, "lfx.merge")
+    flag("lfx.merge", "inplace", inplace)
+    flag("lfx.merge", "requantize", requantize)
     number("lfx.merge", "tolerance", tolerance, "a number >= 0 (0: warn on any error)", lambda v: v >= 0,
            "the largest requantization error accepted without a warning")
     if inplace:

@@ -38,7 +38,7 @@ from torch import fx, nn
 from ..graph.module_copy import over_graph
 from ..graph.op_kinds import LinearKind
 from ..graph.quantized import module_attr
-from ..graph.record import KEY
+from ..graph.record import KEY, require_graph
 from ..methods.lora_unit import LoRAUnit
 from ..methods.randlora import RandLoRAUnit
 from ..methods.randlora_merged import randlora_linear
@@ -114,6 +114,7 @@ def _install(root: nn.Module, path: str, module: nn.Module) -> None:
 def fuse_sites(gm: fx.GraphModule) -> fx.GraphModule:
     """A graph computing what `gm` computes, over `gm`'s own modules and tensors, with its LoRA
     and RandLoRA sites in the training form above. `gm` itself is unchanged."""
+    require_graph(gm, "lfx.fuse_sites")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         fused = over_graph(gm, copy.deepcopy(gm.graph))

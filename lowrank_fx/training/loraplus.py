@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from ..errors import LowRankFxError
+from ..errors import LowRankFxError, SpecError
 from ..graph.record import CONTAINER, require_graph
 from ..options import number
 
@@ -66,4 +66,17 @@ def loraplus_param_groups(gm: fx.GraphModule, lr: float, ratio: float = 16.0,
 def loraplus_optimizer(gm: fx.GraphModule, lr: float, ratio: float = 16.0,
                        optimizer_cls=torch.optim.AdamW, weight_decay: float = 0.0, **kwargs):
     """`optimizer_cls` over `loraplus_param_groups(gm, lr, ratio, weight_decay)`; kwargs go to it."""
-    return optimizer_cls(loraplus_param_groups(gm, lr, ratio, weight_decay), lr=lr, **kwargs)
+    return make_optimizer(optimizer_cls, loraplus_param_groups(gm, lr, ratio, weight_decay), lr, kwargs)
+
+
+def make_optimizer(optimizer_cls, groups: list[dict], lr: float, kwargs: dict) -> torch.optim.Optimizer:
+    """`optimizer_cls(groups, lr=lr, **kwargs)`; SpecError naming the class when it is not one or
+    refuses an option (a misspelt keyword)."""
+    if not callable(optimizer_cls):
+        raise SpecError(f"optimizer_cls must be an optimizer class such as torch.optim.AdamW, got {optimizer_cls!r}")
+    try:
+        return optimizer_cls(groups, lr=lr, **kwargs)
+    except TypeError as err:
+        name = getattr(optimizer_cls, "__name__", repr(optimizer_cls))
+        raise SpecError(f"{name}(params, lr=..., {', '.join(f'{k}=...' for k in kwargs)}) failed: {err}; "
+                        f"the extra keyword arguments go to {name}, so pass only options it takes") from None

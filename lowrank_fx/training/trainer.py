@@ -51,13 +51,13 @@ from torch import fx
 
 from ..errors import ModelTypeError, SpecError, TrainingError
 from ..graph.record import Record
-from ..options import flag, integer, number
+from ..options import compile_backend, flag, integer, number
 from ..passes.checkpoint_layers import checkpoint_layers
 from ..passes.fuse_sites import fuse_sites
 from .batches import Passes, check_fit, one_shot, total_steps
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .fsdp import shard_layers
-from .loraplus import loraplus_param_groups
+from .loraplus import loraplus_param_groups, make_optimizer
 from .meter import Meter
 from .schedule import check_schedule, lr_factor
 
@@ -93,6 +93,10 @@ def checked_loss(loss) -> torch.Tensor:
     if not loss.requires_grad:
         raise TrainingError("loss_fn returned a tensor that does not depend on the adapters (requires_grad=False); "
                             "compute it from the model's output, outside torch.no_grad() and without .detach()")
+    if loss.grad_fn is None:
+        raise TrainingError("loss_fn returned a leaf tensor (one it made itself, e.g. torch.tensor(..., "
+                            "requires_grad=True)), not one computed from the model's output, so the adapters "
+                            "would get no gradient; return e.g. F.cross_entropy(model(x), y)")
     return loss
 
 
@@ -120,7 +124,8 @@ def _check_distributed(distributed) -> str | None:
     return {True: "ddp", "ddp": "ddp", "fsdp": "fsdp"}.get(distributed)
 
 
-def _check_options(loss_fn, min_lr_ratio, max_grad_norm, checkpoint_every, keep, resume, progress) -> None:
+def _check_options(loss_fn, min_lr_ratio, max_grad_norm, checkpoint_every, keep, resume, progress, autocast,
+                   compile) -> None:
     """SpecError for a Trainer option outside its range (lr and the LoRA+ options: loraplus.py)."""
     if not callable(loss_fn):
         raise SpecError(f"loss_fn must be a function loss_fn(model, batch) -> scalar tensor, got {type(loss_fn).__name__}")
@@ -134,6 +139,12 @@ def _check_options(loss_fn, min_lr_ratio, max_grad_norm, checkpoint_every, keep,
     integer("Trainer", "keep_checkpoints", keep)
     flag("Trainer", "resume", resume)
     flag("Trainer", "progress", progress)
+    if autocast is not None:
+        flag("Trainer", "autocast", autocast)
+    if not isinstance(compile, bool) and not callable(compile):
+        if not isinstance(compile, str):
+            raise SpecError(f"Trainer compile must be True, False or a torch.compile backend name, got {compile!r}")
+        compile_backend("Trainer", "compile", compile)
 
 
 class Trainer:
@@ -165,7 +176,8 @@ class Trainer:
         if checkpoint_every is not None and checkpoint_dir is None:
             raise SpecError("checkpoint_every needs checkpoint_dir=... (where checkpoints go)")
         check_schedule(schedule, warmup_steps, 0)
-        _check_options(loss_fn, min_lr_ratio, max_grad_norm, checkpoint_every, keep_checkpoints, resume, progress)
+        _check_options(loss_fn, min_lr_ratio, max_grad_norm, checkpoint_every, keep_checkpoints, resume, progress,
+                       autocast, compile)
         self.gm, self.loss_fn, self.tokens = gm, loss_fn, tokens
         self.accumulate, self.max_grad_norm = accumulate, max_grad_norm
         self.schedule, self.warmup, self.min_lr_ratio = schedule, warmup_steps, min_lr_ratio
@@ -177,7 +189,7 @@ class Trainer:
         groups = loraplus_param_groups(gm, lr, loraplus_ratio, weight_decay)
         for group in groups:
             group["lfx_base_lr"] = group["lr"]
-        self.optimizer = optimizer_cls(groups, lr=lr, **optimizer_kwargs)
+        self.optimizer = make_optimizer(optimizer_cls, groups, lr, optimizer_kwargs)
         self.params = [p for group in groups for p in group["params"]]
         device = self.params[0].device
         self.autocast = device.type == "cuda" and torch.cuda.is_bf16_supported() if autocast is None else autocast
