@@ -20,6 +20,7 @@ from peft.utils.hotswap import hotswap_adapter, prepare_model_for_compiled_hotsw
 
 import lowrank_fx as lfx
 from lowrank_fx.errors import AdapterFileError, InputError, SpecError
+from lowrank_fx.export.adapter_graph import adapter_tensors
 from lowrank_fx.generation.torch_generate import decoder_for
 
 VOCAB = 128
@@ -108,6 +109,8 @@ def test_a_slot_saves_the_adapter_it_holds(model, ids, adapters, tmp_path):
     saved = safetensors.torch.load_file(tmp_path / "back" / "adapter_model.safetensors")
     assert sorted(saved) == sorted(original)
     assert all(torch.equal(saved[k], original[k]) for k in original)  # rank 2, not padded to 8
+    onnx_inputs = adapter_tensors(gm, "default")  # an .onnx_adapter file's content: the scale is an input
+    assert float(onnx_inputs["model.layers.0.self_attn.q_proj.scale"]) == 5 / 2
     lfx.save_adapters(gm, tmp_path / "c.safetensors")
     spec = lfx.files.adapter_file.read_manifest(tmp_path / "c.safetensors")["adapters"]["default"]["spec"]
     assert {rule["method"]["rank"] for rule in spec["rules"]} == {2}
@@ -140,6 +143,15 @@ def test_a_slot_trains_like_the_unpadded_adapter(model, ids):
         axis = 0 if name.endswith("lora_A") else 1
         assert rel(p.grad.narrow(axis, 0, 4), q.grad) < 1e-5
         assert not p.grad.narrow(axis, 4, 4).any()  # the padding stays zero
+
+
+def test_the_training_form_of_a_slot_follows_swaps(model, ids, adapters):
+    gm = lfx.load_peft(slot_graph(model, ids), adapters["b"][0])
+    fused = lfx.fuse_sites(gm)  # built once; the slot's scale is read from its buffer, not baked in
+    with torch.no_grad():
+        for name in ("c", "a"):
+            lfx.load_peft(gm, adapters[name][0])
+            assert rel(logits(fused(ids)), logits(adapters[name][1](ids))) < 1e-5
 
 
 def test_hotswap_refusals_leave_the_slot_as_it_was(model, ids, adapters, tmp_path):
