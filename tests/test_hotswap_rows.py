@@ -75,6 +75,12 @@ def slot_graph(model, ids, max_rank=8, **options):
     return lfx.rewrite(model, spec, example_inputs=(ids,), example_kwargs={"use_cache": False}, max_rank=max_rank)
 
 
+@pytest.fixture(scope="module")
+def slot(model, ids):
+    """One slot graph (max_rank 8) shared by the hot-swap tests; each loads the adapter it needs first."""
+    return slot_graph(model, ids).eval()
+
+
 def rel(got, want) -> float:
     return float((got - want).abs().max() / want.abs().max())
 
@@ -82,8 +88,8 @@ def rel(got, want) -> float:
 # -- hot-swap ------------------------------------------------------------------------------------
 
 
-def test_hotswap_equals_peft_hotswap_and_never_recompiles(model, ids, adapters):
-    gm = lfx.load_peft(slot_graph(model, ids), adapters["a"][0]).eval()
+def test_hotswap_equals_peft_hotswap_and_never_recompiles(model, slot, ids, adapters):
+    gm = lfx.load_peft(slot, adapters["a"][0])
     ours = torch.compile(gm, backend="aot_eager", dynamic=False)
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(model), adapters["a"][0]).eval()
     prepare_model_for_compiled_hotswap(theirs, target_rank=8)  # padded as for compiling (run eagerly here)
@@ -102,8 +108,8 @@ def test_hotswap_equals_peft_hotswap_and_never_recompiles(model, ids, adapters):
     assert max(errors.values()) < 1e-5, errors
 
 
-def test_a_slot_saves_the_adapter_it_holds(model, ids, adapters, tmp_path):
-    gm = lfx.load_peft(slot_graph(model, ids), adapters["c"][0])
+def test_a_slot_saves_the_adapter_it_holds(model, slot, ids, adapters, tmp_path):
+    gm = lfx.load_peft(slot, adapters["c"][0])
     lfx.save_peft(gm, tmp_path / "back")
     original = safetensors.torch.load_file(adapters["c"][0] / "adapter_model.safetensors")
     saved = safetensors.torch.load_file(tmp_path / "back" / "adapter_model.safetensors")
@@ -145,8 +151,8 @@ def test_a_slot_trains_like_the_unpadded_adapter(model, ids):
         assert not p.grad.narrow(axis, 4, 4).any()  # the padding stays zero
 
 
-def test_the_training_form_of_a_slot_follows_swaps(model, ids, adapters):
-    gm = lfx.load_peft(slot_graph(model, ids), adapters["b"][0])
+def test_the_training_form_of_a_slot_follows_swaps(model, slot, ids, adapters):
+    gm = lfx.load_peft(slot, adapters["b"][0])
     fused = lfx.fuse_sites(gm)  # built once; the slot's scale is read from its buffer, not baked in
     with torch.no_grad():
         for name in ("c", "a"):
@@ -154,8 +160,8 @@ def test_the_training_form_of_a_slot_follows_swaps(model, ids, adapters):
             assert rel(logits(fused(ids)), logits(adapters[name][1](ids))) < 1e-5
 
 
-def test_hotswap_refusals_leave_the_slot_as_it_was(model, ids, adapters, tmp_path):
-    gm = lfx.load_peft(slot_graph(model, ids), adapters["a"][0])
+def test_hotswap_refusals_leave_the_slot_as_it_was(model, slot, ids, adapters, tmp_path):
+    gm = lfx.load_peft(slot, adapters["a"][0])
     with torch.no_grad():
         before = logits(gm(ids))
     peft_adapter(model, tmp_path / "big", 16, 8, 4)
@@ -221,6 +227,27 @@ def test_rows_equal_peft_adapter_names_and_each_rows_own_run(two, ids):
             assert float((got[row] - single(gm, ids[row:row + 1], adapter)[0]).abs().max()) < 1e-6
         assert lfx.active_adapters(gm) == ["one", "two"]  # restored: every row gets both adapters again
         assert torch.equal(logits(gm(ids)), before)
+
+
+def test_rows_on_flattened_activations_gpt2(ids, tmp_path):
+    """GPT-2's Conv1D runs addmm on (batch · seq, in): each row's weight is repeated seq times."""
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4,
+                                                                 bos_token_id=1, eos_token_id=3)).eval()
+    theirs = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], init_lora_weights=False, fan_in_fan_out=True),
+        adapter_name="one")
+    theirs.add_adapter("two", peft.LoraConfig(r=2, lora_alpha=3, target_modules=["c_attn"], init_lora_weights=False,
+                                              fan_in_fan_out=True))
+    theirs.save_pretrained(tmp_path)
+    gm = lfx.load_peft(model, tmp_path / "one", adapter="one", example_inputs=(ids,), example_kwargs={"use_cache": False})
+    gm = lfx.load_peft(gm, tmp_path / "two", adapter="two").eval()
+    with torch.no_grad():
+        with lfx.adapter_rows(gm, MIX):
+            got = logits(gm(ids))
+        assert rel(got, theirs.eval()(ids, adapter_names=["one", "two", "__base__", "one"]).logits) < 1e-5
+        for row, adapter in enumerate(MIX):
+            assert float((got[row] - single(gm, ids[row:row + 1], adapter)[0]).abs().max()) < 1e-6
 
 
 def test_rows_compiled_do_not_recompile_across_mixes(two, ids):
@@ -292,8 +319,8 @@ def test_bad_rows_are_refused(two, ids):
         lfx.generate(gm, ids, rows=["one", None], max_new_tokens=1)
 
 
-def test_generation_follows_a_swap_without_a_new_decode_graph(model, ids, adapters):
-    gm = lfx.load_peft(slot_graph(model, ids), adapters["a"][0])
+def test_generation_follows_a_swap_without_a_new_decode_graph(model, slot, ids, adapters):
+    gm = lfx.load_peft(slot, adapters["a"][0])
     prompt = ids[:2, :4]
     lfx.generate(gm, prompt, max_new_tokens=1)
     decode = decoder_for(gm)
