@@ -111,11 +111,9 @@ def loaded_factor(unit: nn.Module, name: str) -> torch.Tensor:
 
 
 def _trim_hook(unit, state, prefix, _metadata):
-    for name in unit.rank_axes:
-        key = prefix + name
-        if key in state:
-            state[key] = loaded_factor(unit, name) if state[key] is getattr(unit, name) else \
-                state[key].narrow(unit.rank_axes[name], 0, unit.loaded_rank)
+    for name, axis in unit.rank_axes.items():
+        if prefix + name in state:
+            state[prefix + name] = state[prefix + name].narrow(axis, 0, unit.loaded_rank)
     return state
 
 
