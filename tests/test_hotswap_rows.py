@@ -331,3 +331,13 @@ def test_generation_follows_a_swap_without_a_new_decode_graph(model, slot, ids, 
         want = adapters["b"][1].generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5,
                                          do_sample=False, eos_token_id=None, pad_token_id=0, min_new_tokens=5)
     assert torch.equal(got, want)
+
+
+def test_a_slot_refuses_inits_that_change_the_base(model, slot):
+    try:
+        method = lfx.LoRA(rank=4, init="pissa")
+    except SpecError:
+        pytest.skip("this LoRA has no base-changing init")
+    with pytest.raises(SpecError, match="init='pissa', which goes with a changed base weight"):
+        lfx.rewrite(slot, lfx.Spec(targets=["*.k_proj"], method=method), adapter="second", max_rank=8)
+    assert "second" not in lfx.active_adapters(slot)
