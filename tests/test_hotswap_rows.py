@@ -132,6 +132,8 @@ def test_a_slot_saves_the_adapter_it_holds(model, slot, ids, adapters, tmp_path)
         lfx.load_peft(gm, adapters["b"][0])
         with pytest.raises(InputError, match="has rank 2, but this hot-swap slot holds an adapter of rank 8"):
             gm.load_state_dict(state)
+        lfx.load_adapters(gm, tmp_path / "c.safetensors")  # a lowrank_fx file swaps in as a PEFT directory does
+        assert rel(logits(gm(ids)), logits(adapters["c"][1](ids))) < 1e-5
 
 
 def test_a_slot_trains_like_the_unpadded_adapter(model, ids):
@@ -341,3 +343,16 @@ def test_a_slot_refuses_inits_that_change_the_base(model, slot):
     with pytest.raises(SpecError, match="init='pissa', which goes with a changed base weight"):
         lfx.rewrite(slot, lfx.Spec(targets=["*.k_proj"], method=method), adapter="second", max_rank=8)
     assert "second" not in lfx.active_adapters(slot)
+
+
+def test_rows_refuse_trained_modules_and_layer_blocks(model, ids):
+    kwargs = {"example_inputs": (ids,), "example_kwargs": {"use_cache": False}}
+    trains = lfx.rewrite(model, lfx.Spec(targets=["*.q_proj"], train=["lm_head"]), **kwargs)
+    with pytest.raises(SpecError, match="train whole modules"):
+        with lfx.adapter_rows(trains, ["default"] * 4):
+            pass
+    blocks = lfx.rewrite(model, lfx.Spec(targets=["*.q_proj"]), layers=["model.layers.*"], **kwargs)
+    with pytest.raises(SpecError, match="needs a flat graph"):
+        with lfx.adapter_rows(blocks, ["default"] * 4):
+            pass
+    assert not hasattr(trains, "lowrank_fx_row_gates") and not hasattr(blocks, "lowrank_fx_row_gates")
