@@ -61,10 +61,11 @@ def peft_adapter(model, directory, rank, alpha, seed, targets=TARGETS, **options
 
 @pytest.fixture(scope="module")
 def adapters(model, tmp_path_factory):
-    """PEFT adapters of ranks 4, 8, 2 and 6 (rsLoRA), other alphas, on the same targets."""
+    """PEFT adapters of ranks 4, 8, 2, 2/6 (rank_pattern) and 6 (rsLoRA), other alphas, on the same targets."""
     root = tmp_path_factory.mktemp("hotswap")
     made = {}
     for name, rank, alpha, seed, options in [("a", 4, 8, 1, {}), ("b", 8, 3, 2, {}), ("c", 2, 5, 3, {}),
+                                           ("p", 2, 4, 8, {"rank_pattern": {"v_proj": 6}}),
                                            ("r", 6, 5, 7, {"use_rslora": True})]:
         made[name] = (root / name, peft_adapter(model, root / name, rank, alpha, seed, **options))
     return made
@@ -103,8 +104,11 @@ def test_hotswap_equals_peft_hotswap_and_never_recompiles(model, slot, ids, adap
                 got, want = logits(ours(ids)), logits(theirs(ids))
                 errors[name] = rel(got, want)
                 assert rel(got, logits(adapters[name][1](ids))) < 1e-5  # and PEFT's own, uncompiled
-            lfx.load_peft(gm, adapters["r"][0])  # PEFT's hotswap refuses another use_rslora; a slot takes it
-            errors["r"] = rel(logits(ours(ids)), logits(adapters["r"][1](ids)))
+            # against PEFT's own model: its hotswap refuses another use_rslora, and scales rank_pattern
+            # modules by alpha / r (it looks the pattern up by tensor name), where PEFT's model uses their own rank
+            for name in ("r", "p"):
+                lfx.load_peft(gm, adapters[name][0])
+                errors[name] = rel(logits(ours(ids)), logits(adapters[name][1](ids)))
     assert max(errors.values()) < 1e-5, errors
 
 
