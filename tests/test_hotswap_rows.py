@@ -22,6 +22,8 @@ import lowrank_fx as lfx
 from lowrank_fx.errors import AdapterFileError, InputError, SpecError
 from lowrank_fx.export.adapter_graph import adapter_tensors
 from lowrank_fx.generation.torch_generate import decoder_for
+from lowrank_fx.graph.gates import ungate
+from lowrank_fx.passes.row_gates import row_weight
 
 VOCAB = 128
 TARGETS = ["q_proj", "v_proj"]
@@ -360,3 +362,17 @@ def test_rows_refuse_trained_modules_and_layer_blocks(model, ids):
         with lfx.adapter_rows(blocks, ["default"] * 4):
             pass
     assert not hasattr(trains, "lowrank_fx_row_gates") and not hasattr(blocks, "lowrank_fx_row_gates")
+
+
+def test_exports_drop_the_row_weights(two, ids):
+    """ONNX exports ungate the graph (every exported adapter applied): a converted graph's row
+    weights go with the gates, so the exported graph is the one an unconverted graph gives."""
+    gm, _ = two
+    with lfx.adapter_rows(gm, MIX):
+        pass
+    graph = copy.deepcopy(gm.graph)
+    ungate(graph)
+    graph.lint()
+    left = [node.name for node in graph.nodes if node.target is row_weight
+            or (node.op == "get_attr" and node.target.startswith(("lowrank_fx_gates.", "lowrank_fx_row_gates.")))]
+    assert not left
