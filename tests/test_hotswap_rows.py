@@ -20,7 +20,10 @@ from peft.utils.hotswap import hotswap_adapter, prepare_model_for_compiled_hotsw
 
 import lowrank_fx as lfx
 from lowrank_fx.errors import AdapterFileError, InputError, SpecError
+from lowrank_fx.export.adapter_graph import adapter_tensors
 from lowrank_fx.generation.torch_generate import decoder_for
+from lowrank_fx.graph.gates import ungate
+from lowrank_fx.passes.row_gates import row_weight
 
 VOCAB = 128
 TARGETS = ["q_proj", "v_proj"]
@@ -60,10 +63,11 @@ def peft_adapter(model, directory, rank, alpha, seed, targets=TARGETS, **options
 
 @pytest.fixture(scope="module")
 def adapters(model, tmp_path_factory):
-    """PEFT adapters of ranks 4, 8, 2 and 6 (rsLoRA), other alphas, on the same targets."""
+    """PEFT adapters of ranks 4, 8, 2, 2/6 (rank_pattern) and 6 (rsLoRA), other alphas, on the same targets."""
     root = tmp_path_factory.mktemp("hotswap")
     made = {}
     for name, rank, alpha, seed, options in [("a", 4, 8, 1, {}), ("b", 8, 3, 2, {}), ("c", 2, 5, 3, {}),
+                                           ("p", 2, 4, 8, {"rank_pattern": {"v_proj": 6}}),
                                            ("r", 6, 5, 7, {"use_rslora": True})]:
         made[name] = (root / name, peft_adapter(model, root / name, rank, alpha, seed, **options))
     return made
@@ -74,6 +78,12 @@ def slot_graph(model, ids, max_rank=8, **options):
     return lfx.rewrite(model, spec, example_inputs=(ids,), example_kwargs={"use_cache": False}, max_rank=max_rank)
 
 
+@pytest.fixture(scope="module")
+def slot(model, ids):
+    """One slot graph (max_rank 8) shared by the hot-swap tests; each loads the adapter it needs first."""
+    return slot_graph(model, ids).eval()
+
+
 def rel(got, want) -> float:
     return float((got - want).abs().max() / want.abs().max())
 
@@ -81,8 +91,8 @@ def rel(got, want) -> float:
 # -- hot-swap ------------------------------------------------------------------------------------
 
 
-def test_hotswap_equals_peft_hotswap_and_never_recompiles(model, ids, adapters):
-    gm = lfx.load_peft(slot_graph(model, ids), adapters["a"][0]).eval()
+def test_hotswap_equals_peft_hotswap_and_never_recompiles(model, slot, ids, adapters):
+    gm = lfx.load_peft(slot, adapters["a"][0])
     ours = torch.compile(gm, backend="aot_eager", dynamic=False)
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(model), adapters["a"][0]).eval()
     prepare_model_for_compiled_hotswap(theirs, target_rank=8)  # padded as for compiling (run eagerly here)
@@ -96,18 +106,23 @@ def test_hotswap_equals_peft_hotswap_and_never_recompiles(model, ids, adapters):
                 got, want = logits(ours(ids)), logits(theirs(ids))
                 errors[name] = rel(got, want)
                 assert rel(got, logits(adapters[name][1](ids))) < 1e-5  # and PEFT's own, uncompiled
-            lfx.load_peft(gm, adapters["r"][0])  # PEFT's hotswap refuses another use_rslora; a slot takes it
-            errors["r"] = rel(logits(ours(ids)), logits(adapters["r"][1](ids)))
+            # against PEFT's own model: its hotswap refuses another use_rslora, and scales rank_pattern
+            # modules by alpha / r (it looks the pattern up by tensor name), where PEFT's model uses their own rank
+            for name in ("r", "p"):
+                lfx.load_peft(gm, adapters[name][0])
+                errors[name] = rel(logits(ours(ids)), logits(adapters[name][1](ids)))
     assert max(errors.values()) < 1e-5, errors
 
 
-def test_a_slot_saves_the_adapter_it_holds(model, ids, adapters, tmp_path):
-    gm = lfx.load_peft(slot_graph(model, ids), adapters["c"][0])
+def test_a_slot_saves_the_adapter_it_holds(model, slot, ids, adapters, tmp_path):
+    gm = lfx.load_peft(slot, adapters["c"][0])
     lfx.save_peft(gm, tmp_path / "back")
     original = safetensors.torch.load_file(adapters["c"][0] / "adapter_model.safetensors")
     saved = safetensors.torch.load_file(tmp_path / "back" / "adapter_model.safetensors")
     assert sorted(saved) == sorted(original)
     assert all(torch.equal(saved[k], original[k]) for k in original)  # rank 2, not padded to 8
+    onnx_inputs = adapter_tensors(gm, "default")  # an .onnx_adapter file's content: the scale is an input
+    assert float(onnx_inputs["model.layers.0.self_attn.q_proj.scale"]) == 5 / 2
     lfx.save_adapters(gm, tmp_path / "c.safetensors")
     spec = lfx.files.adapter_file.read_manifest(tmp_path / "c.safetensors")["adapters"]["default"]["spec"]
     assert {rule["method"]["rank"] for rule in spec["rules"]} == {2}
@@ -123,6 +138,8 @@ def test_a_slot_saves_the_adapter_it_holds(model, ids, adapters, tmp_path):
         lfx.load_peft(gm, adapters["b"][0])
         with pytest.raises(InputError, match="has rank 2, but this hot-swap slot holds an adapter of rank 8"):
             gm.load_state_dict(state)
+        lfx.load_adapters(gm, tmp_path / "c.safetensors")  # a lowrank_fx file swaps in as a PEFT directory does
+        assert rel(logits(gm(ids)), logits(adapters["c"][1](ids))) < 1e-5
 
 
 def test_a_slot_trains_like_the_unpadded_adapter(model, ids):
@@ -142,8 +159,17 @@ def test_a_slot_trains_like_the_unpadded_adapter(model, ids):
         assert not p.grad.narrow(axis, 4, 4).any()  # the padding stays zero
 
 
-def test_hotswap_refusals_leave_the_slot_as_it_was(model, ids, adapters, tmp_path):
-    gm = lfx.load_peft(slot_graph(model, ids), adapters["a"][0])
+def test_the_training_form_of_a_slot_follows_swaps(model, slot, ids, adapters):
+    gm = lfx.load_peft(slot, adapters["b"][0])
+    fused = lfx.fuse_sites(gm)  # built once; the slot's scale is read from its buffer, not baked in
+    with torch.no_grad():
+        for name in ("c", "a"):
+            lfx.load_peft(gm, adapters[name][0])
+            assert rel(logits(fused(ids)), logits(adapters[name][1](ids))) < 1e-5
+
+
+def test_hotswap_refusals_leave_the_slot_as_it_was(model, slot, ids, adapters, tmp_path):
+    gm = lfx.load_peft(slot, adapters["a"][0])
     with torch.no_grad():
         before = logits(gm(ids))
     peft_adapter(model, tmp_path / "big", 16, 8, 4)
@@ -209,6 +235,27 @@ def test_rows_equal_peft_adapter_names_and_each_rows_own_run(two, ids):
             assert float((got[row] - single(gm, ids[row:row + 1], adapter)[0]).abs().max()) < 1e-6
         assert lfx.active_adapters(gm) == ["one", "two"]  # restored: every row gets both adapters again
         assert torch.equal(logits(gm(ids)), before)
+
+
+def test_rows_on_flattened_activations_gpt2(ids, tmp_path):
+    """GPT-2's Conv1D runs addmm on (batch · seq, in): each row's weight is repeated seq times."""
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4,
+                                                                 bos_token_id=1, eos_token_id=3)).eval()
+    theirs = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], init_lora_weights=False, fan_in_fan_out=True),
+        adapter_name="one")
+    theirs.add_adapter("two", peft.LoraConfig(r=2, lora_alpha=3, target_modules=["c_attn"], init_lora_weights=False,
+                                              fan_in_fan_out=True))
+    theirs.save_pretrained(tmp_path)
+    gm = lfx.load_peft(model, tmp_path / "one", adapter="one", example_inputs=(ids,), example_kwargs={"use_cache": False})
+    gm = lfx.load_peft(gm, tmp_path / "two", adapter="two").eval()
+    with torch.no_grad():
+        with lfx.adapter_rows(gm, MIX):
+            got = logits(gm(ids))
+        assert rel(got, theirs.eval()(ids, adapter_names=["one", "two", "__base__", "one"]).logits) < 1e-5
+        for row, adapter in enumerate(MIX):
+            assert float((got[row] - single(gm, ids[row:row + 1], adapter)[0]).abs().max()) < 1e-6
 
 
 def test_rows_compiled_do_not_recompile_across_mixes(two, ids):
@@ -280,8 +327,8 @@ def test_bad_rows_are_refused(two, ids):
         lfx.generate(gm, ids, rows=["one", None], max_new_tokens=1)
 
 
-def test_generation_follows_a_swap_without_a_new_decode_graph(model, ids, adapters):
-    gm = lfx.load_peft(slot_graph(model, ids), adapters["a"][0])
+def test_generation_follows_a_swap_without_a_new_decode_graph(model, slot, ids, adapters):
+    gm = lfx.load_peft(slot, adapters["a"][0])
     prompt = ids[:2, :4]
     lfx.generate(gm, prompt, max_new_tokens=1)
     decode = decoder_for(gm)
@@ -292,3 +339,40 @@ def test_generation_follows_a_swap_without_a_new_decode_graph(model, ids, adapte
         want = adapters["b"][1].generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5,
                                          do_sample=False, eos_token_id=None, pad_token_id=0, min_new_tokens=5)
     assert torch.equal(got, want)
+
+
+def test_a_slot_refuses_inits_that_change_the_base(model, slot):
+    try:
+        method = lfx.LoRA(rank=4, init="pissa")
+    except SpecError:
+        pytest.skip("this LoRA has no base-changing init")
+    with pytest.raises(SpecError, match="init='pissa', which goes with a changed base weight"):
+        lfx.rewrite(slot, lfx.Spec(targets=["*.k_proj"], method=method), adapter="second", max_rank=8)
+    assert "second" not in lfx.active_adapters(slot)
+
+
+def test_rows_refuse_trained_modules_and_layer_blocks(model, ids):
+    kwargs = {"example_inputs": (ids,), "example_kwargs": {"use_cache": False}}
+    trains = lfx.rewrite(model, lfx.Spec(targets=["*.q_proj"], train=["lm_head"]), **kwargs)
+    with pytest.raises(SpecError, match="train whole modules"):
+        with lfx.adapter_rows(trains, ["default"] * 4):
+            pass
+    blocks = lfx.rewrite(model, lfx.Spec(targets=["*.q_proj"]), layers=["model.layers.*"], **kwargs)
+    with pytest.raises(SpecError, match="needs a flat graph"):
+        with lfx.adapter_rows(blocks, ["default"] * 4):
+            pass
+    assert not hasattr(trains, "lowrank_fx_row_gates") and not hasattr(blocks, "lowrank_fx_row_gates")
+
+
+def test_exports_drop_the_row_weights(two, ids):
+    """ONNX exports ungate the graph (every exported adapter applied): a converted graph's row
+    weights go with the gates, so the exported graph is the one an unconverted graph gives."""
+    gm, _ = two
+    with lfx.adapter_rows(gm, MIX):
+        pass
+    graph = copy.deepcopy(gm.graph)
+    ungate(graph)
+    graph.lint()
+    left = [node.name for node in graph.nodes if node.target is row_weight
+            or (node.op == "get_attr" and node.target.startswith(("lowrank_fx_gates.", "lowrank_fx_row_gates.")))]
+    assert not left

@@ -28,6 +28,7 @@ from ..graph.record import CONTAINER, Record
 from ..methods.base import unit_key
 
 SCALE = "scale"
+KEEP_BASE = ("default", "nonzero", "gaussian", "orthogonal")  # inits that leave the base weight as it is
 SUPPORTED = "plain LoRA (lfx.LoRA without dora=True, on linear, embedding or conv targets with groups=1)"
 
 
@@ -41,6 +42,9 @@ def _slot_problem(target: str, method) -> str | None:
     if getattr(method, "kind", None) != "lora" or getattr(method, "dora", False):
         name = "DoRA" if getattr(method, "dora", False) else type(method).__name__
         return f"{target} uses {name}; hot-swap supports {SUPPORTED}"
+    if method.init not in KEEP_BASE:
+        return (f"{target} uses init={method.init!r}, which goes with a changed base weight; a slot swaps factors over "
+                f"an unchanged base (inits {', '.join(KEEP_BASE)})")
     return None
 
 
@@ -111,11 +115,9 @@ def loaded_factor(unit: nn.Module, name: str) -> torch.Tensor:
 
 
 def _trim_hook(unit, state, prefix, _metadata):
-    for name in unit.rank_axes:
-        key = prefix + name
-        if key in state:
-            state[key] = loaded_factor(unit, name) if state[key] is getattr(unit, name) else \
-                state[key].narrow(unit.rank_axes[name], 0, unit.loaded_rank)
+    for name, axis in unit.rank_axes.items():
+        if prefix + name in state:
+            state[prefix + name] = state[prefix + name].narrow(axis, 0, unit.loaded_rank)
     return state
 
 

@@ -54,6 +54,9 @@ def adapter_names(gm: fx.GraphModule) -> list[str]:
 
 def _unit_scale(unit: nn.Module) -> float | None:
     value = vars(unit).get(SCALE)
+    buffer = unit._buffers.get(SCALE)
+    if buffer is not None and buffer.dim() == 0:  # a hot-swap slot's scale (adapt/hotswap.py)
+        return float(buffer)
     return value if isinstance(value, float) else None
 
 

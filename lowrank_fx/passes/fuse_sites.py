@@ -50,7 +50,7 @@ def stacked_down(x: torch.Tensor, *factors: torch.Tensor) -> torch.Tensor:
     return F.linear(x, factors[0] if len(factors) == 1 else torch.cat(factors))
 
 
-def lora_site(y: torch.Tensor, h: torch.Tensor, up: torch.Tensor, gate: torch.Tensor, scale: float) -> torch.Tensor:
+def lora_site(y: torch.Tensor, h: torch.Tensor, up: torch.Tensor, gate: torch.Tensor, scale) -> torch.Tensor:
     """y + h (g · s · B)ᵀ as one addmm over the flattened rows: y (…, out), h (…, r), B (out, r)."""
     out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), (up * (gate * scale)).t())
     return out.reshape(y.shape)
@@ -145,7 +145,9 @@ def fuse_sites(gm: fx.GraphModule) -> fx.GraphModule:
             with fused.graph.inserting_before(add):
                 part = h if parts is None else fused.graph.call_function(operator.getitem, (parts, i))
                 up = fused.graph.get_attr(f"{delta.target}.lora_B")
-                new = fused.graph.call_function(lora_site, (y, part, up, gate, float(unit.scale)))
+                # a hot-swap slot's scale is a buffer (adapt/hotswap.py): read, not baked in
+                scale = fused.graph.get_attr(f"{delta.target}.scale") if "scale" in unit._buffers else float(unit.scale)
+                new = fused.graph.call_function(lora_site, (y, part, up, gate, scale))
             new.meta.update({k: v for k, v in add.meta.items() if k != KEY})
             add.replace_all_uses_with(new)
             fused.graph.erase_node(add)

@@ -59,17 +59,16 @@ def _batch_input(graph: fx.Graph) -> fx.Node:
 def enable_rows(gm: fx.GraphModule, gates_from: fx.GraphModule | None = None) -> None:
     """Give `gm`'s gated adds per-row weights (once; a no-op for a graph already converted).
     `gates_from`: a graph whose row gates `gm` shares (the decode graph of generation)."""
-    record = Record.find(gm)
-    if gates_from is not None:
-        gm.add_module(ROW_GATES, row_gates(gates_from))
-    row_gates(gm)
     adds = [node for node in tagged(gm, "add") if node.target is torch.ops.aten.addcmul.default]
     if tagged(gm, "select"):
         raise SpecError("lfx.adapter_rows cannot mix adapters that train whole modules (Spec.train): a weight cannot "
                         "differ per row in one op. Export per-row ONNX (lfx.export_onnx(..., mode='per_row')) instead")
-    if record.adapters and not adds:
+    if Record.find(gm).adapters and not adds:
         raise SpecError("lfx.adapter_rows needs a flat graph; this one groups its layers into blocks "
                         "(layers='auto'): rewrite without layers= to mix adapters per row")
+    if gates_from is not None:
+        gm.add_module(ROW_GATES, row_gates(gates_from))
+    row_gates(gm)
     converted = [node for node in adds if isinstance(node.args[2], fx.Node) and node.args[2].target is row_weight]
     if len(converted) == len(adds):
         return
