@@ -22,7 +22,7 @@ from ..methods.base import Method
 from ..methods.lora import LoRA
 from ..methods.randlora import RandLoRA
 from ..methods.trainable_tokens import TrainableTokens
-from .peft_init import config_value, init_of, readable
+from .peft_init import init_of, init_settings, readable
 
 
 def _any(value) -> bool:
@@ -67,7 +67,7 @@ COMMON = {
 # Why a setting is refused, for the error message (default: "not supported").
 HINTS = {
     "bias": "lowrank_fx adapters do not train biases; only bias='none' loads",
-    "init_lora_weights": "this initialisation modifies the base weights (CorDA, LoftQ, LoRA-GA) or is a "
+    "init_lora_weights": "this initialisation modifies the base weights (CorDA, LoRA-GA) or is a "
                          "LoRA variant (MiCA); convert the adapter to plain LoRA with "
                          "PEFT (save_pretrained(..., path_initial_model_for_weight_conversion=...)) first",
     "layer_replication": "replicated layers do not exist in the captured graph",
@@ -152,7 +152,7 @@ def _lora_settings(methods: dict[str, LoRA]) -> dict:
         "use_rslora": first.rslora,
         "use_dora": first.dora,
         "lora_bias": first.bias,
-        "init_lora_weights": config_value(methods),
+        **init_settings(methods),
         "rank_pattern": {re.escape(t): m.rank for t, m in methods.items() if m.rank != rank},
         "alpha_pattern": {re.escape(t): _plain(m.alpha) for t, m in methods.items() if m.alpha != alpha},
     }

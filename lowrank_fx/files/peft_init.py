@@ -20,20 +20,24 @@ from __future__ import annotations
 import torch
 
 from ..errors import AdapterFileError
-from ..methods.lora_init import changes_base, check_name
+from ..methods.lora_init import changes_base, check_name, loftq_settings
 
 _DEFAULTS = ("default", "nonzero")
 
 
-def config_value(methods: dict) -> bool | str:
-    """adapter_config.json's init_lora_weights for LoRA methods by target: True for the default
-    init, else the init's name (one per adapter, as PEFT has one)."""
+def init_settings(methods: dict) -> dict:
+    """adapter_config.json's init_lora_weights (and loftq_config) for LoRA methods by target:
+    True for the default init, else the init's PEFT name (one per adapter, as PEFT has one)."""
     inits = {getattr(m, "init", "default") for m in methods.values()}
     inits = {True if init in _DEFAULTS else init for init in inits}
     if len(inits) > 1:
         raise AdapterFileError(f"PEFT's LoraConfig has one init_lora_weights per adapter, but this adapter mixes "
                                f"{sorted(map(str, inits))}; save it with one init for every target")
-    return inits.pop()
+    init = inits.pop()
+    settings = loftq_settings(init) if isinstance(init, str) else None
+    if settings is None:
+        return {"init_lora_weights": init}
+    return {"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": settings[0], "loftq_iter": settings[1]}}
 
 
 def readable(value) -> bool:
@@ -57,6 +61,13 @@ def init_of(config: dict) -> str:
     value = config.get("init_lora_weights", True)
     if value in (True, False, "eva"):
         return "default"
+    if value == "loftq":
+        loftq = config.get("loftq_config") or {}
+        bits, iters = loftq.get("loftq_bits", 4), loftq.get("loftq_iter", 1)
+        if bits not in (4, 8) or not isinstance(iters, int) or iters < 1:
+            raise AdapterFileError(f"loftq_config={loftq!r}: lowrank_fx's LoftQ (as PEFT's) takes loftq_bits 4 or 8 "
+                                   "and loftq_iter >= 1")
+        return "loftq" + ("_8bit" if bits == 8 else "") + (f"_iter_{iters}" if iters > 1 else "")
     return value
 
 
@@ -80,6 +91,10 @@ def plain_factors(unit, target: str, factors: dict[str, torch.Tensor]) -> dict[s
     if "lora_A" not in factors:
         return factors
     init = getattr(unit, "init", "default")
+    if loftq_settings(init):
+        raise AdapterFileError(f"as_plain_lora: {target} has init={init!r}, whose quantized base Q is not W − s·B₀A₀, "
+                               "so no plain LoRA on W gives the same model (PEFT converts PiSSA, OLoRA and CorDA "
+                               "only); save it as it is, with its base")
     if not changes_base(init):
         raise AdapterFileError(f"as_plain_lora converts PiSSA / OLoRA adapters; {target} has init={init!r}, whose "
                                "base is the original one: save it as it is")

@@ -10,9 +10,13 @@ For a linear target with W (out, in) in fp32 and s the LoRA scale:
                  A = diag(√S_r) Vᵀ[:r],  B = U[:, :r] diag(√S_r),  W_res = W − s · B A
     pissa_niter_N  the same from torch.svd_lowrank(W, r, niter=N) (random: RNG-dependent)
     olora        W = Q R (reduced QR);  A = R[:r],  B = Q[:, :r],  W_res = W − s · B A
+    loftq        a quantized base Q and factors with Q + s · B A ≈ W (lora_loftq.py): "loftq" is NF4
+                 and 1 iteration (PEFT's LoftQConfig defaults), "loftq_8bit" int8, "_iter_N" N
+                 alternating iterations ("loftq_8bit_iter_2")
 
-The inits that change the base (pissa*, olora) leave W_res in the graph's own copy of the
-weight (passes/residual_base.py), so W_res + s · B A = W at the start.
+The inits that change the base (pissa*, olora, loftq*) leave W_res (Q for LoftQ) in the graph's
+own copy of the weight (passes/residual_base.py), so W_res + s · B A = W at the start (≈ W for
+LoftQ: Q is what a quantized base gives).
 
 Random draws follow PEFT's order per layer, so the same seed gives the same factors: PEFT first
 builds lora_A and lora_B as nn.Linear modules (a Kaiming-uniform draw of (r, in), then of
@@ -28,29 +32,37 @@ import torch
 from torch import nn
 
 from ..errors import SpecError
+from .lora_loftq import loftq
 
 RANDOM = ("gaussian", "orthogonal")
-BASE_CHANGING = ("pissa", "olora")  # and pissa_niter_N
-LATER = ("loftq", "eva", "corda")
-NAMES = ("default", "nonzero", *RANDOM, *BASE_CHANGING, "pissa_niter_N")
+BASE_CHANGING = ("pissa", "olora", "loftq")  # and pissa_niter_N, loftq_8bit, loftq_iter_N
+LATER = ("eva", "corda")
+NAMES = ("default", "nonzero", *RANDOM, *BASE_CHANGING, "pissa_niter_N", "loftq_8bit", "loftq_iter_N")
 _NITER = re.compile(r"pissa_niter_(\d+)")
+_LOFTQ = re.compile(r"loftq(?:_(4|8)bit)?(?:_iter_([1-9]\d*))?")
+
+
+def loftq_settings(init: str) -> tuple[int, int] | None:
+    """(bits, iterations) of a LoftQ init, None for the others."""
+    found = _LOFTQ.fullmatch(init)
+    return (int(found.group(1) or 4), int(found.group(2) or 1)) if found else None
 
 
 def check_name(owner: str, init) -> str:
     """`init` if LoRA knows it; SpecError listing the known ones otherwise."""
     if isinstance(init, str):
-        if init in NAMES[:-1] or _NITER.fullmatch(init):
+        if init in NAMES[:-3] or _NITER.fullmatch(init) or _LOFTQ.fullmatch(init):
             return init
         if init in LATER:
             raise SpecError(f"{owner} init={init!r} is not supported yet; the supported inits are {NAMES} "
                             "(pissa_niter_N with N a number of subspace iterations, e.g. 'pissa_niter_4')")
-    raise SpecError(f"{owner} init must be one of {NAMES} (N a number of subspace iterations, e.g. "
-                    f"'pissa_niter_4'), got {init!r}")
+    raise SpecError(f"{owner} init must be one of {NAMES} (N a number of iterations, e.g. 'pissa_niter_4', "
+                    f"'loftq_8bit_iter_2'), got {init!r}")
 
 
 def changes_base(init: str) -> bool:
     """Whether `init` moves part of W into the factors (the graph's base becomes W − s · B A)."""
-    return init in BASE_CHANGING or bool(_NITER.fullmatch(init))
+    return init in BASE_CHANGING or bool(_NITER.fullmatch(init) or _LOFTQ.fullmatch(init))
 
 
 def uses_weight(init: str) -> bool:
@@ -84,6 +96,10 @@ def check_target(init: str, target, rank: int) -> None:
         raise SpecError(f"LoRA(init={init!r}) cannot adapt {target.name}, a {target.kind.name}: these inits are "
                         "defined for linear layers only; give it its own LoRA with init='default' (a mixed spec)")
     if changes_base(init):
+        if target.quantized:
+            raise SpecError(f"LoRA(init={init!r}) decomposes the float weight of {target.name}, which is already "
+                            "quantized (lfx.quantize_base); rewrite the float model instead (LoftQ then puts its "
+                            "quantized base into the graph), or use init='default' on quantized layers")
         if rank > min(target.out_features, target.in_features):
             raise SpecError(f"LoRA(init={init!r}, rank={rank}) on {target.name} ({target.out_features} x "
                             f"{target.in_features}): the rank must be at most min(out, in) = "
@@ -110,14 +126,19 @@ def random_factors(init: str, rank: int, in_features: int, out_features: int) ->
     return a.contiguous(), b.contiguous()
 
 
-def weight_factors(init: str, weight: torch.Tensor, rank: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A (r, in), B (out, r)) in fp32 from W (out, in) for the base-changing inits."""
+def weight_factors(init: str, weight: torch.Tensor, rank: int, scale: float):
+    """(A (r, in), B (out, r), the base the graph keeps (out, in)) in fp32 from W (out, in),
+    for the base-changing inits."""
     weight = weight.to(torch.float32)
     out_features, in_features = weight.shape
     peft_layer_draws(rank, in_features, out_features)
+    settings = loftq_settings(init)
+    if settings:
+        return loftq(weight, rank, scale, *settings)
     if init == "olora":
         q, r = torch.linalg.qr(weight)
-        return r[:rank].contiguous(), q[:, :rank].contiguous()
+        a, b = r[:rank].contiguous(), q[:, :rank].contiguous()
+        return a, b, weight - scale * b @ a
     niter = _NITER.fullmatch(init)
     if niter:
         left, values, right = torch.svd_lowrank(weight, rank, niter=int(niter.group(1)))
@@ -126,9 +147,5 @@ def weight_factors(init: str, weight: torch.Tensor, rank: int, scale: float) -> 
         left, values, rows = torch.linalg.svd(weight, full_matrices=False)
         left, values, rows = left[:, :rank], values[:rank], rows[:rank]
     root = torch.sqrt(values / scale)
-    return torch.diag(root) @ rows, left @ torch.diag(root)
-
-
-def residual(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """W − s · B A, computed in fp32 and returned in W's dtype (out, in)."""
-    return (weight.to(torch.float32) - scale * b @ a).to(weight.dtype)
+    a, b = torch.diag(root) @ rows, left @ torch.diag(root)
+    return a, b, weight - scale * b @ a

@@ -14,7 +14,7 @@ A rank above min(out, in) is allowed (the update is still exact, just not low-ra
 Init ("default"): A ~ Kaiming-uniform(a=√5), B = 0 (for embeddings A = 0, B ~ N(0, 1), as
 PEFT), so the adapted model starts equal to the base. Init "nonzero" draws both factors
 (for tests and demos that need gradients on both). PEFT's other inits (gaussian, orthogonal,
-PiSSA, OLoRA) are in lora_init.py. DoRA (`dora=True`) is in dora.py.
+PiSSA, OLoRA, LoftQ) are in lora_init.py. DoRA (`dora=True`) is in dora.py.
 """
 
 from __future__ import annotations
@@ -84,16 +84,16 @@ class LoRAUnit(Unit):
     @torch.no_grad()
     def init_from_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """Factors from W (as the graph stores it) for the weight-based inits, keeping the residual
-        W − s · B A for the graph's own base (`self.residual`, passes/residual_base.py); returns
-        the base the graph will hold (W itself for the other inits)."""
+        W − s · B A (LoftQ: its quantized Q) for the graph's own base (`self.residual`,
+        passes/residual_base.py); returns the base the graph will hold (W for the other inits)."""
         if not lora_init.uses_weight(self.init):
             return weight
         matrix = self.op_kind.to_matrix(weight, self.layout)
-        a, b = lora_init.weight_factors(self.init, matrix, self.lora_A.shape[0], self.scale)
+        a, b, base = lora_init.weight_factors(self.init, matrix, self.lora_A.shape[0], self.scale)
         self.lora_A.copy_(a)
         self.lora_B.copy_(b)
         self.initial_factors = (a, b)  # A₀, B₀: for the conversion to a plain LoRA (files/peft_init.py)
-        self.residual = self.op_kind.to_weight(lora_init.residual(matrix, a, b, self.scale), self.layout, weight.shape)
+        self.residual = self.op_kind.to_weight(base.to(weight.dtype), self.layout, weight.shape)
         return self.residual
 
     def factored(self, h: torch.Tensor) -> torch.Tensor:
