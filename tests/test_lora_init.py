@@ -195,7 +195,8 @@ BAD = [
     (dict(init=True), "init must be one of"),
     (dict(init="loftq_2bit"), "init must be one of"),
     (dict(init="loftq_iter_0"), "init must be one of"),
-    (dict(init="corda"), "not supported yet"),
+    (dict(init="eva"), "not supported yet"),
+    (dict(init="corda", alpha=-8), "positive scale"),
     (dict(init="orthogonal", rank=3), "needs an even rank"),
     (dict(init="pissa", bias=True), "only allowed with the default init"),
     (dict(init="olora", dora=True, bias=True), "only allowed with the default init"),
@@ -339,3 +340,68 @@ def test_loftq_scale_and_files(mlp, tmp_path):
         assert err(loaded(x), want) <= TOL
     with pytest.raises(lfx.AdapterFileError, match="quantized base Q is not"):
         lfx.save_peft(gm, tmp_path / "plain", as_plain_lora=True)
+
+
+def _peft_corda():
+    """PEFT's CorDA module; it imports `attr.dataclass` (the attrs package, not installed here),
+    which for its one plain record class is the standard dataclass."""
+    import dataclasses
+    import sys
+    import types
+    sys.modules.setdefault("attr", types.SimpleNamespace(dataclass=dataclasses.dataclass))
+    from peft.tuners.lora import corda
+    return corda
+
+
+@pytest.mark.parametrize("method", ["ipm", "kpm"])
+def test_corda_matches_peft(cases, tmp_path, method):
+    """CorDA from the same calibration samples (PEFT's hook reads batches of one): A, B, base and
+    outputs are PEFT's; save_peft writes corda and its method, load_peft refuses it (the data pass
+    would be needed again) and the plain-LoRA conversion loads into PEFT on the original model."""
+    from peft.tuners.lora.config import CordaConfig
+    corda = _peft_corda()
+    case = cases["llama"]
+    generator = torch.Generator().manual_seed(3)
+    samples = [torch.randint(0, models.VOCAB, (1, 9), generator=generator) for _ in range(6)]
+    init = "corda" if method == "ipm" else "corda_kpm"
+    torch.manual_seed(SEED)
+    gm = lfx.rewrite(case.model, lfx.Spec(targets=TARGETS["llama"], method=lfx.LoRA(rank=RANK, alpha=ALPHA, init=init)),
+                     example_inputs=case.args, example_kwargs=case.kwargs,
+                     calibration=lambda graph: [graph(ids, **case.kwargs) for ids in samples])
+    reference = copy.deepcopy(case.model)
+    config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS["llama"], init_lora_weights="corda",
+                        corda_config=CordaConfig(corda_method=method))
+    corda.preprocess_corda(reference, config, run_model=lambda: [reference(ids, **case.kwargs) for ids in samples])
+    torch.manual_seed(SEED)
+    peft_model = get_peft_model(reference, config)
+    group = _group(gm)
+    for target, layer in _layers(peft_model).items():
+        assert err(group.unit(target).lora_A, layer.lora_A["default"].weight) <= TOL, target
+        assert err(group.unit(target).lora_B, layer.lora_B["default"].weight) <= TOL, target
+        assert err(gm.get_parameter(f"{target}.weight"), layer.base_layer.weight) <= TOL, target
+    assert err(_out(case, gm), _out(case, peft_model)) <= TOL
+    assert all(torch.equal(v, case.model.state_dict()[k]) for k, v in case.weights.items())
+    assert "_record" not in gm.code  # no recording node is left
+    _train(gm)
+    want = _out(case, gm)
+    lfx.save_peft(gm, tmp_path / "corda")
+    config = json.loads((tmp_path / "corda" / "adapter_config.json").read_text())
+    assert (config["init_lora_weights"], config["corda_config"]) == ("corda", {"corda_method": method})
+    with pytest.raises(lfx.AdapterFileError, match="init_lora_weights='corda'"):
+        lfx.load_peft(case.model, tmp_path / "corda", example_inputs=case.args, example_kwargs=case.kwargs)
+    lfx.save_peft(gm, tmp_path / "plain", as_plain_lora=True)
+    plain = PeftModel.from_pretrained(copy.deepcopy(case.model), tmp_path / "plain")
+    assert err(_out(case, plain), want) <= TOL
+
+
+def test_corda_needs_a_calibration_run(mlp):
+    model, x, _, _ = mlp
+    spec = lfx.Spec(targets=["0", "2"], method=lfx.LoRA(rank=RANK, init="corda"))
+    with pytest.raises(lfx.SpecError, match="calibration=run"):
+        lfx.rewrite(model, spec, example_inputs=(x,))
+    with pytest.raises(lfx.SpecError, match="never reached 0, 2"):
+        lfx.rewrite(model, spec, example_inputs=(x,), calibration=lambda graph: None)
+    with pytest.raises(ZeroDivisionError):  # the user's own error goes through; later captures are clean
+        lfx.rewrite(model, spec, example_inputs=(x,), calibration=lambda graph: 1 / 0)
+    gm = lfx.rewrite(model, lfx.Spec(targets=["0"], method=lfx.LoRA(rank=RANK)), example_inputs=(x,))
+    assert "_record" not in gm.code

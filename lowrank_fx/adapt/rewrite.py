@@ -75,7 +75,7 @@ def _raise_if_not_linear(gm, spec, targets, heads, err):
 
 def rewrite(model, spec: Spec, example_inputs=None, example_kwargs=None, adapter: str = "default",
             dynamic: bool = True, dynamic_shapes=None, cache_dir=None, layers=None,
-            trace_blocks: bool = True) -> fx.GraphModule:
+            trace_blocks: bool = True, calibration=None) -> fx.GraphModule:
     """Capture `model` and add the adapter `adapter` described by `spec`.
 
     Returns a GraphModule whose base weights are frozen and whose adapter parameters (this
@@ -96,6 +96,8 @@ def rewrite(model, spec: Spec, example_inputs=None, example_kwargs=None, adapter
     module list (a decoder's layers) and the others are written as copies over their own
     weights, so capture costs about the same at 4 or 80 layers (graph/block_lists.py,
     passes/repeat_blocks.py); False traces every child.
+    `calibration`: a function run(graph) that calls the graph on sample data, for data-driven
+    inits (LoRA(init="corda"), PEFT's run_model): it runs once, before the adapter is added.
     """
     if not isinstance(adapter, str) or not adapter.isidentifier():
         raise SpecError(f"adapter name must be a Python identifier such as 'default', got {adapter!r}")
@@ -108,7 +110,7 @@ def rewrite(model, spec: Spec, example_inputs=None, example_kwargs=None, adapter
     if layers is not None and not kept:
         candidates(gm, layers)  # a bad layers= is refused before anything changes
     try:
-        _add_adapter(gm, record, spec, adapter)
+        _add_adapter(gm, record, spec, adapter, calibration)
     finally:
         if kept:
             structure(gm, kept)
@@ -119,7 +121,7 @@ def rewrite(model, spec: Spec, example_inputs=None, example_kwargs=None, adapter
     return gm
 
 
-def _add_adapter(gm: fx.GraphModule, record: Record, spec: Spec, adapter: str) -> None:
+def _add_adapter(gm: fx.GraphModule, record: Record, spec: Spec, adapter: str, calibration=None) -> None:
     if adapter in record.adapters:
         raise SpecError(
             f"this graph already has an adapter named {adapter!r}; pass adapter='<another name>' "
@@ -132,7 +134,7 @@ def _add_adapter(gm: fx.GraphModule, record: Record, spec: Spec, adapter: str) -
         raise
     trained = resolve_trained(gm, spec)
     check_trained(gm, adapter, trained)
-    groups = inject(gm, adapter, assignment, targets) if assignment else {}
+    groups = inject(gm, adapter, assignment, targets, calibration) if assignment else {}
     add_trained(gm, adapter, trained)  # Spec.train: the adapter's own copies (passes/train_modules.py)
     record.adapters[adapter] = AdapterInfo(spec=spec, groups=groups)
     for param in gm.parameters():

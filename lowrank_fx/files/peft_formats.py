@@ -67,9 +67,9 @@ COMMON = {
 # Why a setting is refused, for the error message (default: "not supported").
 HINTS = {
     "bias": "lowrank_fx adapters do not train biases; only bias='none' loads",
-    "init_lora_weights": "this initialisation modifies the base weights (CorDA, LoRA-GA) or is a "
-                         "LoRA variant (MiCA); convert the adapter to plain LoRA with "
-                         "PEFT (save_pretrained(..., path_initial_model_for_weight_conversion=...)) first",
+    "init_lora_weights": "this initialisation modifies the base weights from a data pass (CorDA, LoRA-GA) "
+                         "or is a LoRA variant (MiCA); convert the adapter to plain LoRA with PEFT "
+                         "(save_pretrained(..., path_initial_model_for_weight_conversion=...)) first",
     "layer_replication": "replicated layers do not exist in the captured graph",
     "megatron_config": "Megatron parallel layers are not supported",
     "kasa_config": "KaSA is a research LoRA variant lowrank_fx does not implement",

@@ -4,7 +4,9 @@ PEFT's conversion of a base-changing adapter (PiSSA, OLoRA) to a plain LoRA.
 PEFT re-runs a base-changing init on the model it loads an adapter into (the ORIGINAL model:
 W → W − s · B₀ A₀) before copying the saved A, B in; `load_peft` does the same (the graph's own
 copy of the base gets the residual, methods/lora_init.py), so a directory saved with
-init_lora_weights="pissa" means the same model to both.
+init_lora_weights="pissa" means the same model to both. A CorDA directory needs its data pass
+again (PEFT's preprocess_corda): it is written, but loading it is refused; its plain-LoRA
+conversion loads anywhere.
 
 The conversion (PEFT's `path_initial_model_for_weight_conversion`) writes the trained update
 relative to the original W as a plain LoRA of rank 2r:
@@ -20,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import AdapterFileError
-from ..methods.lora_init import changes_base, check_name, loftq_settings
+from ..methods.lora_init import DATA, changes_base, check_name, loftq_settings
 
 _DEFAULTS = ("default", "nonzero")
 
@@ -34,6 +36,8 @@ def init_settings(methods: dict) -> dict:
         raise AdapterFileError(f"PEFT's LoraConfig has one init_lora_weights per adapter, but this adapter mixes "
                                f"{sorted(map(str, inits))}; save it with one init for every target")
     init = inits.pop()
+    if init in DATA:
+        return {"init_lora_weights": "corda", "corda_config": {"corda_method": "kpm" if init == "corda_kpm" else "ipm"}}
     settings = loftq_settings(init) if isinstance(init, str) else None
     if settings is None:
         return {"init_lora_weights": init}
@@ -46,7 +50,7 @@ def readable(value) -> bool:
     the graph's own base)."""
     if value in (True, False, "eva"):
         return True
-    if not isinstance(value, str):
+    if not isinstance(value, str) or value.startswith("corda"):  # CorDA needs its data pass again
         return False
     try:
         check_name("LoRA", value)
@@ -86,7 +90,7 @@ def plain_config(config: dict) -> dict:
 
 
 def plain_factors(unit, target: str, factors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A' = cat(A, A₀), B' = cat(B, −B₀) for a unit of a base-changing init (PEFT's layout is
+    """A' = cat(A, A₀), B' = cat(B, −B₀) for a unit of a PiSSA / OLoRA / CorDA init (PEFT's layout is
     ours on linear layers); a trainable-token unit stays as it is."""
     if "lora_A" not in factors:
         return factors

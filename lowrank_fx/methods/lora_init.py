@@ -14,7 +14,13 @@ For a linear target with W (out, in) in fp32 and s the LoRA scale:
                  and 1 iteration (PEFT's LoftQConfig defaults), "loftq_8bit" int8, "_iter_N" N
                  alternating iterations ("loftq_8bit_iter_2")
 
-The inits that change the base (pissa*, olora, loftq*) leave W_res (Q for LoftQ) in the graph's
+    corda        from the covariance C (in, in) of the target's inputs over a calibration run
+                 (passes/calibrate.py): C_d = C + d · mean(diag C) · I with d = 0.01, doubled
+                 until ‖C_d C_d⁻¹ − I‖ < 0.05;  W C_d = U S Vᵀ,  V' = (Vᵀ C_d⁻¹)ᵀ;  "corda"
+                 (PEFT's ipm) keeps the top r directions, "corda_kpm" the last r; with S_r / s:
+                 A = diag(√S_r) V'ᵀ_r,  B = U_r diag(√S_r),  W_res = W − s · B A
+
+The inits that change the base (pissa*, olora, loftq*, corda*) leave W_res (Q for LoftQ) in the graph's
 own copy of the weight (passes/residual_base.py), so W_res + s · B A = W at the start (≈ W for
 LoftQ: Q is what a quantized base gives).
 
@@ -35,8 +41,9 @@ from ..errors import SpecError
 from .lora_loftq import loftq
 
 RANDOM = ("gaussian", "orthogonal")
-BASE_CHANGING = ("pissa", "olora", "loftq")  # and pissa_niter_N, loftq_8bit, loftq_iter_N
-LATER = ("eva", "corda")
+BASE_CHANGING = ("pissa", "olora", "loftq", "corda", "corda_kpm")  # and pissa_niter_N, loftq_8bit, loftq_iter_N
+DATA = ("corda", "corda_kpm")  # need rewrite(..., calibration=run)
+LATER = ("eva",)
 NAMES = ("default", "nonzero", *RANDOM, *BASE_CHANGING, "pissa_niter_N", "loftq_8bit", "loftq_iter_N")
 _NITER = re.compile(r"pissa_niter_(\d+)")
 _LOFTQ = re.compile(r"loftq(?:_(4|8)bit)?(?:_iter_([1-9]\d*))?")
@@ -78,8 +85,8 @@ def check_method(method) -> None:
     if method.bias:
         raise SpecError(f"LoRA(init={init!r}, bias=True): a LoRA bias is only allowed with the default init "
                         "(PEFT refuses it too); use bias=False or init='default'")
-    if init.startswith("pissa") and method.alpha < 0:
-        raise SpecError(f"LoRA(init={init!r}, alpha={method.alpha:g}): PiSSA puts √(S / s) into both factors, "
+    if (init.startswith("pissa") or init in DATA) and method.alpha < 0:
+        raise SpecError(f"LoRA(init={init!r}, alpha={method.alpha:g}): this init puts √(S / s) into both factors, "
                         "which needs a positive scale s = alpha / r; use alpha > 0")
     if init == "orthogonal" and method.rank % 2:
         raise SpecError(f"LoRA(init='orthogonal') needs an even rank (A and B take alternate rows of an "
@@ -126,15 +133,37 @@ def random_factors(init: str, rank: int, in_features: int, out_features: int) ->
     return a.contiguous(), b.contiguous()
 
 
-def weight_factors(init: str, weight: torch.Tensor, rank: int, scale: float):
+def _corda_directions(weight: torch.Tensor, covariance: torch.Tensor, rank: int, last: bool):
+    """(U_r (out, r), S_r (r,), V'_r (in, r)) of W C_d (see the module docstring)."""
+    covariance = covariance.to(device=weight.device, dtype=torch.float32)
+    eye = torch.eye(covariance.shape[0], device=weight.device)
+    damp = 0.01
+    while True:
+        damped = covariance + eye * torch.mean(torch.diag(covariance)) * damp
+        inverse = torch.linalg.inv(damped)
+        if torch.dist(damped @ inverse, eye).item() < 0.05:
+            break
+        damp *= 2
+    left, values, rows = torch.linalg.svd(weight @ damped, full_matrices=False)
+    right = (rows @ inverse).t()
+    keep = slice(-rank, None) if last else slice(None, rank)
+    return left[:, keep], values[keep], right[:, keep]
+
+
+def weight_factors(init: str, weight: torch.Tensor, rank: int, scale: float, covariance: torch.Tensor | None = None):
     """(A (r, in), B (out, r), the base the graph keeps (out, in)) in fp32 from W (out, in),
-    for the base-changing inits."""
+    for the base-changing inits (CorDA also reads the input covariance C (in, in))."""
     weight = weight.to(torch.float32)
     out_features, in_features = weight.shape
     peft_layer_draws(rank, in_features, out_features)
     settings = loftq_settings(init)
     if settings:
         return loftq(weight, rank, scale, *settings)
+    if init in DATA:
+        left, values, right = _corda_directions(weight, covariance, rank, last=init == "corda_kpm")
+        root = (values / scale).sqrt()
+        a, b = right.t().mul(root.view(-1, 1)).contiguous(), left.mul(root).contiguous()
+        return a, b, weight - scale * b @ a
     if init == "olora":
         q, r = torch.linalg.qr(weight)
         a, b = r[:rank].contiguous(), q[:, :rank].contiguous()

@@ -53,6 +53,7 @@ class LoRAUnit(Unit):
         self.table_dtype = target.dtype
         self.dropout = dropout_module(dropout)
         self.init, self.layout, self.residual, self.initial_factors = init, target.layout, None, None
+        self.covariance = None  # CorDA: the target's input covariance, set before init_from_weight
         if init not in ("default", "nonzero"):
             self._start(target, rank, init)
             return
@@ -89,7 +90,8 @@ class LoRAUnit(Unit):
         if not lora_init.uses_weight(self.init):
             return weight
         matrix = self.op_kind.to_matrix(weight, self.layout)
-        a, b, base = lora_init.weight_factors(self.init, matrix, self.lora_A.shape[0], self.scale)
+        a, b, base = lora_init.weight_factors(self.init, matrix, self.lora_A.shape[0], self.scale, self.covariance)
+        self.covariance = None
         self.lora_A.copy_(a)
         self.lora_B.copy_(b)
         self.initial_factors = (a, b)  # A₀, B₀: for the conversion to a plain LoRA (files/peft_init.py)
