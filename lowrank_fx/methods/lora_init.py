@@ -13,16 +13,15 @@ For a linear target with W (out, in) in fp32 and s the LoRA scale:
     loftq        a quantized base Q and factors with Q + s · B A ≈ W (lora_loftq.py): "loftq" is NF4
                  and 1 iteration (PEFT's LoftQConfig defaults), "loftq_8bit" int8, "_iter_N" N
                  alternating iterations ("loftq_8bit_iter_2")
-
     corda        from the covariance C (in, in) of the target's inputs over a calibration run
                  (passes/calibrate.py): C_d = C + d · mean(diag C) · I with d = 0.01, doubled
                  until ‖C_d C_d⁻¹ − I‖ < 0.05;  W C_d = U S Vᵀ,  V' = (Vᵀ C_d⁻¹)ᵀ;  "corda"
                  (PEFT's ipm) keeps the top r directions, "corda_kpm" the last r; with S_r / s:
                  A = diag(√S_r) V'ᵀ_r,  B = U_r diag(√S_r),  W_res = W − s · B A
 
-The inits that change the base (pissa*, olora, loftq*, corda*) leave W_res (Q for LoftQ) in the graph's
-own copy of the weight (passes/residual_base.py), so W_res + s · B A = W at the start (≈ W for
-LoftQ: Q is what a quantized base gives).
+The inits that change the base (pissa*, olora, loftq*, corda*) leave W_res (Q for LoftQ) in the
+graph's own copy of the weight (passes/residual_base.py), so W_res + s · B A = W at the start
+(≈ W for LoftQ: Q is what a quantized base gives).
 
 Random draws follow PEFT's order per layer, so the same seed gives the same factors: PEFT first
 builds lora_A and lora_B as nn.Linear modules (a Kaiming-uniform draw of (r, in), then of
@@ -38,6 +37,7 @@ import torch
 from torch import nn
 
 from ..errors import SpecError
+from ..graph.op_kinds import LinearKind
 from .lora_loftq import loftq
 
 RANDOM = ("gaussian", "orthogonal")
@@ -61,8 +61,7 @@ def check_name(owner: str, init) -> str:
         if init in NAMES[:-3] or _NITER.fullmatch(init) or _LOFTQ.fullmatch(init):
             return init
         if init in LATER:
-            raise SpecError(f"{owner} init={init!r} is not supported yet; the supported inits are {NAMES} "
-                            "(pissa_niter_N with N a number of subspace iterations, e.g. 'pissa_niter_4')")
+            raise SpecError(f"{owner} init={init!r} is not supported yet; the supported inits are {NAMES}")
     raise SpecError(f"{owner} init must be one of {NAMES} (N a number of iterations, e.g. 'pissa_niter_4', "
                     f"'loftq_8bit_iter_2'), got {init!r}")
 
@@ -72,13 +71,9 @@ def changes_base(init: str) -> bool:
     return init in BASE_CHANGING or bool(_NITER.fullmatch(init) or _LOFTQ.fullmatch(init))
 
 
-def uses_weight(init: str) -> bool:
-    return changes_base(init)
-
-
 def check_method(method) -> None:
     """Options PEFT refuses with these inits: LoRA bias (only with the default init), an odd
-    rank for orthogonal; and a negative alpha for PiSSA (√ of a negative scale)."""
+    rank for orthogonal; and a negative alpha for PiSSA and CorDA (√ of a negative scale)."""
     init = method.init
     if init in ("default", "nonzero"):
         return
@@ -98,7 +93,6 @@ def check_target(init: str, target, rank: int) -> None:
     and a float base."""
     if init in ("default", "nonzero"):
         return
-    from ..graph.op_kinds import LinearKind
     if not isinstance(target.kind, LinearKind):
         raise SpecError(f"LoRA(init={init!r}) cannot adapt {target.name}, a {target.kind.name}: these inits are "
                         "defined for linear layers only; give it its own LoRA with init='default' (a mixed spec)")

@@ -74,7 +74,7 @@ class LoRAUnit(Unit):
         """Factors of the other inits (lora_init.py); the weight-based ones start at 0 until
         `init_from_weight`."""
         lora_init.check_target(init, target, rank)
-        if lora_init.uses_weight(init):
+        if lora_init.changes_base(init):
             self.lora_A.zero_()
             self.lora_B.zero_()
             return
@@ -87,7 +87,7 @@ class LoRAUnit(Unit):
         """Factors from W (as the graph stores it) for the weight-based inits, keeping the residual
         W − s · B A (LoftQ: its quantized Q) for the graph's own base (`self.residual`,
         passes/residual_base.py); returns the base the graph will hold (W for the other inits)."""
-        if not lora_init.uses_weight(self.init):
+        if not lora_init.changes_base(self.init):
             return weight
         matrix = self.op_kind.to_matrix(weight, self.layout)
         a, b, base = lora_init.weight_factors(self.init, matrix, self.lora_A.shape[0], self.scale, self.covariance)
