@@ -77,7 +77,7 @@ def _raise_if_not_linear(gm, spec, targets, heads, err):
 
 def rewrite(model, spec: Spec, example_inputs=None, example_kwargs=None, adapter: str = "default",
             dynamic: bool = True, dynamic_shapes=None, cache_dir=None, layers=None,
-            trace_blocks: bool = True, max_rank: int | None = None) -> fx.GraphModule:
+            trace_blocks: bool = True, max_rank: int | None = None, calibration=None) -> fx.GraphModule:
     """Capture `model` and add the adapter `adapter` described by `spec`.
 
     Returns a GraphModule whose base weights are frozen and whose adapter parameters (this
@@ -104,6 +104,8 @@ def rewrite(model, spec: Spec, example_inputs=None, example_kwargs=None, adapter
     padded with zeros to rank R and its scale is a buffer, so loading any LoRA adapter of rank
     <= R into it (`load_adapters` / `load_peft` under the same adapter name) changes values
     only, and a compiled graph does not recompile.
+    `calibration`: a function run(graph) that calls the graph on sample data, for data-driven
+    inits (LoRA(init="corda"), PEFT's run_model): it runs once, before the adapter is added.
     """
     check_adapter_name(adapter)
     _require_spec(spec)
@@ -116,7 +118,7 @@ def rewrite(model, spec: Spec, example_inputs=None, example_kwargs=None, adapter
     if layers is not None and not kept:
         candidates(gm, layers)  # a bad layers= is refused before anything changes
     try:
-        _add_adapter(gm, record, spec, adapter, max_rank)
+        _add_adapter(gm, record, spec, adapter, max_rank, calibration)
         warn_unread_layers(source_model(gm), list(record.adapters[adapter].groups))
     finally:
         if kept:
@@ -128,7 +130,8 @@ def rewrite(model, spec: Spec, example_inputs=None, example_kwargs=None, adapter
     return gm
 
 
-def _add_adapter(gm: fx.GraphModule, record: Record, spec: Spec, adapter: str, max_rank: int | None = None) -> None:
+def _add_adapter(gm: fx.GraphModule, record: Record, spec: Spec, adapter: str, max_rank: int | None = None,
+                 calibration=None) -> None:
     if adapter in record.adapters:
         raise SpecError(
             f"this graph already has an adapter named {adapter!r}; pass adapter='<another name>' "
@@ -143,7 +146,7 @@ def _add_adapter(gm: fx.GraphModule, record: Record, spec: Spec, adapter: str, m
     check_trained(gm, adapter, trained)
     if max_rank is not None:
         slot_problems(adapter, assignment, targets, spec, max_rank)  # refused before the graph changes
-    groups = inject(gm, adapter, assignment, targets) if assignment else {}
+    groups = inject(gm, adapter, assignment, targets, calibration) if assignment else {}
     add_trained(gm, adapter, trained)  # Spec.train: the adapter's own copies (passes/train_modules.py)
     record.adapters[adapter] = AdapterInfo(spec=spec, groups=groups)
     for param in gm.parameters():

@@ -23,7 +23,7 @@ from ..methods.lora import LoRA
 from ..methods.randlora import RandLoRA
 from ..methods.trainable_tokens import TrainableTokens
 from .peft_groups import factor_groups, mixes_groups
-from .peft_init import config_value, init_of, readable
+from .peft_init import init_of, init_settings, readable
 
 
 def _any(value) -> bool:
@@ -68,9 +68,9 @@ COMMON = {
 # Why a setting is refused, for the error message (default: "not supported").
 HINTS = {
     "bias": "lowrank_fx trains biases as PEFT's 'all' and 'lora_only' do; other values do not load",
-    "init_lora_weights": "this initialisation modifies the base weights (CorDA, LoftQ, LoRA-GA) or is a "
-                         "LoRA variant (MiCA); convert the adapter to plain LoRA with "
-                         "PEFT (save_pretrained(..., path_initial_model_for_weight_conversion=...)) first",
+    "init_lora_weights": "this initialisation modifies the base weights from a data pass (CorDA, LoRA-GA) "
+                         "or is a LoRA variant (MiCA); convert the adapter to plain LoRA with PEFT "
+                         "(save_pretrained(..., path_initial_model_for_weight_conversion=...)) first",
     "layer_replication": "replicated layers do not exist in the captured graph",
     "megatron_config": "Megatron parallel layers are not supported",
     "kasa_config": "KaSA is a research LoRA variant lowrank_fx does not implement",
@@ -155,7 +155,7 @@ def _lora_settings(methods: dict[str, LoRA]) -> dict:
         "use_rslora": first.rslora,
         "use_dora": first.dora,
         "lora_bias": first.bias,
-        "init_lora_weights": config_value(methods),
+        **init_settings(methods),
         "rank_pattern": {re.escape(t): m.rank for t, m in methods.items() if m.rank != rank},
         "alpha_pattern": {re.escape(t): _plain(m.alpha) for t, m in methods.items() if m.alpha != alpha},
     }

@@ -4,7 +4,9 @@ PEFT's conversion of a base-changing adapter (PiSSA, OLoRA) to a plain LoRA.
 PEFT re-runs a base-changing init on the model it loads an adapter into (the ORIGINAL model:
 W → W − s · B₀ A₀) before copying the saved A, B in; `load_peft` does the same (the graph's own
 copy of the base gets the residual, methods/lora_init.py), so a directory saved with
-init_lora_weights="pissa" means the same model to both.
+init_lora_weights="pissa" means the same model to both. A CorDA directory needs its data pass
+again (PEFT's preprocess_corda): it is written, but loading it is refused; its plain-LoRA
+conversion loads anywhere.
 
 The conversion (PEFT's `path_initial_model_for_weight_conversion`) writes the trained update
 relative to the original W as a plain LoRA of rank 2r:
@@ -20,20 +22,26 @@ from __future__ import annotations
 import torch
 
 from ..errors import AdapterFileError
-from ..methods.lora_init import changes_base, check_name
+from ..methods.lora_init import DATA, changes_base, check_name, loftq_settings
 
 _DEFAULTS = ("default", "nonzero")
 
 
-def config_value(methods: dict) -> bool | str:
-    """adapter_config.json's init_lora_weights for LoRA methods by target: True for the default
-    init, else the init's name (one per adapter, as PEFT has one)."""
+def init_settings(methods: dict) -> dict:
+    """adapter_config.json's init_lora_weights (and loftq_config) for LoRA methods by target:
+    True for the default init, else the init's PEFT name (one per adapter, as PEFT has one)."""
     inits = {getattr(m, "init", "default") for m in methods.values()}
     inits = {True if init in _DEFAULTS else init for init in inits}
     if len(inits) > 1:
         raise AdapterFileError(f"PEFT's LoraConfig has one init_lora_weights per adapter, but this adapter mixes "
                                f"{sorted(map(str, inits))}; save it with one init for every target")
-    return inits.pop()
+    init = inits.pop()
+    if init in DATA:
+        return {"init_lora_weights": "corda", "corda_config": {"corda_method": "kpm" if init == "corda_kpm" else "ipm"}}
+    settings = loftq_settings(init) if isinstance(init, str) else None
+    if settings is None:
+        return {"init_lora_weights": init}
+    return {"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": settings[0], "loftq_iter": settings[1]}}
 
 
 def readable(value) -> bool:
@@ -42,7 +50,7 @@ def readable(value) -> bool:
     the graph's own base)."""
     if value in (True, False, "eva"):
         return True
-    if not isinstance(value, str):
+    if not isinstance(value, str) or value.startswith("corda"):  # CorDA needs its data pass again
         return False
     try:
         check_name("LoRA", value)
@@ -57,6 +65,13 @@ def init_of(config: dict) -> str:
     value = config.get("init_lora_weights", True)
     if value in (True, False, "eva"):
         return "default"
+    if value == "loftq":
+        loftq = config.get("loftq_config") or {}
+        bits, iters = loftq.get("loftq_bits", 4), loftq.get("loftq_iter", 1)
+        if bits not in (4, 8) or not isinstance(iters, int) or iters < 1:
+            raise AdapterFileError(f"loftq_config={loftq!r}: lowrank_fx's LoftQ (as PEFT's) takes loftq_bits 4 or 8 "
+                                   "and loftq_iter >= 1")
+        return "loftq" + ("_8bit" if bits == 8 else "") + (f"_iter_{iters}" if iters > 1 else "")
     return value
 
 
@@ -75,11 +90,15 @@ def plain_config(config: dict) -> dict:
 
 
 def plain_factors(unit, target: str, factors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A' = cat(A, A₀), B' = cat(B, −B₀) for a unit of a base-changing init (PEFT's layout is
+    """A' = cat(A, A₀), B' = cat(B, −B₀) for a unit of a PiSSA / OLoRA / CorDA init (PEFT's layout is
     ours on linear layers); a trainable-token unit stays as it is."""
     if "lora_A" not in factors:
         return factors
     init = getattr(unit, "init", "default")
+    if loftq_settings(init):
+        raise AdapterFileError(f"as_plain_lora: {target} has init={init!r}, whose quantized base Q is not W − s·B₀A₀, "
+                               "so no plain LoRA on W gives the same model (PEFT converts PiSSA, OLoRA and CorDA "
+                               "only); save it as it is, with its base")
     if not changes_base(init):
         raise AdapterFileError(f"as_plain_lora converts PiSSA / OLoRA adapters; {target} has init={init!r}, whose "
                                "base is the original one: save it as it is")

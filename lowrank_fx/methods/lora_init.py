@@ -10,9 +10,18 @@ For a linear target with W (out, in) in fp32 and s the LoRA scale:
                  A = diag(√S_r) Vᵀ[:r],  B = U[:, :r] diag(√S_r),  W_res = W − s · B A
     pissa_niter_N  the same from torch.svd_lowrank(W, r, niter=N) (random: RNG-dependent)
     olora        W = Q R (reduced QR);  A = R[:r],  B = Q[:, :r],  W_res = W − s · B A
+    loftq        a quantized base Q and factors with Q + s · B A ≈ W (lora_loftq.py): "loftq" is NF4
+                 and 1 iteration (PEFT's LoftQConfig defaults), "loftq_8bit" int8, "_iter_N" N
+                 alternating iterations ("loftq_8bit_iter_2")
+    corda        from the covariance C (in, in) of the target's inputs over a calibration run
+                 (passes/calibrate.py): C_d = C + d · mean(diag C) · I with d = 0.01, doubled
+                 until ‖C_d C_d⁻¹ − I‖ < 0.05;  W C_d = U S Vᵀ,  V' = (Vᵀ C_d⁻¹)ᵀ;  "corda"
+                 (PEFT's ipm) keeps the top r directions, "corda_kpm" the last r; with S_r / s:
+                 A = diag(√S_r) V'ᵀ_r,  B = U_r diag(√S_r),  W_res = W − s · B A
 
-The inits that change the base (pissa*, olora) leave W_res in the graph's own copy of the
-weight (passes/residual_base.py), so W_res + s · B A = W at the start.
+The inits that change the base (pissa*, olora, loftq*, corda*) leave W_res (Q for LoftQ) in the
+graph's own copy of the weight (passes/residual_base.py), so W_res + s · B A = W at the start
+(≈ W for LoftQ: Q is what a quantized base gives).
 
 Random draws follow PEFT's order per layer, so the same seed gives the same factors: PEFT first
 builds lora_A and lora_B as nn.Linear modules (a Kaiming-uniform draw of (r, in), then of
@@ -28,46 +37,51 @@ import torch
 from torch import nn
 
 from ..errors import SpecError
+from ..graph.op_kinds import LinearKind
+from .lora_loftq import loftq
 
 RANDOM = ("gaussian", "orthogonal")
-BASE_CHANGING = ("pissa", "olora")  # and pissa_niter_N
-LATER = ("loftq", "eva", "corda")
-NAMES = ("default", "nonzero", *RANDOM, *BASE_CHANGING, "pissa_niter_N")
+BASE_CHANGING = ("pissa", "olora", "loftq", "corda", "corda_kpm")  # and pissa_niter_N, loftq_8bit, loftq_iter_N
+DATA = ("corda", "corda_kpm")  # need rewrite(..., calibration=run)
+LATER = ("eva",)
+NAMES = ("default", "nonzero", *RANDOM, *BASE_CHANGING, "pissa_niter_N", "loftq_8bit", "loftq_iter_N")
 _NITER = re.compile(r"pissa_niter_(\d+)")
+_LOFTQ = re.compile(r"loftq(?:_(4|8)bit)?(?:_iter_([1-9]\d*))?")
+
+
+def loftq_settings(init: str) -> tuple[int, int] | None:
+    """(bits, iterations) of a LoftQ init, None for the others."""
+    found = _LOFTQ.fullmatch(init)
+    return (int(found.group(1) or 4), int(found.group(2) or 1)) if found else None
 
 
 def check_name(owner: str, init) -> str:
     """`init` if LoRA knows it; SpecError listing the known ones otherwise."""
     if isinstance(init, str):
-        if init in NAMES[:-1] or _NITER.fullmatch(init):
+        if init in NAMES[:-3] or _NITER.fullmatch(init) or _LOFTQ.fullmatch(init):
             return init
         if init in LATER:
-            raise SpecError(f"{owner} init={init!r} is not supported yet; the supported inits are {NAMES} "
-                            "(pissa_niter_N with N a number of subspace iterations, e.g. 'pissa_niter_4')")
-    raise SpecError(f"{owner} init must be one of {NAMES} (N a number of subspace iterations, e.g. "
-                    f"'pissa_niter_4'), got {init!r}")
+            raise SpecError(f"{owner} init={init!r} is not supported yet; the supported inits are {NAMES}")
+    raise SpecError(f"{owner} init must be one of {NAMES} (N a number of iterations, e.g. 'pissa_niter_4', "
+                    f"'loftq_8bit_iter_2'), got {init!r}")
 
 
 def changes_base(init: str) -> bool:
     """Whether `init` moves part of W into the factors (the graph's base becomes W − s · B A)."""
-    return init in BASE_CHANGING or bool(_NITER.fullmatch(init))
-
-
-def uses_weight(init: str) -> bool:
-    return changes_base(init)
+    return init in BASE_CHANGING or bool(_NITER.fullmatch(init) or _LOFTQ.fullmatch(init))
 
 
 def check_method(method) -> None:
     """Options PEFT refuses with these inits: LoRA bias (only with the default init), an odd
-    rank for orthogonal; and a negative alpha for PiSSA (√ of a negative scale)."""
+    rank for orthogonal; and a negative alpha for PiSSA and CorDA (√ of a negative scale)."""
     init = method.init
     if init in ("default", "nonzero"):
         return
     if method.bias:
         raise SpecError(f"LoRA(init={init!r}, bias=True): a LoRA bias is only allowed with the default init "
                         "(PEFT refuses it too); use bias=False or init='default'")
-    if init.startswith("pissa") and method.alpha < 0:
-        raise SpecError(f"LoRA(init={init!r}, alpha={method.alpha:g}): PiSSA puts √(S / s) into both factors, "
+    if (init.startswith("pissa") or init in DATA) and method.alpha < 0:
+        raise SpecError(f"LoRA(init={init!r}, alpha={method.alpha:g}): this init puts √(S / s) into both factors, "
                         "which needs a positive scale s = alpha / r; use alpha > 0")
     if init == "orthogonal" and method.rank % 2:
         raise SpecError(f"LoRA(init='orthogonal') needs an even rank (A and B take alternate rows of an "
@@ -79,11 +93,14 @@ def check_target(init: str, target, rank: int) -> None:
     and a float base."""
     if init in ("default", "nonzero"):
         return
-    from ..graph.op_kinds import LinearKind
     if not isinstance(target.kind, LinearKind):
         raise SpecError(f"LoRA(init={init!r}) cannot adapt {target.name}, a {target.kind.name}: these inits are "
                         "defined for linear layers only; give it its own LoRA with init='default' (a mixed spec)")
     if changes_base(init):
+        if target.quantized:
+            raise SpecError(f"LoRA(init={init!r}) decomposes the float weight of {target.name}, which is already "
+                            "quantized (lfx.quantize_base); rewrite the float model instead (LoftQ then puts its "
+                            "quantized base into the graph), or use init='default' on quantized layers")
         if rank > min(target.out_features, target.in_features):
             raise SpecError(f"LoRA(init={init!r}, rank={rank}) on {target.name} ({target.out_features} x "
                             f"{target.in_features}): the rank must be at most min(out, in) = "
@@ -110,14 +127,41 @@ def random_factors(init: str, rank: int, in_features: int, out_features: int) ->
     return a.contiguous(), b.contiguous()
 
 
-def weight_factors(init: str, weight: torch.Tensor, rank: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A (r, in), B (out, r)) in fp32 from W (out, in) for the base-changing inits."""
+def _corda_directions(weight: torch.Tensor, covariance: torch.Tensor, rank: int, last: bool):
+    """(U_r (out, r), S_r (r,), V'_r (in, r)) of W C_d (see the module docstring)."""
+    covariance = covariance.to(device=weight.device, dtype=torch.float32)
+    eye = torch.eye(covariance.shape[0], device=weight.device)
+    damp = 0.01
+    while True:
+        damped = covariance + eye * torch.mean(torch.diag(covariance)) * damp
+        inverse = torch.linalg.inv(damped)
+        if torch.dist(damped @ inverse, eye).item() < 0.05:
+            break
+        damp *= 2
+    left, values, rows = torch.linalg.svd(weight @ damped, full_matrices=False)
+    right = (rows @ inverse).t()
+    keep = slice(-rank, None) if last else slice(None, rank)
+    return left[:, keep], values[keep], right[:, keep]
+
+
+def weight_factors(init: str, weight: torch.Tensor, rank: int, scale: float, covariance: torch.Tensor | None = None):
+    """(A (r, in), B (out, r), the base the graph keeps (out, in)) in fp32 from W (out, in),
+    for the base-changing inits (CorDA also reads the input covariance C (in, in))."""
     weight = weight.to(torch.float32)
     out_features, in_features = weight.shape
     peft_layer_draws(rank, in_features, out_features)
+    settings = loftq_settings(init)
+    if settings:
+        return loftq(weight, rank, scale, *settings)
+    if init in DATA:
+        left, values, right = _corda_directions(weight, covariance, rank, last=init == "corda_kpm")
+        root = (values / scale).sqrt()
+        a, b = right.t().mul(root.view(-1, 1)).contiguous(), left.mul(root).contiguous()
+        return a, b, weight - scale * b @ a
     if init == "olora":
         q, r = torch.linalg.qr(weight)
-        return r[:rank].contiguous(), q[:, :rank].contiguous()
+        a, b = r[:rank].contiguous(), q[:, :rank].contiguous()
+        return a, b, weight - scale * b @ a
     niter = _NITER.fullmatch(init)
     if niter:
         left, values, right = torch.svd_lowrank(weight, rank, niter=int(niter.group(1)))
@@ -126,9 +170,5 @@ def weight_factors(init: str, weight: torch.Tensor, rank: int, scale: float) -> 
         left, values, rows = torch.linalg.svd(weight, full_matrices=False)
         left, values, rows = left[:, :rank], values[:rank], rows[:rank]
     root = torch.sqrt(values / scale)
-    return torch.diag(root) @ rows, left @ torch.diag(root)
-
-
-def residual(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """W − s · B A, computed in fp32 and returned in W's dtype (out, in)."""
-    return (weight.to(torch.float32) - scale * b @ a).to(weight.dtype)
+    a, b = torch.diag(root) @ rows, left @ torch.diag(root)
+    return a, b, weight - scale * b @ a

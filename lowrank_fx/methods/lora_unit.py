@@ -18,7 +18,7 @@ A rank above min(out, in) is allowed (the update is still exact, just not low-ra
 Init ("default"): A ~ Kaiming-uniform(a=√5), B = 0 (for embeddings A = 0, B ~ N(0, 1), as
 PEFT), so the adapted model starts equal to the base. Init "nonzero" draws both factors
 (for tests and demos that need gradients on both). PEFT's other inits (gaussian, orthogonal,
-PiSSA, OLoRA) are in lora_init.py. DoRA (`dora=True`) is in dora.py.
+PiSSA, OLoRA, LoftQ) are in lora_init.py. DoRA (`dora=True`) is in dora.py.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ class LoRAUnit(Unit):
         self.table_dtype = target.dtype
         self.dropout = dropout_module(dropout)
         self.init, self.layout, self.residual, self.initial_factors = init, target.layout, None, None
+        self.covariance = None  # CorDA: the target's input covariance, set before init_from_weight
         if init not in ("default", "nonzero"):
             self._start(target, rank, init)
             return
@@ -80,7 +81,7 @@ class LoRAUnit(Unit):
         """Factors of the other inits (lora_init.py); the weight-based ones start at 0 until
         `init_from_weight`."""
         lora_init.check_target(init, target, rank)
-        if lora_init.uses_weight(init):
+        if lora_init.changes_base(init):
             self.lora_A.zero_()
             self.lora_B.zero_()
             return
@@ -91,16 +92,17 @@ class LoRAUnit(Unit):
     @torch.no_grad()
     def init_from_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """Factors from W (as the graph stores it) for the weight-based inits, keeping the residual
-        W − s · B A for the graph's own base (`self.residual`, passes/residual_base.py); returns
-        the base the graph will hold (W itself for the other inits)."""
-        if not lora_init.uses_weight(self.init):
+        W − s · B A (LoftQ: its quantized Q) for the graph's own base (`self.residual`,
+        passes/residual_base.py); returns the base the graph will hold (W for the other inits)."""
+        if not lora_init.changes_base(self.init):
             return weight
         matrix = self.op_kind.to_matrix(weight, self.layout)
-        a, b = lora_init.weight_factors(self.init, matrix, self.lora_A.shape[0], self.scale)
+        a, b, base = lora_init.weight_factors(self.init, matrix, self.lora_A.shape[0], self.scale, self.covariance)
+        self.covariance = None
         self.lora_A.copy_(a)
         self.lora_B.copy_(b)
         self.initial_factors = (a, b)  # A₀, B₀: for the conversion to a plain LoRA (files/peft_init.py)
-        self.residual = self.op_kind.to_weight(lora_init.residual(matrix, a, b, self.scale), self.layout, weight.shape)
+        self.residual = self.op_kind.to_weight(base.to(weight.dtype), self.layout, weight.shape)
         return self.residual
 
     def factored(self, h: torch.Tensor) -> torch.Tensor:

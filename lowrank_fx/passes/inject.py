@@ -36,13 +36,16 @@ from ..graph.gates import add_gate
 from ..graph.record import CONTAINER, tag
 from ..graph.targets import Target
 from ..methods.base import Method, unit_key
+from ..methods.lora_init import DATA
+from .calibrate import input_covariances
 from .residual_base import base_changing, check_untied, write_residuals
 
 aten = torch.ops.aten
 
 
 def build_groups(assignment: dict[str, Method], targets: dict[str, Target],
-                 weights: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, nn.Module], dict[str, str]]:
+                 weights: dict[str, torch.Tensor] | None = None,
+                 covariances: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, nn.Module], dict[str, str]]:
     """Adapter groups for `assignment` (target name -> method) and each target's group name.
 
     Every unit learns its target's op kind; units with `init_from_weight` (DoRA, LoRA's
@@ -67,6 +70,8 @@ def build_groups(assignment: dict[str, Method], targets: dict[str, Target],
                 unit = group.unit(target)
                 unit.op_kind = targets[target].kind
                 if hasattr(unit, "init_from_weight") and weights and targets[target].weight in weights:
+                    if covariances and target in covariances:
+                        unit.covariance = covariances[target]
                     unit.init_from_weight(weights[targets[target].weight])
     return groups, group_of
 
@@ -108,13 +113,16 @@ def _site_input(gm: fx.GraphModule, site: fx.Node, x_index: int, target: Target,
     raise ValueError(f"unknown site input {role!r}")
 
 
-def inject(gm: fx.GraphModule, adapter: str, assignment: dict[str, Method], targets: dict[str, Target]) -> dict[str, str]:
+def inject(gm: fx.GraphModule, adapter: str, assignment: dict[str, Method], targets: dict[str, Target],
+           calibration=None) -> dict[str, str]:
     _refuse_quantized(assignment, targets)
     _refuse_experts(assignment, targets)
     check_untied(gm, base_changing(assignment, targets), targets)
     weights = {targets[name].weight: gm.get_parameter(targets[name].weight).detach() for name in assignment
                if not targets[name].quantized}
-    groups, group_of = build_groups(assignment, targets, weights)
+    data = [name for name, method in assignment.items() if getattr(method, "init", "") in DATA]
+    covariances = input_covariances(gm, data, targets, calibration) if data else None
+    groups, group_of = build_groups(assignment, targets, weights, covariances)
     if not hasattr(gm, CONTAINER):
         gm.add_module(CONTAINER, nn.ModuleDict())
     # Adapters live where the weights they adapt live (a graph captured on a GPU), and
