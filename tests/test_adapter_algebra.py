@@ -428,3 +428,33 @@ def test_delete_and_combine_on_checkpointed_layer_blocks():
     assert all("gone" not in n.target for n in had.graph.nodes if n.op == "get_attr")
     with torch.no_grad():
         assert torch.equal(had(x), never(x))
+
+
+def test_a_hot_swap_slot_combines_as_the_adapter_it_holds(base, tmp_path):
+    """A slot (max_rank 8) holding "u" (rank 4) combines to the same factors as "u" itself."""
+    plain = ours_with(base)
+    file = lfx.save_adapters(plain, tmp_path / "u.safetensors", adapter="u")
+    targets, rank, alpha = ADAPTERS["u"]
+    slot = lfx.rewrite(copy.deepcopy(base), lfx.Spec(targets=targets, method=lfx.LoRA(rank=2, alpha=alpha)),
+                       adapter="u", max_rank=8)
+    lfx.load_adapters(slot, file)
+    for combination in ("cat", "svd"):
+        lfx.combine_adapters(plain, {"u": 0.7}, f"c_{combination}", combination=combination)
+        lfx.combine_adapters(slot, {"u": 0.7}, f"c_{combination}", combination=combination)
+        for target in targets:
+            for name in ("lora_A", "lora_B"):
+                ref = getattr(unit(plain, f"c_{combination}", target), name)
+                assert rel_err(getattr(unit(slot, f"c_{combination}", target), name), ref) <= TOL
+
+
+def test_delete_drops_the_per_row_gate_too(base):
+    gm = ours_with(base)
+    with lfx.adapter_rows(gm, ["u", "w"]):
+        gm(IDS)
+    lfx.delete_adapter(gm, "w")
+    assert not [key for key in dict(gm.named_buffers()) if key.endswith(".w")]
+    with lfx.adapter_rows(gm, ["u", "v"]), torch.no_grad():
+        mixed = gm(IDS)
+    lfx.set_active_adapters(gm, "u")
+    with torch.no_grad():
+        assert rel_err(mixed[0], gm(IDS)[0]) <= TOL

@@ -44,6 +44,7 @@ from ..passes.fold_updates import base_matrix
 from ..passes.layers import flat_view
 from ..spec import Spec
 from .combine_math import COMBINATIONS, SIGN_METHODS, merge, pad_rank, svd_factors
+from .hotswap import loaded_factor
 from .rewrite import resolve, rewrite
 
 SVD_METHODS = ("lora", "lorta", "randlora")  # methods whose ΔW an SVD combination reads
@@ -198,7 +199,7 @@ def _new_rank(combination: str, adapters: dict[str, _AdapterView], svd_rank: int
         raise SpecError(f"{combination!r} merges the factors entry by entry, so every adapter needs the same rank "
                         f"(as in PEFT); these have {ranks}. Use 'cat' (rank {sum(ranks.values())}) or 'svd'")
     for target in {t for adapter in adapters.values() for t in adapter.methods}:
-        at = {name: adapter.unit(target).lora_A.shape[0] for name, adapter in adapters.items()
+        at = {name: loaded_factor(adapter.unit(target), "lora_A").shape[0] for name, adapter in adapters.items()
               if target in adapter.methods}
         if len(set(at.values())) > 1:
             raise SpecError(f"{combination!r} needs equal ranks at every target; at {target} they are {at}. "
@@ -231,12 +232,13 @@ def _factor_combined(target: Target, present, combination: str, rank: int, densi
                      generator) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) of one target from the adapters' LoRA factors (module docstring)."""
     units = [(adapter.unit(target.name), weight) for adapter, weight in present]
-    As, Bs = [unit.lora_A.detach() for unit, _ in units], [unit.lora_B.detach() for unit, _ in units]
+    As = [loaded_factor(unit, "lora_A").detach() for unit, _ in units]  # a hot-swap slot's: its loaded rank
+    Bs = [loaded_factor(unit, "lora_B").detach() for unit, _ in units]
     if combination == "cat":
-        A = torch.cat([a * weight * unit.scale for a, (unit, weight) in zip(As, units)], dim=0)
+        A = torch.cat([a * weight * float(unit.scale) for a, (unit, weight) in zip(As, units)], dim=0)
         B = torch.cat(Bs, dim=1)
     else:
-        scaled = [weight * unit.scale for unit, weight in units]
+        scaled = [weight * float(unit.scale) for unit, weight in units]
         weights_A = _weights([math.sqrt(abs(w)) * (1 if w >= 0 else -1) for w in scaled], As[0])
         weights_B = _weights([math.sqrt(abs(w)) for w in scaled], Bs[0])
         A = merge(As, weights_A, combination, density, sign_method, generator).to(As[0].dtype)
@@ -249,7 +251,8 @@ def _delta(gm: fx.GraphModule, adapter: _AdapterView, target: Target) -> torch.T
     unit = adapter.unit(target.name)
     if type(unit) is LoRAUnit:
         dtype = torch.promote_types(unit.lora_A.dtype, torch.float32)
-        return (unit.lora_B.to(dtype).flatten(1) @ unit.lora_A.to(dtype).flatten(1)) * unit.scale
+        a, b = loaded_factor(unit, "lora_A"), loaded_factor(unit, "lora_B")
+        return (b.to(dtype).flatten(1) @ a.to(dtype).flatten(1)) * float(unit.scale)
     base = base_matrix(gm, target) if unit.uses_base_weight else None
     return adapter.groups[target.name].delta_weight(target.name, base)
 

@@ -3,7 +3,7 @@
 Every node the adapter added (graph/record.py roles) goes: an "add" y + g · Δy becomes y and a
 trained module's "select" becomes its base (passes/train_modules.py), then its unit calls,
 slices, gates and tensor reads are erased. Its modules (`gm.lowrank_fx[name]`), its gate buffer
-and its record entry are dropped; so are the container and the gate module once no adapter is
+(and per-row gate, after `lfx.adapter_rows`) and its record entry are dropped; so are the container and the gate module once no adapter is
 left. Adapter files, PEFT directories and ONNX exports read the graph and the record, so they
 no longer see it. A graph with layer blocks (checkpointed or not) is flattened, edited and
 structured again, as `rewrite` does when it adds an adapter.
@@ -18,6 +18,7 @@ from ..graph.gates import GATES
 from ..graph.record import CONTAINER, KEY, Record, require_graph, tagged
 from ..passes.checkpoint_layers import checkpoint_layers, checkpointed
 from ..passes.layers import structure, unstructure
+from ..passes.row_gates import ROW_GATES
 
 
 def delete_adapter(gm: fx.GraphModule, name: str) -> None:
@@ -51,10 +52,13 @@ def _erase(gm: fx.GraphModule, name: str) -> None:
     gm.recompile()
     container = getattr(gm, CONTAINER)
     del container[name]
-    gates = getattr(gm, GATES)
-    del gates._buffers[name]
-    gates._non_persistent_buffers_set.discard(name)
     if not len(container):
         delattr(gm, CONTAINER)
-    if not gates._buffers:
-        delattr(gm, GATES)
+    for holder_name in (GATES, ROW_GATES):  # its gate, and its per-row weights if lfx.adapter_rows made them
+        holder = getattr(gm, holder_name, None)
+        if holder is None:
+            continue
+        holder._buffers.pop(name, None)
+        holder._non_persistent_buffers_set.discard(name)
+        if not holder._buffers:
+            delattr(gm, holder_name)
