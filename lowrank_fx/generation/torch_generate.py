@@ -124,8 +124,10 @@ def generate(gm: fx.GraphModule, input_ids, attention_mask=None, adapter: str | 
     [] for the base model); None keeps gm's active set. The previous set is restored after.
     eos_token_id / pad_token_id: None takes the model's generation config (pad: else the first
     EOS id); eos_token_id=[] never stops early. Left or right padding by attention_mask
-    (loop.py); left only for sliding-window or chunked models. num_beams > 1: beam search as transformers' (beam.py), with length_penalty
-    and early_stopping (True, False or "never"); greedy only (do_sample=False). compile: False, True, a torch.compile backend name, or a dict of its options.
+    (loop.py); left only for sliding-window or chunked models. num_beams > 1: beam search as
+    transformers' (beam.py), with length_penalty and early_stopping (True, False or "never");
+    greedy only (do_sample=False). compile: False, True, a torch.compile backend name, or a
+    dict of its options.
     model: the Hugging Face model gm was rewritten from (default: the one rewrite captured).
     output_logits=True returns a `Generated` (sequences, per-step logits) instead.
     """
