@@ -542,6 +542,9 @@ def test_cli_exports_a_generation_directory_and_generates(tmp_path, capsys):
         assert main(argv + (["--adapter", adapter] if adapter else [])) == 0
         printed = [int(t) for t in capsys.readouterr().out.split()]
         assert printed == session.generate([[1, 2, 3]], adapter=adapter, max_new_tokens=6)[0].tolist()
+    assert main(["generate", str(out), "--prompt-ids", "1", "2", "3", "--max-new-tokens", "6", "--num-beams", "3"]) == 0
+    printed = [int(t) for t in capsys.readouterr().out.split()]
+    assert printed == session.generate([[1, 2, 3]], max_new_tokens=6, num_beams=3)[0].tolist()
     assert main(["generate", str(out), "--prompt-ids", "1", "--adapter", "bb"]) == 2
     assert "did you mean 'b'" in capsys.readouterr().err
 

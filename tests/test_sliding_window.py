@@ -5,9 +5,10 @@ the adapter folded in, for prompts longer than the window (4 tokens) and new tok
 Tiny random models (hidden 32, 2 layers, vocabulary 128): Mistral (every layer sliding),
 Qwen2 (use_sliding_window, layer 0 global by max_window_layers), Gemma-2 and Gemma-3
 (alternating local and global layers) and Llama-4 (chunked attention; no ONNX: its RoPE is
-complex-valued). Each test first needs the window to matter: the same weights with a window
-of 4096 give other logits. One ONNX export per family (Llama-4 aside) serves ONNX Runtime and
-onnxruntime-genai; captures and exports are module-scoped.
+complex-valued). The window matters: the same weights with a window of 4096 give other
+logits. One ONNX export each for Mistral, Qwen2 and Gemma-3 serves ONNX Runtime and
+onnxruntime-genai (Gemma-2's genai config is checked without one); captures and exports are
+module-scoped.
 """
 
 from __future__ import annotations
@@ -155,6 +156,8 @@ def test_beam_settings_match_transformers(mistral, early_stopping, length_penalt
                        **options)
     want = hf_generate(mistral.merged, ids, mask, eos_token_id=eos, **options)
     check(got, want)
+    if length_penalty < 0:  # short hypotheses win: rows end early, filled with the first EOS id (pad id 0)
+        assert int((got.sequences[:, ids.shape[1]:] == eos[0]).sum(-1).max()) > 2
 
 
 def test_beams_without_eos_fill_and_one_beam_is_greedy(mistral):
@@ -200,9 +203,11 @@ def exported(request, tmp_path_factory):
     return built(f"export:{fam.name}", lambda: Exported(fam, tmp_path_factory.mktemp("sliding")))
 
 
-def genai_generate(exported: Exported, ids: torch.Tensor, new: int) -> torch.Tensor:
+def genai_generate(exported: Exported, ids: torch.Tensor, new: int, beams: int = 1) -> torch.Tensor:
+    """genai's tokens; min_length = max_length bars EOS until the end (transformers: min_new_tokens)."""
     params = og.GeneratorParams(exported.genai)
-    params.set_search_options(max_length=ids.shape[1] + new, do_sample=False, batch_size=ids.shape[0])
+    params.set_search_options(max_length=ids.shape[1] + new, min_length=ids.shape[1] + new, do_sample=False,
+                              batch_size=ids.shape[0], num_beams=beams, num_return_sequences=1, early_stopping=False)
     generator = og.Generator(exported.genai, params)
     generator.set_active_adapter(exported.genai_adapters, "a")
     generator.append_tokens(ids.numpy().astype("int32"))
@@ -225,8 +230,9 @@ def test_genai_config_carries_the_window(name):
 
 
 def test_session_and_genai_match_transformers_past_the_window(exported):
-    """ONNX Runtime: greedy and beams. genai: greedy (its own beam scorer picks other hypotheses
-    than transformers' once an EOS enters the beams, whether or not its config has sliding_window)."""
+    """ONNX Runtime, padded batch; genai, row 0 alone (genai pads on the right), EOS barred until
+    the end: genai's own beam scorer keeps other hypotheses than transformers' once an EOS enters
+    the beams, which is no matter of the export."""
     fam = exported.family
     written = json.loads(exported.result.config.read_text())["model"]
     assert written["type"] == GENAI_TYPES[fam.name] and written["decoder"]["sliding_window"]["window_size"] == WINDOW
@@ -235,9 +241,9 @@ def test_session_and_genai_match_transformers_past_the_window(exported):
         want = hf_generate(fam.merged, ids, mask, max_new_tokens=8, num_beams=beams, eos_token_id=None)
         check(exported.session.generate(ids, mask, adapter="a", max_new_tokens=8, eos_token_id=[], num_beams=beams,
                                         output_logits=True), want)
-    want = hf_generate(fam.merged, ids[:1], mask[:1], max_new_tokens=8, eos_token_id=EOS).sequences  # row 0: no pads
-    assert want.shape[1] == ids.shape[1] + 8  # genai stops at EOS: none here, so all 8 tokens are compared
-    assert torch.equal(genai_generate(exported, ids[:1], 8), want)
+        alone = hf_generate(fam.merged, ids[:1], mask[:1], max_new_tokens=8, min_new_tokens=8, num_beams=beams,
+                            eos_token_id=EOS).sequences  # row 0 has no pads
+        assert torch.equal(genai_generate(exported, ids[:1], 8, beams), alone)
 
 
 def test_session_beams_stop_at_eos_like_transformers(exported):

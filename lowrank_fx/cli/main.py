@@ -183,7 +183,7 @@ def _generate(args) -> int:
     session = GenerationSession(args.directory)
     tokens = session.generate([args.prompt_ids], adapter=args.adapter, max_new_tokens=args.max_new_tokens,
                               do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, seed=args.seed)
+                              top_p=args.top_p, seed=args.seed, num_beams=args.num_beams)
     print(" ".join(str(t) for t in tokens[0].tolist()))
     return 0
 
@@ -278,6 +278,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--num-beams", type=at_least(1), default=1, help="beam search with this many beams (1: none)")
     p.set_defaults(run=_generate)
 
     p = commands.add_parser("demo", help="the main demo (real MiniLM weights), or --synthetic", epilog=EXAMPLES, formatter_class=formatter)

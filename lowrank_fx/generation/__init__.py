@@ -3,7 +3,8 @@ modules, `lfx.generate` in PyTorch, and (export.py, session.py) the ONNX decoder
 swappable adapter files for ONNX Runtime and onnxruntime-genai.
 
 Read `decode_graph.py` first (the second capture and how adapters are shared), then
-`loop.py`, the one token loop every runtime runs.
+`loop.py`, the one token loop every runtime runs, and `beam.py`, its beam-search twin.
+Sliding-window and chunked attention: decoder.py's docstring.
 """
 
 from .export import GenerationExport, export_generation

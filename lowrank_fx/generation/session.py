@@ -140,8 +140,8 @@ class GenerationSession:
         (or None) per row, with a per-row export. eos_token_id / pad_token_id: None takes
         genai_config.json's; eos_token_id=[] never stops early. Padding (left or right by
         attention_mask; left only with a sliding window), sampling and EOS as `lfx.generate`
-        (loop.py); num_beams > 1 with
-        length_penalty and early_stopping: beam search as `lfx.generate` (beam.py).
+        (loop.py); num_beams > 1 with length_penalty and early_stopping: beam search as
+        `lfx.generate` (beam.py), one adapter for the batch.
         output_logits=True returns a `Generated` (sequences, per-step logits) instead.
         """
         batch = as_ids(input_ids, "input_ids").shape[0]
