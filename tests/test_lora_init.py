@@ -177,6 +177,9 @@ def test_peft_directories_both_ways(cases, tmp_path, init):
     assert err(_out(case, loaded), want) <= TOL
     if init == "orthogonal":
         return
+    # a graph whose adapter kept the original base cannot take PiSSA / OLoRA values
+    with pytest.raises(lfx.AdapterFileError, match=f"init='{init}' in the file"):
+        lfx.load_peft(_ours(case, "llama", "default"), tmp_path / "peft")
 
     lfx.save_peft(gm, tmp_path / "plain", as_plain_lora=True)
     peft_model.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
