@@ -177,6 +177,9 @@ def test_peft_directories_both_ways(cases, tmp_path, init):
     assert err(_out(case, loaded), want) <= TOL
     if init == "orthogonal":
         return
+    # a graph whose adapter kept the original base cannot take PiSSA / OLoRA values
+    with pytest.raises(lfx.AdapterFileError, match=f"init='{init}' in the file"):
+        lfx.load_peft(_ours(case, "llama", "default"), tmp_path / "peft")
 
     lfx.save_peft(gm, tmp_path / "plain", as_plain_lora=True)
     peft_model.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
@@ -405,3 +408,17 @@ def test_corda_needs_a_calibration_run(mlp):
         lfx.rewrite(model, spec, example_inputs=(x,), calibration=lambda graph: 1 / 0)
     gm = lfx.rewrite(model, lfx.Spec(targets=["0"], method=lfx.LoRA(rank=RANK)), example_inputs=(x,))
     assert "_record" not in gm.code
+
+
+def test_generate_runs_on_the_residual_base(cases):
+    """lfx.generate's KV-cache graph shares the adapter and reads the graph's residual base:
+    greedy tokens equal transformers' generate on the folded model."""
+    case = cases["llama"]
+    gm = _ours(case, "llama", "pissa")
+    _train(gm, seed=2)
+    ids = case.args[0][:1]
+    got = lfx.generate(gm, ids, max_new_tokens=6, eos_token_id=[])
+    merged = lfx.load_merged(copy.deepcopy(case.model), gm)
+    want = merged.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(got, want)
+    assert all(torch.equal(v, case.model.state_dict()[k]) for k, v in case.weights.items())

@@ -15,7 +15,8 @@ Every loader (lowrank_fx adapter files, PEFT directories) goes through two steps
 
 Method options in `IGNORED` do not change what the loaded values mean (the initialisation
 they replace, the dropout used in training, RandLoRA's compute form), so they may differ
-between file and graph.
+between file and graph; except an init that changed the graph's base (PiSSA, OLoRA, LoftQ,
+CorDA: methods/lora_init.py), which graph and file must share.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from ..graph.folded import marks_in
 from ..graph.record import CONTAINER, Record
 from ..graph.targets import find_targets
 from ..methods.base import unit_key
+from ..methods.lora_init import changes_base
 from ..passes.layers import flat_view
 from ..methods.trained import TRAINED, build_trained
 from ..passes.inject import build_groups
@@ -102,7 +104,12 @@ def _target_problems(graph_targets: dict, shapes: dict[str, tuple[int, int] | No
 
 
 def _config(method) -> dict:
-    return {k: v for k, v in method.config().items() if k not in IGNORED}
+    """Settings that must agree; the init only where it changed the graph's base (PiSSA, ...)."""
+    config = method.config()
+    kept = {k: v for k, v in config.items() if k not in IGNORED}
+    if isinstance(config.get("init"), str) and changes_base(config["init"]):
+        kept["init"] = config["init"]
+    return kept
 
 
 def _one_sided(first, second) -> tuple[list[str], list[str]]:

@@ -1,5 +1,5 @@
 """PEFT's `init_lora_weights` for LoRA adapters: the value written, the init read back, and
-PEFT's conversion of a base-changing adapter (PiSSA, OLoRA) to a plain LoRA.
+PEFT's conversion of a base-changing adapter (PiSSA, OLoRA, CorDA) to a plain LoRA.
 
 PEFT re-runs a base-changing init on the model it loads an adapter into (the ORIGINAL model:
 W → W − s · B₀ A₀) before copying the saved A, B in; `load_peft` does the same (the graph's own
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import AdapterFileError
+from ..errors import AdapterFileError, SpecError
 from ..methods.lora_init import DATA, changes_base, check_name, loftq_settings
 
 _DEFAULTS = ("default", "nonzero")
@@ -46,15 +46,15 @@ def init_settings(methods: dict) -> dict:
 
 def readable(value) -> bool:
     """Whether lowrank_fx loads a directory with this init_lora_weights faithfully: the inits
-    that leave the base alone (the values loaded are all there is), and PiSSA / OLoRA (redone on
-    the graph's own base)."""
+    that leave the base alone (the values loaded are all there is), and PiSSA / OLoRA / LoftQ
+    (redone on the graph's own base); not CorDA (it needs the data pass again)."""
     if value in (True, False, "eva"):
         return True
     if not isinstance(value, str) or value.startswith("corda"):  # CorDA needs its data pass again
         return False
     try:
         check_name("LoRA", value)
-    except Exception:
+    except SpecError:
         return False
     return True
 

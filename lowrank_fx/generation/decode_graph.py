@@ -15,7 +15,8 @@ Sharing: an adapter belongs to the adapter, not to one capture. For each adapter
 source graph the same spec is injected into the decode graph, the targets are checked to
 agree (a clear error names the ones that differ) and the injected modules are replaced by
 the source graph's own `gm.lowrank_fx[adapter]` objects, so training gm changes what the
-decode graph computes. `use_base_of` points the decode graph's base weights at the source
+decode graph computes; a target whose init changed the source's base (PiSSA, ...) reads the
+source's residual tensor. `use_base_of` points the decode graph's base weights at the source
 graph's (which `lfx.load_merged` never replaces), so a model that had an adapter merged into
 it still decodes with its original base.
 """
@@ -33,6 +34,7 @@ from ..graph.module_copy import copy_call_specs
 from ..graph.record import CONTAINER, AdapterInfo, Record
 from ..graph.targets import find_targets
 from ..passes.inject import inject
+from ..passes.residual_base import share_residuals
 from .decoder import KVDecoder, cache_layout, example_inputs
 
 PREFIX = "model."
@@ -174,7 +176,7 @@ def share_adapters(decode: fx.GraphModule, sources: list[tuple[str, fx.GraphModu
         if set(assignment) != wanted:
             raise _differ(source_name, wanted - set(assignment), set(assignment) - wanted)
         bound = {method: method.for_graph(decode) for method in set(assignment.values())}
-        groups = inject(decode, name, {n: bound[m] for n, m in assignment.items()}, targets)
+        groups = inject(decode, name, {n: bound[m] for n, m in assignment.items()}, targets, initialise=False)
         record.adapters[name] = AdapterInfo(spec=spec, groups=groups)
         if info.max_rank is not None:  # a hot-swap slot: padded alike (adapt/hotswap.py)
             make_slot(decode, name, info.max_rank)
@@ -190,5 +192,8 @@ def share_adapters(decode: fx.GraphModule, sources: list[tuple[str, fx.GraphModu
                 "rewrite the training graph from this model with this spec"
             )
         fresh.append((name, theirs))
-    for name, theirs in fresh:  # swap in the source modules only once every check passed
+    for (name, theirs), (_, source, source_name) in zip(fresh, sources):  # only once every check passed
         getattr(decode, CONTAINER)[name] = theirs
+        groups = Record.find(source).adapters[source_name].groups  # PiSSA & co: the source's residual base
+        share_residuals(decode, source, list(groups), {t: theirs[g].unit(t) for t, g in groups.items()},
+                        {t: targets[t].weight for t in groups})

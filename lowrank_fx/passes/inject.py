@@ -114,14 +114,18 @@ def _site_input(gm: fx.GraphModule, site: fx.Node, x_index: int, target: Target,
 
 
 def inject(gm: fx.GraphModule, adapter: str, assignment: dict[str, Method], targets: dict[str, Target],
-           calibration=None) -> dict[str, str]:
+           calibration=None, initialise: bool = True) -> dict[str, str]:
+    """`initialise=False`: the units are placeholders that the caller replaces by another graph's
+    (generation's decode graph), so nothing is computed from the weights and the base stays."""
     _refuse_quantized(assignment, targets)
     _refuse_experts(assignment, targets)
-    check_untied(gm, base_changing(assignment, targets), targets)
-    weights = {targets[name].weight: gm.get_parameter(targets[name].weight).detach() for name in assignment
-               if not targets[name].quantized}
-    data = [name for name, method in assignment.items() if getattr(method, "init", "") in DATA]
-    covariances = input_covariances(gm, data, targets, calibration) if data else None
+    weights = covariances = None
+    if initialise:
+        check_untied(gm, base_changing(assignment, targets), targets)
+        weights = {targets[name].weight: gm.get_parameter(targets[name].weight).detach() for name in assignment
+                   if not targets[name].quantized}
+        data = [name for name, method in assignment.items() if getattr(method, "init", "") in DATA]
+        covariances = input_covariances(gm, data, targets, calibration) if data else None
     groups, group_of = build_groups(assignment, targets, weights, covariances)
     if not hasattr(gm, CONTAINER):
         gm.add_module(CONTAINER, nn.ModuleDict())

@@ -76,3 +76,20 @@ def return_to_model(gm: fx.GraphModule, folded: list[str]) -> None:
                 original.copy_(current)
                 set_parameter(gm, path, original)
 
+
+
+def share_residuals(graph: fx.GraphModule, source: fx.GraphModule, targets: list[str],
+                    units: dict[str, nn.Module], weights: dict[str, str]) -> None:
+    """Point `graph`'s weights of the `targets` whose unit (of `source`) changed the base at
+    `source`'s own tensors (the residuals), under every name `graph` holds them by: a graph that
+    shares `source`'s adapter modules (generation's decode graph) must run on the same base."""
+    names_of: dict[int, list[str]] = {}
+    for path, param in graph.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(path)
+    for target in targets:
+        if not changes_base(getattr(units[target], "init", "default")):
+            continue
+        path = weights[target]
+        old, new = graph.get_parameter(path), source.get_parameter(path)
+        for name in names_of.get(id(old), [path]):
+            set_parameter(graph, name, new)
