@@ -36,9 +36,9 @@ from ..graph.record import CONTAINER, Record
 from ..graph.targets import find_targets
 from ..methods.base import unit_key
 from ..methods.lora_init import changes_base
-from ..passes.layers import flat_view
 from ..methods.trained import TRAINED, build_trained
 from ..passes.inject import build_groups
+from ..passes.layers import flat_view
 from ..passes.train_modules import check_trained, resolve_trained
 from ..spec import Spec
 from .serial import fingerprint
