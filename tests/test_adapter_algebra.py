@@ -458,3 +458,17 @@ def test_delete_drops_the_per_row_gate_too(base):
     lfx.set_active_adapters(gm, "u")
     with torch.no_grad():
         assert rel_err(mixed[0], gm(IDS)[0]) <= TOL
+
+
+def test_deleting_a_pissa_adapter_gives_back_the_models_weight(model, base):
+    """PiSSA runs on the residual W − s·B₀A₀ in the graph's own tensor; deleting it reads W again."""
+    gm = copy.deepcopy(base)
+    weight = gm.get_parameter("fc1.weight")
+    gm = lfx.rewrite(gm, lfx.Spec(targets=["fc1"], method=lfx.LoRA(rank=2, init="pissa")), adapter="p")
+    assert gm.get_parameter("fc1.weight") is not weight
+    with lfx.adapters_disabled(gm), torch.no_grad():
+        assert rel_err(gm(IDS), base(IDS)) > 1e-3  # the residual base alone is not the model
+    lfx.delete_adapter(gm, "p")
+    assert gm.get_parameter("fc1.weight") is weight
+    with torch.no_grad():
+        assert torch.equal(gm(IDS), base(IDS))

@@ -3,9 +3,10 @@
 Every node the adapter added (graph/record.py roles) goes: an "add" y + g · Δy becomes y and a
 trained module's "select" becomes its base (passes/train_modules.py), then its unit calls,
 slices, gates and tensor reads are erased. Its modules (`gm.lowrank_fx[name]`), its gate buffer
-(and per-row gate, after `lfx.adapter_rows`) and its record entry are dropped; so are the container and the gate module once no adapter is
-left. Adapter files, PEFT directories and ONNX exports read the graph and the record, so they
-no longer see it. A graph with layer blocks (checkpointed or not) is flattened, edited and
+(and per-row gate, after `lfx.adapter_rows`) and its record entry are dropped; so are the
+container and the gate module once no adapter is left. A weight its init replaced by a residual
+(PiSSA, OLoRA, ...) is the model's own tensor again. Adapter files, PEFT directories and ONNX
+exports read the graph and the record, so they no longer see it. A graph with layer blocks (checkpointed or not) is flattened, edited and
 structured again, as `rewrite` does when it adds an adapter.
 """
 
@@ -18,6 +19,7 @@ from ..graph.gates import GATES
 from ..graph.record import CONTAINER, KEY, Record, require_graph, tagged
 from ..passes.checkpoint_layers import checkpoint_layers, checkpointed
 from ..passes.layers import structure, unstructure
+from ..passes.residual_base import restore_originals
 from ..passes.row_gates import ROW_GATES
 
 
@@ -50,6 +52,7 @@ def _erase(gm: fx.GraphModule, name: str) -> None:
         gm.graph.erase_node(node)
     gm.graph.lint()
     gm.recompile()
+    restore_originals(gm, name)  # a PiSSA-like init's residual base gives way to the model's W
     container = getattr(gm, CONTAINER)
     del container[name]
     if not len(container):

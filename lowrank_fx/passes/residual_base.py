@@ -77,6 +77,17 @@ def return_to_model(gm: fx.GraphModule, folded: list[str]) -> None:
                 set_parameter(gm, path, original)
 
 
+def restore_originals(gm: fx.GraphModule, adapter: str) -> None:
+    """Put the model's own tensors back for the weights whose residual `adapter` had written
+    (its deletion: the graph reads W again, as if the adapter had never been added)."""
+    originals = gm.meta.get(ORIGINALS, {})
+    for path, (owner, original) in list(originals.items()):
+        if owner == adapter:
+            set_parameter(gm, path, original)
+            del originals[path]
+    if not originals:
+        gm.meta.pop(ORIGINALS, None)
+
 
 def share_residuals(graph: fx.GraphModule, source: fx.GraphModule, targets: list[str],
                     units: dict[str, nn.Module], weights: dict[str, str]) -> None:
