@@ -245,6 +245,10 @@ def test_session_and_genai_match_transformers_past_the_window(exported):
         alone = hf_generate(fam.merged, ids[:1], mask[:1], max_new_tokens=8, min_new_tokens=8, num_beams=beams,
                             eos_token_id=EOS).sequences  # row 0 has no pads
         assert torch.equal(genai_generate(exported, ids[:1], 8, beams), alone)
+    short = ids[:, -3:]  # a prompt inside the window, crossing it while decoding
+    want = hf_generate(fam.merged, short, torch.ones_like(short), max_new_tokens=8, eos_token_id=None)
+    check(exported.session.generate(short, adapter="a", max_new_tokens=8, eos_token_id=[], output_logits=True), want)
+    check(lfx.generate(fam.gm, short, adapter="a", max_new_tokens=8, eos_token_id=[], output_logits=True), want)
 
 
 def test_session_beams_stop_at_eos_like_transformers(exported):
