@@ -23,8 +23,9 @@ tensors as past (a growing cache, as the export computes), which is what CPU nee
 Sliding-window models (Mistral, Qwen2 with use_sliding_window, Gemma-2/3) carry
 `decoder.sliding_window`: the window in tokens, with the cache NOT slid and the inputs NOT
 cut into windows, because the export keeps every past token and applies the window in its
-attention mask (generation/decoder.py). No per-layer `layers` list: genai would then size
-those layers' caches to the window, which the export's full-length cache does not match.
+attention mask (generation/decoder.py). No per-layer `layers` list: genai's model builder
+writes one so that the runtime may size those layers' caches to the window, which the
+export's full-length cache does not follow.
 EOS and pad ids must lie inside the vocabulary: genai compares generated tokens with them,
 so an id it can never produce would silently never stop generation.
 """
