@@ -5,8 +5,8 @@ Under torch.export, transformers sends fp32 expert stacks to its fallback op
 inductor lowers torch's grouped matmul for bf16 only. Eagerly, torch's kernel serves fp32 on the
 CPU too, one call for every expert, as transformers uses it when the model runs as itself. This
 pass makes each fallback node `lowrank_fx::grouped_mm`, an op opaque to torch.compile (as the
-fallback is) that calls torch's kernel where it takes the tensors (CPU, or bf16) and the
-fallback otherwise, with the same backward:
+fallback is) that calls torch's kernel on the CPU (torch >= 2.11) and the fallback otherwise
+(a GPU capture of bf16 weights has torch's kernel already), with the same backward:
 
     y = x W_g          per group g of rows (offsets)        x (S, in), W (E, in, out)
     dx = dy W_gᵀ,  dW_g = x_gᵀ dy_g
@@ -20,8 +20,12 @@ from torch import fx
 FALLBACK = "transformers.grouped_mm_fallback.default"
 
 
+# torch's CPU grouped kernel: none before 2.9, 16-byte aligned operands only before 2.11
+_CPU_KERNEL = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 11)
+
+
 def _kernel_serves(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" or x.dtype == torch.bfloat16
+    return x.device.type == "cpu" and _CPU_KERNEL  # a GPU's kernel may need bf16 and a recent one: the fallback
 
 
 @torch.library.custom_op("lowrank_fx::grouped_mm", mutates_args=())
