@@ -161,11 +161,12 @@ def report(result: dict, rounds: int, steps: int) -> str:
 
 
 NOTES = """What the figures come from (CPU, fp32):
-- Our grouped graph runs its experts through transformers' fallback op (`transformers::grouped_mm_fallback`, a
-  loop of one matmul per expert: under torch.export transformers picks it for fp32 weights), and the update as
-  two dense matmuls of rank E·r with the other experts masked out; PEFT's eager step runs torch's grouped_mm
-  kernel on W + ΔW, rebuilding every ΔW (E, out, in) per step. Compiled, ours is one graph (fullgraph): the
-  step is within a few percent of the frozen-base floor.
+- Our grouped graph runs its expert matmuls on torch's grouped kernel through `lowrank_fx::grouped_mm`
+  (passes/grouped_kernel.py: under torch.export transformers picks its fallback op, a loop of one matmul
+  per expert, for fp32 weights; the pass puts torch's kernel back, opaque to torch.compile), and the update
+  as two dense matmuls of rank E·r with the other experts masked out. PEFT's step runs torch's grouped_mm
+  on W + ΔW, rebuilding every ΔW (E, out, in) per step. Compiled, ours is one graph (fullgraph) and runs
+  below the eager floor: the compiled floor itself goes through transformers' fallback loop.
 - PEFT compiled: its parametrization breaks dynamo's graph at every wrapped stack, and dynamo hits its
   recompile limit (8) in PEFT's `get_delta_factors` and `_remove_parametrizations` (the process also logged it
   for transformers' experts forward), frames that then run eagerly: a compiled step no faster than its eager one.

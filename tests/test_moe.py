@@ -176,16 +176,18 @@ def test_hand_loop_over_experts_with_routing_unseen_at_capture(family, implement
     with lfx.experts_implementation(implementation):
         gm = lfx.rewrite(module, spec, example_inputs=routing(6, seed=0))
     hidden, index, weights = routing(9, seed=1)  # other tokens, other experts hit
+    hidden.requires_grad_(True)  # the base op's input gradient too
     ours = gm(hidden, index, weights)
     adapted_units = units(gm)
     want = hand_loop(module, adapted_units, hidden, index, weights)
     assert rel(ours, want) <= 1e-5
     ours.square().sum().backward()
-    grads = [p.grad.clone() for u in adapted_units.values() for p in (u.lora_A, u.lora_B)]
+    grads = [p.grad.clone() for u in adapted_units.values() for p in (u.lora_A, u.lora_B)] + [hidden.grad.clone()]
     for unit in adapted_units.values():
         unit.lora_A.grad = unit.lora_B.grad = None
+    hidden.grad = None
     hand_loop(module, adapted_units, hidden, index, weights).square().sum().backward()
-    again = [p.grad for u in adapted_units.values() for p in (u.lora_A, u.lora_B)]
+    again = [p.grad for u in adapted_units.values() for p in (u.lora_A, u.lora_B)] + [hidden.grad]
     assert all(rel(g, h) <= 1e-5 for g, h in zip(grads, again))
 
 
@@ -198,6 +200,7 @@ def test_implementation_is_part_of_the_capture_and_grouped_training_compiles(tmp
         gm = lfx.rewrite(module, spec, example_inputs=routing(6, seed=0))  # same model and shapes: not the memo's
     grouped = [n for n in gm.graph.nodes if "grouped_mm" in str(n.target)]
     assert len(grouped) == 2 and not any("grouped_mm" in str(n.target) for n in batched.graph.nodes)
+    assert {str(n.target) for n in grouped} == {"lowrank_fx.grouped_mm.default"}  # torch's kernel, not the loop
     assert module.config._experts_implementation == own  # the model's own setting is back
     hidden, index, weights = routing(11, seed=3)
     eager = gm(hidden, index, weights)

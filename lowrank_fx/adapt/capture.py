@@ -68,6 +68,7 @@ from ..graph.quantized import EXAMPLES, SWAPPED_LAYERS, SharedLayers
 from ..graph.record import Record
 from ..passes.call_defaults import set_call_defaults
 from ..passes.grad_regions import unwrap_regions
+from ..passes.grouped_kernel import use_grouped_kernel
 from ..passes.inline_linear import inline_linear
 from ..passes.mode_aware import make_mode_aware
 from ..passes.quantized_base import prepare_quantized
@@ -284,6 +285,7 @@ def _exported(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, dynami
         gm.meta[EXAMPLES] = torch.utils._pytree.tree_map(
             lambda v: v.detach() if isinstance(v, torch.Tensor) else v, (args, kwargs))
     unwrap_regions(gm)
+    use_grouped_kernel(gm)  # a grouped_mm capture's fp32 experts: torch's kernel, not a loop per expert
     make_mode_aware(gm)
     gm.train(model.training)
     Record.attach(gm, aliases=tensor_aliases(model), state_keys=list(model.state_dict()))

@@ -9,7 +9,8 @@ expert e_s to its activation x_s (in,). transformers 5 captures as one of two si
     grouped   grouped_mm(x, Wᵀ, offs)                 (S, out)       rows sorted by expert; offs (E,):
               grouped_mm(x, W, offs)                  (S, out)       cumulative rows per expert ("in_out")
 
-(grouped_mm: aten._grouped_mm, or transformers' own fallback op for other dtypes). The routing
+(grouped_mm: aten._grouped_mm, transformers' own fallback op for other dtypes, or the op that
+passes/grouped_kernel.py puts in the fallback's place after capture). The routing
 (ids or offs) is a node of the graph, so a unit reads it per call: it stays data-dependent.
 `ExpertsKind` is the op kind of such a target; its matrix view is (E, out, in).
 """
@@ -25,7 +26,7 @@ aten = torch.ops.aten
 
 _CASTS = {aten._to_copy.default, aten.to.dtype, aten.alias.default, aten.detach.default, aten.clone.default,
           aten.contiguous.default}
-GROUPED_OPS = ("aten._grouped_mm.default", "transformers.grouped_mm_fallback.default")
+GROUPED_OPS = ("aten._grouped_mm.default", "transformers.grouped_mm_fallback.default", "lowrank_fx.grouped_mm.default")
 
 
 @dataclasses.dataclass(frozen=True)
