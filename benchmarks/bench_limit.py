@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -35,6 +33,7 @@ sys.path.insert(0, str(HERE))
 
 from bench_train import TARGETS, build_model  # noqa: E402
 from results_md import replace_section  # noqa: E402
+from round_robin import round_robin  # noqa: E402
 
 RANK = 16
 SHAPES = {"narrow": dict(hidden=256, layers=4, heads=4, ff=704, vocab=2000, batch=4, seq=128),
@@ -114,18 +113,7 @@ def run_shape(name: str, rounds: int, steps: int, device: str) -> dict:
     torch.manual_seed(0)
     ids = torch.randint(0, size["vocab"], (size["batch"], size["seq"]), device=device)
     fns = _configs(size, ids, device)
-    for fn in fns.values():  # compile and warm up outside the timed steps
-        fn(), fn()
-    times = {key: [] for key in fns}
-    loads = [os.getloadavg()[0]]
-    for _ in range(rounds):
-        for key, fn in fns.items():
-            for _ in range(steps):
-                started = time.perf_counter()
-                fn()
-                times[key].append(time.perf_counter() - started)
-        loads.append(os.getloadavg()[0])
-    medians = {key: statistics.median(t) for key, t in times.items()}
+    medians, loads = round_robin(fns, rounds, steps)
     base, adapters = macs_per_token(size)
     return {"size": size, "medians": medians, "loads": loads, "base_macs": base, "adapter_macs": adapters}
 

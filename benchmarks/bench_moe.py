@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -34,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from results_md import replace_section  # noqa: E402
+from round_robin import round_robin  # noqa: E402
 
 RANK = 8
 STACKS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -114,18 +113,8 @@ def run(size_name: str, rounds: int, steps: int) -> dict:
     torch.manual_seed(0)
     ids = torch.randint(0, size["vocab"], (size["batch"], size["seq"]))
     fns = _configs(size, ids)
-    for fn in fns.values():  # compile and warm up outside the timed steps
-        fn(), fn()
-    times = {key: [] for key in fns}
-    loads = [os.getloadavg()[0]]
-    for _ in range(rounds):
-        for key, fn in fns.items():
-            for _ in range(steps):
-                started = time.perf_counter()
-                fn()
-                times[key].append(time.perf_counter() - started)
-        loads.append(os.getloadavg()[0])
-    return {"size": size, "medians": {key: statistics.median(t) for key, t in times.items()}, "loads": loads}
+    medians, loads = round_robin(fns, rounds, steps)
+    return {"size": size, "medians": medians, "loads": loads}
 
 
 def report(result: dict, rounds: int, steps: int) -> str:
