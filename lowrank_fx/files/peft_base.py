@@ -20,17 +20,23 @@ from ..graph.record import Record
 from ..passes.train_modules import base_readers
 
 
-def split_base(tensors: dict[str, torch.Tensor], prefix: str, suffixes) -> tuple[dict, dict]:
-    """({parameter path in the model: tensor} of the stored base weights, the other tensors): a
-    `<module>.base_layer.weight`, or a `.weight` that is no adapter tensor (none of `suffixes`)."""
-    base, rest = {}, {}
+def split_stored(tensors: dict[str, torch.Tensor], prefix: str, suffixes, ending: str) -> tuple[dict, dict]:
+    """({parameter path in the model: tensor} of the stored model tensors whose name ends in
+    `ending`, the other tensors): `<module>.base_layer<ending>`, or an `<ending>` that is no
+    adapter tensor (none of `suffixes`)."""
+    stored, rest = {}, {}
     for key, value in tensors.items():
         path = key[len(prefix):] if key.startswith(prefix) else None
-        if path is not None and path.endswith(".weight") and not any(path.endswith("." + s) for s in suffixes):
-            base[path.replace(".base_layer.", ".")] = value
+        if path is not None and path.endswith(ending) and not any(path.endswith("." + s) for s in suffixes):
+            stored[path.replace(".base_layer.", ".")] = value
         else:
             rest[key] = value
-    return base, rest
+    return stored, rest
+
+
+def split_base(tensors: dict[str, torch.Tensor], prefix: str, suffixes) -> tuple[dict, dict]:
+    """({parameter path in the model: tensor} of the stored base weights, the other tensors)."""
+    return split_stored(tensors, prefix, suffixes, ".weight")
 
 
 def check_base(gm: fx.GraphModule, base: dict[str, torch.Tensor], source: str) -> None:

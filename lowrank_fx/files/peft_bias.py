@@ -26,6 +26,7 @@ from ..errors import AdapterFileError
 from ..graph.record import Record
 from ..passes.train_modules import base_readers, resolve_trained, trained_group
 from ..spec import Spec
+from .peft_base import split_stored
 
 TRAINED_BIASES = ("all", "lora_only")  # LoraConfig.bias values that load
 
@@ -34,14 +35,7 @@ def split_biases(config: dict, tensors: dict[str, torch.Tensor], prefix: str, su
     """({bias path in the model: tensor} of the trained biases, the other tensors); none with bias="none"."""
     if config.get("bias", "none") not in TRAINED_BIASES:
         return {}, tensors
-    biases, rest = {}, {}
-    for key, value in tensors.items():
-        path = key[len(prefix):] if key.startswith(prefix) else None
-        if path is not None and path.endswith(".bias") and not any(path.endswith("." + s) for s in suffixes):
-            biases[path.replace(".base_layer.", ".")] = value
-        else:
-            rest[key] = value
-    return biases, rest
+    return split_stored(tensors, prefix, suffixes, ".bias")
 
 
 def unwrap_saved(saved: dict[str, torch.Tensor]) -> tuple[dict, dict]:
