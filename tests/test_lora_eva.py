@@ -81,8 +81,8 @@ def _out(case, model):
         return case.output(model(*case.args, **case.kwargs))
 
 
-@pytest.mark.parametrize("eva", [{"rho": 1.0}, {"rho": 2.0}, {"rho": 1.0, "whiten": True, "tau": 0.9},
-                                 {"rho": 2.0, "adjust_scaling_factors": False}])
+@pytest.mark.parametrize("eva", [{"rho": 1.0}, {"rho": 2.0, "tau": 0.95}, {"rho": 1.0, "whiten": True, "tau": 0.9},
+                                 {"rho": 2.0, "tau": 0.9, "adjust_scaling_factors": False}])
 def test_eva_matches_peft(case, tmp_path, eva):
     gm = _ours(case, **eva)
     peft_model = _peft(case, **eva)
@@ -113,9 +113,12 @@ def test_eva_matches_peft(case, tmp_path, eva):
     _same_b(gm, peft_model)
     want = _out(case, peft_model)
     assert err(_out(case, gm), want) <= TOL
+    if eva != {"rho": 2.0, "tau": 0.95}:  # the files once, with ranks and alphas per target
+        return
     lfx.save_peft(gm, tmp_path / "ours")
     config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert config["init_lora_weights"] == "eva" and config["eva_config"]["rho"] == eva["rho"]
+    assert config["rank_pattern"] and config["alpha_pattern"]
     reloaded = PeftModel.from_pretrained(copy.deepcopy(case.model), tmp_path / "ours")
     assert err(_out(case, reloaded), want) <= TOL
     peft_model.save_pretrained(tmp_path / "peft")

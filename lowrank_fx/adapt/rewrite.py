@@ -109,7 +109,8 @@ def rewrite(model, spec: Spec, example_inputs=None, example_kwargs=None, adapter
     <= R into it (`load_adapters` / `load_peft` under the same adapter name) changes values
     only, and a compiled graph does not recompile.
     `calibration`: a function run(graph) that calls the graph on sample data, for data-driven
-    inits (LoRA(init="corda"), PEFT's run_model): it runs once, before the adapter is added.
+    inits (LoRA(init="corda"), PEFT's run_model): it runs once, before the adapter is added
+    (LoRA(init="eva"): again while its components have not converged, as PEFT cycles its data).
     """
     check_adapter_name(adapter)
     _require_spec(spec)
