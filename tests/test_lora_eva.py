@@ -4,7 +4,7 @@ With the same model and the same batches (no padding: PEFT's mask keeps every ro
 target's rank, A and B, the scale and the outputs equal PEFT's (max-relative error ≤ 1e-5, fp32),
 with rho = 1 (no redistribution) and rho = 2 (ranks moved across targets, q/k/v sharing one PCA).
 save_peft writes init_lora_weights="eva" with its eva_config and rank / alpha patterns, and PEFT
-loads it; load_peft loads PEFT's EVA directory.
+loads it; load_peft loads PEFT's EVA directory, load_adapters our file (neither redoes the data pass).
 """
 
 from __future__ import annotations
@@ -121,6 +121,10 @@ def test_eva_matches_peft(case, tmp_path, eva):
     assert config["rank_pattern"] and config["alpha_pattern"]
     reloaded = PeftModel.from_pretrained(copy.deepcopy(case.model), tmp_path / "ours")
     assert err(_out(case, reloaded), want) <= TOL
+    lfx.save_adapters(gm, tmp_path / "ours.safetensors")  # values only: no data pass on load
+    loaded = lfx.load_adapters(case.model, tmp_path / "ours.safetensors", example_inputs=case.args,
+                               example_kwargs=case.kwargs)
+    assert err(_out(case, loaded), want) <= TOL
     peft_model.save_pretrained(tmp_path / "peft")
     loaded = lfx.load_peft(case.model, tmp_path / "peft", example_inputs=case.args, example_kwargs=case.kwargs)
     assert err(_out(case, loaded), want) <= TOL
