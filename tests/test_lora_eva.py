@@ -137,6 +137,12 @@ def test_eva_needs_a_calibration_run(case):
     with pytest.raises(lfx.SpecError, match="never reached"):
         lfx.rewrite(case.model, spec, example_inputs=case.args, example_kwargs=case.kwargs,
                     calibration=lambda graph: None)
+    with pytest.raises(lfx.SpecError, match="rows they need"):  # 8 components, batches of 2 rows
+        lfx.rewrite(case.model, spec, example_inputs=case.args, example_kwargs=case.kwargs,
+                    calibration=lambda graph: graph(case.batches[0][:1, :2], **case.kwargs))
+    with pytest.raises(lfx.SpecError, match="exceed its 32 input features"):
+        lfx.rewrite(case.model, lfx.Spec(targets=TARGETS, method=lfx.LoRA(rank=20, init="eva")),
+                    example_inputs=case.args, example_kwargs=case.kwargs, calibration=_run(case))
     with pytest.raises(lfx.SpecError, match="rho"):
         lfx.LoRA(init="eva", eva_config={"rho": 0.5})
     with pytest.raises(lfx.SpecError, match="only applies to init='eva'"):

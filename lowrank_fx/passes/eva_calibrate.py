@@ -88,20 +88,21 @@ def eva_components(gm: fx.GraphModule, names: list[str], targets: dict[str, Targ
                             f"{targets[name].in_features} input features; lower the rank or eva_config's rho")
     run = _EvaRun(leaders, caps, sum(ranks[name] for name in names), settings.tau)
     _RUN.append(run)
-    training = gm.training
+    modes = {module: module.training for module in gm.modules()}
     gm.eval()
     try:
         with recording(gm, list(run.pcas), targets, _record, _batch_start), torch.no_grad():
             for _ in range(MAX_PASSES):
                 calibration(gm)
-                if not all(run.seen.values()):
-                    break
+                if not all(run.seen.values()) or any(pca.components is None for pca in run.pcas.values()):
+                    break  # a target never reached, or no batch with enough rows: repeating changes nothing
                 run.redistribute()  # after the pass's last batch, as before the next one
                 if all(bool(pca.converged[:run.ranks[leader]].all()) for leader, pca in run.pcas.items()):
                     break
     finally:
         _RUN.pop()
-        gm.train(training)
+        for module, training in modes.items():
+            module.training = training
     unseen = [leader for leader, seen in run.seen.items() if not seen]
     if unseen:
         raise SpecError(f"the calibration run never reached {', '.join(unseen[:5])}: EVA needs their inputs; make "
@@ -111,8 +112,8 @@ def eva_components(gm: fx.GraphModule, names: list[str], targets: dict[str, Targ
         pca, rank = run.pcas[leaders[name]], run.ranks[name]
         if pca.components is None or not bool(pca.converged[:rank].all()):
             raise SpecError(f"EVA's components of {name} did not converge in {MAX_PASSES} passes over the calibration "
-                            f"data (or no batch had {caps[name]} rows); give more (or larger) samples, or lower "
-                            f"eva_config's tau ({settings.tau:g})")
+                            f"data, or no batch had the {caps[name]} rows they need; give more (or larger) samples, "
+                            f"or lower eva_config's tau ({settings.tau:g})")
         rows = pca.components[:rank]
         if settings.whiten:
             rows = rows / pca.values[:rank].sqrt().view(-1, 1)
