@@ -14,7 +14,7 @@ Every loader (lowrank_fx adapter files, PEFT directories) goes through two steps
    adapters injected (`rewrite`) and values copied in.
 
 Method options in `IGNORED` do not change what the loaded values mean (the initialisation
-they replace, the dropout used in training, RandLoRA's compute form), so they may differ
+they replace and its settings, the dropout used in training, RandLoRA's compute form), so they may differ
 between file and graph; except an init that changed the graph's base (PiSSA, OLoRA, LoftQ,
 CorDA: methods/lora_init.py), which graph and file must share.
 """
@@ -43,7 +43,7 @@ from ..passes.train_modules import check_trained, resolve_trained
 from ..spec import Spec
 from .serial import fingerprint
 
-IGNORED = ("init", "dropout", "form")
+IGNORED = ("init", "eva_config", "dropout", "form")
 SHOWN = 8  # items listed per kind of difference
 
 
