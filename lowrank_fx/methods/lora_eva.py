@@ -96,7 +96,7 @@ class IncrementalPCA:
             x -= batch_mean
             correction = torch.sqrt(self.count.double() / total * x.shape[0]) * (self.mean - batch_mean)
             x = torch.vstack((self.values.view(-1, 1) * self.components, x, correction))
-        with torch.random.fork_rng(devices=[x.device] if x.device.type != "cpu" else []):
+        with torch.random.fork_rng():  # as PEFT: the seed does not touch the caller's random state
             torch.manual_seed(SEED)
             _, values, right = torch.svd_lowrank(x, q=2 * self.k, niter=NITER)
         rows = right.mH
