@@ -198,7 +198,7 @@ BAD = [
     (dict(init=True), "init must be one of"),
     (dict(init="loftq_2bit"), "init must be one of"),
     (dict(init="loftq_iter_0"), "init must be one of"),
-    (dict(init="eva"), "not supported yet"),
+    (dict(init="eva", bias=True), "only allowed with the default init"),
     (dict(init="corda", alpha=-8), "positive scale"),
     (dict(init="orthogonal", rank=3), "needs an even rank"),
     (dict(init="pissa", bias=True), "only allowed with the default init"),

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 from torch import fx
 
 from ..errors import SpecError, TargetError
@@ -9,6 +12,7 @@ from ..graph.heads import left_out
 from ..graph.record import CONTAINER, AdapterInfo, Record, check_adapter_name
 from ..graph.targets import Target, find_targets, weight_uses
 from ..passes.checkpoint_layers import checkpoint_layers, checkpointed
+from ..passes.eva_calibrate import eva_assignment
 from ..passes.inject import inject
 from ..passes.layers import candidates, structure, unstructure
 from ..passes.train_modules import add_trained, check_trained, drop_trained, refuse_trained_targets, resolve_trained
@@ -105,7 +109,8 @@ def rewrite(model, spec: Spec, example_inputs=None, example_kwargs=None, adapter
     <= R into it (`load_adapters` / `load_peft` under the same adapter name) changes values
     only, and a compiled graph does not recompile.
     `calibration`: a function run(graph) that calls the graph on sample data, for data-driven
-    inits (LoRA(init="corda"), PEFT's run_model): it runs once, before the adapter is added.
+    inits (LoRA(init="corda"), PEFT's run_model): it runs once, before the adapter is added
+    (LoRA(init="eva"): again while its components have not converged, as PEFT cycles its data).
     """
     check_adapter_name(adapter)
     _require_spec(spec)
@@ -146,7 +151,13 @@ def _add_adapter(gm: fx.GraphModule, record: Record, spec: Spec, adapter: str, m
     check_trained(gm, adapter, trained)
     if max_rank is not None:
         slot_problems(adapter, assignment, targets, spec, max_rank)  # refused before the graph changes
-    groups = inject(gm, adapter, assignment, targets, calibration) if assignment else {}
+    ranked, components = eva_assignment(gm, assignment, targets, calibration)
+    if any(ranked.get(name) is not method for name, method in assignment.items()):
+        # EVA gave other ranks (or none): the recorded spec names each target with its own
+        spec = dataclasses.replace(spec, method=None, targets={f"re:^{re.escape(name)}$": method
+                                                               for name, method in ranked.items()})
+        assignment = ranked
+    groups = inject(gm, adapter, assignment, targets, calibration, components=components) if assignment else {}
     add_trained(gm, adapter, trained)  # Spec.train: the adapter's own copies (passes/train_modules.py)
     record.adapters[adapter] = AdapterInfo(spec=spec, groups=groups)
     for param in gm.parameters():

@@ -14,7 +14,7 @@ Every loader (lowrank_fx adapter files, PEFT directories) goes through two steps
    adapters injected (`rewrite`) and values copied in.
 
 Method options in `IGNORED` do not change what the loaded values mean (the initialisation
-they replace, the dropout used in training, RandLoRA's compute form), so they may differ
+they replace and its settings, the dropout used in training, RandLoRA's compute form), so they may differ
 between file and graph; except an init that changed the graph's base (PiSSA, OLoRA, LoftQ,
 CorDA: methods/lora_init.py), which graph and file must share.
 """
@@ -43,7 +43,7 @@ from ..passes.train_modules import check_trained, resolve_trained
 from ..spec import Spec
 from .serial import fingerprint
 
-IGNORED = ("init", "dropout", "form")
+IGNORED = ("init", "eva_config", "dropout", "form")
 SHOWN = 8  # items listed per kind of difference
 
 
@@ -196,6 +196,17 @@ def place(gm: fx.GraphModule, adapter: str, spec: Spec, shapes: dict[str, tuple[
     return placement
 
 
+def _without_data_pass(spec: Spec) -> Spec:
+    """`spec` with LoRA(init="eva") as the default init: EVA leaves the base alone, so the values
+    loaded are all there is and its data pass is not redone (as PEFT loads EVA directories)."""
+    def plain(method):
+        return dataclasses.replace(method, init="default", eva_config=None) if getattr(method, "init", "") == "eva" \
+            else method
+    if isinstance(spec.targets, dict):
+        return dataclasses.replace(spec, targets={pattern: plain(m) for pattern, m in spec.targets.items()})
+    return dataclasses.replace(spec, method=plain(spec.method))
+
+
 def _slots(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(tensors every file must hold: parameters and persistent buffers, optional buffers)."""
     required = dict(module.state_dict(keep_vars=True))
@@ -273,7 +284,7 @@ def install(gm: fx.GraphModule, items: list[tuple[Placement, dict[str, torch.Ten
     with torch.random.fork_rng(devices=[]):
         for placement, _ in items:
             if not placement.exists:
-                rewrite(gm, placement.spec, adapter=placement.adapter)
+                rewrite(gm, _without_data_pass(placement.spec), adapter=placement.adapter)
     container = getattr(gm, CONTAINER)
     with torch.no_grad():
         for placement, tensors in items:

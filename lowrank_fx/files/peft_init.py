@@ -19,6 +19,8 @@ rsLoRA) to keep s.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..errors import AdapterFileError, SpecError
@@ -36,6 +38,10 @@ def init_settings(methods: dict) -> dict:
         raise AdapterFileError(f"PEFT's LoraConfig has one init_lora_weights per adapter, but this adapter mixes "
                                f"{sorted(map(str, inits))}; save it with one init for every target")
     init = inits.pop()
+    if init == "eva":  # values only: the data pass is not redone on load
+        settings = next(iter(methods.values())).eva_config
+        return {"init_lora_weights": "eva", "eva_config": {field.name: getattr(settings, field.name)
+                                                           for field in dataclasses.fields(settings)}}
     if init in DATA:
         return {"init_lora_weights": "corda", "corda_config": {"corda_method": "kpm" if init == "corda_kpm" else "ipm"}}
     settings = loftq_settings(init) if isinstance(init, str) else None

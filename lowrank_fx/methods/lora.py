@@ -9,10 +9,11 @@ import math
 from ..errors import SpecError
 from ..graph.experts import ExpertsKind
 from ..graph.op_kinds import ConvKind, EmbeddingKind
-from ..options import flag, options
+from ..options import flag, options, set_options
 from . import lora_init
 from .base import AdapterGroup, Method, adapter_dtype, check_common
 from .dora import DoRAUnit
+from .lora_eva import eva_settings
 from .lora_experts import ExpertsLoRAUnit, check_experts
 from .lora_unit import LoRAUnit
 
@@ -31,6 +32,8 @@ class LoRA(Method):
     shared_experts: bool = False  # expert stacks (lora_experts.py): one A, B for every expert
     # grouped convs only: PEFT's factor layout, A over every input channel (lora_unit.py); runs unmerged, never folds
     mixed_groups: bool = False
+    # init="eva" only: PEFT's EvaConfig as a dict (rho, tau, whiten, adjust_scaling_factors; lora_eva.py)
+    eva_config: object = None
 
     kind = "lora"
 
@@ -44,6 +47,7 @@ class LoRA(Method):
                             "kernel (PEFT's own DoRA there takes the norm of another matrix); use mixed_groups=False, "
                             "lowrank_fx's grouped LoRA, for DoRA on grouped convs")
         lora_init.check_method(self)
+        set_options(self, eva_config=eva_settings(self.init, self.eva_config))
 
     @property
     def scale(self) -> float:

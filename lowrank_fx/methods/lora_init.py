@@ -13,6 +13,8 @@ For a linear target with W (out, in) in fp32 and s the LoRA scale:
     loftq        a quantized base Q and factors with Q + s · B A ≈ W (lora_loftq.py): "loftq" is NF4
                  and 1 iteration (PEFT's LoftQConfig defaults), "loftq_8bit" int8, "_iter_N" N
                  alternating iterations ("loftq_8bit_iter_2")
+    eva          A = the top r principal directions (r, in) of the target's inputs over a calibration
+                 run, B = 0, ranks redistributed across targets (lora_eva.py)   (base unchanged)
     corda        from the covariance C (in, in) of the target's inputs over a calibration run
                  (passes/calibrate.py): C_d = C + d · mean(diag C) · I with d = 0.01, doubled
                  until ‖C_d C_d⁻¹ − I‖ < 0.05;  W C_d = U S Vᵀ,  V' = (Vᵀ C_d⁻¹)ᵀ;  "corda"
@@ -42,9 +44,8 @@ from .lora_loftq import loftq
 
 RANDOM = ("gaussian", "orthogonal")
 BASE_CHANGING = ("pissa", "olora", "loftq", "corda", "corda_kpm")  # and pissa_niter_N, loftq_8bit, loftq_iter_N
-DATA = ("corda", "corda_kpm")  # need rewrite(..., calibration=run)
-LATER = ("eva",)
-NAMES = ("default", "nonzero", *RANDOM, *BASE_CHANGING, "pissa_niter_N", "loftq_8bit", "loftq_iter_N")
+DATA = ("corda", "corda_kpm")  # need rewrite(..., calibration=run), as "eva" (lora_eva.py) does
+NAMES = ("default", "nonzero", *RANDOM, *BASE_CHANGING, "eva", "pissa_niter_N", "loftq_8bit", "loftq_iter_N")
 _NITER = re.compile(r"pissa_niter_(\d+)")
 _LOFTQ = re.compile(r"loftq(?:_(4|8)bit)?(?:_iter_([1-9]\d*))?")
 
@@ -60,8 +61,6 @@ def check_name(owner: str, init) -> str:
     if isinstance(init, str):
         if init in NAMES[:-3] or _NITER.fullmatch(init) or _LOFTQ.fullmatch(init):
             return init
-        if init in LATER:
-            raise SpecError(f"{owner} init={init!r} is not supported yet; the supported inits are {NAMES}")
     raise SpecError(f"{owner} init must be one of {NAMES} (N a number of iterations, e.g. 'pissa_niter_4', "
                     f"'loftq_8bit_iter_2'), got {init!r}")
 

@@ -81,7 +81,9 @@ class LoRAUnit(Unit):
         """Factors of the other inits (lora_init.py); the weight-based ones start at 0 until
         `init_from_weight`."""
         lora_init.check_target(init, target, rank)
-        if lora_init.changes_base(init):
+        if init == "eva":  # A: the inputs' principal directions, set by the data pass (passes/eva_calibrate.py)
+            lora_init.peft_layer_draws(rank, target.in_features, target.out_features)
+        if lora_init.changes_base(init) or init == "eva":
             self.lora_A.zero_()
             self.lora_B.zero_()
             return

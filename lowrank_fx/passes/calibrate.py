@@ -12,6 +12,8 @@ rows here. The recording nodes leave the graph afterwards, even on error.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import fx
 
@@ -30,31 +32,48 @@ def _record(x: torch.Tensor, target: str) -> None:
     entry[1] = product if entry[1] is None else entry[1] + product
 
 
-def input_covariances(gm: fx.GraphModule, names: list[str], targets: dict[str, Target], calibration) -> dict:
-    """{target: C (in, in) fp32} for `names`, from one `calibration(gm)` run."""
-    if not callable(calibration):
-        raise SpecError(f"LoRA init 'corda' needs input statistics: pass rewrite(..., calibration=run) with a function "
-                        f"run(graph) that calls the graph on sample data (got calibration={calibration!r})")
+@contextlib.contextmanager
+def recording(gm: fx.GraphModule, names: list[str], targets: dict[str, Target], record, batch_start=None):
+    """While open, `gm` calls record(x, target) at every call site of the `names` before the
+    site runs (x its activation), and batch_start() first in every call of the graph."""
     nodes = {node.name: node for node in gm.graph.nodes}
     added = []
+    if batch_start is not None:
+        first = next(node for node in gm.graph.nodes if node.op != "placeholder")
+        with gm.graph.inserting_before(first):
+            added.append(gm.graph.call_function(batch_start, ()))
     for name in names:
         target = targets[name]
         for i, (site, index) in enumerate(zip(target.sites, target.activations)):
             x = nodes[target.inputs[i]] if target.inputs else nodes[site].args[index]
             with gm.graph.inserting_before(nodes[site]):
-                added.append(gm.graph.call_function(_record, (x, name)))
+                added.append(gm.graph.call_function(record, (x, name)))
     gm.recompile()
+    try:
+        yield
+    finally:
+        for node in reversed(added):
+            gm.graph.erase_node(node)
+        gm.recompile()
+
+
+def check_calibration(init: str, calibration) -> None:
+    if not callable(calibration):
+        raise SpecError(f"LoRA init {init!r} needs input statistics: pass rewrite(..., calibration=run) with a "
+                        f"function run(graph) that calls the graph on sample data (got calibration={calibration!r})")
+
+
+def input_covariances(gm: fx.GraphModule, names: list[str], targets: dict[str, Target], calibration) -> dict:
+    """{target: C (in, in) fp32} for `names`, from one `calibration(gm)` run."""
+    check_calibration("corda", calibration)
     _SUMS.update({name: [0, None] for name in names})
     try:
-        with torch.no_grad():
+        with recording(gm, names, targets, _record), torch.no_grad():
             calibration(gm)
         sums = {name: _SUMS[name] for name in names}
     finally:
         for name in names:
             _SUMS.pop(name, None)
-        for node in added:
-            gm.graph.erase_node(node)
-        gm.recompile()
     unseen = [name for name, (calls, _) in sums.items() if calls == 0]
     if unseen:
         raise SpecError(f"the calibration run never reached {', '.join(unseen[:5])}: CorDA needs their inputs; "

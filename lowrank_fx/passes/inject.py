@@ -114,8 +114,8 @@ def _site_input(gm: fx.GraphModule, site: fx.Node, x_index: int, target: Target,
 
 
 def inject(gm: fx.GraphModule, adapter: str, assignment: dict[str, Method], targets: dict[str, Target],
-           calibration=None, initialise: bool = True) -> dict[str, str]:
-    """`initialise=False`: the units are placeholders that the caller replaces by another graph's
+           calibration=None, initialise: bool = True, components: dict | None = None) -> dict[str, str]:
+    """`components`: EVA's A by target (passes/eva_calibrate.py). `initialise=False`: the units are placeholders that the caller replaces by another graph's
     (generation's decode graph), so nothing is computed from the weights and the base stays."""
     _refuse_quantized(assignment, targets)
     _refuse_experts(assignment, targets)
@@ -127,6 +127,10 @@ def inject(gm: fx.GraphModule, adapter: str, assignment: dict[str, Method], targ
         data = [name for name, method in assignment.items() if getattr(method, "init", "") in DATA]
         covariances = input_covariances(gm, data, targets, calibration) if data else None
     groups, group_of = build_groups(assignment, targets, weights, covariances)
+    if initialise and components:
+        with torch.no_grad():
+            for name, rows in components.items():
+                groups[group_of[name]].unit(name).lora_A.copy_(rows)
     if not hasattr(gm, CONTAINER):
         gm.add_module(CONTAINER, nn.ModuleDict())
     # Adapters live where the weights they adapt live (a graph captured on a GPU), and
