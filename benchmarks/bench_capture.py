@@ -182,7 +182,10 @@ def report(times: dict[str, list[float]], cpus: dict[str, list[float]], same: li
         f"load ÷ export without a cache: {med['load'] / med['export']:.2f}; in wall time "
         f"{wall['load'] / wall['store']:.2f} and {wall['load'] / wall['export']:.2f}. On the Qwen2.5-0.5B shape "
         f"cached ÷ first: {cached_big:.2f} (goal ≤ 0.2: {'met' if cached_big <= 0.2 else 'not met'}; "
-        f"in wall time {wall['load-0.5b'] / wall['store-0.5b']:.2f}).",
+        f"in wall time {wall['load-0.5b'] / wall['store-0.5b']:.2f}). A load unpickles the program with the "
+        "garbage collector skipping the process's older objects; most of it is torch rebuilding each node's "
+        "FakeTensor with symbolic sizes. After it come the steps the first capture also runs after exporting "
+        "(copying the traced blocks over the others, call defaults, the memo's copy), most of a 0.5B hit.",
         f"- plan+rewrite ÷ rewrite: {planned:.3f} across processes (in wall time "
         f"{wall['plan+rewrite'] / wall['rewrite']:.2f}); in one process, 1 + plan on a memo hit "
         f"({statistics.median(plan_hits):.3f} s) ÷ rewrite: {added:.3f} (goal ≤ 1.1: "
