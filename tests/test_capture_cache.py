@@ -384,9 +384,14 @@ def test_a_hits_outputs_and_gradients_are_a_fresh_captures(case, twins):
 
 def test_a_hits_onnx_export_and_generation_are_a_fresh_captures(case, twins, tmp_path):
     ids = case.other_args[0]
-    exports = [lfx.export_onnx(gm, tmp_path / f"{i}.onnx", (ids,), optimize=False) for i, gm in enumerate(twins)]
+    exports = [lfx.export_onnx(gm, tmp_path / f"{i}.onnx", (ids,), mode="merged", optimize=False)
+               for i, gm in enumerate(twins)]
     outputs = [next(iter(e.session().run({e.inputs[0]: ids.numpy()}).values())) for e in exports]
     np.testing.assert_array_equal(outputs[1], outputs[0])
+    with torch.no_grad():
+        want, base = (case.output(m(ids, use_cache=False)).numpy() for m in (twins[1], case.model))
+    assert float(np.abs(outputs[1] - want).max() / np.abs(want).max()) <= 1e-5  # the adapters are in it
+    assert float(np.abs(base - want).max() / np.abs(want).max()) > 1e-2
     prompts = ids[:2, :5]
     tokens = [lfx.generate(gm, prompts, max_new_tokens=4, model=case.model) for gm in twins]
     assert tokens[0].shape == (2, 9) and torch.equal(tokens[1], tokens[0])
