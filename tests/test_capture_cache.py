@@ -16,6 +16,7 @@ import warnings
 import weakref
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -333,3 +334,64 @@ def test_graph_modules_and_hooked_models_bypass_the_disk(case, tmp_path):
     hooked.model.layers[0].register_forward_hook(lambda module, args, out: out)
     capture(hooked, case.args, case.kwargs, cache_dir=tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+# --- a hit's graph against a fresh capture's, downstream ----------------------------------
+
+@pytest.fixture(scope="module")
+def twins(case, stored):
+    """(fresh, hit): `rewrite` traced anew and `rewrite` whose capture is a disk hit, with the
+    same non-zero adapter weights (LoRA's B starts at 0, which would hide a wrong adapter path)."""
+    graphs = []
+    for cache_dir in (False, stored):
+        capture_memo.forget(case.model)
+        gm = lfx.rewrite(case.model, SPEC, example_inputs=case.args, example_kwargs=case.kwargs, cache_dir=cache_dir)
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for param in (p for p in gm.parameters() if p.requires_grad):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+        graphs.append(gm)
+    yield graphs
+    for param in case.model.parameters():
+        param.requires_grad_(True)  # rewrite froze the model's own weights; later tests start as built
+
+
+def test_a_hit_keeps_every_nodes_shape_metadata(twins):
+    fresh, hit = twins
+    assert hit.code == fresh.code
+    shapes = [[(n.name, str(getattr(n.meta.get("val"), "shape", n.meta.get("val"))),
+                str(getattr(n.meta.get("val"), "dtype", None))) for n in gm.graph.nodes] for gm in twins]
+    assert shapes[0] == shapes[1]
+    values = [n.meta.get("val") for n in hit.graph.nodes]
+    sizes = [size for value in values if isinstance(value, torch.Tensor) for size in value.shape]
+    assert any(isinstance(size, torch.SymInt) for size in sizes)  # symbolic sizes, not the examples' numbers
+
+
+def test_a_hits_outputs_and_gradients_are_a_fresh_captures(case, twins):
+    results = []
+    for gm in twins:
+        gm.train()
+        logits = case.output(gm(*case.other_args, **case.other_kwargs))
+        trained = [(name, p) for name, p in gm.named_parameters() if p.requires_grad]
+        grads = torch.autograd.grad((logits.float() ** 2).mean(), [p for _, p in trained])
+        results.append((logits.detach(), [name for name, _ in trained], grads))
+        gm.eval()
+    (logits, names, grads), (hit_logits, hit_names, hit_grads) = results
+    assert names == hit_names and len(names) > 0
+    assert torch.equal(hit_logits, logits)
+    assert all(torch.equal(a, b) for a, b in zip(hit_grads, grads)) and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_a_hits_onnx_export_and_generation_are_a_fresh_captures(case, twins, tmp_path):
+    ids = case.other_args[0]
+    exports = [lfx.export_onnx(gm, tmp_path / f"{i}.onnx", (ids,), mode="merged", optimize=False)
+               for i, gm in enumerate(twins)]
+    outputs = [next(iter(e.session().run({e.inputs[0]: ids.numpy()}).values())) for e in exports]
+    np.testing.assert_array_equal(outputs[1], outputs[0])
+    with torch.no_grad():
+        want, base = (case.output(m(ids, use_cache=False)).numpy() for m in (twins[1], case.model))
+    assert float(np.abs(outputs[1] - want).max() / np.abs(want).max()) <= 1e-5  # the adapters are in it
+    assert float(np.abs(base - want).max() / np.abs(want).max()) > 1e-2
+    prompts = ids[:2, :5]
+    tokens = [lfx.generate(gm, prompts, max_new_tokens=4, model=case.model) for gm in twins]
+    assert tokens[0].shape == (2, 9) and torch.equal(tokens[1], tokens[0])
