@@ -12,7 +12,9 @@ For a linear target with W (out, in) in fp32 and s the LoRA scale:
     olora        W = Q R (reduced QR);  A = R[:r],  B = Q[:, :r],  W_res = W − s · B A
     loftq        a quantized base Q and factors with Q + s · B A ≈ W (lora_loftq.py): "loftq" is NF4
                  and 1 iteration (PEFT's LoftQConfig defaults), "loftq_8bit" int8, "_iter_N" N
-                 alternating iterations ("loftq_8bit_iter_2")
+                 alternating iterations ("loftq_8bit_iter_2"); with `loftq_weights` (the float
+                 weights) over bitsandbytes 4-bit layers: the base is kept and A, B come from
+                 W − Q (lora_loftq_quantized.py, PEFT's replace_lora_weights_loftq)
     eva          A = the top r principal directions (r, in) of the target's inputs over a calibration
                  run, B = 0, ranks redistributed across targets (lora_eva.py)   (base unchanged)
     corda        from the covariance C (in, in) of the target's inputs over a calibration run
