@@ -43,7 +43,7 @@ from ..passes.train_modules import check_trained, resolve_trained
 from ..spec import Spec
 from .serial import fingerprint
 
-IGNORED = ("init", "eva_config", "dropout", "form")
+IGNORED = ("init", "eva_config", "loftq_weights", "dropout", "form")
 SHOWN = 8  # items listed per kind of difference
 
 
@@ -107,7 +107,7 @@ def _config(method) -> dict:
     """Settings that must agree; the init only where it changed the graph's base (PiSSA, ...)."""
     config = method.config()
     kept = {k: v for k, v in config.items() if k not in IGNORED}
-    if isinstance(config.get("init"), str) and changes_base(config["init"]):
+    if isinstance(config.get("init"), str) and changes_base(config["init"]) and config.get("loftq_weights") is None:
         kept["init"] = config["init"]
     return kept
 
@@ -197,11 +197,15 @@ def place(gm: fx.GraphModule, adapter: str, spec: Spec, shapes: dict[str, tuple[
 
 
 def _without_data_pass(spec: Spec) -> Spec:
-    """`spec` with LoRA(init="eva") as the default init: EVA leaves the base alone, so the values
-    loaded are all there is and its data pass is not redone (as PEFT loads EVA directories)."""
+    """`spec` with LoRA(init="eva") and LoftQ over a bitsandbytes base (loftq_weights) as the default
+    init: both leave the base alone, so the values loaded are all there is and neither the data pass
+    nor the float weights are needed again (as PEFT loads EVA directories)."""
     def plain(method):
-        return dataclasses.replace(method, init="default", eva_config=None) if getattr(method, "init", "") == "eva" \
-            else method
+        if getattr(method, "init", "") == "eva":
+            return dataclasses.replace(method, init="default", eva_config=None)
+        if getattr(method, "loftq_weights", None) is not None:
+            return dataclasses.replace(method, init="default", loftq_weights=None)
+        return method
     if isinstance(spec.targets, dict):
         return dataclasses.replace(spec, targets={pattern: plain(m) for pattern, m in spec.targets.items()})
     return dataclasses.replace(spec, method=plain(spec.method))

@@ -32,7 +32,9 @@ _DEFAULTS = ("default", "nonzero")
 def init_settings(methods: dict) -> dict:
     """adapter_config.json's init_lora_weights (and loftq_config) for LoRA methods by target:
     True for the default init, else the init's PEFT name (one per adapter, as PEFT has one)."""
-    inits = {getattr(m, "init", "default") for m in methods.values()}
+    # LoftQ over a bitsandbytes base (loftq_weights) leaves the base alone: a plain LoRA for PEFT
+    inits = {"default" if getattr(m, "loftq_weights", None) is not None else getattr(m, "init", "default")
+             for m in methods.values()}
     inits = {True if init in _DEFAULTS else init for init in inits}
     if len(inits) > 1:
         raise AdapterFileError(f"PEFT's LoraConfig has one init_lora_weights per adapter, but this adapter mixes "

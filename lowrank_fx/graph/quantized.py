@@ -388,6 +388,17 @@ def dequantized(gm: fx.GraphModule, target, with_bias: bool = False):
     return (weight, bias) if with_bias else weight
 
 
+def dequantized_exactly(gm: fx.GraphModule, target) -> torch.Tensor:
+    """The target's dense weight (out, in) by its format's own dequantize (no rounding with a bias,
+    unlike probing the identity); `dequantized` where the format has none."""
+    region = target_region(gm, target)
+    dequantize = weight_dequantizer(gm, region)
+    if dequantize is None:
+        return dequantized(gm, target)
+    with torch.no_grad():
+        return dequantize(weight_values(gm, region))
+
+
 def activation_dtype(gm: fx.GraphModule, region: Region) -> torch.dtype:
     """The dtype of the activation coming into the region."""
     nodes = {n.name: n for n in gm.graph.nodes}

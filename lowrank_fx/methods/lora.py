@@ -34,6 +34,9 @@ class LoRA(Method):
     mixed_groups: bool = False
     # init="eva" only: PEFT's EvaConfig as a dict (rho, tau, whiten, adjust_scaling_factors; lora_eva.py)
     eva_config: object = None
+    # init="loftq" over bitsandbytes 4-bit layers only: the float model's weights (a safetensors file),
+    # whose difference from the quantized base the factors take (lora_loftq_quantized.py)
+    loftq_weights: object = None
 
     kind = "lora"
 
@@ -47,7 +50,8 @@ class LoRA(Method):
                             "kernel (PEFT's own DoRA there takes the norm of another matrix); use mixed_groups=False, "
                             "lowrank_fx's grouped LoRA, for DoRA on grouped convs")
         lora_init.check_method(self)
-        set_options(self, eva_config=eva_settings(self.init, self.eva_config))
+        set_options(self, eva_config=eva_settings(self.init, self.eva_config),
+                    loftq_weights=lora_init.loftq_weights_path(self.init, self.loftq_weights))
 
     @property
     def scale(self) -> float:
@@ -62,9 +66,14 @@ class LoRA(Method):
                                                 self.init, shared_experts=self.shared_experts)
                 continue
             self._check(t)
+            if self.loftq_weights is not None and not t.quantized:
+                raise SpecError(f"LoRA(loftq_weights=...) adapts layers already quantized with bitsandbytes, but "
+                                f"{t.name} is a float layer; for float layers drop loftq_weights (init='loftq' "
+                                "then quantizes the graph's own base), or exclude it from this spec")
             unit_class = DoRAUnit if self.dora else LoRAUnit
             units[t.name] = unit_class(t, self.rank, self.scale, self.dropout, adapter_dtype(t.dtype), self.init,
-                                       bias=self.bias, **({"mixed_groups": True} if self.mixed_groups else {}))
+                                       bias=self.bias, **({"mixed_groups": True} if self.mixed_groups else {}),
+                                       **({"over_quantized": True} if self.loftq_weights is not None else {}))
         return {"dora" if self.dora else "lora": AdapterGroup(units)}
 
     def _check(self, t) -> None:

@@ -12,7 +12,9 @@ For a linear target with W (out, in) in fp32 and s the LoRA scale:
     olora        W = Q R (reduced QR);  A = R[:r],  B = Q[:, :r],  W_res = W − s · B A
     loftq        a quantized base Q and factors with Q + s · B A ≈ W (lora_loftq.py): "loftq" is NF4
                  and 1 iteration (PEFT's LoftQConfig defaults), "loftq_8bit" int8, "_iter_N" N
-                 alternating iterations ("loftq_8bit_iter_2")
+                 alternating iterations ("loftq_8bit_iter_2"); with `loftq_weights` (the float
+                 weights) over bitsandbytes 4-bit layers: the base is kept and A, B come from
+                 W − Q (lora_loftq_quantized.py, PEFT's replace_lora_weights_loftq)
     eva          A = the top r principal directions (r, in) of the target's inputs over a calibration
                  run, B = 0, ranks redistributed across targets (lora_eva.py)   (base unchanged)
     corda        from the covariance C (in, in) of the target's inputs over a calibration run
@@ -33,6 +35,7 @@ builds lora_A and lora_B as nn.Linear modules (a Kaiming-uniform draw of (r, in)
 from __future__ import annotations
 
 import math
+import os
 import re
 
 import torch
@@ -41,6 +44,7 @@ from torch import nn
 from ..errors import SpecError
 from ..graph.op_kinds import LinearKind
 from .lora_loftq import loftq
+from .lora_loftq_quantized import SCHEME as QUANTIZED_SCHEME
 
 RANDOM = ("gaussian", "orthogonal")
 BASE_CHANGING = ("pissa", "olora", "loftq", "corda", "corda_kpm")  # and pissa_niter_N, loftq_8bit, loftq_iter_N
@@ -87,19 +91,44 @@ def check_method(method) -> None:
                         f"r x r orthogonal matrix), got rank={method.rank}; use rank={method.rank + 1}")
 
 
-def check_target(init: str, target, rank: int) -> None:
+def loftq_weights_path(init: str, path) -> str | None:
+    """LoRA's `loftq_weights` as a str path: only with init="loftq" (PEFT's replace_lora_weights_loftq:
+    one SVD of W − Q over 4-bit layers), None when not given."""
+    if path is None:
+        return None
+    if not isinstance(path, (str, os.PathLike)):
+        raise SpecError(f"LoRA(loftq_weights=...) takes the path of a safetensors file with the float model's "
+                        f"weights, got a {type(path).__name__}; save them with "
+                        "safetensors.torch.save_file(model.state_dict(), path)")
+    if init != "loftq":
+        raise SpecError(f"LoRA(init={init!r}, loftq_weights=...): loftq_weights goes with init='loftq' only (one "
+                        "SVD of W minus the bitsandbytes 4-bit base, as PEFT's replace_lora_weights_loftq); "
+                        "use init='loftq', or drop loftq_weights")
+    return os.fspath(path)
+
+
+def check_target(init: str, target, rank: int, over_quantized: bool = False) -> None:
     """These inits work on linear weights only; the base-changing ones need r ≤ min(out, in)
-    and a float base."""
+    and a float base, except LoftQ given the float weights (`over_quantized`) over a bitsandbytes
+    4-bit layer."""
     if init in ("default", "nonzero"):
         return
     if not isinstance(target.kind, LinearKind):
         raise SpecError(f"LoRA(init={init!r}) cannot adapt {target.name}, a {target.kind.name}: these inits are "
                         "defined for linear layers only; give it its own LoRA with init='default' (a mixed spec)")
     if changes_base(init):
-        if target.quantized:
+        if target.quantized and over_quantized and target.kind.scheme != QUANTIZED_SCHEME:
+            raise SpecError(f"LoRA(init='loftq', loftq_weights=...) cannot start from {target.name}'s "
+                            f"{target.kind.scheme} weight: LoftQ pairs its factors with bitsandbytes' NF4 base "
+                            "(blocks of 64 with fp32 scales), and only bitsandbytes' 4-bit layers hold it "
+                            "(torchao's nf4 quantizes the block scales again, so its base is another one); quantize "
+                            "with bitsandbytes' Linear4bit, or rewrite the float model with init='loftq' (the graph "
+                            "then holds LoftQ's Q)")
+        if target.quantized and not over_quantized:
             raise SpecError(f"LoRA(init={init!r}) decomposes the float weight of {target.name}, which is already "
                             "quantized (lfx.quantize_base); rewrite the float model instead (LoftQ then puts its "
-                            "quantized base into the graph), or use init='default' on quantized layers")
+                            "quantized base into the graph), give init='loftq' the float weights "
+                            "(loftq_weights=) over bitsandbytes 4-bit layers, or use init='default' on quantized layers")
         if rank > min(target.out_features, target.in_features):
             raise SpecError(f"LoRA(init={init!r}, rank={rank}) on {target.name} ({target.out_features} x "
                             f"{target.in_features}): the rank must be at most min(out, in) = "

@@ -32,6 +32,7 @@ from torch import nn
 from ..errors import MergeError
 from ..graph.op_kinds import ConvKind, EmbeddingKind
 from . import lora_init
+from .lora_loftq_quantized import residual_factors
 from .base import Unit, dropout_module
 
 
@@ -39,7 +40,7 @@ class LoRAUnit(Unit):
     rank_axes = {"lora_A": 0, "lora_B": 1}
 
     def __init__(self, target, rank: int, scale: float, dropout: float, dtype: torch.dtype, init: str,
-                 bias: bool = False, mixed_groups: bool = False):
+                 bias: bool = False, mixed_groups: bool = False, over_quantized: bool = False):
         super().__init__()
         self.op_kind = kind = target.kind
         groups = kind.groups if isinstance(kind, ConvKind) else 1
@@ -62,7 +63,7 @@ class LoRAUnit(Unit):
         self.init, self.layout, self.residual, self.initial_factors = init, target.layout, None, None
         self.covariance = None  # CorDA: the target's input covariance, set before init_from_weight
         if init not in ("default", "nonzero"):
-            self._start(target, rank, init)
+            self._start(target, rank, init, over_quantized)
             return
         embedding = isinstance(kind, EmbeddingKind)
         if embedding:
@@ -77,10 +78,10 @@ class LoRAUnit(Unit):
                 nn.init.uniform_(self.lora_B_bias, -0.5, 0.5)
 
     @torch.no_grad()
-    def _start(self, target, rank: int, init: str) -> None:
+    def _start(self, target, rank: int, init: str, over_quantized: bool) -> None:
         """Factors of the other inits (lora_init.py); the weight-based ones start at 0 until
-        `init_from_weight`."""
-        lora_init.check_target(init, target, rank)
+        `init_from_weight` (`init_from_quantized` for LoftQ over a bitsandbytes base)."""
+        lora_init.check_target(init, target, rank, over_quantized)
         if init == "eva":  # A: the inputs' principal directions, set by the data pass (passes/eva_calibrate.py)
             lora_init.peft_layer_draws(rank, target.in_features, target.out_features)
         if lora_init.changes_base(init) or init == "eva":
@@ -106,6 +107,13 @@ class LoRAUnit(Unit):
         self.initial_factors = (a, b)  # A₀, B₀: for the conversion to a plain LoRA (files/peft_init.py)
         self.residual = self.op_kind.to_weight(base.to(weight.dtype), self.layout, weight.shape)
         return self.residual
+
+    @torch.no_grad()
+    def init_from_quantized(self, weight: torch.Tensor, dequantized: torch.Tensor) -> None:
+        """LoftQ's factors from the float W and the kept quantized base's Q (lora_loftq_quantized.py)."""
+        a, b = residual_factors(weight, dequantized, self.lora_A.shape[0], self.scale)
+        self.lora_A.copy_(a)
+        self.lora_B.copy_(b)
 
     def factored(self, h: torch.Tensor) -> torch.Tensor:
         """s · B(A(h)) (+ s · b_B) for an input already cast to the factors' dtype, without dropout."""

@@ -33,10 +33,12 @@ from torch import fx, nn
 from ..errors import SpecError
 from ..graph.experts import ExpertsKind
 from ..graph.gates import add_gate
+from ..graph.quantized import dequantized_exactly
 from ..graph.record import CONTAINER, tag
 from ..graph.targets import Target
 from ..methods.base import Method, unit_key
 from ..methods.lora_init import DATA
+from ..methods.lora_loftq_quantized import float_weight
 from .calibrate import input_covariances
 from .residual_base import base_changing, check_untied, write_residuals
 
@@ -45,12 +47,13 @@ aten = torch.ops.aten
 
 def build_groups(assignment: dict[str, Method], targets: dict[str, Target],
                  weights: dict[str, torch.Tensor] | None = None,
-                 covariances: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, nn.Module], dict[str, str]]:
+                 covariances: dict[str, torch.Tensor] | None = None,
+                 quantized_pairs: dict[str, tuple] | None = None) -> tuple[dict[str, nn.Module], dict[str, str]]:
     """Adapter groups for `assignment` (target name -> method) and each target's group name.
 
     Every unit learns its target's op kind; units with `init_from_weight` (DoRA, LoRA's
     weight-based inits) are given the target's base weight from `weights` (by weight name) when
-    it is there.
+    it is there; LoftQ over a bitsandbytes base gets (W, Q) from `quantized_pairs` (by target).
     """
     by_method: dict[Method, list[Target]] = {}
     for name, method in assignment.items():
@@ -73,7 +76,24 @@ def build_groups(assignment: dict[str, Method], targets: dict[str, Target],
                     if covariances and target in covariances:
                         unit.covariance = covariances[target]
                     unit.init_from_weight(weights[targets[target].weight])
+                if quantized_pairs and target in quantized_pairs:
+                    unit.init_from_quantized(*quantized_pairs[target])
     return groups, group_of
+
+
+def _float_and_quantized(gm: fx.GraphModule, assignment: dict[str, Method], targets: dict[str, Target]) -> dict:
+    """(W from LoRA's loftq_weights file, the layer's dequantized Q) for each quantized target of a
+    LoRA given loftq_weights (methods/lora_loftq_quantized.py)."""
+    pairs = {}
+    for name, method in assignment.items():
+        path = getattr(method, "loftq_weights", None)
+        target = targets[name]
+        if path is None or not target.quantized:
+            continue
+        dense = dequantized_exactly(gm, target)
+        weight = float_weight(path, target.weight, name, tuple(dense.shape))
+        pairs[name] = (weight.to(dense.device), dense)
+    return pairs
 
 
 def _refuse_quantized(assignment: dict[str, Method], targets: dict[str, Target]) -> None:
@@ -119,14 +139,15 @@ def inject(gm: fx.GraphModule, adapter: str, assignment: dict[str, Method], targ
     (generation's decode graph), so nothing is computed from the weights and the base stays."""
     _refuse_quantized(assignment, targets)
     _refuse_experts(assignment, targets)
-    weights = covariances = None
+    weights = covariances = pairs = None
     if initialise:
         check_untied(gm, base_changing(assignment, targets), targets)
         weights = {targets[name].weight: gm.get_parameter(targets[name].weight).detach() for name in assignment
                    if not targets[name].quantized}
         data = [name for name, method in assignment.items() if getattr(method, "init", "") in DATA]
         covariances = input_covariances(gm, data, targets, calibration) if data else None
-    groups, group_of = build_groups(assignment, targets, weights, covariances)
+        pairs = _float_and_quantized(gm, assignment, targets)
+    groups, group_of = build_groups(assignment, targets, weights, covariances, pairs)
     if initialise and components:
         with torch.no_grad():
             for name, rows in components.items():
