@@ -13,6 +13,7 @@ Configurations, each a request of one prompt (64 tokens) and greedy decoding, EO
   ORT a, batch 8          the swappable export, 8 rows, adapter a (reference for the per-row rows)
   torch eager / compiled  lfx.generate with the adapter unmerged (compiled: torch.compile, dynamic)
   HF + PEFT               transformers generate on the PEFT model holding the same adapter a
+  HF base                 transformers generate on the model without adapters: the frozen-base floor
 
 Prefill ms = time of a request with 1 new token; decode ms/token = (time with N new tokens -
 prefill) / (N - 1). Every configuration runs once per round, rounds repeat, medians are
@@ -110,9 +111,9 @@ def configurations(model, gm, export, genai, prompt: torch.Tensor):
     peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(peft_dir)).eval()
     ids32 = prompt.numpy().astype(np.int32)
 
-    def hf(new):
+    def hf(new, generating=peft_model):
         with torch.no_grad():
-            peft_model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
+            generating.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
                                 min_new_tokens=new, do_sample=False, pad_token_id=0)
 
     def ort_run(adapter, ids=prompt, rows=None):
@@ -132,6 +133,7 @@ def configurations(model, gm, export, genai, prompt: torch.Tensor):
         "torch compiled": lambda new: lfx.generate(gm, prompt, adapter="a", max_new_tokens=new, eos_token_id=[],
                                                    compile=True),
         "HF + PEFT": hf,
+        "HF base": lambda new: hf(new, model),
     }
 
 
@@ -189,7 +191,8 @@ def report(results: dict, setup: dict, load: tuple, rounds: int, new: int, total
               "- torch: `lfx.generate` (the decode graph shares the training graph's adapter modules); compiled: "
               "`compile=True` (inductor, dynamic shapes), compiled during the warm-up, no recompile while timed "
               f"(the warm-up of every configuration, the compile included, took {setup['compile_s']:.0f} s).",
-              "- HF + PEFT: `PeftModel.generate` with adapter a (written by `lfx.save_peft`), unmerged.",
+              "- HF + PEFT: `PeftModel.generate` with adapter a (written by `lfx.save_peft`), unmerged; HF base: "
+              "`generate` on the model without adapters (the frozen-base floor of an eager adapted decode).",
               f"- Export: `lfx.export_generation` took {setup['export_s']:.0f} s for the swappable and the per-row "
               f"decoders; {setup['files']}."]
     r = results
@@ -203,6 +206,9 @@ def report(results: dict, setup: dict, load: tuple, rounds: int, new: int, total
                               r["rows 8x4"]["decode"] / r["rows 8x1"]["decode"],
                               r["rows 8x4"]["decode"] / r["ORT a, batch 8"]["decode"],
                               r["torch compiled"]["decode"] / r["torch eager"]["decode"])]
+    ratio, floor = (r[name]["decode"] / r["HF + PEFT"]["decode"] for name in ("torch compiled", "HF base"))
+    lines += ["", f"Goal `lfx.generate(compile=True)` ÷ HF + PEFT per decoded token ≤ 0.7: {ratio:.2f}, "
+              f"{'met' if ratio <= 0.7 else 'not met'}; the frozen base alone (HF base) is {floor:.2f} of HF + PEFT."]
     return "\n".join(lines) + "\n"
 
 

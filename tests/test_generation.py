@@ -20,6 +20,8 @@ import transformers
 
 import lowrank_fx as lfx
 from lowrank_fx.errors import ModelTypeError, SpecError
+from lowrank_fx.generation.active_graph import inactive_adapters, without_adapters
+from lowrank_fx.generation.decode_graph import EXAMPLES
 from lowrank_fx.generation.torch_generate import decoder_for
 
 VOCAB, EOS, PAD = 128, 3, 0
@@ -307,6 +309,31 @@ def test_unknown_adapter_is_named(llama):
         lfx.generate(llama.gm, prompts(0)[0], adapter="c", max_new_tokens=2)
 
 
+def test_generation_leaves_the_inactive_adapters_sites_out(llama):
+    decode = decoder_for(llama.gm)
+    examples = decode.meta[EXAMPLES]
+    sites = lambda graph, role: sorted(n.meta["lowrank_fx"]["adapter"] for n in graph.graph.nodes
+                                       if n.meta.get("lowrank_fx", {}).get("role") == role)
+    gates = getattr(llama.gm, "lowrank_fx_gates")
+    try:
+        lfx.set_active_adapters(llama.gm, "a")
+        with torch.no_grad():
+            gates.a.fill_(0.5)  # a gate that is neither on nor off still scales its adapter
+        assert inactive_adapters(decode) == ("b",)
+        pruned = without_adapters(decode, ("b",))
+        kept = ["a"] * sites(decode, "add").count("a")
+        assert sites(pruned, "add") == sites(pruned, "delta") == kept and "b" in sites(decode, "delta")
+        with torch.no_grad():
+            full, left = decode(**examples), pruned(**examples)
+        assert torch.equal(full["logits"], left["logits"])  # 0 · Δy added exactly nothing
+        with torch.no_grad():
+            gates.a.fill_(0.0)
+            base = decode(**examples)["logits"]
+        assert not torch.equal(base, left["logits"])  # the kept adapter a did change the output
+    finally:
+        lfx.set_active_adapters(llama.gm, ["a", "b"])
+
+
 def test_compiled_generation_matches_and_never_recompiles(llama):
     import torch._dynamo
 
@@ -316,8 +343,10 @@ def test_compiled_generation_matches_and_never_recompiles(llama):
     options = {"max_new_tokens": 6, "eos_token_id": [], "compile": "aot_eager"}
     # two tokens compile the prompt step and the token step; the later steps' caches (concatenated,
     # not attention's transposed output) must not compile again
-    warm = lfx.generate(llama.gm, ids, adapter="a", **{**options, "max_new_tokens": 2})
-    assert torch.equal(warm, lfx.generate(llama.gm, ids, adapter="a", max_new_tokens=2, eos_token_id=[]))
+    # each adapter set runs its own graph (the inactive adapters' sites left out): compiled once per set
+    for adapter in ("b", [], "a"):
+        warm = lfx.generate(llama.gm, ids, adapter=adapter, **{**options, "max_new_tokens": 2})
+        assert torch.equal(warm, lfx.generate(llama.gm, ids, adapter=adapter, max_new_tokens=2, eos_token_id=[]))
     with torch._dynamo.config.patch(error_on_recompile=True):
         for adapter, width, steps in (("b", 3, 9), ([], 7, 4), ("a", 2, 12)):  # other prompt lengths, adapters
             got = lfx.generate(llama.gm, ids[:, :width], adapter=adapter, **{**options, "max_new_tokens": steps},

@@ -9,9 +9,11 @@ switches it), with no fold and no copy.
 The model: `rewrite` keeps a weak reference to the model it captured, and generation
 captures that one; pass `model=` when gm was built from a GraphModule or the model is gone.
 The decode graph is built on first use and cached per gm (rebuilt when gm gains an adapter
-or another `model=` is given), like its compiled form (`compile=True`, or a backend name such
-as "aot_eager": `torch.compile(dynamic=True)`; after the first call, no recompiles per
-token or per prompt length, and switching adapters changes buffers only).
+or another `model=` is given). A call runs it without the adapters whose gate is 0
+(active_graph.py: one copy per set of active adapters, sharing every module), and so does
+its compiled form (`compile=True`, or a backend name such as "aot_eager":
+`torch.compile(dynamic=True)`, one per set; after a set's first call, no recompiles per
+token or per prompt length). Per-row adapters run the full graph.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from ..export.exporter import eval_mode
 from ..graph.gates import GATES, active_adapters, set_active_adapters
 from ..graph.record import Record
 from ..options import compile_backend
+from .active_graph import inactive_adapters, without_adapters
 from .decode_graph import LAYOUT, decode_graph, share_adapters, use_base_of
 from .beam import check_beams, reorder_tensors, run_beams
 from .decoder import layer_types
@@ -40,7 +43,8 @@ from .rows import row_generation
 class _Entry:
     key: tuple
     decode: fx.GraphModule
-    compiled: dict  # compile option -> compiled callable
+    pruned: dict  # inactive adapters -> decode without them (active_graph.py)
+    compiled: dict  # (compile option, inactive adapters) -> compiled callable
 
 
 _DECODERS: "weakref.WeakKeyDictionary[fx.GraphModule, _Entry]" = weakref.WeakKeyDictionary()
@@ -77,13 +81,25 @@ def decoder_for(gm: fx.GraphModule, model: nn.Module | None = None) -> fx.GraphM
     if record.adapters:
         share_adapters(decode, [(name, gm, name) for name in record.adapters])
         decode.add_module(GATES, getattr(gm, GATES))  # gm's gates: set_active_adapters(gm) switches both
-    _DECODERS[gm] = _Entry(key, decode, {})
+    _DECODERS[gm] = _Entry(key, decode, {}, {})
     return decode
 
 
-def _compiled(gm: fx.GraphModule, decode: fx.GraphModule, option):
+def _runnable(gm: fx.GraphModule, per_row: bool) -> fx.GraphModule:
+    """The graph one call runs: the decode graph without its inactive adapters (cached per set);
+    the full graph for per-row adapters, whose gates are all on."""
     entry = _DECODERS[gm]
-    key = option if isinstance(option, (bool, str)) else repr(sorted(option.items()))
+    inactive = () if per_row else inactive_adapters(entry.decode)
+    if not inactive:
+        return entry.decode
+    if inactive not in entry.pruned:
+        entry.pruned[inactive] = without_adapters(entry.decode, inactive)
+    return entry.pruned[inactive]
+
+
+def _compiled(gm: fx.GraphModule, graph: fx.GraphModule, option):
+    entry = _DECODERS[gm]
+    key = (option if isinstance(option, (bool, str)) else repr(sorted(option.items())), id(graph))
     if key not in entry.compiled:
         if option is True:
             kwargs = {}
@@ -95,7 +111,7 @@ def _compiled(gm: fx.GraphModule, decode: fx.GraphModule, option):
         else:
             raise SpecError(f"compile must be False, True, a backend name or a dict of torch.compile options, got {option!r}")
         kwargs.setdefault("dynamic", True)
-        entry.compiled[key] = torch.compile(decode, **kwargs)
+        entry.compiled[key] = torch.compile(graph, **kwargs)
     return entry.compiled[key]
 
 
@@ -153,7 +169,7 @@ def generate(gm: fx.GraphModule, input_ids, attention_mask=None, adapter: str | 
         check_left_padded(attention_mask)
     layout = decode.meta[LAYOUT]
     device = next(iter(decode.parameters())).device
-    call = _compiled(gm, decode, compile) if compile else decode
+    calls = {}
 
     def step(ids, mask, positions, cache):
         if cache is None:
@@ -164,7 +180,7 @@ def generate(gm: fx.GraphModule, input_ids, attention_mask=None, adapter: str | 
         dense = [t.to(device).clone(memory_format=torch.contiguous_format) for t in (ids, mask, positions)]
         if compile:
             cache = [{part: t.contiguous() for part, t in layer.items()} for layer in cache]
-        out = call(input_ids=dense[0], attention_mask=dense[1], position_ids=dense[2], past_key_values=cache)
+        out = calls["graph"](input_ids=dense[0], attention_mask=dense[1], position_ids=dense[2], past_key_values=cache)
         return out["logits"].cpu(), out["present"]
 
     record = Record.find(gm)
@@ -174,6 +190,8 @@ def generate(gm: fx.GraphModule, input_ids, attention_mask=None, adapter: str | 
         set_active_adapters(gm, adapter)
     try:
         with eval_mode(decode), torch.no_grad(), per_row:
+            graph = _runnable(gm, rows is not None)
+            calls["graph"] = _compiled(gm, graph, compile) if compile else graph
             vocab = getattr(_text_config(model), "vocab_size", None)
             if num_beams > 1:
                 result = run_beams(step, reorder_tensors, input_ids, attention_mask, max_new_tokens=max_new_tokens,
