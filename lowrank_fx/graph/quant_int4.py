@@ -1,0 +1,53 @@
+"""The dense weight of torchao's packed int4 CPU tensor (`Int4OpaqueTensor`), which has no
+`dequantize()` of its own.
+
+Its `qdata` holds the 4-bit codes q (N, K) as `torch.ops.aten._convert_weight_to_int4pack_for_cpu`
+packs them: two codes a byte, in a tiled order of the kernel's. The order is a fixed permutation
+of the N·K codes for a given (N, K), so it is read off the format's own pack op rather than
+assumed: packing the hexadecimal digits of each position's index (4 bits at a time) tells where
+every code lands. Unpacking is then one gather. With `scale_and_zero` (K / group, N, 2) holding
+s and z per group, tinygemm's affine form gives
+
+    W[n, k] = (q[n, k] - 8) · s[n, j] + z[n, j],   j = k // group
+
+which the capture checks against the layer's own kernel (graph/quant_check.py) before any
+backward uses it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.lru_cache(maxsize=32)
+def _positions(rows: int, cols: int) -> torch.Tensor:
+    """For each code of q (rows, cols), row-major, the index of its nibble in the packed bytes
+    (byte b's low nibble is 2b, its high nibble 2b + 1)."""
+    index = torch.arange(rows * cols, dtype=torch.int64)
+    found = torch.zeros(rows * cols, dtype=torch.int64)  # nibble slot -> code index
+    shift = 0
+    while (1 << shift) < rows * cols:
+        digit = ((index >> shift) & 15).reshape(rows, cols).to(torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(digit, 1).reshape(-1).to(torch.int64)
+        found += torch.stack([packed & 15, packed >> 4], dim=1).reshape(-1) << shift
+        shift += 4
+    positions = torch.empty_like(found)
+    positions[found] = torch.arange(found.numel())
+    return positions
+
+
+def unpack_codes(packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """q (rows, cols) uint8 in 0..15 from the CPU-packed bytes (rows, cols / 2)."""
+    nibbles = torch.stack([packed.reshape(-1) & 15, packed.reshape(-1) >> 4], dim=1).reshape(-1)
+    return nibbles[_positions(rows, cols).to(packed.device)].reshape(rows, cols)
+
+
+def int4_opaque_dense(packed: torch.Tensor, scale_and_zero: torch.Tensor, shape, group: int) -> torch.Tensor:
+    """W (N, K) in the scales' dtype, from the packed codes and `scale_and_zero` (K / group, N, 2)."""
+    rows, cols = int(shape[0]), int(shape[1])
+    codes = unpack_codes(packed, rows, cols).to(scale_and_zero.dtype)
+    scale = scale_and_zero[..., 0].t().repeat_interleave(group, dim=1)[:, :cols]
+    zero = scale_and_zero[..., 1].t().repeat_interleave(group, dim=1)[:, :cols]
+    return (codes - 8) * scale + zero
