@@ -89,6 +89,9 @@ def torchao_dense(kind: type, inner: dict[str, torch.Tensor], context, size, str
     names = list(getattr(kind, "tensor_data_names", [])) + list(getattr(kind, "optional_tensor_data_names", []))
     values = {name: inner.get(name) for name in names} if names else inner
     try:
+        if kind.__name__ == "Int8Tensor" and values.get("zero_point") is None and values["scale"].numel() == size[0]:
+            # per-row int8 without zero point: W = q · s, one pass (dequantize_affine takes three)
+            return values["qdata"].to(values["scale"].dtype) * values["scale"].reshape(-1, 1)
         tensor = kind.__tensor_unflatten__(values, context, size, stride)
         if kind.__name__ == "Int4OpaqueTensor" and getattr(tensor, "act_mapping_type", None) is None:
             return int4_opaque_dense(tensor.qdata, tensor.scale_and_zero, tensor.shape, int(tensor.block_size[1]))

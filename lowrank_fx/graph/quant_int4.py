@@ -51,3 +51,20 @@ def int4_opaque_dense(packed: torch.Tensor, scale_and_zero: torch.Tensor, shape,
     scale = scale_and_zero[..., 0].t().repeat_interleave(group, dim=1)[:, :cols]
     zero = scale_and_zero[..., 1].t().repeat_interleave(group, dim=1)[:, :cols]
     return (codes - 8) * scale + zero
+
+
+def unpacked_mm(x: torch.Tensor, packed: torch.Tensor, group: int, scale_and_zero: torch.Tensor) -> torch.Tensor:
+    """What `aten._weight_int4pack_mm_for_cpu(x, packed, group, scale_and_zero)` computes,
+    x (M, K) · Wᵀ -> (M, N), as the unpacked W and a dense product: about 2x one fp32 matmul,
+    where torchao's CPU kernel takes 30-100x (benchmarks/RESULTS.md)."""
+    weight = int4_opaque_dense(packed, scale_and_zero, (scale_and_zero.shape[1], x.shape[-1]), group)
+    return torch.mm(x, weight.t().to(x.dtype))
+
+
+def unpack_slow_kernels(graph: torch.fx.Graph) -> int:
+    """Replace every packed int4 CPU kernel call of `graph` by `unpacked_mm`; how many."""
+    kernel = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
+    found = [n for n in graph.nodes if kernel is not None and n.target is kernel.default]
+    for node in found:
+        node.target = unpacked_mm
+    return len(found)

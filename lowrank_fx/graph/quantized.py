@@ -300,9 +300,11 @@ def region_function(gm: fx.GraphModule, region: Region, weights_as_inputs: bool 
     env: dict[fx.Node, fx.Node] = {}
     activation = nodes[region.activation]
     env[activation] = x = graph.placeholder("x")
+    x.meta["val"] = _val(activation)
     if weights_as_inputs:
         for i, name in enumerate(region.weight_inputs):
             env[nodes[name]] = graph.placeholder(f"w{i}")
+            env[nodes[name]].meta["val"] = _val(nodes[name])
     else:
         _copy_weight_side(gm, region, graph, env)
     shape = list(_val(activation).shape)

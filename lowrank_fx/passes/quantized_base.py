@@ -48,6 +48,7 @@ import torch
 from torch import fx
 
 from ..errors import QuantizedBaseError
+from ..graph.quant_int4 import unpack_slow_kernels
 from ..graph.quant_check import ROWS, dequantize_check, gradient_check, random_rows
 from ..graph.quantized import (Region, activation_dtype, dequantize_region, find_regions, region_device, region_function,
                                region_scheme, run_rows, weight_dequantizer, weight_values)
@@ -238,8 +239,27 @@ def _kind(gm: fx.GraphModule, nodes: dict[str, fx.Node], region: Region, weights
             tuple((type(w).__qualname__, tuple(w.shape), str(w.dtype)) for w in weights))
 
 
+def _lean(function: fx.GraphModule) -> fx.GraphModule:
+    """`function` without the nodes that compute nothing (export's dtype assertions on values
+    the capture already fixed, and casts to the dtype a value has: each costs a Python call per
+    layer per step), and with torchao's packed int4 CPU kernel replaced by its unpacked weight
+    and a dense product (graph/quant_int4.py): the same W, checked at capture, 15-50x faster."""
+    for node in list(function.graph.nodes):
+        if node.target is torch.ops.aten._assert_tensor_metadata.default and not node.users:
+            function.graph.erase_node(node)
+        elif node.target is torch.ops.aten.to.dtype and len(node.args) == 2 and not node.kwargs:
+            source, value = node.args[0].meta.get("val"), node.meta.get("val")
+            if isinstance(source, torch.Tensor) and isinstance(value, torch.Tensor) and source.dtype == node.args[1]:
+                node.replace_all_uses_with(node.args[0])
+                function.graph.erase_node(node)
+    unpack_slow_kernels(function.graph)
+    function.recompile()
+    return function
+
+
 def _wrap(gm: fx.GraphModule, region: Region, function: fx.GraphModule, dense_weight) -> None:
     """Replace the region by one `quantized_linear` call running `function` (f(x, *weights))."""
+    function = _lean(function)
     nodes = {n.name: n for n in gm.graph.nodes}
     key = f"{region.path}#{uuid.uuid4().hex[:12]}"
     _WRAPPED[key] = (function, region, dense_weight)
