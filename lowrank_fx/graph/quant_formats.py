@@ -82,6 +82,15 @@ SLOW_KERNELS = {
 }
 
 
+def row_scaled(kind: type, inner: dict[str, torch.Tensor], size) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(q (out, in) integer codes, s (out, 1)) with W = s · q, for torchao's per-row int8 without
+    zero point; None for any other format."""
+    if kind.__name__ != "Int8Tensor" or inner.get("zero_point") is not None or "scale" not in inner:
+        return None
+    scale = inner["scale"]
+    return (inner["qdata"], scale.reshape(-1, 1)) if scale.numel() == size[0] else None
+
+
 def torchao_dense(kind: type, inner: dict[str, torch.Tensor], context, size, stride) -> torch.Tensor | None:
     """The dense weight of a torchao tensor rebuilt from its inner tensors (optional ones may
     be missing), by the format's own dequantize (packed int4 on the CPU: its own pack order,
@@ -89,9 +98,9 @@ def torchao_dense(kind: type, inner: dict[str, torch.Tensor], context, size, str
     names = list(getattr(kind, "tensor_data_names", [])) + list(getattr(kind, "optional_tensor_data_names", []))
     values = {name: inner.get(name) for name in names} if names else inner
     try:
-        if kind.__name__ == "Int8Tensor" and values.get("zero_point") is None and values["scale"].numel() == size[0]:
-            # per-row int8 without zero point: W = q · s, one pass (dequantize_affine takes three)
-            return values["qdata"].to(values["scale"].dtype) * values["scale"].reshape(-1, 1)
+        factors = row_scaled(kind, values, size)
+        if factors is not None:  # W = s · q, one pass (dequantize_affine takes three)
+            return factors[0].to(factors[1].dtype) * factors[1]
         tensor = kind.__tensor_unflatten__(values, context, size, stride)
         if kind.__name__ == "Int4OpaqueTensor" and getattr(tensor, "act_mapping_type", None) is None:
             return int4_opaque_dense(tensor.qdata, tensor.scale_and_zero, tensor.shape, int(tensor.block_size[1]))

@@ -81,6 +81,10 @@ def _input_grad(x: torch.Tensor, grad: torch.Tensor, weights, key: str) -> torch
     if dense_weight is None:  # autograd is off inside a custom op; torch.func's own transform is not
         _, pullback = torch.func.vjp(lambda v: function(v, *weights), x)
         return pullback(grad)[0]
+    factors = getattr(dense_weight, "row_scaled", None)
+    if factors is not None:  # W = s · q (per-row int8): dL/dy · W = (dL/dy ⊙ sᵀ) · q
+        codes, scale = factors(weights)
+        return ((grad * scale.reshape(-1).to(grad.dtype)) @ codes.to(grad.dtype)).to(x.dtype)
     return (grad @ dense_weight(weights).to(grad.dtype)).to(x.dtype)
 
 
