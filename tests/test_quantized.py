@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import transformers
 
 import lowrank_fx as lfx
+from lowrank_fx.passes.quantized_base import is_quantized_call
 from lowrank_fx.errors import QuantizedBaseError
 from lowrank_fx.adapt.capture import capture
 from lowrank_fx.graph.targets import find_targets
@@ -201,6 +202,9 @@ def test_all_linear_finds_every_quantized_layer_by_its_module_name(scheme):
     assert {r.scheme for r in plan.rows} == {expected}
     text = str(plan)
     assert expected in text and "bytes as stored" in text
+    # torchao's packed int4 CPU kernel is slow, and the plan says so; no other scheme is named
+    assert list(plan.slow_kernels) == (["int4 packed on cpu"] if scheme == "int4-packed" else [])
+    assert ("slow kernel: int4 packed on cpu: torchao has no fast CPU kernel" in text) == (scheme == "int4-packed")
     for row in plan.rows:  # a quantized layer stores fewer bytes than its fp32 weight
         assert 0 < row.base_bytes < 4 * row.shape[0] * row.shape[1]
 
@@ -274,15 +278,56 @@ def test_adapters_are_fp32_and_base_weights_frozen_and_shared(scheme):
         assert id(layer.weight) in ours
 
 
-def test_packed_int4_backward_is_a_custom_op_that_dequantizes():
-    gm = _graphs("int4-packed")[2]
-    ops = {n.target for n in gm.graph.nodes if n.op == "call_function"}
-    assert torch.ops.lowrank_fx.quantized_linear.default in ops
-    # the packed kernel itself has no derivative
-    weight = _case("int4-packed")[0].model.layers[0].mlp.down_proj.weight
+def test_packed_int4_backward_unpacks_the_codes_instead_of_probing_the_kernel(monkeypatch):
+    """The packed int4 kernel has no derivative; the backward's W comes from the format's own
+    pack order (graph/quant_int4.py), equal to what the kernel computes with on the identity,
+    and no step runs the layer on the identity."""
+    import lowrank_fx.passes.quantized_base as quantized_base
+    from lowrank_fx.graph.quant_int4 import int4_opaque_dense
+
+    quantized, _, gm, dense, *_ = _graphs("int4-packed")
+    assert sum(is_quantized_call(n) for n in gm.graph.nodes) == len(LINEARS)
+    weight = quantized.model.layers[0].mlp.down_proj.weight
     x = torch.randn(3, 64, requires_grad=True)
     with pytest.raises(RuntimeError, match="not implemented"):
         F.linear(x, weight).sum().backward()
+    with torch.no_grad():
+        probed = F.linear(torch.eye(weight.shape[1]), weight).t()
+    unpacked = int4_opaque_dense(weight.qdata, weight.scale_and_zero, weight.shape, int(weight.block_size[1]))
+    assert _rel(unpacked, probed) < 1e-6
+
+    def refuse(*args):
+        raise AssertionError("identity probe in a step")
+
+    monkeypatch.setattr(quantized_base, "dequantize_region", refuse)
+    ids, probe = _ids(2, 6, seed=21), torch.randn(2, 6, VOCAB, generator=torch.Generator().manual_seed(22))
+    (logits, grads), (twin_logits, twin_grads) = _grads(gm, ids, probe), _grads(dense, ids, probe)
+    assert _rel(logits, twin_logits) < 1e-5
+    assert max(_rel(grads[name], twin_grads[name]) for name in twin_grads) < 1e-4
+
+
+def test_eager_calls_skip_the_custom_op_and_compiled_calls_use_it(monkeypatch):
+    """Eager steps run the layer through an autograd.Function (no op dispatch); under
+    torch.compile the graph holds the custom op, opaque to the compiler."""
+    import lowrank_fx.passes.quantized_base as quantized_base
+
+    _, _, gm, *_ = _graphs("int8")
+    calls = []
+    real = quantized_base._forward
+    monkeypatch.setattr(quantized_base, "_forward", lambda *args: calls.append(torch.compiler.is_compiling()) or real(*args))
+    ops = []
+
+    def backend(graph, inputs):
+        ops.extend(n.target for n in graph.graph.nodes if n.op == "call_function")
+        return graph.forward
+
+    ids = _ids(2, 6, seed=5)
+    gm(ids).logits.sum().backward()
+    assert calls == [False] * len(LINEARS)
+    torch._dynamo.reset()
+    torch.compile(gm, backend=backend, fullgraph=True)(ids)
+    torch._dynamo.reset()
+    assert sum(op is torch.ops.lowrank_fx.quantized_linear.default for op in ops) == len(LINEARS)
 
 
 def _saved_bytes(gm, ids):
@@ -313,7 +358,7 @@ def test_no_dense_weight_is_kept_for_backward(scheme):
     autograd saves is what the dense twin saves (whose weights are parameters), not that plus a
     dequantized fp32 copy of every weight (which the region's own ops would keep)."""
     quantized, _, gm, dense, *_ = _graphs(scheme)
-    regions = [n for n in gm.graph.nodes if n.target is torch.ops.lowrank_fx.quantized_linear.default]
+    regions = [n for n in gm.graph.nodes if is_quantized_call(n)]
     assert len(regions) == len(LINEARS)
     ids = _ids(2, 6, seed=13)
     ours, twins = _saved_bytes(gm, ids), _saved_bytes(dense, ids)

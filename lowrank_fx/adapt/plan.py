@@ -3,7 +3,9 @@
 Below the table: what "all-linear" left out and why (graph/heads.py), as `Plan.left_out`, and
 with `layers=` the layer blocks `rewrite(..., layers=...)` would make (passes/layers.py), as `Plan.layers`.
 A model with quantized layers gets a column naming each target's base: its scheme and the
-bytes its quantized weight (and scales, bias) occupy, against fp32.
+bytes its quantized weight (and scales, bias) occupy, against fp32. A scheme whose kernel on
+the layers' device is known to be slow is named below the table (`Plan.slow_kernels`,
+graph/quant_formats.py `SLOW_KERNELS`) with what it costs.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import torch
 
 from ..graph.experts import ExpertsKind
 from ..graph.heads import left_out
-from ..graph.quantized import find_regions, region_bytes
+from ..graph.quant_formats import SLOW_KERNELS
+from ..graph.quantized import find_regions, region_bytes, region_device
 from ..passes.inject import build_groups
 from ..passes.layers import blocks, candidates, flat_view
 from ..passes.train_modules import resolve_trained
@@ -46,6 +49,7 @@ class Plan:
     left_out: dict[str, str] = dataclasses.field(default_factory=dict)  # target -> why all-linear left it out
     trained: dict[str, int] = dataclasses.field(default_factory=dict)  # Spec.train: parameter -> its size
     layers: dict[str, str] = dataclasses.field(default_factory=dict)  # block path -> its layer's class
+    slow_kernels: dict[str, str] = dataclasses.field(default_factory=dict)  # "scheme on device" -> what it costs
 
     def __str__(self) -> str:
         header = ("target", "op", "weight (out x in)", "method", "trainable")
@@ -73,6 +77,8 @@ class Plan:
             dense = sum(4 * r.shape[0] * r.shape[1] for r in quantized)
             lines.append(f"{len(quantized)} quantized targets: {stored:,} bytes as stored, "
                          f"{dense:,} as fp32 weights ({stored / max(dense, 1):.2f}x)")
+        for where, cost in self.slow_kernels.items():
+            lines.append(f"slow kernel: {where}: {cost}")
         if self.trained:
             width = max(map(len, self.trained))
             lines += ["", f"trained in full by Spec.train ({sum(self.trained.values()):,} parameters, counted above):"]
@@ -116,7 +122,7 @@ def plan(model, spec, example_inputs=None, example_kwargs=None, layers=None, **c
     with torch.device("meta"):
         groups, group_of = build_groups(assignment, targets)
     regions = {r.output: r for r in find_regions(gm)}
-    rows = []
+    rows, slow = [], {}
     for name, method in assignment.items():
         unit = groups[group_of[name]].unit(name)
         t = targets[name]
@@ -126,6 +132,9 @@ def plan(model, spec, example_inputs=None, example_kwargs=None, layers=None, **c
             note = f"{t.kind.experts} experts" + (", one update shared" if getattr(unit, "shared_experts", False) else "")
         region = regions.get(t.sites[0]) if t.quantized else None
         base_bytes = region_bytes(gm, region) if region is not None else _dense_bytes(gm, t)
+        if region is not None and (t.kind.scheme, region_device(gm, region).type) in SLOW_KERNELS:
+            device = region_device(gm, region).type
+            slow[f"{t.kind.scheme} on {device}"] = SLOW_KERNELS[t.kind.scheme, device]
         rows.append(PlanRow(name, t.op, t.shape, _describe(method), group_of[name],
                             sum(p.numel() for p in unit.parameters()), note,
                             t.kind.scheme if t.quantized else "", base_bytes))
@@ -138,4 +147,4 @@ def plan(model, spec, example_inputs=None, example_kwargs=None, layers=None, **c
     uses_all_linear = any(pattern == ALL_LINEAR for pattern, _ in spec.rules())
     skipped = {n: why for n, why in left_out(gm, targets).items() if n not in assignment} if uses_all_linear else {}
     found = existing or (candidates(gm, layers) if layers is not None else {})
-    return Plan(rows, shared, trainable, base, modes, skipped, trained, found)
+    return Plan(rows, shared, trainable, base, modes, skipped, trained, found, slow)

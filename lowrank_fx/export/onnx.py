@@ -63,6 +63,7 @@ from .merged_weights import MergedGraph, attach_merged, merged_graph
 from .optimize import optimize_graph
 from .ort_adapter import SUFFIX, check_adapter_file, layout_fingerprint, model_slots, write_adapter_file
 from .per_row import IDS, NONE_ID, per_row_graph, row_swap
+from ..passes.quantized_base import is_quantized_call
 from .quantized_ops import integer_base, translations
 from .session import AdapterSession
 from .signature import FlatCall, Signature, flat_outputs, signature
@@ -183,8 +184,7 @@ def _integer_base(graph: _Graph, model: nn.Module) -> bool:
     """Make the quantized layers of the graph to export ONNX Runtime's integer matmuls (on a
     copy: the caller's graph keeps its own). Whether there were any."""
     inner = graph.module.model
-    quantized = torch.ops.lowrank_fx.quantized_linear.default
-    if not isinstance(inner, fx.GraphModule) or not any(n.target is quantized for n in inner.graph.nodes):
+    if not isinstance(inner, fx.GraphModule) or not any(is_quantized_call(n) for n in inner.graph.nodes):
         return False
     if inner is model:
         inner = graph.module.model = copy_graph(model, [])[0]

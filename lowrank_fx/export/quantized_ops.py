@@ -1,7 +1,7 @@
 """Quantized bases in ONNX: each quantized layer becomes ONNX Runtime's integer matmul.
 
-`integer_base(gm)` rewrites an export copy of a graph: every `lowrank_fx::quantized_linear`
-(passes/quantized_base.py) becomes
+`integer_base(gm)` rewrites an export copy of a graph: every wrapped quantized linear
+(passes/quantized_base.py, found by its marker) becomes
 
   - `lowrank_fx::matmul_nbits(x, B, scales, zero_points, K, N, bits, block)` for affine forms
     (int8, int4, bitsandbytes int8), exported as `com.microsoft.MatMulNBits`;
@@ -32,7 +32,7 @@ from ..errors import ExportError
 from ..graph.quant_integer import RUNTIME_NF4, TABLE_DRIFT, IntegerWeight, integer_form
 from ..graph.quantized import (SWAPPED_LAYERS, dequantize_region, find_regions, module_attr, probe_input,
                                region_device, region_function, region_scheme)
-from ..passes import quantized_base  # noqa: F401  (registers lowrank_fx::quantized_linear)
+from ..passes.quantized_base import is_quantized_call
 from ..passes.quantized_fold import drop_unread, erase_dead
 
 def _nibbles(codes: torch.Tensor, high_first: bool) -> torch.Tensor:
@@ -193,7 +193,7 @@ def integer_base(gm: fx.GraphModule) -> list[str]:
     for region in find_regions(gm):
         nodes = {node.name: node for node in gm.graph.nodes}
         output = nodes[region.output]
-        if output.target is not torch.ops.lowrank_fx.quantized_linear.default:
+        if not is_quantized_call(output):
             continue
         function = region_function(gm, region)
         dtype = region.dtype

@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from ..errors import QuantizedBaseError
+from .quant_int4 import int4_opaque_dense
 
 
 def inner_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
@@ -72,13 +73,37 @@ def scheme_name(tensor: torch.Tensor, module_type: str = "") -> str:
     return kind if is_traceable_wrapper_subclass(tensor) else f"{str(tensor.dtype).replace('torch.', '')} packed"
 
 
+# (scheme, device type) -> what its kernel costs there, for `plan` (measured: benchmarks/RESULTS.md)
+SLOW_KERNELS = {
+    ("int4 packed", "cpu"): "torchao has no fast CPU kernel for it (aten._weight_int4pack_mm_for_cpu runs "
+                            "tens of times slower than an fp32 matmul of the same size); a training step "
+                            "over it is far slower than over fp32, int8 or nf4. Use it for its size, or "
+                            "quantize with 'int8' / 'nf4' to train on a CPU",
+}
+
+
+def row_scaled(kind: type, inner: dict[str, torch.Tensor], size) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(q (out, in) integer codes, s (out, 1)) with W = s · q, for torchao's per-row int8 without
+    zero point; None for any other format."""
+    if kind.__name__ != "Int8Tensor" or inner.get("zero_point") is not None or "scale" not in inner:
+        return None
+    scale = inner["scale"]
+    return (inner["qdata"], scale.reshape(-1, 1)) if scale.numel() == size[0] else None
+
+
 def torchao_dense(kind: type, inner: dict[str, torch.Tensor], context, size, stride) -> torch.Tensor | None:
     """The dense weight of a torchao tensor rebuilt from its inner tensors (optional ones may
-    be missing), by the format's own dequantize; None when the format has none."""
+    be missing), by the format's own dequantize (packed int4 on the CPU: its own pack order,
+    graph/quant_int4.py); None when the format has none."""
     names = list(getattr(kind, "tensor_data_names", [])) + list(getattr(kind, "optional_tensor_data_names", []))
     values = {name: inner.get(name) for name in names} if names else inner
     try:
+        factors = row_scaled(kind, values, size)
+        if factors is not None:  # W = s · q, one pass (dequantize_affine takes three)
+            return factors[0].to(factors[1].dtype) * factors[1]
         tensor = kind.__tensor_unflatten__(values, context, size, stride)
+        if kind.__name__ == "Int4OpaqueTensor" and getattr(tensor, "act_mapping_type", None) is None:
+            return int4_opaque_dense(tensor.qdata, tensor.scale_and_zero, tensor.shape, int(tensor.block_size[1]))
         return tensor.get_original_weight() if kind.__name__ == "NF4Tensor" else tensor.dequantize()
     except (KeyError, TypeError, NotImplementedError, RuntimeError, AttributeError):
         return None

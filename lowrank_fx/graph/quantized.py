@@ -33,7 +33,8 @@ import importlib
 import torch
 from torch import fx, nn
 
-from .quant_formats import BnbLinear4bit, BnbLinear8bit, is_quantized, scheme_name, stored_bytes, torchao_dense
+from .quant_formats import (BnbLinear4bit, BnbLinear8bit, is_quantized, row_scaled, scheme_name, stored_bytes,
+                            torchao_dense)
 
 EXAMPLES = "lowrank_fx_examples"  # gm.meta[EXAMPLES]: (args, kwargs) of the capture, detached
 SWAPPED_LAYERS = "lowrank_fx_swapped"  # gm.meta[SWAPPED_LAYERS]: {path: BnbLinear4bit | BnbLinear8bit}
@@ -300,9 +301,11 @@ def region_function(gm: fx.GraphModule, region: Region, weights_as_inputs: bool 
     env: dict[fx.Node, fx.Node] = {}
     activation = nodes[region.activation]
     env[activation] = x = graph.placeholder("x")
+    x.meta["val"] = _val(activation)
     if weights_as_inputs:
         for i, name in enumerate(region.weight_inputs):
             env[nodes[name]] = graph.placeholder(f"w{i}")
+            env[nodes[name]].meta["val"] = _val(nodes[name])
     else:
         _copy_weight_side(gm, region, graph, env)
     shape = list(_val(activation).shape)
@@ -368,7 +371,14 @@ def weight_dequantizer(gm: fx.GraphModule, region: Region):
     tensor = module_attr(gm, root)
     kind, (_, context), size, stride = type(tensor), tensor.__tensor_flatten__(), tensor.shape, tensor.stride()
     positions = inner[root]
-    return lambda weights: torchao_dense(kind, {name: weights[i] for name, i in positions.items()}, context, size, stride)
+
+    def dequantize(weights):
+        return torchao_dense(kind, {name: weights[i] for name, i in positions.items()}, context, size, stride)
+
+    if row_scaled(kind, {name: getattr(tensor, name) for name in positions}, size) is not None:
+        # W = s · q: the backward's dL/dy · W as (dL/dy ⊙ s) · q, no weight-sized product
+        dequantize.row_scaled = lambda weights: row_scaled(kind, {name: weights[i] for name, i in positions.items()}, size)
+    return dequantize
 
 
 def region_device(gm: fx.GraphModule, region: Region) -> torch.device:

@@ -1,24 +1,30 @@
 """Quantized layers at capture: check each base, refuse the ones whose weight or gradient is
-wrong, and make every one a custom op that saves no dense weight.
+wrong, and make every one a layer call that saves no dense weight.
 
 Adapters before a quantized layer learn through that layer's input gradient dL/dx = dL/dy · W.
-Every quantized region (graph/quantized.py) becomes one custom op,
-`lowrank_fx::quantized_linear(x, weights, key, out)`, whose forward runs the region's own nodes.
-Left as they are, those nodes would make autograd keep each layer's dequantized fp32 weight from
-forward to backward (the input of the matmul), as much memory as the fp32 model. The op keeps
-only x and the quantized tensors; its backward (`lowrank_fx::quantized_linear_backward`) is, by
-what the layer's format offers:
+Left as they are, a region's nodes (graph/quantized.py) would make autograd keep each layer's
+dequantized fp32 weight from forward to backward (the input of the matmul), as much memory as
+the fp32 model. Every quantized region becomes one call node, `quantized_linear_call(x, weights,
+key, out)`, marked `node.meta[QUANTIZED_MARK] = key` (passes find it by the mark, not by its
+target). Its forward runs the region's own nodes; it keeps only x and the quantized tensors.
+Eager calls run it as an autograd.Function (`_QuantizedLinear`); under torch.compile and
+torch.export it is the custom op `lowrank_fx::quantized_linear` (backward:
+`lowrank_fx::quantized_linear_backward`), opaque to the compiler, so that no compiler pass can
+keep the dense weight, and one graph serves every shape. The two share their implementations
+(`_forward`, `_input_grad`); only the op pays torch.library's dispatch. The backward is, by what
+the layer's format offers:
 
   - dL/dy · W with W rebuilt by the format's own dequantize (torchao's `dequantize()` on the
-    tensor rebuilt from its inner tensors, a swapped bitsandbytes layer's `dense_weight`): one
-    elementwise pass over the weight. At capture that W is checked against the layer on a few
-    random rows (graph/quant_check.py `dequantize_check`, within the floating-point bound of a
-    dot product); a mismatch raises `QuantizedBaseError` naming the layer.
+    tensor rebuilt from its inner tensors; packed int4 on the CPU, which has none, unpacked in
+    the format's own pack order, graph/quant_int4.py; a swapped bitsandbytes layer's
+    `dense_weight`): one elementwise pass over the weight. At capture that W is checked against
+    the layer on a few random rows (graph/quant_check.py `dequantize_check`, within the
+    floating-point bound of a dot product); a mismatch raises `QuantizedBaseError` naming the layer.
   - without a dequantize: the region recomputed and differentiated (`torch.func.vjp`), after a
     gradient check at capture (`gradient_check`: <dL/dx, v> = <dL/dy, y(v) - y(0)> on random
-    rows); or, where the kernel has no backward (torchao's packed int4 CPU kernel), dL/dy · W with
-    W probed on the identity (y(I) - y(0)): in rows through the layer per step. A black box
-    x -> x Wᵀ gives W only from in independent rows; no fewer rows determine it.
+    rows); or, where the kernel has no backward either, dL/dy · W with W probed on the identity
+    (y(I) - y(0)): in rows through the layer per step. A black box x -> x Wᵀ gives W only from
+    in independent rows; no fewer rows determine it.
 
 Every check at capture costs O(weights) per layer: one call of the layer on a few rows (its own
 dequantize included), the format's dequantize, and x W_dᵀ for those rows. Layers of one kind
@@ -42,12 +48,14 @@ import torch
 from torch import fx
 
 from ..errors import QuantizedBaseError
+from ..graph.quant_int4 import unpack_slow_kernels
 from ..graph.quant_check import ROWS, dequantize_check, gradient_check, random_rows
 from ..graph.quantized import (Region, activation_dtype, dequantize_region, find_regions, region_device, region_function,
                                region_scheme, run_rows, weight_dequantizer, weight_values)
 from ..progress import steps
 
 _WRAPPED: dict[str, tuple[fx.GraphModule, Region, object]] = {}  # key -> (f(x, *weights), region, W(weights) or None)
+QUANTIZED_MARK = "lowrank_fx_quantized"  # node.meta[QUANTIZED_MARK]: the key of a wrapped quantized linear
 
 
 def _wrapped(key: str) -> tuple[fx.GraphModule, Region, object]:
@@ -60,12 +68,33 @@ def _wrapped(key: str) -> tuple[fx.GraphModule, Region, object]:
         ) from None
 
 
+def _forward(x: torch.Tensor, weights, key: str) -> torch.Tensor:
+    """y of a wrapped quantized linear, computed by its own region (autograd off)."""
+    with torch.no_grad():
+        return _wrapped(key)[0].forward(x, *weights)
+
+
+def _input_grad(x: torch.Tensor, grad: torch.Tensor, weights, key: str) -> torch.Tensor:
+    """dL/dx of a wrapped quantized linear: dL/dy · W with W rebuilt from the weights, or the
+    region recomputed and differentiated (module docstring)."""
+    function, _, dense_weight = _wrapped(key)
+    if dense_weight is None:  # autograd is off inside a custom op; torch.func's own transform is not
+        _, pullback = torch.func.vjp(lambda v: function(v, *weights), x)
+        return pullback(grad)[0]
+    factors = getattr(dense_weight, "row_scaled", None)
+    if factors is not None:  # W = s · q (per-row int8): dL/dy · W = (dL/dy ⊙ sᵀ) · q
+        codes, scale = factors(weights)
+        return ((grad * scale.reshape(-1).to(grad.dtype)) @ codes.to(grad.dtype)).to(x.dtype)
+    return (grad @ dense_weight(weights).to(grad.dtype)).to(x.dtype)
+
+
 @torch.library.custom_op("lowrank_fx::quantized_linear", mutates_args=())
 def quantized_linear(x: torch.Tensor, weights: list[torch.Tensor], key: str, out_features: int) -> torch.Tensor:
-    """y of a quantized linear, computed by its own region."""
-    function, _, _ = _wrapped(key)
-    with torch.no_grad():
-        return function(x, *weights).clone()
+    """y of a quantized linear, computed by its own region (compiled calls). An op's output may
+    not share its inputs' storage: copied only where the region returns a view of one."""
+    y = _forward(x, weights, key)
+    shared = {t.untyped_storage().data_ptr() for t in (x, *weights)}
+    return y.clone() if y.untyped_storage().data_ptr() in shared else y
 
 
 @quantized_linear.register_fake
@@ -75,13 +104,8 @@ def _(x, weights, key, out_features):
 
 @torch.library.custom_op("lowrank_fx::quantized_linear_backward", mutates_args=())
 def quantized_linear_backward(x: torch.Tensor, grad: torch.Tensor, weights: list[torch.Tensor], key: str) -> torch.Tensor:
-    """dL/dx of a wrapped quantized linear: dL/dy · W with W rebuilt from the weights, or the
-    region recomputed and differentiated (module docstring)."""
-    function, _, dense_weight = _wrapped(key)
-    if dense_weight is None:  # autograd is off inside a custom op; torch.func's own transform is not
-        _, pullback = torch.func.vjp(lambda v: function(v, *weights), x)
-        return pullback(grad)[0]
-    return (grad @ dense_weight(weights).to(grad.dtype)).to(x.dtype)
+    """dL/dx of a wrapped quantized linear (compiled calls)."""
+    return _input_grad(x, grad, weights, key)
 
 
 @quantized_linear_backward.register_fake
@@ -102,6 +126,37 @@ def _backward(ctx, grad):
 
 
 quantized_linear.register_autograd(_backward, setup_context=_setup)
+
+
+class _QuantizedLinear(torch.autograd.Function):
+    """The op's forward and backward without its dispatch, for eager calls: the same saved
+    tensors (x and the quantized ones), the same implementations."""
+
+    @staticmethod
+    def forward(ctx, x, key, *weights):
+        ctx.save_for_backward(x, *weights)
+        ctx.key = key
+        return _forward(x, weights, key)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, *weights = ctx.saved_tensors
+        found = _input_grad(x, grad, weights, ctx.key) if ctx.needs_input_grad[0] else None
+        return (found, None) + (None,) * len(weights)
+
+
+def quantized_linear_call(x: torch.Tensor, weights: list[torch.Tensor], key: str, out_features: int) -> torch.Tensor:
+    """A wrapped quantized linear, as the graph calls it: the custom op under torch.compile and
+    torch.export (opaque to them: no dense weight kept, one graph), else `_QuantizedLinear`,
+    which spares eager calls the op's Python dispatch (0.2-0.4 ms a call)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.lowrank_fx.quantized_linear.default(x, weights, key, out_features)
+    return _QuantizedLinear.apply(x, key, *weights)
+
+
+def is_quantized_call(node: fx.Node) -> bool:
+    """Whether `node` is a wrapped quantized linear (found by its marker, whatever its target)."""
+    return node.op == "call_function" and QUANTIZED_MARK in node.meta
 
 
 def _dense(dequantizer, region: Region, weights: list[torch.Tensor]):
@@ -188,17 +243,36 @@ def _kind(gm: fx.GraphModule, nodes: dict[str, fx.Node], region: Region, weights
             tuple((type(w).__qualname__, tuple(w.shape), str(w.dtype)) for w in weights))
 
 
+def _lean(function: fx.GraphModule) -> fx.GraphModule:
+    """`function` without the nodes that compute nothing (export's dtype assertions on values
+    the capture already fixed, and casts to the dtype a value has: each costs a Python call per
+    layer per step), and with torchao's packed int4 CPU kernel replaced by its unpacked weight
+    and a dense product (graph/quant_int4.py): the same W, checked at capture, 15-50x faster."""
+    for node in list(function.graph.nodes):
+        if node.target is torch.ops.aten._assert_tensor_metadata.default and not node.users:
+            function.graph.erase_node(node)
+        elif node.target is torch.ops.aten.to.dtype and len(node.args) == 2 and not node.kwargs:
+            source, value = node.args[0].meta.get("val"), node.meta.get("val")
+            if isinstance(source, torch.Tensor) and isinstance(value, torch.Tensor) and source.dtype == node.args[1]:
+                node.replace_all_uses_with(node.args[0])
+                function.graph.erase_node(node)
+    unpack_slow_kernels(function.graph)
+    function.recompile()
+    return function
+
+
 def _wrap(gm: fx.GraphModule, region: Region, function: fx.GraphModule, dense_weight) -> None:
     """Replace the region by one `quantized_linear` call running `function` (f(x, *weights))."""
+    function = _lean(function)
     nodes = {n.name: n for n in gm.graph.nodes}
     key = f"{region.path}#{uuid.uuid4().hex[:12]}"
     _WRAPPED[key] = (function, region, dense_weight)
     output = nodes[region.output]
     weights = [nodes[name] for name in region.weight_inputs]
     with gm.graph.inserting_before(output):
-        call = gm.graph.call_function(torch.ops.lowrank_fx.quantized_linear.default,
-                                      (nodes[region.activation], weights, key, region.out_features))
+        call = gm.graph.call_function(quantized_linear_call, (nodes[region.activation], weights, key, region.out_features))
     call.meta.update({k: v for k, v in output.meta.items() if k in ("val", "nn_module_stack", "stack_trace", "source_fn_stack")})
+    call.meta[QUANTIZED_MARK] = key
     output.replace_all_uses_with(call)
     for name in reversed(region.nodes):
         node = nodes[name]
