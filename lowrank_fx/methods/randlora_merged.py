@@ -38,9 +38,11 @@ from .randlora_ops import diagonal_grads
 
 
 def merged_weight(W: torch.Tensor, Bc: torch.Tensor, S: torch.Tensor, gate: torch.Tensor, tall: bool) -> torch.Tensor:
-    """W + g·ΔW (out, in) in S's dtype, ΔW = Bc S (tall) or (Bc S)ᵀ (wide)."""
-    P = Bc @ S  # (D, d)
-    return W.to(S.dtype) + gate.to(S.dtype) * (P if tall else P.t())
+    """W + g·ΔW (out, in) in S's dtype, ΔW = Bc S (tall) or (Bc S)ᵀ (wide): one addmm, g scaling
+    the small factor S (R, d), not a (D, d) product."""
+    gated = gate.to(S.dtype) * S
+    W = W.to(S.dtype)
+    return torch.addmm(W, Bc, gated) if tall else torch.addmm(W, gated.t(), Bc.t())
 
 
 def linear_forward(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor], lam_s: torch.Tensor,
@@ -71,13 +73,15 @@ def _(x, W, b, lam_s, gamma, basis_A, basis_B, gate, big, tall, form, compute):
 def linear_backward(grad: torch.Tensor, x: torch.Tensor, W: torch.Tensor, lam_s: torch.Tensor, gamma: torch.Tensor,
                     basis_A: torch.Tensor, basis_B: torch.Tensor, gate: torch.Tensor, big: int, tall: bool,
                     form: str, compute: torch.dtype, input_grad: bool, bias_grad: bool) -> list[torch.Tensor]:
-    """[d(s·λ), dγ], then dx when `input_grad`, then db when `bias_grad`, for grad = dL/dy' (..., out)."""
+    """[dŜ (R, d) in s·λ's dtype], then dx when `input_grad`, then db when `bias_grad`, for
+    grad = dL/dy' (..., out). dλ and dγ follow from dŜ outside the op (`_gradients`), where a
+    compiler fuses their element-wise work into the graph."""
     x2, g2 = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
     costs = forms.merged_costs(x2.shape[0], big, gamma.shape[1], lam_s.numel(), tall, backward=True,
                                input_grad=input_grad)
     merged = forms.use_dense(form, costs)
     with torch.autocast(x.device.type, enabled=False):
-        A, Bc, S = _operands(lam_s, gamma, basis_A, basis_B, big, compute, backward=True)
+        _, Bc, S = _operands(lam_s, gamma, basis_A, basis_B, big, compute, backward=True)
         gc, xc, gate_c = g2.to(compute), x2.to(compute), gate.to(compute)
         # dL/dΔy = g·dy, and dŜ and Δy's dx are linear in it: the dense form's dŜ = Bcᵀ dP when merged,
         # the factored form's dŜ (and its dx) when not, taken for dy and scaled by g after
@@ -85,7 +89,7 @@ def linear_backward(grad: torch.Tensor, x: torch.Tensor, W: torch.Tensor, lam_s:
         if input_grad:
             grad_x = (gc @ merged_weight(W, Bc, S, gate, tall) if merged
                       else torch.addcmul(gc @ W.to(compute), grad_x, gate_c))
-        grads = list(diagonal_grads((grad_S * gate_c).to(lam_s.dtype), A, lam_s, gamma))
+        grads = [(grad_S * gate_c).to(lam_s.dtype).contiguous()]
     if input_grad:
         grads.append(grad_x.to(x.dtype).reshape(x.shape))
     return grads + ([g2.sum(0)] if bias_grad else [])
@@ -96,7 +100,7 @@ _backward_op = torch.library.custom_op("lowrank_fx::randlora_linear_backward", l
 
 @_backward_op.register_fake
 def _(grad, x, W, lam_s, gamma, basis_A, basis_B, gate, big, tall, form, compute, input_grad, bias_grad):
-    return ([lam_s.new_empty(lam_s.shape), gamma.new_empty(gamma.shape)] + ([x.new_empty(x.shape)] if input_grad else [])
+    return ([gamma.new_empty((lam_s.shape[0] * lam_s.shape[1], gamma.shape[1]))] + ([x.new_empty(x.shape)] if input_grad else [])
             + ([grad.new_empty(grad.shape[-1:])] if bias_grad else []))
 
 
@@ -108,10 +112,13 @@ def _setup(ctx, inputs, output=None):
 
 def _gradients(ctx, grad, backward=torch.ops.lowrank_fx.randlora_linear_backward):
     input_grad, bias_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-    grads = backward(grad, *ctx.saved_tensors, *ctx.options, input_grad, bias_grad)
-    grad_x = grads[2] if input_grad else None
+    x, W, lam_s, gamma, basis_A, basis_B, gate = ctx.saved_tensors
+    grads = backward(grad, x, W, lam_s, gamma, basis_A, basis_B, gate, *ctx.options, input_grad, bias_grad)
+    rank, n = lam_s.shape
+    grad_lam, grad_gamma = diagonal_grads(grads[0], basis_A[:rank, :gamma.shape[1]], lam_s, gamma)
+    grad_x = grads[1] if input_grad else None
     grad_b = grads[-1] if bias_grad else None
-    return grad_x, None, grad_b, grads[0], grads[1], None, None, None, None, None, None, None
+    return grad_x, None, grad_b, grad_lam, grad_gamma, None, None, None, None, None, None, None
 
 
 _linear_op.register_autograd(_gradients, setup_context=_setup)
