@@ -103,7 +103,8 @@ _backward_op = torch.library.custom_op("lowrank_fx::randlora_linear_grads", line
 
 @_backward_op.register_fake
 def _(grad, x, W, lam_s, gamma, basis_A, basis_B, gate, big, tall, form, compute, input_grad, bias_grad):
-    return ([gamma.new_empty((lam_s.shape[0] * lam_s.shape[1], gamma.shape[1]))] + ([x.new_empty(x.shape)] if input_grad else [])
+    grad_scaled = gamma.new_empty((lam_s.shape[0] * lam_s.shape[1], gamma.shape[1]))  # dŜ (R, d)
+    return ([grad_scaled] + ([x.new_empty(x.shape)] if input_grad else [])
             + ([grad.new_empty(grad.shape[-1:])] if bias_grad else []))
 
 
@@ -117,8 +118,8 @@ def _gradients(ctx, grad, backward=torch.ops.lowrank_fx.randlora_linear_grads):
     input_grad, bias_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
     x, W, lam_s, gamma, basis_A, basis_B, gate = ctx.saved_tensors
     grads = backward(grad, x, W, lam_s, gamma, basis_A, basis_B, gate, *ctx.options, input_grad, bias_grad)
-    rank, n = lam_s.shape
-    grad_lam, grad_gamma = diagonal_grads(grads[0], basis_A[:rank, :gamma.shape[1]], lam_s, gamma)
+    A = basis_A[:lam_s.shape[0], :gamma.shape[1]]  # (r, d)
+    grad_lam, grad_gamma = diagonal_grads(grads[0], A, lam_s, gamma)
     grad_x = grads[1] if input_grad else None
     grad_b = grads[-1] if bias_grad else None
     return grad_x, None, grad_b, grad_lam, grad_gamma, None, None, None, None, None, None, None
