@@ -88,8 +88,16 @@ def _input_grad(x: torch.Tensor, grad: torch.Tensor, weights, key: str) -> torch
     return (grad @ dense_weight(weights).to(grad.dtype)).to(x.dtype)
 
 
-@torch.library.custom_op("lowrank_fx::quantized_linear", mutates_args=())
-def quantized_linear(x: torch.Tensor, weights: list[torch.Tensor], key: str, out_features: int) -> torch.Tensor:
+# The ops are defined on a bare `torch.library.Library` (schema, one kernel for every device, a
+# fake kernel, an Autograd kernel) rather than by `torch.library.custom_op`, whose wrappers cost
+# more per call: measured on the CPU, a forward call with grad off 10 µs against 14 µs, a
+# backward call about 15 µs less (28 layers, forward and backward, per step).
+_LIBRARY = torch.library.Library("lowrank_fx", "FRAGMENT")
+_LIBRARY.define("quantized_linear(Tensor x, Tensor[] weights, str key, SymInt out_features) -> Tensor")
+_LIBRARY.define("quantized_linear_backward(Tensor x, Tensor grad, Tensor[] weights, str key) -> Tensor")
+
+
+def _linear_kernel(x: torch.Tensor, weights: list[torch.Tensor], key: str, out_features: int) -> torch.Tensor:
     """y of a quantized linear, computed by its own region (compiled calls). An op's output may
     not share its inputs' storage: copied only where the region returns a view of one."""
     y = _forward(x, weights, key)
@@ -97,35 +105,54 @@ def quantized_linear(x: torch.Tensor, weights: list[torch.Tensor], key: str, out
     return y.clone() if y.untyped_storage().data_ptr() in shared else y
 
 
-@quantized_linear.register_fake
-def _(x, weights, key, out_features):
-    return x.new_empty((*x.shape[:-1], out_features))
-
-
-@torch.library.custom_op("lowrank_fx::quantized_linear_backward", mutates_args=())
-def quantized_linear_backward(x: torch.Tensor, grad: torch.Tensor, weights: list[torch.Tensor], key: str) -> torch.Tensor:
+def _linear_backward_kernel(x: torch.Tensor, grad: torch.Tensor, weights: list[torch.Tensor], key: str) -> torch.Tensor:
     """dL/dx of a wrapped quantized linear (compiled calls)."""
     return _input_grad(x, grad, weights, key)
 
 
-@quantized_linear_backward.register_fake
+class _QuantizedLinearOp(torch.autograd.Function):
+    """The op's Autograd kernel: saves x and the quantized tensors, runs the op below autograd,
+    and differentiates by `quantized_linear_backward`."""
+
+    @staticmethod
+    def forward(ctx, x, key, out_features, *weights):
+        ctx.save_for_backward(x, *weights)
+        ctx.key = key
+        with torch._C._AutoDispatchBelowAutograd():
+            return torch.ops.lowrank_fx.quantized_linear.default(x, list(weights), key, out_features)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, *weights = ctx.saved_tensors
+        found = torch.ops.lowrank_fx.quantized_linear_backward.default(x, grad.contiguous(), weights, ctx.key) \
+            if ctx.needs_input_grad[0] else None
+        return (found, None, None) + (None,) * len(weights)
+
+
+_LIBRARY.impl("quantized_linear", _linear_kernel, "CompositeExplicitAutograd")
+_LIBRARY.impl("quantized_linear_backward", _linear_backward_kernel, "CompositeExplicitAutograd")
+
+
+def _linear_autograd(x: torch.Tensor, weights: list[torch.Tensor], key: str, out_features: int) -> torch.Tensor:
+    """The op at its Autograd key: through `_QuantizedLinearOp` only where a gradient is taken;
+    a compiled graph's runtime calls (grad mode off) go straight below autograd."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _QuantizedLinearOp.apply(x, key, out_features, *weights)
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.lowrank_fx.quantized_linear.default(x, weights, key, out_features)
+
+
+_LIBRARY.impl("quantized_linear", _linear_autograd, "Autograd")
+
+
+@torch.library.register_fake("lowrank_fx::quantized_linear", lib=_LIBRARY)
+def _(x, weights, key, out_features):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.register_fake("lowrank_fx::quantized_linear_backward", lib=_LIBRARY)
 def _(x, grad, weights, key):
     return torch.empty_like(x)
-
-
-def _setup(ctx, inputs, output):
-    x, weights, key, out_features = inputs
-    ctx.save_for_backward(x, *weights)
-    ctx.key, ctx.count = key, len(weights)
-
-
-def _backward(ctx, grad):
-    x, *weights = ctx.saved_tensors
-    found = torch.ops.lowrank_fx.quantized_linear_backward(x, grad.contiguous(), list(weights), ctx.key)
-    return found, [None] * ctx.count, None, None
-
-
-quantized_linear.register_autograd(_backward, setup_context=_setup)
 
 
 class _QuantizedLinear(torch.autograd.Function):
