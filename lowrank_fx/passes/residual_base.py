@@ -42,12 +42,18 @@ def check_untied(gm: fx.GraphModule, names: list[str], targets: dict[str, Target
                 f"{name} from this spec or give it its own LoRA with init='default' (a mixed spec)")
 
 
-def write_residuals(gm: fx.GraphModule, adapter: str, units: dict[str, nn.Module], targets: dict[str, Target]) -> None:
-    """Give each target whose unit holds a residual (`unit.residual`, the weight as the graph stores
-    it) a new frozen parameter with it, under every name of the old weight in `gm`."""
+def _paths_by_tensor(gm: fx.GraphModule) -> dict[int, list[str]]:
+    """Every name `gm` holds each parameter by (a tied weight has several), keyed by id."""
     names_of: dict[int, list[str]] = {}
     for path, param in gm.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(param), []).append(path)
+    return names_of
+
+
+def write_residuals(gm: fx.GraphModule, adapter: str, units: dict[str, nn.Module], targets: dict[str, Target]) -> None:
+    """Give each target whose unit holds a residual (`unit.residual`, the weight as the graph stores
+    it) a new frozen parameter with it, under every name of the old weight in `gm`."""
+    names_of = _paths_by_tensor(gm)
     for name, unit in units.items():
         value = getattr(unit, "residual", None)
         if value is None:
@@ -94,9 +100,7 @@ def share_residuals(graph: fx.GraphModule, source: fx.GraphModule, targets: list
     """Point `graph`'s weights of the `targets` whose unit (of `source`) changed the base at
     `source`'s own tensors (the residuals), under every name `graph` holds them by: a graph that
     shares `source`'s adapter modules (generation's decode graph) must run on the same base."""
-    names_of: dict[int, list[str]] = {}
-    for path, param in graph.named_parameters(remove_duplicate=False):
-        names_of.setdefault(id(param), []).append(path)
+    names_of = _paths_by_tensor(graph)
     for target in targets:
         if not changes_base(getattr(units[target], "init", "default")):
             continue
