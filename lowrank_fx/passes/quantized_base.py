@@ -105,11 +105,6 @@ def _linear_kernel(x: torch.Tensor, weights: list[torch.Tensor], key: str, out_f
     return y.clone() if y.untyped_storage().data_ptr() in shared else y
 
 
-def _linear_backward_kernel(x: torch.Tensor, grad: torch.Tensor, weights: list[torch.Tensor], key: str) -> torch.Tensor:
-    """dL/dx of a wrapped quantized linear (compiled calls)."""
-    return _input_grad(x, grad, weights, key)
-
-
 class _QuantizedLinearOp(torch.autograd.Function):
     """The op's Autograd kernel: saves x and the quantized tensors, runs the op below autograd,
     and differentiates by `quantized_linear_backward`."""
@@ -130,7 +125,7 @@ class _QuantizedLinearOp(torch.autograd.Function):
 
 
 _LIBRARY.impl("quantized_linear", _linear_kernel, "CompositeExplicitAutograd")
-_LIBRARY.impl("quantized_linear_backward", _linear_backward_kernel, "CompositeExplicitAutograd")
+_LIBRARY.impl("quantized_linear_backward", _input_grad, "CompositeExplicitAutograd")
 
 
 def _linear_autograd(x: torch.Tensor, weights: list[torch.Tensor], key: str, out_features: int) -> torch.Tensor:
