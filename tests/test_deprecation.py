@@ -29,7 +29,7 @@ def test_old_keyword_is_renamed():
 
 
 def test_conflicts_and_too_many_arguments_are_refused():
-    with pytest.raises(TypeError, match="both 'c' positionally and as a keyword"):
+    with pytest.raises(TypeError, match="got 'c' both positionally and as a keyword"):
         _target(1, 2, 7, c=9)
     with pytest.raises(TypeError, match="both model= .* and model_path="):
         _target(1, 2, model="a", model_path="b")
