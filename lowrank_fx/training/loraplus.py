@@ -66,7 +66,8 @@ def loraplus_param_groups(gm: fx.GraphModule, lr: float, ratio: float = 16.0,
 def loraplus_optimizer(gm: fx.GraphModule, lr: float, ratio: float = 16.0,
                        optimizer_cls=torch.optim.AdamW, weight_decay: float = 0.0, **kwargs):
     """`optimizer_cls` over `loraplus_param_groups(gm, lr, ratio, weight_decay)`; kwargs go to it."""
-    return make_optimizer(optimizer_cls, loraplus_param_groups(gm, lr, ratio, weight_decay), lr, kwargs)
+    groups = loraplus_param_groups(gm, lr, ratio=ratio, weight_decay=weight_decay)
+    return make_optimizer(optimizer_cls, groups, lr, kwargs)
 
 
 def make_optimizer(optimizer_cls, groups: list[dict], lr: float, kwargs: dict) -> torch.optim.Optimizer:

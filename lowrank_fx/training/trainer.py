@@ -186,7 +186,7 @@ class Trainer:
         self.sharded = _check_distributed(distributed) == "fsdp"
         if self.sharded:
             shard_layers(gm)  # before the optimizer: FSDP2 makes the parameters DTensors
-        groups = loraplus_param_groups(gm, lr, loraplus_ratio, weight_decay)
+        groups = loraplus_param_groups(gm, lr, ratio=loraplus_ratio, weight_decay=weight_decay)
         for group in groups:
             group["lfx_base_lr"] = group["lr"]
         self.optimizer = make_optimizer(optimizer_cls, groups, lr, optimizer_kwargs)
