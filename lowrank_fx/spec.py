@@ -70,7 +70,21 @@ def _patterns(option: str, value) -> tuple[str, ...]:
 
 @options
 class Spec:
-    """What to adapt. `Spec(targets=["*.q_proj", "*.v_proj"], method=LoRA(rank=8))`."""
+    """What to adapt. `Spec(targets=["*.q_proj", "*.v_proj"], method=LoRA(rank=8))`.
+
+    Args:
+        targets: a pattern, a list of patterns sharing `method`, or a dict {pattern: method}
+            for mixed specs (the first matching pattern wins); patterns are globs, "re:<regex>"
+            or "all-linear" (module docstring). Default "all-linear".
+        method: the method of a pattern list (default `LoRA()`); None with a dict.
+        exclude: patterns whose targets are left out.
+        train: module or parameter patterns the adapter trains in full, as copies of its own
+            (PEFT's `modules_to_save`); their weights are then no targets.
+
+    Raises:
+        SpecError: a bad pattern, a method that is not a `Method`, `method` given with a dict,
+            or no targets and nothing to train.
+    """
 
     targets: Union[str, Sequence[str], Mapping[str, Method]] = ALL_LINEAR
     method: Method | None = None
@@ -112,6 +126,11 @@ class Spec:
             _compile(pattern)
 
     def rules(self) -> list[tuple[str, Method]]:
+        """The spec as (pattern, method) pairs, in order.
+
+        Returns:
+            One pair per target pattern.
+        """
         if isinstance(self.targets, Mapping):
             return list(self.targets.items())
         return [(p, self.method) for p in self.targets]
@@ -119,8 +138,16 @@ class Spec:
     def assign(self, names: Sequence[str], heads: set[str]) -> dict[str, Method]:
         """Map each matched target name to its method, in graph order.
 
-        `heads` are the names that "all-linear" leaves out (vocabulary-sized output heads).
-        Raises SpecError naming the nearest target names when a pattern matches nothing.
+        Args:
+            names: every target name of the graph, in graph order.
+            heads: the names that "all-linear" leaves out (vocabulary-sized output heads).
+
+        Returns:
+            {target name: method} for the matched targets that are not excluded.
+
+        Raises:
+            SpecError: a pattern matches nothing (naming the nearest target names), or every
+                match is excluded.
         """
         excluded = [_compile(p) for p in self.exclude]
         chosen: dict[str, Method] = {}
