@@ -13,6 +13,10 @@ only d and b, folding (lfx.merge equals the adapted graph), and an adapter file 
 from __future__ import annotations
 
 import dataclasses
+import re
+import sys
+import types
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -147,3 +151,19 @@ def test_adapter_file_round_trip(tmp_path):
     with torch.no_grad():
         assert torch.allclose(loaded(x), gm(x), atol=1e-6)
     assert loaded.lowrank_fx.default.vera.unit("fc1").vera_b.requires_grad
+
+
+def test_the_write_a_method_page_runs(tmp_path, monkeypatch):
+    """docs/write_a_method.md's code blocks, run in order as one script (its asserts included)."""
+    page = Path(__file__).resolve().parents[1] / "docs" / "write_a_method.md"
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.DOTALL)
+    assert len(blocks) == 2
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    module = types.ModuleType("write_a_method")  # dataclasses look their module up in sys.modules
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    exec(compile("\n".join(blocks), str(page), "exec"), module.__dict__)  # noqa: S102 - the page's own code
+    gm = module.gm
+    assert (tmp_path / "vera.safetensors").is_file()
+    group = gm.lowrank_fx.default.vera
+    assert not torch.equal(group.unit("2").vera_b, torch.zeros(4))  # trained: b moved off 0
