@@ -103,6 +103,9 @@ def rewrite(model: nn.Module, spec: Spec, *, example_inputs: tuple[Any, ...] | N
     it is unchanged if anything fails. A structured graph keeps its blocks when another
     adapter is added.
 
+    Targets in vision layers a LLaVA-shaped model never feeds its language model (those after
+    config.vision_feature_layer) are adapted with a warning (vision_features.py).
+
     Args:
         model: the model (an `nn.Module`), or a graph from an earlier `rewrite` to add a second
             adapter to.
@@ -148,9 +151,6 @@ def rewrite(model: nn.Module, spec: Spec, *, example_inputs: tuple[Any, ...] | N
             nothing, or an adapter name the graph already has.
         TargetError: a pattern names a weight that is not linear-like (a norm, a bias).
         QuantizedBaseError: a quantized layer whose format cannot be trained over.
-
-    Targets in vision layers a LLaVA-shaped model never feeds its language model (those after
-    config.vision_feature_layer) are adapted with a warning (vision_features.py).
     """
     check_adapter_name(adapter)
     _require_spec(spec)
