@@ -65,9 +65,9 @@ def active_adapters(gm: fx.GraphModule) -> list[str]:
 
 
 def set_active_adapters(gm: fx.GraphModule, adapters: str | Sequence[str] | None) -> None:
-    """Make exactly `adapters` active (gate 1.0) and every other adapter inactive (0.0), in place.
+    """Make exactly `adapters` active (gate 1.0) and every other adapter inactive (0.0).
 
-    Only buffer values change, in place: a compiled graph is not recompiled. Which parameters
+    Only the gates' buffer values change, in place: a compiled graph is not recompiled. Which parameters
     train is separate: set `requires_grad` yourself (an inactive adapter gets zero gradients).
 
     Args:
