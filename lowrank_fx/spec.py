@@ -22,6 +22,7 @@ adapter that only trains those modules.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import re
 from typing import Mapping, Sequence, Union
@@ -115,6 +116,7 @@ class Spec:
                     f"the method for {pattern!r} is {type(method).__name__}, not a method; "
                     "use lfx.LoRA(...), lfx.LoRTA(...) or lfx.RandLoRA(...)"
                 )
+            _check_method_class(type(method))
         for pattern in self.exclude:
             if pattern == ALL_LINEAR:
                 raise SpecError("Spec.exclude takes target patterns ('lm_head', 're:...'), not 'all-linear', "
@@ -166,6 +168,15 @@ class Spec:
                 "narrow Spec.exclude or add target patterns"
             )
         return {n: chosen[n] for n in names if n in chosen}
+
+
+def _check_method_class(cls: type) -> None:
+    """SpecError unless a Method class is a frozen dataclass (hashed, and stored by its fields) with a `kind`."""
+    frozen = dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen
+    if not frozen or not isinstance(getattr(cls, "kind", None), str):
+        raise SpecError(f"{cls.__name__} is an lfx.Method, but a method must be a frozen dataclass with a class "
+                        "attribute kind (a name of its own): decorate it with @dataclasses.dataclass(frozen=True) "
+                        "and set kind = '<name>' (docs/write_a_method.md)")
 
 
 def _no_match_message(pattern: str, names: Sequence[str]) -> str:

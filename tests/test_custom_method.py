@@ -18,6 +18,7 @@ import sys
 import types
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -151,6 +152,24 @@ def test_adapter_file_round_trip(tmp_path):
     with torch.no_grad():
         assert torch.allclose(loaded(x), gm(x), atol=1e-6)
     assert loaded.lowrank_fx.default.vera.unit("fc1").vera_b.requires_grad
+
+
+def test_a_method_that_is_not_a_frozen_dataclass_is_refused():
+    class Loose(lfx.Method):
+        kind = "loose_test"
+
+    @dataclasses.dataclass
+    class Mutable(lfx.Method):
+        kind = "mutable_test"
+
+    @dataclasses.dataclass(frozen=True)
+    class Nameless(lfx.Method):
+        rank: int = 1
+
+    for method in (Loose(), Mutable(), Nameless()):
+        with pytest.raises(lfx.SpecError, match=f"{type(method).__name__} is an lfx.Method, but a method must be "
+                                                "a frozen dataclass with a class attribute kind"):
+            lfx.Spec(targets=["fc1"], method=method)
 
 
 def test_the_write_a_method_page_runs(tmp_path, monkeypatch):

@@ -93,7 +93,8 @@ class Unit(nn.Module):
         Returns:
             Δy (..., out) = x ΔWᵀ.
         """
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement linear_update(x, *shared) -> Δy "
+                                  "(docs/write_a_method.md)")
 
     def delta_weight(self, *shared: torch.Tensor) -> torch.Tensor:
         """The update as a matrix, for folding; a subclass implements it.
@@ -105,7 +106,8 @@ class Unit(nn.Module):
         Returns:
             ΔW (out, in), computed in fp32.
         """
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement delta_weight(*shared) -> ΔW (out, in) "
+                                  "(docs/write_a_method.md)")
 
     def delta_bias(self) -> torch.Tensor | None:
         """The update of the base bias, if the method has one.
@@ -251,7 +253,8 @@ class Method:
         Returns:
             {group name: AdapterGroup}; every target is in exactly one group.
         """
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement build(targets) -> "
+                                  "{group name: AdapterGroup} (docs/write_a_method.md)")
 
     def for_graph(self, gm: nn.Module) -> "Method":
         """This method with options that depend on the model filled in (LoRTA's head_dim).
