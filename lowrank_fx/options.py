@@ -9,44 +9,51 @@ import inspect
 import math
 import numbers
 import warnings
+from typing import Any, TypeVar
+
+from typing_extensions import dataclass_transform
 
 from .deprecation import LowRankFxDeprecationWarning
 from .errors import SpecError, nearest
 
 POSITIONAL = 2  # `LoRA(8, 16.0)`; the options after these are keyword-only
 
+_Cls = TypeVar("_Cls", bound=type)
 
-def options(cls):
+
+@dataclass_transform(frozen_default=True)
+def options(cls: _Cls) -> _Cls:
     """Make `cls` a frozen dataclass; `cls(rnak=8)` raises SpecError naming the known options.
 
     The first two fields may be given by position, the others by keyword only (the signature
     says so); a third positional value still works for one release, with a
     LowRankFxDeprecationWarning naming the keyword.
     """
-    cls = dataclasses.dataclass(frozen=True)(cls)
-    init = cls.__init__
-    known = [f.name for f in dataclasses.fields(cls)]
+    made: Any = dataclasses.dataclass(frozen=True)(cls)  # the same class, now a dataclass
+    init = made.__init__
+    known = [f.name for f in dataclasses.fields(made)]
 
     @functools.wraps(init)
     def checked_init(self, *args, **kwargs):
         if len(args) > POSITIONAL:
-            args = _old_positional(cls.__name__, known, args, kwargs)
+            args = _old_positional(made.__name__, known, args, kwargs)
         for key in kwargs:
             if key not in known:
                 hint = nearest(key, known, n=1)
                 raise SpecError(
-                    f"{cls.__name__} got an unknown option {key!r}"
+                    f"{made.__name__} got an unknown option {key!r}"
                     + (f"; did you mean {hint[0]!r}?" if hint else "")
                     + f" Known options: {', '.join(known)}."
                 )
         init(self, *args, **kwargs)
 
     signature = inspect.signature(init)
-    checked_init.__signature__ = signature.replace(parameters=[
+    # inspect.signature reads __signature__, which function objects do not declare
+    checked_init.__signature__ = signature.replace(parameters=[  # type: ignore[attr-defined]
         p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if i > POSITIONAL else p  # 0 is self
         for i, p in enumerate(signature.parameters.values())])
-    cls.__init__ = checked_init
-    return cls
+    made.__init__ = checked_init
+    return made
 
 
 def _old_positional(owner: str, known: list[str], args: tuple, kwargs: dict) -> tuple:
@@ -75,7 +82,7 @@ def integer(owner: str, name: str, value, low: int = 1, high: int | None = None)
     """`value` as an int in [low, high]; SpecError naming the option otherwise (floats, strings and
     bools are refused, not rounded or parsed)."""
     top = math.inf if high is None else high
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and low <= value <= top:
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and low <= int(value) <= top:
         return int(value)
     if high is None:
         valid = "a positive integer" if low == 1 else f"an integer >= {low}"

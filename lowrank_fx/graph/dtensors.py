@@ -8,12 +8,16 @@ shard with the slot's own mesh and placements.
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING, TypeGuard
 
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
-def is_dtensor(value) -> bool:
+
+def is_dtensor(value) -> TypeGuard[DTensor]:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # a torch build without torch.distributed
@@ -51,9 +55,8 @@ def whole(root: nn.Module):
     for module in root.modules():
         for name, param in list(module._parameters.items()):
             if param is not None and is_dtensor(param):
-                full = nn.Parameter(param.full_tensor().detach(), requires_grad=param.requires_grad)
-                module._parameters[name] = full
-                swapped.append((module, name, param))
+                swapped.append((module, name, module._parameters[name]))
+                module._parameters[name] = nn.Parameter(param.full_tensor().detach(), requires_grad=param.requires_grad)
     try:
         yield bool(swapped)
     finally:

@@ -22,6 +22,8 @@ import dataclasses
 import torch
 from torch import fx
 
+from .fx_args import target_name
+
 aten = torch.ops.aten
 
 _CASTS = {aten._to_copy.default, aten.to.dtype, aten.alias.default, aten.detach.default, aten.clone.default,
@@ -73,7 +75,7 @@ def _stack(node, gm: fx.GraphModule) -> fx.Node | None:
     if not (isinstance(node, fx.Node) and node.op == "get_attr"):
         return None
     try:
-        tensor = gm.get_parameter(node.target)
+        tensor = gm.get_parameter(target_name(node))
     except AttributeError:
         return None
     return node if tensor.dim() == 3 else None
@@ -89,7 +91,7 @@ def _indexed_stack(node, gm: fx.GraphModule) -> tuple[fx.Node, fx.Node] | None:
     if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is aten.index.Tensor):
         return None
     indices = node.args[1]
-    if len(indices) != 1 or not isinstance(indices[0], fx.Node):
+    if not isinstance(indices, (list, tuple)) or len(indices) != 1 or not isinstance(indices[0], fx.Node):
         return None
     stack = _stack(node.args[0], gm)
     return (stack, indices[0]) if stack is not None else None

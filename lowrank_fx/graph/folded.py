@@ -38,7 +38,8 @@ def fingerprint(tensors: dict[str, torch.Tensor]) -> str | None:
             return None
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{key}|{tensor.dtype}|{list(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        # an ndarray is a buffer (no copy); numpy's stubs do not say so for Python 3.10
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
     return "sha256:" + digest.hexdigest()
 
 
@@ -90,6 +91,7 @@ class GroupMarks:
         for _, group in parts:
             if id(group) not in self._prints:
                 self._prints[id(group)] = fingerprint(group.state_dict())
-            if self._prints[id(group)] is not None:
-                marks[self._prints[id(group)]] = self._adapter.get(id(group), "?")
+            mark = self._prints[id(group)]
+            if mark is not None:
+                marks[mark] = self._adapter.get(id(group), "?")
         return marks

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import fx, nn
 
+from .fx_args import target_name
 from .mode_modules import ModeDropout
 from .record import KEY, Record
 from .targets import Target, weight_source
@@ -70,12 +71,12 @@ _PASS_MODULES = (ModeDropout, nn.Dropout, nn.Identity, nn.Flatten, nn.Tanh, nn.R
 
 def _embedding_tables(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
     """The weights that aten.embedding looks rows up in, by name."""
-    tables = {}
+    tables: dict[str, torch.Tensor] = {}
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is aten.embedding.default:
             source = weight_source(node.args[0])
             if source is not None:
-                tables[source[0].target] = gm.get_parameter(source[0].target)
+                tables[target_name(source[0])] = gm.get_parameter(target_name(source[0]))
     return tables
 
 
@@ -136,7 +137,7 @@ def _passes_through(gm: fx.GraphModule, node: fx.Node, value: fx.Node) -> bool:
         return node.target in _PASS_METHODS or (node.target in ("mul", "div", "__mul__", "__truediv__")
                                                 and constant_other)
     if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), _PASS_MODULES)
+        return isinstance(gm.get_submodule(target_name(node)), _PASS_MODULES)
     return False
 
 

@@ -32,7 +32,7 @@ class ModeDropout(nn.Module):
 class ModeBatchNorm(nn.Module):
     """Batch statistics (updating the running ones) while training, running statistics in eval."""
 
-    def __init__(self, momentum: float | None, eps: float):
+    def __init__(self, momentum: float, eps: float):
         super().__init__()
         self.momentum = momentum
         self.eps = eps

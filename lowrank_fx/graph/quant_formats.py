@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -91,12 +92,12 @@ def row_scaled(kind: type, inner: dict[str, torch.Tensor], size) -> tuple[torch.
     return (inner["qdata"], scale.reshape(-1, 1)) if scale.numel() == size[0] else None
 
 
-def torchao_dense(kind: type, inner: dict[str, torch.Tensor], context, size, stride) -> torch.Tensor | None:
+def torchao_dense(kind: Any, inner: dict[str, torch.Tensor], context, size, stride) -> torch.Tensor | None:
     """The dense weight of a torchao tensor rebuilt from its inner tensors (optional ones may
     be missing), by the format's own dequantize (packed int4 on the CPU: its own pack order,
     graph/quant_int4.py); None when the format has none."""
     names = list(getattr(kind, "tensor_data_names", [])) + list(getattr(kind, "optional_tensor_data_names", []))
-    values = {name: inner.get(name) for name in names} if names else inner
+    values: dict[str, Any] = {name: inner.get(name) for name in names} if names else inner
     try:
         factors = row_scaled(kind, values, size)
         if factors is not None:  # W = s · q, one pass (dequantize_affine takes three)
@@ -111,7 +112,8 @@ def torchao_dense(kind: type, inner: dict[str, torch.Tensor], context, size, str
 
 # --- requantizing a dense weight into the format of an existing quantized one --------------
 
-def _torchao_requantize(old: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+def _torchao_requantize(old: Any, dense: torch.Tensor) -> torch.Tensor:
+    """`old` is a torchao tensor subclass: its block sizes and constructors are its own."""
     kind = type(old).__name__
     if kind == "NF4Tensor":
         from torchao.quantization import to_nf4
@@ -153,7 +155,8 @@ def requantize_bitsandbytes(module: nn.Module, dense: torch.Tensor) -> nn.Parame
     """A new weight for a bitsandbytes Linear4bit / Linear8bitLt holding `dense` (out, in),
     quantized as the old one (4-bit: same quant type, block size, nested statistics)."""
     import bitsandbytes as bnb
-    old = module.weight
+    old: Any = module.weight  # a bitsandbytes Params4bit / Int8Params
+    new: Any
     if isinstance(module, bnb.nn.Linear4bit):
         state = old.quant_state
         new = bnb.nn.Params4bit(dense.detach().to("cpu", state.dtype).contiguous(), requires_grad=False,
@@ -161,7 +164,8 @@ def requantize_bitsandbytes(module: nn.Module, dense: torch.Tensor) -> nn.Parame
                                 compress_statistics=state.nested, quant_storage=old.quant_storage)
         return new.to(old.device)  # bitsandbytes quantizes when a Params4bit moves to its device
     new = bnb.nn.Int8Params(dense.detach().to("cpu").contiguous(), requires_grad=False, has_fp16_weights=False)
-    module.state.CB = module.state.SCB = None  # the layer takes CB / SCB from its new weight on first use
+    matmul_state: Any = module.state
+    matmul_state.CB = matmul_state.SCB = None  # the layer takes CB / SCB from its new weight on first use
     return new.to(old.device)
 
 
@@ -171,14 +175,18 @@ class BnbLinear4bit(nn.Linear):
     """bitsandbytes' Linear4bit as dequantize_4bit + F.linear, on the same packed tensors."""
 
     scheme_label = "bnb-4bit"
+    absmax: torch.Tensor
+    absmax_scale: torch.Tensor
+    absmax_code: torch.Tensor
+    absmax_offset: torch.Tensor
 
     def __init__(self, source: nn.Module):
         nn.Module.__init__(self)
-        weight = source.weight
+        weight: Any = source.weight  # a bitsandbytes Params4bit
         state = weight.quant_state
         self.out_features, self.in_features = int(state.shape[0]), int(state.shape[1])
         self.weight = nn.Parameter(weight.data, requires_grad=False)  # the packed bytes, shared
-        self.bias = source.bias
+        self.bias = source.bias  # type: ignore[assignment]  # a Parameter or None, as nn.Linear's
         self.blocksize, self.quant_type = int(state.blocksize), str(state.quant_type)
         self.shape, self.dtype = [int(s) for s in state.shape], state.dtype
         self.nested = bool(state.nested)
@@ -195,7 +203,7 @@ class BnbLinear4bit(nn.Linear):
     def dense_weight(self, tensors: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """W (out, in) in the layer's dtype; `tensors` by name replace the layer's own."""
         get = lambda name: (tensors or {}).get(name, getattr(self, name, None))  # noqa: E731
-        absmax = get("absmax")
+        absmax: Any = get("absmax")
         if self.nested:
             absmax = torch.ops.bitsandbytes.dequantize_blockwise(
                 absmax, get("absmax_scale"), get("absmax_code"), self.absmax_blocksize, torch.float32) + get("absmax_offset")
@@ -221,17 +229,18 @@ class BnbLinear8bit(nn.Linear):
     """bitsandbytes' Linear8bitLt (inference weights) as int8_vectorwise_dequant + F.linear."""
 
     scheme_label = "bnb-int8"
+    SCB: torch.Tensor
 
     def __init__(self, source: nn.Module):
         nn.Module.__init__(self)
-        weight = source.weight
+        weight: Any = source.weight  # a bitsandbytes Int8Params
         scales = getattr(weight, "SCB", None)
         if scales is None:
-            scales = source.state.SCB
+            scales = getattr(source, "state").SCB  # noqa: B009  # the layer's MatmulLtState
         self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
         self.weight = nn.Parameter(weight.data, requires_grad=False)  # int8 rows, shared
         self.register_buffer("SCB", scales)
-        self.bias = source.bias
+        self.bias = source.bias  # type: ignore[assignment]  # a Parameter or None, as nn.Linear's
 
     def dense_weight(self, tensors: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """W (out, in) = CB · SCB / 127; `tensors` by name replace the layer's own."""

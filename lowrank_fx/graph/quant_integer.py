@@ -22,6 +22,7 @@ otherwise, so nothing further off is ever exported as the base.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 
@@ -52,6 +53,7 @@ class IntegerWeight:
         """W (N, K) in fp32, from the codes."""
         codes = self.codes.float()
         if self.form == "codebook":
+            assert self.table is not None, "a codebook form carries its table"
             values = self.table.float()[self.codes.long()]
             return (values.reshape(-1, self.block) * self.scales.float()[:, None]).reshape(codes.shape)
         k = codes.shape[1]
@@ -119,7 +121,7 @@ def _bnb_table(quant_type: str) -> torch.Tensor:
     return bnbf.get_4bit_type(quant_type, device="cpu").float()
 
 
-def _of_torchao(tensor: torch.Tensor, dense: torch.Tensor) -> IntegerWeight:
+def _of_torchao(tensor: Any, dense: torch.Tensor) -> IntegerWeight:
     kind = type(tensor).__name__
     if kind == "Int8Tensor":  # W = q s, q signed 8-bit, s per row: codes q + 128, midpoint zero
         return _affine(dense, 8, tensor.scale.reshape(dense.shape[0], -1), None)
@@ -152,7 +154,7 @@ def integer_form(weight, dense: torch.Tensor) -> IntegerWeight:
         form = _of_torchao(weight, dense)
     tolerance = EXACT * (10 if form.zero_points is not None and form.zero_points.is_floating_point() else 1)
     if form.form == "codebook":
-        tolerance = EXACT if torch.equal(form.table, RUNTIME_NF4) else TABLE_DRIFT
+        tolerance = EXACT if form.table is not None and torch.equal(form.table, RUNTIME_NF4) else TABLE_DRIFT
         form = dataclasses.replace(form, table=RUNTIME_NF4.clone())
     error = float((form.dense() - dense.float()).abs().max() / dense.float().abs().max().clamp_min(1e-30))
     if error > tolerance:

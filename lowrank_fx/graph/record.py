@@ -36,6 +36,15 @@ class Record:
         return getattr(gm, "meta", {}).get(KEY)
 
     @staticmethod
+    def require(gm: fx.GraphModule, call: str) -> "Record":
+        """The record of `gm`; ModelTypeError naming `call` if `gm` was not made by lfx.rewrite."""
+        record = Record.find(gm)
+        if record is None:
+            raise ModelTypeError(f"{call} takes the graph lfx.rewrite returned; this {type(gm).__name__} has no "
+                                 "lowrank_fx record. Pass gm = lfx.rewrite(model, spec, example_inputs=...)")
+        return record
+
+    @staticmethod
     def attach(gm: fx.GraphModule, aliases, state_keys) -> "Record":
         record = Record(aliases=aliases, state_keys=state_keys)
         gm.meta[KEY] = record

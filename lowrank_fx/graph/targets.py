@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import fx
 
+from .fx_args import arg_node, target_name
 from .experts import ExpertsKind, experts_site, stack_operand
 from .op_kinds import LINEAR, ConvKind, EmbeddingKind, OpKind, QuantizedLinearKind
 from .quantized import find_regions, region_scheme
@@ -104,8 +106,8 @@ def _leading_size(node, gm: fx.GraphModule) -> int | None:
     """Size of dim 0 of a tensor that is a parameter, or a cast of one."""
     while isinstance(node, fx.Node) and node.op == "call_function" and node.target in _CASTS:
         node = node.args[0]
-    if isinstance(node, fx.Node) and node.op == "get_attr" and _is_parameter(gm, node.target):
-        return int(gm.get_parameter(node.target).shape[0])
+    if isinstance(node, fx.Node) and node.op == "get_attr" and _is_parameter(gm, target_name(node)):
+        return int(gm.get_parameter(target_name(node)).shape[0])
     return None
 
 
@@ -119,25 +121,26 @@ def _row_selection(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, tuple[in
         if rows is None:
             return None
         dim = parent.args[2] if len(parent.args) > 2 else parent.kwargs.get("dim", 0)
-        if parent.target in (aten.chunk.default, aten.split.Tensor):
-            count = parent.args[1]
+        count = parent.args[1] if len(parent.args) > 1 else None
+        if parent.target in (aten.chunk.default, aten.split.Tensor) and isinstance(count, int):
             size = -(-rows // count) if parent.target is aten.chunk.default else count
             sizes = [min(size, rows - start) for start in range(0, rows, size)]
-        elif parent.target is aten.split_with_sizes.default:
-            sizes = list(parent.args[1])
+        elif parent.target is aten.split_with_sizes.default and isinstance(count, (list, tuple)):
+            sizes = [n if isinstance(n, int) else -1 for n in count]
         else:
             return None
-        if dim != 0 or not all(isinstance(n, int) for n in sizes) or index >= len(sizes):
+        if dim != 0 or not all(n >= 0 for n in sizes) or index >= len(sizes):
             return None
         start = sum(sizes[:index])
-        return parent.args[0], (start, start + sizes[index])
+        return arg_node(parent), (start, start + sizes[index])
     if node.target is aten.slice.Tensor:
-        tensor, dim, start, stop, step = (list(node.args) + [0, None, None, 1][len(node.args) - 1:])[:5]
+        tensor, dim, begin, end, step = (list(node.args) + [0, None, None, 1][len(node.args) - 1:])[:5]
         rows = _leading_size(tensor, gm)
-        if rows is None or dim != 0 or step != 1 or not all(isinstance(v, (int, type(None))) for v in (start, stop)):
+        if (rows is None or not isinstance(tensor, fx.Node) or dim != 0 or step != 1
+                or not all(isinstance(v, (int, type(None))) for v in (begin, end))):
             return None
-        start, stop, _ = slice(start, stop).indices(rows)
-        return tensor, (start, stop)
+        first, last, _ = slice(begin, end).indices(rows)
+        return tensor, (first, last)
     return None
 
 
@@ -150,7 +153,7 @@ def weight_source(node, gm: fx.GraphModule | None = None) -> tuple[fx.Node, bool
     selected = None
     while isinstance(node, fx.Node) and node.op in ("call_function", "call_method"):
         if node.target in _FLIPS or (node.target is getattr and node.args[1] in _FLIP_ATTRIBUTES):
-            if node.target is aten.permute.default and list(node.args[1]) not in ([1, 0], [-1, -2]):
+            if node.target is aten.permute.default and list(cast(list, node.args[1])) not in ([1, 0], [-1, -2]):
                 return None
             flipped = not flipped
             node = node.args[0]
@@ -213,7 +216,7 @@ _CONV_OPS.update({getattr(aten, f"conv{d}d").padding: d for d in (1, 2, 3)})
 
 def _conv_kind(node: fx.Node, dims: int, kernel: tuple[int, ...]) -> ConvKind:
     names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-    bound = dict(zip(names, node.args), **node.kwargs)
+    bound: dict[str, Any] = dict(zip(names, node.args), **node.kwargs)
     expand = lambda v, default: tuple(v) * (dims if len(v) == 1 else 1) if isinstance(v, (list, tuple)) else (
         (default,) * dims if v is None else (int(v),) * dims)
     padding = bound.get("padding", 0)
@@ -222,7 +225,7 @@ def _conv_kind(node: fx.Node, dims: int, kernel: tuple[int, ...]) -> ConvKind:
                     dilation=expand(bound.get("dilation", 1), 1), groups=int(bound.get("groups", 1)))
 
 
-def _site(node: fx.Node, gm: fx.GraphModule):
+def _site(node: fx.Node, gm: fx.GraphModule | None):
     """(activation index, weight operand, base layout, kind, bias operand) of a call site, or None."""
     if node.op != "call_function":
         return None
@@ -252,7 +255,9 @@ def _kind(node: fx.Node, family, weight: torch.Tensor) -> OpKind | None:
         return LINEAR if weight.dim() == 2 else None
     if family == "embedding":
         padding = node.args[2] if len(node.args) > 2 else node.kwargs.get("padding_idx", -1)
-        return EmbeddingKind(None if padding is None or padding < 0 else int(padding)) if weight.dim() == 2 else None
+        if not isinstance(padding, (int, type(None))) or weight.dim() != 2:
+            return None
+        return EmbeddingKind(None if padding is None or padding < 0 else padding)
     if weight.dim() != family + 2:
         return None
     return _conv_kind(node, family, tuple(int(k) for k in weight.shape[2:]))
@@ -260,7 +265,7 @@ def _kind(node: fx.Node, family, weight: torch.Tensor) -> OpKind | None:
 
 def _bias_name(bias) -> str | None:
     source = weight_source(bias) if isinstance(bias, fx.Node) else None
-    return source[0].target if source is not None and not source[1] else None
+    return target_name(source[0]) if source is not None and not source[1] else None
 
 
 def _add_experts_site(by_weight: dict, node: fx.Node, site, gm: fx.GraphModule, aliases) -> None:
@@ -301,10 +306,11 @@ def find_targets(gm: fx.GraphModule, aliases: dict[str, list[str]] | None = None
             continue
         x_index, operand, base_layout, family, bias = site
         source = weight_source(operand, gm)
-        if source is None or not _is_parameter(gm, source[0].target):
+        if source is None or not _is_parameter(gm, target_name(source[0])):
             continue
         attr, flipped, rows = source
-        weight = gm.get_parameter(attr.target)
+        weight_name = target_name(attr)
+        weight = gm.get_parameter(weight_name)
         kind = _kind(node, family, weight)
         if kind is None or (family is not None and flipped):
             continue
@@ -314,12 +320,12 @@ def find_targets(gm: fx.GraphModule, aliases: dict[str, list[str]] | None = None
         matrix = kind.to_matrix(weight, layout)
         out_f, in_f = matrix.shape
         bias_name = _bias_name(bias)
-        key = (attr.target, kind.name)  # a tied weight read by an embedding and a linear is two targets
+        key = (weight_name, kind.name)  # a tied weight read by an embedding and a linear is two targets
         target = by_weight.get(key)
         if target is None:
             by_weight[key] = Target(
-                name=_target_name(node, attr.target, aliases),
-                weight=attr.target,
+                name=_target_name(node, weight_name, aliases),
+                weight=weight_name,
                 out_features=int(out_f),
                 in_features=int(in_f),
                 op=getattr(node.target, "__name__", str(node.target)).split(".")[0],

@@ -11,9 +11,12 @@ the model it came from. Returns the number of nodes replaced.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import fx, nn
 
+from ..graph.fx_args import target_name
 from ..graph.mode_modules import DROPOUT_FUNCTIONS, ModeAttention, ModeBatchNorm, ModeCounter, ModeDropout
 
 aten = torch.ops.aten
@@ -24,7 +27,7 @@ CONTAINER = "lowrank_fx_modes"
 
 def _attention(node: fx.Node) -> tuple[nn.Module, tuple] | None:
     names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
-    bound = dict(zip(names, node.args), **node.kwargs)
+    bound: dict[str, Any] = dict(zip(names, node.args), **node.kwargs)
     p = bound.pop("dropout_p", 0.0)
     if not p:
         return None
@@ -39,7 +42,7 @@ def _batch_norm_counters(gm: fx.GraphModule) -> set[str]:
         if node.op == "call_function" and node.target is aten.batch_norm.default:
             mean, train = node.args[3], node.args[5]
             if train and isinstance(mean, fx.Node) and mean.op == "get_attr":
-                owner = mean.target.rpartition(".")[0]
+                owner = target_name(mean).rpartition(".")[0]
                 counters.add(f"{owner}.num_batches_tracked" if owner else "num_batches_tracked")
     return counters
 
@@ -57,6 +60,8 @@ def make_mode_aware(gm: fx.GraphModule) -> int:
     gm.add_module(CONTAINER, container)
     count = 0
     for node in list(gm.graph.nodes):
+        module: nn.Module
+        args: tuple
         if node.op != "call_function":
             continue
         if node.target in _DROPOUTS:
@@ -69,7 +74,7 @@ def make_mode_aware(gm: fx.GraphModule) -> int:
             x, w, b, mean, var, train, momentum, eps = node.args[:8]
             if not train or mean is None:
                 continue  # eval-only, or always batch statistics: the mode does not matter
-            module = ModeBatchNorm(None if momentum is None else float(momentum), float(eps))
+            module = ModeBatchNorm(float(momentum), float(eps))  # aten's momentum is a float
             args = (x, w, b, mean, var)
         elif node.target is aten.scaled_dot_product_attention.default:
             found = _attention(node)
