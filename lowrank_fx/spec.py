@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import re
-from typing import Mapping, Sequence, Union
+from collections.abc import Mapping, Sequence
 
 from .errors import SpecError, nearest
 from .methods.base import Method
@@ -87,7 +87,7 @@ class Spec:
             or no targets and nothing to train.
     """
 
-    targets: Union[str, Sequence[str], Mapping[str, Method]] = ALL_LINEAR
+    targets: str | Sequence[str] | Mapping[str, Method] = ALL_LINEAR
     method: Method | None = None
     exclude: Sequence[str] = ()
     train: Sequence[str] = ()

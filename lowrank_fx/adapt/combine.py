@@ -304,7 +304,7 @@ def _install(gm: fx.GraphModule, name: str, spec: Spec, factors: dict) -> None:
         rewrite(gm, spec, adapter=name)
     for param, flag in trains.items():
         param.requires_grad_(flag)
-    record = Record.find(gm)
+    record = Record.require(gm, "lfx.combine_adapters")
     container = getattr(gm, CONTAINER)[name]
     with torch.no_grad():
         for target, (A, B) in factors.items():

@@ -67,11 +67,11 @@ def make_slot(gm: fx.GraphModule, adapter: str, max_rank: int) -> None:
     """Pad every unit of `adapter` to `max_rank` and turn its scale into a buffer (in place)."""
     for unit in _units(gm, adapter).values():
         _pad_unit(unit, max_rank)
-    Record.find(gm).adapters[adapter].max_rank = max_rank
+    Record.require(gm, "lfx.rewrite(max_rank=...)").adapters[adapter].max_rank = max_rank
 
 
 def _units(gm: fx.GraphModule, adapter: str) -> dict[str, nn.Module]:
-    info = Record.find(gm).adapters[adapter]
+    info = Record.require(gm, "lfx.load_adapter").adapters[adapter]
     container = getattr(gm, CONTAINER)[adapter]
     return {target: container[group].unit(target) for target, group in info.groups.items()}
 
@@ -139,7 +139,7 @@ def _pad_hook(unit, state, prefix, *_):
 
 def swap_problems(gm: fx.GraphModule, adapter: str, current: dict, incoming: dict) -> list[str]:
     """What stops the adapter `incoming` (target -> method) from filling slot `adapter` (target -> method)."""
-    info = Record.find(gm).adapters[adapter]
+    info = Record.require(gm, "lfx.load_adapter").adapters[adapter]
     problems = []
     only_slot = [t for t in current if t not in incoming]
     only_file = [t for t in incoming if t not in current]
@@ -163,7 +163,7 @@ def swap_in(gm: fx.GraphModule, adapter: str, spec, built: nn.Module, group_of: 
             tensors: dict[str, torch.Tensor]) -> None:
     """Copy the checked `tensors` (keys of `built`, the loaded adapter built from `spec`) into slot
     `adapter`: factors into the leading rows / columns, zeros after, scales filled, all in place."""
-    record = Record.find(gm)
+    record = Record.require(gm, "lfx.load_adapter")
     units = _units(gm, adapter)
     with torch.no_grad():
         for target, unit in units.items():

@@ -83,7 +83,7 @@ def _has_bias_update(update: Update) -> bool:
 def merged_plan(gm: fx.GraphModule) -> MergedPlan:
     """Where every original key's value comes from (`gm` flat: passes/layers.flat_view)."""
     targets, found = updates(gm)  # MergeError for a graph without adapters
-    record = Record.find(gm)
+    record = Record.require(gm, "lfx.merged_state_dict")
     tensors = with_trained(gm, dict(gm.state_dict(keep_vars=True)))  # trained modules: the active copies
     quantized = {name for name, t in targets.items() if t.quantized}
     folds = []  # (graph tensor, target, leaf, whether the graph reads the tensor elsewhere)

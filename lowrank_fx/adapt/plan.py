@@ -98,7 +98,8 @@ class Plan:
         widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
         widths[4] = max([widths[4], *(len(count) for _, count in shared)])
         line = "  ".join("-" * w for w in widths)
-        fmt = lambda row: "  ".join(c.rjust(w) if i == 4 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        def fmt(row):
+            return "  ".join(c.rjust(w) if i == 4 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
         span = sum(widths[:4]) + 2 * 3  # a group's line spans the first four columns (longer ones overflow)
         share = 100.0 * self.trainable / max(self.base, 1)
         quantized = [r for r in self.rows if r.scheme]

@@ -136,7 +136,7 @@ def quantize_base(model: nn.Module, scheme: str, *, exclude: str | Sequence[str]
                 continue
             module.weight = nn.Parameter(quantized, requires_grad=False)
         elif scheme == "int8":
-            tq.quantize_(module, tq.Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: m is module)
+            tq.quantize_(module, tq.Int8WeightOnlyConfig(), filter_fn=lambda m, fqn, module=module: m is module)
         else:
             size = _group_size(module.in_features, group_size)
             if size is None:
@@ -147,7 +147,7 @@ def quantize_base(model: nn.Module, scheme: str, *, exclude: str | Sequence[str]
             else:
                 from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
                 config = PrototypeInt4WeightOnlyConfig(group_size=size, set_inductor_config=False)
-            tq.quantize_(module, config, filter_fn=lambda m, fqn: m is module)
+            tq.quantize_(module, config, filter_fn=lambda m, fqn, module=module: m is module)
         module.weight.requires_grad_(False)
         done.append(name)
     if not done and not chosen:

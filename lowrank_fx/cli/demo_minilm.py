@@ -198,8 +198,9 @@ def run(out: str = "demo_out", steps: int | None = None, progress: bool = True) 
     lap("ONNX export")
     ort_accuracy, ort_error = {}, {}
     for name, task in tasks.items():
-        embed = lambda ids, mask, name=name: torch.from_numpy(
-            next(iter(session.run({"input_ids": ids.numpy(), "attention_mask": mask.numpy()}, adapter=name).values())))
+        def embed(ids, mask, name=name):
+            return torch.from_numpy(
+                    next(iter(session.run({"input_ids": ids.numpy(), "attention_mask": mask.numpy()}, adapter=name).values())))
         ort_accuracy[name] = task.accuracy(embed)
         with torch.no_grad():
             ort_error[name] = _relative(embed(*task.test_inputs), graphs[name](*task.test_inputs))

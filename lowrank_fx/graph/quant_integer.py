@@ -93,7 +93,7 @@ def _group_block(k: int, groups: int) -> int:
 def _affine(dense: torch.Tensor, bits: int, scale: torch.Tensor, zero: torch.Tensor | None,
             float_zero: bool = False) -> IntegerWeight:
     """Codes for W = (q - z) s, with s and z (N, groups) given in the format's own terms."""
-    n, k = dense.shape
+    _n, k = dense.shape
     block = _group_block(k, scale.shape[1])
     scales = _per_block(scale.float(), k, block)
     zeros = None if zero is None else _per_block(zero.float(), k, block)

@@ -32,11 +32,11 @@ class Record:
     adapters: dict[str, AdapterInfo] = dataclasses.field(default_factory=dict)
 
     @staticmethod
-    def find(gm: fx.GraphModule) -> "Record | None":
+    def find(gm: fx.GraphModule) -> Record | None:
         return getattr(gm, "meta", {}).get(KEY)
 
     @staticmethod
-    def require(gm: fx.GraphModule, call: str) -> "Record":
+    def require(gm: fx.GraphModule, call: str) -> Record:
         """The record of `gm`; ModelTypeError naming `call` if `gm` was not made by lfx.rewrite."""
         record = Record.find(gm)
         if record is None:
@@ -45,7 +45,7 @@ class Record:
         return record
 
     @staticmethod
-    def attach(gm: fx.GraphModule, aliases, state_keys) -> "Record":
+    def attach(gm: fx.GraphModule, aliases, state_keys) -> Record:
         record = Record(aliases=aliases, state_keys=state_keys)
         gm.meta[KEY] = record
         return record

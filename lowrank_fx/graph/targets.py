@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .fx_args import arg_node, target_name
 from .experts import ExpertsKind, experts_site, stack_operand
+from .fx_args import arg_node, target_name
 from .op_kinds import LINEAR, ConvKind, EmbeddingKind, OpKind, QuantizedLinearKind
 from .quantized import find_regions, region_scheme
 
@@ -217,8 +217,9 @@ _CONV_OPS.update({getattr(aten, f"conv{d}d").padding: d for d in (1, 2, 3)})
 def _conv_kind(node: fx.Node, dims: int, kernel: tuple[int, ...]) -> ConvKind:
     names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
     bound: dict[str, Any] = dict(zip(names, node.args), **node.kwargs)
-    expand = lambda v, default: tuple(v) * (dims if len(v) == 1 else 1) if isinstance(v, (list, tuple)) else (
-        (default,) * dims if v is None else (int(v),) * dims)
+    def expand(v, default):
+        return tuple(v) * (dims if len(v) == 1 else 1) if isinstance(v, (list, tuple)) else (
+            (default,) * dims if v is None else (int(v),) * dims)
     padding = bound.get("padding", 0)
     return ConvKind(dims=dims, kernel=kernel, stride=expand(bound.get("stride", 1), 1),
                     padding=padding if isinstance(padding, str) else expand(padding, 0),
@@ -272,7 +273,7 @@ def _add_experts_site(by_weight: dict, node: fx.Node, site, gm: fx.GraphModule, 
     """Record a call site of a 3-D expert stack (graph/experts.py) on its weight's target."""
     weight = gm.get_parameter(site.weight.target)
     kind = ExpertsKind(int(weight.shape[0]), site.kind)
-    experts, out_f, in_f = kind.to_matrix(weight, site.layout).shape
+    _experts, out_f, in_f = kind.to_matrix(weight, site.layout).shape
     key = (site.weight.target, kind.name)
     target = by_weight.get(key)
     if target is None:

@@ -19,7 +19,9 @@ for ΔW (out, in) in fp32: W ← W + ΔW (a unit with `uses_base_weight` also ge
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -62,11 +64,13 @@ class Unit(nn.Module):
     """
 
     # {parameter name: its rank axis}; ONNX export makes these axes dynamic (export/adapter_graph.py)
-    rank_axes: ClassVar[dict[str, int]] = {}
+    # (set per instance where it depends on the target: LoRA with grouped convs, expert stacks)
+    rank_axes: Mapping[str, int] = MappingProxyType({})
     # what the inject pass passes before the shared tensors: "x", "y", "weight", "bias"
     site_inputs: ClassVar[tuple[str, ...]] = ("x",)
     uses_base_weight: ClassVar[bool] = False  # delta_weight(*shared, base=W (out, in))
     op_kind: OpKind = LINEAR  # the target's op (graph/op_kinds.py), set by `passes.inject.build_groups`
+    dropout: nn.Module  # what a unit for non-linear sites applies to x (see above)
 
     def forward(self, x: torch.Tensor, *shared: torch.Tensor) -> torch.Tensor:
         """Δy: the factored form on a linear site, else f(dropout(x), ΔW).
@@ -188,7 +192,7 @@ class AdapterGroup(nn.Module):
         Returns:
             Its unit.
         """
-        return self.units[unit_key(target_name)]
+        return cast(Unit, self.units[unit_key(target_name)])
 
     def shared_tensors(self) -> list[torch.Tensor]:
         """The shared tensors, in the order units receive them.
@@ -256,7 +260,7 @@ class Method:
         raise NotImplementedError(f"{type(self).__name__} must implement build(targets) -> "
                                   "{group name: AdapterGroup} (docs/write_a_method.md)")
 
-    def for_graph(self, gm: nn.Module) -> "Method":
+    def for_graph(self, gm: nn.Module) -> Method:
         """This method with options that depend on the model filled in (LoRTA's head_dim).
 
         Args:
@@ -273,13 +277,13 @@ class Method:
         Returns:
             {"method": kind, **options}.
         """
-        return {"method": self.kind, **dataclasses.asdict(self)}
+        return {"method": self.kind, **dataclasses.asdict(cast(Any, self))}  # a subclass is a dataclass
 
 
 INITS = ("default", "nonzero")
 
 
-def check_common(method: "Method", check_init=None) -> None:
+def check_common(method: Any, check_init=None) -> None:
     """Check and normalise the options every method has: rank an int >= 1, alpha finite and not 0
     (alpha = 0 would make the update 0, so nothing would train; negative alpha is allowed, as in
     PEFT), dropout in [0, 1), init one of INITS (or what `check_init(owner, init)` accepts).

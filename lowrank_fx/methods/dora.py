@@ -86,4 +86,4 @@ class DoRAUnit(LoRAUnit):
         return self.lora_magnitude.to(matrix.dtype)[:, None] * direction / norm - matrix
 
     def output_side(self) -> list[nn.Parameter]:
-        return super().output_side() + [self.lora_magnitude]
+        return [*super().output_side(), self.lora_magnitude]

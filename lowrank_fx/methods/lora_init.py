@@ -62,9 +62,8 @@ def loftq_settings(init: str) -> tuple[int, int] | None:
 
 def check_name(owner: str, init) -> str:
     """`init` if LoRA knows it; SpecError listing the known ones otherwise."""
-    if isinstance(init, str):
-        if init in NAMES[:-3] or _NITER.fullmatch(init) or _LOFTQ.fullmatch(init):
-            return init
+    if isinstance(init, str) and (init in NAMES[:-3] or _NITER.fullmatch(init) or _LOFTQ.fullmatch(init)):
+        return init
     raise SpecError(f"{owner} init must be one of {NAMES} (N a number of iterations, e.g. 'pissa_niter_4', "
                     f"'loftq_8bit_iter_2'), got {init!r}")
 

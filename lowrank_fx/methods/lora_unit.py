@@ -32,13 +32,11 @@ from torch import nn
 from ..errors import MergeError
 from ..graph.op_kinds import ConvKind, EmbeddingKind
 from . import lora_init
-from .lora_loftq_quantized import residual_factors
 from .base import Unit, dropout_module
+from .lora_loftq_quantized import residual_factors
 
 
 class LoRAUnit(Unit):
-    rank_axes = {"lora_A": 0, "lora_B": 1}
-
     def __init__(self, target, rank: int, scale: float, dropout: float, dtype: torch.dtype, init: str,
                  bias: bool = False, mixed_groups: bool = False, over_quantized: bool = False):
         super().__init__()
@@ -56,8 +54,8 @@ class LoRAUnit(Unit):
         self.lora_B_bias = nn.Parameter(torch.zeros(target.out_features, dtype=dtype)) if bias else None
         self.scale = scale
         self.groups = groups
-        if groups > 1:  # B's rank axis holds r / g: no shared rank axis, so ONNX keeps both shapes fixed
-            self.rank_axes = {}
+        # with groups, B's rank axis holds r / g: no shared rank axis, so ONNX keeps both shapes fixed
+        self.rank_axes = {"lora_A": 0, "lora_B": 1} if groups == 1 else {}
         self.table_dtype = target.dtype
         self.dropout = dropout_module(dropout)
         self.init, self.layout, self.residual, self.initial_factors = init, target.layout, None, None

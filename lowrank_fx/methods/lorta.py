@@ -45,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -89,7 +90,7 @@ class LoRTAGroup(AdapterGroup):
     """The shared CP factors of one group and its units."""
 
     shared = FACTORS
-    rank_axes = {"A": 1, "B": 0, "C_H": 1, "C_L": 1, "C_M": 1}
+    rank_axes: ClassVar[dict[str, int]] = {"A": 1, "B": 0, "C_H": 1, "C_L": 1, "C_M": 1}
 
     def __init__(self, units: dict[str, LoRTAUnit], d_in: int, d_head: int, heads: int,
                  layers: int, matrices: int, rank: int, dtype: torch.dtype, init: str,
@@ -172,7 +173,7 @@ class LoRTA(Method):
         """
         return self.alpha / self.rank
 
-    def for_graph(self, gm: nn.Module) -> "LoRTA":
+    def for_graph(self, gm: nn.Module) -> LoRTA:
         """With the default head_dim: this method carrying the graph's head size (or why it has none).
 
         Args:

@@ -12,7 +12,7 @@ so only the looked-up rows cost anything, and folding writes R into the table.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -18,6 +18,8 @@ and a PEFT tensor `base_model.model.classifier.weight`. How the graph reads the 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
@@ -56,7 +58,7 @@ class TrainedGroup(AdapterGroup):
                 for leaf, param in unit.named_parameters(recurse=False)}
 
 
-def build_trained(params: dict[str, torch.Tensor], empty: bool = False) -> TrainedGroup:
+def build_trained(params: Mapping[str, torch.Tensor], empty: bool = False) -> TrainedGroup:
     """A TrainedGroup copying `params` ({graph name: base parameter}); `empty=True` only
     allocates (for checking a file's shapes before anything is built for real)."""
     by_module: dict[str, dict[str, str]] = {}

@@ -110,7 +110,7 @@ def fold(gm: fx.GraphModule, *, requantize: bool = False, tolerance: float = 1e-
     marks = GroupMarks(gm)
     remove_adapter_nodes(folded)
     index = GraphIndex(folded)
-    for name, update in found.items():
+    for update in found.values():
         target = update.target
         delta, bias_delta = target_update(gm, update)
         if target.quantized:
@@ -128,7 +128,7 @@ def fold(gm: fx.GraphModule, *, requantize: bool = False, tolerance: float = 1e-
                 set_parameter(folded, target.bias, nn.Parameter(bias, requires_grad=False))
         del delta, bias_delta
     fold_trained(folded, trained)
-    source = Record.find(gm)
+    source = Record.require(gm, "lfx.merge")
     folded.meta[KEY] = Record(aliases=dict(source.aliases), state_keys=list(source.state_keys))
     folded.graph.lint()
     folded.recompile()

@@ -58,7 +58,7 @@ def weight_chains(index: GraphIndex, target: Target) -> list[list[fx.Node]]:
         while node.op != "get_attr":
             chain.append(node)
             node = node.args[0]
-        chains.append(chain + [node])
+        chains.append([*chain, node])
     return chains
 
 

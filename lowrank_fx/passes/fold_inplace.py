@@ -106,7 +106,7 @@ def fold_in_place(gm: fx.GraphModule) -> fx.GraphModule:
     if kept:
         _, found = updates(gm)  # the flat graph's own nodes
     regions = regions_by_output(gm) if any(update.target.quantized for update in found.values()) else {}
-    record = Record.find(gm)
+    record = Record.require(gm, "lfx.merge")
     remove_adapter_nodes(gm)
     index = GraphIndex(gm)
     for name, update in found.items():

@@ -24,6 +24,7 @@ looking at it. Otherwise ΔW is checked in one pass (min and max, which propagat
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import torch
 from torch import fx
@@ -34,13 +35,16 @@ from ..graph.quantized import dequantized
 from ..graph.record import CONTAINER, Record
 from ..graph.targets import Target, find_targets
 
+if TYPE_CHECKING:
+    from ..methods.base import AdapterGroup
+
 
 @dataclasses.dataclass
 class Update:
     """What folds into one target: (gate, adapter group) per active adapter, in adapter order."""
 
     target: Target
-    parts: list[tuple[float, torch.nn.Module]]
+    parts: list[tuple[float, AdapterGroup]]
 
 
 def fold_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -132,12 +136,13 @@ def target_update(gm: fx.GraphModule, update: Update, checked: bool = False) -> 
     NaN / inf, checked on ΔW itself (one pass) unless the units' bounds already show it finite.
     `checked=True`: `check_update` passed on this update and its parameters have not changed."""
     name = update.target.name
-    delta = None
+    delta: torch.Tensor | None = None
     with torch.no_grad():
         for gate, group in update.parts:
             base = base_matrix(gm, update.target) if group.unit(name).uses_base_weight else None
             delta = _add(delta, group.delta_weight(name, base), gate)
         bias = bias_update(update)
+    assert delta is not None, "an Update has at least one part"
     if not checked and not bounded(update) and (not finite(delta) or (bias is not None and not finite(bias))):
         raise _refuse(name)
     return delta, bias
@@ -155,9 +160,11 @@ def merged_weight(weight: torch.Tensor | None, delta: torch.Tensor, target: Targ
     float64). A quantized target's W (pass None) is dequantized from `gm`; the sum is dense (out, in),
     in its compute dtype."""
     if target.quantized:
+        assert gm is not None, "a quantized target's base weight is read from its graph"
         base = dequantized(gm, target)
         wide = torch.promote_types(fold_dtype(base.dtype), delta.dtype)
         return (base.to(wide) + delta.to(base.device, wide)).to(base.dtype)
+    assert weight is not None, "a dense target's weight is given"
     stored = target.kind.to_weight(delta, target.layout, weight.shape)
     wide = torch.promote_types(fold_dtype(weight.dtype), stored.dtype)
     return (weight.detach().to(wide) + stored.to(weight.device, wide)).to(weight.dtype)

@@ -30,11 +30,13 @@ from __future__ import annotations
 import copy
 import operator
 import warnings
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..graph.fx_args import arg_node, target_name
 from ..graph.module_copy import over_graph
 from ..graph.op_kinds import LinearKind
 from ..graph.quantized import module_attr
@@ -58,7 +60,7 @@ def lora_site(y: torch.Tensor, h: torch.Tensor, up: torch.Tensor, gate: torch.Te
 
 def _fusable(gm: fx.GraphModule, delta: fx.Node) -> LoRAUnit | None:
     """The delta node's unit, if it is a plain LoRA unit whose add can take the fused form."""
-    unit = gm.get_submodule(delta.target) if delta.op == "call_module" else None
+    unit = gm.get_submodule(target_name(delta)) if delta.op == "call_module" else None
     if type(unit) is not LoRAUnit or not isinstance(unit.op_kind, LinearKind) or unit.lora_B_bias is not None:
         return None
     if not isinstance(unit.dropout, nn.Identity) or len(delta.args) != 1 or len(delta.users) != 1:
@@ -66,7 +68,7 @@ def _fusable(gm: fx.GraphModule, delta: fx.Node) -> LoRAUnit | None:
     add = next(iter(delta.users))
     if add.target is not torch.ops.aten.addcmul.default or add.args[1] is not delta:
         return None
-    x = delta.args[0].meta.get("val")  # y has x's dtype: the base op's output, or another adapter's sum
+    x = arg_node(delta).meta.get("val")  # y has x's dtype: the base op's output, or another adapter's sum
     if not isinstance(x, torch.Tensor) or x.dtype != unit.lora_A.dtype:
         return None
     return unit
@@ -75,7 +77,7 @@ def _fusable(gm: fx.GraphModule, delta: fx.Node) -> LoRAUnit | None:
 def _merge_randlora(gm: fx.GraphModule, delta: fx.Node) -> None:
     """Replace y = aten.linear(x, W, b), the unit and y + g·Δy with randlora_linear, where the
     delta node is a RandLoRA unit's on a plain dense linear with a frozen weight of the unit's shape."""
-    unit = gm.get_submodule(delta.target) if delta.op == "call_module" else None
+    unit = gm.get_submodule(target_name(delta)) if delta.op == "call_module" else None
     if (type(unit) is not RandLoRAUnit or unit.form == "factored" or not isinstance(unit.op_kind, LinearKind)
             or not isinstance(unit.dropout, nn.Identity) or len(delta.users) != 1):
         return
@@ -83,12 +85,13 @@ def _merge_randlora(gm: fx.GraphModule, delta: fx.Node) -> None:
     if add.target is not torch.ops.aten.addcmul.default or add.args[1] is not delta:
         return
     base, x, gate = add.args[0], delta.args[0], add.args[2]
-    if base.target is not torch.ops.aten.linear.default or len(base.users) != 1 or base.args[0] is not x or base.kwargs:
+    if not isinstance(base, fx.Node) or base.target is not torch.ops.aten.linear.default or len(base.users) != 1 or base.args[0] is not x or base.kwargs:
         return
     weight, bias = base.args[1], (base.args[2] if len(base.args) > 2 else None)
-    if weight.op != "get_attr" or (bias is not None and bias.op != "get_attr"):
+    if (not isinstance(weight, fx.Node) or weight.op != "get_attr"
+            or (bias is not None and (not isinstance(bias, fx.Node) or bias.op != "get_attr"))):
         return
-    W, small = module_attr(gm, weight.target), unit.gamma.shape[1]
+    W, small = module_attr(gm, target_name(weight)), unit.gamma.shape[1]
     shape = (unit.big, small) if unit.tall else (small, unit.big)
     value = base.meta.get("val")  # the base product's output, of x's dtype (x may be another site's sum)
     if (not isinstance(W, nn.Parameter) or W.requires_grad or W.dtype != unit.lam.dtype or tuple(W.shape) != shape
@@ -121,7 +124,7 @@ def fuse_sites(gm: fx.GraphModule) -> fx.GraphModule:
     for node in list(fused.graph.nodes):
         found = block_call(fused, node)
         if found is not None:
-            _install(fused, found[0], fuse_sites(fused.get_submodule(found[0])))
+            _install(fused, found[0], fuse_sites(cast(fx.GraphModule, fused.get_submodule(found[0]))))
     for node in list(fused.graph.nodes):
         if node.meta.get(KEY, {}).get("role") == "delta":
             _merge_randlora(fused, node)

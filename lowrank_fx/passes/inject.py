@@ -187,7 +187,7 @@ def inject(gm: fx.GraphModule, adapter: str, assignment: dict[str, Method], targ
                 tag(node, adapter, name, "shared")
             tag(gate, adapter, name, "gate")
             tag(added, adapter, name, "add")
-            site.replace_all_uses_with(added, delete_user_cb=lambda user: user is not added and user is not call)
+            site.replace_all_uses_with(added, delete_user_cb=lambda user, added=added, call=call: user is not added and user is not call)
     write_residuals(gm, adapter, {name: groups[group_of[name]].unit(name) for name in assignment}, targets)
     gm.graph.lint()
     gm.recompile()

@@ -43,11 +43,13 @@ import dataclasses
 import fnmatch
 import operator
 import re
+from typing import Any, cast
 
 from torch import fx, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import SpecError
+from ..graph.fx_args import target_name
 from ..graph.module_copy import copy_call_specs
 from ..graph.record import KEY
 
@@ -193,10 +195,12 @@ def _extract(gm: fx.GraphModule, path: str, kind: str, nodes: list[fx.Node]) -> 
     """Move `nodes` into a block at `path` and call it in their place."""
     prefix = path + "."
     inside = set(nodes)
-    owned = lambda n: n.op == "get_attr" and n.target.startswith(prefix)
+    def owned(n):
+        return n.op == "get_attr" and n.target.startswith(prefix)
     read = [a for n in nodes for a in n.all_input_nodes if a not in inside and not owned(a)]
     # one input per value; a tensor read by several get_attr nodes (a gate at every site) once
-    key = lambda value: ("attr", value.target) if value.op == "get_attr" else value
+    def key(value):
+        return ("attr", value.target) if value.op == "get_attr" else value
     inputs = list({key(value): value for value in reversed(read)}.values())[::-1]
     outputs = [n for n in nodes if any(u not in inside for u in n.users)]
     graph = fx.Graph()
@@ -207,21 +211,21 @@ def _extract(gm: fx.GraphModule, path: str, kind: str, nodes: list[fx.Node]) -> 
         placeholders[key(value)].meta = dict(value.meta)
     for value in read:
         env[value] = placeholders[key(value)]
-    mirrored = {}
+    mirrored: dict[str, nn.Module] = {}
 
     def inner(value: fx.Node) -> fx.Node:
         if value not in env:  # a tensor the block owns
-            env[value] = graph.get_attr(value.target[len(prefix):])
+            env[value] = graph.get_attr(target_name(value)[len(prefix):])
             env[value].meta = dict(value.meta)
         return env[value]
 
     for node in nodes:
         copy = graph.node_copy(node, inner)
         if node.op == "call_module":
-            if node.target.startswith(prefix):
-                copy.target = node.target[len(prefix):]
+            if target_name(node).startswith(prefix):
+                copy.target = target_name(node)[len(prefix):]
             else:
-                mirrored[node.target] = gm.get_submodule(node.target)
+                mirrored[target_name(node)] = gm.get_submodule(target_name(node))
         env[node] = copy
     graph.output(tuple(env[n] for n in outputs))
     block = _block_module(gm, path, kind, graph, mirrored)
@@ -278,10 +282,10 @@ def block_call(gm: fx.GraphModule, node: fx.Node) -> tuple[str, tuple] | None:
     """(block path, the values passed in) if `node` calls a block: `call_module <path>(...)`,
     or `checkpoint(<path>, ..., use_reentrant=False)` after `checkpoint_layers`."""
     if node.op == "call_module":
-        path, args = node.target, node.args
+        path, args = target_name(node), node.args
     elif node.op == "call_function" and node.target is checkpoint and node.args and \
             isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr":
-        path, args = node.args[0].target, node.args[1:]
+        path, args = target_name(node.args[0]), node.args[1:]
     else:
         return None
     return (path, args) if _is_block(gm, path) else None
@@ -299,12 +303,12 @@ def flat_graph(gm: fx.GraphModule) -> fx.Graph:
     """`gm`'s graph with every block inlined: the flat graph, valid over `gm`'s own modules."""
     graph = fx.Graph()
     graph.set_codegen(gm.graph._codegen)
-    env: dict[fx.Node, object] = {}
+    env: dict[fx.Node, Any] = {}  # a Node, or a tuple of a block's outputs
     for node in gm.graph.nodes:
         call = block_call(gm, node)
         if call is not None:
             path, args = call
-            env[node] = _inline(graph, gm.get_submodule(path), path, [env[a] for a in args])
+            env[node] = _inline(graph, cast(fx.GraphModule, gm.get_submodule(path)), path, [env[a] for a in args])
         elif node.op == "get_attr" and _is_block(gm, node.target):
             continue  # a checkpointed block itself, passed to checkpoint
         elif node.op == "call_function" and node.target is operator.getitem and node.args[0] in env \
@@ -317,8 +321,9 @@ def flat_graph(gm: fx.GraphModule) -> fx.Graph:
 
 def _inline(graph: fx.Graph, block: fx.GraphModule, path: str, args: list) -> tuple:
     mirrored = set(block.meta[BLOCK])
-    root_path = lambda target: target if target.split(".")[0] in mirrored else f"{path}.{target}"
-    env: dict[fx.Node, object] = {}
+    def root_path(target):
+        return target if target.split(".")[0] in mirrored else f"{path}.{target}"
+    env: dict[fx.Node, Any] = {}
     placeholders = iter(args)
     for node in block.graph.nodes:
         if node.op == "placeholder":
@@ -357,7 +362,7 @@ def unstructure(gm: fx.GraphModule) -> list[str]:
         return paths
     graph = flat_graph(gm)
     for path in paths:
-        block = gm.get_submodule(path)
+        block = cast(fx.GraphModule, gm.get_submodule(path))
         layer = nn.Module()
         for name, child in block._modules.items():
             if name not in block.meta[BLOCK]:

@@ -48,10 +48,20 @@ import torch
 from torch import fx
 
 from ..errors import QuantizedBaseError
-from ..graph.quant_int4 import unpack_slow_kernels
 from ..graph.quant_check import ROWS, dequantize_check, gradient_check, random_rows
-from ..graph.quantized import (Region, activation_dtype, dequantize_region, find_regions, region_device, region_function,
-                               region_scheme, run_rows, weight_dequantizer, weight_values)
+from ..graph.quant_int4 import unpack_slow_kernels
+from ..graph.quantized import (
+    Region,
+    activation_dtype,
+    dequantize_region,
+    find_regions,
+    region_device,
+    region_function,
+    region_scheme,
+    run_rows,
+    weight_dequantizer,
+    weight_values,
+)
 from ..progress import steps
 
 _WRAPPED: dict[str, tuple[fx.GraphModule, Region, object]] = {}  # key -> (f(x, *weights), region, W(weights) or None)
@@ -313,7 +323,7 @@ def prepare_quantized(gm: fx.GraphModule) -> list[str]:
         function = region_function(gm, region, weights_as_inputs=True)
         weights = weight_values(gm, region)
         if region.quantizes_activation:
-            raise _refusal(gm, region, lambda v: function(v, *weights), weights, "")
+            raise _refusal(gm, region, lambda v, f=function, w=weights: f(v, *w), weights, "")
         kind = _kind(gm, nodes, region, weights)
         dense_weight, verdicts[kind] = _backward_weight(gm, region, function, weights, verdicts.get(kind))
         checked.append((region, function, dense_weight))

@@ -255,7 +255,7 @@ def _slots(graph: fx.Graph, entry: BlockList, children: list[_Child]):
     child 1's own inputs being one contiguous run). A graph without such values gets none."""
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     index = {node: k for k, node in enumerate(placeholders)}
-    inputs = returns = lambda i: []  # noqa: E731
+    inputs = returns = lambda i: []
     last = len(entry.kinds) - 1
     if any(child.inputs for child in children):
         where = [[index[n] for n in child.slots] for child in children[1:]]

@@ -63,7 +63,7 @@ def enable_rows(gm: fx.GraphModule, gates_from: fx.GraphModule | None = None) ->
     if tagged(gm, "select"):
         raise SpecError("lfx.adapter_rows cannot mix adapters that train whole modules (Spec.train): a weight cannot "
                         "differ per row in one op. Export per-row ONNX (lfx.export_onnx(..., mode='per_row')) instead")
-    if Record.find(gm).adapters and not adds:
+    if Record.require(gm, "lfx.adapter_rows").adapters and not adds:
         raise SpecError("lfx.adapter_rows needs a flat graph; this one groups its layers into blocks "
                         "(layers='auto'): rewrite without layers= to mix adapters per row")
     if gates_from is not None:
@@ -93,7 +93,7 @@ def row_gates(gm: fx.GraphModule) -> nn.Module:
     if not hasattr(gm, ROW_GATES):
         gm.add_module(ROW_GATES, nn.Module())
     holder = getattr(gm, ROW_GATES)
-    for adapter in Record.find(gm).adapters:
+    for adapter in Record.require(gm, "lfx.adapter_rows").adapters:
         if adapter not in holder._buffers:
             device = next(iter(gm.parameters())).device
             holder.register_buffer(adapter, torch.ones(1, device=device), persistent=False)
@@ -101,7 +101,7 @@ def row_gates(gm: fx.GraphModule) -> nn.Module:
 
 
 def check_rows(gm: fx.GraphModule, rows) -> list[str | None]:
-    known = list(Record.find(gm).adapters)
+    known = list(Record.require(gm, "lfx.adapter_rows").adapters)
     if isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence) or not rows:
         raise InputError(f"rows must be a non-empty list with one adapter name (or None for the base model) per "
                          f"batch row, e.g. {[known[0] if known else 'a', None]!r}; got {rows!r}")
@@ -115,9 +115,9 @@ def check_rows(gm: fx.GraphModule, rows) -> list[str | None]:
 def set_rows(gm: fx.GraphModule, rows: list[str | None] | None) -> None:
     """Write the row gates of `gm` for `rows` (None: 1.0 for every row), in place where the length allows."""
     holder = row_gates(gm)
-    for adapter in Record.find(gm).adapters:
+    for adapter in Record.require(gm, "lfx.adapter_rows").adapters:
         value = torch.ones(1) if rows is None else torch.tensor([float(r == adapter) for r in rows])
-        current = holder._buffers[adapter]
+        current = holder.get_buffer(adapter)
         if current.shape == value.shape:
             with torch.no_grad():
                 current.copy_(value)
@@ -159,7 +159,7 @@ def adapter_rows(gm: fx.GraphModule, rows: Sequence[str | None]) -> Iterator[fx.
 def rows_applied(gm: fx.GraphModule, rows: list[str | None]):
     """Every adapter active and the row gates set to `rows`, restored after (`gm` already converted)."""
     previous = active_adapters(gm)
-    set_active_adapters(gm, list(Record.find(gm).adapters))
+    set_active_adapters(gm, list(Record.require(gm, "lfx.adapter_rows").adapters))
     set_rows(gm, rows)
     try:
         yield

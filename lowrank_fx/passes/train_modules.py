@@ -32,15 +32,17 @@ select, so folding and dropping an adapter replace a select by its base
 from __future__ import annotations
 
 import dataclasses
+from typing import cast
 
 import torch
 from torch import fx, nn
 
 from ..errors import MergeError, SpecError, nearest
+from ..graph.fx_args import target_name
 from ..graph.gates import GATES, add_gate, gate_value
 from ..graph.record import CONTAINER, KEY, Record, tag
 from ..graph.targets import find_targets
-from ..methods.trained import TRAINED, TrainedGroup, build_trained
+from ..methods.trained import TRAINED, TrainedGroup, TrainedUnit, build_trained
 from ..spec import Spec, _compile
 
 
@@ -89,7 +91,7 @@ def _prefixes(name: str) -> list[str]:
 
 def _no_module_message(pattern: str, modules: list[str]) -> str:
     key = pattern[3:] if pattern.startswith("re:") else pattern.strip("*.")
-    leaf_of = {}
+    leaf_of: dict[str, str] = {}
     for module in modules:
         leaf_of.setdefault(module.rsplit(".", 1)[-1], module)
     shown = []
@@ -111,9 +113,9 @@ def resolve_trained(gm: fx.GraphModule, spec: Spec) -> Trained:
     params: dict[str, nn.Parameter] = {}
     names_of: dict[str, list[str]] = {}
     for nodes in readers.values():
-        graph_name = nodes[0].target
+        graph_name = target_name(nodes[0])
         params[graph_name] = gm.get_parameter(graph_name)
-        names = list(dict.fromkeys([*aliases.get(graph_name, [graph_name]), *(n.target for n in nodes)]))
+        names = list(dict.fromkeys([*aliases.get(graph_name, [graph_name]), *(target_name(n) for n in nodes)]))
         names_of[graph_name] = names
     modules = sorted({m for names in names_of.values() for name in names for m in _prefixes(name)})
     parameters = sorted({name for names in names_of.values() for name in names})
@@ -232,7 +234,7 @@ def add_trained(gm: fx.GraphModule, adapter: str, trained: Trained) -> None:
     gate_path = f"{GATES}.{adapter}" if hasattr(getattr(gm, GATES, None), adapter) else add_gate(gm, adapter, device)
     readers = base_readers(gm)
     for unit_key, unit in group.units.items():
-        for leaf, name in unit.base_names.items():
+        for leaf, name in cast(TrainedUnit, unit).base_names.items():
             copy_path = f"{CONTAINER}.{adapter}.{TRAINED}.units.{unit_key}.{leaf}"
             for reader in readers[id(trained.params[name])]:
                 top = _top_of_chain(reader)
@@ -296,7 +298,7 @@ def fold_trained(folded: fx.GraphModule, chosen: dict[str, torch.Tensor]) -> Non
         base = folded.get_parameter(name)
         parameter = nn.Parameter(value.to(base.device, base.dtype).clone(), requires_grad=False)
         for reader in readers.get(id(base), []):
-            owner, _, leaf = reader.target.rpartition(".")
+            owner, _, leaf = target_name(reader).rpartition(".")
             module = folded.get_submodule(owner) if owner else folded
             module._parameters[leaf] = parameter
 
