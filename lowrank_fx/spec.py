@@ -101,9 +101,9 @@ class Spec:
             rules = list(self.targets.items())
         else:
             object.__setattr__(self, "targets", list(_patterns("targets", self.targets)))
-            if self.method is None:
-                object.__setattr__(self, "method", LoRA())
-            rules = [(p, self.method) for p in self.targets]
+            method = self.method if self.method is not None else LoRA()
+            object.__setattr__(self, "method", method)
+            rules = [(p, method) for p in self.targets]
         object.__setattr__(self, "exclude", _patterns("exclude", self.exclude))
         object.__setattr__(self, "train", _patterns("train", self.train))
         if not rules and not self.train:
@@ -135,6 +135,7 @@ class Spec:
         """
         if isinstance(self.targets, Mapping):
             return list(self.targets.items())
+        assert self.method is not None, "__post_init__ gives a pattern list its method"
         return [(p, self.method) for p in self.targets]
 
     def assign(self, names: Sequence[str], heads: set[str]) -> dict[str, Method]:
@@ -172,7 +173,7 @@ class Spec:
 
 def _check_method_class(cls: type) -> None:
     """SpecError unless a Method class is a frozen dataclass (hashed, and stored by its fields) with a `kind`."""
-    frozen = dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen
+    frozen = dataclasses.is_dataclass(cls) and getattr(cls, "__dataclass_params__").frozen  # noqa: B009 (typeshed leaves it out)
     if not frozen or not isinstance(getattr(cls, "kind", None), str):
         raise SpecError(f"{cls.__name__} is an lfx.Method, but a method must be a frozen dataclass with a class "
                         "attribute kind (a name of its own): decorate it with @dataclasses.dataclass(frozen=True) "
@@ -184,7 +185,7 @@ def _no_match_message(pattern: str, names: Sequence[str]) -> str:
         return f"pattern {pattern!r} matched nothing: the model has no linear-like targets"
     key = pattern[3:] if pattern.startswith("re:") else pattern.strip("*.")
     # Compare against whole names and their last parts, so "q_prj" finds "...q_proj".
-    leaf_of = {}
+    leaf_of: dict[str, str] = {}
     for n in names:
         leaf_of.setdefault(n.rsplit(".", 1)[-1], n)
     close = nearest(key, list(leaf_of) + list(names), n=5)

@@ -89,6 +89,7 @@ def combine_adapters(gm: fx.GraphModule, weights: dict[str, float], *, adapter: 
     known = list(record.adapters) if record is not None else []
     _check_call(weights, adapter, combination, known, density, majority_sign_method, svd_rank, svd_clamp,
                 svd_full_matrices, seed)
+    record = Record.require(view, "lfx.combine_adapters")  # it has the adapters _check_call found
     targets = find_targets(view, record.aliases)
     adapters = {source: _AdapterView(view, record, source) for source in weights}
     if len(adapters) == 1 and next(iter(adapters.values())).plain_lora():
@@ -189,7 +190,7 @@ def _check_call(weights, name, combination, known, density, sign_method, svd_ran
         raise SpecError(f"unknown combination {combination!r}; nearest: {close} (all: {', '.join(COMBINATIONS)})")
     pruning, _, via_svd = COMBINATIONS[combination]
     if pruning is not None and (isinstance(density, bool) or not isinstance(density, numbers.Real)
-                                or not 0 < density <= 1):
+                                or not 0 < float(density) <= 1):
         raise SpecError(f"{combination!r} prunes: give density=, the fraction of entries kept, in (0, 1]; "
                         f"got {density!r}")
     if pruning is None and density is not None:
@@ -203,7 +204,7 @@ def _check_call(weights, name, combination, known, density, sign_method, svd_ran
     if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1):
         raise SpecError(f"svd_rank must be an int >= 1 (None: the largest rank of the adapters), got {svd_rank!r}")
     if svd_clamp is not None and (isinstance(svd_clamp, bool) or not isinstance(svd_clamp, numbers.Real)
-                                  or not 0 <= svd_clamp <= 1):
+                                  or not 0 <= float(svd_clamp) <= 1):
         raise SpecError(f"svd_clamp is a quantile in [0, 1] (None: no clamping), got {svd_clamp!r}")
     if not isinstance(full, bool):
         raise SpecError(f"svd_full_matrices must be True or False, got {full!r}")

@@ -38,10 +38,11 @@ COMBINATIONS = {
 SIGN_METHODS = ("total", "frequency")
 
 
-def prune(tensor: torch.Tensor, density: float, how: str | None,
+def prune(tensor: torch.Tensor, density: float | None, how: str | None,
           generator: torch.Generator | None) -> torch.Tensor:
-    """`tensor` with all but a `density` fraction of its entries zeroed (module docstring)."""
-    if how is None or density >= 1:
+    """`tensor` with all but a `density` fraction of its entries zeroed (module docstring); as it is
+    for no pruning (`how` None, density None or 1)."""
+    if how is None or density is None or density >= 1:
         return tensor
     if how == "magnitude":
         keep = torch.zeros_like(tensor).reshape(-1)

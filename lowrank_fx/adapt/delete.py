@@ -16,6 +16,7 @@ from torch import fx
 
 from ..deprecation import api_options
 from ..errors import SpecError
+from ..graph.fx_args import arg_node
 from ..graph.gates import GATES
 from ..graph.record import CONTAINER, KEY, Record, require_graph, tagged
 from ..passes.checkpoint_layers import checkpoint_layers, checkpointed
@@ -57,14 +58,14 @@ def delete_adapter(gm: fx.GraphModule, adapter: str) -> None:
             structure(gm, kept)
             if recompute:
                 checkpoint_layers(gm)
-    del record.adapters[adapter]
+    del Record.require(gm, "lfx.delete_adapter").adapters[adapter]
 
 
 def _erase(gm: fx.GraphModule, name: str) -> None:
     nodes = [node for node in tagged(gm) if node.meta[KEY]["adapter"] == name]
     for node in nodes:
         if node.meta[KEY]["role"] in ("add", "select"):
-            node.replace_all_uses_with(node.args[0])
+            node.replace_all_uses_with(arg_node(node))
     for node in reversed(nodes):
         gm.graph.erase_node(node)
     gm.graph.lint()

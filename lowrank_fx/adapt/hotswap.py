@@ -20,6 +20,8 @@ others' shapes or constants do not reduce to a padded rank.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import fx, nn
 
@@ -70,7 +72,9 @@ def make_slot(gm: fx.GraphModule, adapter: str, max_rank: int) -> None:
     Record.require(gm, "lfx.rewrite(max_rank=...)").adapters[adapter].max_rank = max_rank
 
 
-def _units(gm: fx.GraphModule, adapter: str) -> dict[str, nn.Module]:
+# A slot is a LoRA unit that gains attributes at run time (loaded_rank, its scale as a buffer):
+# the helpers below take it as Any.
+def _units(gm: fx.GraphModule, adapter: str) -> dict[str, Any]:
     info = Record.require(gm, "lfx.load_adapter").adapters[adapter]
     container = getattr(gm, CONTAINER)[adapter]
     return {target: container[group].unit(target) for target, group in info.groups.items()}
@@ -84,7 +88,7 @@ def _padded(value: torch.Tensor, axis: int, rank: int) -> torch.Tensor:
     return out
 
 
-def _pad_unit(unit: nn.Module, max_rank: int) -> None:
+def _pad_unit(unit: Any, max_rank: int) -> None:
     unit.loaded_rank = unit.lora_A.shape[0]
     with torch.no_grad():
         for name, axis in unit.rank_axes.items():
@@ -107,7 +111,7 @@ def slot_scales(module: nn.Module) -> set[str]:
     return {f"{name}.{SCALE}".lstrip(".") for name, unit in module.named_modules() if is_slot(unit)}
 
 
-def loaded_factor(unit: nn.Module, name: str) -> torch.Tensor:
+def loaded_factor(unit: Any, name: str) -> torch.Tensor:
     """Parameter `name` of `unit` as the loaded adapter has it: a slot's factor trimmed to its rank."""
     value = getattr(unit, name)
     axis = unit.rank_axes.get(name) if is_slot(unit) else None
@@ -159,7 +163,7 @@ def swap_problems(gm: fx.GraphModule, adapter: str, current: dict, incoming: dic
     return problems
 
 
-def swap_in(gm: fx.GraphModule, adapter: str, spec, built: nn.Module, group_of: dict[str, str],
+def swap_in(gm: fx.GraphModule, adapter: str, spec, built: Any, group_of: dict[str, str],
             tensors: dict[str, torch.Tensor]) -> None:
     """Copy the checked `tensors` (keys of `built`, the loaded adapter built from `spec`) into slot
     `adapter`: factors into the leading rows / columns, zeros after, scales filled, all in place."""

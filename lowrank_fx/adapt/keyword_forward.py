@@ -41,7 +41,7 @@ def keyword_forward(model: nn.Module, kwargs: dict):
     except (TypeError, ValueError):
         signature = None
     extra = _through_var_keyword(signature, kwargs) if signature is not None else []
-    if not extra:
+    if signature is None or not extra:
         yield
         return
     original = model.forward
@@ -51,7 +51,8 @@ def keyword_forward(model: nn.Module, kwargs: dict):
     def forward(*args, **named):
         return original(*args, **named)
 
-    forward.__signature__ = signature.replace(parameters=params)
+    # inspect.signature reads __signature__, which function objects do not declare
+    forward.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
     own = model.__dict__.get("forward", _MISSING)  # a forward set on the instance (a hook library's)
     model.forward = forward
     try:

@@ -93,6 +93,7 @@ def merged_plan(gm: fx.GraphModule) -> MergedPlan:
             t = update.target
             folds.append((tensors[t.weight], t, "weight", read_elsewhere(gm, index, t)))
             if _has_bias_update(update):
+                assert t.bias is not None, "LoRA(bias=True) refuses a target without a bias"
                 folds.append((tensors[t.bias], t, "bias", False))
     plan = MergedPlan(list(record.state_keys), {}, {}, {}, targets, found, [])
     detached = {}
@@ -102,10 +103,11 @@ def merged_plan(gm: fx.GraphModule) -> MergedPlan:
             if under[1]:  # a format's own keys are left out
                 plan.folded.setdefault(under[0], []).append((key, under[1]))
             continue
-        name = _gm_name(record, key, tensors)
-        if name is None:
-            raise MergeError(f"the graph has no tensor for the original model's {key!r}; was it captured from another model?")
-        value = tensors[name]
+        graph_name = _gm_name(record, key, tensors)
+        if graph_name is None:
+            raise MergeError(f"the graph has no tensor for the original model's {key!r}; "
+                             "was it captured from another model?")
+        value = tensors[graph_name]
         plan.shapes[key] = value.shape
         owners = [entry[1:] for entry in folds if entry[0] is value]
         owner = next((entry for entry in owners if _owns(key, entry[0])), owners[0] if owners else None)
@@ -142,6 +144,7 @@ def _dense_values(gm: fx.GraphModule, target: Target, update: Update) -> dict[st
     delta, bias_delta = target_update(gm, update)
     values = {"weight": merged_weight(gm.get_parameter(target.weight), delta, target)}
     if bias_delta is not None:
+        assert target.bias is not None, "LoRA(bias=True) refuses a target without a bias"
         values["bias"] = merged_bias(gm.get_parameter(target.bias), bias_delta)
     return values
 
@@ -158,6 +161,7 @@ def folded_values(gm: fx.GraphModule, plan: MergedPlan, names=None) -> Iterator[
         if target.quantized:
             values = _quantized_values(gm, target, update, regions)
         else:
+            assert update is not None, "a dense target is in plan.folded for its update"
             values = _dense_values(gm, target, update)
             for leaf, value in values.items():  # graph/folded.py: loading these adapters again is refused
                 carry_marks(value, gm.get_parameter(getattr(target, leaf)), marks.of(update.parts))

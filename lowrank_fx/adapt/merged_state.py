@@ -22,6 +22,8 @@ the others as they are, and measures the output error on the capture's examples
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 from torch import fx, nn
 
@@ -161,9 +163,9 @@ def load_merged(model: nn.Module, gm: fx.GraphModule, *, tolerance: float = 1e-2
         slots.undo()
         raise
     if adapted:
-        model.lowrank_fx_requantize_report = measure(gm, model, len(adapted), tolerance)
+        cast(Any, model).lowrank_fx_requantize_report = measure(gm, model, len(adapted), tolerance)
     if plan.conflicts and hasattr(getattr(model, "config", None), "tie_word_embeddings"):
-        model.config.tie_word_embeddings = False  # so save_pretrained / from_pretrained keep them apart
+        cast(Any, model).config.tie_word_embeddings = False  # so save_pretrained / from_pretrained keep them apart
     return model
 
 
@@ -183,7 +185,7 @@ def _check_keys(current: dict[str, torch.Tensor], shapes: dict[str, torch.Size],
                          "so load_merged cannot assign them; nothing was loaded")
 
 
-def _load_requantized(slots: Slots, module: nn.Module, name: str, values: dict[str, torch.Tensor]) -> None:
+def _load_requantized(slots: Slots, module: Any, name: str, values: dict[str, torch.Tensor]) -> None:
     """Assign the layer a new weight in its own quantized format, and a new bias where it changed."""
     dense = values["weight"]
     if type(module).__module__.startswith("bitsandbytes"):

@@ -9,6 +9,8 @@ every tensor it replaced, newest first: exact, as the old tensors are only held,
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -33,8 +35,10 @@ class Slots:
         return None
 
     def assign(self, key: str, value: torch.Tensor) -> None:
-        module, kind, leaf = self.find(key)
-        table = module._parameters if kind == "param" else module._buffers
+        found = self.find(key)
+        assert found is not None, "callers check that every key has a slot first (_check_keys)"
+        module, kind, leaf = found
+        table: dict[str, Any] = module._parameters if kind == "param" else module._buffers
         old = table[leaf]
         if kind == "param" and not isinstance(value, nn.Parameter):
             if id(value) not in self._wrapped:
@@ -45,7 +49,8 @@ class Slots:
 
     def undo(self) -> None:
         for module, kind, leaf, old in reversed(self._replaced):
-            (module._parameters if kind == "param" else module._buffers)[leaf] = old
+            table: dict[str, Any] = module._parameters if kind == "param" else module._buffers
+            table[leaf] = old
         self._replaced.clear()
 
 

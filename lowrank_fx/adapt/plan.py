@@ -21,6 +21,7 @@ from torch import nn
 from ..deprecation import api_options
 from ..graph.experts import ExpertsKind
 from ..graph.heads import left_out
+from ..graph.op_kinds import QuantizedLinearKind
 from ..graph.quant_formats import SLOW_KERNELS
 from ..graph.quantized import find_regions, region_bytes, region_device
 from ..passes.inject import build_groups
@@ -86,8 +87,8 @@ class Plan:
 
     def __str__(self) -> str:
         """The table: one line per target, the shared parameters, the totals, then what was left out."""
-        header = ("target", "op", "weight (out x in)", "method", "trainable")
-        body = [(r.target, r.op, f"{r.shape[0]} x {r.shape[1]}", r.method + (f"  [{r.note}]" if r.note else ""),
+        header: tuple[str, ...] = ("target", "op", "weight (out x in)", "method", "trainable")
+        body: list[tuple[str, ...]] = [(r.target, r.op, f"{r.shape[0]} x {r.shape[1]}", r.method + (f"  [{r.note}]" if r.note else ""),
                  f"{r.trainable:,}") for r in self.rows]
         if any(r.scheme for r in self.rows):
             header = (*header, "base")
@@ -189,14 +190,14 @@ def plan(model: nn.Module, spec: Spec, *, example_inputs: tuple[Any, ...] | None
         note = "rank > min(out, in)" if isinstance(rank, int) and method.kind == "lora" and rank > min(t.shape) else ""
         if isinstance(t.kind, ExpertsKind):  # the weight column shows one expert's matrix
             note = f"{t.kind.experts} experts" + (", one update shared" if getattr(unit, "shared_experts", False) else "")
-        region = regions.get(t.sites[0]) if t.quantized else None
+        scheme = t.kind.scheme if isinstance(t.kind, QuantizedLinearKind) else ""
+        region = regions.get(t.sites[0]) if scheme else None
         base_bytes = region_bytes(gm, region) if region is not None else _dense_bytes(gm, t)
-        if region is not None and (t.kind.scheme, region_device(gm, region).type) in SLOW_KERNELS:
+        if region is not None and (scheme, region_device(gm, region).type) in SLOW_KERNELS:
             device = region_device(gm, region).type
-            slow[f"{t.kind.scheme} on {device}"] = SLOW_KERNELS[t.kind.scheme, device]
+            slow[f"{scheme} on {device}"] = SLOW_KERNELS[scheme, device]
         rows.append(PlanRow(name, t.op, t.shape, _describe(method), group_of[name],
-                            sum(p.numel() for p in unit.parameters()), note,
-                            t.kind.scheme if t.quantized else "", base_bytes))
+                            sum(p.numel() for p in unit.parameters()), note, scheme, base_bytes))
     shared = {g: sum(p.numel() for p in group.parameters()) - sum(p.numel() for p in group.units.parameters())
               for g, group in groups.items()}
     trained = {name: param.numel() for name, param in resolve_trained(gm, spec).params.items()}

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -41,7 +42,7 @@ def _matches(name: str, patterns) -> bool:
 def _heads(model: nn.Module) -> set[str]:
     """Names of the Linear layers that are the model's output head."""
     found = set()
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    output = cast(Any, model).get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
@@ -158,5 +159,5 @@ def quantize_base(model: nn.Module, scheme: str, *, exclude: str | Sequence[str]
                else "choose a scheme (or int4 group_size) these layers' sizes allow")
         raise SpecError(f"quantize_base({scheme!r}) left all {len(chosen)} linear layers dense: "
                         f"{dict(list(left.items())[:3])}; {fix}")
-    model.lowrank_fx_quantized = {"scheme": scheme, "layers": done, "left_dense": left}
+    cast(Any, model).lowrank_fx_quantized = {"scheme": scheme, "layers": done, "left_dense": left}
     return model

@@ -157,7 +157,7 @@ def rewrite(model: nn.Module, spec: Spec, *, example_inputs: tuple[Any, ...] | N
     check_max_rank(max_rank)
     gm = capture(model, example_inputs, example_kwargs, dynamic=dynamic, dynamic_shapes=dynamic_shapes,
                  cache_dir=cache_dir, trace_blocks=trace_blocks)
-    record = Record.find(gm)
+    record = Record.require(gm, "lfx.rewrite")  # capture attached it
     recompute = checkpointed(gm)
     kept = unstructure(gm)  # a graph with blocks is flat while an adapter is added, then structured again
     if layers is not None and not kept:

@@ -31,7 +31,8 @@ def unread_layers(config) -> list[int]:
 
 def warn_unread_layers(model: nn.Module | None, targets: list[str]) -> None:
     """Warn when `targets` include vision layers the language model never reads (see above)."""
-    unread = set(unread_layers(getattr(model, "config", None)))
+    config = getattr(model, "config", None)
+    unread = set(unread_layers(config))
     if not unread:
         return
     hits = [name for name in targets
@@ -40,7 +41,7 @@ def warn_unread_layers(model: nn.Module | None, targets: list[str]) -> None:
         layers = "|".join(str(i) for i in sorted(unread))
         warnings.warn(
             f"{len(hits)} targets ({hits[0]}, ...) are in vision layer(s) {sorted(unread)}, after the hidden "
-            f"state the language model reads (config.vision_feature_layer={model.config.vision_feature_layer}): "
+            f"state the language model reads (config.vision_feature_layer={getattr(config, 'vision_feature_layer', None)}): "
             "they do not reach the logits, so their adapters get no gradient and stay as initialised. "
             rf"Leave them out: Spec(..., exclude=['re:vision_tower\..*layers\.({layers})\.'])",
             stacklevel=3,

@@ -65,15 +65,15 @@ def check_output_file(path: str, example: str, flag: str = "--out") -> None:
     """Raise unless `path` names a file that can be written (its folders are created on writing).
 
     example: a file name to suggest when `path` is a folder."""
-    path = Path(path)
-    if path.is_dir():
-        raise LowRankFxError(f"{flag} {path} is a folder; give a file name, e.g. {path / example}")
-    _probe(_existing_above(path), flag, path)
+    file = Path(path)
+    if file.is_dir():
+        raise LowRankFxError(f"{flag} {file} is a folder; give a file name, e.g. {file / example}")
+    _probe(_existing_above(file), flag, file)
 
 
 def check_output_folder(path: str, flag: str) -> None:
     """Raise unless `path` is, or can be created as, a folder that files can be written in."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise LowRankFxError(f"{flag} {path} is a file; give a folder to write into")
-    _probe(path if path.is_dir() else _existing_above(path), flag, path)
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise LowRankFxError(f"{flag} {folder} is a file; give a folder to write into")
+    _probe(folder if folder.is_dir() else _existing_above(folder), flag, folder)

@@ -162,7 +162,7 @@ def _export_generation(args) -> int:
 
     if not args.adapters:
         raise LowRankFxError("export --generation needs --adapters: the adapter files to serve")
-    adapters = {}
+    adapters: dict[str, str] = {}
     for path in args.adapters:
         for name in read_manifest(path)["adapters"]:
             if name in adapters:

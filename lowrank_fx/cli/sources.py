@@ -14,6 +14,7 @@ model whose output has a `.loss`.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 import importlib
 import inspect
 import json
@@ -29,10 +30,10 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 @dataclasses.dataclass
 class Source:
-    model: torch.nn.Module
-    example_inputs: tuple
-    example_kwargs: dict
-    tokenizer: object = None  # a transformers tokenizer when the directory has one
+    model: Any  # a torch.nn.Module; a transformers model has a config
+    example_inputs: tuple | None  # None when a --model factory returned only a model
+    example_kwargs: dict | None
+    tokenizer: Any = None  # a transformers tokenizer when the directory has one
 
 
 def _import(path: str):
@@ -70,7 +71,7 @@ def _from_factory(path: str) -> Source:
     raise LowRankFxError(f"{path} returned {type(made).__name__}; return a model, (model, args) or (model, args, kwargs)")
 
 
-def example_from_config(model: torch.nn.Module) -> tuple[tuple, dict]:
+def example_from_config(model: Any) -> tuple[tuple, dict]:
     """Example inputs for a transformers model, made from its config (batch 2)."""
     config = model.config
     parameters = inspect.signature(model.forward).parameters
@@ -78,7 +79,7 @@ def example_from_config(model: torch.nn.Module) -> tuple[tuple, dict]:
         size = getattr(config, "image_size", 224)
         return (torch.randn(2, getattr(config, "num_channels", 3), size, size),), {}
     args = (torch.randint(0, config.vocab_size, (2, 16)),)
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if getattr(config, "is_encoder_decoder", False):
         kwargs["decoder_input_ids"] = torch.randint(0, config.vocab_size, (2, 8))
     if "use_cache" in parameters:

@@ -12,6 +12,7 @@ refused with the file's name and what to write instead; nothing is silently igno
 from __future__ import annotations
 
 import json
+from typing import Any
 from pathlib import Path
 
 from ..errors import LowRankFxError, SpecError
@@ -79,7 +80,7 @@ def _method(path, entry, where: str) -> Method:
 def read_spec(path: str) -> Spec:
     """The Spec a `--spec` file describes (see the module docstring)."""
     data = _load(path)
-    targets = data.get("targets")
+    targets: Any = data.get("targets")  # Spec checks its type
     extra = {"exclude": data.get("exclude", ()), "train": data.get("train", ())}
     try:
         if isinstance(targets, dict):

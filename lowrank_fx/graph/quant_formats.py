@@ -137,7 +137,7 @@ def _torchao_requantize(old: Any, dense: torch.Tensor) -> torch.Tensor:
     raise NotImplementedError(kind)
 
 
-def requantize(old: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+def requantize(old: Any, dense: torch.Tensor) -> torch.Tensor:
     """`dense` (out, in) quantized in the format of the torchao tensor `old` (same block sizes).
 
     Raises NotImplementedError (naming the format) for a format lowrank_fx cannot rebuild."""

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import keyword
+from typing import TYPE_CHECKING
 
 from torch import fx, nn
 
 from ..errors import ModelTypeError, SpecError
+
+if TYPE_CHECKING:
+    from ..spec import Spec
 
 KEY = "lowrank_fx"
 CONTAINER = "lowrank_fx"  # gm.lowrank_fx[adapter][group] holds the adapter modules
@@ -20,7 +24,7 @@ CONTAINER = "lowrank_fx"  # gm.lowrank_fx[adapter][group] holds the adapter modu
 
 @dataclasses.dataclass
 class AdapterInfo:
-    spec: object  # the Spec it was made from
+    spec: Spec  # the Spec it was made from
     groups: dict[str, str]  # target name -> group name inside gm.lowrank_fx[adapter]
     max_rank: int | None = None  # a hot-swap slot's padded rank (adapt/hotswap.py)
 

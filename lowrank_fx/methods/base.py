@@ -24,7 +24,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from ..graph.op_kinds import LINEAR, EmbeddingKind, LinearKind, OpKind
 from ..options import choice, integer, number, set_options
@@ -178,7 +178,7 @@ class AdapterGroup(nn.Module):
     shared: tuple[str, ...] = ()
     rank_axes: ClassVar[dict[str, int]] = {}  # as Unit.rank_axes, for the group's own parameters
 
-    def __init__(self, units: dict[str, Unit]):
+    def __init__(self, units: Mapping[str, Unit]):
         super().__init__()
         self.units = nn.ModuleDict({unit_key(name): unit for name, unit in units.items()})
         self.target_names = list(units)
@@ -214,7 +214,8 @@ class AdapterGroup(nn.Module):
         """
         unit = self.unit(target_name)
         if unit.uses_base_weight:
-            return unit.delta_weight(*self.shared_tensors(), base=base)
+            # a unit that sets uses_base_weight takes base= (the class docstring's contract)
+            return unit.delta_weight(*self.shared_tensors(), base=base)  # type: ignore[call-arg]
         return unit.delta_weight(*self.shared_tensors())
 
     def output_side(self) -> list[nn.Parameter]:
@@ -260,7 +261,7 @@ class Method:
         raise NotImplementedError(f"{type(self).__name__} must implement build(targets) -> "
                                   "{group name: AdapterGroup} (docs/write_a_method.md)")
 
-    def for_graph(self, gm: nn.Module) -> Method:
+    def for_graph(self, gm: fx.GraphModule) -> Method:
         """This method with options that depend on the model filled in (LoRTA's head_dim).
 
         Args:

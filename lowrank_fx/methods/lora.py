@@ -11,7 +11,7 @@ from ..graph.experts import ExpertsKind
 from ..graph.op_kinds import ConvKind, EmbeddingKind
 from ..options import flag, options, set_options
 from . import lora_init
-from .base import AdapterGroup, Method, adapter_dtype, check_common
+from .base import AdapterGroup, Method, Unit, adapter_dtype, check_common
 from .dora import DoRAUnit
 from .lora_eva import eva_settings
 from .lora_experts import ExpertsLoRAUnit, check_experts
@@ -87,7 +87,7 @@ class LoRA(Method):
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
     def build(self, targets: list) -> dict[str, AdapterGroup]:
-        units = {}
+        units: dict[str, Unit] = {}
         for t in targets:
             if isinstance(t.kind, ExpertsKind):
                 check_experts(self, t)

@@ -64,20 +64,25 @@ class IncrementalPCA:
 
     def __init__(self, components: int, tau: float):
         self.k, self.tau = components, tau
-        self.count = self.mean = self.var = self.components = self.values = self.ratio = None
+        # the running statistics and the last step's PCA: None until the first batch
+        self.count: torch.Tensor | None = None
+        self.mean: torch.Tensor | None = None
+        self.var: torch.Tensor | None = None
+        self.components: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.ratio: torch.Tensor | None = None
         self.converged = torch.zeros(components, dtype=torch.bool)
 
     def _mean_var(self, x: torch.Tensor):
         """Running mean and variance (float64) with the batch x (n, in) added (Chan et al.)."""
         n = torch.tensor([x.shape[0]], device=x.device)
-        total = n if self.count is None else self.count + n
-        last_sum = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device) if self.mean is None \
-            else self.mean * self.count
         batch_sum = x.sum(0, dtype=torch.float64)
         centred = x - batch_sum / n
         spread = centred.square().sum(0, dtype=torch.float64) - centred.sum(0, dtype=torch.float64).square() / n
-        if self.var is None:
-            return (last_sum + batch_sum) / total, spread / total, total
+        if self.count is None or self.mean is None or self.var is None:  # the first batch
+            return batch_sum / n, spread / n, n
+        total = self.count + n
+        last_sum = self.mean * self.count
         ratio = self.count.double() / n
         spread = self.var * self.count + spread + ratio / total * (last_sum / ratio - batch_sum).square()
         return (last_sum + batch_sum) / total, spread / total, total
@@ -89,13 +94,13 @@ class IncrementalPCA:
         x = x.to(torch.float32).clone()
         previous = None if self.components is None else self.components.clone()
         mean, var, total = self._mean_var(x)
-        if previous is None:
+        if previous is None or self.count is None or self.mean is None or self.values is None:
             x -= mean
         else:
             batch_mean = x.mean(0)
             x -= batch_mean
             correction = torch.sqrt(self.count.double() / total * x.shape[0]) * (self.mean - batch_mean)
-            x = torch.vstack((self.values.view(-1, 1) * self.components, x, correction))
+            x = torch.vstack((self.values.view(-1, 1) * previous, x, correction))
         with torch.random.fork_rng():  # as PEFT: the seed does not touch the caller's random state
             torch.manual_seed(SEED)
             _, values, right = torch.svd_lowrank(x, q=2 * self.k, niter=NITER)

@@ -24,11 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SpecError
+from ..graph.experts import ExpertsKind
 from .base import Unit, dropout_module
 
 
 class ExpertsLoRAUnit(Unit):
     site_inputs = ("x", "route")
+    op_kind: ExpertsKind  # set by passes.inject.build_groups: an expert stack's sites
 
     def __init__(self, target, rank: int, scale: float, dropout: float, dtype: torch.dtype, init: str,
                  shared_experts: bool = False):

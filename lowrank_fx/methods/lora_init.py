@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from ..errors import SpecError
-from ..graph.op_kinds import LinearKind
+from ..graph.op_kinds import LinearKind, QuantizedLinearKind
 from .lora_loftq import loftq
 from .lora_loftq_quantized import SCHEME as QUANTIZED_SCHEME
 
@@ -116,9 +116,10 @@ def check_target(init: str, target, rank: int, over_quantized: bool = False) -> 
         raise SpecError(f"LoRA(init={init!r}) cannot adapt {target.name}, a {target.kind.name}: these inits are "
                         "defined for linear layers only; give it its own LoRA with init='default' (a mixed spec)")
     if changes_base(init):
-        if target.quantized and over_quantized and target.kind.scheme != QUANTIZED_SCHEME:
+        kind = target.kind
+        if isinstance(kind, QuantizedLinearKind) and over_quantized and kind.scheme != QUANTIZED_SCHEME:
             raise SpecError(f"LoRA(init='loftq', loftq_weights=...) cannot start from {target.name}'s "
-                            f"{target.kind.scheme} weight: LoftQ pairs its factors with bitsandbytes' NF4 base "
+                            f"{kind.scheme} weight: LoftQ pairs its factors with bitsandbytes' NF4 base "
                             "(blocks of 64 with fp32 scales), and only bitsandbytes' 4-bit layers hold it "
                             "(torchao's nf4 quantizes the block scales again, so its base is another one); quantize "
                             "with bitsandbytes' Linear4bit, or rewrite the float model with init='loftq' (the graph "
@@ -181,6 +182,7 @@ def weight_factors(init: str, weight: torch.Tensor, rank: int, scale: float, cov
     if settings:
         return loftq(weight, rank, scale, *settings)
     if init in DATA:
+        assert covariance is not None, "passes/calibrate.py refuses a data init without calibration"
         left, values, right = _corda_directions(weight, covariance, rank, last=init == "corda_kpm")
         root = (values / scale).sqrt()
         a, b = right.t().mul(root.view(-1, 1)).contiguous(), left.mul(root).contiguous()

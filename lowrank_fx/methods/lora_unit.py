@@ -37,6 +37,10 @@ from .lora_loftq_quantized import residual_factors
 
 
 class LoRAUnit(Unit):
+    lora_B_bias: nn.Parameter | None
+    residual: torch.Tensor | None  # weight-based inits: the base the graph holds instead of W
+    initial_factors: tuple[torch.Tensor, torch.Tensor] | None  # (A₀, B₀) of the weight-based inits
+    covariance: torch.Tensor | None
     def __init__(self, target, rank: int, scale: float, dropout: float, dtype: torch.dtype, init: str,
                  bias: bool = False, mixed_groups: bool = False, over_quantized: bool = False):
         super().__init__()
@@ -72,7 +76,7 @@ class LoRAUnit(Unit):
             nn.init.zeros_(self.lora_B)
         if init == "nonzero":
             nn.init.kaiming_uniform_(self.lora_A if embedding else self.lora_B, a=math.sqrt(5))
-            if bias:
+            if self.lora_B_bias is not None:
                 nn.init.uniform_(self.lora_B_bias, -0.5, 0.5)
 
     @torch.no_grad()
@@ -103,8 +107,9 @@ class LoRAUnit(Unit):
         self.lora_A.copy_(a)
         self.lora_B.copy_(b)
         self.initial_factors = (a, b)  # A₀, B₀: for the conversion to a plain LoRA (files/peft_init.py)
-        self.residual = self.op_kind.to_weight(base.to(weight.dtype), self.layout, weight.shape)
-        return self.residual
+        residual = self.op_kind.to_weight(base.to(weight.dtype), self.layout, weight.shape)
+        self.residual = residual
+        return residual
 
     @torch.no_grad()
     def init_from_quantized(self, weight: torch.Tensor, dequantized: torch.Tensor) -> None:

@@ -48,7 +48,7 @@ import re
 from typing import ClassVar
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from ..errors import SpecError
 from ..options import integer, options, set_options
@@ -91,6 +91,8 @@ class LoRTAGroup(AdapterGroup):
 
     shared = FACTORS
     rank_axes: ClassVar[dict[str, int]] = {"A": 1, "B": 0, "C_H": 1, "C_L": 1, "C_M": 1}
+    A: nn.Parameter
+    B: nn.Parameter
 
     def __init__(self, units: dict[str, LoRTAUnit], d_in: int, d_head: int, heads: int,
                  layers: int, matrices: int, rank: int, dtype: torch.dtype, init: str,
@@ -173,7 +175,7 @@ class LoRTA(Method):
         """
         return self.alpha / self.rank
 
-    def for_graph(self, gm: nn.Module) -> LoRTA:
+    def for_graph(self, gm: fx.GraphModule) -> LoRTA:
         """With the default head_dim: this method carrying the graph's head size (or why it has none).
 
         Args:
@@ -222,7 +224,7 @@ class LoRTA(Method):
         d_head, notes = self._head_size(out, names)
         if layer_of[targets[0].name] is None:
             notes += ("no layer index in the targets' names: a group of their own",)
-        cells = {}
+        cells: dict[tuple[str, str], str] = {}
         for t in targets:
             layer = layer_of[t.name] or ""
             cell = (layer, matrix_key(t.name, layer, self.matrix_pattern))

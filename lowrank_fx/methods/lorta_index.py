@@ -33,6 +33,7 @@ import torch
 from torch import fx
 
 from ..errors import SpecError
+from ..graph.fx_args import target_name
 from ..graph.mode_modules import ModeAttention
 
 LAYER_PATTERN = r"(?:^|\.)(?:layers|layer|h|block|blocks)\.\d+(?=\.)"
@@ -74,7 +75,7 @@ def _query_head_dim(gm: fx.GraphModule, node: fx.Node) -> int | None:
             return None
     elif node.op == "call_module":
         # `passes/mode_aware.py` turns attention with dropout into ModeAttention modules.
-        if not isinstance(gm.get_submodule(node.target), ModeAttention):
+        if not isinstance(gm.get_submodule(target_name(node)), ModeAttention):
             return None
     else:
         return None

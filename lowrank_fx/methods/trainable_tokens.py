@@ -26,6 +26,8 @@ from .base import AdapterGroup, Method, Unit, adapter_dtype
 class TrainableTokensUnit(Unit):
     site_inputs = ("x", "weight")
     uses_base_weight = True
+    indices: torch.Tensor  # (n,) the trained ids (a buffer)
+    slot: torch.Tensor  # (num,) each id's row in `rows`, n for ids that are not trained (a buffer)
 
     def __init__(self, target, indices: Sequence[int], dtype: torch.dtype):
         super().__init__()
@@ -91,7 +93,7 @@ class TrainableTokens(Method):
         object.__setattr__(self, "indices", tuple(indices))
 
     def build(self, targets: list) -> dict[str, AdapterGroup]:
-        units = {}
+        units: dict[str, Unit] = {}
         for t in targets:
             if not isinstance(t.kind, EmbeddingKind):
                 raise SpecError(f"TrainableTokens trains rows of an embedding table, but {t.name} is a {t.op}; "

@@ -54,7 +54,7 @@ class TrainedGroup(AdapterGroup):
 
     def copies(self) -> dict[str, nn.Parameter]:
         """{base parameter's graph name: its trained copy}."""
-        return {unit.base_names[leaf]: param for unit in self.units.values()
+        return {unit.base_names[leaf]: param for unit in self.units.values() if isinstance(unit, TrainedUnit)
                 for leaf, param in unit.named_parameters(recurse=False)}
 
 

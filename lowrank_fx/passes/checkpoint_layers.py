@@ -41,7 +41,7 @@ def checkpoint_layers(gm: fx.GraphModule) -> list[str]:
         SpecError: `gm` has no layer blocks.
     """
     require_graph(gm, "lfx.checkpoint_layers")
-    calls = [(node, call) for node in gm.graph.nodes if (call := block_call(gm, node)) is not None]
+    calls = [(node, found) for node in gm.graph.nodes if (found := block_call(gm, node)) is not None]
     if not calls:
         raise SpecError(
             "this graph has no layer blocks to checkpoint; rewrite it with "

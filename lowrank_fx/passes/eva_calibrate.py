@@ -11,6 +11,7 @@ activation node share one PCA, led by the first of them (PEFT: layers whose inpu
 from __future__ import annotations
 
 import dataclasses
+from typing import cast
 
 import torch
 from torch import fx
@@ -37,7 +38,9 @@ class _EvaRun:
     def redistribute(self) -> None:
         """The ranks from the explained-variance ratios, once every PCA has had a step."""
         if self.batches and all(pca.components is not None for pca in self.pcas.values()):
-            ratios = {name: self.pcas[self.leaders[name]].ratio[:self.caps[name]] for name in self.order}
+            # every PCA has had a step, so each has its ratios
+            ratios = {name: cast(torch.Tensor, self.pcas[self.leaders[name]].ratio)[:self.caps[name]]
+                      for name in self.order}
             self.ranks = rank_distribution(ratios, self.budget, {n: self.leaders[n] for n in self.order})
 
     def batch_start(self) -> None:
@@ -115,7 +118,7 @@ def eva_components(gm: fx.GraphModule, names: list[str], targets: dict[str, Targ
                             f"data, or no batch had the {caps[name]} rows they need; give more (or larger) samples, "
                             f"or lower eva_config's tau ({settings.tau:g})")
         rows = pca.components[:rank]
-        if settings.whiten:
+        if settings.whiten and pca.values is not None:  # set with the components
             rows = rows / pca.values[:rank].sqrt().view(-1, 1)
         components[name] = rows.float()
     return components

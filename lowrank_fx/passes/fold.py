@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from typing import Any, cast
 
 from torch import fx, nn
 
@@ -123,6 +124,7 @@ def fold(gm: fx.GraphModule, *, requantize: bool = False, tolerance: float = 1e-
             carry_marks(weight, gm.get_parameter(target.weight), marks.of(update.parts))  # graph/folded.py
             fold_target(folded, index, target, weight)
             if bias_delta is not None:
+                assert target.bias is not None, "LoRA(bias=True) refuses a target without a bias"
                 bias = merged_bias(gm.get_parameter(target.bias), bias_delta)
                 carry_marks(bias, gm.get_parameter(target.bias), marks.of(update.parts))
                 set_parameter(folded, target.bias, nn.Parameter(bias, requires_grad=False))
@@ -135,5 +137,5 @@ def fold(gm: fx.GraphModule, *, requantize: bool = False, tolerance: float = 1e-
     if requantize and quantized:
         report = measure(gm, folded, len(quantized), tolerance)
         folded.meta[REPORT] = report
-        folded.requantize_report = report
+        cast(Any, folded).requantize_report = report  # a plain attribute, beside the meta entry
     return folded

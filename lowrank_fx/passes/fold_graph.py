@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
+from ..graph.fx_args import arg_node, target_name
 from ..graph.gates import GATES
 from ..graph.quantized import dequantized
 from ..graph.record import CONTAINER, KEY, tagged
@@ -57,7 +58,7 @@ def weight_chains(index: GraphIndex, target: Target) -> list[list[fx.Node]]:
         node = weight_operand(site)
         while node.op != "get_attr":
             chain.append(node)
-            node = node.args[0]
+            node = arg_node(node)
         chains.append([*chain, node])
     return chains
 
@@ -90,7 +91,7 @@ def fold_target(gm: fx.GraphModule, index: GraphIndex, target: Target, merged: t
     parameter = nn.Parameter(merged, requires_grad=False)
     if not read_elsewhere(gm, index, target):
         for reader in _readers(gm, index, target):
-            set_parameter(gm, reader.target, parameter)
+            set_parameter(gm, target_name(reader), parameter)
         return
     chains = weight_chains(index, target)
     if not hasattr(gm, UNTIED):
@@ -107,7 +108,7 @@ def remove_adapter_nodes(gm: fx.GraphModule) -> None:
     """Drop every node lowrank_fx added (y + gate · Δy becomes y, a trained module's select its
     base), the adapter modules and gates."""
     for node in tagged(gm, "add") + tagged(gm, "select"):
-        node.replace_all_uses_with(node.args[0])
+        node.replace_all_uses_with(arg_node(node))
     for node in reversed(tagged(gm)):
         gm.graph.erase_node(node)
     for node in list(gm.graph.nodes):

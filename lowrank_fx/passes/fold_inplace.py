@@ -78,7 +78,10 @@ def _checked(gm: fx.GraphModule, found: dict[str, Update]) -> dict[str, tuple[to
             bias = quantized_bias(gm, target, regions, bias_delta) if bias_delta is not None else None
             copies[name] = (merged_weight(None, delta, target, gm), bias)
         else:
-            bias = merged_bias(gm.get_parameter(target.bias), bias_delta) if bias_delta is not None else None
+            bias = None
+            if bias_delta is not None:
+                assert target.bias is not None, "LoRA(bias=True) refuses a target without a bias"
+                bias = merged_bias(gm.get_parameter(target.bias), bias_delta)
             copies[name] = (merged_weight(gm.get_parameter(target.weight), delta, target), bias)
         del delta, bias_delta
     return copies
@@ -119,6 +122,7 @@ def fold_in_place(gm: fx.GraphModule) -> fx.GraphModule:
             carry_marks(weight, gm.get_parameter(target.weight), added[name])
             fold_target(gm, index, target, weight)
             if bias is not None:
+                assert target.bias is not None, "LoRA(bias=True) refuses a target without a bias"
                 carry_marks(bias, gm.get_parameter(target.bias), added[name])
                 set_parameter(gm, target.bias, nn.Parameter(bias, requires_grad=False))
             continue
@@ -128,6 +132,7 @@ def fold_in_place(gm: fx.GraphModule) -> fx.GraphModule:
         add_in_place(weight, target.kind.to_weight(delta, target.layout, weight.shape))
         mark_folded(weight, held)
         if bias_delta is not None:
+            assert target.bias is not None, "LoRA(bias=True) refuses a target without a bias"
             bias = gm.get_parameter(target.bias)
             held = {**folded_marks(bias), **added[name]}
             add_in_place(bias, bias_delta)

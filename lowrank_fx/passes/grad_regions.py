@@ -19,6 +19,9 @@ computes exactly what the higher-order op computed, in eager mode too.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import fx
 
@@ -37,7 +40,7 @@ def autocast_region(device_type: str, dtype, enabled: bool, cache_enabled: bool,
         return body(*args)
 
 
-REPLACEMENTS = {}
+REPLACEMENTS: dict[Any, Callable[..., Any]] = {}
 if hasattr(_hop, "wrap_with_set_grad_enabled"):
     REPLACEMENTS[_hop.wrap_with_set_grad_enabled] = grad_region
 if hasattr(_hop, "wrap_with_autocast"):

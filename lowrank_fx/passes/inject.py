@@ -27,18 +27,22 @@ adapter modules fails.
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 from torch import fx, nn
 
 from ..errors import SpecError
 from ..graph.experts import ExpertsKind
 from ..graph.gates import add_gate
+from ..graph.op_kinds import QuantizedLinearKind
 from ..graph.quantized import dequantized_exactly
 from ..graph.record import CONTAINER, tag
 from ..graph.targets import Target
-from ..methods.base import Method, unit_key
+from ..methods.base import AdapterGroup, Method, unit_key
 from ..methods.lora_init import DATA
 from ..methods.lora_loftq_quantized import float_weight
+from ..methods.lora_unit import LoRAUnit
 from .calibrate import input_covariances
 from .residual_base import base_changing, check_untied, write_residuals
 
@@ -48,7 +52,7 @@ aten = torch.ops.aten
 def build_groups(assignment: dict[str, Method], targets: dict[str, Target],
                  weights: dict[str, torch.Tensor] | None = None,
                  covariances: dict[str, torch.Tensor] | None = None,
-                 quantized_pairs: dict[str, tuple] | None = None) -> tuple[dict[str, nn.Module], dict[str, str]]:
+                 quantized_pairs: dict[str, tuple] | None = None) -> tuple[dict[str, AdapterGroup], dict[str, str]]:
     """Adapter groups for `assignment` (target name -> method) and each target's group name.
 
     Every unit learns its target's op kind; units with `init_from_weight` (DoRA, LoRA's
@@ -58,7 +62,7 @@ def build_groups(assignment: dict[str, Method], targets: dict[str, Target],
     by_method: dict[Method, list[Target]] = {}
     for name, method in assignment.items():
         by_method.setdefault(method, []).append(targets[name])
-    groups: dict[str, nn.Module] = {}
+    groups: dict[str, AdapterGroup] = {}
     group_of: dict[str, str] = {}
     for method, method_targets in by_method.items():
         for name, group in method.build(method_targets).items():
@@ -70,7 +74,7 @@ def build_groups(assignment: dict[str, Method], targets: dict[str, Target],
             groups[unique] = group
             for target in group.target_names:
                 group_of[target] = unique
-                unit = group.unit(target)
+                unit: Any = group.unit(target)  # the init hooks below are the unit's own, where it has them
                 unit.op_kind = targets[target].kind
                 if hasattr(unit, "init_from_weight") and weights and targets[target].weight in weights:
                     if covariances and target in covariances:
@@ -91,16 +95,18 @@ def _float_and_quantized(gm: fx.GraphModule, assignment: dict[str, Method], targ
         if path is None or not target.quantized:
             continue
         dense = dequantized_exactly(gm, target)
-        weight = float_weight(path, target.weight, name, tuple(dense.shape))
+        weight = float_weight(path, target.weight, name, (dense.shape[0], dense.shape[1]))
         pairs[name] = (weight.to(dense.device), dense)
     return pairs
 
 
 def _refuse_quantized(assignment: dict[str, Method], targets: dict[str, Target]) -> None:
     for name, method in assignment.items():
-        if targets[name].quantized and (getattr(method, "dora", False) or getattr(method, "kind", "") == "dora"):
+        kind = targets[name].kind
+        dora = getattr(method, "dora", False) or getattr(method, "kind", "") == "dora"
+        if isinstance(kind, QuantizedLinearKind) and dora:
             raise SpecError(
-                f"{name} has a {targets[name].kind.scheme} quantized weight, and DoRA reads the base weight "
+                f"{name} has a {kind.scheme} quantized weight, and DoRA reads the base weight "
                 "in every forward (its column norms), which a quantized weight does not give as a matrix. "
                 "Use LoRA, LoRTA or RandLoRA on quantized layers, or exclude them from the DoRA spec."
             )
@@ -108,9 +114,10 @@ def _refuse_quantized(assignment: dict[str, Method], targets: dict[str, Target])
 
 def _refuse_experts(assignment: dict[str, Method], targets: dict[str, Target]) -> None:
     for name, method in assignment.items():
-        if isinstance(targets[name].kind, ExpertsKind) and method.kind != "lora":
+        kind = targets[name].kind
+        if isinstance(kind, ExpertsKind) and method.kind != "lora":
             raise SpecError(
-                f"{name} is a stack of {targets[name].kind.experts} experts (a 3-D weight), which only LoRA adapts "
+                f"{name} is a stack of {kind.experts} experts (a 3-D weight), which only LoRA adapts "
                 f"({type(method).__name__} builds one update per matrix, not per routed expert); give it "
                 "lfx.LoRA(...) in a mixed spec, or exclude it"
             )
@@ -151,7 +158,7 @@ def inject(gm: fx.GraphModule, adapter: str, assignment: dict[str, Method], targ
     if initialise and components:
         with torch.no_grad():
             for name, rows in components.items():
-                groups[group_of[name]].unit(name).lora_A.copy_(rows)
+                cast(LoRAUnit, groups[group_of[name]].unit(name)).lora_A.copy_(rows)  # EVA: LoRA units
     if not hasattr(gm, CONTAINER):
         gm.add_module(CONTAINER, nn.ModuleDict())
     # Adapters live where the weights they adapt live (a graph captured on a GPU), and
@@ -187,7 +194,8 @@ def inject(gm: fx.GraphModule, adapter: str, assignment: dict[str, Method], targ
                 tag(node, adapter, name, "shared")
             tag(gate, adapter, name, "gate")
             tag(added, adapter, name, "add")
-            site.replace_all_uses_with(added, delete_user_cb=lambda user, added=added, call=call: user is not added and user is not call)
+            site.replace_all_uses_with(
+                added, delete_user_cb=lambda user, added=added, call=call: user is not added and user is not call)
     write_residuals(gm, adapter, {name: groups[group_of[name]].unit(name) for name in assignment}, targets)
     gm.graph.lint()
     gm.recompile()

@@ -43,6 +43,8 @@ wherever this process runs it (deep copies share it), not after pickling to anot
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import fx
@@ -64,11 +66,11 @@ from ..graph.quantized import (
 )
 from ..progress import steps
 
-_WRAPPED: dict[str, tuple[fx.GraphModule, Region, object]] = {}  # key -> (f(x, *weights), region, W(weights) or None)
+_WRAPPED: dict[str, tuple[fx.GraphModule, Region, Callable[..., Any] | None]] = {}  # key -> (f(x, *weights), region, W(weights) or None)
 QUANTIZED_MARK = "lowrank_fx_quantized"  # node.meta[QUANTIZED_MARK]: the key of a wrapped quantized linear
 
 
-def _wrapped(key: str) -> tuple[fx.GraphModule, Region, object]:
+def _wrapped(key: str) -> tuple[fx.GraphModule, Region, Callable[..., Any] | None]:
     try:
         return _WRAPPED[key]
     except KeyError:
@@ -89,7 +91,7 @@ def _input_grad(x: torch.Tensor, grad: torch.Tensor, weights, key: str) -> torch
     region recomputed and differentiated (module docstring)."""
     function, _, dense_weight = _wrapped(key)
     if dense_weight is None:  # autograd is off inside a custom op; torch.func's own transform is not
-        _, pullback = torch.func.vjp(lambda v: function(v, *weights), x)
+        pullback = torch.func.vjp(lambda v: function(v, *weights), x)[1]
         return pullback(grad)[0]
     factors = getattr(dense_weight, "row_scaled", None)
     if factors is not None:  # W = s · q (per-row int8): dL/dy · W = (dL/dy ⊙ sᵀ) · q
@@ -316,7 +318,8 @@ def prepare_quantized(gm: fx.GraphModule) -> list[str]:
     """Check the quantized regions (a wrong one raises before the graph changes), then make
     each one a custom op (its backward: module docstring). Returns the wrapped layers' paths.
     Layers of one kind (`_kind`: the 24 q_proj of a decoder) are checked once, on the first."""
-    checked, verdicts = [], {}
+    checked: list[tuple[Region, fx.GraphModule, Callable[..., Any] | None]] = []
+    verdicts: dict[tuple, str | None] = {}
     regions = find_regions(gm)
     nodes = {n.name: n for n in gm.graph.nodes}
     for region in steps(regions, "checking quantized layers", len(regions)):

@@ -111,10 +111,9 @@ def fold_dense(gm: fx.GraphModule, target, region: Region, merged: torch.Tensor,
     nodes = {n.name: n for n in gm.graph.nodes}
     output, activation = nodes[region.output], nodes[region.activation]
     bias_path = region_bias(gm, region)
-    if bias is not None and bias_path is None:
-        bias_path = f"{region.path}.bias"
     _set(gm, target.weight, merged)
     if bias is not None:
+        bias_path = bias_path or f"{region.path}.bias"
         _set(gm, bias_path, bias)
     with gm.graph.inserting_before(output):
         weight = gm.graph.get_attr(target.weight)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 
 import torch
 from torch import fx, nn
@@ -130,7 +131,7 @@ def _children(gm: fx.GraphModule, entry: BlockList, members: dict[int, list[fx.N
                 elif source != 0 or not entry.first_unique:
                     raise NotRepeatable(f"{entry.path}.{j} reads {entry.path}.{source}, not the block before it")
         slots = {root for arg in private for root in roots[arg] if root.op == "placeholder" and reach[root] == {j}}
-        children.append(_Child(nodes, outputs, chain, sorted(private, key=order.get), sorted(slots, key=order.get),
+        children.append(_Child(nodes, outputs, chain, sorted(private, key=order.__getitem__), sorted(slots, key=order.__getitem__),
                                owned, returned))
     for j, child in enumerate(children[:-1]):
         following = set(children[j + 1].nodes) if j or not entry.first_unique else \
@@ -217,9 +218,10 @@ def _expand(gm: fx.GraphModule, model: nn.Module, entry: BlockList, children: li
         returned.update((k, local[n]) for k, n in zip(returns(i), (outs[p] for p in returns(j))))
         return [local[n] for n in template.outputs]
 
-    outs = list(graph.output_node().args[0]) if isinstance(graph.output_node().args[0], (tuple, list)) else []
+    output_value = graph.output_node().args[0]
+    outs = list(output_value) if isinstance(output_value, (tuple, list)) else []
     returned: dict[int, fx.Node] = {}  # position in the graph's output -> a copied child's value
-    kept = {}  # the traced children's own returned values, before the last one's are redirected
+    kept: dict[fx.Node, fx.Node] = {}  # the traced children's own returned values, before the last one's are redirected
     for node in graph.nodes:
         if node.op == "output" and returned:
             flat = [kept.get(value, env[value]) if isinstance(value, fx.Node) else value for value in outs]
@@ -255,22 +257,22 @@ def _slots(graph: fx.Graph, entry: BlockList, children: list[_Child]):
     child 1's own inputs being one contiguous run). A graph without such values gets none."""
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     index = {node: k for k, node in enumerate(placeholders)}
-    inputs = returns = lambda i: []
+    inputs: Callable[[int], list[fx.Node]] = lambda i: []  # noqa: E731
+    returns: Callable[[int], list[int]] = lambda i: []  # noqa: E731
     last = len(entry.kinds) - 1
     if any(child.inputs for child in children):
         where = [[index[n] for n in child.slots] for child in children[1:]]
         if len(where) >= 2:
-            first, strides = _strided(where, "graph inputs read by one block alone")
+            in_first, in_strides = _strided(where, "graph inputs read by one block alone")
         else:
-            first = where[0]
-            strides = [len(first)] * len(first)
-            if not first or first != list(range(first[0], first[0] + len(first))) or \
-                    any(index[n] + len(first) not in first for n in children[0].slots):
+            in_first = where[0]
+            in_strides = [len(in_first)] * len(in_first)
+            if not in_first or in_first != list(range(in_first[0], in_first[0] + len(in_first))) or \
+                    any(index[n] + len(in_first) not in in_first for n in children[0].slots):
                 raise NotRepeatable("the graph inputs read by one block alone do not follow one stride")
-        if any(p + (last - 1) * d >= len(placeholders) for p, d in zip(first, strides)):
+        if any(p + (last - 1) * d >= len(placeholders) for p, d in zip(in_first, in_strides)):
             raise NotRepeatable("the graph has no inputs for the untraced blocks")
-        inputs = lambda i, first=first, strides=strides: [  # noqa: E731
-            placeholders[p + (i - 1) * d] for p, d in zip(first, strides)]
+        inputs = lambda i: [placeholders[p + (i - 1) * d] for p, d in zip(in_first, in_strides)]  # noqa: E731
         for i in range(entry.keep, last + 1):
             for mine, theirs in zip(inputs(i), children[entry.template(entry.kinds[i])].slots):
                 if _spec(mine) != _spec(theirs):
@@ -280,10 +282,10 @@ def _slots(graph: fx.Graph, entry: BlockList, children: list[_Child]):
         if not isinstance(outs, (tuple, list)):
             raise NotRepeatable("the graph's output is not a flat tuple")
         where = [[k for k, value in enumerate(outs) if value in set(child.nodes)] for child in children]
-        first, strides = _strided(where, "returned values")
-        if any(p + last * d >= len(outs) for p, d in zip(first, strides)):
+        out_first, out_strides = _strided(where, "returned values")
+        if any(p + last * d >= len(outs) for p, d in zip(out_first, out_strides)):
             raise NotRepeatable("the graph's output has no places for the untraced blocks")
-        returns = lambda i, first=first, strides=strides: [p + i * d for p, d in zip(first, strides)]  # noqa: E731
+        returns = lambda i: [p + i * d for p, d in zip(out_first, out_strides)]  # noqa: E731
     return inputs, returns
 
 

@@ -12,6 +12,9 @@ W_res + s · B A back into the model's tensor when that adapter was folded (`ret
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import fx, nn
 
@@ -50,7 +53,7 @@ def _paths_by_tensor(gm: fx.GraphModule) -> dict[int, list[str]]:
     return names_of
 
 
-def write_residuals(gm: fx.GraphModule, adapter: str, units: dict[str, nn.Module], targets: dict[str, Target]) -> None:
+def write_residuals(gm: fx.GraphModule, adapter: str, units: Mapping[str, Any], targets: dict[str, Target]) -> None:
     """Give each target whose unit holds a residual (`unit.residual`, the weight as the graph stores
     it) a new frozen parameter with it, under every name of the old weight in `gm`."""
     names_of = _paths_by_tensor(gm)

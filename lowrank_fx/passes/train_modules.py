@@ -32,6 +32,8 @@ select, so folding and dropping an adapter replace a select by its base
 from __future__ import annotations
 
 import dataclasses
+import operator
+from functools import partial
 from typing import cast
 
 import torch
@@ -246,7 +248,7 @@ def add_trained(gm: fx.GraphModule, adapter: str, trained: Trained) -> None:
                     selected = gm.graph.call_function(select_trained, (top, copy, gate))
                 if "val" in top.meta:
                     selected.meta["val"] = top.meta["val"]
-                top.replace_all_uses_with(selected, delete_user_cb=lambda user, s=selected: user is not s)
+                top.replace_all_uses_with(selected, delete_user_cb=partial(operator.is_not, selected))  # all but the select
                 tag(copy, adapter, name, "shared")
                 tag(gate, adapter, name, "gate")
                 tag(selected, adapter, name, "select")
