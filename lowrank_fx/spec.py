@@ -49,7 +49,8 @@ def _compile(pattern: str):
 
     # A parameter's name selects the target of that weight ("lin0.weight" -> "lin0"), as PEFT's
     # target_parameters do.
-    module = next((pattern[: -len(s)] for s in (".weight", "_weight") if pattern.endswith(s) and len(pattern) > len(s)), None)
+    module = next((pattern[: -len(s)] for s in (".weight", "_weight")
+                   if pattern.endswith(s) and len(pattern) > len(s)), None)
 
     def glob(name: str) -> bool:
         parts = name.split(".")

@@ -6,8 +6,9 @@ slices, gates and tensor reads are erased. Its modules (`gm.lowrank_fx[name]`), 
 (and per-row gate, after `lfx.adapter_rows`) and its record entry are dropped; so are the
 container and the gate module once no adapter is left. A weight its init replaced by a residual
 (PiSSA, OLoRA, ...) is the model's own tensor again. Adapter files, PEFT directories and ONNX
-exports read the graph and the record, so they no longer see it. A graph with layer blocks (checkpointed or not) is flattened, edited and
-structured again, as `rewrite` does when it adds an adapter.
+exports read the graph and the record, so they no longer see it. A graph with layer blocks
+(checkpointed or not) is flattened, edited and structured again, as `rewrite` does when it adds
+an adapter.
 """
 
 from __future__ import annotations

@@ -36,7 +36,8 @@ SUPPORTED = "plain LoRA (lfx.LoRA without dora=True, on linear, embedding or con
 
 def check_max_rank(max_rank) -> None:
     if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1):
-        raise SpecError(f"max_rank must be a positive int (the rank hot-swap slots are padded to), or None; got {max_rank!r}")
+        raise SpecError("max_rank must be a positive int (the rank hot-swap slots are padded to), or None; got "
+                        f"{max_rank!r}")
 
 
 def _slot_problem(target: str, method) -> str | None:

@@ -88,8 +88,9 @@ class Plan:
     def __str__(self) -> str:
         """The table: one line per target, the shared parameters, the totals, then what was left out."""
         header: tuple[str, ...] = ("target", "op", "weight (out x in)", "method", "trainable")
-        body: list[tuple[str, ...]] = [(r.target, r.op, f"{r.shape[0]} x {r.shape[1]}", r.method + (f"  [{r.note}]" if r.note else ""),
-                 f"{r.trainable:,}") for r in self.rows]
+        body: list[tuple[str, ...]] = [
+            (r.target, r.op, f"{r.shape[0]} x {r.shape[1]}", r.method + (f"  [{r.note}]" if r.note else ""),
+             f"{r.trainable:,}") for r in self.rows]
         if any(r.scheme for r in self.rows):
             header = (*header, "base")
             body = [(*row, f"{r.scheme}, {r.base_bytes:,} B" if r.scheme else f"dense, {r.base_bytes:,} B")
@@ -189,7 +190,8 @@ def plan(model: nn.Module, spec: Spec, *, example_inputs: tuple[Any, ...] | None
         rank = method.config().get("rank")
         note = "rank > min(out, in)" if isinstance(rank, int) and method.kind == "lora" and rank > min(t.shape) else ""
         if isinstance(t.kind, ExpertsKind):  # the weight column shows one expert's matrix
-            note = f"{t.kind.experts} experts" + (", one update shared" if getattr(unit, "shared_experts", False) else "")
+            shared_note = ", one update shared" if getattr(unit, "shared_experts", False) else ""
+            note = f"{t.kind.experts} experts{shared_note}"
         scheme = t.kind.scheme if isinstance(t.kind, QuantizedLinearKind) else ""
         region = regions.get(t.sites[0]) if scheme else None
         base_bytes = region_bytes(gm, region) if region is not None else _dense_bytes(gm, t)

@@ -28,7 +28,8 @@ from .vision_features import warn_unread_layers
 
 def _require_spec(spec) -> None:
     if not isinstance(spec, Spec):
-        raise SpecError(f"expected an lfx.Spec, got {type(spec).__name__}; e.g. lfx.Spec(targets=['*.q_proj'], method=lfx.LoRA(rank=8))")
+        raise SpecError(f"expected an lfx.Spec, got {type(spec).__name__}; e.g. lfx.Spec(targets=['*.q_proj'], "
+                        "method=lfx.LoRA(rank=8))")
 
 
 def resolve(gm: fx.GraphModule, spec: Spec) -> tuple[dict[str, Target], dict]:

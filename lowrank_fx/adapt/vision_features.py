@@ -41,7 +41,8 @@ def warn_unread_layers(model: nn.Module | None, targets: list[str]) -> None:
         layers = "|".join(str(i) for i in sorted(unread))
         warnings.warn(
             f"{len(hits)} targets ({hits[0]}, ...) are in vision layer(s) {sorted(unread)}, after the hidden "
-            f"state the language model reads (config.vision_feature_layer={getattr(config, 'vision_feature_layer', None)}): "
+            "state the language model reads "
+            f"(config.vision_feature_layer={getattr(config, 'vision_feature_layer', None)}): "
             "they do not reach the logits, so their adapters get no gradient and stay as initialised. "
             rf"Leave them out: Spec(..., exclude=['re:vision_tower\..*layers\.({layers})\.'])",
             stacklevel=3,

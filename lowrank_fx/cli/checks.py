@@ -56,7 +56,8 @@ def _probe(folder: Path, flag: str, path: Path) -> None:
     try:
         fd, temp = tempfile.mkstemp(dir=folder, prefix=".lowrank-fx-check.")
     except OSError as err:
-        raise LowRankFxError(f"{flag} {path}: cannot write in {folder} ({err.strerror}); choose a writable place") from None
+        raise LowRankFxError(
+            f"{flag} {path}: cannot write in {folder} ({err.strerror}); choose a writable place") from None
     os.close(fd)
     os.unlink(temp)
 

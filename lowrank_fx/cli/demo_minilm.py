@@ -199,8 +199,8 @@ def run(out: str = "demo_out", steps: int | None = None, progress: bool = True) 
     ort_accuracy, ort_error = {}, {}
     for name, task in tasks.items():
         def embed(ids, mask, name=name):
-            return torch.from_numpy(
-                    next(iter(session.run({"input_ids": ids.numpy(), "attention_mask": mask.numpy()}, adapter=name).values())))
+            outputs = session.run({"input_ids": ids.numpy(), "attention_mask": mask.numpy()}, adapter=name)
+            return torch.from_numpy(next(iter(outputs.values())))
         ort_accuracy[name] = task.accuracy(embed)
         with torch.no_grad():
             ort_error[name] = _relative(embed(*task.test_inputs), graphs[name](*task.test_inputs))
@@ -231,7 +231,8 @@ def run(out: str = "demo_out", steps: int | None = None, progress: bool = True) 
         f"fold error: graph {folded_error:.1e}, original model {original_error:.1e} (max relative)",
         f"files in {out_dir}/: loss.png, minilm.onnx + 2 .onnx_adapter files, adapters as .safetensors",
         *[f"{'PASS' if ok else 'FAIL'}  {what}" for what, ok in checks.items()],
-        f"wall time {time.perf_counter() - started:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()) + ")",
+        f"wall time {time.perf_counter() - started:.0f} s ("
+        + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()) + ")",
     ]
     print("\n".join(lines))
     figures = {"before": before, "after": after, "ort_accuracy": ort_accuracy, "ort_error": ort_error,

@@ -166,7 +166,8 @@ def _export_generation(args) -> int:
     for path in args.adapters:
         for name in read_manifest(path)["adapters"]:
             if name in adapters:
-                raise LowRankFxError(f"adapter {name!r} is in both {adapters[name]} and {path}; save them under other names")
+                raise LowRankFxError(f"adapter {name!r} is in both {adapters[name]} and {path}; save them under other "
+                                     "names")
             adapters[name] = path
     source = _source(args)
     example = source.example_inputs[0] if source.example_inputs else None
@@ -194,7 +195,8 @@ def _demo(args) -> int:
 
         figures = run_demo(steps=args.steps or 300, rank=args.rank, seed=args.seed, progress=not args.quiet)
         print(format_report(figures))
-        return 0 if figures["fold_error"] < 1e-5 and figures["original_error"] < 1e-5 and figures["generation_agrees"] else 1
+        agrees = figures["fold_error"] < 1e-5 and figures["original_error"] < 1e-5 and figures["generation_agrees"]
+        return 0 if agrees else 1
     from .demo_minilm import run
 
     return 0 if run(out=args.out, steps=args.steps, progress=not args.quiet) else 1
@@ -228,7 +230,8 @@ def parser() -> argparse.ArgumentParser:
                    epilog=EXAMPLES, formatter_class=formatter)
     commands = root.add_subparsers(dest="command", required=True, metavar="{plan,train,merge,export,generate,demo}")
 
-    p = commands.add_parser("plan", help="list what a spec would adapt, with parameter counts", epilog=EXAMPLES, formatter_class=formatter)
+    p = commands.add_parser("plan", help="list what a spec would adapt, with parameter counts", epilog=EXAMPLES,
+                            formatter_class=formatter)
     _add_model(p)
     _add_spec(p)
     p.set_defaults(run=_plan)
@@ -241,7 +244,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default="default", help="adapter name")
     p.add_argument("--steps", type=at_least(1), default=200)
     p.add_argument("--lr", type=positive_float, default=1e-3)
-    p.add_argument("--loraplus-ratio", type=float, default=16.0, help="LoRA+ rate ratio for output-side factors (1 = plain)")
+    p.add_argument("--loraplus-ratio", type=float, default=16.0,
+                   help="LoRA+ rate ratio for output-side factors (1 = plain)")
     p.add_argument("--batch-size", type=at_least(1), default=8)
     p.add_argument("--seq-len", type=at_least(2), default=64, help="tokens per row (the loss predicts tokens 2..N)")
     p.add_argument("--save-every", type=at_least(0), default=0,
@@ -250,14 +254,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_train)
 
-    p = commands.add_parser("merge", help="fold adapters into dense weights for the original model", epilog=EXAMPLES, formatter_class=formatter)
+    p = commands.add_parser("merge", help="fold adapters into dense weights for the original model", epilog=EXAMPLES,
+                            formatter_class=formatter)
     _add_model(p)
     p.add_argument("--adapters", nargs="+", required=True, help="adapter files (from train or save_adapters)")
     p.add_argument("--out", required=True, help="safetensors file of dense weights, keyed like the original model")
-    p.add_argument("--untie", action="store_true", help="allow folding one use of a tied weight (untie it in your model)")
+    p.add_argument("--untie", action="store_true",
+                   help="allow folding one use of a tied weight (untie it in your model)")
     p.set_defaults(run=_merge)
 
-    p = commands.add_parser("export", help="export to ONNX (merged, swappable adapters, or per-row)", epilog=EXAMPLES, formatter_class=formatter)
+    p = commands.add_parser("export", help="export to ONNX (merged, swappable adapters, or per-row)", epilog=EXAMPLES,
+                            formatter_class=formatter)
     _add_model(p)
     p.add_argument("--adapters", nargs="*", default=[], help="adapter files; none exports the base model")
     p.add_argument("--mode", default="adapters", choices=["merged", "adapters", "per_row"],
@@ -281,7 +288,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-beams", type=at_least(1), default=1, help="beam search with this many beams (1: none)")
     p.set_defaults(run=_generate)
 
-    p = commands.add_parser("demo", help="the main demo (real MiniLM weights), or --synthetic", epilog=EXAMPLES, formatter_class=formatter)
+    p = commands.add_parser("demo", help="the main demo (real MiniLM weights), or --synthetic", epilog=EXAMPLES,
+                            formatter_class=formatter)
     p.add_argument("--synthetic", action="store_true", help="small random Llama instead of MiniLM")
     p.add_argument("--steps", type=at_least(1), default=None)
     p.add_argument("--rank", type=int, default=8)

@@ -14,11 +14,11 @@ model whose output has a `.loss`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 import importlib
 import inspect
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -51,11 +51,13 @@ def _call(path: str):
     """Call the callable `path` names with no arguments (what a factory must accept)."""
     factory = _import(path)
     if not callable(factory):
-        raise LowRankFxError(f"{path} is a {type(factory).__name__}, not a callable; name a function that takes no arguments")
+        raise LowRankFxError(f"{path} is a {type(factory).__name__}, not a callable; name a function that takes no "
+                             "arguments")
     try:
         inspect.signature(factory).bind()
     except TypeError as err:
-        raise LowRankFxError(f"{path} cannot be called without arguments ({err}); name a function that takes none") from None
+        raise LowRankFxError(
+            f"{path} cannot be called without arguments ({err}); name a function that takes none") from None
     except ValueError:  # builtins without a signature: let the call itself tell
         pass
     return factory()
@@ -68,7 +70,8 @@ def _from_factory(path: str) -> Source:
     if isinstance(made, tuple) and made and isinstance(made[0], torch.nn.Module):
         args = made[1] if len(made) > 1 else None
         return Source(made[0], tuple(args) if args is not None else None, dict(made[2]) if len(made) > 2 else {})
-    raise LowRankFxError(f"{path} returned {type(made).__name__}; return a model, (model, args) or (model, args, kwargs)")
+    raise LowRankFxError(f"{path} returned {type(made).__name__}; return a model, (model, args) or (model, args, "
+                         "kwargs)")
 
 
 def example_from_config(model: Any) -> tuple[tuple, dict]:

@@ -12,8 +12,8 @@ refused with the file's name and what to write instead; nothing is silently igno
 from __future__ import annotations
 
 import json
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from ..errors import LowRankFxError, SpecError
 from ..files.serial import method_classes
@@ -40,9 +40,11 @@ def _load(path: str) -> dict:
     except (OSError, UnicodeDecodeError) as err:
         raise SpecError(f"spec file {path} cannot be read ({err})") from None
     except json.JSONDecodeError as err:
-        raise SpecError(f"spec file {path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+        raise SpecError(
+            f"spec file {path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
     if not isinstance(data, dict):
-        raise SpecError(f"spec file {path} must hold a JSON object with the keys {', '.join(KEYS)}, not a {type(data).__name__}")
+        raise SpecError(f"spec file {path} must hold a JSON object with the keys {', '.join(KEYS)}, not a "
+                        f"{type(data).__name__}")
     unknown = [key for key in data if key not in KEYS]
     if unknown:
         raise _fail(path, f"unknown key {unknown[0]!r}; the keys are {', '.join(KEYS)} "
@@ -62,7 +64,8 @@ def _method(path, entry, where: str) -> Method:
     classes = method_classes()
     kinds = ", ".join(sorted(classes))
     if not isinstance(entry, dict) or not isinstance(entry.get("method"), str):
-        raise _fail(path, f"{where} must be an object naming its kind, e.g. {EXAMPLE} (kinds: {kinds}); got {json.dumps(entry)}")
+        raise _fail(path, f"{where} must be an object naming its kind, e.g. {EXAMPLE} (kinds: {kinds}); got "
+                          f"{json.dumps(entry)}")
     kind = entry["method"]
     cls = classes.get(kind)
     if cls is None:

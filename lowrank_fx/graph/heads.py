@@ -191,7 +191,8 @@ def head_reasons(gm: fx.GraphModule, targets: dict[str, Target]) -> dict[str, st
         outputs = list(dict.fromkeys(o for site in t.sites for o in _reached_outputs(gm, nodes[site], names)))
         shown = ", ".join(repr(o) for o in outputs)
         if outputs and t.out_features in vocab:
-            reasons[t.name] = (f"LM head: as wide as the embedding {_model_name(gm, vocab[t.out_features], t.name)} (a vocabulary), "
+            table = _model_name(gm, vocab[t.out_features], t.name)
+            reasons[t.name] = (f"LM head: as wide as the embedding {table} (a vocabulary), "
                                f"its result is the model output {shown}")
         elif outputs:
             reasons[t.name] = f"output head: its result is the model output {shown} with no linear op after it"
@@ -233,5 +234,6 @@ def left_out(gm: fx.GraphModule, targets: dict[str, Target]) -> dict[str, str]:
         elif t.name in heads:
             reasons[t.name] = heads[t.name]
         elif any(_routes_experts(gm, nodes[site]) for site in t.sites):
-            reasons[t.name] = "mixture-of-experts router (its output picks the experts through top-k); name it to adapt it"
+            reasons[t.name] = ("mixture-of-experts router (its output picks the experts through top-k); "
+                               "name it to adapt it")
     return reasons

@@ -206,7 +206,8 @@ class BnbLinear4bit(nn.Linear):
         absmax: Any = get("absmax")
         if self.nested:
             absmax = torch.ops.bitsandbytes.dequantize_blockwise(
-                absmax, get("absmax_scale"), get("absmax_code"), self.absmax_blocksize, torch.float32) + get("absmax_offset")
+                absmax, get("absmax_scale"), get("absmax_code"), self.absmax_blocksize, torch.float32
+            ) + get("absmax_offset")
         return torch.ops.bitsandbytes.dequantize_4bit(get("weight"), absmax.float(), self.blocksize,
                                                      self.quant_type, self.shape, self.dtype)
 
@@ -273,11 +274,12 @@ def swap_one(module: nn.Module) -> nn.Module:
     import bitsandbytes as bnb
     if isinstance(module, bnb.nn.Linear4bit):
         if getattr(module.weight, "quant_state", None) is None:
-            raise QuantizedBaseError("a bitsandbytes Linear4bit whose weight is not quantized yet (move it to its device first)")
+            raise QuantizedBaseError("a bitsandbytes Linear4bit whose weight is not quantized yet (move it to its "
+                                     "device first)")
         return BnbLinear4bit(module)
     if getattr(module.weight, "SCB", None) is None and getattr(getattr(module, "state", None), "SCB", None) is None:
-        raise QuantizedBaseError("a bitsandbytes Linear8bitLt with fp16 training weights (has_fp16_weights=True) or not "
-                         "quantized yet: create it with has_fp16_weights=False and move it to its device")
+        raise QuantizedBaseError("a bitsandbytes Linear8bitLt with fp16 training weights (has_fp16_weights=True) or "
+                                 "not quantized yet: create it with has_fp16_weights=False and move it to its device")
     return BnbLinear8bit(module)
 
 

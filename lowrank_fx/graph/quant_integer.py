@@ -146,7 +146,8 @@ def integer_form(weight, dense: torch.Tensor) -> IntegerWeight:
     or it does not reproduce `dense`."""
     if isinstance(weight, BnbLinear4bit):
         if weight.quant_type != "nf4":
-            raise NotImplementedError(f"bitsandbytes 4-bit {weight.quant_type} (only nf4 is checked against ONNX Runtime)")
+            raise NotImplementedError(f"bitsandbytes 4-bit {weight.quant_type} (only nf4 is checked against ONNX "
+                                      "Runtime)")
         form = _codebook(dense, weight.blocksize, _bnb_table(weight.quant_type), 1)
     elif isinstance(weight, BnbLinear8bit):
         form = _affine(dense, 8, weight.SCB.float()[:, None] / 127.0, None)

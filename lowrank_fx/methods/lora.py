@@ -110,7 +110,8 @@ class LoRA(Method):
         if isinstance(kind, ConvKind) and self.rank % kind.groups:
             raise SpecError(
                 f"LoRA rank {self.rank} on {t.name}, a {kind.name} with groups={kind.groups}: the rank must be "
-                f"a multiple of the groups (each group gets rank / groups); use rank={kind.groups * max(1, self.rank // kind.groups)}"
+                "a multiple of the groups (each group gets rank / groups); use "
+                f"rank={kind.groups * max(1, self.rank // kind.groups)}"
             )
         if self.bias and isinstance(kind, EmbeddingKind):
             raise SpecError(f"LoRA(bias=True) cannot adapt {t.name}: an embedding has no bias to fold into; "

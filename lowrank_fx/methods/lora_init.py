@@ -128,7 +128,8 @@ def check_target(init: str, target, rank: int, over_quantized: bool = False) -> 
             raise SpecError(f"LoRA(init={init!r}) decomposes the float weight of {target.name}, which is already "
                             "quantized (lfx.quantize_base); rewrite the float model instead (LoftQ then puts its "
                             "quantized base into the graph), give init='loftq' the float weights "
-                            "(loftq_weights=) over bitsandbytes 4-bit layers, or use init='default' on quantized layers")
+                            "(loftq_weights=) over bitsandbytes 4-bit layers, or use init='default' on quantized "
+                            "layers")
         if rank > min(target.out_features, target.in_features):
             raise SpecError(f"LoRA(init={init!r}, rank={rank}) on {target.name} ({target.out_features} x "
                             f"{target.in_features}): the rank must be at most min(out, in) = "

@@ -144,7 +144,8 @@ def _parameters(model: nn.Module | None) -> list[str] | None:
     return None if params is None else [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
-def set_call_defaults(gm: fx.GraphModule, args: tuple, kwargs: dict, model: nn.Module | None = None) -> dict[str, object]:
+def set_call_defaults(gm: fx.GraphModule, args: tuple, kwargs: dict,
+                      model: nn.Module | None = None) -> dict[str, object]:
     """Give gm's forward the signature described above, from the examples it was exported with
     (from `model`: the messages name its class and forward's parameters).
 

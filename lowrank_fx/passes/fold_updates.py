@@ -131,7 +131,8 @@ def bounded(update: Update) -> bool:
     return total < torch.finfo(torch.float32).max / 4 and (bias is None or finite(bias))
 
 
-def target_update(gm: fx.GraphModule, update: Update, checked: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def target_update(gm: fx.GraphModule, update: Update,
+                  checked: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(ΔW (out, in), Δb (out,) or None) of one target, summed over its adapters; MergeError on
     NaN / inf, checked on ΔW itself (one pass) unless the units' bounds already show it finite.
     `checked=True`: `check_update` passed on this update and its parameters have not changed."""

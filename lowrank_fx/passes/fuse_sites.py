@@ -85,7 +85,8 @@ def _merge_randlora(gm: fx.GraphModule, delta: fx.Node) -> None:
     if add.target is not torch.ops.aten.addcmul.default or add.args[1] is not delta:
         return
     base, x, gate = add.args[0], delta.args[0], add.args[2]
-    if not isinstance(base, fx.Node) or base.target is not torch.ops.aten.linear.default or len(base.users) != 1 or base.args[0] is not x or base.kwargs:
+    if (not isinstance(base, fx.Node) or base.target is not torch.ops.aten.linear.default or len(base.users) != 1
+            or base.args[0] is not x or base.kwargs):
         return
     weight, bias = base.args[1], (base.args[2] if len(base.args) > 2 else None)
     if (not isinstance(weight, fx.Node) or weight.op != "get_attr"

@@ -142,8 +142,9 @@ def _site_input(gm: fx.GraphModule, site: fx.Node, x_index: int, target: Target,
 
 def inject(gm: fx.GraphModule, adapter: str, assignment: dict[str, Method], targets: dict[str, Target],
            calibration=None, initialise: bool = True, components: dict | None = None) -> dict[str, str]:
-    """`components`: EVA's A by target (passes/eva_calibrate.py). `initialise=False`: the units are placeholders that the caller replaces by another graph's
-    (generation's decode graph), so nothing is computed from the weights and the base stays."""
+    """`components`: EVA's A by target (passes/eva_calibrate.py). `initialise=False`: the units are
+    placeholders that the caller replaces by another graph's (generation's decode graph), so nothing
+    is computed from the weights and the base stays."""
     _refuse_quantized(assignment, targets)
     _refuse_experts(assignment, targets)
     weights = covariances = pairs = None

@@ -66,7 +66,8 @@ from ..graph.quantized import (
 )
 from ..progress import steps
 
-_WRAPPED: dict[str, tuple[fx.GraphModule, Region, Callable[..., Any] | None]] = {}  # key -> (f(x, *weights), region, W(weights) or None)
+# key -> (f(x, *weights), region, W(weights) or None)
+_WRAPPED: dict[str, tuple[fx.GraphModule, Region, Callable[..., Any] | None]] = {}
 QUANTIZED_MARK = "lowrank_fx_quantized"  # node.meta[QUANTIZED_MARK]: the key of a wrapped quantized linear
 
 
@@ -197,7 +198,8 @@ def _dense(dequantizer, region: Region, weights: list[torch.Tensor]):
     """W (out, in) by the format's own `dequantizer`, or None when it has none (or not of that shape)."""
     with torch.no_grad():
         dense = dequantizer(weights) if dequantizer is not None else None
-    return dense if isinstance(dense, torch.Tensor) and dense.shape == (region.out_features, region.in_features) else None
+    shape = (region.out_features, region.in_features)
+    return dense if isinstance(dense, torch.Tensor) and dense.shape == shape else None
 
 
 def _refusal(gm: fx.GraphModule, region: Region, layer, weights: list[torch.Tensor], detail: str) -> QuantizedBaseError:
@@ -304,8 +306,10 @@ def _wrap(gm: fx.GraphModule, region: Region, function: fx.GraphModule, dense_we
     output = nodes[region.output]
     weights = [nodes[name] for name in region.weight_inputs]
     with gm.graph.inserting_before(output):
-        call = gm.graph.call_function(quantized_linear_call, (nodes[region.activation], weights, key, region.out_features))
-    call.meta.update({k: v for k, v in output.meta.items() if k in ("val", "nn_module_stack", "stack_trace", "source_fn_stack")})
+        call = gm.graph.call_function(quantized_linear_call,
+                                      (nodes[region.activation], weights, key, region.out_features))
+    kept = ("val", "nn_module_stack", "stack_trace", "source_fn_stack")
+    call.meta.update({k: v for k, v in output.meta.items() if k in kept})
     call.meta[QUANTIZED_MARK] = key
     output.replace_all_uses_with(call)
     for name in reversed(region.nodes):

@@ -71,7 +71,8 @@ def _set(gm: fx.GraphModule, path: str, value: torch.Tensor) -> None:
 
 def region_bias(gm: fx.GraphModule, region: Region) -> str | None:
     """The bias parameter the region adds: its one plain float (out,) parameter, if any."""
-    found = [r for r in region.roots if isinstance(module_attr(gm, r), nn.Parameter) and not is_traceable_wrapper_subclass(module_attr(gm, r))
+    found = [r for r in region.roots
+             if isinstance(module_attr(gm, r), nn.Parameter) and not is_traceable_wrapper_subclass(module_attr(gm, r))
              and module_attr(gm, r).is_floating_point() and tuple(module_attr(gm, r).shape) == (region.out_features,)]
     return found[0] if len(found) == 1 else None
 
@@ -127,7 +128,8 @@ def fold_dense(gm: fx.GraphModule, target, region: Region, merged: torch.Tensor,
     drop_unread(gm, region.roots, keep={target.weight} | ({bias_path} if bias_path else set()))
 
 
-def fold_requantized(gm: fx.GraphModule, target, region: Region, merged: torch.Tensor, bias: torch.Tensor | None) -> None:
+def fold_requantized(gm: fx.GraphModule, target, region: Region, merged: torch.Tensor,
+                     bias: torch.Tensor | None) -> None:
     """Quantize `merged` in the base's own format and let the region read the new tensors."""
     old = module_attr(gm, target.weight)
     swapped = gm.meta.get(SWAPPED_LAYERS, {}).get(region.path)
@@ -201,7 +203,8 @@ def measure(adapted: fx.GraphModule, candidate, targets: int, tolerance: float, 
         set_active_adapters(adapted, active)
     got = _run(candidate, examples)
     if len(got) != len(reference):
-        raise MergeError("the requantized model's outputs do not match the graph's; was it captured from another model?")
+        raise MergeError("the requantized model's outputs do not match the graph's; "
+                         "was it captured from another model?")
     diff = _norm([g - r for g, r in zip(got, reference)])
     effect = _norm([r - b for r, b in zip(reference, base)])
     shapes = ", ".join("x".join(map(str, t.shape)) for t in torch.utils._pytree.tree_leaves(examples)

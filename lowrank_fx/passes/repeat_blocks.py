@@ -120,8 +120,10 @@ def _children(gm: fx.GraphModule, entry: BlockList, members: dict[int, list[fx.N
                 source = owner.get(arg)
                 if source is None:
                     if arg in derived:
-                        raise NotRepeatable(f"{entry.path}.{j} reads {arg.name}, computed from a block outside any block")
-                    if any(root.op == "placeholder" and reach[root] == {j} for root in roots[arg]) and arg not in private:
+                        raise NotRepeatable(f"{entry.path}.{j} reads {arg.name}, computed from a block outside any "
+                                            "block")
+                    if (any(root.op == "placeholder" and reach[root] == {j} for root in roots[arg])
+                            and arg not in private):
                         private.append(arg)  # computed from a graph input of this child alone
                     elif any(root.op == "get_attr" and _own(root.target, path) for root in roots[arg]) \
                             and arg not in owned:
@@ -131,8 +133,8 @@ def _children(gm: fx.GraphModule, entry: BlockList, members: dict[int, list[fx.N
                 elif source != 0 or not entry.first_unique:
                     raise NotRepeatable(f"{entry.path}.{j} reads {entry.path}.{source}, not the block before it")
         slots = {root for arg in private for root in roots[arg] if root.op == "placeholder" and reach[root] == {j}}
-        children.append(_Child(nodes, outputs, chain, sorted(private, key=order.__getitem__), sorted(slots, key=order.__getitem__),
-                               owned, returned))
+        children.append(_Child(nodes, outputs, chain, sorted(private, key=order.__getitem__),
+                               sorted(slots, key=order.__getitem__), owned, returned))
     for j, child in enumerate(children[:-1]):
         following = set(children[j + 1].nodes) if j or not entry.first_unique else \
             {n for later in children[1:] for n in later.nodes}

@@ -41,7 +41,8 @@ def row_weight(gate: torch.Tensor, rows: torch.Tensor, delta: torch.Tensor, batc
                          "give one adapter name (or None) per row")
     if total % n:
         raise InputError(f"lfx.adapter_rows: an adapted activation has {total} rows, not a multiple of the batch "
-                         f"{n}; per-row adapters need batch-first activations (e.g. MultiheadAttention(batch_first=True))")
+                         f"{n}; per-row adapters need batch-first activations (e.g. "
+                         "MultiheadAttention(batch_first=True))")
     weight = (gate * rows).to(delta.dtype)
     return weight[:, None].expand(n, total // n).reshape((total,) + (1,) * (delta.dim() - 1))
 

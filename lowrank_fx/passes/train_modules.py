@@ -182,7 +182,8 @@ def drop_trained(gm: fx.GraphModule, spec: Spec, targets: dict, assignment: dict
             if id(gm.get_parameter(targets[name].weight)) not in ids}
     if assignment and not kept:
         raise SpecError(
-            f"every target that {', '.join(repr(p) for p, _ in spec.rules())} selects belongs to a module in Spec.train "
+            f"every target that {', '.join(repr(p) for p, _ in spec.rules())} selects belongs to a module in "
+            "Spec.train "
             f"({', '.join(trained.modules)}), which trains all its weights; drop those target patterns, "
             "or give targets=[] for an adapter that only trains modules"
         )
@@ -248,7 +249,8 @@ def add_trained(gm: fx.GraphModule, adapter: str, trained: Trained) -> None:
                     selected = gm.graph.call_function(select_trained, (top, copy, gate))
                 if "val" in top.meta:
                     selected.meta["val"] = top.meta["val"]
-                top.replace_all_uses_with(selected, delete_user_cb=partial(operator.is_not, selected))  # all but the select
+                # every user but the select itself
+                top.replace_all_uses_with(selected, delete_user_cb=partial(operator.is_not, selected))
                 tag(copy, adapter, name, "shared")
                 tag(gate, adapter, name, "gate")
                 tag(selected, adapter, name, "select")
