@@ -42,19 +42,20 @@ import json
 import os
 import tempfile
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from torch import nn
-from torch.utils import _pytree as pytree
+from torch import fx, nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from ..errors import SpecError
 from ..graph.quant_formats import bitsandbytes_layers, is_quantized
-from . import capture_key
+from . import capture_key, capture_pickle
 
 ENV = "LOWRANK_FX_CACHE"
-MAGIC = b"lowrank_fx capture cache 1 (GraphPickler)\n"
+MAGIC = b"lowrank_fx capture cache 2 (the finished graph)\n"
+FORMAT = 2  # in the key too: an entry of another format is another file, a quiet miss
 SUFFIX = ".lfx-capture"
 
 
@@ -68,7 +69,7 @@ def cache_key(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, dynami
     return {"model": f"{cls.__module__}.{cls.__qualname__}", "code": capture_key.code_spec(model),
             "config": capture_key.config_spec(model), "tensors": capture_key.tensors_spec(model),
             "examples": capture_key.examples_spec(args, kwargs),
-            "dynamic": capture_key.shapes_spec(dynamic, dynamic_shapes), "blocks": trace_blocks, "versions": capture_key.versions()}
+            "dynamic": capture_key.shapes_spec(dynamic, dynamic_shapes), "blocks": trace_blocks, "versions": capture_key.versions(), "format": FORMAT}
 
 
 def cacheable(model: nn.Module) -> bool:
@@ -102,9 +103,15 @@ class CaptureCache:
         self.key = capture_key.text(key)
         self.path = Path(directory) / (hashlib.sha256(self.key.encode()).hexdigest()[:32] + SUFFIX)
 
-    def load(self, model: nn.Module) -> torch.export.ExportedProgram | None:
-        """The cached program with `model`'s own tensors in it, or None (no entry, or a bad one:
-        then a warning says what was wrong)."""
+    def load(self, model: nn.Module) -> fx.GraphModule | None:
+        """The cached graph over `model`'s own tensors, or None (no entry, or a bad one: then a
+        warning says what was wrong)."""
+        payload = self.payload()
+        return self.graph(payload, model_tensors(model)) if payload is not None else None
+
+    def payload(self) -> bytes | None:
+        """The stored graph's bytes, checked against the key and the checksum, or None (no entry,
+        or a bad one: then a warning says what was wrong)."""
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
@@ -112,16 +119,30 @@ class CaptureCache:
         except OSError as err:
             return self._distrust(f"unreadable ({err})")
         try:
-            return self._rebind(self.program(data), model)
+            return self._checked(data)
         except _Stale as err:
             return self._distrust(str(err))
 
-    def save(self, program: torch.export.ExportedProgram, model: nn.Module) -> None:
-        """Store `program` without any weight (a failure to serialize it is a warning)."""
+    def graph(self, payload: bytes, tensors: Mapping[str, torch.Tensor]) -> fx.GraphModule | None:
+        """The graph in `payload` over `tensors` (name -> tensor: the model's), or None (then a
+        warning says why it does not load)."""
         try:
-            payload = _serialized(program, model)
+            with _collector_paused():
+                return capture_pickle.loads(payload, tensors)
+        except capture_pickle.Unfit as err:
+            return self._distrust(f"a graph that does not fit the model ({err})")
         except Exception as err:
-            warnings.warn(f"lowrank_fx capture cache: cannot store this program ({type(err).__name__}: {err}); "
+            return self._distrust(f"a graph that does not load ({type(err).__name__}: {err})")
+
+    def save(self, gm: fx.GraphModule, model: nn.Module) -> None:
+        """Store `gm` without any of `model`'s tensors (a failure to serialize it is a warning)."""
+        names: dict[int, str] = {}
+        for name, tensor in model_tensors(model).items():
+            names.setdefault(id(tensor), name)
+        try:
+            payload = capture_pickle.dumps(gm, names)
+        except Exception as err:
+            warnings.warn(f"lowrank_fx capture cache: cannot store this graph ({type(err).__name__}: {err}); "
                           "captures of this model will not be cached", stacklevel=4)
             return
         digest = hashlib.sha256(payload).hexdigest()
@@ -134,9 +155,9 @@ class CaptureCache:
                       stacklevel=5)
         return None
 
-    def program(self, data: bytes) -> torch.export.ExportedProgram:
-        """The program stored in `data` (the bytes of this entry's file), placeholders and all;
-        raises _Stale saying what is wrong with them."""
+    def _checked(self, data: bytes) -> bytes:
+        """The payload of `data` (the bytes of this entry's file); raises _Stale saying what is
+        wrong with them."""
         if not data.startswith(MAGIC):
             raise _Stale("not a lowrank_fx capture cache file (bad first bytes)")
         line_end = data.find(b"\n", len(MAGIC))
@@ -152,63 +173,12 @@ class CaptureCache:
             raise _Stale(f"truncated ({len(payload)} of {size} bytes)")
         if hashlib.sha256(payload).hexdigest() != digest:
             raise _Stale("corrupt (its checksum does not match)")
-        from torch._subclasses.fake_tensor import FakeTensorMode
-        from torch.fx.experimental.symbolic_shapes import ShapeEnv
-
-        try:
-            with _collector_paused():
-                program = _pickler().loads(payload, FakeTensorMode(shape_env=ShapeEnv()))
-        except Exception as err:
-            raise _Stale(f"a program that does not load ({type(err).__name__}: {err})") from None
-        if not isinstance(program, torch.export.ExportedProgram):
-            raise _Stale(f"not an exported program (it holds a {type(program).__name__})")
-        return program
-
-    @staticmethod
-    def _rebind(program: torch.export.ExportedProgram, model: nn.Module) -> torch.export.ExportedProgram:
-        """Put `model`'s own parameters and buffers in place of the stored placeholders."""
-        own = _model_tensors(model)
-        for table in (program.state_dict, program.constants):
-            for name, placeholder in table.items():
-                if not isinstance(placeholder, torch.Tensor) or placeholder.device.type != "meta":
-                    continue  # a constant of the program itself, stored with it
-                tensor = own.get(name)
-                if tensor is None or tensor.shape != placeholder.shape or tensor.dtype != placeholder.dtype:
-                    raise _Stale(f"a program that does not fit the model ({name})")
-                table[name] = tensor
-        return program
+        return payload
 
 
-def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of `model` by every name it has."""
     return dict([*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)])
-
-
-def _placeholder(tensor: torch.Tensor) -> torch.Tensor:
-    empty = torch.empty_like(tensor, device="meta")
-    return nn.Parameter(empty, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
-
-
-def _serialized(program: torch.export.ExportedProgram, model: nn.Module) -> bytes:
-    """`program` pickled with the model's tensors and the examples' as meta placeholders, every
-    op and node metadata kept; `program` itself is left as it was."""
-    own = {id(t) for t in _model_tensors(model).values()}
-    tables = [program.state_dict, program.constants]
-    saved = [dict(table) for table in tables]
-    examples = program.example_inputs
-    try:
-        for table in tables:
-            for name, value in table.items():
-                if isinstance(value, torch.Tensor) and id(value) in own:
-                    table[name] = _placeholder(value)
-        program.example_inputs = pytree.tree_map(
-            lambda v: torch.empty_like(v, device="meta") if isinstance(v, torch.Tensor) else v, examples)
-        from torch.fx._graph_pickler import Options
-
-        return _pickler().dumps(program, Options(ops_filter=None, node_metadata_key_filter=None))
-    finally:
-        for table, old in zip(tables, saved):
-            table.update(old)
-        program.example_inputs = examples
 
 
 @contextlib.contextmanager
@@ -227,14 +197,6 @@ def _collector_paused():
     finally:
         if mine:
             gc.unfreeze()
-
-
-def _pickler():
-    """torch's GraphPickler, imported on first use: its module imports torch._inductor, seconds
-    that `import lowrank_fx` should not cost (building a transformers model imports it anyway)."""
-    from torch.fx._graph_pickler import GraphPickler
-
-    return GraphPickler
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

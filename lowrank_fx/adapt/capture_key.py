@@ -97,9 +97,9 @@ def code_spec(model: nn.Module) -> list:
 
 
 def versions() -> dict:
-    """torch, transformers (when imported) and lowrank_fx versions."""
+    """Python, torch, transformers (when imported) and lowrank_fx versions."""
     transformers = sys.modules.get("transformers")
-    return {"torch": torch.__version__, "lowrank_fx": __version__,
+    return {"python": ".".join(map(str, sys.version_info[:3])), "torch": torch.__version__, "lowrank_fx": __version__,
             "transformers": getattr(transformers, "__version__", None)}
 
 
