@@ -189,6 +189,34 @@ def test_a_disk_hit_is_the_same_graph_without_tracing(case, oracle, stored, expo
     assert torch.equal(_out(case, loaded), expected)  # bit for bit, at other batch and sequence sizes
 
 
+def test_a_memo_hit_after_a_disk_hit_loads_a_graph_of_its_own(case, oracle, stored, exports):
+    """The memo keeps a hit's bytes: plan then rewrite, or two rewrites, each get their own graph."""
+    capture_memo.forget(case.model)
+    gm = lfx.rewrite(case.model, SPEC, example_inputs=case.args, example_kwargs=case.kwargs, cache_dir=stored)
+    other = lfx.rewrite(case.model, SPEC, example_inputs=case.args, example_kwargs=case.kwargs, adapter="b",
+                        cache_dir=stored)
+    plain = capture(case.model, case.args, case.kwargs, cache_dir=stored)
+    try:
+        assert not exports
+        assert list(gm.lowrank_fx) == ["default"] and list(other.lowrank_fx) == ["b"]
+        assert not hasattr(plain, "lowrank_fx")  # no adapter of theirs in a third caller's graph
+        assert gm.graph is not other.graph and gm.get_parameter(Q) is other.get_parameter(Q) is case.model.get_parameter(Q)
+        assert plain.code == oracle[0].code and torch.equal(_out(case, plain), oracle[1])
+    finally:
+        for param in case.model.parameters():
+            param.requires_grad_(True)  # rewrite froze the model's own weights; later tests start as built
+
+
+def test_a_hits_input_guards_refuse_what_a_fresh_captures_do(case, oracle, stored):
+    """torch.export's input guards (`_guards_fn`, generated code) are stored as code and rebuilt."""
+    hit = _capture(case, stored)
+    ids = case.other_args[0]
+    for gm in (oracle[0], hit):
+        gm._guards_fn(ids, False)
+        with pytest.raises(AssertionError, match="Guard failed: use_cache == False"):
+            gm._guards_fn(ids, True)
+
+
 def test_a_new_process_loads_instead_of_tracing(stored, tmp_path):
     script = tmp_path / "rerun.py"
     script.write_text(

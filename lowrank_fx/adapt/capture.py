@@ -38,8 +38,8 @@ A prefix that cannot be repeated (a forward that reads every block's output) is 
 `trace_blocks=False` always traces whole.
 
 Capture once: an exported capture is memoised per model in the process (capture_memo.py), so
-`plan` then `rewrite` trace once, each getting its own copy of the graph; with `cache_dir=` or
-$LOWRANK_FX_CACHE the exported program (without weights) is also kept on disk for the next
+`plan` then `rewrite` trace once, each getting its own graph; with `cache_dir=` or
+$LOWRANK_FX_CACHE the finished graph (without weights) is also kept on disk for the next
 process (capture_cache.py).
 """
 
@@ -295,12 +295,12 @@ def _finished(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, dynami
     """`model` exported, repeated blocks traced once per kind and copied (repeat_blocks), then
     every pass a captured graph gets: what the disk cache stores."""
     lists = repeated_lists(model) if trace_blocks and not bitsandbytes_layers(model) else []
-    _, swapped, gm = _traced(model, args, kwargs, dynamic, dynamic_shapes, lists)
+    swapped, gm = _traced(model, args, kwargs, dynamic, dynamic_shapes, lists)
     try:
         repeat_blocks(gm, model, lists)
     except NotRepeatable as why:
         logger.info("tracing every block of %s: %s", type(model).__name__, why)
-        _, swapped, gm = _traced(model, args, kwargs, dynamic, dynamic_shapes, [])
+        swapped, gm = _traced(model, args, kwargs, dynamic, dynamic_shapes, [])
     set_call_defaults(gm, args, kwargs, model)
     gm.meta[SWAPPED_LAYERS] = SharedLayers(swapped)  # the quantized layers' backward reads them too
     if not prepare_quantized(gm):
@@ -316,7 +316,7 @@ def _finished(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, dynami
 
 @stage("capturing the model (torch.export)")
 def _traced(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, dynamic_shapes, lists):
-    """(torch.export's program, the bitsandbytes layers swapped while exporting, its plain graph).
+    """(the bitsandbytes layers swapped while exporting, the exported program's plain graph).
 
     Each list in `lists` holds only its traced prefix meanwhile (graph/block_lists.py); when the
     prefix fails, every block is traced. With every size dynamic, examples of batch 1 are first
@@ -339,7 +339,7 @@ def _traced_as_named(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool,
             gm = _plain(exported.module())
             if takes(gm, args, kwargs):
                 _warn_size_one(*wide)
-                return exported, swapped, gm
+                return swapped, gm
             logger.info("capturing %s at batch 1: its graph traced at batch 2 does not take batch 1", name)
     shapes = _auto_dynamic(model, args, kwargs) if auto else dynamic_shapes
     try:
@@ -355,7 +355,7 @@ def _traced_as_named(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool,
             raise _failed(model, args, kwargs, err) from err
     if auto:
         _warn_size_one(args, kwargs)
-    return exported, swapped, _plain(exported.module())
+    return swapped, _plain(exported.module())
 
 
 def _export_with(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes, lists):

@@ -89,7 +89,7 @@ def rewrite(model, spec: Spec, example_inputs=None, example_kwargs=None, adapter
     a second adapter to it, in place. The graph is unchanged if anything fails. Every
     submodule of `model` keeps its train/eval flag. Example arguments that hold no tensor
     (`use_cache=False`) become defaults of the graph's forward (see capture.py).
-    `cache_dir` (else $LOWRANK_FX_CACHE) keeps the exported program, without weights, on
+    `cache_dir` (else $LOWRANK_FX_CACHE) keeps the captured graph, without weights, on
     disk for the next process; within a process a capture is reused anyway (`plan` then
     `rewrite` trace once), each call getting its own graph.
     `layers="auto"` gives the graph its layers back: each repeated block (decoder layer, ViT
