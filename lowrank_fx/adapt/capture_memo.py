@@ -30,8 +30,8 @@ from torch import fx, nn
 from ..passes.fold import shared_copy
 from . import capture_key
 
-Pristine = "fx.GraphModule | Callable[[nn.Module], fx.GraphModule | None]"
-_MEMO: "weakref.WeakKeyDictionary[nn.Module, tuple[str, Pristine]]" = weakref.WeakKeyDictionary()
+Pristine = fx.GraphModule | Callable[[nn.Module], fx.GraphModule | None]
+_MEMO: weakref.WeakKeyDictionary[nn.Module, tuple[str, Pristine]] = weakref.WeakKeyDictionary()
 
 
 def _hooks(model: nn.Module) -> list:

@@ -29,6 +29,7 @@ import io
 import marshal
 import math
 import types
+from collections.abc import Mapping
 
 import torch
 from torch import fx
@@ -36,6 +37,8 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.utils._mode_utils import no_dispatch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+from ..graph.module_copy import over_graph
 
 
 class Unfit(Exception):
@@ -45,7 +48,7 @@ class Unfit(Exception):
 def _lean(value: FakeTensor) -> bool:
     """True for a FakeTensor that (sizes, strides, dtype, device, requires_grad) describe fully."""
     return (value.layout is torch.strided and not value._is_view() and value.storage_offset() == 0
-            and not value.is_conj() and not value.is_neg() and value.grad is None
+            and not value.is_conj() and not value.is_neg() and (not value.is_leaf or value.grad is None)
             and value.constant is None and not is_traceable_wrapper_subclass(value))
 
 
@@ -56,9 +59,6 @@ class _Record:
         self.size, self.stride = tuple(value.shape), tuple(value.stride())
         self.dtype, self.device, self.requires_grad = value.dtype, value.device, value.requires_grad
         self.state = state  # torch's unpickle state (its fake mode), a persistent reference
-
-    def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k != "tensor"}
 
     def rebuilt(self) -> FakeTensor:
         if "tensor" not in self.__dict__:  # as torch's meta converter does, without a view or base to replay
@@ -130,16 +130,19 @@ def dumps(gm: fx.GraphModule, tensors: dict[int, str]) -> bytes:
     """`gm` pickled, each tensor in `tensors` (id -> the model's name for it) by reference."""
     from torch.fx._graph_pickler import patch_pytree_map_over_slice
 
-    gm.recompile()  # torch's graph pickler keeps the generated code; make it current
     with patch_pytree_map_over_slice(), io.BytesIO() as stream:
         _pickler_class()(stream, tensors).dump(gm)
         return stream.getvalue()
 
 
-def loads(data: bytes, tensors: dict[str, torch.Tensor]) -> fx.GraphModule:
+def loads(data: bytes, tensors: Mapping[str, torch.Tensor]) -> fx.GraphModule:
     """The GraphModule pickled in `data`, over `tensors` (the model's, by name); its node values
     are FakeTensors of a new fake mode. Raises Unfit, or whatever unpickling raises."""
-    from torch.fx._graph_pickler import _GraphUnpickler, _UnpickleState, patch_pytree_map_over_slice
+    from torch.fx._graph_pickler import (
+        _GraphUnpickler,
+        _UnpickleState,
+        patch_pytree_map_over_slice,
+    )
 
     class Unpickler(_GraphUnpickler):
         def persistent_load(self, pid):
@@ -156,6 +159,4 @@ def loads(data: bytes, tensors: dict[str, torch.Tensor]) -> fx.GraphModule:
         loaded = Unpickler(stream, state).load()
     if not isinstance(loaded, fx.GraphModule):
         raise TypeError(f"the entry holds a {type(loaded).__name__}, not a GraphModule")
-    from ..graph.module_copy import over_graph
-
     return over_graph(loaded, loaded.graph)  # a GraphModule of its own class, its code generated
