@@ -322,6 +322,15 @@ def test_another_torch_version_misses(case, spare, exports, monkeypatch):
     assert len(exports) == 1
 
 
+def test_edited_lowrank_fx_source_misses(case, spare, exports, monkeypatch):
+    """The entry is a graph lowrank_fx's passes finished: other passes, another graph."""
+    from lowrank_fx.adapt import capture_key
+
+    monkeypatch.setattr(capture_key, "library", lambda: "another source")
+    _capture(case, spare)
+    assert len(exports) == 1
+
+
 def _spoil(entry: Path, how: str) -> None:
     data = bytearray(entry.read_bytes())
     if how == "bad bytes":

@@ -8,7 +8,8 @@ The key (capture_key.py) holds what the graph depends on: the model's class (qua
 and every module class's source digest, its Hugging Face config (`config.to_dict()`), every
 parameter and buffer name with shape, dtype, device and tying, the examples' structure,
 shapes, dtypes and non-tensor values, the dynamic-shape choice, the Python, torch,
-transformers and lowrank_fx versions, and this file's format. The file starts with that key in
+transformers and lowrank_fx versions, a digest of lowrank_fx's own source (its passes made the
+stored graph), and this file's format. The file starts with that key in
 full, then the payload's length and SHA-256, then the payload: the graph as capture finishes
 it (exported, the traced blocks copied over the others, call defaults, mode switches; before
 any adapter), pickled by torch's own graph pickler (`torch.fx._graph_pickler.GraphPickler`,
@@ -71,7 +72,8 @@ def cache_key(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, dynami
     return {"model": f"{cls.__module__}.{cls.__qualname__}", "code": capture_key.code_spec(model),
             "config": capture_key.config_spec(model), "tensors": capture_key.tensors_spec(model),
             "examples": capture_key.examples_spec(args, kwargs),
-            "dynamic": capture_key.shapes_spec(dynamic, dynamic_shapes), "blocks": trace_blocks, "versions": capture_key.versions(), "format": FORMAT}
+            "dynamic": capture_key.shapes_spec(dynamic, dynamic_shapes), "blocks": trace_blocks, "versions": capture_key.versions(),
+            "library": capture_key.library(), "format": FORMAT}
 
 
 def cacheable(model: nn.Module) -> bool:
