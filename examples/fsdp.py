@@ -66,7 +66,8 @@ def global_batches(args, steps: int, vocab: int, world: int) -> list[torch.Tenso
         return [torch.randint(3, vocab, (2 * world, 10), generator=g) for _ in range(steps)]
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
     lines = [TEXT[i % len(TEXT)] for i in range(2 * world)]
-    ids = tokenizer(lines, return_tensors="pt", padding="max_length", max_length=32, truncation=True)["input_ids"]
+    rows = [tokenizer(line)["input_ids"] for line in lines]
+    ids = torch.tensor([row[:min(map(len, rows))] for row in rows])  # cut to the shortest line: no padding
     return [ids] * steps
 
 
