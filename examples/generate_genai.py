@@ -110,7 +110,7 @@ def main() -> int:
         ort_ids = session.generate(prompt, adapter=name, max_new_tokens=new)[0].tolist()
         torch_ids = lfx.generate(gm, prompt, adapter=[] if name is None else name, max_new_tokens=new)[0].tolist()
         results[name] = (theirs, ort_ids, torch_ids)
-        print(f"adapter {str(name):4s}  genai {theirs[start:]}  GenerationSession {ort_ids[start:]}  "
+        print(f"adapter {name!s:4s}  genai {theirs[start:]}  GenerationSession {ort_ids[start:]}  "
               f"lfx.generate {torch_ids[start:]}")
 
     for name, (theirs, ort_ids, torch_ids) in results.items():
