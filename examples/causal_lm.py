@@ -1,8 +1,8 @@
 """Causal language model: LoRA fine-tuning with the LoRA+ optimizer, PEFT files, generation.
 
 What it shows:
-- LoRA on the attention projections of a Llama / Qwen2-shaped decoder (`lfx.rewrite` with
-  `use_cache=False`);
+- LoRA on every linear layer (`"all-linear"`: attention and MLP, not the LM head) of a Llama /
+  Qwen2-shaped decoder (`lfx.rewrite` with `use_cache=False`);
 - `lfx.Trainer` with LoRA+ (`loraplus_ratio=16`: the B factors learn 16x faster than A);
 - `lfx.save_adapters` (lowrank_fx's file) and `lfx.save_peft` (a PEFT directory), checked by
   loading the directory into PEFT (`PeftModel.from_pretrained`) on a copy of the base model;
@@ -45,9 +45,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="a tiny random Llama and synthetic data (used by CI)")
     parser.add_argument("--model", default="Qwen/Qwen2.5-0.5B", help="a Hugging Face causal LM name or directory")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 30 tiny, 40 real)")
+    parser.add_argument("--steps", type=int, default=40, help="optimizer steps")
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=None, help="base learning rate (default: 1e-2 tiny, 2e-4 real)")
+    parser.add_argument("--lr", type=float, default=None, help="base learning rate (default: 3e-3 tiny, 2e-4 real)")
     parser.add_argument("--compile", action="store_true", help="train through torch.compile (slow first step)")
     parser.add_argument("--out", default=None, help="output folder (default: a temporary folder)")
     return parser.parse_args()
@@ -94,13 +94,12 @@ def main() -> int:
     args = parse_args()
     torch.manual_seed(0)
     model, batches, prompt = tiny_model_and_data() if args.tiny else real_model_and_data(args.model)
-    steps = args.steps or (30 if args.tiny else 40)
-    lr = args.lr or (1e-2 if args.tiny else 2e-4)
+    steps = args.steps
+    lr = args.lr or (3e-3 if args.tiny else 2e-4)
     model.eval()
     base_copy = copy.deepcopy(model)  # PEFT's oracle loads the saved directory onto this
 
-    spec = lfx.Spec(targets=["*.q_proj", "*.k_proj", "*.v_proj", "*.o_proj"],
-                    method=lfx.LoRA(rank=args.rank, alpha=2.0 * args.rank))
+    spec = lfx.Spec(targets="all-linear", method=lfx.LoRA(rank=args.rank, alpha=2.0 * args.rank))
     gm = lfx.rewrite(model, spec, example_kwargs={"input_ids": batches[0], "use_cache": False})
     trainer = lfx.Trainer(gm, loss_fn, lr=lr, loraplus_ratio=16.0, warmup_steps=2, compile=args.compile,
                           progress=False)
