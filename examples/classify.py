@@ -95,10 +95,7 @@ def real_model_and_data(name: str | None, steps: int):
                 "labels": torch.tensor([label for _, label in rows])}
 
     rng = random.Random(0)
-    batches = []
-    for _ in range(steps):
-        batches.append(batch(rng.sample(train, 16)))
-    return model, batches, batch(held)
+    return model, [batch(rng.sample(train, 16)) for _ in range(steps)], batch(held)
 
 
 def accuracy(model, batch: dict) -> float:
