@@ -1,6 +1,7 @@
 """The scripts in examples/ run as a user runs them, with --tiny (a model from a tiny config,
 random weights, a few steps; nothing is downloaded): each in its own process (fsdp.py under
-torchrun with two gloo ranks), importing this checkout's lowrank_fx. Each must exit 0 and print
+torchrun with two gloo ranks), importing this checkout's lowrank_fx, with the API's old
+spellings (LowRankFxDeprecationWarning) turned into errors. Each must exit 0 and print
 its "check: ... PASS" line, which it prints only after its own comparison with an oracle
 (the folded original model, PEFT, ONNX Runtime, onnxruntime-genai, one unsharded process)."""
 
@@ -19,11 +20,19 @@ SCRIPTS = ["classify.py", "causal_lm.py", "qlora.py", "deploy_onnx.py", "generat
 TAKES_OUT = {"classify.py", "causal_lm.py", "deploy_onnx.py", "generate_genai.py", "fsdp.py"}
 
 
+# runs `script args...` as `python script args...` would, with the API's old spellings as errors
+STRICT = ("import runpy, sys, warnings; from lowrank_fx.deprecation import LowRankFxDeprecationWarning; "
+          "warnings.simplefilter('error', LowRankFxDeprecationWarning); sys.argv = sys.argv[1:]; "
+          "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
 def _command(script: str, out: Path) -> list[str]:
-    args = [str(EXAMPLES / script), "--tiny"] + (["--out", str(out)] if script in TAKES_OUT else [])
+    python = [sys.executable, "-c", STRICT, str(EXAMPLES / script), "--tiny"]
+    python += ["--out", str(out)] if script in TAKES_OUT else []
     if script == "fsdp.py":
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    return [sys.executable, *args]
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--no-python",
+                *python]
+    return python
 
 
 def test_every_example_is_listed_here_and_in_the_readme():
