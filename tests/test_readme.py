@@ -39,3 +39,10 @@ def test_readme_quickstart_runs_as_pasted(tmp_path, monkeypatch, capsys):
     for line in ("reloaded adapters", "merged graph", "plain model", "ONNX Runtime"):
         assert line in out
     assert (tmp_path / "adapter.safetensors").exists() and (tmp_path / "model.onnx").exists()
+
+
+def test_readme_links_point_at_files():
+    links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", README)
+    assert links
+    missing = [link for link in links if "://" not in link and not (ROOT / link).exists()]
+    assert not missing, f"README links to files that do not exist: {missing}"
