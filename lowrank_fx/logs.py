@@ -45,11 +45,16 @@ QUIET = "LOWRANK_FX_QUIET"
 
 class _Stderr(logging.Handler):
     """The default handler: each record as "lowrank_fx: message" on the current sys.stderr
-    (pytest's capture and redirect_stderr included)."""
+    (pytest's capture and redirect_stderr included), above any tqdm bar shown there."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        line = f"{NAME}: {record.getMessage()}"
         try:
-            sys.stderr.write(f"{NAME}: {record.getMessage()}\n")
+            bars = sys.modules.get("tqdm.std")
+            if bars is not None:  # clears the bars on stderr, writes the line, draws them again
+                bars.tqdm.write(line, file=sys.stderr)
+            else:
+                sys.stderr.write(line + "\n")
             sys.stderr.flush()
         except Exception:  # a closed or broken stderr: logging's own policy
             self.handleError(record)

@@ -5,8 +5,8 @@ or config (see sources.py); nothing is downloaded. Targets and method come from 
 JSON spec file (spec_file.py). Bad input exits with status 2 and one message on stderr, never
 a traceback: one line, or a first line and the full list when the error lists differences.
 Number flags and output paths are checked (checks.py) before any model is loaded.
-Third-party log lines a user cannot act on (torch.onnx's "torchvision is not installed")
-are filtered out.
+Third-party notices a user cannot act on (torch.onnx's "torchvision is not installed") are
+filtered out while a command runs, as in the API's calls (noise.py).
 """
 
 from __future__ import annotations
