@@ -56,7 +56,7 @@ class _Stderr(logging.Handler):
             else:
                 sys.stderr.write(line + "\n")
             sys.stderr.flush()
-        except Exception:  # a closed or broken stderr: logging's own policy
+        except Exception:  # noqa: BLE001  (a closed or broken stderr: logging's own policy, as StreamHandler)
             self.handleError(record)
 
 

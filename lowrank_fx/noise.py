@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
+from collections.abc import Iterator
 
 # (category, message pattern matched from the start of the message)
 WARNINGS = (
@@ -62,7 +63,7 @@ class _Drop(logging.Filter):
 
 
 @contextlib.contextmanager
-def quiet_third_party():
+def quiet_third_party() -> Iterator[None]:
     """Silence the known third-party noise (module docstring) inside the block, and restore the
     warnings filters and logger filters on exit, an exception included."""
     added = [(logging.getLogger(name), _Drop(phrases)) for name, phrases in RECORDS.items()]

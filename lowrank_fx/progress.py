@@ -24,6 +24,7 @@ import contextlib
 import logging
 import sys
 import time
+from collections.abc import Iterable, Iterator
 
 from .logs import LOGGER, QUIET, logger, quiet  # noqa: F401  (QUIET: the variable's name, for callers)
 
@@ -42,7 +43,7 @@ def note(what: str) -> None:
 
 
 @contextlib.contextmanager
-def stage(what: str):
+def stage(what: str) -> Iterator[None]:
     """Log "`what` ..." on entry and "`what`: done in S s" (or "failed after S s") on exit."""
     if not _shown():
         yield
@@ -57,7 +58,7 @@ def stage(what: str):
     LOGGER.info("%s: done in %.1f s", what, time.perf_counter() - start)
 
 
-def steps(iterable, desc: str, total: int | None = None):
+def steps(iterable: Iterable, desc: str, total: int | None = None) -> Iterable:
     """`iterable` under a tqdm bar on stderr (shown after BAR_DELAY seconds, then removed), or
     `iterable` itself where progress is not shown."""
     if not _shown():

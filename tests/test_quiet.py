@@ -69,7 +69,7 @@ def loud(monkeypatch):
 def test_a_users_script_sees_no_third_party_noise_from_our_calls_but_sees_it_from_its_own():
     env = {k: v for k, v in os.environ.items() if k != logs.QUIET}
     done = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     ours_err, theirs_err = done.stderr.split(MARK + "\n")
     ours_out = done.stdout.split(MARK + "\n")[0]
@@ -152,3 +152,20 @@ def test_the_logger_level_silences_our_records(loud, caplog):
     trainer = lfx.Trainer(_mlp_graph(), _mse, compile="aot_eager", progress=False)
     trainer.fit(_batches(1), steps=1)
     assert not _lines(caplog)
+
+
+def test_compiled_generation_says_once_that_it_compiles(loud, caplog):
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, eos_token_id=2, pad_token_id=0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    gm = lfx.rewrite(model, lfx.Spec(targets=["q_proj", "v_proj"], method=lfx.LoRA(rank=2)),
+                     example_kwargs={"input_ids": torch.randint(3, 64, (2, 6)), "use_cache": False})
+    caplog.set_level(logging.INFO, logger="lowrank_fx")
+    ids = torch.randint(3, 64, (1, 5))
+    lfx.generate(gm, ids, max_new_tokens=2, eos_token_id=[], compile="aot_eager")
+    lfx.generate(gm, ids, max_new_tokens=2, eos_token_id=[], compile="aot_eager")
+    notes = [line for line in _lines(caplog) if "compil" in line]
+    assert notes == [("compiling the decode step with torch.compile on its first calls "
+                      "(later calls with these adapters reuse it)")]
