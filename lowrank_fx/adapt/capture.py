@@ -48,7 +48,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
-import logging
 import re
 import sys
 import warnings
@@ -74,6 +73,8 @@ from ..passes.mode_aware import make_mode_aware
 from ..passes.quantized_base import prepare_quantized
 from ..passes.repeat_blocks import NotRepeatable, repeat_blocks
 from ..options import flag
+from ..logs import logger
+from ..noise import quiet_third_party
 from ..progress import stage
 from . import capture_memo
 from .batch_one import takes, widened
@@ -82,7 +83,6 @@ from .experts_impl import traced_experts
 from .capture_cache import CaptureCache, cache_directory, cache_key, cacheable
 from .keyword_forward import keyword_forward
 
-logger = logging.getLogger(__name__)
 SOURCE = "lowrank_fx_source"  # gm.meta[SOURCE]: the model the graph was captured from, held weakly
 
 
@@ -250,7 +250,8 @@ def capture(model, example_inputs=None, example_kwargs=None, dynamic: bool = Tru
     key = capture_memo.memo_key(model, args, kwargs, dynamic, dynamic_shapes, trace_blocks)
     gm = capture_memo.recall(model, key)
     if gm is None:
-        gm = _exported(model, args, kwargs, dynamic, dynamic_shapes, directory, trace_blocks)
+        with quiet_third_party():
+            gm = _exported(model, args, kwargs, dynamic, dynamic_shapes, directory, trace_blocks)
         capture_memo.remember(model, key, gm)
         gm = capture_memo.handout(gm, model.training)
     return gm
@@ -272,7 +273,7 @@ def _exported(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, dynami
     try:
         repeat_blocks(gm, model, lists)
     except NotRepeatable as why:
-        logger.info("tracing every block of %s: %s", type(model).__name__, why)
+        logger("capture").info("tracing every block of %s: %s", type(model).__name__, why)
         exported, swapped, gm = _traced(model, args, kwargs, dynamic, dynamic_shapes, [])
         fresh = True
     if fresh and cache is not None:
@@ -313,13 +314,13 @@ def _traced_as_named(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool,
         try:
             exported, swapped = _export_with(model, *wide, _auto_dynamic(model, *wide), lists)
         except Exception as err:
-            logger.info("capturing %s at batch 1: it failed to export at batch 2 (%s)", name, _first_line(err))
+            logger("capture").info("capturing %s at batch 1: it failed to export at batch 2 (%s)", name, _first_line(err))
         else:
             gm = _plain(exported.module())
             if takes(gm, args, kwargs):
                 _warn_size_one(*wide)
                 return exported, swapped, gm
-            logger.info("capturing %s at batch 1: its graph traced at batch 2 does not take batch 1", name)
+            logger("capture").info("capturing %s at batch 1: its graph traced at batch 2 does not take batch 1", name)
     shapes = _auto_dynamic(model, args, kwargs) if auto else dynamic_shapes
     try:
         exported, swapped = _export_with(model, args, kwargs, shapes, lists)
@@ -327,7 +328,7 @@ def _traced_as_named(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool,
         if not lists:
             raise _failed(model, args, kwargs, err) from err
         # the model's forward may need every block (it indexes them by position)
-        logger.info("tracing every block of %s: a prefix failed to export (%s)", name, _first_line(err))
+        logger("capture").info("tracing every block of %s: a prefix failed to export (%s)", name, _first_line(err))
         try:
             exported, swapped = _export_with(model, args, kwargs, shapes, [])
         except Exception as err:

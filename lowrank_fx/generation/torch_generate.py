@@ -30,7 +30,9 @@ from ..errors import ModelTypeError, SpecError
 from ..export.exporter import eval_mode
 from ..graph.gates import GATES, active_adapters, set_active_adapters
 from ..graph.record import Record
+from ..noise import quiet_third_party
 from ..options import compile_backend
+from ..progress import note
 from .active_graph import inactive_adapters, without_adapters
 from .decode_graph import LAYOUT, decode_graph, share_adapters, use_base_of
 from .beam import check_beams, reorder_tensors, run_beams
@@ -112,6 +114,7 @@ def _compiled(gm: fx.GraphModule, graph: fx.GraphModule, option):
             raise SpecError(f"compile must be False, True, a backend name or a dict of torch.compile options, got {option!r}")
         kwargs.setdefault("dynamic", True)
         entry.compiled[key] = torch.compile(graph, **kwargs)
+        note("compiling the decode step with torch.compile on its first calls (later calls with these adapters reuse it)")
     return entry.compiled[key]
 
 
@@ -189,7 +192,7 @@ def generate(gm: fx.GraphModule, input_ids, attention_mask=None, adapter: str | 
     if adapter is not None:
         set_active_adapters(gm, adapter)
     try:
-        with eval_mode(decode), torch.no_grad(), per_row:
+        with eval_mode(decode), torch.no_grad(), per_row, quiet_third_party():
             graph = _runnable(gm, rows is not None)
             calls["graph"] = _compiled(gm, graph, compile) if compile else graph
             vocab = getattr(_text_config(model), "vocab_size", None)
