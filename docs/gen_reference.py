@@ -15,7 +15,7 @@ GROUPS = {
     "adapters": ("Several adapters", ["set_active_adapters", "active_adapters", "adapters_disabled", "adapter_rows",
                                       "combine_adapters", "delete_adapter"]),
     "files": ("Adapter files and PEFT directories", ["save_adapters", "load_adapters", "save_peft", "load_peft"]),
-    "training": ("Training", ["Trainer", "loraplus_optimizer", "loraplus_param_groups", "checkpoint_layers", "fuse_sites"]),
+    "training": ("Training", ["Trainer", "loraplus_optimizer", "loraplus_param_groups", "checkpoint_layers"]),
     "onnx": ("ONNX export and ONNX Runtime", ["export_onnx", "export_onnx_adapter", "OnnxExport", "AdapterSession"]),
     "generation": ("Generation", ["generate", "Generated", "export_generation", "GenerationExport", "GenerationSession"]),
     "errors": ("Errors and warnings", ["LowRankFxError", "SpecError", "CaptureError", "TargetError", "MergeError",

@@ -7,7 +7,6 @@ are pictures, not code. The examples assert their own results against an oracle 
 own forward, PEFT, ONNX Runtime), so a block that drifts from the API fails here.
 """
 
-import inspect
 import re
 from pathlib import Path
 
@@ -19,11 +18,6 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 FENCE = re.compile(r"^(?P<indent> *)```(?P<info>[^\n`]*)\n(?P<body>.*?)^(?P=indent)```", re.S | re.M)
 NOT_RUN = re.compile(r"#\s*not run:\s*\S")
 PAGES = sorted(p for p in DOCS.rglob("*.md"))
-# Pages written in issue 23's API spelling that the installed package may not have yet:
-# page -> (function, keyword). Once the keyword exists the page runs; drop the entry then.
-NEEDS = {"howto/adapters.md": (lfx.combine_adapters, "adapter")}
-
-
 def blocks(page: Path) -> list[tuple[str, str, int]]:
     """(language, code, line) of every fenced block of a page."""
     text = page.read_text(encoding="utf-8")
@@ -53,9 +47,6 @@ def test_every_block_runs_or_says_why_not(page, tmp_path, monkeypatch):
     todo = runnable(page)
     if not todo:
         return
-    need = NEEDS.get(page.relative_to(DOCS).as_posix())
-    if need and need[1] not in inspect.signature(need[0]).parameters:
-        pytest.skip(f"the page calls {need[0].__name__}({need[1]}=...), issue 23's spelling, not in this lowrank_fx yet")
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": f"__docs_{page.stem}__"}
     for code, line in todo:
