@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-import lowrank_fx as lfx
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 FENCE = re.compile(r"^(?P<indent> *)```(?P<info>[^\n`]*)\n(?P<body>.*?)^(?P=indent)```", re.S | re.M)
