@@ -44,7 +44,7 @@ def api_options(positional: int | None = None, renamed: dict[str, str] | None = 
     def decorate(fn: F) -> F:
         params = list(inspect.signature(fn).parameters.values())
         keyword_only = [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
-        where = f"lowrank_fx.{fn.__name__}"
+        where = f"lowrank_fx.{fn.__qualname__.removesuffix('.__init__')}"  # methods: Class.method
 
         @functools.wraps(fn)
         def call(*args: Any, **kwargs: Any) -> Any:

@@ -227,7 +227,7 @@ def test_export_generation_refuses_a_folded_adapter_file(tmp_path):
 def exported(tmp_path_factory):
     gm = lfx.rewrite(toy(), lfx.Spec(["fc1", "fc2"], method=lfx.LoRA(rank=2, init="nonzero")),
                      example_inputs=(X,), adapter="a")
-    result = lfx.export_onnx(gm, tmp_path_factory.mktemp("onnx") / "toy.onnx", (X,), optimize=False)
+    result = lfx.export_onnx(gm, tmp_path_factory.mktemp("onnx") / "toy.onnx", example_inputs=(X,), optimize=False)
     return result, result.session()
 
 
