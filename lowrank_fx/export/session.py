@@ -122,6 +122,28 @@ class AdapterSession:
             AdapterFileError: the file is missing, damaged or does not fit the model, or the
                 model takes no adapter files (a merged or per-row export).
         """
+        if self._per_row:
+            raise AdapterFileError(
+                f"{self.path.name} is a per-row export: its adapters are constants of the graph "
+                f"({', '.join(self.row_adapters)}); adapter files need an export with mode='adapters'"
+            )
+        if not self._slots:
+            raise AdapterFileError(
+                f"{self.path.name} has no adapter inputs (a merged export?); export the adapted "
+                "graph with lfx.export_onnx(gm, path) to swap adapters"
+            )
+        check_adapter_file(path, self._slots)
+        ort = load_ort()
+        adapter = ort.LoraAdapter()
+        try:
+            adapter.Load(str(path))
+        except Exception as err:  # ORT's own exception types; the file passed the check above
+            raise AdapterFileError(f"ONNX Runtime cannot load the adapter file {str(path)!r} ({err}); it may "
+                                   "be corrupt: write it again (lfx.export_onnx_adapter)") from None
+        options = ort.RunOptions()
+        options.add_active_adapter(adapter)
+        self._loaded[name] = (adapter, options)
+
     def _unknown(self, name) -> AdapterFileError:
         known = self.adapters
         hint = nearest(str(name), known, n=1)

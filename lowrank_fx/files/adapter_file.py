@@ -150,18 +150,18 @@ def _serialised(gm: fx.GraphModule, path, adapters: str | Sequence[str] | None,
     if path.is_dir():
         raise AdapterFileError(f"{path} is a directory; give a file name, e.g. {path / 'adapters.safetensors'}")
     graph_targets = find_targets(gm, record.aliases)
-    tensors, adapters = {}, {}
+    tensors, entries = {}, {}
     for name in _chosen(record.adapters, adapters, "this graph"):
         state = {**getattr(gm, CONTAINER)[name].state_dict(), **_buffers_to_keep(gm, name, include_buffers)}
         tensors.update((f"{name}.{key}", value.detach().cpu().contiguous().clone()) for key, value in state.items())
         shapes = {target: graph_targets[target].shape for target in record.adapters[name].groups}
-        adapters[name] = {
+        entries[name] = {
             "spec": spec_to_json(record.adapters[name].spec),
             "targets": {target: list(shape) for target, shape in shapes.items()},
             "fingerprint": fingerprint(shapes),
         }
     manifest = {"format": FORMAT, "version": VERSION, "lowrank_fx": __version__,
-                "checksum": _checksum(tensors), "adapters": adapters}
+                "checksum": _checksum(tensors), "adapters": entries}
     manifest["manifest_checksum"] = _manifest_checksum(manifest)
     return safetensors.torch.save(tensors, metadata={MANIFEST_KEY: json.dumps(manifest), "format": "pt"}), path
 
