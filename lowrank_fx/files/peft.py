@@ -364,8 +364,8 @@ def _only_adapter(record: Record, adapter: str | None) -> str:
                       "release)", LowRankFxDeprecationWarning, stacklevel=5)  # past _peft_files, save_peft, api_options
         return names[0]
     if adapter not in names:
-        raise AdapterFileError(f"this graph has no adapter {adapter!r}; it has: {', '.join(names)}: "
-                               "pass adapter=<name>")
+        raise AdapterFileError(f"this graph has no adapter {adapter!r}; a PEFT directory holds one adapter: "
+                               f"pass adapter=<name>, one of {', '.join(names)}")
     return adapter
 
 
