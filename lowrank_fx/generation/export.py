@@ -31,7 +31,7 @@ import os
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -54,7 +54,7 @@ from .session import GenerationSession
 SUFFIX = ".onnx_adapter"
 
 
-AdapterSource = Union[fx.GraphModule, str, os.PathLike]  # a graph from lfx.rewrite, or an adapter file
+AdapterSource = fx.GraphModule | str | os.PathLike  # a graph from lfx.rewrite, or an adapter file
 
 
 @dataclasses.dataclass

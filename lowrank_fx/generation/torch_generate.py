@@ -138,8 +138,8 @@ def default_ids(model: nn.Module, eos_token_id, pad_token_id) -> tuple[list[int]
 @api_options(positional=2, renamed={"adapter": "adapters"})
 def generate(gm: fx.GraphModule, input_ids: torch.Tensor | Sequence[Sequence[int]], *,
              attention_mask: torch.Tensor | Sequence[Sequence[int]] | None = None,
-             adapters: str | Sequence[str] | None = None, max_new_tokens: int = 20, do_sample: bool = False,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             adapters: str | list[str] | tuple[str, ...] | None = None, max_new_tokens: int = 20,
+             do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
              seed: int | None = None, num_beams: int = 1, length_penalty: float = 1.0,
              early_stopping: bool | str = False, compile: bool | str | dict[str, Any] = False,
