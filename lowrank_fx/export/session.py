@@ -74,6 +74,13 @@ class AdapterSession:
     Raises:
         ExportError: the model is missing or ONNX Runtime cannot load it, or its sidecar is malformed.
         AdapterFileError: an adapter file does not fit the model, or onnxruntime is not installed.
+
+    Attributes:
+        path: the .onnx model.
+        session: the `onnxruntime.InferenceSession`.
+        input_names: the model's inputs (without a per-row export's `adapter_ids`).
+        output_names: the model's outputs, the keys of `run`'s result.
+        row_adapters: a per-row export's adapters, of id 0, 1, ...; else empty.
     """
 
     @api_options(positional=2)

@@ -55,6 +55,16 @@ class GenerationSession:
         ExportError: the directory has no genai_config.json, it is damaged, or ONNX Runtime
             cannot load the model.
         AdapterFileError: an adapter file does not fit the model, or onnxruntime is not installed.
+
+    Attributes:
+        directory: the generation directory.
+        config: genai_config.json's content.
+        layers: the decoder's layers (key/value cache pairs).
+        kv_heads: key/value heads per layer.
+        head_dim: the size of one attention head.
+        vocab_size: the logits' size.
+        eos_token_id: genai_config.json's end-of-sequence ids.
+        pad_token_id: genai_config.json's padding id.
     """
 
     @api_options(positional=2)
