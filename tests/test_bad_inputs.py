@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import lowrank_fx as lfx
+from lowrank_fx.passes.fuse_sites import fuse_sites
 
 
 class Small(nn.Module):
@@ -148,7 +149,7 @@ CASES = [
     ("save-adapters-include-buffers-not-a-bool", lambda gm, f, t: lfx.save_adapters(gm, t / "x.safetensors",
                                                                                   include_buffers="yes"),
      "include_buffers"),
-    ("fuse-sites-plain-module", lambda gm, f, t: lfx.fuse_sites(Small()), "lfx.rewrite returned"),
+    ("fuse-sites-plain-module", lambda gm, f, t: fuse_sites(Small()), "lfx.rewrite returned"),
     ("quantize-exclude-not-patterns", lambda gm, f, t: lfx.quantize_base(Small(), "int8", exclude=3), "exclude"),
     ("loraplus-optimizer-not-a-class", lambda gm, f, t: lfx.loraplus_optimizer(gm, lr=1e-3, optimizer_cls="adam"),
      "optimizer_cls"),

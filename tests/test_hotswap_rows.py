@@ -19,6 +19,7 @@ import transformers
 from peft.utils.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 
 import lowrank_fx as lfx
+from lowrank_fx.passes.fuse_sites import fuse_sites
 from lowrank_fx.errors import AdapterFileError, InputError, SpecError
 from lowrank_fx.export.adapter_graph import adapter_tensors
 from lowrank_fx.generation.torch_generate import decoder_for
@@ -161,7 +162,7 @@ def test_a_slot_trains_like_the_unpadded_adapter(model, ids):
 
 def test_the_training_form_of_a_slot_follows_swaps(model, slot, ids, adapters):
     gm = lfx.load_peft(slot, adapters["b"][0])
-    fused = lfx.fuse_sites(gm)  # built once; the slot's scale is read from its buffer, not baked in
+    fused = fuse_sites(gm)  # built once; the slot's scale is read from its buffer, not baked in
     with torch.no_grad():
         for name in ("c", "a"):
             lfx.load_peft(gm, adapters[name][0])

@@ -77,7 +77,7 @@ def _plan(args) -> int:
     from .. import plan
 
     source = _source(args)
-    print(plan(source.model, _spec(args), source.example_inputs, source.example_kwargs))
+    print(plan(source.model, _spec(args), example_inputs=source.example_inputs, example_kwargs=source.example_kwargs))
     return 0
 
 

@@ -114,7 +114,7 @@ def _install(root: nn.Module, path: str, module: nn.Module) -> None:
 def fuse_sites(gm: fx.GraphModule) -> fx.GraphModule:
     """A graph computing what `gm` computes, over `gm`'s own modules and tensors, with its LoRA
     and RandLoRA sites in the training form above. `gm` itself is unchanged."""
-    require_graph(gm, "lfx.fuse_sites")
+    require_graph(gm, "fuse_sites")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         fused = over_graph(gm, copy.deepcopy(gm.graph))
