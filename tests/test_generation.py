@@ -275,7 +275,7 @@ def test_padded_batches_give_each_rows_own_tokens(family, side):
 def test_sampling(llama):
     ids = prompts(6)[0]
     options = {"max_new_tokens": 10, "eos_token_id": [], "do_sample": True, "temperature": 0.7, "top_k": 20,
-               "top_p": 0.9, "adapter": "a"}
+               "top_p": 0.9, "adapters": "a"}
     one = lfx.generate(llama.gm, ids, seed=7, **options)
     assert torch.equal(one, lfx.generate(llama.gm, ids, seed=7, **options))
     assert not torch.equal(one, lfx.generate(llama.gm, ids, seed=8, **options))
