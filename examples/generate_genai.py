@@ -108,7 +108,7 @@ def main() -> int:
     for name in ("a", "b", None):
         theirs = genai_generate(genai, adapters, name, prompt, new)
         ort_ids = session.generate(prompt, adapter=name, max_new_tokens=new)[0].tolist()
-        torch_ids = lfx.generate(gm, prompt, adapter=[] if name is None else name, max_new_tokens=new)[0].tolist()
+        torch_ids = lfx.generate(gm, prompt, adapters=[] if name is None else name, max_new_tokens=new)[0].tolist()
         results[name] = (theirs, ort_ids, torch_ids)
         print(f"adapter {name!s:4s}  genai {theirs[start:]}  GenerationSession {ort_ids[start:]}  "
               f"lfx.generate {torch_ids[start:]}")

@@ -353,7 +353,8 @@ def test_deleted_adapter_leaves_what_a_graph_without_it_has(base, tmp_path):
     lfx.set_active_adapters(loaded, "u")
     with torch.no_grad():
         assert torch.equal(loaded(IDS), never(IDS))
-    exports = [lfx.export_onnx(gm, tmp_path / f"{i}.onnx", example_inputs=(IDS,), optimize=False) for i, gm in enumerate((had, never))]
+    exports = [lfx.export_onnx(gm, tmp_path / f"{i}.onnx", example_inputs=(IDS,), optimize=False)
+               for i, gm in enumerate((had, never))]
     assert [onnx_inputs(e.path) for e in exports[:1]] == [onnx_inputs(e.path) for e in exports[1:]]
     assert exports[0].adapter_inputs == exports[1].adapter_inputs and list(exports[0].adapters) == ["u", "negated"]
     for adapter in ("u", "negated"):

@@ -15,14 +15,6 @@ import pytest
 
 import lowrank_fx as lfx
 
-# names another part of issue 23 documents (the export, files and generation modules); they
-# are checked once that work is merged
-PENDING_OTHER_HELPER = {
-    "save_adapters", "load_adapters", "load_peft", "save_peft", "export_onnx", "export_onnx_adapter",
-    "OnnxExport", "AdapterSession", "generate", "export_generation", "GenerationExport",
-    "GenerationSession", "Generated",
-}
-
 
 def _section(doc: str, name: str) -> str | None:
     """The text of section `name` ("Args") of a Google-style docstring, or None."""
@@ -110,11 +102,7 @@ def _problems(name: str) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=pytest.mark.xfail(strict=False, reason="documented by another part of issue 23"))
-    if name in PENDING_OTHER_HELPER else name
-    for name in lfx.__all__
-])
+@pytest.mark.parametrize("name", lfx.__all__)
 def test_public_name_is_documented(name):
     problems = _problems(name)
     assert not problems, "\n".join(problems)

@@ -152,7 +152,7 @@ def saved(tmp_path_factory):
                      example_inputs=(X,), adapter="a")
     export = lfx.export_onnx(gm, root / "onnx" / "toy.onnx", example_inputs=(X,), optimize=False)
     return {"root": root, "file": lfx.save_adapters(gm, root / "a.safetensors"),
-            "peft": lfx.save_peft(gm, root / "peft"), "onnx": export, "session": export.session()}
+            "peft": lfx.save_peft(gm, root / "peft", adapter="a"), "onnx": export, "session": export.session()}
 
 
 def damaged(data: bytes, cut: bool, where: int, bit: int, header: bool = False) -> bytes:

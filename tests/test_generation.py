@@ -275,7 +275,7 @@ def test_padded_batches_give_each_rows_own_tokens(family, side):
 def test_sampling(llama):
     ids = prompts(6)[0]
     options = {"max_new_tokens": 10, "eos_token_id": [], "do_sample": True, "temperature": 0.7, "top_k": 20,
-               "top_p": 0.9, "adapter": "a"}
+               "top_p": 0.9, "adapters": "a"}
     one = lfx.generate(llama.gm, ids, seed=7, **options)
     assert torch.equal(one, lfx.generate(llama.gm, ids, seed=7, **options))
     assert not torch.equal(one, lfx.generate(llama.gm, ids, seed=8, **options))
@@ -489,14 +489,16 @@ def test_session_pads_and_stops_like_lfx_generate(exported):
     torch_tokens = lfx.generate(fam.gm, ids, attention_mask=mask, adapters="a", max_new_tokens=7, eos_token_id=[])
     eos = int(torch_tokens[1, 7])
     want = hf_generate(fam.merged["a"], ids, mask, max_new_tokens=7, eos_token_id=eos)
-    got = exported.session.generate(ids, mask, adapter="a", max_new_tokens=7, eos_token_id=eos, pad_token_id=PAD)
+    got = exported.session.generate(ids, attention_mask=mask, adapter="a", max_new_tokens=7, eos_token_id=eos,
+                                    pad_token_id=PAD)
     assert torch.equal(got, want.sequences)
     right = torch.full((3, 5), PAD)
     right_mask = torch.zeros_like(right)
     for i, row in enumerate(rows):
         right[i, :row.shape[1]], right_mask[i, :row.shape[1]] = row[0], 1
-    got = exported.session.generate(right, right_mask, adapter="a", max_new_tokens=7, eos_token_id=[])
-    assert torch.equal(got, lfx.generate(fam.gm, right, attention_mask=right_mask, adapters="a", max_new_tokens=7, eos_token_id=[]))
+    got = exported.session.generate(right, attention_mask=right_mask, adapter="a", max_new_tokens=7, eos_token_id=[])
+    assert torch.equal(got, lfx.generate(fam.gm, right, attention_mask=right_mask, adapters="a", max_new_tokens=7,
+                                         eos_token_id=[]))
     genai = genai_generate(exported.genai, right, 7, exported.genai_adapters, "a")  # genai reads right padding
     assert torch.equal(genai, got)
 
@@ -584,3 +586,28 @@ def test_cli_says_a_missing_data_file_is_missing(capsys):
     assert main(["train", "--data", "missing.txt", "--out", "x.safetensors"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--data missing.txt: no such file" in err and "import" not in err and len(err.splitlines()) == 1
+
+
+def test_old_spellings_of_generation_warn_and_generate_the_same(llama, tmp_path_factory):
+    """Options passed positionally and generate's `adapter=` still work for one release, with a warning."""
+    from lowrank_fx.deprecation import LowRankFxDeprecationWarning
+
+    exported = export_of(llama, tmp_path_factory)
+    ids, mask = torch.full((2, 5), PAD), torch.zeros(2, 5, dtype=torch.long)
+    for i, row in enumerate(prompts(12, lengths=(3, 5))):  # row 0 left-padded
+        ids[i, 5 - row.shape[1]:], mask[i, 5 - row.shape[1]:] = row[0], 1
+    options = {"max_new_tokens": 4, "eos_token_id": []}
+    want = lfx.generate(llama.gm, ids, attention_mask=mask, adapters="a", **options)
+    with pytest.warns(LowRankFxDeprecationWarning, match="generate: pass attention_mask, adapters as keyword arguments"):
+        assert torch.equal(lfx.generate(llama.gm, ids, mask, "a", **options), want)
+    with pytest.warns(LowRankFxDeprecationWarning, match="generate: adapter= is now adapters="):
+        assert torch.equal(lfx.generate(llama.gm, ids, attention_mask=mask, adapter="a", **options), want)
+    assert torch.equal(exported.session.generate(ids, attention_mask=mask, adapter="a", **options), want)
+    with pytest.warns(LowRankFxDeprecationWarning, match="GenerationSession.generate: pass attention_mask, adapter as"):
+        assert torch.equal(exported.session.generate(ids, mask, "a", **options), want)
+    with pytest.warns(LowRankFxDeprecationWarning, match="GenerationSession: pass providers as keyword argument"):
+        session = lfx.GenerationSession(exported.directory, ["CPUExecutionProvider"])
+    assert torch.equal(session.generate(ids, attention_mask=mask, adapter="a", **options), want)
+    with pytest.warns(LowRankFxDeprecationWarning, match="export_generation: pass example_inputs, dtype as keyword"):
+        with pytest.raises(SpecError, match="dtype must be a floating torch.dtype"):  # reached the dtype parameter
+            lfx.export_generation(llama.model, llama.gm, tmp_path_factory.mktemp("old"), None, "float16")

@@ -322,7 +322,7 @@ def test_bad_rows_are_refused(two, ids):
         with lfx.adapter_rows(gm, ["one", "two", None]):
             gm(ids)
     assert lfx.active_adapters(gm) == ["one", "two"]  # restored after the error
-    with pytest.raises(InputError, match="either adapter= .* or rows="):
+    with pytest.raises(InputError, match="either adapters= .* or rows="):
         lfx.generate(gm, ids, adapters="one", rows=MIX, max_new_tokens=1)
     with pytest.raises(InputError, match="rows names 2 adapters for 4 prompts"):
         lfx.generate(gm, ids, rows=["one", None], max_new_tokens=1)

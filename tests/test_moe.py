@@ -249,7 +249,8 @@ def onnx_exports(tmp_path_factory):
     # cannot tie the tokens of the routing to those of the hidden states)
     tokens = torch.export.Dim("tokens")
     shapes = {"hidden_states": {0: tokens}, "router_indices": {0: tokens}, "routing_weights": {0: tokens}}
-    merged = lfx.export_onnx(gm, folder / "merged.onnx", example_inputs=example, mode="merged", optimize=False, dynamic_shapes=shapes)
+    merged = lfx.export_onnx(gm, folder / "merged.onnx", example_inputs=example, mode="merged", optimize=False,
+                             dynamic_shapes=shapes)
     swappable = lfx.export_onnx(gm, folder / "adapters.onnx", example_inputs=example, mode="adapters", optimize=False,
                                 dynamic_shapes=shapes)
     return gm, merged, swappable

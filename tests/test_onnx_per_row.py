@@ -31,7 +31,8 @@ def _export(tmp_path_factory, family, specs, optimize=True):
         gm = lfx.rewrite(gm if gm is not None else case.model, spec, example_inputs=case.args,
                          example_kwargs=case.kwargs, adapter=adapter)
     path = tmp_path_factory.mktemp(family) / f"{family}_rows.onnx"
-    result = lfx.export_onnx(gm, path, example_inputs=case.args, example_kwargs=case.kwargs, mode="per_row", optimize=optimize)
+    result = lfx.export_onnx(gm, path, example_inputs=case.args, example_kwargs=case.kwargs, mode="per_row",
+                             optimize=optimize)
     return case, gm, result, result.session()
 
 

@@ -149,7 +149,8 @@ def _export(args) -> int:
     source = _source(args)
     gm = _adapted(args, source) if args.adapters else source.model
     mode = args.mode if args.adapters else "merged"
-    result = export_onnx(gm, args.out, example_inputs=source.example_inputs, example_kwargs=source.example_kwargs, mode=mode)
+    result = export_onnx(gm, args.out, example_inputs=source.example_inputs, example_kwargs=source.example_kwargs,
+                         mode=mode)
     for file in result.files:
         print(f"wrote {file}")
     return 0
