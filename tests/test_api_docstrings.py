@@ -32,8 +32,14 @@ def _section(doc: str, name: str) -> str | None:
 
 
 def _documented(args: str) -> set[str]:
-    """The parameter names an Args section lists (`name:`, `*name:`, `**name:`, `name (type):`)."""
-    return set(re.findall(r"^\s*\**(\w+)(?: \([^)]*\))?:", args, flags=re.MULTILINE))
+    """The parameter names an Args section lists (`name:`, `*name:`, `**name:`, `name (type):`), read
+    from the lines at the section's own indent (deeper lines continue a description)."""
+    lines = [line for line in args.splitlines() if line.strip()]
+    if not lines:
+        return set()
+    indent = min(len(line) - len(line.lstrip()) for line in lines)
+    entries = "\n".join(line[indent:] for line in lines if len(line) - len(line.lstrip()) == indent)
+    return set(re.findall(r"^\**(\w+)(?: \([^)]*\))?:", entries, flags=re.MULTILINE))
 
 
 def _parameters(function, skip_self: bool) -> list[str]:
@@ -52,7 +58,10 @@ def _problems_of_function(where: str, function, skip_self: bool = False, returns
         if args is None:
             problems.append(f"{where}: no Args section")
         else:
-            problems += [f"{where}: Args does not name {n!r}" for n in names if n not in _documented(args)]
+            documented = _documented(args)
+            problems += [f"{where}: Args does not name {n!r}" for n in names if n not in documented]
+            # the docs site's renderer cannot check this for @options classes: the signature is runtime's
+            problems += [f"{where}: Args names {n!r}, which is not a parameter" for n in sorted(documented - set(names))]
     if returns and _section(doc, "Returns") is None:
         problems.append(f"{where}: no Returns section")
     return problems
@@ -117,3 +126,17 @@ def test_the_check_can_fail():
         """
 
     assert _problems_of_function("f", undocumented) == ["f: Args does not name 'adapter'", "f: no Returns section"]
+
+    def stale(gm):
+        """Does something.
+
+        Args:
+            gm: a graph.
+            adapter: a parameter the function no longer takes.
+                more: a continuation line, not a parameter.
+
+        Returns:
+            Nothing.
+        """
+
+    assert _problems_of_function("g", stale) == ["g: Args names 'adapter', which is not a parameter"]
