@@ -11,7 +11,7 @@ Step: zero_grad, forward, next-token cross entropy, backward, AdamW (lr 1e-4).
 
 All configurations of a size live in one process and are timed round-robin, one step of each
 per round for `--rounds` rounds, so load from other jobs on a shared machine hits all alike;
-step time is the median. Ours runs as lfx.Trainer trains it: lfx.fuse_sites(gm), whose RandLoRA
+step time is the median. Ours runs as lfx.Trainer trains it: fuse_sites(gm), whose RandLoRA
 sites compute x (W + g·ΔW)ᵀ + b in one product (form "dense"; "auto" per pass, merged or the base
 product plus the factored Δy; "factored" keeps the rewritten site). Compiled: ours as lfx.Trainer
 compiles it (torch.compile(fuse_sites(gm), fullgraph=True, dynamic=True), inductor), PEFT's model with torch.compile(model) (its default:
@@ -96,6 +96,7 @@ def build(config, size: dict, rank: int, ids):
     import torch
 
     import lowrank_fx as lfx
+    from lowrank_fx.passes.fuse_sites import fuse_sites
 
     lib, form, compiled = config
     if lib == "peft":
@@ -104,7 +105,7 @@ def build(config, size: dict, rank: int, ids):
     method = lfx.RandLoRA(rank=rank, alpha=20.0 * rank, form=form)
     gm = lfx.rewrite(build_model(size), lfx.Spec(targets=[f"*.{t}" for t in TARGETS], method=method),
                      example_inputs=(ids,), example_kwargs={"use_cache": False}).train()
-    fused = lfx.fuse_sites(gm)  # the training form lfx.Trainer trains: merged-product sites unless factored
+    fused = fuse_sites(gm)  # the training form lfx.Trainer trains: merged-product sites unless factored
     return gm, (torch.compile(fused, fullgraph=True, dynamic=True) if compiled else fused)
 
 
@@ -188,7 +189,7 @@ def section(report: dict) -> str:
                   "attention, norms and the optimizer, which are the same for both.",
                   "- auto's form per target (forward / backward): "
                   + "; ".join(f"{k}: {v}" for k, v in flops["auto_picks"].items()) + ".", ""]
-    lines += [("Ours is the form lfx.Trainer trains, lfx.fuse_sites(gm): with \"dense\" (and \"auto\" past the "
+    lines += [("Ours is the form lfx.Trainer trains, fuse_sites(gm): with \"dense\" (and \"auto\" past the "
                "break-evens) each site is one product with W + g·ΔW (methods/randlora_merged.py), 3·T·D·d per "
                "target with dx plus building ΔW twice (2·D·d·R), against PEFT's base products and factored "
                "adapter, T·(2·D·d + R·(2D + 3d)) ≈ 7·T·D·d for a square target with R ≈ d."), ""]

@@ -26,7 +26,8 @@ class LowRankFxDeprecationWarning(FutureWarning):
     """A call used a spelling that the next release removes; the message gives the new one."""
 
 
-def api_options(positional: int | None = None, renamed: dict[str, str] | None = None) -> Callable[[F], F]:
+def api_options(positional: int | None = None, renamed: dict[str, str] | None = None,
+                name: str | None = None) -> Callable[[F], F]:
     """Accept the old positional options and renamed keywords of the decorated function.
 
     Args:
@@ -35,6 +36,9 @@ def api_options(positional: int | None = None, renamed: dict[str, str] | None = 
             None leaves positional arguments to Python.
         renamed: old keyword -> new keyword; an old keyword is passed on under its new name,
             with a warning.
+        name: the public name the messages use (`lowrank_fx.<name>`), where it is not the
+            function's own (`fold`, exported as `merge`); a method's is `Class.method`, an
+            `__init__`'s the class.
 
     Returns:
         A decorator; the wrapped function has the original's name, docstring and signature.
@@ -44,7 +48,7 @@ def api_options(positional: int | None = None, renamed: dict[str, str] | None = 
     def decorate(fn: F) -> F:
         params = list(inspect.signature(fn).parameters.values())
         keyword_only = [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
-        where = f"lowrank_fx.{fn.__name__}"
+        where = "lowrank_fx." + (name or fn.__qualname__.removesuffix(".__init__"))
 
         @functools.wraps(fn)
         def call(*args: Any, **kwargs: Any) -> Any:

@@ -1,23 +1,36 @@
-"""`@options`: a frozen dataclass whose constructor rejects unknown keywords with a hint; and the
-checks its `__post_init__` runs on each value (type, finiteness, range), each raising SpecError
-with the option, the value and what is valid."""
+"""`@options`: a frozen dataclass whose constructor rejects unknown keywords with a hint, and takes
+its options after the first two by keyword only; and the checks its `__post_init__` runs on
+each value (type, finiteness, range), each raising SpecError with the option, the value and
+what is valid."""
 
 import dataclasses
 import functools
+import inspect
 import math
 import numbers
+import warnings
 
+from .deprecation import LowRankFxDeprecationWarning
 from .errors import SpecError, nearest
+
+POSITIONAL = 2  # `LoRA(8, 16.0)`; the options after these are keyword-only
 
 
 def options(cls):
-    """Make `cls` a frozen dataclass; `cls(rnak=8)` raises SpecError naming the known options."""
+    """Make `cls` a frozen dataclass; `cls(rnak=8)` raises SpecError naming the known options.
+
+    The first two fields may be given by position, the others by keyword only (the signature
+    says so); a third positional value still works for one release, with a
+    LowRankFxDeprecationWarning naming the keyword.
+    """
     cls = dataclasses.dataclass(frozen=True)(cls)
     init = cls.__init__
     known = [f.name for f in dataclasses.fields(cls)]
 
     @functools.wraps(init)
     def checked_init(self, *args, **kwargs):
+        if len(args) > POSITIONAL:
+            args = _old_positional(cls.__name__, known, args, kwargs)
         for key in kwargs:
             if key not in known:
                 hint = nearest(key, known, n=1)
@@ -28,8 +41,28 @@ def options(cls):
                 )
         init(self, *args, **kwargs)
 
+    signature = inspect.signature(init)
+    checked_init.__signature__ = signature.replace(parameters=[
+        p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if i > POSITIONAL else p  # 0 is self
+        for i, p in enumerate(signature.parameters.values())])
     cls.__init__ = checked_init
     return cls
+
+
+def _old_positional(owner: str, known: list[str], args: tuple, kwargs: dict) -> tuple:
+    """`args` beyond the first two moved into `kwargs` under their field names, with a warning."""
+    extra = args[POSITIONAL:]
+    if len(extra) > len(known) - POSITIONAL:
+        raise TypeError(f"{owner} takes at most {len(known)} options, {len(args)} were given by position")
+    names = known[POSITIONAL:POSITIONAL + len(extra)]
+    for name, value in zip(names, extra):
+        if name in kwargs:
+            raise TypeError(f"{owner} got {name!r} both by position and as a keyword")
+        kwargs[name] = value
+    warnings.warn(f"lowrank_fx.{owner}: pass {', '.join(names)} by keyword ({', '.join(f'{n}=...' for n in names)}); "
+                  "passing them by position stops working in the next release", LowRankFxDeprecationWarning,
+                  stacklevel=3)
+    return args[:POSITIONAL]
 
 
 def set_options(instance, **values) -> None:

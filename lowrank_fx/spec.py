@@ -22,6 +22,7 @@ adapter that only trains those modules.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import re
 from typing import Mapping, Sequence, Union
@@ -70,7 +71,21 @@ def _patterns(option: str, value) -> tuple[str, ...]:
 
 @options
 class Spec:
-    """What to adapt. `Spec(targets=["*.q_proj", "*.v_proj"], method=LoRA(rank=8))`."""
+    """What to adapt. `Spec(targets=["*.q_proj", "*.v_proj"], method=LoRA(rank=8))`.
+
+    Args:
+        targets: a pattern, a list of patterns sharing `method`, or a dict {pattern: method}
+            for mixed specs (the first matching pattern wins); patterns are globs, "re:<regex>"
+            or "all-linear" (module docstring). Default "all-linear".
+        method: the method of a pattern list (default `LoRA()`); None with a dict.
+        exclude: patterns whose targets are left out.
+        train: module or parameter patterns the adapter trains in full, as copies of its own
+            (PEFT's `modules_to_save`); their weights are then no targets.
+
+    Raises:
+        SpecError: a bad pattern, a method that is not a `Method`, `method` given with a dict,
+            or no targets and nothing to train.
+    """
 
     targets: Union[str, Sequence[str], Mapping[str, Method]] = ALL_LINEAR
     method: Method | None = None
@@ -101,6 +116,7 @@ class Spec:
                     f"the method for {pattern!r} is {type(method).__name__}, not a method; "
                     "use lfx.LoRA(...), lfx.LoRTA(...) or lfx.RandLoRA(...)"
                 )
+            _check_method_class(type(method))
         for pattern in self.exclude:
             if pattern == ALL_LINEAR:
                 raise SpecError("Spec.exclude takes target patterns ('lm_head', 're:...'), not 'all-linear', "
@@ -112,6 +128,11 @@ class Spec:
             _compile(pattern)
 
     def rules(self) -> list[tuple[str, Method]]:
+        """The spec as (pattern, method) pairs, in order.
+
+        Returns:
+            One pair per target pattern.
+        """
         if isinstance(self.targets, Mapping):
             return list(self.targets.items())
         return [(p, self.method) for p in self.targets]
@@ -119,8 +140,16 @@ class Spec:
     def assign(self, names: Sequence[str], heads: set[str]) -> dict[str, Method]:
         """Map each matched target name to its method, in graph order.
 
-        `heads` are the names that "all-linear" leaves out (vocabulary-sized output heads).
-        Raises SpecError naming the nearest target names when a pattern matches nothing.
+        Args:
+            names: every target name of the graph, in graph order.
+            heads: the names that "all-linear" leaves out (vocabulary-sized output heads).
+
+        Returns:
+            {target name: method} for the matched targets that are not excluded.
+
+        Raises:
+            SpecError: a pattern matches nothing (naming the nearest target names), or every
+                match is excluded.
         """
         excluded = [_compile(p) for p in self.exclude]
         chosen: dict[str, Method] = {}
@@ -139,6 +168,15 @@ class Spec:
                 "narrow Spec.exclude or add target patterns"
             )
         return {n: chosen[n] for n in names if n in chosen}
+
+
+def _check_method_class(cls: type) -> None:
+    """SpecError unless a Method class is a frozen dataclass (hashed, and stored by its fields) with a `kind`."""
+    frozen = dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen
+    if not frozen or not isinstance(getattr(cls, "kind", None), str):
+        raise SpecError(f"{cls.__name__} is an lfx.Method, but a method must be a frozen dataclass with a class "
+                        "attribute kind (a name of its own): decorate it with @dataclasses.dataclass(frozen=True) "
+                        "and set kind = '<name>' (docs/write_a_method.md)")
 
 
 def _no_match_message(pattern: str, names: Sequence[str]) -> str:

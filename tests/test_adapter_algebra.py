@@ -167,7 +167,7 @@ def test_combination_matches_peft(pair, index):
         torch.set_rng_state(state)
     else:
         twin.add_weighted_adapter(list(weights), list(weights.values()), name, combination, **options)
-    lfx.combine_adapters(gm, weights, name, combination, **options)
+    lfx.combine_adapters(gm, weights, adapter=name, combination=combination, **options)
     groups = Record.find(gm).adapters[name].groups
     theirs = {t: f for t in groups if (f := factors(twin.base_model.model.get_submodule(t), name)) is not None}
     assert set(theirs) == set(groups)
@@ -191,11 +191,11 @@ def test_combination_matches_peft(pair, index):
 def test_dare_seed_is_torch_manual_seed_without_touching_the_global_generator(base):
     gm = ours_with(base)
     torch.manual_seed(11)
-    lfx.combine_adapters(gm, {"u": 0.7, "v": 0.3}, "drawn", "dare_ties", density=0.5)
+    lfx.combine_adapters(gm, {"u": 0.7, "v": 0.3}, adapter="drawn", combination="dare_ties", density=0.5)
     state = torch.get_rng_state()
-    lfx.combine_adapters(gm, {"u": 0.7, "v": 0.3}, "seeded", "dare_ties", density=0.5, seed=11)
+    lfx.combine_adapters(gm, {"u": 0.7, "v": 0.3}, adapter="seeded", combination="dare_ties", density=0.5, seed=11)
     assert torch.equal(torch.get_rng_state(), state)  # a seed draws from its own generator
-    lfx.combine_adapters(gm, {"u": 0.7, "v": 0.3}, "other", "dare_ties", density=0.5, seed=12)
+    lfx.combine_adapters(gm, {"u": 0.7, "v": 0.3}, adapter="other", combination="dare_ties", density=0.5, seed=12)
     for target in ("fc1", "fc2", "emb"):
         assert torch.equal(unit(gm, "seeded", target).lora_A, unit(gm, "drawn", target).lora_A)
         assert torch.equal(unit(gm, "seeded", target).lora_B, unit(gm, "drawn", target).lora_B)
@@ -206,7 +206,7 @@ def test_dare_seed_is_torch_manual_seed_without_touching_the_global_generator(ba
 def combined(base):
     """A graph with u, v, w and their exact "cat" combination, made the only active adapter."""
     gm = ours_with(base)
-    lfx.combine_adapters(gm, {"u": 0.7, "v": 0.3, "w": -0.4}, "mix", "cat")
+    lfx.combine_adapters(gm, {"u": 0.7, "v": 0.3, "w": -0.4}, adapter="mix", combination="cat")
     lfx.set_active_adapters(gm, "mix")
     return gm
 
@@ -235,7 +235,7 @@ def test_combined_adapter_folds_to_its_update(combined, model):
 def test_combined_adapter_saves_loads_and_switches(combined, base, tmp_path):
     with torch.no_grad():
         want = combined(IDS)
-    path = lfx.save_adapters(combined, tmp_path / "mix.safetensors", adapter="mix")
+    path = lfx.save_adapters(combined, tmp_path / "mix.safetensors", adapters="mix")
     loaded = lfx.load_adapters(copy.deepcopy(base), path)
     assert lfx.active_adapters(loaded) == ["mix"]
     with torch.no_grad():
@@ -259,14 +259,14 @@ def test_svd_combines_other_methods_through_their_update(base):
     gm = copy.deepcopy(base)
     torch.manual_seed(3)
     gm = lfx.rewrite(gm, lfx.Spec(targets=["fc1"], method=lfx.RandLoRA(rank=2, init="nonzero")), adapter="rand")
-    lfx.combine_adapters(gm, {"rand": 0.5}, "low", "svd", svd_rank=8)  # min(out, in) = 8
+    lfx.combine_adapters(gm, {"rand": 0.5}, adapter="low", combination="svd", svd_rank=8)  # min(out, in) = 8
     lfx.set_active_adapters(gm, "rand")
     folded = lfx.merge(gm).get_parameter("fc1.weight")
     lfx.set_active_adapters(gm, "low")
     got = lfx.merge(gm).get_parameter("fc1.weight") - base.get_parameter("fc1.weight")
     assert rel_err(got, 0.5 * (folded - base.get_parameter("fc1.weight"))) <= TOL
     with pytest.raises(SpecError, match="combines LoRA factors"):
-        lfx.combine_adapters(gm, {"rand": 1.0}, "bad", "linear")
+        lfx.combine_adapters(gm, {"rand": 1.0}, adapter="bad", combination="linear")
 
 
 def refusal_graph(base):
@@ -278,26 +278,33 @@ def refusal_graph(base):
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0, "nope": 1.0}, "x"), "no adapter named 'nope'"),
-    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0}, "v"), "already has an adapter named 'v'"),
-    (lambda gm: lfx.combine_adapters(gm, {}, "x"), "non-empty dict"),
-    (lambda gm: lfx.combine_adapters(gm, {"u": float("nan")}, "x"), "finite numbers"),
-    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0}, "global"), "neither a keyword"),
-    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0}, "x", "average"), "unknown combination 'average'"),
-    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0, "w": 1.0}, "x", "linear"), "same rank"),
-    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0, "v": 1.0}, "x", "ties"), "give density="),
-    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0, "v": 1.0}, "x", "ties", density=1.5), r"in \(0, 1\]"),
-    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0, "v": 1.0}, "x", "linear", density=0.5), "only applies"),
-    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0, "v": 1.0}, "x", "ties", density=0.5, seed=1), "draws nothing"),
-    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0, "v": 1.0}, "x", "cat", svd_rank=2), "SVD combinations"),
-    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0, "v": 1.0}, "x", "svd", svd_rank=0), "svd_rank"),
-    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0, "v": 1.0}, "x", "svd", svd_clamp=2.0), "quantile"),
-    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0, "v": 1.0}, "x", "ties", density=0.5, majority_sign_method="max"),
+    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0, "nope": 1.0}, adapter="x"), "no adapter named 'nope'"),
+    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0}, adapter="v"), "already has an adapter named 'v'"),
+    (lambda gm: lfx.combine_adapters(gm, {}, adapter="x"), "non-empty dict"),
+    (lambda gm: lfx.combine_adapters(gm, {"u": float("nan")}, adapter="x"), "finite numbers"),
+    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0}, adapter="global"), "neither a keyword"),
+    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0}, adapter="x", combination="average"),
+     "unknown combination 'average'"),
+    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0, "w": 1.0}, adapter="x", combination="linear"), "same rank"),
+    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0, "v": 1.0}, adapter="x", combination="ties"), "give density="),
+    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0, "v": 1.0}, adapter="x", combination="ties", density=1.5),
+     r"in \(0, 1\]"),
+    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0, "v": 1.0}, adapter="x", combination="linear", density=0.5),
+     "only applies"),
+    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0, "v": 1.0}, adapter="x", combination="ties", density=0.5, seed=1),
+     "draws nothing"),
+    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0, "v": 1.0}, adapter="x", combination="cat", svd_rank=2),
+     "SVD combinations"),
+    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0, "v": 1.0}, adapter="x", combination="svd", svd_rank=0), "svd_rank"),
+    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0, "v": 1.0}, adapter="x", combination="svd", svd_clamp=2.0),
+     "quantile"),
+    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0, "v": 1.0}, adapter="x", combination="ties", density=0.5,
+                                     majority_sign_method="max"),
      "majority_sign_method"),
-    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0, "dora": 1.0}, "x", "linear"), "DoRA"),
-    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0, "biased": 1.0}, "x", "svd"), "LoRA bias"),
-    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0, "trains": 1.0}, "x", "svd"), "Spec.train"),
-    (lambda gm: lfx.combine_adapters(torch.nn.Linear(2, 2), {"u": 1.0}, "x"), "lfx.rewrite returned"),
+    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0, "dora": 1.0}, adapter="x", combination="linear"), "DoRA"),
+    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0, "biased": 1.0}, adapter="x", combination="svd"), "LoRA bias"),
+    (lambda gm: lfx.combine_adapters(gm, {"u": 1.0, "trains": 1.0}, adapter="x", combination="svd"), "Spec.train"),
+    (lambda gm: lfx.combine_adapters(torch.nn.Linear(2, 2), {"u": 1.0}, adapter="x"), "lfx.rewrite returned"),
     (lambda gm: lfx.delete_adapter(gm, "nope"), "no adapter named 'nope'"),
 ])
 def test_refusals_leave_the_graph_unchanged(base, call, message):
@@ -326,11 +333,11 @@ def test_deleted_adapter_leaves_what_a_graph_without_it_has(base, tmp_path):
     torch.manual_seed(6)
     had = lfx.rewrite(had, lfx.Spec(targets=["emb", "fc1"], method=lfx.LoRA(rank=2, init="nonzero"), train=["fc2"]),
                       adapter="gone")
-    lfx.combine_adapters(had, {"u": -0.5}, "negated")
+    lfx.combine_adapters(had, {"u": -0.5}, adapter="negated")
     with torch.no_grad():
         assert rel_err(had(IDS), with_u(copy.deepcopy(base))(IDS)) > 1e-3
     lfx.delete_adapter(had, "gone")
-    never = lfx.combine_adapters(with_u(copy.deepcopy(base)), {"u": -0.5}, "negated")
+    never = lfx.combine_adapters(with_u(copy.deepcopy(base)), {"u": -0.5}, adapter="negated")
     assert list(Record.find(had).adapters) == ["u", "negated"] and lfx.active_adapters(had) == ["u"]
     assert all("gone" not in key for key in [*dict(had.named_parameters()), *dict(had.named_buffers())])
     assert "gone" not in had.code and "select_trained" not in had.code
@@ -346,7 +353,8 @@ def test_deleted_adapter_leaves_what_a_graph_without_it_has(base, tmp_path):
     lfx.set_active_adapters(loaded, "u")
     with torch.no_grad():
         assert torch.equal(loaded(IDS), never(IDS))
-    exports = [lfx.export_onnx(gm, tmp_path / f"{i}.onnx", (IDS,), optimize=False) for i, gm in enumerate((had, never))]
+    exports = [lfx.export_onnx(gm, tmp_path / f"{i}.onnx", example_inputs=(IDS,), optimize=False)
+               for i, gm in enumerate((had, never))]
     assert [onnx_inputs(e.path) for e in exports[:1]] == [onnx_inputs(e.path) for e in exports[1:]]
     assert exports[0].adapter_inputs == exports[1].adapter_inputs and list(exports[0].adapters) == ["u", "negated"]
     for adapter in ("u", "negated"):
@@ -414,7 +422,7 @@ def test_delete_and_combine_on_checkpointed_layer_blocks():
         return gm
 
     had, never = build(["u", "gone"]), build(["u"])
-    lfx.combine_adapters(had, {"u": 1.0, "gone": 1.0}, "both", "cat")
+    lfx.combine_adapters(had, {"u": 1.0, "gone": 1.0}, adapter="both", combination="cat")
     lfx.set_active_adapters(had, "both")
     with torch.no_grad():
         both = had(x)
@@ -433,14 +441,14 @@ def test_delete_and_combine_on_checkpointed_layer_blocks():
 def test_a_hot_swap_slot_combines_as_the_adapter_it_holds(base, tmp_path):
     """A slot (max_rank 8) holding "u" (rank 4) combines to the same factors as "u" itself."""
     plain = ours_with(base)
-    file = lfx.save_adapters(plain, tmp_path / "u.safetensors", adapter="u")
+    file = lfx.save_adapters(plain, tmp_path / "u.safetensors", adapters="u")
     targets, rank, alpha = ADAPTERS["u"]
     slot = lfx.rewrite(copy.deepcopy(base), lfx.Spec(targets=targets, method=lfx.LoRA(rank=2, alpha=alpha)),
                        adapter="u", max_rank=8)
     lfx.load_adapters(slot, file)
     for combination in ("cat", "svd"):
-        lfx.combine_adapters(plain, {"u": 0.7}, f"c_{combination}", combination=combination)
-        lfx.combine_adapters(slot, {"u": 0.7}, f"c_{combination}", combination=combination)
+        lfx.combine_adapters(plain, {"u": 0.7}, adapter=f"c_{combination}", combination=combination)
+        lfx.combine_adapters(slot, {"u": 0.7}, adapter=f"c_{combination}", combination=combination)
         for target in targets:
             for name in ("lora_A", "lora_B"):
                 ref = getattr(unit(plain, f"c_{combination}", target), name)

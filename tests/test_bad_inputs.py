@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import lowrank_fx as lfx
+from lowrank_fx.passes.fuse_sites import fuse_sites
 
 
 class Small(nn.Module):
@@ -84,14 +85,14 @@ CASES = [
     ("merge-negative-tolerance", lambda gm, f, t: lfx.merge(gm, tolerance=-1.0), "tolerance"),
     ("merged-state-dict-plain-module", lambda gm, f, t: lfx.merged_state_dict(Small()), "lfx.rewrite returned"),
     ("load-merged-other-model", lambda gm, f, t: lfx.load_merged(nn.Linear(3, 3), gm), "weight"),
-    ("save-adapters-unknown-adapter", lambda gm, f, t: lfx.save_adapters(gm, t / "x.safetensors", adapter="nope"),
+    ("save-adapters-unknown-adapter", lambda gm, f, t: lfx.save_adapters(gm, t / "x.safetensors", adapters="nope"),
      "nope"),
     ("save-adapters-plain-module", lambda gm, f, t: lfx.save_adapters(Small(), t / "x.safetensors"), "adapter"),
     ("save-adapters-path-is-a-folder", lambda gm, f, t: lfx.save_adapters(gm, t), "{tmp}"),
     ("load-adapters-missing-file", lambda gm, f, t: lfx.load_adapters(gm, t / "missing.safetensors"), "missing"),
     ("load-adapters-not-safetensors", lambda gm, f, t: lfx.load_adapters(gm, _write(t / "a.safetensors", "hello")),
      "a.safetensors"),
-    ("load-adapters-unknown-name", lambda gm, f, t: lfx.load_adapters(gm, f, adapter="nope"), "nope"),
+    ("load-adapters-unknown-name", lambda gm, f, t: lfx.load_adapters(gm, f, adapters="nope"), "nope"),
     ("load-adapters-other-model", lambda gm, f, t: lfx.load_adapters(nn.Sequential(nn.Linear(8, 8)), f,
                                                                      example_inputs=(torch.randn(2, 8),)), "q_proj"),
     ("load-peft-missing-folder", lambda gm, f, t: lfx.load_peft(Small(), t / "nope", example_inputs=(IDS,)), "nope"),
@@ -103,15 +104,18 @@ CASES = [
     ("set-active-unknown", lambda gm, f, t: lfx.set_active_adapters(gm, "nope"), "nope"),
     ("set-active-number", lambda gm, f, t: lfx.set_active_adapters(gm, 3), "3"),
     ("active-adapters-plain-module", lambda gm, f, t: lfx.active_adapters(Small()), "lfx.rewrite returned"),
-    ("export-onnx-bad-mode", lambda gm, f, t: lfx.export_onnx(gm, t / "m.onnx", (IDS,), mode="fast"), "mode"),
-    ("export-onnx-unknown-adapter", lambda gm, f, t: lfx.export_onnx(gm, t / "m.onnx", (IDS,), mode="adapters",
+    ("export-onnx-bad-mode", lambda gm, f, t: lfx.export_onnx(gm, t / "m.onnx", example_inputs=(IDS,), mode="fast"),
+     "mode"),
+    ("export-onnx-unknown-adapter", lambda gm, f, t: lfx.export_onnx(gm, t / "m.onnx", example_inputs=(IDS,),
+                                                                     mode="adapters",
                                                                      adapters=["nope"]), "nope"),
-    ("export-onnx-path-is-a-folder", lambda gm, f, t: lfx.export_onnx(gm, t, (IDS,)), "{tmp}"),
+    ("export-onnx-path-is-a-folder", lambda gm, f, t: lfx.export_onnx(gm, t, example_inputs=(IDS,)), "{tmp}"),
     ("export-onnx-adapter-unknown", lambda gm, f, t: lfx.export_onnx_adapter(gm, t / "a.onnx_adapter", adapter="nope"),
      "nope"),
     ("session-missing-model", lambda gm, f, t: lfx.AdapterSession(t / "missing.onnx"), "missing.onnx"),
     ("session-missing-adapter-file", lambda gm, f, t: lfx.AdapterSession(
-        lfx.export_onnx(gm, t / "m.onnx", (IDS,), mode="adapters").path, {"a": t / "missing.onnx_adapter"}),
+        lfx.export_onnx(gm, t / "m.onnx", example_inputs=(IDS,), mode="adapters").path,
+        adapters={"a": t / "missing.onnx_adapter"}),
      "missing.onnx_adapter"),
     ("generation-session-missing-folder", lambda gm, f, t: lfx.GenerationSession(t / "nope"), "nope"),
     ("generate-non-decoder", lambda gm, f, t: lfx.generate(gm, IDS, max_new_tokens=2), "causal"),
@@ -145,7 +149,7 @@ CASES = [
     ("save-adapters-include-buffers-not-a-bool", lambda gm, f, t: lfx.save_adapters(gm, t / "x.safetensors",
                                                                                   include_buffers="yes"),
      "include_buffers"),
-    ("fuse-sites-plain-module", lambda gm, f, t: lfx.fuse_sites(Small()), "lfx.rewrite returned"),
+    ("fuse-sites-plain-module", lambda gm, f, t: fuse_sites(Small()), "lfx.rewrite returned"),
     ("quantize-exclude-not-patterns", lambda gm, f, t: lfx.quantize_base(Small(), "int8", exclude=3), "exclude"),
     ("loraplus-optimizer-not-a-class", lambda gm, f, t: lfx.loraplus_optimizer(gm, lr=1e-3, optimizer_cls="adam"),
      "optimizer_cls"),
@@ -160,10 +164,12 @@ CASES = [
     ("fit-loss-not-from-the-model", lambda gm, f, t: lfx.Trainer(
         gm, lambda model, b: torch.tensor(1.0, requires_grad=True), compile=False, progress=False).fit([IDS], steps=1),
      "leaf tensor"),
-    ("export-onnx-opset-too-old", lambda gm, f, t: lfx.export_onnx(gm, t / "m.onnx", (IDS,), opset=3), "opset"),
-    ("export-onnx-external-data-not-a-bool", lambda gm, f, t: lfx.export_onnx(gm, t / "m.onnx", (IDS,),
+    ("export-onnx-opset-too-old", lambda gm, f, t: lfx.export_onnx(gm, t / "m.onnx", example_inputs=(IDS,), opset=3),
+     "opset"),
+    ("export-onnx-external-data-not-a-bool", lambda gm, f, t: lfx.export_onnx(gm, t / "m.onnx", example_inputs=(IDS,),
                                                                              external_data="yes"), "external_data"),
-    ("export-onnx-folder-not-writable", lambda gm, f, t: lfx.export_onnx(gm, _write(t / "file", "x") / "m.onnx", (IDS,)),
+    ("export-onnx-folder-not-writable", lambda gm, f, t: lfx.export_onnx(gm, _write(t / "file", "x") / "m.onnx",
+                                                                         example_inputs=(IDS,)),
      "cannot write {tmp}/file/m.onnx"),
     ("quantize-groups-fit-no-layer", lambda gm, f, t: lfx.quantize_base(Small(), "int4", group_size=7),
      "int4 groups (7) do not divide its 8 inputs'}; choose a scheme"),
@@ -171,7 +177,8 @@ CASES = [
      "{tmp}/file is a file, not a folder"),
     ("call-with-another-input-dtype", lambda gm, f, t: gm(IDS.float()), "captured with int64 ids"),
     ("export-onnx-adapter-model-missing", lambda gm, f, t: lfx.export_onnx_adapter(gm, t / "a.onnx_adapter",
-                                                                                   model=t / "none.onnx"), "none.onnx"),
+                                                                                   model_path=t / "none.onnx"),
+     "none.onnx"),
 ]
 
 

@@ -431,7 +431,7 @@ def test_a_hits_outputs_and_gradients_are_a_fresh_captures(case, twins):
 
 def test_a_hits_onnx_export_and_generation_are_a_fresh_captures(case, twins, tmp_path):
     ids = case.other_args[0]
-    exports = [lfx.export_onnx(gm, tmp_path / f"{i}.onnx", (ids,), mode="merged", optimize=False)
+    exports = [lfx.export_onnx(gm, tmp_path / f"{i}.onnx", example_inputs=(ids,), mode="merged", optimize=False)
                for i, gm in enumerate(twins)]
     outputs = [next(iter(e.session().run({e.inputs[0]: ids.numpy()}).values())) for e in exports]
     np.testing.assert_array_equal(outputs[1], outputs[0])

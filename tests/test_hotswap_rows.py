@@ -19,6 +19,7 @@ import transformers
 from peft.utils.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 
 import lowrank_fx as lfx
+from lowrank_fx.passes.fuse_sites import fuse_sites
 from lowrank_fx.errors import AdapterFileError, InputError, SpecError
 from lowrank_fx.export.adapter_graph import adapter_tensors
 from lowrank_fx.generation.torch_generate import decoder_for
@@ -161,7 +162,7 @@ def test_a_slot_trains_like_the_unpadded_adapter(model, ids):
 
 def test_the_training_form_of_a_slot_follows_swaps(model, slot, ids, adapters):
     gm = lfx.load_peft(slot, adapters["b"][0])
-    fused = lfx.fuse_sites(gm)  # built once; the slot's scale is read from its buffer, not baked in
+    fused = fuse_sites(gm)  # built once; the slot's scale is read from its buffer, not baked in
     with torch.no_grad():
         for name in ("c", "a"):
             lfx.load_peft(gm, adapters[name][0])
@@ -304,7 +305,7 @@ def test_generate_rows_equal_each_rows_own_generation(two, ids):
     prompts = ids[:, :5]
     together = lfx.generate(gm, prompts, rows=MIX, max_new_tokens=6, eos_token_id=[])
     for row, adapter in enumerate(MIX):
-        alone = lfx.generate(gm, prompts[row:row + 1], adapter=[] if adapter is None else [adapter],
+        alone = lfx.generate(gm, prompts[row:row + 1], adapters=[] if adapter is None else [adapter],
                              max_new_tokens=6, eos_token_id=[])
         assert torch.equal(together[row], alone[0])
     assert lfx.active_adapters(gm) == ["one", "two"]
@@ -321,8 +322,8 @@ def test_bad_rows_are_refused(two, ids):
         with lfx.adapter_rows(gm, ["one", "two", None]):
             gm(ids)
     assert lfx.active_adapters(gm) == ["one", "two"]  # restored after the error
-    with pytest.raises(InputError, match="either adapter= .* or rows="):
-        lfx.generate(gm, ids, adapter="one", rows=MIX, max_new_tokens=1)
+    with pytest.raises(InputError, match="either adapters= .* or rows="):
+        lfx.generate(gm, ids, adapters="one", rows=MIX, max_new_tokens=1)
     with pytest.raises(InputError, match="rows names 2 adapters for 4 prompts"):
         lfx.generate(gm, ids, rows=["one", None], max_new_tokens=1)
 

@@ -539,6 +539,23 @@ def test_quantize_base_quantizes_linears_but_not_the_head_or_embeddings():
         lfx.quantize_base(_llama(), "int3")
 
 
+def test_quantize_base_inplace_false_quantizes_a_copy():
+    from torchao.quantization import Int8Tensor
+    model = _llama()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    copy_ = lfx.quantize_base(model, "int8", inplace=False)
+    assert copy_ is not model and not hasattr(model, "lowrank_fx_quantized")
+    assert all(type(model.get_submodule(name).weight) is torch.nn.Parameter for name in LINEARS)
+    assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
+    assert all(isinstance(copy_.get_submodule(name).weight, Int8Tensor) for name in LINEARS)
+    ids = _ids()
+    with torch.no_grad():  # the copy is the quantized model: close to the float one, not equal
+        dense, quantized = model(ids).logits, copy_(ids).logits
+    assert 0 < _rel(quantized, dense) < 5e-2
+    with pytest.raises(lfx.SpecError, match="inplace must be True or False"):
+        lfx.quantize_base(model, "int8", inplace=None)
+
+
 @pytest.mark.parametrize("scheme", ["int4-packed", "bnb-nf4"])
 def test_trainer_steps_equal_the_dense_twins(scheme):
     """lfx.Trainer (eager, LoRA+ groups, AdamW) for three steps over the quantized base and over

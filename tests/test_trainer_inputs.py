@@ -15,6 +15,7 @@ from torch import nn
 from torch.optim import lr_scheduler as S
 
 import lowrank_fx as lfx
+from lowrank_fx.passes.fuse_sites import fuse_sites
 
 LR, RATIO, DECAY = 1e-2, 16.0, 0.01
 
@@ -65,9 +66,9 @@ def _torch_schedule(optimizer, name, warmup, total, min_ratio):
 def _hand_loop(gm, steps, total, schedule="cosine", warmup=0, min_ratio=0.0, max_norm=None, autocast=False):
     """AdamW on LoRA+ groups (one optimizer per group: each gets its own torch scheduler, whose
     eta_min is absolute), one step per list of micro-batches in `steps`, on their mean loss.
-    Under autocast the forward is lfx.fuse_sites(gm), the graph Trainer trains (its sites round
+    Under autocast the forward is fuse_sites(gm), the graph Trainer trains (its sites round
     to bf16 where gm's stay fp32). Returns (the loss of each step, the gradient norms before clipping)."""
-    model = lfx.fuse_sites(gm) if autocast else gm
+    model = fuse_sites(gm) if autocast else gm
     params = dict(gm.lowrank_fx.named_parameters())
     fast = [p for n, p in params.items() if n.endswith("lora_B")]
     slow = [p for n, p in params.items() if not n.endswith("lora_B")]

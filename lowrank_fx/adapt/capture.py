@@ -49,7 +49,6 @@ import copy
 import dataclasses
 import functools
 import inspect
-import logging
 import re
 import sys
 import warnings
@@ -75,6 +74,8 @@ from ..passes.mode_aware import make_mode_aware
 from ..passes.quantized_base import prepare_quantized
 from ..passes.repeat_blocks import NotRepeatable, repeat_blocks
 from ..options import flag
+from ..logs import logger
+from ..noise import quiet_third_party
 from ..progress import stage
 from . import capture_memo
 from .batch_one import takes, widened
@@ -83,7 +84,6 @@ from .experts_impl import traced_experts
 from .capture_cache import CaptureCache, cache_directory, cache_key, cacheable, model_tensors
 from .keyword_forward import keyword_forward
 
-logger = logging.getLogger(__name__)
 SOURCE = "lowrank_fx_source"  # gm.meta[SOURCE]: the model the graph was captured from, held weakly
 
 
@@ -251,7 +251,8 @@ def capture(model, example_inputs=None, example_kwargs=None, dynamic: bool = Tru
     key = capture_memo.memo_key(model, args, kwargs, dynamic, dynamic_shapes, trace_blocks)
     gm = capture_memo.recall(model, key)
     if gm is None:
-        gm = _exported(model, args, kwargs, dynamic, dynamic_shapes, directory, trace_blocks, key)
+        with quiet_third_party():
+            gm = _exported(model, args, kwargs, dynamic, dynamic_shapes, directory, trace_blocks, key)
     return gm
 
 
@@ -299,7 +300,7 @@ def _finished(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, dynami
     try:
         repeat_blocks(gm, model, lists)
     except NotRepeatable as why:
-        logger.info("tracing every block of %s: %s", type(model).__name__, why)
+        logger("capture").info("tracing every block of %s: %s", type(model).__name__, why)
         swapped, gm = _traced(model, args, kwargs, dynamic, dynamic_shapes, [])
     set_call_defaults(gm, args, kwargs, model)
     gm.meta[SWAPPED_LAYERS] = SharedLayers(swapped)  # the quantized layers' backward reads them too
@@ -334,13 +335,13 @@ def _traced_as_named(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool,
         try:
             exported, swapped = _export_with(model, *wide, _auto_dynamic(model, *wide), lists)
         except Exception as err:
-            logger.info("capturing %s at batch 1: it failed to export at batch 2 (%s)", name, _first_line(err))
+            logger("capture").info("capturing %s at batch 1: it failed to export at batch 2 (%s)", name, _first_line(err))
         else:
             gm = _plain(exported.module())
             if takes(gm, args, kwargs):
                 _warn_size_one(*wide)
                 return swapped, gm
-            logger.info("capturing %s at batch 1: its graph traced at batch 2 does not take batch 1", name)
+            logger("capture").info("capturing %s at batch 1: its graph traced at batch 2 does not take batch 1", name)
     shapes = _auto_dynamic(model, args, kwargs) if auto else dynamic_shapes
     try:
         exported, swapped = _export_with(model, args, kwargs, shapes, lists)
@@ -348,7 +349,7 @@ def _traced_as_named(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool,
         if not lists:
             raise _failed(model, args, kwargs, err) from err
         # the model's forward may need every block (it indexes them by position)
-        logger.info("tracing every block of %s: a prefix failed to export (%s)", name, _first_line(err))
+        logger("capture").info("tracing every block of %s: a prefix failed to export (%s)", name, _first_line(err))
         try:
             exported, swapped = _export_with(model, args, kwargs, shapes, [])
         except Exception as err:

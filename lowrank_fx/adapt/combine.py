@@ -1,5 +1,5 @@
-"""`combine_adapters(gm, {"a": 0.7, "b": 0.3}, name, combination=...)`: a new LoRA adapter made
-from weighted adapters of the graph, with PEFT's `add_weighted_adapter` numerics.
+"""`combine_adapters(gm, {"a": 0.7, "b": 0.3}, adapter="ab", combination=...)`: a new LoRA adapter
+made from weighted adapters of the graph, with PEFT's `add_weighted_adapter` numerics.
 
 For each target adapted by any of the adapters (those that lack it are left out there), with
 weights w_i and scales s_i (alpha / r):
@@ -33,6 +33,7 @@ import re
 import torch
 from torch import fx
 
+from ..deprecation import api_options
 from ..errors import SpecError, nearest
 from ..graph.gates import GATES
 from ..graph.op_kinds import ConvKind, EmbeddingKind
@@ -50,28 +51,51 @@ from .rewrite import resolve, rewrite
 SVD_METHODS = ("lora", "lorta", "randlora")  # methods whose ΔW an SVD combination reads
 
 
-def combine_adapters(gm: fx.GraphModule, weights: dict[str, float], name: str, combination: str = "svd", *,
+@api_options(positional=2, renamed={"name": "adapter"})
+def combine_adapters(gm: fx.GraphModule, weights: dict[str, float], *, adapter: str, combination: str = "svd",
                      density: float | None = None, majority_sign_method: str = "total", svd_rank: int | None = None,
                      svd_clamp: float | None = None, svd_full_matrices: bool = True,
                      seed: int | None = None) -> fx.GraphModule:
-    """Add adapter `name` to `gm`, combined from `weights` ({adapter: weight}) by `combination`
-    (module docstring); returns `gm`. `density` (0, 1] is the kept fraction for the pruning
-    combinations; `majority_sign_method` "total" or "frequency" for the ties ones; `svd_rank`,
-    `svd_clamp` (a quantile in [0, 1]) and `svd_full_matrices` for the SVD ones; `seed` for DARE.
-    Nothing changes if anything is refused."""
+    """Add adapter `adapter` to `gm`, IN PLACE, combined from `weights` by `combination`.
+
+    Like `rewrite` on a rewritten graph, this adds an adapter to the graph itself (the source
+    adapters stay as they are) and returns `gm`; the new adapter starts inactive and frozen
+    (module docstring). Nothing changes if anything is refused.
+
+    Args:
+        gm: a graph from `lfx.rewrite` holding the adapters to combine.
+        weights: {adapter name: weight}; a negative weight subtracts an adapter.
+        adapter: the new adapter's name (it must not exist yet). Was `name=`.
+        combination: "svd" (default), "linear", "cat", "ties", "dare_linear", "dare_ties",
+            "magnitude_prune", or an "_svd" form of the pruning ones (module docstring).
+        density: the kept fraction, in (0, 1], for the pruning combinations.
+        majority_sign_method: "total" or "frequency", for the ties ones.
+        svd_rank: the new adapter's rank for the SVD ones (default: the largest adapter rank).
+        svd_clamp: a quantile in [0, 1] clamping the SVD factors' entries (None: no clamping).
+        svd_full_matrices: passed to torch.linalg.svd, as PEFT does.
+        seed: DARE's sampler seed (None: torch's global generator, as PEFT).
+
+    Returns:
+        `gm` itself, now holding the new adapter.
+
+    Raises:
+        ModelTypeError: `gm` is not a GraphModule.
+        SpecError: an unknown or existing adapter name, bad weights or options, or adapters
+            the combination cannot read (DoRA, LoRA bias, Spec.train, unequal ranks, ...).
+    """
     require_graph(gm, "lfx.combine_adapters")
     view = flat_view(gm)
     record = Record.find(view)
     known = list(record.adapters) if record is not None else []
-    _check_call(weights, name, combination, known, density, majority_sign_method, svd_rank, svd_clamp,
+    _check_call(weights, adapter, combination, known, density, majority_sign_method, svd_rank, svd_clamp,
                 svd_full_matrices, seed)
     targets = find_targets(view, record.aliases)
-    adapters = {adapter: _AdapterView(view, record, adapter) for adapter in weights}
+    adapters = {source: _AdapterView(view, record, source) for source in weights}
     if len(adapters) == 1 and next(iter(adapters.values())).plain_lora():
         combination = "linear"  # as PEFT: one adapter is a scaled copy
     via_svd = COMBINATIONS[combination][2]
-    for adapter in adapters.values():
-        adapter.check(combination, targets)
+    for source in adapters.values():
+        source.check(combination, targets)
     rank = _new_rank(combination, adapters, svd_rank)
     order = _module_order(record, targets, {t for a in adapters.values() for t in a.methods})
     generator = None if seed is None else _generator(seed, view, adapters)
@@ -89,7 +113,7 @@ def combine_adapters(gm: fx.GraphModule, weights: dict[str, float], name: str, c
     dropout = getattr(first.methods[next(t for t in order if t in first.methods)], "dropout", 0.0)
     pattern = "re:^(?:" + "|".join(re.escape(t) for t in order) + ")$"
     spec = Spec(targets=[pattern], method=LoRA(rank=rank, alpha=float(rank), dropout=dropout))
-    _install(gm, name, spec, factors)
+    _install(gm, adapter, spec, factors)
     return gm
 
 

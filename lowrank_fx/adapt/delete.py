@@ -1,4 +1,4 @@
-"""`delete_adapter(gm, name)`: remove one adapter from a graph, as if it had never been added.
+"""`delete_adapter(gm, adapter)`: remove one adapter from a graph, as if it had never been added.
 
 Every node the adapter added (graph/record.py roles) goes: an "add" y + g · Δy becomes y and a
 trained module's "select" becomes its base (passes/train_modules.py), then its unit calls,
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from torch import fx
 
+from ..deprecation import api_options
 from ..errors import SpecError
 from ..graph.gates import GATES
 from ..graph.record import CONTAINER, KEY, Record, require_graph, tagged
@@ -23,24 +24,40 @@ from ..passes.residual_base import restore_originals
 from ..passes.row_gates import ROW_GATES
 
 
-def delete_adapter(gm: fx.GraphModule, name: str) -> None:
-    """Remove adapter `name` from `gm` in place: its parameters, gate, graph nodes and record entry."""
+@api_options(positional=2, renamed={"name": "adapter"})
+def delete_adapter(gm: fx.GraphModule, adapter: str) -> None:
+    """Remove adapter `adapter` from `gm`, IN PLACE: its parameters, gate, graph nodes and record entry.
+
+    The graph itself changes (as `rewrite` on a rewritten graph adds in place); as for
+    in-place methods in Python, nothing is returned.
+
+    Args:
+        gm: a graph from `lfx.rewrite`.
+        adapter: the adapter to remove (was `name=`).
+
+    Returns:
+        None; `gm` no longer has the adapter.
+
+    Raises:
+        ModelTypeError: `gm` is not a GraphModule.
+        SpecError: `gm` has no adapter of that name (the message lists its adapters).
+    """
     require_graph(gm, "lfx.delete_adapter")
     record = Record.find(gm)
     known = list(record.adapters) if record is not None else []
-    if not isinstance(name, str) or name not in known:
-        raise SpecError(f"no adapter named {name!r} in this graph; "
+    if not isinstance(adapter, str) or adapter not in known:
+        raise SpecError(f"no adapter named {adapter!r} in this graph; "
                         + (f"its adapters are {', '.join(map(repr, known))}" if known else "it has none"))
     recompute = checkpointed(gm)
     kept = unstructure(gm)
     try:
-        _erase(gm, name)
+        _erase(gm, adapter)
     finally:
         if kept:
             structure(gm, kept)
             if recompute:
                 checkpoint_layers(gm)
-    del record.adapters[name]
+    del record.adapters[adapter]
 
 
 def _erase(gm: fx.GraphModule, name: str) -> None:

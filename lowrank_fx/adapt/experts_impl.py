@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from collections.abc import Iterator
 
 from torch import nn
 
@@ -23,9 +24,19 @@ _chosen = contextvars.ContextVar("lowrank_fx_experts_implementation", default="b
 
 
 @contextlib.contextmanager
-def experts_implementation(name: str):
-    """Captures inside this block trace transformers' `name` experts implementation
-    ("batched_mm", the default, or "grouped_mm")."""
+def experts_implementation(name: str) -> Iterator[None]:
+    """Captures inside this `with` block trace transformers' `name` experts implementation.
+
+    Args:
+        name: "batched_mm" (the default outside the block: exports to ONNX too) or
+            "grouped_mm" (trains faster; ONNX has no grouped matmul).
+
+    Returns:
+        A context manager; `rewrite` and `plan` called inside it capture with `name`.
+
+    Raises:
+        SpecError: `name` is not one of the two.
+    """
     if name not in IMPLEMENTATIONS:
         raise SpecError(f"experts_implementation must be one of {', '.join(map(repr, IMPLEMENTATIONS))}, got "
                         f"{name!r} (the eager loop over experts would fix the example's routing into the graph)")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
+from ..deprecation import api_options
 from ..errors import MergeError, ModelTypeError
 from ..graph.dtensors import whole
 from ..graph.quant_formats import requantize as requantize_tensor
@@ -38,22 +39,36 @@ from .merged_plan import folded_values, merged_plan, quantized_key
 from .model_slots import Slots, same_tensor
 
 
+@api_options(positional=1)
 @stage("building the merged state dict")
-def merged_state_dict(gm: fx.GraphModule, untie: bool = False) -> dict[str, torch.Tensor]:
+def merged_state_dict(gm: fx.GraphModule, *, untie: bool = False) -> dict[str, torch.Tensor]:
     """Dense weights keyed by the original model's names: `model.load_state_dict(state)`.
 
-    Folded weights and biases (W + Σ gate · ΔW, in W's dtype) are new tensors: nothing the graph
-    runs on aliases them. Every other value is the graph's own tensor, detached and NOT copied,
-    as `nn.Module.state_dict()` gives it: those are the original model's own weights (the graph
-    shares them), so `model.load_state_dict(state)` copies them onto themselves, and writing into
-    one of them in place changes the graph and the model. Clone what you mean to modify.
-    A trained module (Spec.train) gives its active adapter's copy, likewise not copied.
-    Peak memory beyond the folded tensors: one ΔW and one sum at a time.
+    A copy where it matters, `gm` unchanged: folded weights and biases (W + Σ gate · ΔW, in W's
+    dtype) are new tensors, and nothing the graph runs on aliases them. Every other value is
+    the graph's own tensor, detached and NOT copied, as `nn.Module.state_dict()` gives it:
+    those are the original model's own weights (the graph shares them), so
+    `model.load_state_dict(state)` copies them onto themselves, and writing into one of them in
+    place changes the graph and the model. Clone what you mean to modify. A trained module
+    (Spec.train) gives its active adapter's copy, likewise not copied. Peak memory beyond the
+    folded tensors: one ΔW and one sum at a time. A graph sharded by FSDP2 is gathered for it
+    (every rank calls; each gets the whole state, whose tensors are then all new).
 
-    A graph sharded by FSDP2 is gathered for it (every rank calls; each gets the whole state,
-    whose tensors are then all new). Raises MergeError, before any ΔW is built, for a weight tied
-    to a name that keeps its original values (see the module notes; `untie=True` allows it), and
-    on a NaN or inf update; the graph is unchanged either way."""
+    Args:
+        gm: a graph from `lfx.rewrite`.
+        untie: allow a weight tied to a name that keeps its original values (see the module
+            notes); untie the model yourself before loading.
+
+    Returns:
+        The state dict {original name: tensor}, in the original model's key order.
+
+    Raises:
+        ModelTypeError: `gm` is not a GraphModule.
+        MergeError: (before any ΔW is built) a weight tied to a name that keeps its original
+            values, without `untie=True`; or an update with NaN or inf values. The graph is
+            unchanged either way.
+        SpecError: `untie` is not a bool.
+    """
     require_graph(gm, "lfx.merged_state_dict")
     flag("lfx.merged_state_dict", "untie", untie)
     with whole(gm):
@@ -72,12 +87,14 @@ def merged_state_dict(gm: fx.GraphModule, untie: bool = False) -> dict[str, torc
     return {key: values[key] for key in plan.keys if key in values}
 
 
+@api_options(positional=2)
 @stage("loading merged weights into the model")
-def load_merged(model: nn.Module, gm: fx.GraphModule, tolerance: float = 1e-2) -> nn.Module:
-    """Load the folded weights of `gm` into the original `model`, one target at a time, as new
-    tensors; `gm` keeps its own weights. Returns `model`.
+def load_merged(model: nn.Module, gm: fx.GraphModule, *, tolerance: float = 1e-2) -> nn.Module:
+    """Load the folded weights of `gm` into the original `model`, IN PLACE, one target at a time,
+    as new tensors; `gm` keeps its own weights.
 
-    A folded weight gets a new tensor (W + Σ gate · ΔW), assigned in the model's slot as
+    `model` is changed (as `load_state_dict` changes it) and returned: a folded weight gets a
+    new tensor (W + Σ gate · ΔW), assigned in the model's slot as
     `load_state_dict(..., assign=True)` does. A weight that was not folded is left as it is when
     the model already holds the graph's tensor (the usual case: the graph was captured from this
     model), and gets a copy otherwise (a trained module's active copy, or another model). A weight
@@ -89,7 +106,23 @@ def load_merged(model: nn.Module, gm: fx.GraphModule, tolerance: float = 1e-2) -
     fails later (a NaN or inf update, a layer that cannot be requantized) every slot already
     assigned gets its old tensor back before the MergeError. Quantized layers of `model` that were
     adapted are requantized in their own format, the others left as they are; the output error
-    this costs is measured on the capture's examples (`model.lowrank_fx_requantize_report`)."""
+    this costs is measured on the capture's examples (`model.lowrank_fx_requantize_report`).
+
+    Args:
+        model: the original model the graph was captured from (or one of the same structure).
+        gm: a graph from `lfx.rewrite`.
+        tolerance: the largest requantization error (of adapted quantized layers) accepted
+            without a RequantizeWarning (>= 0).
+
+    Returns:
+        `model` itself, now holding the folded weights.
+
+    Raises:
+        ModelTypeError: `model` is not an `nn.Module`, or `gm` not a GraphModule.
+        MergeError: the model's keys or shapes do not match the graph's original model, an
+            update has NaN or inf values, or a layer cannot be requantized; nothing is loaded.
+        SpecError: `tolerance` is not a number >= 0.
+    """
     if not isinstance(model, nn.Module):
         raise ModelTypeError(f"lfx.load_merged loads into the original model (a torch.nn.Module), got a "
                              f"{type(model).__name__}; call lfx.load_merged(model, gm)")

@@ -11,9 +11,14 @@ graph/quant_formats.py `SLOW_KERNELS`) with what it costs.
 from __future__ import annotations
 
 import dataclasses
+import os
+from collections.abc import Sequence
+from typing import Any
 
 import torch
+from torch import nn
 
+from ..deprecation import api_options
 from ..graph.experts import ExpertsKind
 from ..graph.heads import left_out
 from ..graph.quant_formats import SLOW_KERNELS
@@ -21,37 +26,66 @@ from ..graph.quantized import find_regions, region_bytes, region_device
 from ..passes.inject import build_groups
 from ..passes.layers import blocks, candidates, flat_view
 from ..passes.train_modules import resolve_trained
-from ..spec import ALL_LINEAR
+from ..spec import ALL_LINEAR, Spec
 from .capture import capture
 from .rewrite import resolve
 
 
 @dataclasses.dataclass
 class PlanRow:
+    """One target of a `Plan`: the table's row.
+
+    Args:
+        target: the target's name ("model.layers.0.self_attn.q_proj").
+        op: the op that reads its weight ("linear", "conv2d", "embedding", ...).
+        shape: the weight as a matrix, (out, in).
+        method: the method and its rank and alpha, e.g. "lora(rank=8, alpha=16.0)".
+        group: the adapter group the target's unit belongs to.
+        trainable: parameters of this target's own unit.
+        note: a remark, e.g. "rank > min(out, in)": exact, but the update is not low-rank there.
+        scheme: a quantized base's scheme ("int8", "nf4", "int4", "bnb-nf4", ...); "" if dense.
+        base_bytes: bytes of the base weight as stored (quantized data, scales, bias).
+    """
+
     target: str
     op: str
-    shape: tuple[int, int]  # (out, in)
+    shape: tuple[int, int]
     method: str
     group: str
-    trainable: int  # parameters of this target's own unit
-    note: str = ""  # e.g. "rank > min(out, in)": exact, but the update is not low-rank there
-    scheme: str = ""  # a quantized base's scheme ("int8", "nf4", "int4", "int4 packed", "bnb-nf4", ...)
-    base_bytes: int = 0  # bytes of the base weight as stored (quantized data, scales, bias)
+    trainable: int
+    note: str = ""
+    scheme: str = ""
+    base_bytes: int = 0
 
 
 @dataclasses.dataclass
 class Plan:
+    """What `lfx.plan` found: `print(plan)` shows it as a table.
+
+    Args:
+        rows: one `PlanRow` per target, in graph order.
+        shared: group name -> parameters its targets share (LoRTA's factors, ...).
+        trainable: parameters the adapter would train, shared and trained modules included.
+        base: parameters of the model.
+        modes: group name -> its shared structure, in words (LoRTA's modes).
+        left_out: target -> why "all-linear" left it out (output heads, ...).
+        trained: `Spec.train`: parameter name -> its size.
+        layers: block path -> its layer's class, with `layers=` (or a graph that has blocks).
+        slow_kernels: "scheme on device" -> what its known-slow kernel costs.
+    """
+
     rows: list[PlanRow]
-    shared: dict[str, int]  # group name -> parameters shared by its targets
+    shared: dict[str, int]
     trainable: int
     base: int
-    modes: dict[str, str] = dataclasses.field(default_factory=dict)  # group -> its shared structure
-    left_out: dict[str, str] = dataclasses.field(default_factory=dict)  # target -> why all-linear left it out
-    trained: dict[str, int] = dataclasses.field(default_factory=dict)  # Spec.train: parameter -> its size
-    layers: dict[str, str] = dataclasses.field(default_factory=dict)  # block path -> its layer's class
-    slow_kernels: dict[str, str] = dataclasses.field(default_factory=dict)  # "scheme on device" -> what it costs
+    modes: dict[str, str] = dataclasses.field(default_factory=dict)
+    left_out: dict[str, str] = dataclasses.field(default_factory=dict)
+    trained: dict[str, int] = dataclasses.field(default_factory=dict)
+    layers: dict[str, str] = dataclasses.field(default_factory=dict)
+    slow_kernels: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __str__(self) -> str:
+        """The table: one line per target, the shared parameters, the totals, then what was left out."""
         header = ("target", "op", "weight (out x in)", "method", "trainable")
         body = [(r.target, r.op, f"{r.shape[0]} x {r.shape[1]}", r.method + (f"  [{r.note}]" if r.note else ""),
                  f"{r.trainable:,}") for r in self.rows]
@@ -106,16 +140,40 @@ def _dense_bytes(gm, target) -> int:
     return weight.numel() * weight.element_size()
 
 
-def plan(model, spec, example_inputs=None, example_kwargs=None, layers=None, **capture_options) -> Plan:
+@api_options(positional=2)
+def plan(model: nn.Module, spec: Spec, *, example_inputs: tuple[Any, ...] | None = None,
+         example_kwargs: dict[str, Any] | None = None, layers: str | Sequence[str] | None = None,
+         dynamic: bool = True, dynamic_shapes: Any = None, cache_dir: str | os.PathLike | None = None,
+         trace_blocks: bool = True) -> Plan:
     """What `rewrite(model, spec, ...)` would adapt, as a printable table; the model is unchanged.
 
-    `layers` ("auto" or glob patterns, as for rewrite) also lists the layer blocks it would make;
-    a graph that has blocks already lists its own.
+    The capture is memoised, so a following `rewrite` with the same model and examples does
+    not trace again.
 
-    `capture_options` are rewrite's (`dynamic`, `dynamic_shapes`, `cache_dir`). The capture is
-    memoised, so a following `rewrite` with the same model and examples does not trace again.
+    Args:
+        model: the model (an `nn.Module`), or a rewritten graph (then its existing adapters
+            stay as they are and are not listed).
+        spec: which targets to adapt and with which method.
+        example_inputs: positional example arguments, as for `rewrite`.
+        example_kwargs: keyword example arguments, as for `rewrite`.
+        layers: "auto" or glob patterns, as for `rewrite`: also list the layer blocks it would
+            make; a graph that has blocks already lists its own.
+        dynamic: as for `rewrite`.
+        dynamic_shapes: as for `rewrite`.
+        cache_dir: as for `rewrite`.
+        trace_blocks: as for `rewrite`.
+
+    Returns:
+        A `Plan`: `print(plan)` shows the targets, their methods and trainable parameters.
+
+    Raises:
+        ModelTypeError: `model` is not an `nn.Module`.
+        CaptureError: the model could not be captured with these examples.
+        SpecError: a bad spec or `layers`, or a pattern that matches nothing.
+        TargetError: a pattern names a weight that is not linear-like.
     """
-    gm = capture(model, example_inputs, example_kwargs, **capture_options)
+    gm = capture(model, example_inputs, example_kwargs, dynamic=dynamic, dynamic_shapes=dynamic_shapes,
+                 cache_dir=cache_dir, trace_blocks=trace_blocks)
     existing = {path: type(gm.get_submodule(path)).__name__.removesuffix("Block") for path in blocks(gm)}
     gm = flat_view(gm)
     targets, assignment = resolve(gm, spec)

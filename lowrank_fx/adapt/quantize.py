@@ -1,5 +1,6 @@
 """`lfx.quantize_base(model, "int8" | "nf4" | "int4")`: quantize a model's linear layers with
-torchao, **in place**, before `rewrite` (QLoRA-style training over a frozen quantized base).
+torchao, **in place** (`inplace=False`: a copy), before `rewrite` (QLoRA-style training over a
+frozen quantized base).
 
     int8   torchao Int8WeightOnlyConfig: int8 rows, one fp32 scale per output row (~1/4 of fp32)
     nf4    torchao to_nf4: 4-bit NormalFloat, blocks of 64 with double-quantized scales (~1/7)
@@ -17,12 +18,17 @@ int4 an input size divisible by 32) is left dense and listed in the returned mod
 
 from __future__ import annotations
 
+import copy
 import fnmatch
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from ..deprecation import api_options
 from ..errors import ModelTypeError, SpecError
+from ..noise import quiet_third_party
+from ..options import flag
 
 SCHEMES = ("int8", "nf4", "int4")
 
@@ -61,26 +67,60 @@ def _group_size(in_features: int, wanted: int | None) -> int | None:
     return next((g for g in options if in_features % g == 0), None)
 
 
-def quantize_base(model: nn.Module, scheme: str, exclude=(), group_size: int | None = None) -> nn.Module:
-    """Quantize `model`'s linear layers with torchao, in place, and return `model`.
+def _copy(model: nn.Module) -> nn.Module:
+    try:
+        return copy.deepcopy(model)
+    except Exception as err:  # a tensor subclass without deepcopy (torchao NF4), a hook holding a lock
+        raise SpecError(f"quantize_base(inplace=False) could not copy the model ({type(err).__name__}: {err}); "
+                        "pass inplace=True to quantize it in place") from None
 
-    The model is changed: its Linear weights become torchao tensors (frozen). The LM head and
-    embeddings stay as they are, and so do the layers matching `exclude`. `model.lowrank_fx_quantized`
-    says what was done: {"scheme", "layers": [...], "left_dense": {name: why}}.
+
+@api_options(positional=2)
+def quantize_base(model: nn.Module, scheme: str, *, exclude: str | Sequence[str] = (), group_size: int | None = None,
+                  inplace: bool = True) -> nn.Module:
+    """Quantize `model`'s linear layers with torchao, IN PLACE by default, and return it.
+
+    In place (the default, as torchao's `quantize_`): the model is changed, its Linear weights
+    becoming torchao tensors (frozen), and returned; quantizing is how a model too large in
+    fp32 fits, so no copy is made. `inplace=False` quantizes a deep copy and leaves `model`
+    as it was (twice the float model's memory while it runs). The LM head and embeddings stay
+    as they are, and so do the layers matching `exclude`. `model.lowrank_fx_quantized` says
+    what was done: {"scheme", "layers": [...], "left_dense": {name: why}}.
+
+    Args:
+        model: the float model.
+        scheme: "int8", "nf4" or "int4" (module docstring).
+        exclude: a glob or a list of globs naming Linear layers to leave dense (matched
+            against the name or any dotted suffix, as Spec patterns).
+        group_size: int4's group size (default: the largest of 128/64/32 dividing the layer's
+            input size).
+        inplace: quantize `model` itself (True) or a copy of it (False).
+
+    Returns:
+        The quantized model: `model` itself, or its copy with `inplace=False`.
+
+    Raises:
+        ModelTypeError: `model` is not an `nn.Module`.
+        SpecError: an unknown scheme, a bad `exclude`, torchao not installed, no layer the
+            scheme can quantize, or a model that cannot be copied with `inplace=False`.
     """
     if not isinstance(model, nn.Module):
         raise ModelTypeError(f"quantize_base takes the model (a torch.nn.Module), got {type(model).__name__}")
     if scheme not in SCHEMES:
         raise SpecError(f"quantize_base scheme must be one of {SCHEMES}, got {scheme!r}")
+    flag("quantize_base", "inplace", inplace)
     if isinstance(exclude, str):
         exclude = [exclude]
     if not (isinstance(exclude, (list, tuple, set)) and all(isinstance(p, str) for p in exclude)):
         raise SpecError(f"quantize_base exclude must be a pattern or a list of patterns (e.g. ['lm_head', "
                         f"'*.down_proj']), got {exclude!r}")
     try:
-        import torchao.quantization as tq
+        with quiet_third_party():  # torchao's notices on its first import
+            import torchao.quantization as tq
     except ImportError as err:
         raise SpecError("lfx.quantize_base needs torchao: pip install 'lowrank-fx[quant]'") from err
+    if not inplace:
+        model = _copy(model)
     heads = _heads(model)
     chosen = [(name, m) for name, m in model.named_modules()
               if isinstance(m, nn.Linear) and not type(m).__module__.startswith("bitsandbytes")

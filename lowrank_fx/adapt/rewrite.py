@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from torch import fx
+from torch import fx, nn
 
+from ..deprecation import api_options
 from ..errors import SpecError, TargetError
 from ..graph.heads import left_out
 from ..graph.record import CONTAINER, AdapterInfo, Record, check_adapter_name
@@ -79,38 +83,74 @@ def _raise_if_not_linear(gm, spec, targets, heads, err):
             ) from err
 
 
-def rewrite(model, spec: Spec, example_inputs=None, example_kwargs=None, adapter: str = "default",
-            dynamic: bool = True, dynamic_shapes=None, cache_dir=None, layers=None,
-            trace_blocks: bool = True, max_rank: int | None = None, calibration=None) -> fx.GraphModule:
+@api_options(positional=2)
+def rewrite(model: nn.Module, spec: Spec, *, example_inputs: tuple[Any, ...] | None = None,
+            example_kwargs: dict[str, Any] | None = None, adapter: str = "default", dynamic: bool = True,
+            dynamic_shapes: Any = None, cache_dir: str | os.PathLike | None = None,
+            layers: str | Sequence[str] | None = None, trace_blocks: bool = True, max_rank: int | None = None,
+            calibration: Callable[[fx.GraphModule], Any] | None = None) -> fx.GraphModule:
     """Capture `model` and add the adapter `adapter` described by `spec`.
 
-    Returns a GraphModule whose base weights are frozen and whose adapter parameters (this
-    adapter's only) require grad. Passing a GraphModule that lowrank_fx already rewrote adds
-    a second adapter to it, in place. The graph is unchanged if anything fails. Every
-    submodule of `model` keeps its train/eval flag. Example arguments that hold no tensor
-    (`use_cache=False`) become defaults of the graph's forward (see capture.py).
-    `cache_dir` (else $LOWRANK_FX_CACHE) keeps the captured graph, without weights, on
-    disk for the next process; within a process a capture is reused anyway (`plan` then
-    `rewrite` trace once), each call getting its own graph.
-    `layers="auto"` gives the graph its layers back: each repeated block (decoder layer, ViT
-    block, ...) becomes a call_module submodule owning its weights and adapters, for FSDP2
-    per-layer sharding and `lfx.checkpoint_layers`; a list of glob patterns over module paths
-    names the blocks instead (passes/layers.py). Outputs and every name a user sees (targets,
-    adapter files, merged state, PEFT, gates) are those of the flat graph, the default (None).
-    A structured graph keeps its blocks when another adapter is added.
-    `trace_blocks` (default True): torch.export traces one child of each kind of a repeated
-    module list (a decoder's layers) and the others are written as copies over their own
-    weights, so capture costs about the same at 4 or 80 layers (graph/block_lists.py,
-    passes/repeat_blocks.py); False traces every child.
+    The result's base weights are frozen and its adapter parameters (this adapter's only)
+    require grad. The graph shares the model's weights rather than copying them, so freezing
+    them sets `requires_grad=False` on the model's own parameters too; nothing else of `model`
+    changes, and every submodule keeps its train/eval flag. Example arguments that hold no
+    tensor (`use_cache=False`) become defaults of the graph's forward (see capture.py).
+
+    In place or not: a plain `nn.Module` gives a new graph. A GraphModule that lowrank_fx
+    already rewrote gets the adapter added IN PLACE (as `combine_adapters` and
+    `load_adapters` add theirs) and is returned itself, so one graph holds several adapters;
+    it is unchanged if anything fails. A structured graph keeps its blocks when another
+    adapter is added.
+
     Targets in vision layers a LLaVA-shaped model never feeds its language model (those after
     config.vision_feature_layer) are adapted with a warning (vision_features.py).
-    `max_rank=R` makes the adapter a hot-swap slot (adapt/hotswap.py): its LoRA factors are
-    padded with zeros to rank R and its scale is a buffer, so loading any LoRA adapter of rank
-    <= R into it (`load_adapters` / `load_peft` under the same adapter name) changes values
-    only, and a compiled graph does not recompile.
-    `calibration`: a function run(graph) that calls the graph on sample data, for data-driven
-    inits (LoRA(init="corda"), PEFT's run_model): it runs once, before the adapter is added
-    (LoRA(init="eva"): again while its components have not converged, as PEFT cycles its data).
+
+    Args:
+        model: the model (an `nn.Module`), or a graph from an earlier `rewrite` to add a second
+            adapter to.
+        spec: which targets to adapt and with which method.
+        example_inputs: positional example arguments for the capture (token ids of shape
+            (batch, seq), ...); None for a model called without arguments or a rewritten graph.
+        example_kwargs: keyword example arguments (`attention_mask=...`, `use_cache=False`).
+        adapter: the new adapter's name (default "default"); names must be unique in a graph.
+        dynamic: mark the batch and sequence dimensions dynamic (True) or trace the example's
+            exact shapes (False).
+        dynamic_shapes: torch.export's own `dynamic_shapes` for the example arguments, used
+            instead of `dynamic`'s choice.
+        cache_dir: a directory (else $LOWRANK_FX_CACHE) that keeps the captured graph,
+            without weights, on disk for the next process; within a process a capture is
+            reused anyway (`plan` then `rewrite` trace once), each call getting its own graph.
+        layers: "auto" gives the graph its layers back: each repeated block (decoder layer,
+            ViT block, ...) becomes a call_module submodule owning its weights and adapters,
+            for FSDP2 per-layer sharding and `lfx.checkpoint_layers`; a list of glob patterns
+            over module paths names the blocks instead (passes/layers.py). Outputs and every
+            name a user sees (targets, adapter files, merged state, PEFT, gates) are those of
+            the flat graph, the default (None).
+        trace_blocks: True (default): torch.export traces one child of each kind of a repeated
+            module list (a decoder's layers) and the others are written as copies over their
+            own weights, so capture costs about the same at 4 or 80 layers
+            (graph/block_lists.py, passes/repeat_blocks.py); False traces every child.
+        max_rank: R makes the adapter a hot-swap slot (adapt/hotswap.py): its LoRA factors are
+            padded with zeros to rank R and its scale is a buffer, so loading any LoRA adapter
+            of rank <= R into it (`load_adapters` / `load_peft` under the same adapter name)
+            changes values only, and a compiled graph does not recompile.
+        calibration: a function run(graph) that calls the graph on sample data, for
+            data-driven inits (LoRA(init="corda"), PEFT's run_model): it runs once, before the
+            adapter is added (LoRA(init="eva"): again while its components have not converged,
+            as PEFT cycles its data).
+
+    Returns:
+        The adapted GraphModule: a new one, or `model` itself when it was a rewritten graph.
+
+    Raises:
+        ModelTypeError: `model` is not an `nn.Module`.
+        CaptureError: torch.export could not capture the model, or the example arguments do
+            not fit its forward (the message says where).
+        SpecError: a bad spec, adapter name, `layers` or `max_rank`, a pattern that matches
+            nothing, or an adapter name the graph already has.
+        TargetError: a pattern names a weight that is not linear-like (a norm, a bias).
+        QuantizedBaseError: a quantized layer whose format cannot be trained over.
     """
     check_adapter_name(adapter)
     _require_spec(spec)

@@ -9,6 +9,7 @@ skipped). Only buffer values change, so a compiled graph does not recompile.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 from torch import fx
@@ -18,8 +19,19 @@ from .record import require_graph
 
 
 @contextlib.contextmanager
-def adapters_disabled(gm: fx.GraphModule):
-    """Run `gm` as its base model inside the `with` block; the active adapters are restored after."""
+def adapters_disabled(gm: fx.GraphModule) -> Iterator[fx.GraphModule]:
+    """Run `gm` as its base model inside the `with` block; the active adapters are restored after.
+
+    Args:
+        gm: a graph from `lfx.rewrite` with at least one adapter.
+
+    Returns:
+        A context manager yielding `gm`, whose gates are all 0 inside (module docstring).
+
+    Raises:
+        ModelTypeError: `gm` is not a GraphModule.
+        SpecError: `gm` has no adapters (a merged graph holds them in its weights).
+    """
     require_graph(gm, "lfx.adapters_disabled")
     gates = getattr(gm, GATES, None)
     saved = {name: gate.detach().clone() for name, gate in gates.named_buffers()} if gates is not None else {}

@@ -16,6 +16,8 @@ graph computes: inactive adapters are left out.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import fx, nn
 
@@ -46,17 +48,38 @@ def _adapter_names(gm: fx.GraphModule) -> list[str]:
 
 
 def active_adapters(gm: fx.GraphModule) -> list[str]:
-    """Names of the adapters whose gate is non-zero, in the order they were added."""
+    """The adapters `gm` applies now.
+
+    Args:
+        gm: a graph from `lfx.rewrite`.
+
+    Returns:
+        Names of the adapters whose gate is non-zero, in the order they were added ([] for a
+        graph without adapters).
+
+    Raises:
+        ModelTypeError: `gm` is not a GraphModule.
+    """
     require_graph(gm, "lfx.active_adapters")
     return [name for name in _adapter_names(gm) if gate_value(gm, name) != 0.0]
 
 
-def set_active_adapters(gm: fx.GraphModule, adapters: str | list[str] | tuple[str, ...] | None) -> None:
+def set_active_adapters(gm: fx.GraphModule, adapters: str | Sequence[str] | None) -> None:
     """Make exactly `adapters` active (gate 1.0) and every other adapter inactive (0.0).
 
-    Pass one name, a list of names, or [] (or None) for the base model. Only buffer values
-    change, in place: a compiled graph is not recompiled. Which parameters train is separate: set
-    `requires_grad` yourself (an inactive adapter gets zero gradients).
+    Only the gates' buffer values change, in place: a compiled graph is not recompiled. Which parameters
+    train is separate: set `requires_grad` yourself (an inactive adapter gets zero gradients).
+
+    Args:
+        gm: a graph from `lfx.rewrite`.
+        adapters: one name, a list of names, or [] (or None) for the base model.
+
+    Returns:
+        None; `gm`'s gates are set.
+
+    Raises:
+        ModelTypeError: `gm` is not a GraphModule.
+        SpecError: a name that is not an adapter of `gm`, or a graph without adapters.
     """
     require_graph(gm, "lfx.set_active_adapters")
     names = _names(adapters)

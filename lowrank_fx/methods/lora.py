@@ -20,7 +20,31 @@ from .lora_unit import LoRAUnit
 
 @options
 class LoRA(Method):
-    """Low-rank adaptation: W + (alpha / r) · B A with A (r, in), B (out, r); DoRA with dora=True."""
+    """Low-rank adaptation: W + (alpha / r) · B A with A (r, in), B (out, r); DoRA with dora=True.
+
+    Args:
+        rank: r, the rank of the update (an int >= 1).
+        alpha: the scale's numerator: ΔW = (alpha / r) · B A (finite, not 0).
+        dropout: dropout on the adapter's input x, in [0, 1).
+        rslora: scale by alpha / √r instead (rank-stabilised LoRA).
+        init: "default" (B = 0, A Kaiming-uniform, as PEFT), "nonzero", "gaussian",
+            "orthogonal", or a weight- or data-based init: "pissa", "pissa_niter_N", "olora",
+            "loftq", "corda", "corda_kpm", "eva" (methods/lora_init.py).
+        dora: DoRA: W' = m · (W + ΔW) / ‖W + ΔW‖, with a trained magnitude m (out,).
+        bias: also train a bias update Δb (out,), folded into the base bias (PEFT's lora_bias).
+        shared_experts: on an expert stack, one A, B for every expert (lora_experts.py).
+        mixed_groups: grouped convs only: PEFT's factor layout, A over every input channel
+            (lora_unit.py); runs unmerged, never folds.
+        eva_config: init="eva" only: PEFT's EvaConfig as a dict (rho, tau, whiten,
+            adjust_scaling_factors; lora_eva.py).
+        loftq_weights: init="loftq" over bitsandbytes 4-bit layers only: the float model's
+            weights (a safetensors file), whose difference from the quantized base the factors
+            take (lora_loftq_quantized.py).
+
+    Raises:
+        SpecError: an option out of range or a combination that cannot work (the message
+            names the option and what is valid).
+    """
 
     rank: int = 8
     alpha: float = 16.0
@@ -55,6 +79,11 @@ class LoRA(Method):
 
     @property
     def scale(self) -> float:
+        """The update's scale s.
+
+        Returns:
+            alpha / r, or alpha / √r with rslora.
+        """
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
     def build(self, targets: list) -> dict[str, AdapterGroup]:

@@ -121,7 +121,22 @@ class LoRTAGroup(AdapterGroup):
 
 @options
 class LoRTA(Method):
-    """Low-rank tensor adaptation: CP factors shared by every layer of a group (module docstring)."""
+    """Low-rank tensor adaptation: CP factors shared by every layer of a group (module docstring).
+
+    Args:
+        rank: r, the CP rank (an int >= 1).
+        alpha: the scale's numerator: s = alpha / r.
+        dropout: dropout on the adapter's input x, in [0, 1).
+        head_dim: d_head; None: the head size of the model's attention ops, else one head.
+        layer_pattern: a regex matching the layer part of a target's name (default:
+            "layers.N", "h.N", "block.N", ...: lorta_index.py).
+        matrix_pattern: a regex searched in the name after the layer part, whose first group
+            (or whole match) is the matrix key; None: that whole rest of the name.
+        init: "default" (B = 0) or "nonzero".
+
+    Raises:
+        SpecError: an option out of range, or a pattern that is not a regular expression.
+    """
 
     rank: int = 8
     alpha: float = 8.0
@@ -150,10 +165,22 @@ class LoRTA(Method):
 
     @property
     def scale(self) -> float:
+        """The update's scale s.
+
+        Returns:
+            alpha / r.
+        """
         return self.alpha / self.rank
 
-    def for_graph(self, gm) -> "LoRTA":
-        """With the default head_dim: this method carrying the graph's head size (or why it has none)."""
+    def for_graph(self, gm: nn.Module) -> "LoRTA":
+        """With the default head_dim: this method carrying the graph's head size (or why it has none).
+
+        Args:
+            gm: the captured graph the method is about to adapt.
+
+        Returns:
+            `self` with an explicit head_dim, else a copy bound to the graph's head size.
+        """
         if self.head_dim is not None:
             return self
         bound = dataclasses.replace(self)

@@ -92,7 +92,21 @@ class RandLoRAGroup(AdapterGroup):
 
 @options
 class RandLoRA(Method):
-    """Full-rank update Σ_n B_n Λ_n A Γ_n from fixed random bases (module docstring)."""
+    """Full-rank update Σ_n B_n Λ_n A Γ_n from fixed random bases (module docstring).
+
+    Args:
+        rank: r, each basis's rank (an int >= 1); N = ceil(min(out, in) / r) bases.
+        alpha: the scale's numerator: s = alpha / r.
+        dropout: dropout on the adapter's input x, in [0, 1).
+        seed: the seed the random bases are drawn from (they are not saved).
+        sparse: sparse bases (-1 or +1 with probability 1/6 each, else 0) instead of dense
+            U(-1, 1) ones.
+        init: "default" (λ = 0, as PEFT) or "nonzero".
+        form: how Δy is computed in training: "auto", "factored" or "dense" (module docstring).
+
+    Raises:
+        SpecError: an option out of range.
+    """
 
     rank: int = 32
     alpha: float = 640.0
@@ -111,6 +125,11 @@ class RandLoRA(Method):
 
     @property
     def scale(self) -> float:
+        """The update's scale s.
+
+        Returns:
+            alpha / r.
+        """
         return self.alpha / self.rank
 
     def build(self, targets: list) -> dict[str, AdapterGroup]:

@@ -69,7 +69,14 @@ class TrainableTokensUnit(Unit):
 
 @options
 class TrainableTokens(Method):
-    """Train rows `indices` of an embedding table in full (e.g. new special tokens)."""
+    """Train rows `indices` of an embedding table in full (e.g. new special tokens).
+
+    Args:
+        indices: the token ids whose rows train (non-empty, each once, >= 0).
+
+    Raises:
+        SpecError: empty, negative or repeated indices.
+    """
 
     indices: Sequence[int] = ()
 

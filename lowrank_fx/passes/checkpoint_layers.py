@@ -26,9 +26,19 @@ from .layers import block_call
 
 
 def checkpoint_layers(gm: fx.GraphModule) -> list[str]:
-    """Make every block of `gm` recompute in backward, in place; the paths of the blocks changed.
+    """Make every layer block of `gm` recompute in backward, changing `gm` IN PLACE.
 
-    A block already checkpointed is left as it is. Raises SpecError for a graph without blocks.
+    A block already checkpointed is left as it is.
+
+    Args:
+        gm: a graph from `lfx.rewrite(..., layers="auto")` (or `layers=[...]`).
+
+    Returns:
+        The paths of the blocks changed ("model.layers.0", ...).
+
+    Raises:
+        ModelTypeError: `gm` is not a GraphModule.
+        SpecError: `gm` has no layer blocks.
     """
     require_graph(gm, "lfx.checkpoint_layers")
     calls = [(node, call) for node in gm.graph.nodes if (call := block_call(gm, node)) is not None]

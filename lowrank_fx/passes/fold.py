@@ -23,13 +23,14 @@ reports the measured output error (`folded.requantize_report`, a warning above `
 from __future__ import annotations
 
 import copy
-import warnings
 
 from torch import fx, nn
 
+from ..deprecation import api_options
 from ..errors import MergeError
 from ..graph.folded import GroupMarks, carry_marks
 from ..graph.record import KEY, Record, require_graph
+from ..noise import quiet_third_party
 from ..options import flag, number
 from ..progress import stage
 from .fold_graph import GraphIndex, fold_target, quantized_bias, remove_adapter_nodes, set_parameter
@@ -47,34 +48,46 @@ def shared_copy(gm: fx.GraphModule, every_tensor: bool = False) -> fx.GraphModul
     `every_tensor=True` shares the trainable ones too: a pristine captured graph, whose
     tensors are all the model's own (adapt/capture_memo.py hands out such copies)."""
     memo = {id(t): t for t in [*gm.parameters(), *gm.buffers()] if every_tensor or not t.requires_grad}
-    with warnings.catch_warnings():  # torch's own pytree deprecation notice on deepcopy
-        warnings.simplefilter("ignore", FutureWarning)
+    with quiet_third_party():  # torch's own pytree deprecation notice on deepcopy
         return copy.deepcopy(gm, memo)
 
 
+@api_options(positional=1, name="merge")
 @stage("folding adapters into the base weights")
-def fold(gm: fx.GraphModule, requantize: bool = False, tolerance: float = 1e-2,
+def fold(gm: fx.GraphModule, *, requantize: bool = False, tolerance: float = 1e-2,
          inplace: bool = False) -> fx.GraphModule:
     """The dense graph: every active adapter folded into its target's weight, W + Σ gate · ΔW.
 
-    Default (`inplace=False`): a new GraphModule; `gm` and its tensors are unchanged. It shares
-    every frozen tensor of `gm` (the weights that were not adapted, and the original model's, as
-    `gm` does) and allocates one new tensor per folded weight and bias, the size of that weight
-    (a quantized target: its dense (out, in) weight). Peak memory beyond that: one ΔW and one
-    sum at a time. A graph with layer blocks (passes/layers.py) folds into a flat one.
+    Exported as `lfx.merge`. Default (`inplace=False`): a new GraphModule; `gm` and its tensors
+    are unchanged. It shares every frozen tensor of `gm` (the weights that were not adapted,
+    and the original model's, as `gm` does) and allocates one new tensor per folded weight and
+    bias, the size of that weight (a quantized target: its dense (out, in) weight). Peak memory
+    beyond that: one ΔW and one sum at a time. A graph with layer blocks (passes/layers.py)
+    folds into a flat one.
 
     `inplace=True`, PEFT's merge_and_unload: W ← W + ΔW in W's own storage and `gm` itself becomes
     the dense graph (adapter nodes and parameters removed), returned. Since `gm` shares its
     weights with the model it was captured from, THE ORIGINAL MODEL'S WEIGHTS CHANGE TOO, as does
     every graph sharing them. Tied and quantized targets, and refusals: passes/fold_inplace.py.
 
-    `requantize=True` (not with `inplace`): quantized targets are quantized again in their base's
-    format rather than made dense, and `folded.requantize_report` (a RequantizeReport) gives the
-    output error measured on the capture's examples; a RequantizeWarning says when it is above
-    `tolerance`.
+    Args:
+        gm: a graph from `lfx.rewrite`.
+        requantize: (not with `inplace`) quantized targets are quantized again in their base's
+            format rather than made dense, and `folded.requantize_report` (a RequantizeReport)
+            gives the output error measured on the capture's examples; a RequantizeWarning says
+            when it is above `tolerance`.
+        tolerance: the largest requantization error accepted without a warning (>= 0).
+        inplace: fold into `gm`'s own tensors (and the model's) instead of a copy.
 
-    Raises MergeError, leaving `gm` and every tensor unchanged, when `gm` has no adapters or an
-    update has NaN or inf values."""
+    Returns:
+        The dense GraphModule: a new one, or `gm` itself with `inplace=True`.
+
+    Raises:
+        MergeError: `gm` has no adapters, an update has NaN or inf values, or `requantize`
+            was asked with `inplace`; `gm` and every tensor are then unchanged.
+        ModelTypeError: `gm` is not a GraphModule.
+        SpecError: a `requantize`, `tolerance` or `inplace` value of the wrong kind.
+    """
     require_graph(gm, "lfx.merge")
     flag("lfx.merge", "inplace", inplace)
     flag("lfx.merge", "requantize", requantize)

@@ -33,7 +33,14 @@ REPORT = "lowrank_fx_requantize"  # meta key (and attribute) of the report on a 
 
 
 class RequantizeWarning(UserWarning):
-    """Requantizing the folded weights changed the model's output by more than the tolerance."""
+    """Requantizing the folded weights changed the model's output by more than the tolerance.
+
+    Issued by `lfx.merge(gm, requantize=True)` and `lfx.load_merged`; filter it with
+    `warnings.simplefilter("error", lfx.RequantizeWarning)` to make it an error.
+
+    Args:
+        message: the measured error against the tolerance, and what to do.
+    """
 
 
 @dataclasses.dataclass

@@ -20,7 +20,7 @@ per row: a mixed batch trains each adapter on its own rows only.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import fx, nn
@@ -126,10 +126,26 @@ def set_rows(gm: fx.GraphModule, rows: list[str | None] | None) -> None:
 
 
 @contextlib.contextmanager
-def adapter_rows(gm: fx.GraphModule, rows: Sequence[str | None]):
-    """Within the block, batch row b of every call of `gm` (or of a torch.compile of it) uses the
-    adapter `rows[b]`, None for the base model; the active set and all-row gates are restored
-    after, even on error. The first use converts `gm` once (module docstring)."""
+def adapter_rows(gm: fx.GraphModule, rows: Sequence[str | None]) -> Iterator[fx.GraphModule]:
+    """Within the `with` block, batch row b of every call of `gm` (or of a torch.compile of it)
+    uses the adapter `rows[b]`, None for the base model.
+
+    The active set and all-row gates are restored after, even on error. The first use
+    converts `gm` once, in place (module docstring); outside the block it computes as before.
+
+    Args:
+        gm: a flat graph from `lfx.rewrite` (no layer blocks, no `Spec.train` adapter).
+        rows: one adapter name, or None for the base model, per batch row.
+
+    Returns:
+        A context manager yielding `gm`.
+
+    Raises:
+        ModelTypeError: `gm` is not a GraphModule.
+        SpecError: `gm` has no adapters, has layer blocks, or an adapter trains whole modules.
+        InputError: `rows` is empty or names an unknown adapter; or, on a call inside the
+            block, the batch has another number of rows.
+    """
     require_graph(gm, "lfx.adapter_rows")
     if Record.find(gm) is None:
         raise SpecError("lfx.adapter_rows takes a graph from lfx.rewrite; this one has no adapters")

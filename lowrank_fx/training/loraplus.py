@@ -21,9 +21,13 @@ Every other trainable parameter of the graph (adapter or not) gets lr.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import fx
 
+from ..deprecation import api_options
 from ..errors import LowRankFxError, SpecError
 from ..graph.record import CONTAINER, require_graph
 from ..options import number
@@ -39,12 +43,27 @@ def _output_side(gm: fx.GraphModule) -> list[torch.nn.Parameter]:
     return found
 
 
-def loraplus_param_groups(gm: fx.GraphModule, lr: float, ratio: float = 16.0,
-                          weight_decay: float = 0.0) -> list[dict]:
+@api_options(positional=2)
+def loraplus_param_groups(gm: fx.GraphModule, lr: float, *, ratio: float = 16.0,
+                          weight_decay: float = 0.0) -> list[dict[str, Any]]:
     """Optimizer parameter groups: {"name": "base_lr"} at lr, {"name": "ratio_lr"} at ratio · lr.
 
     Only parameters that require grad are included, each once; an empty group is left out.
-    lr and ratio must be finite and > 0, weight_decay finite and >= 0 (SpecError otherwise).
+
+    Args:
+        gm: a graph from `lfx.rewrite`.
+        lr: the base learning rate (finite, > 0).
+        ratio: the output-side factors' rate multiple (finite, > 0; 1 is one rate for all).
+        weight_decay: every group's weight decay (finite, >= 0).
+
+    Returns:
+        A list of torch.optim parameter groups: dicts with "name", "params", "lr" and
+        "weight_decay".
+
+    Raises:
+        ModelTypeError: `gm` is not a GraphModule.
+        SpecError: a bad `lr`, `ratio` or `weight_decay`.
+        LowRankFxError: the graph has no trainable parameters.
     """
     require_graph(gm, "lfx.loraplus_param_groups")
     lr = number("LoRA+", "lr", lr, "a finite number > 0", lambda v: v > 0)
@@ -63,10 +82,30 @@ def loraplus_param_groups(gm: fx.GraphModule, lr: float, ratio: float = 16.0,
     return [g for g in groups if g["params"]]
 
 
-def loraplus_optimizer(gm: fx.GraphModule, lr: float, ratio: float = 16.0,
-                       optimizer_cls=torch.optim.AdamW, weight_decay: float = 0.0, **kwargs):
-    """`optimizer_cls` over `loraplus_param_groups(gm, lr, ratio, weight_decay)`; kwargs go to it."""
-    return make_optimizer(optimizer_cls, loraplus_param_groups(gm, lr, ratio, weight_decay), lr, kwargs)
+@api_options(positional=2)
+def loraplus_optimizer(gm: fx.GraphModule, lr: float, *, ratio: float = 16.0,
+                       optimizer_cls: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW,
+                       weight_decay: float = 0.0, **kwargs: Any) -> torch.optim.Optimizer:
+    """An optimizer over `loraplus_param_groups(gm, lr, ratio=ratio, weight_decay=weight_decay)`.
+
+    Args:
+        gm: a graph from `lfx.rewrite`.
+        lr: the base learning rate (finite, > 0).
+        ratio: the output-side factors' rate multiple (finite, > 0).
+        optimizer_cls: the optimizer class, called as optimizer_cls(groups, lr=lr, **kwargs).
+        weight_decay: every group's weight decay (finite, >= 0).
+        **kwargs: further options of `optimizer_cls` (betas=..., eps=...).
+
+    Returns:
+        The optimizer.
+
+    Raises:
+        ModelTypeError: `gm` is not a GraphModule.
+        SpecError: a bad option, or `optimizer_cls` refusing one of `kwargs`.
+        LowRankFxError: the graph has no trainable parameters.
+    """
+    groups = loraplus_param_groups(gm, lr, ratio=ratio, weight_decay=weight_decay)
+    return make_optimizer(optimizer_cls, groups, lr, kwargs)
 
 
 def make_optimizer(optimizer_cls, groups: list[dict], lr: float, kwargs: dict) -> torch.optim.Optimizer:

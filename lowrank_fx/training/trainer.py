@@ -43,17 +43,23 @@ warns, and fit returns what ran (steps, the loss of each, micro-batches, passes)
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch import fx
+from torch import fx, nn
 
+from ..deprecation import api_options
 from ..errors import ModelTypeError, SpecError, TrainingError
 from ..graph.record import Record
+from ..noise import quiet_third_party
 from ..options import compile_backend, flag, integer, number
 from ..passes.checkpoint_layers import checkpoint_layers
 from ..passes.fuse_sites import fuse_sites
+from ..progress import stage
 from .batches import Passes, check_fit, one_shot, total_steps
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .fsdp import shard_layers
@@ -150,26 +156,52 @@ def _check_options(loss_fn, min_lr_ratio, max_grad_norm, checkpoint_every, keep,
 class Trainer:
     """Trains the adapters of `gm` (see the module docstring for each feature).
 
-    gm: a graph from lfx.rewrite. loss_fn(model, batch) -> scalar tensor computed from the
-    model's output; `model` is the compiled (and, with distributed, DDP-wrapped) graph. lr is
-    the base rate (LoRA+ output-side factors get loraplus_ratio · lr); accumulate: micro-batches
-    per optimizer step; schedule / warmup_steps / min_lr_ratio: the rate over steps
-    (schedule.py); compile: True (inductor), a torch.compile backend, or False;
-    autocast: bf16 autocast (None: on for CUDA); checkpoint_activations / memory_budget:
-    recompute activations (per layer block; compile's budget); checkpoint_dir / checkpoint_every /
-    keep_checkpoints / resume: checkpoints (checkpoint.py); tokens(batch) -> int for the
-    tokens/s shown; other keyword arguments go to optimizer_cls.
+    Args:
+        gm: a graph from lfx.rewrite. Its adapters train in place (the trained values are
+            `gm`'s own parameters); `checkpoint_activations=True` also changes its layer calls.
+        loss_fn: loss_fn(model, batch) -> scalar tensor computed from the model's output;
+            `model` is the compiled (and, with distributed, DDP-wrapped) graph.
+        lr: the base learning rate (LoRA+ output-side factors get loraplus_ratio · lr).
+        loraplus_ratio: LoRA+'s rate multiple for the output-side factors (1.0: one rate).
+        weight_decay: the optimizer's weight decay.
+        optimizer_cls: the optimizer class, called as optimizer_cls(groups, lr=lr, **optimizer_kwargs).
+        accumulate: micro-batches per optimizer step.
+        schedule: the rate over steps: "cosine", "linear" or "constant" (schedule.py).
+        warmup_steps: steps of linear warmup from 0.
+        min_lr_ratio: the schedule's final rate as a fraction of lr.
+        max_grad_norm: clip the gradients' total norm to this (None: no clipping).
+        compile: True (inductor), a torch.compile backend name, or False (eager).
+        autocast: bf16 autocast (None: on for CUDA).
+        distributed: False, "ddp" (or True: DistributedDataParallel) or "fsdp" (FSDP2 per
+            layer block; a graph rewritten with layers="auto").
+        checkpoint_activations: recompute each layer block in backward (`lfx.checkpoint_layers`).
+        memory_budget: torch.compile's activation memory budget, in [0, 1] (compiled only).
+        checkpoint_dir: where checkpoints go (None: none are written).
+        checkpoint_every: write a checkpoint every this many steps (and at the end).
+        keep_checkpoints: how many checkpoints to keep.
+        resume: continue from the newest checkpoint in `checkpoint_dir`, if there is one.
+        progress: show a progress bar and the loss.
+        tokens: tokens(batch) -> int, for the tokens/s shown (default: the elements of the
+            batch's first integer tensor).
+        **optimizer_kwargs: further options of `optimizer_cls`.
+
+    Raises:
+        ModelTypeError: `gm` is not a graph from lfx.rewrite.
+        SpecError: a bad option (the message names it and what is valid).
+        TrainingError: a checkpoint in `checkpoint_dir` that cannot be resumed.
     """
 
-    def __init__(self, gm: fx.GraphModule, loss_fn, lr: float = 1e-4, loraplus_ratio: float = 16.0,
-                 weight_decay: float = 0.0, optimizer_cls=torch.optim.AdamW, accumulate: int = 1,
+    @api_options(positional=3)
+    def __init__(self, gm: fx.GraphModule, loss_fn: Callable[[nn.Module, Any], torch.Tensor], *,
+                 lr: float = 1e-4, loraplus_ratio: float = 16.0, weight_decay: float = 0.0,
+                 optimizer_cls: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW, accumulate: int = 1,
                  schedule: str = "cosine", warmup_steps: int = 0, min_lr_ratio: float = 0.0,
-                 max_grad_norm: float | None = None, compile=True,
+                 max_grad_norm: float | None = None, compile: bool | str = True,
                  autocast: bool | None = None, distributed: bool | str = False,
                  checkpoint_activations: bool = False, memory_budget: float | None = None,
-                 checkpoint_dir: str | Path | None = None, checkpoint_every: int | None = None,
+                 checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int | None = None,
                  keep_checkpoints: int = 2, resume: bool = True, progress: bool = True,
-                 tokens=count_tokens, **optimizer_kwargs):
+                 tokens: Callable[[Any], int] = count_tokens, **optimizer_kwargs: Any) -> None:
         check_graph(gm)
         if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
             raise SpecError(f"accumulate must be a positive integer, got {accumulate!r}")
@@ -186,7 +218,7 @@ class Trainer:
         self.sharded = _check_distributed(distributed) == "fsdp"
         if self.sharded:
             shard_layers(gm)  # before the optimizer: FSDP2 makes the parameters DTensors
-        groups = loraplus_param_groups(gm, lr, loraplus_ratio, weight_decay)
+        groups = loraplus_param_groups(gm, lr, ratio=loraplus_ratio, weight_decay=weight_decay)
         for group in groups:
             group["lfx_base_lr"] = group["lr"]
         self.optimizer = make_optimizer(optimizer_cls, groups, lr, optimizer_kwargs)
@@ -220,6 +252,17 @@ class Trainer:
 
         ids = [torch.cuda.current_device()] if self.device_type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
+
+    def _compiling(self) -> contextlib.AbstractContextManager:
+        """Around the first compiled micro-batch (torch.compile compiles the forward on its call,
+        the backward on its first backward): a progress line with the seconds it took, and
+        third-party noise quieted (noise.py). Nothing around the others."""
+        if not self.compiled or self.compile_checked:
+            return contextlib.nullcontext()
+        around = contextlib.ExitStack()
+        around.enter_context(stage("compiling the training step with torch.compile (first step only)"))
+        around.enter_context(quiet_third_party())
+        return around
 
     def _loss(self, batch) -> torch.Tensor:
         context = (torch.autocast(self.device_type, dtype=torch.bfloat16) if self.autocast
@@ -271,16 +314,29 @@ class Trainer:
             return None
         return int(self.last_checkpoint.name.split("-")[1])
 
-    def fit(self, batches, steps: int | None = None, epochs: int | None = None) -> dict:
-        """Train on `batches` (batches.py): until `steps` optimizer steps in all (counting resumed
-        ones), a re-iterable read pass after pass; or for `epochs` passes in all (default: one).
+    @api_options(positional=2)
+    def fit(self, batches: Iterable[Any], *, steps: int | None = None, epochs: int | None = None) -> dict[str, Any]:
+        """Train on `batches` (batches.py), updating the graph's adapters in place.
 
         A step never spans two passes; a pass's last, partial step (fewer than `accumulate`
         micro-batches) is taken on their mean. A one-shot iterator that runs out before `steps`
-        warns and returns what ran. Returns {"step": steps in all, "loss": the last step's,
-        "losses": every step's of this call, "batches": micro-batches consumed in all,
-        "epochs": passes in all (micro-batches / pass length; None while unknown),
-        "tokens_per_s": over the steps after the first of this call, which compiles}.
+        warns and returns what ran.
+
+        Args:
+            batches: what loss_fn takes, one micro-batch at a time: a list or DataLoader (read
+                pass after pass) or a one-shot iterator (one pass).
+            steps: train until this many optimizer steps in all (counting resumed ones).
+            epochs: or for this many passes in all (default, with neither: one).
+
+        Returns:
+            {"step": steps in all, "loss": the last step's, "losses": every step's of this
+            call, "batches": micro-batches consumed in all, "epochs": passes in all
+            (micro-batches / pass length; None while unknown), "tokens_per_s": over the steps
+            after the first of this call, which compiles}.
+
+        Raises:
+            SpecError: bad `steps` / `epochs`, both given, or empty `batches`.
+            TrainingError: a NaN or inf loss (the last checkpoint stays as it was).
         """
         check_fit(batches, steps, epochs)
         if steps is None:
@@ -334,10 +390,11 @@ class Trainer:
 
     def _backward(self, batch) -> torch.Tensor:
         """loss_fn on one micro-batch, its gradient / accumulate added; the loss, detached."""
-        loss = checked_loss(self._loss(batch))
-        if not torch.isfinite(loss.detach()).all():
-            raise self._nan_error(loss.detach())
-        (loss / self.accumulate).backward()
+        with self._compiling():
+            loss = checked_loss(self._loss(batch))
+            if not torch.isfinite(loss.detach()).all():
+                raise self._nan_error(loss.detach())
+            (loss / self.accumulate).backward()
         self.batches += 1
         return loss.detach()
 
