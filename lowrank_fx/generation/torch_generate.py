@@ -18,6 +18,7 @@ token or per prompt length). Per-row adapters run the full graph.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import weakref
 from collections.abc import Sequence
@@ -33,6 +34,7 @@ from ..graph.record import Record
 from ..options import compile_backend
 from .active_graph import inactive_adapters, without_adapters
 from .decode_graph import LAYOUT, decode_graph, share_adapters, use_base_of
+from .batch_shape import pad_one_row, symbolic_sizes
 from .beam import check_beams, reorder_tensors, run_beams
 from .decoder import layer_types
 from .loop import Generated, Sampling, check_count, check_left_padded, eos_list, run
@@ -172,16 +174,21 @@ def generate(gm: fx.GraphModule, input_ids, attention_mask=None, adapter: str | 
     calls = {}
 
     def step(ids, mask, positions, cache):
+        pad = False
         if cache is None:
             empty = torch.zeros((ids.shape[0], layout.kv_heads, 0, layout.head_dim), dtype=layout.dtype, device=device)
             cache = [{"key": empty, "value": empty} for _ in range(layout.layers)]
+        elif compile and rows is None and ids.shape[0] == 1:  # one graph for every batch (batch_shape.py)
+            pad = True
+            ids, mask, positions, cache = pad_one_row(ids, mask, positions, cache)
         # fresh dense inputs: a compiled graph guards on strides, and a sliced prompt has others, as
         # has the prompt step's cache (attention's transposed output; later steps' caches are concatenated)
         dense = [t.to(device).clone(memory_format=torch.contiguous_format) for t in (ids, mask, positions)]
         if compile:
             cache = [{part: t.contiguous() for part, t in layer.items()} for layer in cache]
         out = calls["graph"](input_ids=dense[0], attention_mask=dense[1], position_ids=dense[2], past_key_values=cache)
-        return out["logits"].cpu(), out["present"]
+        logits = out["logits"][:1] if pad else out["logits"]
+        return logits.cpu(), out["present"]
 
     record = Record.find(gm)
     per_row = row_generation(gm, decode, input_ids, adapter, rows)
@@ -189,7 +196,7 @@ def generate(gm: fx.GraphModule, input_ids, attention_mask=None, adapter: str | 
     if adapter is not None:
         set_active_adapters(gm, adapter)
     try:
-        with eval_mode(decode), torch.no_grad(), per_row:
+        with eval_mode(decode), torch.no_grad(), per_row, symbolic_sizes() if compile else contextlib.nullcontext():
             graph = _runnable(gm, rows is not None)
             calls["graph"] = _compiled(gm, graph, compile) if compile else graph
             vocab = getattr(_text_config(model), "vocab_size", None)
