@@ -7,13 +7,18 @@ the next call with 4 rows compiles again. Two things keep the batch symbolic:
   0 or 1 is answered for the general size, with no guard (size-oblivious reasoning), and
   inputs' sizes that happen to be equal get symbols of their own (no duck sizing: a batch of 2
   would otherwise share the symbol of 2 KV heads and become the constant 2 with it). The
-  prompt step's graph then serves every batch.
+  prompt step's graph then serves every batch. Its empty cache's length stays the constant 0
+  (`empty_past`): a symbolic length whose example is 0 breaks inductor's concatenation.
 - `pad_one_row(...)`: the token step still asks whether batch == 1 (attention's output is
   reshaped, and the reshape asks whether a view suffices), so a single row's token steps run
   as two identical rows; the caller keeps the first row's logits. A token step's matrix
   products are matrix-vector products bound by reading the weights, which happens once per
   step whatever the batch, so the copy costs little. The prompt step is not padded: its
   products are bound by arithmetic, and a second row would double them.
+
+With inductor (compile=True) one graph still differs: lowering the prompt step adds a guard
+batch == 1 of its own (dynamo's trace has none; the "aot_eager" backend shares every graph), so
+there batch 1 and then 4 rows compile the prompt step once more; the token step is shared.
 
 Shapes: ids / positions (1, new) -> (2, new), mask (1, past + new) -> (2, past + new), every
 cache tensor (1, kv_heads, past, head_dim) -> (2, kv_heads, past, head_dim) once (later
@@ -23,6 +28,7 @@ steps' caches come back with two rows).
 from __future__ import annotations
 
 import torch
+import torch._dynamo
 import torch.fx.experimental._config as shape_config
 
 ROWS = 2
@@ -33,6 +39,11 @@ def symbolic_sizes():
     return shape_config.patch(backed_size_oblivious=True, use_duck_shape=False)
 
 
+def empty_past(cache: torch.Tensor) -> None:
+    """Mark the prompt step's empty cache (batch, kv_heads, 0, head_dim) as having the static length 0."""
+    torch._dynamo.mark_static(cache, 2)
+
+
 def pad_one_row(ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: list[dict]):
     """(ids, mask, positions, cache) of a one-row token step as two identical rows."""
     ids, mask, positions = (t.expand(ROWS, -1) for t in (ids, mask, positions))
@@ -41,4 +52,4 @@ def pad_one_row(ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, 
     return ids, mask, positions, cache
 
 
-__all__ = ["symbolic_sizes", "pad_one_row"]
+__all__ = ["symbolic_sizes", "empty_past", "pad_one_row"]

@@ -31,10 +31,10 @@ from ..errors import ModelTypeError, SpecError
 from ..export.exporter import eval_mode
 from ..graph.gates import GATES, active_adapters, set_active_adapters
 from ..graph.record import Record
-from ..options import compile_backend
 from .active_graph import inactive_adapters, without_adapters
 from .decode_graph import LAYOUT, decode_graph, share_adapters, use_base_of
-from .batch_shape import pad_one_row, symbolic_sizes
+from .batch_shape import empty_past, pad_one_row, symbolic_sizes
+from .compile_options import compile_kwargs, state_key
 from .beam import check_beams, reorder_tensors, run_beams
 from .decoder import layer_types
 from .loop import Generated, Sampling, check_count, check_left_padded, eos_list, run
@@ -100,19 +100,11 @@ def _runnable(gm: fx.GraphModule, per_row: bool) -> fx.GraphModule:
 
 
 def _compiled(gm: fx.GraphModule, graph: fx.GraphModule, option):
+    """graph compiled for `option`, kept per option, graph and module state (compile_options.py)."""
     entry = _DECODERS[gm]
-    key = (option if isinstance(option, (bool, str)) else repr(sorted(option.items())), id(graph))
+    kwargs = compile_kwargs(option)
+    key = (option if isinstance(option, (bool, str)) else repr(sorted(option.items())), id(graph), state_key(graph))
     if key not in entry.compiled:
-        if option is True:
-            kwargs = {}
-        elif isinstance(option, str):
-            compile_backend("lfx.generate", "compile", option)
-            kwargs = {"backend": option}
-        elif isinstance(option, dict):
-            kwargs = dict(option)
-        else:
-            raise SpecError(f"compile must be False, True, a backend name or a dict of torch.compile options, got {option!r}")
-        kwargs.setdefault("dynamic", True)
         entry.compiled[key] = torch.compile(graph, **kwargs)
     return entry.compiled[key]
 
@@ -177,6 +169,8 @@ def generate(gm: fx.GraphModule, input_ids, attention_mask=None, adapter: str | 
         pad = False
         if cache is None:
             empty = torch.zeros((ids.shape[0], layout.kv_heads, 0, layout.head_dim), dtype=layout.dtype, device=device)
+            if compile:
+                empty_past(empty)
             cache = [{"key": empty, "value": empty} for _ in range(layout.layers)]
         elif compile and rows is None and ids.shape[0] == 1:  # one graph for every batch (batch_shape.py)
             pad = True
