@@ -12,6 +12,9 @@ Configurations, each a request of one prompt (64 tokens) and greedy decoding, EO
   rows 8x4 / 8x1          GenerationSession per-row export: 8 rows with adapters a,b,c,d,a,b,c,d / all a
   ORT a, batch 8          the swappable export, 8 rows, adapter a (reference for the per-row rows)
   torch eager / compiled  lfx.generate with the adapter unmerged (compiled: torch.compile, dynamic)
+
+After the rounds, one compiled request is profiled: its per-token time split into matrix
+products, cache concatenation, other ops and the Python / wrapper / guard remainder.
   HF + PEFT               transformers generate on the PEFT model holding the same adapter a
   HF base                 transformers generate on the model without adapters: the frozen-base floor
 
@@ -160,6 +163,40 @@ def measure(configs: dict, rounds: int, new: int) -> dict:
     return {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
 
 
+PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")
+
+
+def breakdown(gm, prompt: torch.Tensor, new: int) -> dict:
+    """Where a compiled decoded token's time goes: one profiled request of 1 and one of `new`
+    tokens, the difference per token, split into the matrix products' own time, the cache
+    concatenations', every other op's and what no op accounts for (the Python loop, the
+    compiled wrapper and its guard check); shares of the profiled time (the profiler slows
+    the Python part more than the kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def run(tokens):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            lfx.generate(gm, prompt, adapter="a", max_new_tokens=tokens, eos_token_id=[], compile=True)
+            wall = time.perf_counter() - start
+        ops = {"products": 0.0, "cache cat": 0.0, "other ops": 0.0}
+        events = sorted(prof.key_averages(), key=lambda event: -event.self_cpu_time_total)
+        print("profiled", tokens, "tokens:", [(e.key, round(e.self_cpu_time_total / 1e3, 1)) for e in events[:12]])
+        for event in events:
+            if not event.key.startswith("aten::"):
+                continue  # record_function regions: their self time is the wrapper's
+            part = ("products" if event.key in PRODUCTS or event.key.startswith(PRODUCTS) else
+                    "cache cat" if event.key.startswith("aten::cat") else "other ops")
+            ops[part] += event.self_cpu_time_total / 1e6
+        return wall, ops
+
+    (wall1, ops1), (wall, ops) = run(1), run(new)
+    per_token = {part: (ops[part] - ops1[part]) / (new - 1) for part in ops}
+    total = (wall - wall1) / (new - 1)
+    per_token["Python, wrapper, guards"] = total - sum(per_token.values())
+    return {part: value / total for part, value in per_token.items()}
+
+
 def machine() -> str:
     info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
     info = {key.strip(): value.strip() for key, value in info.items()}
@@ -189,7 +226,8 @@ def report(results: dict, setup: dict, load: tuple, rounds: int, new: int, total
               "- rows 8x4: 8 rows, adapters a, b, c, d, a, b, c, d in one batch (per-row export); rows 8x1: the "
               "per-row export with every row on a; ORT a, batch 8: the swappable export, 8 rows of adapter a.",
               "- torch: `lfx.generate` (the decode graph shares the training graph's adapter modules); compiled: "
-              "`compile=True` (inductor, dynamic shapes), compiled during the warm-up, no recompile while timed "
+              "`compile=True` (inductor with its C++ wrapper, dynamic shapes, no guards on module attributes), "
+              "compiled during the warm-up, no recompile while timed "
               f"(the warm-up of every configuration, the compile included, took {setup['compile_s']:.0f} s).",
               "- HF + PEFT: `PeftModel.generate` with adapter a (written by `lfx.save_peft`), unmerged; HF base: "
               "`generate` on the model without adapters (the frozen-base floor of an eager adapted decode).",
@@ -209,6 +247,10 @@ def report(results: dict, setup: dict, load: tuple, rounds: int, new: int, total
     ratio, floor = (r[name]["decode"] / r["HF + PEFT"]["decode"] for name in ("torch compiled", "HF base"))
     lines += ["", f"Goal `lfx.generate(compile=True)` ÷ HF + PEFT per decoded token ≤ 0.7: {ratio:.2f}, "
               f"{'met' if ratio <= 0.7 else 'not met'}; the frozen base alone (HF base) is {floor:.2f} of HF + PEFT."]
+    compiled = r["torch compiled"]["decode"]
+    lines += ["", "Compiled decode per token, one profiled request (shares of its time, and those shares of the "
+              f"{compiled:.2f} ms measured above): " + "; ".join(
+                  f"{part} {share:.0%} ({share * compiled:.2f} ms)" for part, share in setup["breakdown"].items()) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -242,7 +284,8 @@ def main() -> None:
         run(2)
     compile_s = time.perf_counter() - t0
     results = measure(configs, rounds, args.new_tokens)
-    text = report(results, {"export_s": export_s, "compile_s": compile_s, "files": files},
+    shares = breakdown(gm, prompt, args.new_tokens)
+    text = report(results, {"export_s": export_s, "compile_s": compile_s, "files": files, "breakdown": shares},
                   (load_start, os.getloadavg()), rounds, args.new_tokens, time.perf_counter() - started, params)
     print(text)
     if not args.quick:

@@ -17,6 +17,11 @@ So the compiled decode graph is built with
   token), and no `size_asserts` (a stride check per extern kernel input per call; the
   shapes are those the graph was traced with, guarded on its inputs).
 
+Batches of 2 and more share one graph (one row compiles its own: torch specialises a size of 1)
+because `traced_sizes()`, around every compiled call, turns duck sizing off: inputs' sizes
+that happen to be equal would share one symbol, so a batch of 2 would share the symbol of 2
+KV heads and become the constant 2 with it.
+
 A dict is passed to torch.compile as given, with the guard filter added to its `options`
 unless it sets `mode` (torch.compile takes one of the two); `dynamic` defaults to True.
 """
@@ -24,6 +29,7 @@ unless it sets `mode` (torch.compile takes one of the two); `dynamic` defaults t
 from __future__ import annotations
 
 import torch
+import torch.fx.experimental._config as shape_config
 from torch import nn
 
 from ..errors import SpecError
@@ -52,6 +58,11 @@ def compile_kwargs(option) -> dict:
     return kwargs
 
 
+def traced_sizes():
+    """A context in which torch.compile gives equal input sizes symbols of their own (no duck sizing)."""
+    return shape_config.patch(use_duck_shape=False)
+
+
 def _meta(tensor: torch.Tensor) -> tuple:
     return tuple(tensor.shape), tensor.dtype, tensor.device, tensor.requires_grad
 
@@ -71,4 +82,4 @@ def state_key(graph: nn.Module) -> int:
     return hash(tuple(entries))
 
 
-__all__ = ["compile_kwargs", "state_key"]
+__all__ = ["compile_kwargs", "state_key", "traced_sizes"]

@@ -13,7 +13,11 @@ or another `model=` is given). A call runs it without the adapters whose gate is
 (active_graph.py: one copy per set of active adapters, sharing every module), and so does
 its compiled form (`compile=True`, or a backend name such as "aot_eager":
 `torch.compile(dynamic=True)`, one per set; after a set's first call, no recompiles per
-token or per prompt length). Per-row adapters run the full graph.
+token or per prompt length; the options, and the module check that replaces dynamo's module
+guards: compile_options.py). One row and several rows compile apart, once each: torch
+specialises a batch of 1, and that is the fast case, since a one-row token step's matrix
+products are matrix-vector products (run as two rows, a step's products took 1.6x as long
+on a 2-core CPU); batches of 2 and more share one graph (traced_sizes). Per-row adapters run the full graph.
 """
 
 from __future__ import annotations
@@ -33,8 +37,7 @@ from ..graph.gates import GATES, active_adapters, set_active_adapters
 from ..graph.record import Record
 from .active_graph import inactive_adapters, without_adapters
 from .decode_graph import LAYOUT, decode_graph, share_adapters, use_base_of
-from .batch_shape import empty_past, pad_one_row, symbolic_sizes
-from .compile_options import compile_kwargs, state_key
+from .compile_options import compile_kwargs, state_key, traced_sizes
 from .beam import check_beams, reorder_tensors, run_beams
 from .decoder import layer_types
 from .loop import Generated, Sampling, check_count, check_left_padded, eos_list, run
@@ -166,23 +169,16 @@ def generate(gm: fx.GraphModule, input_ids, attention_mask=None, adapter: str | 
     calls = {}
 
     def step(ids, mask, positions, cache):
-        pad = False
         if cache is None:
             empty = torch.zeros((ids.shape[0], layout.kv_heads, 0, layout.head_dim), dtype=layout.dtype, device=device)
-            if compile:
-                empty_past(empty)
             cache = [{"key": empty, "value": empty} for _ in range(layout.layers)]
-        elif compile and rows is None and ids.shape[0] == 1:  # one graph for every batch (batch_shape.py)
-            pad = True
-            ids, mask, positions, cache = pad_one_row(ids, mask, positions, cache)
         # fresh dense inputs: a compiled graph guards on strides, and a sliced prompt has others, as
         # has the prompt step's cache (attention's transposed output; later steps' caches are concatenated)
         dense = [t.to(device).clone(memory_format=torch.contiguous_format) for t in (ids, mask, positions)]
         if compile:
             cache = [{part: t.contiguous() for part, t in layer.items()} for layer in cache]
         out = calls["graph"](input_ids=dense[0], attention_mask=dense[1], position_ids=dense[2], past_key_values=cache)
-        logits = out["logits"][:1] if pad else out["logits"]
-        return logits.cpu(), out["present"]
+        return out["logits"].cpu(), out["present"]
 
     record = Record.find(gm)
     per_row = row_generation(gm, decode, input_ids, adapter, rows)
@@ -190,7 +186,7 @@ def generate(gm: fx.GraphModule, input_ids, attention_mask=None, adapter: str | 
     if adapter is not None:
         set_active_adapters(gm, adapter)
     try:
-        with eval_mode(decode), torch.no_grad(), per_row, symbolic_sizes() if compile else contextlib.nullcontext():
+        with eval_mode(decode), torch.no_grad(), per_row, traced_sizes() if compile else contextlib.nullcontext():
             graph = _runnable(gm, rows is not None)
             calls["graph"] = _compiled(gm, graph, compile) if compile else graph
             vocab = getattr(_text_config(model), "vocab_size", None)
