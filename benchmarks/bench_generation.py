@@ -13,8 +13,8 @@ Configurations, each a request of one prompt (64 tokens) and greedy decoding, EO
   ORT a, batch 8          the swappable export, 8 rows, adapter a (reference for the per-row rows)
   torch eager / compiled  lfx.generate with the adapter unmerged (compiled: torch.compile, dynamic)
 
-After the rounds, one compiled request is profiled: its per-token time split into matrix
-products, cache concatenation, other ops and the Python / wrapper / guard remainder.
+After the rounds, one compiled request is profiled: its per-token time split into the
+compiled graph, dynamo's wrapper and guards, the loop's torch ops and Python.
   HF + PEFT               transformers generate on the PEFT model holding the same adapter a
   HF base                 transformers generate on the model without adapters: the frozen-base floor
 
@@ -163,15 +163,15 @@ def measure(configs: dict, rounds: int, new: int) -> dict:
     return {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
 
 
-PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")
+WRAPPER = ("Torch-Compiled Region", "TorchDynamo Cache Lookup", "Pregraph bytecode")
 
 
 def breakdown(gm, prompt: torch.Tensor, new: int) -> dict:
     """Where a compiled decoded token's time goes: one profiled request of 1 and one of `new`
-    tokens, the difference per token, split into the matrix products' own time, the cache
-    concatenations', every other op's and what no op accounts for (the Python loop, the
-    compiled wrapper and its guard check); shares of the profiled time (the profiler slows
-    the Python part more than the kernels)."""
+    tokens, the difference per token, split into the compiled graph (its C++ wrapper runs the
+    products and kernels inside one profiler region), dynamo's wrapper and guard check, the
+    loop's own torch ops (sampling, mask, copies) and what none of them accounts for (Python);
+    shares of the profiled time (the profiler slows the Python part more than the kernels)."""
     from torch.profiler import ProfilerActivity, profile
 
     def run(tokens):
@@ -179,21 +179,19 @@ def breakdown(gm, prompt: torch.Tensor, new: int) -> dict:
             start = time.perf_counter()
             lfx.generate(gm, prompt, adapter="a", max_new_tokens=tokens, eos_token_id=[], compile=True)
             wall = time.perf_counter() - start
-        ops = {"products": 0.0, "cache cat": 0.0, "other ops": 0.0}
-        events = sorted(prof.key_averages(), key=lambda event: -event.self_cpu_time_total)
-        print("profiled", tokens, "tokens:", [(e.key, round(e.self_cpu_time_total / 1e3, 1)) for e in events[:12]])
-        for event in events:
-            if not event.key.startswith("aten::"):
-                continue  # record_function regions: their self time is the wrapper's
-            part = ("products" if event.key in PRODUCTS or event.key.startswith(PRODUCTS) else
-                    "cache cat" if event.key.startswith("aten::cat") else "other ops")
-            ops[part] += event.self_cpu_time_total / 1e6
-        return wall, ops
+        parts = {"compiled graph": 0.0, "dynamo wrapper and guards": 0.0, "loop's torch ops": 0.0}
+        for event in prof.key_averages():
+            part = ("compiled graph" if event.key.startswith("## Call CompiledFxGraph") else
+                    "dynamo wrapper and guards" if event.key.startswith(WRAPPER) else
+                    "loop's torch ops" if event.key.startswith("aten::") else None)
+            if part is not None:
+                parts[part] += event.self_cpu_time_total / 1e6
+        return wall, parts
 
-    (wall1, ops1), (wall, ops) = run(1), run(new)
-    per_token = {part: (ops[part] - ops1[part]) / (new - 1) for part in ops}
+    (wall1, parts1), (wall, parts) = run(1), run(new)
+    per_token = {part: (parts[part] - parts1[part]) / (new - 1) for part in parts}
     total = (wall - wall1) / (new - 1)
-    per_token["Python, wrapper, guards"] = total - sum(per_token.values())
+    per_token["Python"] = total - sum(per_token.values())
     return {part: value / total for part, value in per_token.items()}
 
 
