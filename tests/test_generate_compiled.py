@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 import torch._dynamo
+from test_generation import Family, built, hf_generate, prompts, rel
 
 import lowrank_fx as lfx
-from test_generation import Family, built, hf_generate, prompts, rel
 
 
 def _llama():

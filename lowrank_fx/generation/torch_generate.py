@@ -36,9 +36,9 @@ from ..export.exporter import eval_mode
 from ..graph.gates import GATES, active_adapters, set_active_adapters
 from ..graph.record import Record
 from .active_graph import inactive_adapters, without_adapters
-from .decode_graph import LAYOUT, decode_graph, share_adapters, use_base_of
-from .compile_options import compile_kwargs, state_key, traced_sizes
 from .beam import check_beams, reorder_tensors, run_beams
+from .compile_options import compile_kwargs, state_key, traced_sizes
+from .decode_graph import LAYOUT, decode_graph, share_adapters, use_base_of
 from .decoder import layer_types
 from .loop import Generated, Sampling, check_count, check_left_padded, eos_list, run
 from .rows import row_generation
