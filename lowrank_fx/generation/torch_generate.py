@@ -13,11 +13,16 @@ or another `model=` is given). A call runs it without the adapters whose gate is
 (active_graph.py: one copy per set of active adapters, sharing every module), and so does
 its compiled form (`compile=True`, or a backend name such as "aot_eager":
 `torch.compile(dynamic=True)`, one per set; after a set's first call, no recompiles per
-token or per prompt length). Per-row adapters run the full graph.
+token or per prompt length; the options, and the module check that replaces dynamo's module
+guards: compile_options.py). One row and several rows compile apart, once each: torch
+specialises a batch of 1, and that is the fast case, since a one-row token step's matrix
+products are matrix-vector products (run as two rows, a step's products took 1.6x as long
+on a 2-core CPU); batches of 2 and more share one graph (traced_sizes). Per-row adapters run the full graph.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import weakref
 from collections.abc import Sequence
@@ -33,11 +38,11 @@ from ..export.exporter import eval_mode
 from ..graph.gates import GATES, active_adapters, set_active_adapters
 from ..graph.record import Record
 from ..noise import quiet_third_party
-from ..options import compile_backend
 from ..progress import note
 from .active_graph import inactive_adapters, without_adapters
-from .decode_graph import LAYOUT, decode_graph, share_adapters, use_base_of
 from .beam import check_beams, reorder_tensors, run_beams
+from .compile_options import compile_kwargs, state_key, traced_sizes
+from .decode_graph import LAYOUT, decode_graph, share_adapters, use_base_of
 from .decoder import layer_types
 from .loop import Generated, Sampling, check_count, check_left_padded, eos_list, run
 from .rows import row_generation
@@ -102,19 +107,11 @@ def _runnable(gm: fx.GraphModule, per_row: bool) -> fx.GraphModule:
 
 
 def _compiled(gm: fx.GraphModule, graph: fx.GraphModule, option):
+    """graph compiled for `option`, kept per option, graph and module state (compile_options.py)."""
     entry = _DECODERS[gm]
-    key = (option if isinstance(option, (bool, str)) else repr(sorted(option.items())), id(graph))
+    kwargs = compile_kwargs(option)
+    key = (option if isinstance(option, (bool, str)) else repr(sorted(option.items())), id(graph), state_key(graph))
     if key not in entry.compiled:
-        if option is True:
-            kwargs = {}
-        elif isinstance(option, str):
-            compile_backend("lfx.generate", "compile", option)
-            kwargs = {"backend": option}
-        elif isinstance(option, dict):
-            kwargs = dict(option)
-        else:
-            raise SpecError(f"compile must be False, True, a backend name or a dict of torch.compile options, got {option!r}")
-        kwargs.setdefault("dynamic", True)
         entry.compiled[key] = torch.compile(graph, **kwargs)
         note("compiling the decode step with torch.compile on its first calls (later calls with these adapters reuse it)")
     return entry.compiled[key]
@@ -225,7 +222,8 @@ def generate(gm: fx.GraphModule, input_ids: torch.Tensor | Sequence[Sequence[int
     if adapters is not None:
         set_active_adapters(gm, adapters)
     try:
-        with eval_mode(decode), torch.no_grad(), per_row, quiet_third_party():
+        with (eval_mode(decode), torch.no_grad(), per_row, quiet_third_party(),
+              traced_sizes() if compile else contextlib.nullcontext()):
             graph = _runnable(gm, rows is not None)
             calls["graph"] = _compiled(gm, graph, compile) if compile else graph
             vocab = getattr(_text_config(model), "vocab_size", None)
