@@ -12,6 +12,9 @@ Configurations, each a request of one prompt (64 tokens) and greedy decoding, EO
   rows 8x4 / 8x1          GenerationSession per-row export: 8 rows with adapters a,b,c,d,a,b,c,d / all a
   ORT a, batch 8          the swappable export, 8 rows, adapter a (reference for the per-row rows)
   torch eager / compiled  lfx.generate with the adapter unmerged (compiled: torch.compile, dynamic)
+
+After the rounds, one compiled request is profiled: its per-token time split into the
+compiled graph, dynamo's wrapper and guards, the loop's torch ops and Python.
   HF + PEFT               transformers generate on the PEFT model holding the same adapter a
   HF base                 transformers generate on the model without adapters: the frozen-base floor
 
@@ -129,8 +132,8 @@ def configurations(model, gm, export, genai, prompt: torch.Tensor):
         "rows 8x4": ort_run(None, batch8, ["a", "b", "c", "d"] * 2),
         "rows 8x1": ort_run(None, batch8, ["a"] * 8),
         "ORT a, batch 8": ort_run("a", batch8),
-        "torch eager": lambda new: lfx.generate(gm, prompt, adapter="a", max_new_tokens=new, eos_token_id=[]),
-        "torch compiled": lambda new: lfx.generate(gm, prompt, adapter="a", max_new_tokens=new, eos_token_id=[],
+        "torch eager": lambda new: lfx.generate(gm, prompt, adapters="a", max_new_tokens=new, eos_token_id=[]),
+        "torch compiled": lambda new: lfx.generate(gm, prompt, adapters="a", max_new_tokens=new, eos_token_id=[],
                                                    compile=True),
         "HF + PEFT": hf,
         "HF base": lambda new: hf(new, model),
@@ -158,6 +161,38 @@ def measure(configs: dict, rounds: int, new: int) -> dict:
             times[name]["prefill"].append(prefill * 1e3)
             times[name]["decode"].append((total - prefill) * 1e3 / (new - 1))
     return {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
+
+
+WRAPPER = ("Torch-Compiled Region", "TorchDynamo Cache Lookup", "Pregraph bytecode")
+
+
+def breakdown(gm, prompt: torch.Tensor, new: int) -> dict:
+    """Where a compiled decoded token's time goes: one profiled request of 1 and one of `new`
+    tokens, the difference per token, split into the compiled graph (its C++ wrapper runs the
+    products and kernels inside one profiler region), dynamo's wrapper and guard check, the
+    loop's own torch ops (sampling, mask, copies) and what none of them accounts for (Python);
+    shares of the profiled time (the profiler slows the Python part more than the kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def run(tokens):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            lfx.generate(gm, prompt, adapters="a", max_new_tokens=tokens, eos_token_id=[], compile=True)
+            wall = time.perf_counter() - start
+        parts = {"compiled graph": 0.0, "dynamo wrapper and guards": 0.0, "loop's torch ops": 0.0}
+        for event in prof.key_averages():
+            part = ("compiled graph" if event.key.startswith("## Call CompiledFxGraph") else
+                    "dynamo wrapper and guards" if event.key.startswith(WRAPPER) else
+                    "loop's torch ops" if event.key.startswith("aten::") else None)
+            if part is not None:
+                parts[part] += event.self_cpu_time_total / 1e6
+        return wall, parts
+
+    (wall1, parts1), (wall, parts) = run(1), run(new)
+    per_token = {part: (parts[part] - parts1[part]) / (new - 1) for part in parts}
+    total = (wall - wall1) / (new - 1)
+    per_token["Python"] = total - sum(per_token.values())
+    return {part: value / total for part, value in per_token.items()}
 
 
 def machine() -> str:
@@ -189,7 +224,8 @@ def report(results: dict, setup: dict, load: tuple, rounds: int, new: int, total
               "- rows 8x4: 8 rows, adapters a, b, c, d, a, b, c, d in one batch (per-row export); rows 8x1: the "
               "per-row export with every row on a; ORT a, batch 8: the swappable export, 8 rows of adapter a.",
               "- torch: `lfx.generate` (the decode graph shares the training graph's adapter modules); compiled: "
-              "`compile=True` (inductor, dynamic shapes), compiled during the warm-up, no recompile while timed "
+              "`compile=True` (inductor with its C++ wrapper, dynamic shapes, no guards on module attributes), "
+              "compiled during the warm-up, no recompile while timed "
               f"(the warm-up of every configuration, the compile included, took {setup['compile_s']:.0f} s).",
               "- HF + PEFT: `PeftModel.generate` with adapter a (written by `lfx.save_peft`), unmerged; HF base: "
               "`generate` on the model without adapters (the frozen-base floor of an eager adapted decode).",
@@ -209,6 +245,10 @@ def report(results: dict, setup: dict, load: tuple, rounds: int, new: int, total
     ratio, floor = (r[name]["decode"] / r["HF + PEFT"]["decode"] for name in ("torch compiled", "HF base"))
     lines += ["", f"Goal `lfx.generate(compile=True)` ÷ HF + PEFT per decoded token ≤ 0.7: {ratio:.2f}, "
               f"{'met' if ratio <= 0.7 else 'not met'}; the frozen base alone (HF base) is {floor:.2f} of HF + PEFT."]
+    compiled = r["torch compiled"]["decode"]
+    lines += ["", "Compiled decode per token, one profiled request (shares of its time, and those shares of the "
+              f"{compiled:.2f} ms measured above): " + "; ".join(
+                  f"{part} {share:.0%} ({share * compiled:.2f} ms)" for part, share in setup["breakdown"].items()) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -242,7 +282,8 @@ def main() -> None:
         run(2)
     compile_s = time.perf_counter() - t0
     results = measure(configs, rounds, args.new_tokens)
-    text = report(results, {"export_s": export_s, "compile_s": compile_s, "files": files},
+    shares = breakdown(gm, prompt, args.new_tokens)
+    text = report(results, {"export_s": export_s, "compile_s": compile_s, "files": files, "breakdown": shares},
                   (load_start, os.getloadavg()), rounds, args.new_tokens, time.perf_counter() - started, params)
     print(text)
     if not args.quick:

@@ -252,8 +252,8 @@ def main() -> None:
         start = time.perf_counter()
         source = lfx.merge(only_a(gm)) if mode == "merged" else gm
         with generic_per_row(mode == "per-row generic"):
-            exports[mode] = lfx.export_onnx(source, folder / f"{mode.replace(' ', '_')}.onnx", (ids,),
-                                            {"use_cache": False}, mode=export_mode)
+            exports[mode] = lfx.export_onnx(source, folder / f"{mode.replace(' ', '_')}.onnx", example_inputs=(ids,),
+                                            example_kwargs={"use_cache": False}, mode=export_mode)
         export_s[mode] = time.perf_counter() - start
     sessions = {mode: lfx.AdapterSession(e.path, session_options=session_options(), providers=["CPUExecutionProvider"])
                 for mode, e in exports.items()}

@@ -96,7 +96,7 @@ def build(config, size: dict, rank: int, ids):
     import torch
 
     import lowrank_fx as lfx
-from lowrank_fx.passes.fuse_sites import fuse_sites
+    from lowrank_fx.passes.fuse_sites import fuse_sites
 
     lib, form, compiled = config
     if lib == "peft":

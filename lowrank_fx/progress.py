@@ -1,82 +1,51 @@
 """Progress of the steps that take seconds on a real model (capture, the quantized layer checks,
-folding, the merged state dict, ONNX and generation export).
+folding, the merged state dict, ONNX and generation export, a first compile).
 
     with stage("exporting ONNX (torch.onnx.export)"):   # or @stage("...") on a function
         ...
     for layer in steps(layers, "checking quantized layers"):
         ...
+    note("compiling the decode step ...")              # one line, nothing timed
 
 `stage` logs a start line and an end line with the seconds taken (or "failed after") to the
 "lowrank_fx" logger at INFO. `steps` wraps a per-layer loop in a tqdm bar on stderr that
 appears only once the loop has run `BAR_DELAY` seconds, so small models show no bar; it is
-removed when the loop ends.
+removed when the loop ends. `note` logs one line.
 
-Who sees it:
-  - LOWRANK_FX_QUIET=1 (any value but "" or "0"): nothing, no record and no bar;
-  - logging not configured (the root logger and "lowrank_fx" have no handlers): the lines go to
-    stderr through a default handler lowrank_fx attaches (the logger's level set to INFO while
-    it is attached, unless the user set a level); it is taken off again once logging is
-    configured or QUIET is set;
-  - logging configured: the records go where the user's handlers send them, at the levels the
-    user set (INFO is below the root logger's default WARNING: show them with
-    `logging.getLogger("lowrank_fx").setLevel(logging.INFO)`).
-`logging.getLogger("lowrank_fx").setLevel(logging.WARNING)` silences both lines and bars.
+Who sees them (logs.py: the default handler when logging is not configured):
+  - LOWRANK_FX_QUIET=1: nothing, no record and no bar;
+  - otherwise the records follow the "lowrank_fx" logger's level and handlers:
+    `logging.getLogger("lowrank_fx").setLevel(logging.WARNING)` silences both lines and bars.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
 import time
+from collections.abc import Iterable, Iterator
 
-LOGGER = logging.getLogger("lowrank_fx")
-QUIET = "LOWRANK_FX_QUIET"
+from .logs import LOGGER, QUIET, logger, quiet  # noqa: F401  (QUIET: the variable's name, for callers)
+
 BAR_DELAY = 2.0  # seconds a loop runs before its bar appears
 
 
-class _Stderr(logging.Handler):
-    """The default handler: each record as "lowrank_fx: message" on the current sys.stderr."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            sys.stderr.write(f"{record.name}: {record.getMessage()}\n")
-            sys.stderr.flush()
-        except Exception:  # a closed or broken stderr: logging's own policy
-            self.handleError(record)
+def _shown() -> bool:
+    """Whether progress is shown (the default handler set up first, logs.configure)."""
+    return not quiet() and logger().isEnabledFor(logging.INFO)
 
 
-_DEFAULT = _Stderr()
-_SET_LEVEL = False  # whether lowrank_fx set the logger's level to INFO with its default handler
-
-
-def quiet() -> bool:
-    """Whether $LOWRANK_FX_QUIET silences progress."""
-    return os.environ.get(QUIET, "") not in ("", "0")
-
-
-def _configure() -> bool:
-    """Attach or take off the default handler (module docstring); whether progress is shown."""
-    global _SET_LEVEL
-    wanted = not quiet() and not logging.getLogger().handlers and all(h is _DEFAULT for h in LOGGER.handlers)
-    if wanted and _DEFAULT not in LOGGER.handlers:
-        LOGGER.addHandler(_DEFAULT)
-        if LOGGER.level == logging.NOTSET:
-            LOGGER.setLevel(logging.INFO)
-            _SET_LEVEL = True
-    elif not wanted and _DEFAULT in LOGGER.handlers:
-        LOGGER.removeHandler(_DEFAULT)
-        if _SET_LEVEL and LOGGER.level == logging.INFO:
-            LOGGER.setLevel(logging.NOTSET)
-        _SET_LEVEL = False
-    return not quiet() and LOGGER.isEnabledFor(logging.INFO)
+def note(what: str) -> None:
+    """Log `what` as one progress line (before a wait that has no end line of its own)."""
+    if _shown():
+        LOGGER.info("%s", what)
 
 
 @contextlib.contextmanager
-def stage(what: str):
+def stage(what: str) -> Iterator[None]:
     """Log "`what` ..." on entry and "`what`: done in S s" (or "failed after S s") on exit."""
-    if not _configure():
+    if not _shown():
         yield
         return
     LOGGER.info("%s ...", what)
@@ -89,10 +58,10 @@ def stage(what: str):
     LOGGER.info("%s: done in %.1f s", what, time.perf_counter() - start)
 
 
-def steps(iterable, desc: str, total: int | None = None):
+def steps(iterable: Iterable, desc: str, total: int | None = None) -> Iterable:
     """`iterable` under a tqdm bar on stderr (shown after BAR_DELAY seconds, then removed), or
     `iterable` itself where progress is not shown."""
-    if not _configure():
+    if not _shown():
         return iterable
     from tqdm.auto import tqdm
 

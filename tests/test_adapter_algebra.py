@@ -235,7 +235,7 @@ def test_combined_adapter_folds_to_its_update(combined, model):
 def test_combined_adapter_saves_loads_and_switches(combined, base, tmp_path):
     with torch.no_grad():
         want = combined(IDS)
-    path = lfx.save_adapters(combined, tmp_path / "mix.safetensors", adapter="mix")
+    path = lfx.save_adapters(combined, tmp_path / "mix.safetensors", adapters="mix")
     loaded = lfx.load_adapters(copy.deepcopy(base), path)
     assert lfx.active_adapters(loaded) == ["mix"]
     with torch.no_grad():
@@ -353,7 +353,8 @@ def test_deleted_adapter_leaves_what_a_graph_without_it_has(base, tmp_path):
     lfx.set_active_adapters(loaded, "u")
     with torch.no_grad():
         assert torch.equal(loaded(IDS), never(IDS))
-    exports = [lfx.export_onnx(gm, tmp_path / f"{i}.onnx", (IDS,), optimize=False) for i, gm in enumerate((had, never))]
+    exports = [lfx.export_onnx(gm, tmp_path / f"{i}.onnx", example_inputs=(IDS,), optimize=False)
+               for i, gm in enumerate((had, never))]
     assert [onnx_inputs(e.path) for e in exports[:1]] == [onnx_inputs(e.path) for e in exports[1:]]
     assert exports[0].adapter_inputs == exports[1].adapter_inputs and list(exports[0].adapters) == ["u", "negated"]
     for adapter in ("u", "negated"):
@@ -440,7 +441,7 @@ def test_delete_and_combine_on_checkpointed_layer_blocks():
 def test_a_hot_swap_slot_combines_as_the_adapter_it_holds(base, tmp_path):
     """A slot (max_rank 8) holding "u" (rank 4) combines to the same factors as "u" itself."""
     plain = ours_with(base)
-    file = lfx.save_adapters(plain, tmp_path / "u.safetensors", adapter="u")
+    file = lfx.save_adapters(plain, tmp_path / "u.safetensors", adapters="u")
     targets, rank, alpha = ADAPTERS["u"]
     slot = lfx.rewrite(copy.deepcopy(base), lfx.Spec(targets=targets, method=lfx.LoRA(rank=2, alpha=alpha)),
                        adapter="u", max_rank=8)

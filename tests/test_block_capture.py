@@ -177,7 +177,7 @@ def test_a_model_returning_every_block_output_is_traced_whole_and_says_why(caplo
     torch.testing.assert_close(gm(x), model(x), rtol=1e-6, atol=1e-7)
 
 
-def test_the_disk_cache_stores_the_traced_prefix_and_a_hit_gives_the_same_graph(tmp_path):
+def test_a_disk_cache_hit_gives_the_graph_of_the_traced_prefix_copied(tmp_path):
     model, kwargs = _model("llama")
     capture_memo.forget()
     first = capture(model, example_kwargs=kwargs, cache_dir=tmp_path)

@@ -189,6 +189,34 @@ def test_a_disk_hit_is_the_same_graph_without_tracing(case, oracle, stored, expo
     assert torch.equal(_out(case, loaded), expected)  # bit for bit, at other batch and sequence sizes
 
 
+def test_a_memo_hit_after_a_disk_hit_loads_a_graph_of_its_own(case, oracle, stored, exports):
+    """The memo keeps a hit's bytes: plan then rewrite, or two rewrites, each get their own graph."""
+    capture_memo.forget(case.model)
+    gm = lfx.rewrite(case.model, SPEC, example_inputs=case.args, example_kwargs=case.kwargs, cache_dir=stored)
+    other = lfx.rewrite(case.model, SPEC, example_inputs=case.args, example_kwargs=case.kwargs, adapter="b",
+                        cache_dir=stored)
+    plain = capture(case.model, case.args, case.kwargs, cache_dir=stored)
+    try:
+        assert not exports
+        assert list(gm.lowrank_fx) == ["default"] and list(other.lowrank_fx) == ["b"]
+        assert not hasattr(plain, "lowrank_fx")  # no adapter of theirs in a third caller's graph
+        assert gm.graph is not other.graph and gm.get_parameter(Q) is other.get_parameter(Q) is case.model.get_parameter(Q)
+        assert plain.code == oracle[0].code and torch.equal(_out(case, plain), oracle[1])
+    finally:
+        for param in case.model.parameters():
+            param.requires_grad_(True)  # rewrite froze the model's own weights; later tests start as built
+
+
+def test_a_hits_input_guards_refuse_what_a_fresh_captures_do(case, oracle, stored):
+    """torch.export's input guards (`_guards_fn`, generated code) are stored as code and rebuilt."""
+    hit = _capture(case, stored)
+    ids = case.other_args[0]
+    for gm in (oracle[0], hit):
+        gm._guards_fn(ids, False)
+        with pytest.raises(AssertionError, match="Guard failed: use_cache == False"):
+            gm._guards_fn(ids, True)
+
+
 def test_a_new_process_loads_instead_of_tracing(stored, tmp_path):
     script = tmp_path / "rerun.py"
     script.write_text(
@@ -228,10 +256,20 @@ def test_the_cache_file_holds_no_weights(case, stored):
     for name, tensor in case.model.state_dict().items():
         probe = tensor.detach().contiguous().view(-1)[:16].numpy().tobytes()
         assert len(probe) < 16 or probe not in data, f"{name}'s values are in the cache file"
-    program = CaptureCache(stored, json.loads(_header(entry)["key"])).program(data)  # as stored, not rebound
-    stored_tensors = [*program.state_dict.values(), *program.constants.values()]
-    assert len(stored_tensors) == len(dict(case.model.named_parameters()) | dict(case.model.named_buffers()))
-    assert all(t.device.type == "meta" for t in stored_tensors)
+    own = dict(case.model.named_parameters()) | dict(case.model.named_buffers())
+    asked = []
+
+    class Placeholders(dict):
+        """The model's tensors by name, as meta tensors, noting each name the entry asks for."""
+
+        def get(self, name, default=None):
+            asked.append(name)
+            return torch.empty_like(own[name], device="meta") if name in own else default
+
+    cache = CaptureCache(stored, json.loads(_header(entry)["key"]))
+    gm = cache.graph(cache.payload(), Placeholders())  # as stored: every tensor of the model a reference
+    assert sorted(set(asked)) == sorted(own) and len(asked) == len(own)  # each read once, by its name
+    assert all(t.device.type == "meta" for t in [*gm.parameters(), *gm.buffers()])
 
 
 def test_the_file_is_far_smaller_than_the_weights(tmp_path):
@@ -280,6 +318,15 @@ def test_a_changed_weight_shape_misses(spare, exports):
 
 def test_another_torch_version_misses(case, spare, exports, monkeypatch):
     monkeypatch.setattr(torch, "__version__", "0.0.0-other")
+    _capture(case, spare)
+    assert len(exports) == 1
+
+
+def test_edited_lowrank_fx_source_misses(case, spare, exports, monkeypatch):
+    """The entry is a graph lowrank_fx's passes finished: other passes, another graph."""
+    from lowrank_fx.adapt import capture_key
+
+    monkeypatch.setattr(capture_key, "library", lambda: "another source")
     _capture(case, spare)
     assert len(exports) == 1
 
@@ -384,7 +431,7 @@ def test_a_hits_outputs_and_gradients_are_a_fresh_captures(case, twins):
 
 def test_a_hits_onnx_export_and_generation_are_a_fresh_captures(case, twins, tmp_path):
     ids = case.other_args[0]
-    exports = [lfx.export_onnx(gm, tmp_path / f"{i}.onnx", (ids,), mode="merged", optimize=False)
+    exports = [lfx.export_onnx(gm, tmp_path / f"{i}.onnx", example_inputs=(ids,), mode="merged", optimize=False)
                for i, gm in enumerate(twins)]
     outputs = [next(iter(e.session().run({e.inputs[0]: ids.numpy()}).values())) for e in exports]
     np.testing.assert_array_equal(outputs[1], outputs[0])

@@ -65,7 +65,7 @@ def test_save_creates_missing_folders(tmp_path):
     gm = adapted(toy())
     path = lfx.save_adapters(gm, tmp_path / "new" / "deeper" / "a.safetensors")
     assert torch.equal(run(lfx.load_adapters(toy(), path)), run(gm))
-    directory = lfx.save_peft(gm, tmp_path / "peft" / "a")
+    directory = lfx.save_peft(gm, tmp_path / "peft" / "a", adapter="a")
     assert torch.equal(run(lfx.load_peft(toy(), directory, adapter="a")), run(gm))
 
 
@@ -78,7 +78,7 @@ def test_an_unwritable_path_is_named_not_the_temporary_file(tmp_path):
     assert isinstance(info.value, OSError) and isinstance(info.value, lfx.AdapterFileError)
     assert f"cannot write {path}:" in str(info.value) and ".tmp" not in str(info.value)
     with pytest.raises(lfx.FileWriteError, match=f"cannot write {tmp_path / 'file' / 'peft'}"):
-        lfx.save_peft(gm, tmp_path / "file" / "peft")
+        lfx.save_peft(gm, tmp_path / "file" / "peft", adapter="a")
     assert sorted(os.listdir(tmp_path)) == ["file"]
 
 
@@ -161,7 +161,8 @@ def files(tmp_path):
     """(original model, its adapted graph, adapter file, PEFT directory, reference output)."""
     model = toy()
     gm = adapted(model)
-    return model, gm, lfx.save_adapters(gm, tmp_path / "a.safetensors"), lfx.save_peft(gm, tmp_path / "peft"), run(gm)
+    return (model, gm, lfx.save_adapters(gm, tmp_path / "a.safetensors"),
+            lfx.save_peft(gm, tmp_path / "peft", adapter="a"), run(gm))
 
 
 def test_load_merged_then_loading_the_same_adapter_is_refused(files):
@@ -227,7 +228,7 @@ def test_export_generation_refuses_a_folded_adapter_file(tmp_path):
 def exported(tmp_path_factory):
     gm = lfx.rewrite(toy(), lfx.Spec(["fc1", "fc2"], method=lfx.LoRA(rank=2, init="nonzero")),
                      example_inputs=(X,), adapter="a")
-    result = lfx.export_onnx(gm, tmp_path_factory.mktemp("onnx") / "toy.onnx", (X,), optimize=False)
+    result = lfx.export_onnx(gm, tmp_path_factory.mktemp("onnx") / "toy.onnx", example_inputs=(X,), optimize=False)
     return result, result.session()
 
 

@@ -152,22 +152,6 @@ def test_auto_merges_past_the_break_evens_only(graphs, monkeypatch):
         assert len(calls) == expected
 
 
-@pytest.mark.parametrize("form", ["auto", "dense"])
-@pytest.mark.parametrize("tall", [True, False], ids=["tall", "wide"])
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-def test_op_registration_passes_opcheck(form, tall, bias):
-    """torch.library.opcheck of lowrank_fx::randlora_linear: schema, fake implementation, autograd
-    registration (a trained bias included) and the compiled (AOT) dispatch."""
-    big, small, n, rank = 12, 8, 2, 4
-    out, in_ = (big, small) if tall else (small, big)
-    x = torch.randn(5, in_, requires_grad=True)
-    W, b = torch.randn(out, in_), (torch.randn(out, requires_grad=True) if bias else None)
-    lam, gamma = torch.randn(rank, n, requires_grad=True), torch.randn(n, small, requires_grad=True)
-    basis_A, basis_B = torch.randn(rank, small), torch.randn(big, n * rank)
-    torch.library.opcheck(torch.ops.lowrank_fx.randlora_linear.default,
-                          (x, W, b, lam, gamma, basis_A, basis_B, torch.tensor(0.5), big, tall, form, torch.float32))
-
-
 def test_layer_blocks_merge_inside():
     """A graph structured into layer blocks gets its RandLoRA sites merged inside each block."""
     from models import build

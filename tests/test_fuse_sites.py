@@ -1,8 +1,11 @@
 """The training form of LoRA sites (passes/fuse_sites.py): the same function and gradients as the
 rewritten graph, on the graph's own adapters, with q/k/v (and gate/up) reading x once.
 
-The oracle is the rewritten graph itself, run eagerly: outputs and every adapter gradient. The
-fused graph shares the graph's parameters, so each run's gradients are copied before the other runs.
+The oracle is the rewritten graph itself run eagerly in float64 (a twin with the same weights):
+outputs and every adapter gradient. Against the float32 graph the fused form differs by up to 1.6e-5
+in the second adapter's B gradients on some CPUs, while both are within 1e-5 of the float64 truth
+(the fused one closer): the float32 graph is not an exact oracle for a re-associated sum. The fused
+graph shares the graph's parameters, so each run's gradients are copied before the other runs.
 """
 
 from __future__ import annotations
@@ -29,15 +32,37 @@ def _run(module, gm, case, args, kwargs):
     return out.detach(), grads
 
 
-@pytest.fixture(scope="module")
-def llama():
-    case = build("llama")
+def _rewritten(case):
     spec = lfx.Spec(targets={"*.self_attn.[qkv]_proj": LORA, "*.mlp.gate_proj": LORA, "*.mlp.up_proj": LORA,
                              "*.layers.0.self_attn.o_proj": LORA, "*.mlp.down_proj": lfx.LoRTA(rank=4, init="nonzero"),
                              "*.layers.1.self_attn.o_proj": lfx.LoRA(rank=4, dropout=0.1, init="nonzero")})
     gm = lfx.rewrite(case.model, spec, example_inputs=case.args, example_kwargs=case.kwargs).train()
     lfx.rewrite(gm, lfx.Spec(["*.q_proj", "*.k_proj"], method=lfx.LoRA(rank=2, init="nonzero")), adapter="second")
-    return case, gm
+    return gm
+
+
+@pytest.fixture(scope="module")
+def llama():
+    case = build("llama")
+    return case, _rewritten(case)
+
+
+@pytest.fixture(scope="module")
+def llama64(llama):
+    """The same rewritten graph in float64, with the float32 graph's weights and adapters."""
+    case, gm = llama
+    case64 = build("llama")
+    case64.model.double()
+    gm64 = _rewritten(case64)
+    gm64.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in gm.state_dict().items()})
+    return case64, gm64.eval()
+
+
+def _oracle(llama64, index):
+    """Output and gradients of the float64 graph on the case's first (0) or other (1) inputs."""
+    case64, gm64 = llama64
+    args, kwargs = ((case64.args, case64.kwargs), (case64.other_args, case64.other_kwargs))[index]
+    return _run(gm64, gm64, case64, args, kwargs)
 
 
 def test_sites_sharing_an_input_compute_their_first_factor_together(llama):
@@ -55,13 +80,13 @@ def test_sites_sharing_an_input_compute_their_first_factor_together(llama):
     assert {id(p) for p in fused.parameters()} == {id(p) for p in gm.parameters()}
 
 
-def test_outputs_and_gradients_equal_the_rewritten_graph(llama):
+def test_outputs_and_gradients_equal_the_rewritten_graph(llama, llama64):
     case, gm = llama
     fused = fuse_sites(gm).eval()  # eval: dropout off in both, so the two runs are comparable
     gm.eval()
     try:
-        for args, kwargs in ((case.args, case.kwargs), (case.other_args, case.other_kwargs)):
-            expected, expected_grads = _run(gm, gm, case, args, kwargs)
+        for index, (args, kwargs) in enumerate(((case.args, case.kwargs), (case.other_args, case.other_kwargs))):
+            expected, expected_grads = _oracle(llama64, index)
             got, grads = _run(fused, gm, case, args, kwargs)
             assert rel(got, expected) < 1e-6
             assert_grads_match(grads, expected_grads)
@@ -85,7 +110,7 @@ def test_gates_switch_the_fused_graph_too(llama):
         gm.train()
 
 
-def test_compiles_fullgraph_without_recompiles(llama):
+def test_compiles_fullgraph_without_recompiles(llama, llama64):
     case, gm = llama
     fused = fuse_sites(gm).eval()
     gm.eval()
@@ -93,8 +118,8 @@ def test_compiles_fullgraph_without_recompiles(llama):
     compiled = torch.compile(fused, backend="aot_eager", fullgraph=True, dynamic=True)
     try:
         with torch._dynamo.config.patch(error_on_recompile=True):
-            for args, kwargs in ((case.args, case.kwargs), (case.other_args, case.other_kwargs)):
-                expected, expected_grads = _run(gm, gm, case, args, kwargs)
+            for index, (args, kwargs) in enumerate(((case.args, case.kwargs), (case.other_args, case.other_kwargs))):
+                expected, expected_grads = _oracle(llama64, index)
                 got, grads = _run(compiled, gm, case, args, kwargs)
                 assert rel(got, expected) < 1e-6
                 assert_grads_match(grads, expected_grads)

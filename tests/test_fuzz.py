@@ -150,9 +150,9 @@ def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
     gm = lfx.rewrite(toy(), lfx.Spec(["fc1", "fc2"], method=lfx.LoRA(rank=2, init="nonzero")),
                      example_inputs=(X,), adapter="a")
-    export = lfx.export_onnx(gm, root / "onnx" / "toy.onnx", (X,), optimize=False)
+    export = lfx.export_onnx(gm, root / "onnx" / "toy.onnx", example_inputs=(X,), optimize=False)
     return {"root": root, "file": lfx.save_adapters(gm, root / "a.safetensors"),
-            "peft": lfx.save_peft(gm, root / "peft"), "onnx": export, "session": export.session()}
+            "peft": lfx.save_peft(gm, root / "peft", adapter="a"), "onnx": export, "session": export.session()}
 
 
 def damaged(data: bytes, cut: bool, where: int, bit: int, header: bool = False) -> bytes:

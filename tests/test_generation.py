@@ -126,14 +126,14 @@ def test_decode_graph_holds_the_training_graphs_adapter_modules(llama):
 
 def test_training_the_graph_changes_generation(llama):
     ids = prompts(1)[0]
-    before = lfx.generate(llama.gm, ids, adapter="a", max_new_tokens=4, eos_token_id=[], output_logits=True)
+    before = lfx.generate(llama.gm, ids, adapters="a", max_new_tokens=4, eos_token_id=[], output_logits=True)
     group = next(iter(llama.gm.lowrank_fx["a"].values()))
     param = next(iter(group.units.values())).lora_B
     saved = param.detach().clone()
     with torch.no_grad():
         param.mul_(3.0)  # what an optimizer step on the training graph does
     try:
-        after = lfx.generate(llama.gm, ids, adapter="a", max_new_tokens=4, eos_token_id=[], output_logits=True)
+        after = lfx.generate(llama.gm, ids, adapters="a", max_new_tokens=4, eos_token_id=[], output_logits=True)
         lfx.set_active_adapters(llama.gm, ["a"])
         with torch.no_grad():
             want = llama.gm(input_ids=ids).logits[:, -1]
@@ -219,7 +219,7 @@ def test_a_graph_without_its_model_asks_for_it(llama):
 def test_generate_matches_transformers(family, adapter):
     before = lfx.active_adapters(family.gm)
     for ids in prompts(3):
-        got = lfx.generate(family.gm, ids, adapter=active(adapter), max_new_tokens=8, eos_token_id=[],
+        got = lfx.generate(family.gm, ids, adapters=active(adapter), max_new_tokens=8, eos_token_id=[],
                            output_logits=True)
         want = hf_generate(family.merged[adapter], ids, max_new_tokens=8, eos_token_id=None)
         assert torch.equal(got.sequences, want.sequences)
@@ -243,9 +243,9 @@ def test_lorta_and_randlora_adapters_generate_like_their_fold(llama):
 
 def test_eos_stops_rows_and_pads_them_like_transformers(family):
     ids = torch.cat([p for p in prompts(4, lengths=(4, 4, 4))])
-    free = lfx.generate(family.gm, ids, adapter="a", max_new_tokens=8, eos_token_id=[])
+    free = lfx.generate(family.gm, ids, adapters="a", max_new_tokens=8, eos_token_id=[])
     eos = int(free[0, 6])  # row 0 stops at its third new token; the others at that token or never
-    got = lfx.generate(family.gm, ids, adapter="a", max_new_tokens=8, eos_token_id=eos, pad_token_id=PAD,
+    got = lfx.generate(family.gm, ids, adapters="a", max_new_tokens=8, eos_token_id=eos, pad_token_id=PAD,
                        output_logits=True)
     want = hf_generate(family.merged["a"], ids, max_new_tokens=8, eos_token_id=eos)
     assert torch.equal(got.sequences, want.sequences)
@@ -262,10 +262,10 @@ def test_padded_batches_give_each_rows_own_tokens(family, side):
     for i, row in enumerate(rows):
         span = slice(width - row.shape[1], width) if side == "left" else slice(0, row.shape[1])
         ids[i, span], mask[i, span] = row[0], 1
-    got = lfx.generate(family.gm, ids, mask, adapter="b", max_new_tokens=6, eos_token_id=[])
+    got = lfx.generate(family.gm, ids, attention_mask=mask, adapters="b", max_new_tokens=6, eos_token_id=[])
     assert torch.equal(got[:, :width], ids)
     for i, row in enumerate(rows):
-        alone = lfx.generate(family.gm, row, adapter="b", max_new_tokens=6, eos_token_id=[])
+        alone = lfx.generate(family.gm, row, adapters="b", max_new_tokens=6, eos_token_id=[])
         assert torch.equal(got[i, width:], alone[0, row.shape[1]:])
     if side == "left":  # left padding is exactly transformers' generate
         want = hf_generate(family.merged["b"], ids, mask, max_new_tokens=6, eos_token_id=None)
@@ -275,11 +275,11 @@ def test_padded_batches_give_each_rows_own_tokens(family, side):
 def test_sampling(llama):
     ids = prompts(6)[0]
     options = {"max_new_tokens": 10, "eos_token_id": [], "do_sample": True, "temperature": 0.7, "top_k": 20,
-               "top_p": 0.9, "adapter": "a"}
+               "top_p": 0.9, "adapters": "a"}
     one = lfx.generate(llama.gm, ids, seed=7, **options)
     assert torch.equal(one, lfx.generate(llama.gm, ids, seed=7, **options))
     assert not torch.equal(one, lfx.generate(llama.gm, ids, seed=8, **options))
-    greedy = lfx.generate(llama.gm, ids, adapter="a", max_new_tokens=10, eos_token_id=[])
+    greedy = lfx.generate(llama.gm, ids, adapters="a", max_new_tokens=10, eos_token_id=[])
     assert torch.equal(lfx.generate(llama.gm, ids, seed=1, **{**options, "top_k": 1}), greedy)
     assert torch.equal(lfx.generate(llama.gm, ids, seed=1, **{**options, "top_p": 1e-6}), greedy)
     # transformers' sampler, same warpers and the same torch seed: the same draws
@@ -306,7 +306,7 @@ def test_bad_arguments_say_what_is_wrong(llama, bad, message):
 
 def test_unknown_adapter_is_named(llama):
     with pytest.raises(SpecError, match="'c'"):
-        lfx.generate(llama.gm, prompts(0)[0], adapter="c", max_new_tokens=2)
+        lfx.generate(llama.gm, prompts(0)[0], adapters="c", max_new_tokens=2)
 
 
 def test_generation_leaves_the_inactive_adapters_sites_out(llama):
@@ -345,11 +345,11 @@ def test_compiled_generation_matches_and_never_recompiles(llama):
     # not attention's transposed output) must not compile again
     # each adapter set runs its own graph (the inactive adapters' sites left out): compiled once per set
     for adapter in ("b", [], "a"):
-        warm = lfx.generate(llama.gm, ids, adapter=adapter, **{**options, "max_new_tokens": 2})
-        assert torch.equal(warm, lfx.generate(llama.gm, ids, adapter=adapter, max_new_tokens=2, eos_token_id=[]))
+        warm = lfx.generate(llama.gm, ids, adapters=adapter, **{**options, "max_new_tokens": 2})
+        assert torch.equal(warm, lfx.generate(llama.gm, ids, adapters=adapter, max_new_tokens=2, eos_token_id=[]))
     with torch._dynamo.config.patch(error_on_recompile=True):
         for adapter, width, steps in (("b", 3, 9), ([], 7, 4), ("a", 2, 12)):  # other prompt lengths, adapters
-            got = lfx.generate(llama.gm, ids[:, :width], adapter=adapter, **{**options, "max_new_tokens": steps},
+            got = lfx.generate(llama.gm, ids[:, :width], adapters=adapter, **{**options, "max_new_tokens": steps},
                                output_logits=True)
             want = hf_generate(llama.merged[adapter if isinstance(adapter, str) else None], ids[:, :width],
                                max_new_tokens=steps, eos_token_id=None)
@@ -363,7 +363,7 @@ def test_compiled_generation_matches_transformers_on_every_family(family):
     torch._dynamo.reset()
     ids = torch.cat(prompts(9, lengths=(4, 4)))
     for adapter in ("a", None):
-        got = lfx.generate(family.gm, ids, adapter=active(adapter), max_new_tokens=4, eos_token_id=[],
+        got = lfx.generate(family.gm, ids, adapters=active(adapter), max_new_tokens=4, eos_token_id=[],
                            compile="aot_eager", output_logits=True)
         want = hf_generate(family.merged[adapter], ids, max_new_tokens=4, eos_token_id=None)
         assert torch.equal(got.sequences, want.sequences)
@@ -486,17 +486,19 @@ def test_session_pads_and_stops_like_lfx_generate(exported):
     mask = torch.zeros_like(ids)
     for i, row in enumerate(rows):
         ids[i, 5 - row.shape[1]:], mask[i, 5 - row.shape[1]:] = row[0], 1
-    torch_tokens = lfx.generate(fam.gm, ids, mask, adapter="a", max_new_tokens=7, eos_token_id=[])
+    torch_tokens = lfx.generate(fam.gm, ids, attention_mask=mask, adapters="a", max_new_tokens=7, eos_token_id=[])
     eos = int(torch_tokens[1, 7])
     want = hf_generate(fam.merged["a"], ids, mask, max_new_tokens=7, eos_token_id=eos)
-    got = exported.session.generate(ids, mask, adapter="a", max_new_tokens=7, eos_token_id=eos, pad_token_id=PAD)
+    got = exported.session.generate(ids, attention_mask=mask, adapter="a", max_new_tokens=7, eos_token_id=eos,
+                                    pad_token_id=PAD)
     assert torch.equal(got, want.sequences)
     right = torch.full((3, 5), PAD)
     right_mask = torch.zeros_like(right)
     for i, row in enumerate(rows):
         right[i, :row.shape[1]], right_mask[i, :row.shape[1]] = row[0], 1
-    got = exported.session.generate(right, right_mask, adapter="a", max_new_tokens=7, eos_token_id=[])
-    assert torch.equal(got, lfx.generate(fam.gm, right, right_mask, adapter="a", max_new_tokens=7, eos_token_id=[]))
+    got = exported.session.generate(right, attention_mask=right_mask, adapter="a", max_new_tokens=7, eos_token_id=[])
+    assert torch.equal(got, lfx.generate(fam.gm, right, attention_mask=right_mask, adapters="a", max_new_tokens=7,
+                                         eos_token_id=[]))
     genai = genai_generate(exported.genai, right, 7, exported.genai_adapters, "a")  # genai reads right padding
     assert torch.equal(genai, got)
 
@@ -547,7 +549,7 @@ def test_export_writes_the_tokenizer(tmp_path_factory):
     again = tokenizers.Tokenizer.from_file(str(result.directory / "tokenizer.json"))
     assert again.encode("w10 w20 w30").ids == [10, 20, 30]
     ids = torch.tensor([[10, 20, 30]])
-    want = lfx.generate(gpt2.gm, ids, adapter="a", max_new_tokens=5, eos_token_id=[])
+    want = lfx.generate(gpt2.gm, ids, adapters="a", max_new_tokens=5, eos_token_id=[])
     assert torch.equal(result.session().generate(ids, adapter="a", max_new_tokens=5, eos_token_id=[]), want)
 
 
@@ -584,3 +586,28 @@ def test_cli_says_a_missing_data_file_is_missing(capsys):
     assert main(["train", "--data", "missing.txt", "--out", "x.safetensors"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--data missing.txt: no such file" in err and "import" not in err and len(err.splitlines()) == 1
+
+
+def test_old_spellings_of_generation_warn_and_generate_the_same(llama, tmp_path_factory):
+    """Options passed positionally and generate's `adapter=` still work for one release, with a warning."""
+    from lowrank_fx.deprecation import LowRankFxDeprecationWarning
+
+    exported = export_of(llama, tmp_path_factory)
+    ids, mask = torch.full((2, 5), PAD), torch.zeros(2, 5, dtype=torch.long)
+    for i, row in enumerate(prompts(12, lengths=(3, 5))):  # row 0 left-padded
+        ids[i, 5 - row.shape[1]:], mask[i, 5 - row.shape[1]:] = row[0], 1
+    options = {"max_new_tokens": 4, "eos_token_id": []}
+    want = lfx.generate(llama.gm, ids, attention_mask=mask, adapters="a", **options)
+    with pytest.warns(LowRankFxDeprecationWarning, match="generate: pass attention_mask, adapters as keyword arguments"):
+        assert torch.equal(lfx.generate(llama.gm, ids, mask, "a", **options), want)
+    with pytest.warns(LowRankFxDeprecationWarning, match="generate: adapter= is now adapters="):
+        assert torch.equal(lfx.generate(llama.gm, ids, attention_mask=mask, adapter="a", **options), want)
+    assert torch.equal(exported.session.generate(ids, attention_mask=mask, adapter="a", **options), want)
+    with pytest.warns(LowRankFxDeprecationWarning, match="GenerationSession.generate: pass attention_mask, adapter as"):
+        assert torch.equal(exported.session.generate(ids, mask, "a", **options), want)
+    with pytest.warns(LowRankFxDeprecationWarning, match="GenerationSession: pass providers as keyword argument"):
+        session = lfx.GenerationSession(exported.directory, ["CPUExecutionProvider"])
+    assert torch.equal(session.generate(ids, attention_mask=mask, adapter="a", **options), want)
+    with pytest.warns(LowRankFxDeprecationWarning, match="export_generation: pass example_inputs, dtype as keyword"):
+        with pytest.raises(SpecError, match="dtype must be a floating torch.dtype"):  # reached the dtype parameter
+            lfx.export_generation(llama.model, llama.gm, tmp_path_factory.mktemp("old"), None, "float16")

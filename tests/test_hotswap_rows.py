@@ -305,7 +305,7 @@ def test_generate_rows_equal_each_rows_own_generation(two, ids):
     prompts = ids[:, :5]
     together = lfx.generate(gm, prompts, rows=MIX, max_new_tokens=6, eos_token_id=[])
     for row, adapter in enumerate(MIX):
-        alone = lfx.generate(gm, prompts[row:row + 1], adapter=[] if adapter is None else [adapter],
+        alone = lfx.generate(gm, prompts[row:row + 1], adapters=[] if adapter is None else [adapter],
                              max_new_tokens=6, eos_token_id=[])
         assert torch.equal(together[row], alone[0])
     assert lfx.active_adapters(gm) == ["one", "two"]
@@ -322,8 +322,8 @@ def test_bad_rows_are_refused(two, ids):
         with lfx.adapter_rows(gm, ["one", "two", None]):
             gm(ids)
     assert lfx.active_adapters(gm) == ["one", "two"]  # restored after the error
-    with pytest.raises(InputError, match="either adapter= .* or rows="):
-        lfx.generate(gm, ids, adapter="one", rows=MIX, max_new_tokens=1)
+    with pytest.raises(InputError, match="either adapters= .* or rows="):
+        lfx.generate(gm, ids, adapters="one", rows=MIX, max_new_tokens=1)
     with pytest.raises(InputError, match="rows names 2 adapters for 4 prompts"):
         lfx.generate(gm, ids, rows=["one", None], max_new_tokens=1)
 

@@ -96,18 +96,18 @@ def test_all_adapters_by_default_or_one_by_name(tmp_path):
     gm = toy_graph(lfx.Spec(["fc1"], method=nonzero()), adapter="first")
     lfx.rewrite(gm, lfx.Spec(["fc2"], method=nonzero(3)), adapter="second")
     both = lfx.save_adapters(gm, tmp_path / "both.safetensors")
-    only = lfx.save_adapters(gm, tmp_path / "second.safetensors", adapter="second")
+    only = lfx.save_adapters(gm, tmp_path / "second.safetensors", adapters="second")
     assert set(read_manifest(both)["adapters"]) == {"first", "second"}
     assert set(read_manifest(only)["adapters"]) == {"second"}
 
     everything = lfx.load_adapters(toy_graph(), both)
     assert torch.equal(everything(X), gm(X))
-    one = lfx.load_adapters(toy_graph(), both, adapter="first")
+    one = lfx.load_adapters(toy_graph(), both, adapters="first")
     assert set(one.meta["lowrank_fx"].adapters) == {"first"}
     with pytest.raises(lfx.AdapterFileError, match="no adapter 'third'.*first, second"):
-        lfx.load_adapters(toy_graph(), both, adapter="third")
+        lfx.load_adapters(toy_graph(), both, adapters="third")
     with pytest.raises(lfx.AdapterFileError, match="no adapter 'third'"):
-        lfx.save_adapters(gm, tmp_path / "x.safetensors", adapter="third")
+        lfx.save_adapters(gm, tmp_path / "x.safetensors", adapters="third")
 
 
 def test_llama_lora_and_lorta_round_trip_into_uncaptured_model(tmp_path):

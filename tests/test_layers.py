@@ -136,7 +136,8 @@ def test_peft_directories_are_identical(llama, tmp_path):
 
 def test_onnx_export_equals_the_flat_graphs(llama, tmp_path):
     flat, structured = _pair(llama, lfx.Spec(targets=["*.q_proj", "*.v_proj"], method=lfx.LoRA(rank=2)))
-    results = [lfx.export_onnx(gm, tmp_path / f"{i}.onnx", llama.args, llama.kwargs, mode="adapters", optimize=False)
+    results = [lfx.export_onnx(gm, tmp_path / f"{i}.onnx", example_inputs=llama.args, example_kwargs=llama.kwargs,
+                               mode="adapters", optimize=False)
                for i, gm in enumerate((flat, structured))]
     assert results[0].inputs == results[1].inputs and results[0].adapter_inputs == results[1].adapter_inputs
     ids = llama.other_args[0]

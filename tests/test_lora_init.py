@@ -148,7 +148,8 @@ def test_onnx_merged_pissa(cases, tmp_path):
     case = cases["llama"]
     gm = _ours(case, "llama", "pissa")
     _train(gm)
-    result = lfx.export_onnx(gm, tmp_path / "pissa.onnx", case.args, case.kwargs, mode="merged", optimize=False)
+    result = lfx.export_onnx(gm, tmp_path / "pissa.onnx", example_inputs=case.args, example_kwargs=case.kwargs,
+                             mode="merged", optimize=False)
     got = result.session().run({"input_ids": case.other_args[0]})["logits"]
     want = _out(case, gm, case.other_args)
     assert err(torch.from_numpy(np.asarray(got)), want) <= 1e-4

@@ -249,8 +249,9 @@ def onnx_exports(tmp_path_factory):
     # cannot tie the tokens of the routing to those of the hidden states)
     tokens = torch.export.Dim("tokens")
     shapes = {"hidden_states": {0: tokens}, "router_indices": {0: tokens}, "routing_weights": {0: tokens}}
-    merged = lfx.export_onnx(gm, folder / "merged.onnx", example, mode="merged", optimize=False, dynamic_shapes=shapes)
-    swappable = lfx.export_onnx(gm, folder / "adapters.onnx", example, mode="adapters", optimize=False,
+    merged = lfx.export_onnx(gm, folder / "merged.onnx", example_inputs=example, mode="merged", optimize=False,
+                             dynamic_shapes=shapes)
+    swappable = lfx.export_onnx(gm, folder / "adapters.onnx", example_inputs=example, mode="adapters", optimize=False,
                                 dynamic_shapes=shapes)
     return gm, merged, swappable
 
@@ -280,7 +281,7 @@ def test_grouped_capture_is_refused_for_onnx(tmp_path):
     with lfx.experts_implementation("grouped_mm"):
         gm = lfx.rewrite(module, lfx.Spec(targets=["gate_up_proj"]), example_inputs=routing(6, seed=0))
     with pytest.raises(lfx.ExportError, match="grouped"):
-        lfx.export_onnx(gm, tmp_path / "m.onnx", routing(6, seed=0))
+        lfx.export_onnx(gm, tmp_path / "m.onnx", example_inputs=routing(6, seed=0))
 
 
 @pytest.mark.parametrize("method,message", [

@@ -49,7 +49,7 @@ def _export(tmp_path_factory, family, specs, name, optimize=True):
                          example_kwargs=case.kwargs, adapter=adapter)
     gm.train()
     path = tmp_path_factory.mktemp(name) / f"{name}.onnx"
-    result = lfx.export_onnx(gm, path, case.args, case.kwargs, optimize=optimize)
+    result = lfx.export_onnx(gm, path, example_inputs=case.args, example_kwargs=case.kwargs, optimize=optimize)
     return case, gm, result, result.session()
 
 
@@ -143,7 +143,7 @@ def test_adapter_trained_later_gets_a_file_for_the_same_model(llama, tmp_path):
     case, gm, result, session = llama
     spec = lfx.Spec(targets=["*.q_proj", "*.v_proj"], method=lfx.LoRA(rank=2, alpha=3.0, init="nonzero"))
     later = lfx.rewrite(case.model, spec, example_inputs=case.args, example_kwargs=case.kwargs, adapter="late")
-    path = lfx.export_onnx_adapter(later, tmp_path / "late.onnx_adapter", adapter="late", model=result.path)
+    path = lfx.export_onnx_adapter(later, tmp_path / "late.onnx_adapter", adapter="late", model_path=result.path)
     fresh = lfx.AdapterSession(result.path, adapters={"late": path})
     got = fresh.run(case.other_args, adapter="late")[result.outputs[0]]
     assert rel_err(got, reference(later, case, "late", case.other_args)) <= 1e-5
@@ -200,6 +200,6 @@ def test_adapters_of_another_structure_cannot_share_a_graph(tmp_path):
     gm = lfx.rewrite(mlp, lfx.Spec(targets=["0"], method=lfx.LoRA(rank=4)), example_inputs=(x,), adapter="a")
     lfx.rewrite(gm, lfx.Spec(targets=["2"], method=lfx.LoRA(rank=4)), adapter="b")
     with pytest.raises(lfx.ExportError, match=r"adapter 'b' cannot share the ONNX graph of 'a'.*adapters=\['b'\]"):
-        lfx.export_onnx(gm, tmp_path / "x.onnx", (x,))
+        lfx.export_onnx(gm, tmp_path / "x.onnx", example_inputs=(x,))
     with pytest.raises(lfx.ExportError, match="no adapter named 'c'"):
-        lfx.export_onnx(gm, tmp_path / "x.onnx", (x,), adapters=["c"])
+        lfx.export_onnx(gm, tmp_path / "x.onnx", example_inputs=(x,), adapters=["c"])

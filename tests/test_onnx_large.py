@@ -53,7 +53,7 @@ def _run(path, x, adapter=None):
 @pytest.mark.parametrize("mode", ["merged", "adapters"])
 def test_above_two_gb_writes_external_data_and_runs(wide, mode, tmp_path):
     gm, x = wide
-    result = lfx.export_onnx(gm, tmp_path / "wide.onnx", (x,), mode=mode)
+    result = lfx.export_onnx(gm, tmp_path / "wide.onnx", example_inputs=(x,), mode=mode)
     data = tmp_path / "wide.onnx.data"
     assert data in result.files and data.stat().st_size > 2**31
     assert (tmp_path / "wide.onnx").stat().st_size < 2**20  # the graph only

@@ -31,7 +31,7 @@ def exported(request, tmp_path_factory):
     source = gm if request.param == "gpt2" else merged  # mode="merged" folds an adapted graph itself
     source.train()
     path = tmp_path_factory.mktemp("merged") / f"{request.param}.onnx"
-    result = lfx.export_onnx(source, path, case.args, case.kwargs, mode="merged",
+    result = lfx.export_onnx(source, path, example_inputs=case.args, example_kwargs=case.kwargs, mode="merged",
                              external_data=request.param == "bert",
                              optimize=request.param == "llama")  # the optimizer costs seconds per export
     return case, merged, result, source.training
@@ -96,7 +96,7 @@ class _Custom(torch.nn.Module):
 
 def test_op_without_onnx_translation_names_the_node_and_the_fix(tmp_path):
     with pytest.raises(lfx.ExportError) as info:
-        lfx.export_onnx(_Custom(), tmp_path / "custom.onnx", (torch.randn(2, 3, 4),))
+        lfx.export_onnx(_Custom(), tmp_path / "custom.onnx", example_inputs=(torch.randn(2, 3, 4),))
     message = str(info.value)
     assert "node twice" in message and "lfx_onnx_test.twice" in message
     assert "custom_translation_table" in message
@@ -104,7 +104,7 @@ def test_op_without_onnx_translation_names_the_node_and_the_fix(tmp_path):
 
 def test_mode_needs_adapters(tmp_path):
     with pytest.raises(lfx.ExportError, match="mode='merged'"):
-        lfx.export_onnx(_Custom(), tmp_path / "x.onnx", (torch.randn(2, 3, 4),), mode="adapters")
+        lfx.export_onnx(_Custom(), tmp_path / "x.onnx", example_inputs=(torch.randn(2, 3, 4),), mode="adapters")
 
 
 class _Checked(torch.nn.Module):
@@ -133,7 +133,7 @@ def test_checks_on_values_are_left_out_of_the_onnx_model(tmp_path):
     gm = lfx.rewrite(_Checked(), spec, example_inputs=(x, mask)).eval()
     checks = len(_assertions(gm))
     assert checks >= 2
-    result = lfx.export_onnx(gm, tmp_path / "checked.onnx", (x, mask), mode="merged")
+    result = lfx.export_onnx(gm, tmp_path / "checked.onnx", example_inputs=(x, mask), mode="merged")
     assert len(_assertions(gm)) == checks
     other_x, other_mask = torch.randn(5, 7, 4), torch.ones(5, 7)
     got = result.session().run({"x": other_x, "mask": other_mask})[result.outputs[0]]

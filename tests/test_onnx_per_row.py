@@ -31,7 +31,8 @@ def _export(tmp_path_factory, family, specs, optimize=True):
         gm = lfx.rewrite(gm if gm is not None else case.model, spec, example_inputs=case.args,
                          example_kwargs=case.kwargs, adapter=adapter)
     path = tmp_path_factory.mktemp(family) / f"{family}_rows.onnx"
-    result = lfx.export_onnx(gm, path, case.args, case.kwargs, mode="per_row", optimize=optimize)
+    result = lfx.export_onnx(gm, path, example_inputs=case.args, example_kwargs=case.kwargs, mode="per_row",
+                             optimize=optimize)
     return case, gm, result, result.session()
 
 
@@ -118,4 +119,4 @@ def test_activation_without_leading_batch_is_refused(tmp_path):
     x = torch.randn(2, 3, 8)
     gm = lfx.rewrite(_SequenceFirst(), lfx.Spec(targets=["proj"], method=lfx.LoRA(rank=2)), example_inputs=(x,))
     with pytest.raises(lfx.ExportError, match=r"per-row adapters need the batch as the first dimension.*proj"):
-        lfx.export_onnx(gm, tmp_path / "x.onnx", (x,), mode="per_row")
+        lfx.export_onnx(gm, tmp_path / "x.onnx", example_inputs=(x,), mode="per_row")

@@ -38,7 +38,7 @@ def _run(path, x):
 @pytest.mark.parametrize("mode", ["merged", "adapters"])
 def test_streamed_file_parses_as_onnx_irs_own_save(adapted, mode, tmp_path):
     gm, x = adapted
-    result = lfx.export_onnx(gm, tmp_path / "m.onnx", (x,), mode=mode)
+    result = lfx.export_onnx(gm, tmp_path / "m.onnx", example_inputs=(x,), mode=mode)
     streamed = onnx.load(result.path)
     model = ir.serde.deserialize_model(streamed)
     save_streaming(model, tmp_path / "again.onnx")
@@ -49,7 +49,7 @@ def test_streamed_file_parses_as_onnx_irs_own_save(adapted, mode, tmp_path):
 
 def test_merged_export_folds_lazily_and_matches_merge(adapted, tmp_path):
     gm, x = adapted
-    result = lfx.export_onnx(gm, tmp_path / "m.onnx", (x,), mode="merged")
+    result = lfx.export_onnx(gm, tmp_path / "m.onnx", example_inputs=(x,), mode="merged")
     with torch.no_grad():
         want = lfx.merge(gm)(x).numpy()
     got = _run(result.path, x)
@@ -64,12 +64,12 @@ def test_merged_export_refuses_non_finite_weights_and_leaves_no_file(adapted, tm
     with torch.no_grad():
         next(p for n, p in gm.named_parameters() if n.endswith("lora_B")).fill_(float("inf"))
     with pytest.raises(MergeError, match="NaN or inf"):
-        lfx.export_onnx(gm, tmp_path / "m.onnx", (x,), mode="merged")
+        lfx.export_onnx(gm, tmp_path / "m.onnx", example_inputs=(x,), mode="merged")
     assert not list(tmp_path.iterdir())
 
 
 def test_adapter_inputs_stay_overridable_after_clean_up(adapted, tmp_path):
     gm, x = adapted
-    result = lfx.export_onnx(gm, tmp_path / "m.onnx", (x,), mode="adapters")
+    result = lfx.export_onnx(gm, tmp_path / "m.onnx", example_inputs=(x,), mode="adapters")
     session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
     assert {i.name for i in session.get_overridable_initializers()} == set(result.adapter_inputs)

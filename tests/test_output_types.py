@@ -173,8 +173,8 @@ def exported(request, tmp_path_factory):
     model = Tiny(kind).eval()
     gm = lfx.rewrite(model, lfx.Spec(targets=["fc1", "fc2"], method=LORA), example_inputs=(X,))
     folder = tmp_path_factory.mktemp(kind)
-    merged = lfx.export_onnx(gm, folder / "merged.onnx", (X,), mode="merged", optimize=False)
-    adapters = lfx.export_onnx(gm, folder / "adapters.onnx", (X,), mode="adapters", optimize=False)
+    merged = lfx.export_onnx(gm, folder / "merged.onnx", example_inputs=(X,), mode="merged", optimize=False)
+    adapters = lfx.export_onnx(gm, folder / "adapters.onnx", example_inputs=(X,), mode="adapters", optimize=False)
     return kind, model, gm.eval(), merged, adapters
 
 
@@ -219,17 +219,17 @@ def test_plain_dataclass_output_is_registered_by_capture(tmp_path):
     with torch.no_grad():
         want = gm(OTHER)
     assert type(want).__name__ == "Plain"
-    result = lfx.export_onnx(gm, tmp_path / "plain.onnx", (X,), mode="adapters", optimize=False)
+    result = lfx.export_onnx(gm, tmp_path / "plain.onnx", example_inputs=(X,), mode="adapters", optimize=False)
     assert result.outputs == ["logits", "hidden"]
     got = result.session().run({"x": OTHER}, adapter="default")
     assert rel_err(got["logits"], want.logits) <= TOL and rel_err(got["hidden"], want.hidden) <= TOL
-    plain = lfx.export_onnx(Tiny("plain").eval(), tmp_path / "model.onnx", (X,), optimize=False)
+    plain = lfx.export_onnx(Tiny("plain").eval(), tmp_path / "model.onnx", example_inputs=(X,), optimize=False)
     assert plain.outputs == ["logits", "hidden"]
 
 
 def test_unknown_output_type_names_the_type_and_the_fix(tmp_path):
     with pytest.raises(lfx.ExportError) as info:
-        lfx.export_onnx(Tiny("opaque"), tmp_path / "opaque.onnx", (X,))
+        lfx.export_onnx(Tiny("opaque"), tmp_path / "opaque.onnx", example_inputs=(X,))
     message = str(info.value)
     assert "'rest.0'" in message and f"{__name__}.Opaque" in message
     assert "register_pytree_node(Opaque" in message and "flatten_with_keys_fn" in message
@@ -326,7 +326,7 @@ def test_unet_compiled_training_step_equals_eager(unet):
 def unet_export(request, unet, tmp_path_factory):
     _, gm = unet
     path = tmp_path_factory.mktemp("unet") / f"unet_{request.param}.onnx"
-    return lfx.export_onnx(gm, path, UNET_ARGS, mode=request.param, optimize=False)
+    return lfx.export_onnx(gm, path, example_inputs=UNET_ARGS, mode=request.param, optimize=False)
 
 
 def test_unet_onnx_matches_pytorch(unet, unet_export):

@@ -126,8 +126,8 @@ def test_grouped_conv_runs_unmerged_as_peft(grouped, tmp_path):
 def test_grouped_conv_exports_with_its_adapter(grouped, tmp_path):
     _, x, theirs, gm = grouped
     with pytest.raises(lfx.MergeError, match="mixed_groups=True"):
-        lfx.export_onnx(gm, tmp_path / "merged.onnx", (x,), mode="merged")
-    export = lfx.export_onnx(gm, tmp_path / "m.onnx", (x,), mode="adapters")
+        lfx.export_onnx(gm, tmp_path / "merged.onnx", example_inputs=(x,), mode="merged")
+    export = lfx.export_onnx(gm, tmp_path / "m.onnx", example_inputs=(x,), mode="adapters")
     out = export.session().run({export.inputs[0]: x.numpy()}, adapter="default")
     with torch.no_grad():
         assert rel(torch.from_numpy(out[export.outputs[0]]), theirs(x)) <= TOL

@@ -9,7 +9,7 @@ import logging
 import pytest
 import torch
 
-from lowrank_fx import progress
+from lowrank_fx import logs, progress
 from lowrank_fx.adapt.capture import capture
 
 
@@ -22,7 +22,7 @@ def _capture_tiny():
 def loud(monkeypatch):
     monkeypatch.delenv(progress.QUIET, raising=False)
     yield
-    progress._configure()  # the suite's own setup again: no default handler left behind
+    logs.configure()  # the suite's own setup again: no default handler left behind
 
 
 def test_a_capture_logs_its_stage_with_the_seconds_taken(loud, caplog):

@@ -120,7 +120,7 @@ def check(got, want) -> None:
 
 def an_eos(fam: Family, ids, mask, **options) -> int:
     """A token row 0 produces as its third new token: an EOS that ends some beams early."""
-    free = lfx.generate(fam.gm, ids, mask, adapter="a", max_new_tokens=6, eos_token_id=[], **options)
+    free = lfx.generate(fam.gm, ids, attention_mask=mask, adapters="a", max_new_tokens=6, eos_token_id=[], **options)
     return int(free[0, ids.shape[1] + 2])
 
 
@@ -140,10 +140,11 @@ def test_the_window_changes_what_transformers_generates(family):
 
 def test_greedy_and_beams_match_transformers_past_the_window(family):
     ids, mask = batch(2)
-    got = lfx.generate(family.gm, ids, mask, adapter="a", max_new_tokens=8, eos_token_id=[], output_logits=True)
+    got = lfx.generate(family.gm, ids, attention_mask=mask, adapters="a", max_new_tokens=8, eos_token_id=[],
+                       output_logits=True)
     check(got, hf_generate(family.merged, ids, mask, max_new_tokens=8, eos_token_id=None))
     eos = an_eos(family, ids, mask, num_beams=3)
-    got = lfx.generate(family.gm, ids, mask, adapter="a", max_new_tokens=8, num_beams=3, eos_token_id=eos,
+    got = lfx.generate(family.gm, ids, attention_mask=mask, adapters="a", max_new_tokens=8, num_beams=3, eos_token_id=eos,
                        pad_token_id=PAD, output_logits=True)
     check(got, hf_generate(family.merged, ids, mask, max_new_tokens=8, num_beams=3, eos_token_id=eos))
 
@@ -153,8 +154,8 @@ def test_beam_settings_match_transformers(mistral, early_stopping, length_penalt
     ids, mask = batch(3, lengths=(9, 6, 8))
     eos = [an_eos(mistral, ids, mask, num_beams=4), EOS]
     options = {"max_new_tokens": 7, "num_beams": 4, "early_stopping": early_stopping, "length_penalty": length_penalty}
-    got = lfx.generate(mistral.gm, ids, mask, adapter="a", eos_token_id=eos, pad_token_id=PAD, output_logits=True,
-                       **options)
+    got = lfx.generate(mistral.gm, ids, attention_mask=mask, adapters="a", eos_token_id=eos, pad_token_id=PAD,
+                       output_logits=True, **options)
     want = hf_generate(mistral.merged, ids, mask, eos_token_id=eos, **options)
     check(got, want)
     if length_penalty < 0:  # short hypotheses win: rows end early, filled with the first EOS id (pad id 0)
@@ -163,11 +164,11 @@ def test_beam_settings_match_transformers(mistral, early_stopping, length_penalt
 
 def test_beams_without_eos_fill_and_one_beam_is_greedy(mistral):
     ids, mask = batch(4)
-    greedy = lfx.generate(mistral.gm, ids, mask, adapter="a", max_new_tokens=5, eos_token_id=[])
-    assert torch.equal(lfx.generate(mistral.gm, ids, mask, adapter="a", max_new_tokens=5, eos_token_id=[],
-                                    num_beams=1), greedy)
-    got = lfx.generate(mistral.gm, ids, mask, adapter="a", max_new_tokens=5, eos_token_id=[], num_beams=2,
-                       output_logits=True)
+    greedy = lfx.generate(mistral.gm, ids, attention_mask=mask, adapters="a", max_new_tokens=5, eos_token_id=[])
+    assert torch.equal(lfx.generate(mistral.gm, ids, attention_mask=mask, adapters="a", max_new_tokens=5,
+                                    eos_token_id=[], num_beams=1), greedy)
+    got = lfx.generate(mistral.gm, ids, attention_mask=mask, adapters="a", max_new_tokens=5, eos_token_id=[],
+                       num_beams=2, output_logits=True)
     check(got, hf_generate(mistral.merged, ids, mask, max_new_tokens=5, num_beams=2, eos_token_id=None))
     assert len(got.logits) == 5 and got.logits[0].shape == (2 * 2, VOCAB)  # one row per beam
 
@@ -179,8 +180,8 @@ def test_compiled_greedy_and_beams_match_transformers():
     torch._dynamo.reset()
     ids, mask = batch(5)
     for beams in (1, 3):
-        got = lfx.generate(fam.gm, ids, mask, adapter="a", max_new_tokens=7, eos_token_id=[], num_beams=beams,
-                           compile="aot_eager", output_logits=True)
+        got = lfx.generate(fam.gm, ids, attention_mask=mask, adapters="a", max_new_tokens=7, eos_token_id=[],
+                           num_beams=beams, compile="aot_eager", output_logits=True)
         check(got, hf_generate(fam.merged, ids, mask, max_new_tokens=7, num_beams=beams, eos_token_id=None))
     torch._dynamo.reset()
 
@@ -240,23 +241,23 @@ def test_session_and_genai_match_transformers_past_the_window(exported):
     ids, mask = batch(6)
     for beams in (1, 3):
         want = hf_generate(fam.merged, ids, mask, max_new_tokens=8, num_beams=beams, eos_token_id=None)
-        check(exported.session.generate(ids, mask, adapter="a", max_new_tokens=8, eos_token_id=[], num_beams=beams,
-                                        output_logits=True), want)
+        check(exported.session.generate(ids, attention_mask=mask, adapter="a", max_new_tokens=8, eos_token_id=[],
+                                        num_beams=beams, output_logits=True), want)
         alone = hf_generate(fam.merged, ids[:1], mask[:1], max_new_tokens=8, min_new_tokens=8, num_beams=beams,
                             eos_token_id=EOS).sequences  # row 0 has no pads
         assert torch.equal(genai_generate(exported, ids[:1], 8, beams), alone)
     short = ids[:, -3:]  # a prompt inside the window, crossing it while decoding
     want = hf_generate(fam.merged, short, torch.ones_like(short), max_new_tokens=8, eos_token_id=None)
     check(exported.session.generate(short, adapter="a", max_new_tokens=8, eos_token_id=[], output_logits=True), want)
-    check(lfx.generate(fam.gm, short, adapter="a", max_new_tokens=8, eos_token_id=[], output_logits=True), want)
+    check(lfx.generate(fam.gm, short, adapters="a", max_new_tokens=8, eos_token_id=[], output_logits=True), want)
 
 
 def test_session_beams_stop_at_eos_like_transformers(exported):
     fam = exported.family
     ids, mask = batch(7)
     eos = an_eos(fam, ids, mask, num_beams=3)
-    got = exported.session.generate(ids, mask, adapter="a", max_new_tokens=8, num_beams=3, eos_token_id=eos,
-                                    pad_token_id=PAD, early_stopping=True, output_logits=True)
+    got = exported.session.generate(ids, attention_mask=mask, adapter="a", max_new_tokens=8, num_beams=3,
+                                    eos_token_id=eos, pad_token_id=PAD, early_stopping=True, output_logits=True)
     check(got, hf_generate(fam.merged, ids, mask, max_new_tokens=8, num_beams=3, eos_token_id=eos,
                            early_stopping=True))
 
@@ -301,4 +302,4 @@ def test_session_refuses_beams_with_per_row_adapters_and_right_padding(tmp_path_
     right = torch.tensor([[1, 1, 1], [1, 1, 0]])  # a pad after row 1's tokens would take a window slot
     for generate in (exported.session.generate, lambda *a, **k: lfx.generate(fam.gm, *a, **k)):
         with pytest.raises(InputError, match=r"rows \[1\] of attention_mask have padding after their tokens"):
-            generate(torch.tensor([[5, 6, 7], [8, 9, PAD]]), right, max_new_tokens=2)
+            generate(torch.tensor([[5, 6, 7], [8, 9, PAD]]), attention_mask=right, max_new_tokens=2)

@@ -273,7 +273,7 @@ def test_saved_heads_load_in_a_new_process_and_merge(heads, bert, tmp_path):
 def test_adapter_file_with_heads_is_all_or_nothing(heads, bert, tmp_path):
     _, _, base = bert
     both, _ = heads
-    lfx.save_adapters(both, tmp_path / "heads.safetensors", adapter="a")
+    lfx.save_adapters(both, tmp_path / "heads.safetensors", adapters="a")
     plain = lfx.rewrite(copy.deepcopy(base), spec(train=()), adapter="a")  # same LoRA, no trained head
     before = {k: v.clone() for k, v in plain.lowrank_fx.state_dict().items()}
     with pytest.raises(lfx.AdapterFileError, match="trained"):

@@ -102,7 +102,8 @@ def test_merged_onnx_matches(adapted, tmp_path):
     name, case, gm, _expected, method = adapted
     if method != ONNX_METHOD[name]:
         pytest.skip(f"{name} is exported with {ONNX_METHOD[name]} (module docstring)")
-    result = lfx.export_onnx(gm, tmp_path / f"{name}.onnx", case.args, case.kwargs, mode="merged", optimize=False)
+    result = lfx.export_onnx(gm, tmp_path / f"{name}.onnx", example_inputs=case.args, example_kwargs=case.kwargs,
+                             mode="merged", optimize=False)
     assert result.mode == "merged" and not result.adapter_inputs
     feeds = dict(zip(result.inputs, case.other_args))
     feeds.update({k: v for k, v in case.other_kwargs.items() if isinstance(v, torch.Tensor)})

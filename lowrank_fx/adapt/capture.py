@@ -38,8 +38,8 @@ A prefix that cannot be repeated (a forward that reads every block's output) is 
 `trace_blocks=False` always traces whole.
 
 Capture once: an exported capture is memoised per model in the process (capture_memo.py), so
-`plan` then `rewrite` trace once, each getting its own copy of the graph; with `cache_dir=` or
-$LOWRANK_FX_CACHE the exported program (without weights) is also kept on disk for the next
+`plan` then `rewrite` trace once, each getting its own graph; with `cache_dir=` or
+$LOWRANK_FX_CACHE the finished graph (without weights) is also kept on disk for the next
 process (capture_cache.py).
 """
 
@@ -47,8 +47,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import inspect
-import logging
 import re
 import sys
 import warnings
@@ -74,15 +74,16 @@ from ..passes.mode_aware import make_mode_aware
 from ..passes.quantized_base import prepare_quantized
 from ..passes.repeat_blocks import NotRepeatable, repeat_blocks
 from ..options import flag
+from ..logs import logger
+from ..noise import quiet_third_party
 from ..progress import stage
 from . import capture_memo
 from .batch_one import takes, widened
 from .capture_hints import hint
 from .experts_impl import traced_experts
-from .capture_cache import CaptureCache, cache_directory, cache_key, cacheable
+from .capture_cache import CaptureCache, cache_directory, cache_key, cacheable, model_tensors
 from .keyword_forward import keyword_forward
 
-logger = logging.getLogger(__name__)
 SOURCE = "lowrank_fx_source"  # gm.meta[SOURCE]: the model the graph was captured from, held weakly
 
 
@@ -250,33 +251,57 @@ def capture(model, example_inputs=None, example_kwargs=None, dynamic: bool = Tru
     key = capture_memo.memo_key(model, args, kwargs, dynamic, dynamic_shapes, trace_blocks)
     gm = capture_memo.recall(model, key)
     if gm is None:
-        gm = _exported(model, args, kwargs, dynamic, dynamic_shapes, directory, trace_blocks)
-        capture_memo.remember(model, key, gm)
-        gm = capture_memo.handout(gm, model.training)
+        with quiet_third_party():
+            gm = _exported(model, args, kwargs, dynamic, dynamic_shapes, directory, trace_blocks, key)
     return gm
 
 
 def _exported(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, dynamic_shapes,
-              directory, trace_blocks: bool) -> fx.GraphModule:
-    """The pristine graph of `model`: loaded from the disk cache in `directory`, else exported
-    (and stored there). Repeated blocks are traced once per kind and copied (repeat_blocks)."""
+              directory, trace_blocks: bool, key: str) -> fx.GraphModule:
+    """A new graph of `model`, memoised under `key`: loaded from the disk cache in `directory`
+    (the memo keeps its bytes: a memo hit loads them again, which costs what copying the graph
+    would), else exported and finished (and stored there, unless its base is quantized; the
+    memo keeps this pristine graph and hands out copies)."""
     cache = CaptureCache(directory, cache_key(model, args, kwargs, dynamic, dynamic_shapes, trace_blocks)) \
         if directory is not None and cacheable(model) else None
+    payload = cache.payload() if cache is not None else None
+    if payload is not None:
+        gm = _loaded(cache, payload, model)
+        if gm is not None:
+            capture_memo.remember(model, key, functools.partial(_loaded, cache, payload))
+            return gm
+    gm = _finished(model, args, kwargs, dynamic, dynamic_shapes, trace_blocks)
+    if cache is not None and EXAMPLES not in gm.meta:
+        cache.save(gm, model)
+    capture_memo.remember(model, key, _ready(gm, model))
+    return capture_memo.handout(gm, model.training)
+
+
+def _loaded(cache: CaptureCache, payload: bytes, model: nn.Module) -> fx.GraphModule | None:
+    """The graph stored in `payload` over `model`'s own tensors (None, with a warning, if it does not load)."""
+    gm = cache.graph(payload, model_tensors(model))
+    return _ready(gm, model) if gm is not None else None
+
+
+def _ready(gm: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
+    """`gm` in `model`'s mode, with its record and a weak reference to `model`."""
+    gm.train(model.training)
+    Record.attach(gm, aliases=tensor_aliases(model), state_keys=list(model.state_dict()))
+    gm.meta[SOURCE] = _Source(model)
+    return gm
+
+
+def _finished(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, dynamic_shapes,
+              trace_blocks: bool) -> fx.GraphModule:
+    """`model` exported, repeated blocks traced once per kind and copied (repeat_blocks), then
+    every pass a captured graph gets: what the disk cache stores."""
     lists = repeated_lists(model) if trace_blocks and not bitsandbytes_layers(model) else []
-    exported = cache.load(model) if cache is not None else None
-    fresh, swapped = exported is None, {}
-    if fresh:
-        exported, swapped, gm = _traced(model, args, kwargs, dynamic, dynamic_shapes, lists)
-    else:
-        gm = _plain(exported.module())
+    swapped, gm = _traced(model, args, kwargs, dynamic, dynamic_shapes, lists)
     try:
         repeat_blocks(gm, model, lists)
     except NotRepeatable as why:
-        logger.info("tracing every block of %s: %s", type(model).__name__, why)
-        exported, swapped, gm = _traced(model, args, kwargs, dynamic, dynamic_shapes, [])
-        fresh = True
-    if fresh and cache is not None:
-        cache.save(exported, model)
+        logger("capture").info("tracing every block of %s: %s", type(model).__name__, why)
+        swapped, gm = _traced(model, args, kwargs, dynamic, dynamic_shapes, [])
     set_call_defaults(gm, args, kwargs, model)
     gm.meta[SWAPPED_LAYERS] = SharedLayers(swapped)  # the quantized layers' backward reads them too
     if not prepare_quantized(gm):
@@ -287,15 +312,12 @@ def _exported(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, dynami
     unwrap_regions(gm)
     use_grouped_kernel(gm)  # a grouped_mm capture's fp32 experts: torch's kernel, not a loop per expert
     make_mode_aware(gm)
-    gm.train(model.training)
-    Record.attach(gm, aliases=tensor_aliases(model), state_keys=list(model.state_dict()))
-    gm.meta[SOURCE] = _Source(model)
     return gm
 
 
 @stage("capturing the model (torch.export)")
 def _traced(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, dynamic_shapes, lists):
-    """(torch.export's program, the bitsandbytes layers swapped while exporting, its plain graph).
+    """(the bitsandbytes layers swapped while exporting, the exported program's plain graph).
 
     Each list in `lists` holds only its traced prefix meanwhile (graph/block_lists.py); when the
     prefix fails, every block is traced. With every size dynamic, examples of batch 1 are first
@@ -313,13 +335,13 @@ def _traced_as_named(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool,
         try:
             exported, swapped = _export_with(model, *wide, _auto_dynamic(model, *wide), lists)
         except Exception as err:
-            logger.info("capturing %s at batch 1: it failed to export at batch 2 (%s)", name, _first_line(err))
+            logger("capture").info("capturing %s at batch 1: it failed to export at batch 2 (%s)", name, _first_line(err))
         else:
             gm = _plain(exported.module())
             if takes(gm, args, kwargs):
                 _warn_size_one(*wide)
-                return exported, swapped, gm
-            logger.info("capturing %s at batch 1: its graph traced at batch 2 does not take batch 1", name)
+                return swapped, gm
+            logger("capture").info("capturing %s at batch 1: its graph traced at batch 2 does not take batch 1", name)
     shapes = _auto_dynamic(model, args, kwargs) if auto else dynamic_shapes
     try:
         exported, swapped = _export_with(model, args, kwargs, shapes, lists)
@@ -327,14 +349,14 @@ def _traced_as_named(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool,
         if not lists:
             raise _failed(model, args, kwargs, err) from err
         # the model's forward may need every block (it indexes them by position)
-        logger.info("tracing every block of %s: a prefix failed to export (%s)", name, _first_line(err))
+        logger("capture").info("tracing every block of %s: a prefix failed to export (%s)", name, _first_line(err))
         try:
             exported, swapped = _export_with(model, args, kwargs, shapes, [])
         except Exception as err:
             raise _failed(model, args, kwargs, err) from err
     if auto:
         _warn_size_one(args, kwargs)
-    return exported, swapped, _plain(exported.module())
+    return swapped, _plain(exported.module())
 
 
 def _export_with(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes, lists):

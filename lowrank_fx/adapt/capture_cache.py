@@ -1,5 +1,5 @@
-"""The on-disk capture cache: a rerun in a new process loads the exported program instead of
-tracing the model again.
+"""The on-disk capture cache: a rerun in a new process loads the finished graph of a capture
+instead of tracing the model again.
 
 Where: `cache_dir=` of `rewrite` / `plan`, else the environment variable `LOWRANK_FX_CACHE`;
 `cache_dir=False` turns it off. One file per key, `<digest>.lfx-capture`.
@@ -7,26 +7,29 @@ Where: `cache_dir=` of `rewrite` / `plan`, else the environment variable `LOWRAN
 The key (capture_key.py) holds what the graph depends on: the model's class (qualified name)
 and every module class's source digest, its Hugging Face config (`config.to_dict()`), every
 parameter and buffer name with shape, dtype, device and tying, the examples' structure,
-shapes, dtypes and non-tensor values, the dynamic-shape choice, and the torch, transformers
-and lowrank_fx versions. The file starts with that key in full, then the payload's length and
-SHA-256, then the payload: the exported program, pickled by torch's own graph pickler
-(`torch.fx._graph_pickler.GraphPickler`, what torch's compile caches use), which keeps every
-node's metadata (shapes with their symbols, module paths). `torch.export.save` round-trips the
-same program, but on bench_capture.py's Llama its load (JSON to dataclasses, sympy parsing)
-took 2.6 s against 3.8 s for exporting; unpickling takes 0.16 s, with the garbage collector
-skipping the objects the process held before (half of it otherwise: _collector_paused). Most of
-those 0.16 s is torch rebuilding each node's FakeTensor with symbolic sizes (the same program
-without them unpickles in 0.014 s), which the passes read (shapes, dtypes, size expressions). Being a pickle, an entry is
-code that runs on load: keep the cache directory as private as your own Python files.
+shapes, dtypes and non-tensor values, the dynamic-shape choice, the Python, torch,
+transformers and lowrank_fx versions, a digest of lowrank_fx's own source (its passes made the
+stored graph), and this file's format. The file starts with that key in
+full, then the payload's length and SHA-256, then the payload: the graph as capture finishes
+it (exported, the traced blocks copied over the others, call defaults, mode switches; before
+any adapter), pickled by torch's own graph pickler (`torch.fx._graph_pickler.GraphPickler`,
+what torch's compile caches use) with lean shape records (capture_pickle.py). It keeps every
+node's metadata (shapes with their symbols, module paths), so a hit runs none of the steps
+after exporting: it unpickles the nodes and generates the graph's code. On the Qwen2.5-0.5B
+shape (24 layers, about 2,000 nodes) that is about 0.3 s of CPU time against 0.54-0.7 s when
+the exported program was stored (its FakeTensors rebuilt one per node value, then the block copy, call
+defaults and the memo's copy run again). Unpickling runs with the garbage collector skipping
+the objects the process held before (_collector_paused). Being a pickle, an entry is code that
+runs on load: keep the cache directory as private as your own Python files.
 
-Weights are never stored. Every parameter and buffer of the model, and the examples' tensors,
-go into the payload as empty `meta` tensors (shape and dtype only); a hit puts the model's own
-tensors back into the loaded program before it becomes a GraphModule. So a cache file is small
-and holds no data, the graph of a hit reads the model's tensors (no new memory; an in-place
-edit of a weight changes its output) and a file can never bring in stale weights. Constants
-the forward itself creates (`torch.tensor(0.5)`) are part of the program and are kept.
+Weights are never stored. Every parameter and buffer of the model is written as a reference
+(its name, shape and dtype); a hit puts the model's own tensor of that name there while
+unpickling. So a cache file is small and holds no data, the graph of a hit reads the model's
+tensors (no new memory; an in-place edit of a weight changes its output) and a file can never
+bring in stale weights. Constants the forward itself creates (`torch.tensor(0.5)`) are part of
+the graph and are kept.
 
-A stale or corrupt entry (bad bytes, truncated, another key, a program that does not load or
+A stale or corrupt entry (bad bytes, truncated, another key, a graph that does not load or
 does not fit the model) is never trusted: a warning says what was wrong and the caller
 captures again and overwrites it. Writes are atomic (a temporary file, then a rename).
 Models whose tensors are quantized subclasses, bitsandbytes layers, and models with forward
@@ -42,19 +45,20 @@ import json
 import os
 import tempfile
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from torch import nn
-from torch.utils import _pytree as pytree
+from torch import fx, nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from ..errors import SpecError
 from ..graph.quant_formats import bitsandbytes_layers, is_quantized
-from . import capture_key
+from . import capture_key, capture_pickle
 
 ENV = "LOWRANK_FX_CACHE"
-MAGIC = b"lowrank_fx capture cache 1 (GraphPickler)\n"
+MAGIC = b"lowrank_fx capture cache 2 (the finished graph)\n"
+FORMAT = 2  # in the key too: an entry of another format is another file, a quiet miss
 SUFFIX = ".lfx-capture"
 
 
@@ -68,7 +72,8 @@ def cache_key(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, dynami
     return {"model": f"{cls.__module__}.{cls.__qualname__}", "code": capture_key.code_spec(model),
             "config": capture_key.config_spec(model), "tensors": capture_key.tensors_spec(model),
             "examples": capture_key.examples_spec(args, kwargs),
-            "dynamic": capture_key.shapes_spec(dynamic, dynamic_shapes), "blocks": trace_blocks, "versions": capture_key.versions()}
+            "dynamic": capture_key.shapes_spec(dynamic, dynamic_shapes), "blocks": trace_blocks, "versions": capture_key.versions(),
+            "library": capture_key.library(), "format": FORMAT}
 
 
 def cacheable(model: nn.Module) -> bool:
@@ -102,9 +107,15 @@ class CaptureCache:
         self.key = capture_key.text(key)
         self.path = Path(directory) / (hashlib.sha256(self.key.encode()).hexdigest()[:32] + SUFFIX)
 
-    def load(self, model: nn.Module) -> torch.export.ExportedProgram | None:
-        """The cached program with `model`'s own tensors in it, or None (no entry, or a bad one:
-        then a warning says what was wrong)."""
+    def load(self, model: nn.Module) -> fx.GraphModule | None:
+        """The cached graph over `model`'s own tensors, or None (no entry, or a bad one: then a
+        warning says what was wrong)."""
+        payload = self.payload()
+        return self.graph(payload, model_tensors(model)) if payload is not None else None
+
+    def payload(self) -> bytes | None:
+        """The stored graph's bytes, checked against the key and the checksum, or None (no entry,
+        or a bad one: then a warning says what was wrong)."""
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
@@ -112,16 +123,30 @@ class CaptureCache:
         except OSError as err:
             return self._distrust(f"unreadable ({err})")
         try:
-            return self._rebind(self.program(data), model)
+            return self._checked(data)
         except _Stale as err:
             return self._distrust(str(err))
 
-    def save(self, program: torch.export.ExportedProgram, model: nn.Module) -> None:
-        """Store `program` without any weight (a failure to serialize it is a warning)."""
+    def graph(self, payload: bytes, tensors: Mapping[str, torch.Tensor]) -> fx.GraphModule | None:
+        """The graph in `payload` over `tensors` (name -> tensor: the model's), or None (then a
+        warning says why it does not load)."""
         try:
-            payload = _serialized(program, model)
+            with _collector_paused():
+                return capture_pickle.loads(payload, tensors)
+        except capture_pickle.Unfit as err:
+            return self._distrust(f"a graph that does not fit the model ({err})")
         except Exception as err:
-            warnings.warn(f"lowrank_fx capture cache: cannot store this program ({type(err).__name__}: {err}); "
+            return self._distrust(f"a graph that does not load ({type(err).__name__}: {err})")
+
+    def save(self, gm: fx.GraphModule, model: nn.Module) -> None:
+        """Store `gm` without any of `model`'s tensors (a failure to serialize it is a warning)."""
+        names: dict[int, str] = {}
+        for name, tensor in model_tensors(model).items():
+            names.setdefault(id(tensor), name)
+        try:
+            payload = capture_pickle.dumps(gm, names)
+        except Exception as err:
+            warnings.warn(f"lowrank_fx capture cache: cannot store this graph ({type(err).__name__}: {err}); "
                           "captures of this model will not be cached", stacklevel=4)
             return
         digest = hashlib.sha256(payload).hexdigest()
@@ -134,9 +159,9 @@ class CaptureCache:
                       stacklevel=5)
         return None
 
-    def program(self, data: bytes) -> torch.export.ExportedProgram:
-        """The program stored in `data` (the bytes of this entry's file), placeholders and all;
-        raises _Stale saying what is wrong with them."""
+    def _checked(self, data: bytes) -> bytes:
+        """The payload of `data` (the bytes of this entry's file); raises _Stale saying what is
+        wrong with them."""
         if not data.startswith(MAGIC):
             raise _Stale("not a lowrank_fx capture cache file (bad first bytes)")
         line_end = data.find(b"\n", len(MAGIC))
@@ -152,72 +177,21 @@ class CaptureCache:
             raise _Stale(f"truncated ({len(payload)} of {size} bytes)")
         if hashlib.sha256(payload).hexdigest() != digest:
             raise _Stale("corrupt (its checksum does not match)")
-        from torch._subclasses.fake_tensor import FakeTensorMode
-        from torch.fx.experimental.symbolic_shapes import ShapeEnv
-
-        try:
-            with _collector_paused():
-                program = _pickler().loads(payload, FakeTensorMode(shape_env=ShapeEnv()))
-        except Exception as err:
-            raise _Stale(f"a program that does not load ({type(err).__name__}: {err})") from None
-        if not isinstance(program, torch.export.ExportedProgram):
-            raise _Stale(f"not an exported program (it holds a {type(program).__name__})")
-        return program
-
-    @staticmethod
-    def _rebind(program: torch.export.ExportedProgram, model: nn.Module) -> torch.export.ExportedProgram:
-        """Put `model`'s own parameters and buffers in place of the stored placeholders."""
-        own = _model_tensors(model)
-        for table in (program.state_dict, program.constants):
-            for name, placeholder in table.items():
-                if not isinstance(placeholder, torch.Tensor) or placeholder.device.type != "meta":
-                    continue  # a constant of the program itself, stored with it
-                tensor = own.get(name)
-                if tensor is None or tensor.shape != placeholder.shape or tensor.dtype != placeholder.dtype:
-                    raise _Stale(f"a program that does not fit the model ({name})")
-                table[name] = tensor
-        return program
+        return payload
 
 
-def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of `model` by every name it has."""
     return dict([*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)])
-
-
-def _placeholder(tensor: torch.Tensor) -> torch.Tensor:
-    empty = torch.empty_like(tensor, device="meta")
-    return nn.Parameter(empty, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
-
-
-def _serialized(program: torch.export.ExportedProgram, model: nn.Module) -> bytes:
-    """`program` pickled with the model's tensors and the examples' as meta placeholders, every
-    op and node metadata kept; `program` itself is left as it was."""
-    own = {id(t) for t in _model_tensors(model).values()}
-    tables = [program.state_dict, program.constants]
-    saved = [dict(table) for table in tables]
-    examples = program.example_inputs
-    try:
-        for table in tables:
-            for name, value in table.items():
-                if isinstance(value, torch.Tensor) and id(value) in own:
-                    table[name] = _placeholder(value)
-        program.example_inputs = pytree.tree_map(
-            lambda v: torch.empty_like(v, device="meta") if isinstance(v, torch.Tensor) else v, examples)
-        from torch.fx._graph_pickler import Options
-
-        return _pickler().dumps(program, Options(ops_filter=None, node_metadata_key_filter=None))
-    finally:
-        for table, old in zip(tables, saved):
-            table.update(old)
-        program.example_inputs = examples
 
 
 @contextlib.contextmanager
 def _collector_paused():
     """Python's cyclic garbage collector skips the objects that exist now, meanwhile (gc.freeze,
     then gc.unfreeze: they are collectable again after). Unpickling builds tens of thousands of
-    small objects (nodes, symbolic sizes, sympy's first lazy imports) that trigger full
-    collections, and each walked every object of a process that holds torch and transformers: on
-    bench_capture.py's Llama that was half the load. A process that froze objects itself is left
+    small objects (nodes, their metadata, symbolic sizes) that trigger full collections, and each
+    walked every object of a process that holds torch and transformers: on bench_capture.py's
+    Llama that was half the load. A process that froze objects itself is left
     as it is."""
     mine = gc.get_freeze_count() == 0
     if mine:
@@ -227,14 +201,6 @@ def _collector_paused():
     finally:
         if mine:
             gc.unfreeze()
-
-
-def _pickler():
-    """torch's GraphPickler, imported on first use: its module imports torch._inductor, seconds
-    that `import lowrank_fx` should not cost (building a transformers model imports it anyway)."""
-    from torch.fx._graph_pickler import GraphPickler
-
-    return GraphPickler
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

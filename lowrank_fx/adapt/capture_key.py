@@ -15,6 +15,7 @@ import json
 import os
 import sys
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -96,10 +97,22 @@ def code_spec(model: nn.Module) -> list:
     return sorted(spec.items())
 
 
+@lru_cache(maxsize=None)
+def library() -> str:
+    """A digest of lowrank_fx's own source, read once per process: the disk cache stores graphs
+    its passes finished (call defaults, mode switches, copied blocks), so editing lowrank_fx
+    without changing its version misses too."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def versions() -> dict:
-    """torch, transformers (when imported) and lowrank_fx versions."""
+    """Python, torch, transformers (when imported) and lowrank_fx versions."""
     transformers = sys.modules.get("transformers")
-    return {"torch": torch.__version__, "lowrank_fx": __version__,
+    return {"python": ".".join(map(str, sys.version_info[:3])), "torch": torch.__version__, "lowrank_fx": __version__,
             "transformers": getattr(transformers, "__version__", None)}
 
 

@@ -13,6 +13,9 @@ pristine graph before any adapter, under a key of
 Every caller gets its own copy of that graph (`passes.fold.shared_copy`): a new graph and
 new small modules (mode switches, records), the model's own tensors. So `rewrite` injects
 into its copy only, `plan` never sees another caller's adapters, and no weight is copied.
+A capture loaded from the disk cache is memoised as a function that loads its bytes again
+(capture.py): each caller gets a graph of its own that way too, and the first caller, the
+one loaded graph, without a copy made for a second caller that may never come.
 One entry per model: a capture that misses replaces it (the tensors an old entry holds are
 the model's, or ones it had before a weight was replaced, until then).
 """
@@ -20,13 +23,15 @@ the model's, or ones it had before a weight was replaced, until then).
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 
 from torch import fx, nn
 
 from ..passes.fold import shared_copy
 from . import capture_key
 
-_MEMO: "weakref.WeakKeyDictionary[nn.Module, tuple[str, fx.GraphModule]]" = weakref.WeakKeyDictionary()
+Pristine = fx.GraphModule | Callable[[nn.Module], fx.GraphModule | None]
+_MEMO: weakref.WeakKeyDictionary[nn.Module, tuple[str, Pristine]] = weakref.WeakKeyDictionary()
 
 
 def _hooks(model: nn.Module) -> list:
@@ -53,16 +58,20 @@ def handout(gm: fx.GraphModule, training: bool) -> fx.GraphModule:
 
 
 def recall(model: nn.Module, key: str) -> fx.GraphModule | None:
-    """A copy of the graph memoised for `model` under `key`, or None."""
+    """A graph of its own of the capture memoised for `model` under `key`, or None."""
     entry = _MEMO.get(model)
     if entry is None or entry[0] != key:
         return None
-    return handout(entry[1], model.training)
+    if isinstance(entry[1], fx.GraphModule):
+        return handout(entry[1], model.training)
+    return entry[1](model)  # loads the disk cache's bytes again (None if they no longer fit the model)
 
 
-def remember(model: nn.Module, key: str, gm: fx.GraphModule) -> None:
-    """Keep `gm`, pristine, as `model`'s capture under `key` (replacing any earlier one)."""
-    _MEMO[model] = (key, gm)
+def remember(model: nn.Module, key: str, pristine: Pristine) -> None:
+    """Keep `pristine` as `model`'s capture under `key` (replacing any earlier one): a graph no
+    caller changes, or a function that makes a new graph of the capture for `model`, in its mode,
+    at each call, and holds no reference to `model`."""
+    _MEMO[model] = (key, pristine)
 
 
 def forget(model: nn.Module | None = None) -> None:

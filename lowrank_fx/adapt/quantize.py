@@ -28,6 +28,7 @@ from torch import nn
 
 from ..deprecation import api_options
 from ..errors import ModelTypeError, SpecError
+from ..noise import quiet_third_party
 from ..options import flag
 
 SCHEMES = ("int8", "nf4", "int4")
@@ -115,7 +116,8 @@ def quantize_base(model: nn.Module, scheme: str, *, exclude: str | Sequence[str]
         raise SpecError(f"quantize_base exclude must be a pattern or a list of patterns (e.g. ['lm_head', "
                         f"'*.down_proj']), got {exclude!r}")
     try:
-        import torchao.quantization as tq
+        with quiet_third_party():  # torchao's notices on its first import
+            import torchao.quantization as tq
     except ImportError as err:
         raise SpecError("lfx.quantize_base needs torchao: pip install 'lowrank-fx[quant]'") from err
     if not inplace:

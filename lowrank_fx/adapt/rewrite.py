@@ -119,7 +119,7 @@ def rewrite(model: nn.Module, spec: Spec, *, example_inputs: tuple[Any, ...] | N
             exact shapes (False).
         dynamic_shapes: torch.export's own `dynamic_shapes` for the example arguments, used
             instead of `dynamic`'s choice.
-        cache_dir: a directory (else $LOWRANK_FX_CACHE) that keeps the exported program,
+        cache_dir: a directory (else $LOWRANK_FX_CACHE) that keeps the captured graph,
             without weights, on disk for the next process; within a process a capture is
             reused anyway (`plan` then `rewrite` trace once), each call getting its own graph.
         layers: "auto" gives the graph its layers back: each repeated block (decoder layer,

@@ -193,7 +193,7 @@ def run(out: str = "demo_out", steps: int | None = None, progress: bool = True) 
     onnx_path = out_dir / "minilm.onnx"
     export = export_onnx(graphs["sentiment"], onnx_path, example_inputs=example, mode="adapters")
     second = export_onnx_adapter(graphs["sentence_type"], out_dir / "minilm.sentence_type.onnx_adapter",
-                                 adapter="sentence_type", model=onnx_path)
+                                 adapter="sentence_type", model_path=onnx_path)
     session = AdapterSession(onnx_path, adapters={"sentence_type": second})
     lap("ONNX export")
     ort_accuracy, ort_error = {}, {}

@@ -5,20 +5,19 @@ or config (see sources.py); nothing is downloaded. Targets and method come from 
 JSON spec file (spec_file.py). Bad input exits with status 2 and one message on stderr, never
 a traceback: one line, or a first line and the full list when the error lists differences.
 Number flags and output paths are checked (checks.py) before any model is loaded.
-Third-party log lines a user cannot act on (torch.onnx's "torchvision is not installed")
-are filtered out.
+Third-party notices a user cannot act on (torch.onnx's "torchvision is not installed") are
+filtered out while a command runs, as in the API's calls (noise.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import logging
 import sys
-import warnings
 from pathlib import Path
 
 from ..errors import LowRankFxError, SpecError
+from ..noise import quiet_third_party
 from .checks import at_least, check_output_file, check_output_folder, positive_float
 
 EXAMPLES = """examples:
@@ -150,7 +149,8 @@ def _export(args) -> int:
     source = _source(args)
     gm = _adapted(args, source) if args.adapters else source.model
     mode = args.mode if args.adapters else "merged"
-    result = export_onnx(gm, args.out, source.example_inputs, source.example_kwargs, mode=mode)
+    result = export_onnx(gm, args.out, example_inputs=source.example_inputs, example_kwargs=source.example_kwargs,
+                         mode=mode)
     for file in result.files:
         print(f"wrote {file}")
     return 0
@@ -301,33 +301,6 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
-# Third-party log lines that ask nothing of the user: logger -> phrases that mark them.
-UNACTIONABLE = {
-    "torch.onnx._internal.exporter._registration": ("torchvision is not installed",),  # ops torch.onnx skips
-    "torchao": ("Failed to load",),  # torchao's optional CUDA kernels, absent on CPU builds
-    "torch.utils._pytree": ("register_constant() on Enum subclasses is deprecated",),  # torchao's own enums
-}
-
-
-class _Unactionable(logging.Filter):
-    def __init__(self, phrases: tuple[str, ...]):
-        super().__init__()
-        self.phrases = phrases
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not any(phrase in message for phrase in self.phrases)
-
-
-def _quiet_third_party() -> None:
-    """Filter UNACTIONABLE log lines and torch.export's internal pytree deprecation warning."""
-    for name, phrases in UNACTIONABLE.items():
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _Unactionable) for f in logger.filters):
-            logger.addFilter(_Unactionable(phrases))
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
-
-
 def _check_outputs(args) -> None:
     """Refuse an output path that cannot be written, before any model is loaded."""
     if args.command == "train":
@@ -348,14 +321,14 @@ def _check_outputs(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command `argv` (default: sys.argv[1:]); returns the exit status."""
-    _quiet_third_party()
     try:
         args = parser().parse_args(argv)
     except SystemExit as done:  # --help, or a bad flag (already reported on stderr)
         return int(done.code or 0)
     try:
         _check_outputs(args)
-        return args.run(args)
+        with quiet_third_party():  # the same noise filter as the API's calls, around the command only
+            return args.run(args)
     except LowRankFxError as err:
         print(f"lowrank-fx {args.command}: error: {err}", file=sys.stderr)
         return 2

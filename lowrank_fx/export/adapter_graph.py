@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import warnings
 
 import torch
 from torch import fx, nn
@@ -34,6 +33,7 @@ from ..graph.gates import ungate
 from ..graph.module_copy import over_graph
 from ..graph.record import CONTAINER, KEY, Record
 from ..methods.base import AdapterGroup, Unit
+from ..noise import quiet_third_party
 
 SCALE = "scale"
 
@@ -145,8 +145,7 @@ def copy_graph(gm: fx.GraphModule, keep: list[str]) -> tuple[fx.GraphModule, fx.
     It shares gm's tensors and modules; the caller may replace adapter containers. Gates are
     dropped (every kept adapter is applied; see gates.ungate).
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
+    with quiet_third_party():
         graph = copy.deepcopy(gm.graph)
     dropped = [n for n in tagged_in(graph) if n.meta[KEY]["adapter"] not in keep]
     for node in dropped:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +19,7 @@ import torch
 from torch.export import Dim
 
 from ..errors import ExportError
+from ..noise import quiet_third_party
 from ..progress import stage
 from .signature import FlatCall
 from .stream_save import save_streaming
@@ -55,8 +55,7 @@ def run_exporter(module: FlatCall, examples: list[torch.Tensor], input_names: li
 
     The exporter's own optimizer is off: optimize.py's clean-up runs afterwards, once the
     caller has set lazy weights (merged_weights.py)."""
-    with eval_mode(module), torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with eval_mode(module), torch.no_grad(), quiet_third_party():
         try:
             program = torch.onnx.export(
                 module, tuple(examples), dynamo=True, dynamic_shapes=(tuple(dynamic),),

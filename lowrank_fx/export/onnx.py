@@ -31,14 +31,16 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import fx, nn
 from torch.export import Dim
 
+from ..deprecation import api_options
 from ..errors import ExportError
 from ..files.atomic import check_writable
 from ..graph.experts import grouped_sites
@@ -77,20 +79,45 @@ MIN_OPSET = 18  # the oldest opset torch.onnx's dynamo exporter translates to
 
 @dataclasses.dataclass
 class OnnxExport:
-    """What `export_onnx` wrote."""
+    """What `export_onnx` wrote.
+
+    Args:
+        path: the .onnx model.
+        mode: the export mode used: "merged", "adapters" or "per_row".
+        inputs: the model's inputs, in order (plus "adapter_ids" for "per_row").
+        outputs: the model's outputs, in order.
+        adapter_inputs: mode "adapters": the swappable adapter inputs; else empty.
+        adapters: mode "adapters": adapter name -> its .onnx_adapter file; else empty.
+        row_adapters: mode "per_row": the adapters of id 0, 1, ... (-1 is none); else empty.
+        files: every file written, the sidecar included.
+    """
 
     path: Path
     mode: str
-    inputs: list[str]  # model inputs, in order (plus "adapter_ids" for per_row)
+    inputs: list[str]
     outputs: list[str]
-    adapter_inputs: list[str]  # mode "adapters": the swappable inputs
-    adapters: dict[str, Path]  # mode "adapters": adapter name -> .onnx_adapter file
-    row_adapters: list[str]  # mode "per_row": adapter of id 0, 1, ...; -1 is none
-    files: list[Path]  # every file written, sidecar included
+    adapter_inputs: list[str]
+    adapters: dict[str, Path]
+    row_adapters: list[str]
+    files: list[Path]
 
-    def session(self, **kwargs):
-        """An AdapterSession over this export (kwargs: providers, session_options, adapters)."""
-        return AdapterSession(self.path, **kwargs)
+    def session(self, *, adapters: Mapping[str, str | os.PathLike] | None = None,
+                providers: Sequence[str] | None = None, session_options: Any = None) -> AdapterSession:
+        """An ONNX Runtime session over this export, with its adapter files loaded.
+
+        Args:
+            adapters: extra {name: .onnx_adapter file} to load besides the export's own.
+            providers: ONNX Runtime execution providers (default: CUDA when available, else CPU).
+            session_options: an `onnxruntime.SessionOptions` (thread counts, ...).
+
+        Returns:
+            An `AdapterSession` over `path`.
+
+        Raises:
+            ExportError: ONNX Runtime cannot load the model.
+            AdapterFileError: an adapter file does not fit the model, or onnxruntime is not installed.
+        """
+        return AdapterSession(self.path, adapters=adapters, providers=providers, session_options=session_options)
 
 
 @dataclasses.dataclass
@@ -116,8 +143,8 @@ def _pick_mode(model: nn.Module, mode: str) -> str:
     return mode
 
 
-def _chosen(model: fx.GraphModule, adapters) -> list[str]:
-    names = list(adapters) if adapters is not None else adapter_names(model)
+def _chosen(model: fx.GraphModule, adapters: str | Sequence[str] | None) -> list[str]:
+    names = adapter_names(model) if adapters is None else [adapters] if isinstance(adapters, str) else list(adapters)
     for name in names:
         check_adapter(model, name)
     if not names:
@@ -234,18 +261,46 @@ def _add_defaults(model: ir.Model, layout: list[AdapterInput]) -> None:
         model.graph.register_initializer(value)
 
 
-def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, example_kwargs=None, *,
-                mode: str = "auto", adapters: list[str] | None = None, dynamic_shapes: dict | None = None,
-                external_data: bool | None = None, opset: int | None = None,
-                custom_translation_table: dict | None = None, optimize: bool = True) -> OnnxExport:
-    """Export `model` (a GraphModule from lfx.rewrite / lfx.merge, or any module) to `path`.
+@api_options(positional=2)
+def export_onnx(model: nn.Module | fx.GraphModule, path: str | os.PathLike, *,
+                example_inputs: tuple[Any, ...] | None = None, example_kwargs: dict[str, Any] | None = None,
+                mode: str = "auto", adapters: str | Sequence[str] | None = None,
+                dynamic_shapes: dict[str, dict[int, Any]] | None = None, external_data: bool | None = None,
+                opset: int | None = None, custom_translation_table: dict[Any, Any] | None = None,
+                optimize: bool = True) -> OnnxExport:
+    """Export `model` to the ONNX file `path` (modes and layout: this module's docstring).
 
-    example_inputs / example_kwargs: a call the model accepts, as for lfx.rewrite (decoders:
-    example_kwargs={"use_cache": False}); tensors become ONNX inputs, other values are fixed.
-    adapters: which adapters to export. "merged" folds them into the weights (default: the
-    active ones, lfx.set_active_adapters); "adapters" (default: all) exports the first one's
-    graph, and the others must have the same structure (ranks may differ); "per_row"
-    (default: all) gives them the ids 0, 1, ... in this order.
+    The graph is exported in eval mode and keeps its own mode; it is not changed.
+
+    Args:
+        model: a GraphModule from `lfx.rewrite` / `lfx.merge`, or any module.
+        path: the .onnx file to write; adapter files and the sidecar go beside it.
+        example_inputs: positional example inputs, a call the model accepts (as for
+            `lfx.rewrite`); tensors become ONNX inputs, other values are fixed.
+        example_kwargs: keyword example inputs (decoders: {"use_cache": False}).
+        mode: "auto" (the default: "merged" for a graph without adapters, else "adapters"),
+            "merged", "adapters" or "per_row".
+        adapters: which adapters to export: a name, a list, or None for the default of the
+            mode. "merged" folds them into the weights (default: the graph's active set,
+            `lfx.set_active_adapters`); "adapters" (default: all) exports the first one's
+            graph, and the others must have the same structure (ranks may differ); "per_row"
+            (default: all) gives them the ids 0, 1, ... in this order.
+        dynamic_shapes: {input name: {axis: torch.export.Dim}} overriding the default, which
+            makes every axis of every input dynamic.
+        external_data: write the weights to `<path>.data` (default: only above 2 GB).
+        opset: the ONNX opset, >= 18 (default: the exporter's).
+        custom_translation_table: extra torch op -> onnxscript function translations for the exporter.
+        optimize: run the linear-cost clean-up of optimize.py on the exported graph.
+
+    Returns:
+        An `OnnxExport` listing the model, its inputs and outputs, adapter files and every file written.
+
+    Raises:
+        ExportError: no example inputs, an unknown mode or adapter, a mode that needs
+            adapters on a graph without them, adapters that cannot share one graph, a bad
+            opset or dynamic_shapes entry, `path` a folder, or the exporter fails.
+        FileWriteError: `path`'s folder cannot be written.
+        SpecError: `external_data` is not a bool or None.
     """
     if Path(path).is_dir():
         raise ExportError(f"{path} is a folder; give the .onnx file to write, e.g. {Path(path) / 'model.onnx'}")
@@ -299,7 +354,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
     path = Path(path)
     adapter_files = {}
     if mode == "adapters":
-        adapter_files = {name: export_onnx_adapter(model, path.with_name(f"{path.stem}.{name}{SUFFIX}"), name)
+        adapter_files = {name: export_onnx_adapter(model, path.with_name(f"{path.stem}.{name}{SUFFIX}"), adapter=name)
                          for name in names}
     sidecar = write_manifest(path, {
         "mode": mode, "inputs": sig.names, "outputs": outputs,
@@ -312,26 +367,41 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
                       files + list(adapter_files.values()) + [sidecar])
 
 
-def export_onnx_adapter(gm: fx.GraphModule, path: str | os.PathLike, adapter: str = "default",
-                        model: str | os.PathLike | None = None) -> Path:
-    """Write `adapter` of `gm` as an ONNX Runtime `.onnx_adapter` file.
+@api_options(positional=2, renamed={"model": "model_path"})
+def export_onnx_adapter(gm: fx.GraphModule, path: str | os.PathLike, *, adapter: str = "default",
+                        model_path: str | os.PathLike | None = None) -> Path:
+    """Write adapter `adapter` of `gm` as an ONNX Runtime `.onnx_adapter` file.
 
     It fits any model exported (mode "adapters") from a graph of the same structure, for
-    instance one trained later with the same spec. With `model` (an .onnx path) the file is
-    checked against that model and removed again if it does not fit.
+    instance one trained later with the same spec.
+
+    Args:
+        gm: a graph from `lfx.rewrite` with the adapter.
+        path: the file to write (suffix `.onnx_adapter` by convention).
+        adapter: the adapter to write (default "default").
+        model_path: an exported .onnx model to check the file against; a file that does not
+            fit it is removed again. Replaces `model=`, which is still accepted for one release.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ExportError: `gm` has no adapter `adapter`, or `model_path` is not a file.
+        AdapterFileError: the file does not fit `model_path`'s model, or onnxruntime is not installed.
+        ModelTypeError: `gm` is not a lowrank_fx graph.
     """
     require_graph(gm, "lfx.export_onnx_adapter")
-    if model is not None and not Path(model).is_file():
-        raise ExportError(f"model={model}: no such .onnx file; pass the model exported with "
+    if model_path is not None and not Path(model_path).is_file():
+        raise ExportError(f"model_path={model_path}: no such .onnx file; pass the model exported with "
                           "lfx.export_onnx(gm, path, mode='adapters') to check the adapter file against")
     gm = flat_view(gm)
     check_adapter(gm, adapter)
     tensors = adapter_tensors(gm, adapter)
     axes = {e.name: e.rank_axis for e in adapter_inputs(gm, adapter)}
     written = write_adapter_file(path, tensors, layout_fingerprint(tensors, axes))
-    if model is not None:
+    if model_path is not None:
         try:
-            check_adapter_file(written, model_slots(model))
+            check_adapter_file(written, model_slots(model_path))
         except Exception:
             written.unlink()
             raise

@@ -1,7 +1,7 @@
 """`AdapterSession`: one ONNX Runtime session serving the base model and every adapter.
 
     session = lfx.AdapterSession("model.onnx")           # adapter files from the sidecar
-    out = session.run({"input_ids": ids}, adapter="a")   # {"logits": array}; adapter=None: base
+    out = session.run({"input_ids": ids}, adapter="a")   # {"logits": array}; no adapter: base
     out = session.run({"input_ids": ids}, rows=["a", None, "b"])   # a per-row export
 
 Unmerged exports ("adapters" mode): each adapter file is checked against the model and
@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
+from ..deprecation import api_options
 from ..errors import AdapterFileError, ExportError, InputError, nearest
 from .manifest import manifest_path, read_manifest
 from .ort_adapter import check_adapter_file, load_ort, slots
@@ -28,6 +30,7 @@ from .session_inputs import check_feeds, described
 
 
 def default_providers() -> list[str]:
+    """CUDA when the installed onnxruntime offers it, then CPU."""
     available = load_ort().get_available_providers()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
@@ -56,15 +59,33 @@ def _sidecar(path: Path) -> tuple[list[str], dict[str, str]]:
 
 
 class AdapterSession:
-    """An InferenceSession over an exported model plus its named adapters.
+    """An ONNX Runtime session over an exported model plus its named adapters.
 
-    model_path: the .onnx written by `lfx.export_onnx`. adapters: extra {name: file} to load
-    besides those listed in the model's sidecar. session_options: an
-    `onnxruntime.SessionOptions` (thread counts, ...); providers: ORT provider list.
+    A session holds no current adapter: each `run` names the one it uses, and switching
+    between runs costs nothing. Adding an adapter (`add_adapter`) changes the session in place.
+
+    Args:
+        model_path: the .onnx written by `lfx.export_onnx`; the adapter files its sidecar
+            lists are loaded.
+        adapters: extra {name: .onnx_adapter file} to load besides the sidecar's.
+        providers: ONNX Runtime execution providers (default: CUDA when available, else CPU).
+        session_options: an `onnxruntime.SessionOptions` (thread counts, ...).
+
+    Raises:
+        ExportError: the model is missing or ONNX Runtime cannot load it, or its sidecar is malformed.
+        AdapterFileError: an adapter file does not fit the model, or onnxruntime is not installed.
+
+    Attributes:
+        path: the .onnx model.
+        session: the `onnxruntime.InferenceSession`.
+        input_names: the model's inputs (without a per-row export's `adapter_ids`).
+        output_names: the model's outputs, the keys of `run`'s result.
+        row_adapters: a per-row export's adapters, of id 0, 1, ...; else empty.
     """
 
-    def __init__(self, model_path: str | os.PathLike, adapters: Mapping[str, str | os.PathLike] | None = None,
-                 providers: Sequence[str] | None = None, session_options=None):
+    @api_options(positional=2)
+    def __init__(self, model_path: str | os.PathLike, *, adapters: Mapping[str, str | os.PathLike] | None = None,
+                 providers: Sequence[str] | None = None, session_options: Any = None) -> None:
         ort = load_ort()
         self.path = Path(model_path)
         rows, files = _sidecar(self.path)
@@ -84,11 +105,30 @@ class AdapterSession:
 
     @property
     def adapters(self) -> list[str]:
-        """Names usable as `adapter=` (swappable files, or the per-row export's adapters)."""
+        """The adapters of this session.
+
+        Returns:
+            The names usable as `adapter=` / in `rows=`: the loaded adapter files, or a
+            per-row export's adapters.
+        """
         return list(self._loaded) if not self._per_row else list(self.row_adapters)
 
     def add_adapter(self, name: str, path: str | os.PathLike) -> None:
-        """Check an .onnx_adapter file against this model and load it under `name`."""
+        """Check an .onnx_adapter file against this model and load it under `name` (in place).
+
+        A name already loaded is replaced.
+
+        Args:
+            name: the name runs select it by (`run(..., adapter=name)`).
+            path: an .onnx_adapter file from `lfx.export_onnx` / `lfx.export_onnx_adapter`.
+
+        Returns:
+            None; the session is changed in place.
+
+        Raises:
+            AdapterFileError: the file is missing, damaged or does not fit the model, or the
+                model takes no adapter files (a merged or per-row export).
+        """
         if self._per_row:
             raise AdapterFileError(
                 f"{self.path.name} is a per-row export: its adapters are constants of the graph "
@@ -133,10 +173,18 @@ class AdapterSession:
             ids.append(NONE_ID if name is None else self.row_adapters.index(name))
         return np.asarray(ids, dtype=np.int64)
 
-    def run_options(self, adapter: str | None):
-        """The RunOptions that make `adapter` active (None: the base model, no options), for
-        callers that run `self.session` themselves (KV-cache generation). Unknown names raise
-        with a did-you-mean."""
+    def run_options(self, adapter: str | None) -> Any:
+        """The RunOptions that make `adapter` active, for callers that run `self.session` themselves.
+
+        Args:
+            adapter: a loaded adapter's name, or None for the base model.
+
+        Returns:
+            An `onnxruntime.RunOptions` with the adapter active, or None for the base model.
+
+        Raises:
+            AdapterFileError: an unknown name (with a did-you-mean), or a per-row export.
+        """
         if adapter is None:
             return None
         if self._per_row:
@@ -148,15 +196,39 @@ class AdapterSession:
         return self._loaded[adapter][1]
 
     def row_ids(self, rows: Sequence[str | None]) -> np.ndarray:
-        """The `adapter_ids` input of a per-row export for one adapter name (or None) per row."""
+        """The `adapter_ids` input of a per-row export for one adapter name (or None) per row.
+
+        Args:
+            rows: one adapter name, or None for the base model, per batch row.
+
+        Returns:
+            (batch,) int64: each row's adapter id, -1 for none.
+
+        Raises:
+            AdapterFileError: this is not a per-row export, or a name is unknown.
+        """
         if not self._per_row:
             raise AdapterFileError(f"{self.path.name} is not a per-row export; it has no adapter_ids input")
         return self._row_ids(rows)
 
-    def run(self, inputs, adapter: str | None = None,
+    @api_options(positional=2)
+    def run(self, inputs: Mapping[str, Any], *, adapter: str | None = None,
             rows: Sequence[str | None] | None = None) -> dict[str, np.ndarray]:
-        """Outputs by name. `adapter`: one adapter for the whole batch (None: the base model);
-        `rows`: one adapter name (or None) per batch row, for per-row exports."""
+        """Run the model on `inputs` with one adapter, or one adapter per row.
+
+        Args:
+            inputs: {input name: array or tensor} for the model's inputs (`input_names`).
+            adapter: the adapter for the whole batch; None (the default) runs the base model,
+                with no adapter. A session has no active adapter: each run names its own.
+            rows: for a per-row export, one adapter name (or None) per batch row, instead of `adapter`.
+
+        Returns:
+            {output name: array} for every output of the model.
+
+        Raises:
+            AdapterFileError: an unknown adapter, or `rows` with an export that is not per-row.
+            InputError: missing, unknown or ill-shaped inputs, or `rows` of the wrong length.
+        """
         feeds = self._feeds(inputs)
         if self._per_row:
             batch = len(next(iter(feeds.values())))

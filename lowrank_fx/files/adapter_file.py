@@ -31,7 +31,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import safetensors
 import safetensors.torch
@@ -41,6 +43,7 @@ from torch import fx, nn
 from ..adapt.capture import capture
 from ..adapt.hotswap import slot_scales
 from ..adapt.rewrite import resolve
+from ..deprecation import api_options
 from ..errors import AdapterFileError, SpecError
 from ..graph.dtensors import whole, writes_files
 from ..graph.record import CONTAINER, Record, require_graph
@@ -72,13 +75,20 @@ def _manifest_checksum(manifest: dict) -> str:
     return "sha256:" + hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _chosen(names, adapter: str | None, where: str) -> list[str]:
+def _chosen(names, adapters: str | Sequence[str] | None, where: str) -> list[str]:
+    """The adapters of `names` that `adapters` selects (None: all of them), in `names`' order."""
     names = list(names)
-    if adapter is None:
+    if adapters is None:
         return names
-    if adapter not in names:
-        raise AdapterFileError(f"{where} has no adapter {adapter!r}; it has: {', '.join(names) or 'none'}")
-    return [adapter]
+    wanted = [adapters] if isinstance(adapters, str) else list(adapters)
+    if not wanted or not all(isinstance(name, str) for name in wanted):
+        raise AdapterFileError(f"adapters= must be an adapter name, a non-empty list of names, or None for all; "
+                               f"got {adapters!r}")
+    missing = [name for name in wanted if name not in names]
+    if missing:
+        raise AdapterFileError(f"{where} has no adapter {', '.join(map(repr, missing))}; "
+                               f"it has: {', '.join(names) or 'none'}")
+    return [name for name in names if name in wanted]
 
 
 def _buffers_to_keep(gm: fx.GraphModule, adapter: str, include_buffers: bool) -> dict[str, torch.Tensor]:
@@ -95,15 +105,31 @@ def _buffers_to_keep(gm: fx.GraphModule, adapter: str, include_buffers: bool) ->
             if key not in regenerated or not torch.equal(regenerated[key].to(buf.device), buf)}
 
 
-def save_adapters(gm: fx.GraphModule, path: str | os.PathLike, adapter: str | None = None,
+@api_options(positional=2, renamed={"adapter": "adapters"})
+def save_adapters(gm: fx.GraphModule, path: str | os.PathLike, *, adapters: str | Sequence[str] | None = None,
                   include_buffers: bool = False) -> Path:
-    """Save the adapters of `gm` (all of them, or only `adapter`) to the file `path`.
+    """Save adapters of `gm` to the file `path` (format: this module's docstring).
 
     The write is atomic: `path` keeps its previous content if the save fails midway.
-    `include_buffers=True` also stores non-persistent buffers (which methods otherwise
-    regenerate, e.g. RandLoRA's seeded random bases); buffers that differ from what the
-    method regenerates are always stored. Returns the path written.
     A graph sharded by FSDP2 is gathered: every rank calls this, rank 0 writes.
+
+    Args:
+        gm: a graph from `lfx.rewrite` (or `lfx.load_adapters` / `lfx.load_peft`) with adapters.
+        path: the file to write, a `.safetensors` name by convention.
+        adapters: which adapters to save: a name, a list of names, or None (the default) for
+            every adapter of the graph. Replaces `adapter=`, which is still accepted for one release.
+        include_buffers: also store non-persistent buffers, which methods otherwise
+            regenerate (RandLoRA's seeded random bases); buffers that differ from what the
+            method regenerates are always stored.
+
+    Returns:
+        The path written (on FSDP2 ranks other than 0, the path rank 0 writes).
+
+    Raises:
+        AdapterFileError: the graph has no adapters, `adapters` names one it lacks, or `path` is a folder.
+        FileWriteError: the file cannot be written (a read-only folder, a full disk).
+        SpecError: `path` is not a path, or `include_buffers` is not a bool.
+        ModelTypeError: `gm` is not a lowrank_fx graph.
     """
     require_graph(gm, "lfx.save_adapters")
     flag("lfx.save_adapters", "include_buffers", include_buffers)
@@ -111,11 +137,12 @@ def save_adapters(gm: fx.GraphModule, path: str | os.PathLike, adapter: str | No
         raise SpecError(f"lfx.save_adapters needs a file path (a str or pathlib.Path), got {path!r}; "
                         "e.g. lfx.save_adapters(gm, 'adapters.safetensors')")
     with whole(getattr(gm, CONTAINER, nn.Module())) as sharded:  # FSDP2: the adapters only, not the base
-        data, path = _serialised(flat_view(gm), path, adapter, include_buffers)  # blocks: the flat names
+        data, path = _serialised(flat_view(gm), path, adapters, include_buffers)  # blocks: the flat names
     return write_atomic(path, data) if writes_files(sharded) else path
 
 
-def _serialised(gm: fx.GraphModule, path, adapter: str | None, include_buffers: bool) -> tuple[bytes, Path]:
+def _serialised(gm: fx.GraphModule, path, adapters: str | Sequence[str] | None,
+                include_buffers: bool) -> tuple[bytes, Path]:
     record = Record.find(gm)
     if record is None or not record.adapters:
         raise AdapterFileError("this graph has no adapters to save; add one with lfx.rewrite(model, spec, ...) first")
@@ -123,18 +150,18 @@ def _serialised(gm: fx.GraphModule, path, adapter: str | None, include_buffers: 
     if path.is_dir():
         raise AdapterFileError(f"{path} is a directory; give a file name, e.g. {path / 'adapters.safetensors'}")
     graph_targets = find_targets(gm, record.aliases)
-    tensors, adapters = {}, {}
-    for name in _chosen(record.adapters, adapter, "this graph"):
+    tensors, entries = {}, {}
+    for name in _chosen(record.adapters, adapters, "this graph"):
         state = {**getattr(gm, CONTAINER)[name].state_dict(), **_buffers_to_keep(gm, name, include_buffers)}
         tensors.update((f"{name}.{key}", value.detach().cpu().contiguous().clone()) for key, value in state.items())
         shapes = {target: graph_targets[target].shape for target in record.adapters[name].groups}
-        adapters[name] = {
+        entries[name] = {
             "spec": spec_to_json(record.adapters[name].spec),
             "targets": {target: list(shape) for target, shape in shapes.items()},
             "fingerprint": fingerprint(shapes),
         }
     manifest = {"format": FORMAT, "version": VERSION, "lowrank_fx": __version__,
-                "checksum": _checksum(tensors), "adapters": adapters}
+                "checksum": _checksum(tensors), "adapters": entries}
     manifest["manifest_checksum"] = _manifest_checksum(manifest)
     return safetensors.torch.save(tensors, metadata={MANIFEST_KEY: json.dumps(manifest), "format": "pt"}), path
 
@@ -193,29 +220,57 @@ def _check_manifest(path: Path, manifest, tensors: dict[str, torch.Tensor]) -> N
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
-    """The manifest of an adapter file (after checking that the file is whole)."""
+    """The manifest of an adapter file (after checking that the file is whole).
+
+    Args:
+        path: an adapter file written by `lfx.save_adapters`.
+
+    Returns:
+        The manifest's JSON object (this module's docstring lists its keys).
+
+    Raises:
+        AdapterFileError: the file is missing, damaged or not a lowrank_fx adapter file.
+    """
     return _read(Path(path))[0]
 
 
-def load_adapters(model, path: str | os.PathLike, adapter: str | None = None, example_inputs=None,
-                  example_kwargs=None) -> fx.GraphModule:
-    """Load adapters from `path` into `model` (a GraphModule, or a model to capture) and return the graph.
+@api_options(positional=2, renamed={"adapter": "adapters"})
+def load_adapters(model: nn.Module | fx.GraphModule, path: str | os.PathLike, *,
+                  adapters: str | Sequence[str] | None = None, example_inputs: tuple[Any, ...] | None = None,
+                  example_kwargs: dict[str, Any] | None = None) -> fx.GraphModule:
+    """Load adapters from the file `path` into `model` and return the graph that holds them.
 
-    `adapter=None` loads every adapter in the file, otherwise only the named one. An adapter
-    the graph already has keeps its modules and gets the file's values; its targets and
-    method settings must agree with the file. An adapter the graph does not have is first
-    added by `rewrite` with the spec stored in the file. Names, shapes, dtypes and the base
-    fingerprint are all checked before anything changes: on any difference one
-    AdapterFileError lists them all, and the graph is untouched.
+    In place: a lowrank_fx GraphModule (from `lfx.rewrite`, or an earlier load) is changed
+    and returned as it is. An adapter the graph already has keeps its modules and gets the
+    file's values (its targets and method settings must agree with the file); an adapter the
+    graph does not have is first added by `rewrite` with the spec stored in the file. Names,
+    shapes, dtypes and the base fingerprint are all checked before anything changes: on any
+    difference one AdapterFileError lists them all, and the graph is untouched. Any other
+    model is captured first (pass `example_inputs` / `example_kwargs` as for `rewrite`) and
+    the new graph is returned; the model itself is not changed: use the returned graph.
 
-    A model that is not yet a lowrank_fx GraphModule is captured first (pass
-    `example_inputs` / `example_kwargs` as for `rewrite`); use the returned graph.
+    Args:
+        model: a GraphModule (rewritten or not), or a model to capture.
+        path: an adapter file written by `lfx.save_adapters`.
+        adapters: which of the file's adapters to load: a name, a list of names, or None (the
+            default) for all of them. Replaces `adapter=`, which is still accepted for one release.
+        example_inputs: positional example inputs for capturing a model that is not yet a graph.
+        example_kwargs: keyword example inputs for the capture (decoders: {"use_cache": False}).
+
+    Returns:
+        The graph holding the loaded adapters: `model` itself when it is a lowrank_fx GraphModule.
+
+    Raises:
+        AdapterFileError: the file is missing, damaged, not a lowrank_fx adapter file, lacks a
+            selected adapter, or does not fit the graph (every difference listed; nothing changed).
+        CaptureError: `model` cannot be captured with the example inputs.
+        ModelTypeError: `model` is not an nn.Module.
     """
     path = Path(path)
     manifest, tensors = _read(path)
     gm = capture(model, example_inputs, example_kwargs)
     items = []
-    for name in _chosen(manifest["adapters"], adapter, str(path)):
+    for name in _chosen(manifest["adapters"], adapters, str(path)):
         entry = manifest["adapters"][name]
         try:
             shapes = {target: (int(shape[0]), int(shape[1])) for target, shape in entry["targets"].items()}

@@ -38,7 +38,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from pathlib import Path
+from typing import Any
 
 import safetensors
 import safetensors.torch
@@ -48,6 +50,7 @@ from torch import fx, nn
 from ..adapt.capture import capture
 from ..adapt.hotswap import loaded_factor
 from ..adapt.rewrite import resolve
+from ..deprecation import LowRankFxDeprecationWarning, api_options
 from ..errors import AdapterFileError, LowRankFxError
 from ..graph.dtensors import whole, writes_files
 from ..graph.experts import ExpertsKind
@@ -258,17 +261,38 @@ def _spec(gm: fx.GraphModule, config: dict, methods: dict[str, Method]) -> Spec:
     return Spec(targets=[_literal(name) for name in methods], method=method)
 
 
-def load_peft(model, directory: str | os.PathLike, adapter: str = "default", example_inputs=None,
-              example_kwargs=None) -> fx.GraphModule:
+@api_options(positional=2)
+def load_peft(model: nn.Module | fx.GraphModule, directory: str | os.PathLike, *, adapter: str = "default",
+              example_inputs: tuple[Any, ...] | None = None,
+              example_kwargs: dict[str, Any] | None = None) -> fx.GraphModule:
     """Load the PEFT adapter in `directory` into `model` as adapter `adapter`; returns the graph.
 
-    `model` is a GraphModule (rewritten or not) or a model to capture with `example_inputs` /
-    `example_kwargs`. If the graph already has `adapter`, its targets and settings must match
-    the PEFT adapter; otherwise it is added. `modules_to_save` become the adapter's trained
-    modules (`Spec.train`, peft_saved.py), and bias="all" / "lora_only" trained biases
+    In place: a lowrank_fx GraphModule is changed and returned as it is. If it already has
+    `adapter`, its targets and settings must match the PEFT adapter and its values are
+    overwritten; otherwise the adapter is added. Any other model is captured first with
+    `example_inputs` / `example_kwargs` (as for `rewrite`) and the new graph is returned; the
+    model itself is not changed. `modules_to_save` become the adapter's trained modules
+    (`Spec.train`, peft_saved.py), and bias="all" / "lora_only" trained biases
     (peft_bias.py); stored base embedding tables must be the model's (peft_base.py).
     Unsupported PEFT settings (other bias values, base-modifying initialisations, other PEFT
-    methods) raise AdapterFileError naming them, and nothing changes.
+    methods) are refused, and nothing changes.
+
+    Args:
+        model: a GraphModule (rewritten or not), or a model to capture.
+        directory: a PEFT adapter directory (`adapter_config.json`, `adapter_model.safetensors`).
+        adapter: the name the adapter gets in the graph (default "default").
+        example_inputs: positional example inputs for capturing a model that is not yet a graph.
+        example_kwargs: keyword example inputs for the capture (decoders: {"use_cache": False}).
+
+    Returns:
+        The graph holding the adapter: `model` itself when it is a lowrank_fx GraphModule.
+
+    Raises:
+        AdapterFileError: the directory is not a PEFT adapter lowrank_fx can load (missing or
+            pickled files, unsupported settings), or the adapter does not fit the graph (every
+            difference listed; nothing changed).
+        CaptureError: `model` cannot be captured with the example inputs.
+        ModelTypeError: `model` is not an nn.Module.
     """
     directory = Path(directory)
     config = _read_config(directory)
@@ -329,28 +353,53 @@ def load_peft(model, directory: str | os.PathLike, adapter: str = "default", exa
 
 
 def _only_adapter(record: Record, adapter: str | None) -> str:
+    """The adapter save_peft writes. Until the next release, the default "default" (or None) on a
+    graph without a "default" adapter but with exactly one adapter picks that one, with a warning."""
     names = list(record.adapters)
-    if adapter is None:
+    if adapter is None or (adapter == "default" and adapter not in names and len(names) == 1):
         if len(names) != 1:
             raise AdapterFileError(f"a PEFT directory holds one adapter; this graph has {names}: pass adapter=<name>")
+        warnings.warn(f"lowrank_fx.save_peft: adapter= now defaults to 'default'; this graph's only adapter is "
+                      f"{names[0]!r}: pass adapter={names[0]!r} (picking the only adapter stops working in the next "
+                      "release)", LowRankFxDeprecationWarning, stacklevel=5)  # past _peft_files, save_peft, api_options
         return names[0]
     if adapter not in names:
-        raise AdapterFileError(f"this graph has no adapter {adapter!r}; it has: {', '.join(names)}")
+        raise AdapterFileError(f"this graph has no adapter {adapter!r}; a PEFT directory holds one adapter: "
+                               f"pass adapter=<name>, one of {', '.join(names)}")
     return adapter
 
 
-def save_peft(gm: fx.GraphModule, directory: str | os.PathLike, adapter: str | None = None,
+@api_options(positional=2)
+def save_peft(gm: fx.GraphModule, directory: str | os.PathLike, *, adapter: str = "default",
               base_model_name_or_path: str | None = None, task_type: str | None = None,
               as_plain_lora: bool = False) -> Path:
-    """Write adapter `adapter` of `gm` (default: its only adapter) as a PEFT adapter directory.
+    """Write adapter `adapter` of `gm` as a PEFT adapter directory.
 
     `peft.PeftModel.from_pretrained(original_model, directory)` then loads it and computes
-    what the graph computes. `base_model_name_or_path` and `task_type` (e.g. "CAUSAL_LM")
-    are written to the config for PEFT's Auto classes. Each file is written atomically, and the
-    directory is created if missing. A graph sharded by FSDP2 is gathered: every rank calls this,
-    rank 0 writes. `as_plain_lora=True` writes a PiSSA / OLoRA adapter as the plain rank-2r LoRA
-    of its update relative to the ORIGINAL weights (PEFT's `path_initial_model_for_weight_conversion`,
-    files/peft_init.py), for the unchanged base model.
+    what the graph computes. Each file is written atomically, and the directory is created
+    if missing. A graph sharded by FSDP2 is gathered: every rank calls this, rank 0 writes.
+
+    Args:
+        gm: a graph from `lfx.rewrite` with adapters.
+        directory: the folder to write `adapter_config.json` and `adapter_model.safetensors` into.
+        adapter: the adapter to write (default "default"). Until the next release, a graph
+            without a "default" adapter but with exactly one adapter writes that one, with a
+            LowRankFxDeprecationWarning.
+        base_model_name_or_path: written to the config, for PEFT's Auto classes.
+        task_type: written to the config (e.g. "CAUSAL_LM"), for PEFT's Auto classes.
+        as_plain_lora: write a PiSSA / OLoRA adapter as the plain rank-2r LoRA of its update
+            relative to the ORIGINAL weights (PEFT's `path_initial_model_for_weight_conversion`,
+            files/peft_init.py), for the unchanged base model.
+
+    Returns:
+        The directory written (on FSDP2 ranks other than 0, the one rank 0 writes).
+
+    Raises:
+        AdapterFileError: the graph has no adapter `adapter`, or it cannot be a PEFT adapter
+            (several methods, targets that are not modules, only trained modules).
+        FileWriteError: a file cannot be written.
+        SpecError: `as_plain_lora` is not a bool.
+        ModelTypeError: `gm` is not a lowrank_fx graph.
     """
     require_graph(gm, "lfx.save_peft")
     flag("lfx.save_peft", "as_plain_lora", as_plain_lora)

@@ -29,12 +29,15 @@ import dataclasses
 import json
 import os
 import shutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import fx, nn
 from torch.export import Dim
 
+from ..deprecation import api_options
 from ..errors import ExportError, SpecError
 from ..export.manifest import read_manifest, write_manifest
 from ..export.onnx import export_onnx
@@ -51,21 +54,49 @@ from .session import GenerationSession
 SUFFIX = ".onnx_adapter"
 
 
+AdapterSource = fx.GraphModule | str | os.PathLike  # a graph from lfx.rewrite, or an adapter file
+
+
 @dataclasses.dataclass
 class GenerationExport:
-    """What `export_generation` wrote."""
+    """What `export_generation` wrote.
+
+    Args:
+        directory: the generation directory.
+        model: the decoder, `model.onnx`.
+        adapters: adapter name -> its .onnx_adapter file.
+        config: `genai_config.json`.
+        tokenizer: the tokenizer files copied or saved (empty without a tokenizer).
+        per_row: `per_row/model.onnx` with per_row=True, else None.
+        files: every file written.
+    """
 
     directory: Path
-    model: Path  # model.onnx
-    adapters: dict[str, Path]  # adapter name -> .onnx_adapter file
-    config: Path  # genai_config.json
-    tokenizer: list[Path]  # tokenizer files copied or saved (empty without a tokenizer)
-    per_row: Path | None  # per_row/model.onnx, with per_row=True
-    files: list[Path]  # every file written
+    model: Path
+    adapters: dict[str, Path]
+    config: Path
+    tokenizer: list[Path]
+    per_row: Path | None
+    files: list[Path]
 
-    def session(self, **kwargs):
-        """A GenerationSession over this directory (kwargs: providers, session_options)."""
-        return GenerationSession(self.directory, **kwargs)
+    def session(self, *, providers: Sequence[str] | None = None, session_options: Any = None,
+                adapters: Mapping[str, str | os.PathLike] | None = None) -> GenerationSession:
+        """A GenerationSession over this directory.
+
+        Args:
+            providers: ONNX Runtime execution providers (default: CUDA when available, else CPU).
+            session_options: an `onnxruntime.SessionOptions` (thread counts, ...).
+            adapters: extra {name: .onnx_adapter file} to load besides the export's own.
+
+        Returns:
+            A `GenerationSession` over `directory`.
+
+        Raises:
+            ExportError: the directory is damaged or ONNX Runtime cannot load the model.
+            AdapterFileError: an adapter file does not fit the model, or onnxruntime is not installed.
+        """
+        return GenerationSession(self.directory, providers=providers, session_options=session_options,
+                                 adapters=adapters)
 
 
 def _examples(model: nn.Module, example_inputs) -> dict:
@@ -185,16 +216,39 @@ def _export(decode, path: Path, names: list[str], mode: str, optimize: bool):
                        dynamic_shapes=_dynamic(examples), optimize=optimize)
 
 
-def export_generation(model: nn.Module, adapters, directory: str | os.PathLike, example_inputs=None, dtype=None,
-                      tokenizer=None, *, per_row: bool = False, optimize: bool = True) -> GenerationExport:
+@api_options(positional=3)
+def export_generation(model: nn.Module, adapters: AdapterSource | Mapping[str, AdapterSource],
+                      directory: str | os.PathLike, *, example_inputs: torch.Tensor | tuple[Any, ...] | None = None,
+                      dtype: torch.dtype | None = None, tokenizer: Any = None, per_row: bool = False,
+                      optimize: bool = True) -> GenerationExport:
     """Write a generation directory for ONNX Runtime and onnxruntime-genai (see the module docstring).
 
-    example_inputs: example input ids for loading adapter files (default: random ids).
-    dtype: export the base in this dtype (torch.float16, ...). tokenizer: a transformers
-    tokenizer (saved with save_pretrained) or a tokenizer file or directory (copied).
-    per_row=True also writes per_row/ (rows=[...] in GenerationSession, `adapter_ids` in genai).
-    optimize: clean up the exported graphs (export/optimize.py: weight transposes and small
-    constants folded, common subexpressions merged; cost linear in the graph's size).
+    Args:
+        model: the original Hugging Face decoder (not a graph, and with no adapter merged in).
+        adapters: the adapters to export, each under its name: a graph from `lfx.rewrite`
+            (all its adapters), an adapter file from `lfx.save_adapters` (all of its
+            adapters), or {name: graph or file} (the graph's or file's adapter called `name`,
+            else its only one).
+        directory: the folder to write; created if missing.
+        example_inputs: example input ids for loading adapter files (default: random ids).
+        dtype: export the base in this floating dtype (torch.float16, ...); adapters stay float32.
+        tokenizer: a transformers tokenizer (saved with save_pretrained), or a tokenizer file
+            or directory (copied).
+        per_row: also write per_row/ (rows=[...] in GenerationSession, `adapter_ids` in genai).
+        optimize: clean up the exported graphs (export/optimize.py: weight transposes and small
+            constants folded, common subexpressions merged; cost linear in the graph's size).
+
+    Returns:
+        A `GenerationExport` listing the model, adapter files, config and every file written.
+
+    Raises:
+        ExportError: the adapters cannot share the decoder's layout, a source has no
+            adapters, the model's base differs from the adapters' base, `directory` is a
+            file, or the export fails.
+        ModelTypeError: `model` is not a causal LM that can be exported with a KV cache.
+        SpecError: `dtype` is not a floating torch.dtype.
+        AdapterFileError: an adapter file cannot be loaded into `model`.
+        FileWriteError: `directory` cannot be written.
     """
     check_onnx_decoder(model)
     text_config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config

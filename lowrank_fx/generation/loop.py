@@ -32,10 +32,14 @@ Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, object], tuple[torch.
 
 @dataclasses.dataclass
 class Generated:
-    """`sequences` (batch, length) int64: prompt + new tokens; `logits`: the raw next-token
-    logits of every step, (batch, vocab) each (transformers' `output_logits`; with beams
-    (batch * num_beams, vocab)); `scores`: with beams, each row's final beam score
-    (transformers' `sequences_scores`), else None."""
+    """What `generate(..., output_logits=True)` returns (transformers' `output_logits`).
+
+    Args:
+        sequences: (batch, length) int64: prompt + new tokens.
+        logits: the raw next-token logits of every step, (batch, vocab) each; with beams
+            (batch * num_beams, vocab).
+        scores: with beams, each row's final beam score (transformers' `sequences_scores`), else None.
+    """
 
     sequences: torch.Tensor
     logits: tuple[torch.Tensor, ...]

@@ -15,12 +15,12 @@ from ..errors import InputError
 from ..passes.row_gates import check_rows, enable_rows, rows_applied
 
 
-def row_generation(gm: fx.GraphModule, decode: fx.GraphModule, input_ids, adapter, rows):
+def row_generation(gm: fx.GraphModule, decode: fx.GraphModule, input_ids, adapters, rows):
     """A context that applies `rows` to gm and its decode graph; a no-op context for rows=None."""
     if rows is None:
         return contextlib.nullcontext()
-    if adapter is not None:
-        raise InputError("give either adapter= (one set for every row) or rows= (one adapter per row), not both")
+    if adapters is not None:
+        raise InputError("give either adapters= (one set for every row) or rows= (one adapter per row), not both")
     rows = check_rows(gm, rows)
     batch = len(input_ids) if isinstance(input_ids, (list, tuple)) else torch.as_tensor(input_ids).shape[0]
     if len(rows) != batch:

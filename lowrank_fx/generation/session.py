@@ -22,10 +22,12 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from ..deprecation import api_options
 from ..errors import AdapterFileError, ExportError, InputError
 from ..export.ort_adapter import load_ort
 from ..export.per_row import IDS
@@ -38,14 +40,36 @@ _NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(do
 
 
 class GenerationSession:
-    """Generation over a directory written by `lfx.export_generation` (see the module docstring).
+    """KV-cache generation over a directory written by `lfx.export_generation` (see the module docstring).
 
-    providers / session_options: as for onnxruntime.InferenceSession (default: CUDA when
-    available, else CPU). adapters: extra {name: .onnx_adapter file} to load.
+    A session holds no current adapter: each `generate` names the one it uses (None: the
+    base model). Adding an adapter (`add_adapter`) changes the session in place.
+
+    Args:
+        directory: a directory written by `lfx.export_generation`.
+        providers: ONNX Runtime execution providers (default: CUDA when available, else CPU).
+        session_options: an `onnxruntime.SessionOptions` (thread counts, ...).
+        adapters: extra {name: .onnx_adapter file} to load besides the export's own.
+
+    Raises:
+        ExportError: the directory has no genai_config.json, it is damaged, or ONNX Runtime
+            cannot load the model.
+        AdapterFileError: an adapter file does not fit the model, or onnxruntime is not installed.
+
+    Attributes:
+        directory: the generation directory.
+        config: genai_config.json's content.
+        layers: the decoder's layers (key/value cache pairs).
+        kv_heads: key/value heads per layer.
+        head_dim: the size of one attention head.
+        vocab_size: the logits' size.
+        eos_token_id: genai_config.json's end-of-sequence ids.
+        pad_token_id: genai_config.json's padding id.
     """
 
-    def __init__(self, directory: str | os.PathLike, providers: Sequence[str] | None = None, session_options=None,
-                 adapters: Mapping[str, str | os.PathLike] | None = None):
+    @api_options(positional=2)
+    def __init__(self, directory: str | os.PathLike, *, providers: Sequence[str] | None = None,
+                 session_options: Any = None, adapters: Mapping[str, str | os.PathLike] | None = None) -> None:
         self.directory = Path(directory)
         config_path = self.directory / CONFIG
         if not config_path.is_file():
@@ -80,11 +104,26 @@ class GenerationSession:
 
     @property
     def adapters(self) -> list[str]:
-        """Names usable as `adapter=`."""
+        """The adapters of this session.
+
+        Returns:
+            The names usable as `adapter=`.
+        """
         return self._main.adapters
 
     def add_adapter(self, name: str, path: str | os.PathLike) -> None:
-        """Check an .onnx_adapter file against the exported model and load it under `name`."""
+        """Check an .onnx_adapter file against the exported model and load it under `name` (in place).
+
+        Args:
+            name: the name `generate(..., adapter=name)` selects it by; a name already loaded is replaced.
+            path: an .onnx_adapter file written for this export's model.
+
+        Returns:
+            None; the session is changed in place.
+
+        Raises:
+            AdapterFileError: the file is missing, damaged or does not fit the model.
+        """
         self._main.add_adapter(name, path)
 
     def _per_row(self) -> AdapterSession:
@@ -128,21 +167,46 @@ class GenerationSession:
         index = rows.numpy()
         return [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value.numpy()[index]), "cpu") for value in cache]
 
-    def generate(self, input_ids, attention_mask=None, adapter: str | None = None,
-                 rows: Sequence[str | None] | None = None, *, max_new_tokens: int = 20, do_sample: bool = False,
+    @api_options(positional=2)
+    def generate(self, input_ids: torch.Tensor | Sequence[Sequence[int]], *,
+                 attention_mask: torch.Tensor | Sequence[Sequence[int]] | None = None, adapter: str | None = None,
+                 rows: Sequence[str | None] | None = None, max_new_tokens: int = 20, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
-                 seed: int | None = None, num_beams: int = 1, length_penalty: float = 1.0, early_stopping=False,
-                 output_logits: bool = False):
-        """Generate; returns (batch, prompt + new) int64 like transformers' generate.
+                 seed: int | None = None, num_beams: int = 1, length_penalty: float = 1.0,
+                 early_stopping: bool | str = False, output_logits: bool = False) -> torch.Tensor | Generated:
+        """Generate, as transformers' `generate` and `lfx.generate` (loop.py, beam.py).
 
-        adapter: one adapter for the batch (None: the base model). rows: one adapter name
-        (or None) per row, with a per-row export. eos_token_id / pad_token_id: None takes
-        genai_config.json's; eos_token_id=[] never stops early. Padding (left or right by
-        attention_mask; left only with a sliding window), sampling and EOS as `lfx.generate`
-        (loop.py); num_beams > 1 with length_penalty and early_stopping: beam search as
-        `lfx.generate` (beam.py), one adapter for the batch.
-        output_logits=True returns a `Generated` (sequences, per-step logits) instead.
+        Padding is left or right, by attention_mask; left only with a sliding window.
+
+        Args:
+            input_ids: (batch, prompt) token ids, a tensor or lists of ints.
+            attention_mask: (batch, prompt), 1 for tokens and 0 for padding (default: all ones).
+            adapter: the one adapter for the batch; None (the default) generates with the base
+                model. A session has no active adapter: each call names its own.
+            rows: with a per-row export (export_generation(..., per_row=True)), one adapter
+                name (or None) per batch row, instead of `adapter`.
+            max_new_tokens: how many tokens to add at most.
+            do_sample: sample (True) or pick the most likely token (False).
+            temperature: sampling temperature.
+            top_k: sample among the k most likely tokens (0: all).
+            top_p: sample among the most likely tokens whose probabilities add up to p.
+            eos_token_id: the id(s) that end a row; None takes genai_config.json's; [] never stops early.
+            pad_token_id: the id written after a row ended; None takes genai_config.json's.
+            seed: seed of the sampling generator (None: torch's global one).
+            num_beams: > 1 runs beam search (greedy only, one adapter for the batch).
+            length_penalty: beam search's length penalty.
+            early_stopping: beam search's stop rule: True, False or "never".
+            output_logits: return a `Generated` (sequences, per-step logits) instead of the ids.
+
+        Returns:
+            (batch, prompt + new) int64 token ids, or a `Generated` with output_logits=True.
+
+        Raises:
+            AdapterFileError: an unknown adapter, or `rows` without a per-row export.
+            InputError: bad input ids or mask, both `adapter` and `rows`, rows of the wrong
+                length, or beam search with sampling or rows.
+            SpecError: bad generation settings (counts, temperature, ...).
         """
         batch = as_ids(input_ids, "input_ids").shape[0]
         if "sliding_window" in self.config["model"]["decoder"]:

@@ -13,27 +13,36 @@ or another `model=` is given). A call runs it without the adapters whose gate is
 (active_graph.py: one copy per set of active adapters, sharing every module), and so does
 its compiled form (`compile=True`, or a backend name such as "aot_eager":
 `torch.compile(dynamic=True)`, one per set; after a set's first call, no recompiles per
-token or per prompt length). Per-row adapters run the full graph.
+token or per prompt length; the options, and the module check that replaces dynamo's module
+guards: compile_options.py). One row and several rows compile apart, once each: torch
+specialises a batch of 1, and that is the fast case, since a one-row token step's matrix
+products are matrix-vector products (run as two rows, a step's products took 1.6x as long
+on a 2-core CPU); batches of 2 and more share one graph (traced_sizes). Per-row adapters run the full graph.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import weakref
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import fx, nn
 
 from ..adapt.capture import source_model
+from ..deprecation import api_options
 from ..errors import ModelTypeError, SpecError
 from ..export.exporter import eval_mode
 from ..graph.gates import GATES, active_adapters, set_active_adapters
 from ..graph.record import Record
-from ..options import compile_backend
+from ..noise import quiet_third_party
+from ..progress import note
 from .active_graph import inactive_adapters, without_adapters
-from .decode_graph import LAYOUT, decode_graph, share_adapters, use_base_of
 from .beam import check_beams, reorder_tensors, run_beams
+from .compile_options import compile_kwargs, state_key, traced_sizes
+from .decode_graph import LAYOUT, decode_graph, share_adapters, use_base_of
 from .decoder import layer_types
 from .loop import Generated, Sampling, check_count, check_left_padded, eos_list, run
 from .rows import row_generation
@@ -98,20 +107,13 @@ def _runnable(gm: fx.GraphModule, per_row: bool) -> fx.GraphModule:
 
 
 def _compiled(gm: fx.GraphModule, graph: fx.GraphModule, option):
+    """graph compiled for `option`, kept per option, graph and module state (compile_options.py)."""
     entry = _DECODERS[gm]
-    key = (option if isinstance(option, (bool, str)) else repr(sorted(option.items())), id(graph))
+    kwargs = compile_kwargs(option)
+    key = (option if isinstance(option, (bool, str)) else repr(sorted(option.items())), id(graph), state_key(graph))
     if key not in entry.compiled:
-        if option is True:
-            kwargs = {}
-        elif isinstance(option, str):
-            compile_backend("lfx.generate", "compile", option)
-            kwargs = {"backend": option}
-        elif isinstance(option, dict):
-            kwargs = dict(option)
-        else:
-            raise SpecError(f"compile must be False, True, a backend name or a dict of torch.compile options, got {option!r}")
-        kwargs.setdefault("dynamic", True)
         entry.compiled[key] = torch.compile(graph, **kwargs)
+        note("compiling the decode step with torch.compile on its first calls (later calls with these adapters reuse it)")
     return entry.compiled[key]
 
 
@@ -133,26 +135,57 @@ def default_ids(model: nn.Module, eos_token_id, pad_token_id) -> tuple[list[int]
     return eos_list(eos_token_id), pad_token_id
 
 
-def generate(gm: fx.GraphModule, input_ids, attention_mask=None, adapter: str | Sequence[str] | None = None, *,
-             max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
-             seed: int | None = None, num_beams: int = 1, length_penalty: float = 1.0, early_stopping=False,
-             compile=False, model: nn.Module | None = None, output_logits: bool = False,
-             rows: Sequence[str | None] | None = None):
-    """Generate tokens with `gm`'s adapters unmerged; returns (batch, prompt + new) int64, as transformers.
+@api_options(positional=2, renamed={"adapter": "adapters"})
+def generate(gm: fx.GraphModule, input_ids: torch.Tensor | Sequence[Sequence[int]], *,
+             attention_mask: torch.Tensor | Sequence[Sequence[int]] | None = None,
+             adapters: str | list[str] | tuple[str, ...] | None = None, max_new_tokens: int = 20,
+             do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+             seed: int | None = None, num_beams: int = 1, length_penalty: float = 1.0,
+             early_stopping: bool | str = False, compile: bool | str | dict[str, Any] = False,
+             model: nn.Module | None = None, output_logits: bool = False,
+             rows: Sequence[str | None] | None = None) -> torch.Tensor | Generated:
+    """Generate tokens with `gm`'s adapters unmerged, as transformers' `generate`.
 
-    adapter: which adapters to apply, as `lfx.set_active_adapters` takes them (a name, a list,
-    [] for the base model); None keeps gm's active set. The previous set is restored after.
-    eos_token_id / pad_token_id: None takes the model's generation config (pad: else the first
-    EOS id); eos_token_id=[] never stops early. Left or right padding by attention_mask
-    (loop.py); left only for sliding-window or chunked models. num_beams > 1: beam search as
-    transformers' (beam.py), with length_penalty and early_stopping (True, False or "never");
-    greedy only (do_sample=False), one adapter set. compile: False, True, a torch.compile
-    backend name, or a dict of its options.
-    model: the Hugging Face model gm was rewritten from (default: the one rewrite captured).
-    output_logits=True returns a `Generated` (sequences, per-step logits) instead.
-    rows: one adapter name (or None, the base model) per batch row, instead of `adapter`: the
-    rows are generated together, each with its own adapter (`lfx.adapter_rows`).
+    Padding is left or right, by attention_mask (loop.py); left only for sliding-window or
+    chunked models.
+
+    Args:
+        gm: a graph from `lfx.rewrite` (or `lfx.merge`) of a Hugging Face causal LM.
+        input_ids: (batch, prompt) token ids, a tensor or lists of ints.
+        attention_mask: (batch, prompt), 1 for tokens and 0 for padding (default: all ones).
+        adapters: which adapters to apply, as `lfx.set_active_adapters` takes them: a name, a
+            list, or [] for the base model. None (the default) keeps the graph's active set.
+            The graph's active set is restored afterwards. Replaces `adapter=`, which is still
+            accepted for one release.
+        max_new_tokens: how many tokens to add at most.
+        do_sample: sample (True) or pick the most likely token (False).
+        temperature: sampling temperature.
+        top_k: sample among the k most likely tokens (0: all).
+        top_p: sample among the most likely tokens whose probabilities add up to p.
+        eos_token_id: the id(s) that end a row; None takes the model's generation config;
+            [] never stops early.
+        pad_token_id: the id written after a row ended; None takes the model's generation
+            config, else the first EOS id.
+        seed: seed of the sampling generator (None: torch's global one).
+        num_beams: > 1 runs beam search as transformers' (beam.py): greedy only
+            (do_sample=False), one adapter set for the batch.
+        length_penalty: beam search's length penalty.
+        early_stopping: beam search's stop rule: True, False or "never".
+        compile: False, True, a torch.compile backend name, or a dict of its options.
+        model: the Hugging Face model gm was rewritten from (default: the one rewrite captured).
+        output_logits: return a `Generated` (sequences, per-step logits) instead of the ids.
+        rows: one adapter name (or None, the base model) per batch row, instead of
+            `adapters`: the rows are generated together, each with its own adapter (`lfx.adapter_rows`).
+
+    Returns:
+        (batch, prompt + new) int64 token ids, or a `Generated` with output_logits=True.
+
+    Raises:
+        ModelTypeError: `gm` is not a lowrank_fx graph, or the model it came from is unknown.
+        SpecError: `adapters` names an adapter the graph lacks, or bad generation settings
+            (beams with sampling or with rows, counts, ...).
+        InputError: bad input ids or mask, rows of the wrong length, or both `adapters` and `rows`.
     """
     check_count(max_new_tokens)
     check_beams(num_beams, length_penalty, early_stopping)
@@ -161,7 +194,7 @@ def generate(gm: fx.GraphModule, input_ids, attention_mask=None, adapter: str | 
                         "(or num_beams=1 to sample)")
     if num_beams > 1 and rows is not None:
         raise SpecError("beam search with per-row adapters is not supported: generate each adapter's rows "
-                        "with its own call (adapter=...), or pass num_beams=1 with rows=")
+                        "with its own call (adapters=...), or pass num_beams=1 with rows=")
     decode = decoder_for(gm, model)
     model = _model(gm, model)
     eos, pad = default_ids(model, eos_token_id, pad_token_id)
@@ -184,12 +217,13 @@ def generate(gm: fx.GraphModule, input_ids, attention_mask=None, adapter: str | 
         return out["logits"].cpu(), out["present"]
 
     record = Record.find(gm)
-    per_row = row_generation(gm, decode, input_ids, adapter, rows)
+    per_row = row_generation(gm, decode, input_ids, adapters, rows)
     previous = active_adapters(gm) if record.adapters else None
-    if adapter is not None:
-        set_active_adapters(gm, adapter)
+    if adapters is not None:
+        set_active_adapters(gm, adapters)
     try:
-        with eval_mode(decode), torch.no_grad(), per_row:
+        with (eval_mode(decode), torch.no_grad(), per_row, quiet_third_party(),
+              traced_sizes() if compile else contextlib.nullcontext()):
             graph = _runnable(gm, rows is not None)
             calls["graph"] = _compiled(gm, graph, compile) if compile else graph
             vocab = getattr(_text_config(model), "vocab_size", None)

@@ -17,8 +17,9 @@ non-persistent buffers: never saved, regenerated from `seed` (dense, or `sparse=
 Training computes Δy = x ΔWᵀ in one of two forms (randlora_forms.py), keeping only x, λ, γ and
 the bases for backward either way: `form="factored"` never builds ΔW (T·N·r·(D + d) per pass);
 `form="dense"` builds ΔW once per pass (D·d·N·r) and applies it with one product of W's size;
-`form="auto"` (default) takes the cheaper for each call's token count T, inside a custom op
-(randlora_op.py), so a compiled graph does not recompile when T crosses the break-even. The
+`form="auto"` (default) takes the cheaper for each call's token count T; compiled, both forms
+are in the graph and torch.cond takes one per call (randlora_op.py), so a compiled graph does
+not recompile when T crosses the break-even. The
 form is only a compute path: ΔW, folding, files and exports do not depend on it.
 
 Defaults as PEFT 0.21.2's RandLoraConfig: r = 32, alpha = 640, s = alpha / r; init

@@ -83,26 +83,48 @@ def use_dense(form: str, costs: tuple[int, int]) -> bool:
     return form == "dense"
 
 
-def forward(x: torch.Tensor, Bc: torch.Tensor, S: torch.Tensor, tall: bool, dense: bool) -> torch.Tensor:
-    """Δy (T, out) for x (T, in), Bc (D, R), S = s·Â (R, d)."""
-    if dense:
+def choose(dense, dense_form, factored_form, operands: tuple):
+    """dense_form(*operands) where `dense` holds, else factored_form(*operands). Under
+    torch.compile `dense` may be symbolic (`use_dense` on a symbolic token count, with
+    dynamic=True): torch.cond then puts both forms into the graph and takes one per call at run
+    time, so the choice adds no guard and no recompile, and the compiler sees each form's own
+    ops (a constant `dense`, as every fixed form's, is one form only). Each form returns a tensor
+    or a tuple of tensors, of the same shapes as the other's."""
+    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+        return torch.cond(dense, dense_form, factored_form, operands)
+    return dense_form(*operands) if dense else factored_form(*operands)
+
+
+def forward(x: torch.Tensor, Bc: torch.Tensor, S: torch.Tensor, tall: bool, dense) -> torch.Tensor:
+    """Δy (T, out) for x (T, in), Bc (D, R), S = s·Â (R, d); `dense` as `choose` takes it."""
+
+    def dense_form(x, Bc, S):
         P = Bc @ S  # (D, d)
         return x @ P.t() if tall else x @ P
-    return (x @ S.t()) @ Bc.t() if tall else (x @ Bc) @ S
+
+    def factored_form(x, Bc, S):
+        return (x @ S.t()) @ Bc.t() if tall else (x @ Bc) @ S
+
+    return choose(dense, dense_form, factored_form, (x, Bc, S))
 
 
-def backward(g: torch.Tensor, x: torch.Tensor, Bc: torch.Tensor, S: torch.Tensor, tall: bool, dense: bool,
+def backward(g: torch.Tensor, x: torch.Tensor, Bc: torch.Tensor, S: torch.Tensor, tall: bool, dense,
              input_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(dS (R, d), dx (T, in) or None) for g = dL/dΔy (T, out)."""
-    if dense:
+    """(dS (R, d), dx (T, in) or None) for g = dL/dΔy (T, out); `dense` as `choose` takes it."""
+
+    def dense_form(g, x, Bc, S):
         grad_P = g.t() @ x if tall else x.t() @ g  # (D, d)
-        grad_x = None
-        if input_grad:
-            P = Bc @ S
-            grad_x = g @ P if tall else g @ P.t()
-        return Bc.t() @ grad_P, grad_x
-    if tall:
-        h = g @ Bc  # (T, R)
-        return h.t() @ x, (h @ S if input_grad else None)
-    grad_S = (x @ Bc).t() @ g
-    return grad_S, ((g @ S.t()) @ Bc.t() if input_grad else None)
+        if not input_grad:
+            return (Bc.t() @ grad_P,)
+        P = Bc @ S
+        return Bc.t() @ grad_P, (g @ P if tall else g @ P.t())
+
+    def factored_form(g, x, Bc, S):
+        if tall:
+            h = g @ Bc  # (T, R)
+            return (h.t() @ x, h @ S) if input_grad else (h.t() @ x,)
+        grad_S = (x @ Bc).t() @ g
+        return (grad_S, (g @ S.t()) @ Bc.t()) if input_grad else (grad_S,)
+
+    grads = choose(dense, dense_form, factored_form, (g, x, Bc, S))
+    return grads[0], (grads[1] if input_grad else None)

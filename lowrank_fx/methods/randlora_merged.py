@@ -18,13 +18,12 @@ product; against the base product plus the factored Δy (randlora_forms.merged_c
 past T ≈ D·d / (D + d) tokens in forward.
 
 `form="dense"` always merges; `form="auto"` takes the cheaper per pass, merged or the base
-product plus the factored Δy. As in randlora_op.py, a compiled "auto" runs the custom op
-`lowrank_fx::randlora_linear` (its backward the op `randlora_linear_grads`, which returns dŜ:
-dλ and dγ are traced around it), in which the sizes are plain ints, so the choice adds no guard;
-eager calls and compiled "dense" run the same implementations through `_Merged`, an
-autograd.Function with the same saved tensors. Each op call runs its Python and its small
-element-wise ops eagerly (about 0.2 ms per call on one CPU core at hidden 256), so the ops hold
-products only, and W + g·ΔW is one addmm.
+product plus the factored Δy. `_Merged`, an autograd.Function, runs both passes, eager and
+compiled; as in randlora_op.py, a compiled "auto" puts both forms of a pass into the graph and
+torch.cond takes one per call by the symbolic token count (randlora_forms.choose): no guard, no
+recompile, and the compiler fuses the element-wise work (Ŝ, dλ, dγ) with the graph around it
+(an earlier opaque custom op ran its Python and small ops eagerly, about 0.2 ms per call on one
+CPU core at hidden 256). W + g·ΔW is one addmm.
 Dtypes as randlora_op.py: products in `compute` with autocast off, y' and dx in x's dtype.
 """
 
@@ -57,93 +56,71 @@ def linear_forward(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor], 
     with torch.autocast(x.device.type, enabled=False):
         _, Bc, S = _operands(lam_s, gamma, basis_A, basis_B, big, compute)
         xc, bias = x2.to(compute), (None if b is None else b.to(compute))
-        if forms.use_dense(form, costs):
-            y = F.linear(xc, merged_weight(W, Bc, S, gate, tall), bias)
-        else:
-            y = torch.addcmul(F.linear(xc, W.to(compute), bias), forms.forward(xc, Bc, S, tall, False),
-                              gate.to(compute))
+
+        def merged(xc, W, Bc, S, gate):
+            return F.linear(xc, merged_weight(W, Bc, S, gate, tall), bias)
+
+        def separate(xc, W, Bc, S, gate):
+            return torch.addcmul(F.linear(xc, W.to(compute), bias), forms.forward(xc, Bc, S, tall, False),
+                                 gate.to(compute))
+
+        y = forms.choose(forms.use_dense(form, costs), merged, separate, (xc, W, Bc, S, gate))
     return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
-
-
-_linear_op = torch.library.custom_op("lowrank_fx::randlora_linear", linear_forward, mutates_args=())
-
-
-@_linear_op.register_fake
-def _(x, W, b, lam_s, gamma, basis_A, basis_B, gate, big, tall, form, compute):
-    return x.new_empty((*x.shape[:-1], W.shape[0]))
 
 
 def linear_backward(grad: torch.Tensor, x: torch.Tensor, W: torch.Tensor, lam_s: torch.Tensor, gamma: torch.Tensor,
                     basis_A: torch.Tensor, basis_B: torch.Tensor, gate: torch.Tensor, big: int, tall: bool,
                     form: str, compute: torch.dtype, input_grad: bool, bias_grad: bool) -> list[torch.Tensor]:
     """[dŜ (R, d) in s·λ's dtype], then dx when `input_grad`, then db when `bias_grad`, for
-    grad = dL/dy' (..., out). dλ and dγ follow from dŜ outside the op (`_gradients`), where a
-    compiler fuses their element-wise work into the graph."""
+    grad = dL/dy' (..., out). dλ and dγ follow from dŜ (`_Merged.backward`)."""
     x2, g2 = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
     costs = forms.merged_costs(x2.shape[0], big, gamma.shape[1], lam_s.numel(), tall, backward=True,
                                input_grad=input_grad)
-    merged = forms.use_dense(form, costs)
     with torch.autocast(x.device.type, enabled=False):
         _, Bc, S = _operands(lam_s, gamma, basis_A, basis_B, big, compute, backward=True)
-        gc, xc, gate_c = g2.to(compute), x2.to(compute), gate.to(compute)
-        # dL/dΔy = g·dy, and dŜ and Δy's dx are linear in it: the dense form's dŜ = Bcᵀ dP when merged,
-        # the factored form's dŜ (and its dx) when not, taken for dy and scaled by g after
-        grad_S, grad_x = forms.backward(gc, xc, Bc, S, tall, merged, input_grad and not merged)
-        if input_grad:
-            grad_x = (gc @ merged_weight(W, Bc, S, gate, tall) if merged
-                      else torch.addcmul(gc @ W.to(compute), grad_x, gate_c))
-        grads = [(grad_S * gate_c).to(lam_s.dtype).contiguous()]
+
+        # dL/dΔy = g·dy, and dŜ and Δy's dx are linear in it: taken for dy and scaled by g after
+        def merged(gc, xc, W, Bc, S, gate):  # the dense form's dŜ = Bcᵀ dP, dx = dy W'
+            grad_S, _ = forms.backward(gc, xc, Bc, S, tall, True, False)
+            return (grad_S, gc @ merged_weight(W, Bc, S, gate, tall)) if input_grad else (grad_S,)
+
+        def separate(gc, xc, W, Bc, S, gate):  # the factored form's dŜ and dx, plus the base's dx
+            grad_S, grad_x = forms.backward(gc, xc, Bc, S, tall, False, input_grad)
+            return (grad_S, torch.addcmul(gc @ W.to(compute), grad_x, gate.to(compute))) if input_grad else (grad_S,)
+
+        found = forms.choose(forms.use_dense(form, costs), merged, separate,
+                             (g2.to(compute), x2.to(compute), W, Bc, S, gate))
+        grads = [(found[0] * gate.to(compute)).to(lam_s.dtype).contiguous()]
+        grad_x = found[1] if input_grad else None
     if input_grad:
         grads.append(grad_x.to(x.dtype).reshape(x.shape))
     return grads + ([g2.sum(0)] if bias_grad else [])
 
 
-_backward_op = torch.library.custom_op("lowrank_fx::randlora_linear_grads", linear_backward, mutates_args=())
-
-
-@_backward_op.register_fake
-def _(grad, x, W, lam_s, gamma, basis_A, basis_B, gate, big, tall, form, compute, input_grad, bias_grad):
-    grad_scaled = gamma.new_empty((lam_s.shape[0] * lam_s.shape[1], gamma.shape[1]))  # dŜ (R, d)
-    return ([grad_scaled] + ([x.new_empty(x.shape)] if input_grad else [])
-            + ([grad.new_empty(grad.shape[-1:])] if bias_grad else []))
-
-
-def _setup(ctx, inputs, output=None):
-    x, W, _, lam_s, gamma, basis_A, basis_B, gate, *options = inputs  # options: big, tall, form, compute
-    ctx.save_for_backward(x, W, lam_s, gamma, basis_A, basis_B, gate)
-    ctx.options = options
-
-
-def _gradients(ctx, grad, backward=torch.ops.lowrank_fx.randlora_linear_grads):
-    input_grad, bias_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-    x, W, lam_s, gamma, basis_A, basis_B, gate = ctx.saved_tensors
-    grads = backward(grad, x, W, lam_s, gamma, basis_A, basis_B, gate, *ctx.options, input_grad, bias_grad)
-    A = basis_A[:lam_s.shape[0], :gamma.shape[1]]  # (r, d)
-    grad_lam, grad_gamma = diagonal_grads(grads[0], A, lam_s, gamma)
-    grad_x = grads[1] if input_grad else None
-    grad_b = grads[-1] if bias_grad else None
-    return grad_x, None, grad_b, grad_lam, grad_gamma, None, None, None, None, None, None, None
-
-
-_linear_op.register_autograd(_gradients, setup_context=_setup)
-
-
 class _Merged(torch.autograd.Function):
-    """The op's autograd as a traceable Function, for eager calls and compiled "dense"."""
+    """y' with the saved tensors of the module docstring (x, W, s·λ, γ, the bases, g); traced by
+    torch.compile."""
 
     @staticmethod
-    def forward(ctx, *inputs):
-        _setup(ctx, inputs)
-        return linear_forward(*inputs)
+    def forward(ctx, x, W, b, lam_s, gamma, basis_A, basis_B, gate, *options):  # options: big, tall, form, compute
+        ctx.save_for_backward(x, W, lam_s, gamma, basis_A, basis_B, gate)
+        ctx.options = options
+        return linear_forward(x, W, b, lam_s, gamma, basis_A, basis_B, gate, *options)
 
     @staticmethod
     def backward(ctx, grad):
-        return _gradients(ctx, grad, linear_backward)
+        input_grad, bias_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        x, W, lam_s, gamma, basis_A, basis_B, gate = ctx.saved_tensors
+        grads = linear_backward(grad, x, W, lam_s, gamma, basis_A, basis_B, gate, *ctx.options, input_grad, bias_grad)
+        A = basis_A[:lam_s.shape[0], :gamma.shape[1]]  # (r, d)
+        grad_lam, grad_gamma = diagonal_grads(grads[0], A, lam_s, gamma)
+        grad_x = grads[1] if input_grad else None
+        grad_b = grads[-1] if bias_grad else None
+        return grad_x, None, grad_b, grad_lam, grad_gamma, None, None, None, None, None, None, None
 
 
 def randlora_linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, lam: torch.Tensor, gamma: torch.Tensor,
                     basis_A: torch.Tensor, basis_B: torch.Tensor, gate: torch.Tensor, big: int, tall: bool,
                     scale: float, form: str) -> torch.Tensor:
-    """y' = x (W + g·ΔW)ᵀ + b (..., out): the custom op when compiling form="auto", else `_Merged`."""
-    run = torch.ops.lowrank_fx.randlora_linear if form == "auto" and torch.compiler.is_compiling() else _Merged.apply
-    return run(x, W, b, lam * scale, gamma, basis_A, basis_B, gate, big, tall, form, compute_dtype(x))
+    """y' = x (W + g·ΔW)ᵀ + b (..., out), by `_Merged`."""
+    return _Merged.apply(x, W, b, lam * scale, gamma, basis_A, basis_B, gate, big, tall, form, compute_dtype(x))

@@ -1,29 +1,26 @@
-"""`randlora_delta`: RandLoRA's Δy = x ΔWᵀ (randlora_ops.py) as one custom op with its own backward.
+"""`randlora_delta`: RandLoRA's Δy = x ΔWᵀ (randlora_ops.py) as an autograd.Function with its own backward.
 
-Why an op: `form="auto"` picks the factored or the dense form from the call's token count
-(randlora_forms.py). Under torch.compile(dynamic=True) a Python `if tokens > k` on the
-symbolic token count would add a guard, and a recompile on the other side of k. Inside a
-torch.library custom op the sizes are plain ints: the compiler sees only the op and its fake
-implementation (the output's shape), so the choice costs no guard and no recompile. The op
-also fixes what autograd keeps, eager and compiled alike: x, s·λ, γ and the two shared bases,
-never ΔW (D, d) or Â (N·r, d), which no compiler pass can move out of an opaque op. Its
-backward is a second op, `randlora_delta_backward`, which rebuilds what it needs and chooses
-the form of the backward pass by that pass's own costs. `delta_forward` and `delta_backward`
-are the two ops' implementations. Only a compiled `form="auto"` needs the op: eager calls,
-and compiled calls with a fixed form (no choice, so no guard), run the same implementations
-through `_Delta`, an autograd.Function with the same saved tensors. That spares them the op's
-dispatch, which costs more than its products at small sizes, and lets the compiler fuse the
-element-wise work (Â, dλ, dγ) into the graph around it.
+`_Delta` fixes what autograd keeps, eager and compiled alike: x, s·λ, γ and the two shared
+bases, never ΔW (D, d) or Â (N·r, d). Its backward rebuilds what it needs and chooses the form
+of the backward pass by that pass's own costs. `delta_forward` and `delta_backward` are the
+two passes.
 
-    lowrank_fx::randlora_delta(x (..., in), s·λ (r, N), γ (N, d), basis_A, basis_B,
-                               big, tall, form, compute) -> Δy (..., out)
+`form="auto"` picks the factored or the dense form from the call's token count
+(randlora_forms.py). Eager the count is an int and the choice a Python `if`. Under
+torch.compile(dynamic=True) the count is symbolic, and a Python `if tokens > k` would add a
+guard, and a recompile on the other side of k: there both forms go into the graph and
+torch.cond takes one per call (randlora_forms.choose), no guard, no recompile, and the
+compiler fuses each form's element-wise work (Â, dλ, dγ) with the graph around it. A fixed
+form has no choice to make: its ops alone are traced.
 
-The scale s enters through λ (Â is linear in λ, so Â(s·λ) = s·Â(λ)): the op has no float
-argument for the compiler to specialise or to make symbolic, and autograd takes dλ = s·d(s·λ).
+    randlora_delta(x (..., in), s·λ (r, N), γ (N, d), basis_A, basis_B, big, tall, form, compute) -> Δy (..., out)
 
-Dtypes: the products run in `compute` with autocast switched off inside the op, so forward,
-backward, eager and compiled agree: the autocast dtype when autocast is on for x's device
-and x is fp32 (the unit casts x to the adapter's dtype), else x's dtype. Â, dÂ and the
+The scale s enters through λ (Â is linear in λ, so Â(s·λ) = s·Â(λ)), and autograd takes
+dλ = s·d(s·λ).
+
+Dtypes: the products run in `compute` with autocast switched off inside the Function, so
+forward, backward, eager and compiled agree: the autocast dtype when autocast is on for x's
+device and x is fp32 (the unit casts x to the adapter's dtype), else x's dtype. Â, dÂ and the
 diagonals' gradients are formed in the parameters' dtype; Δy and dx come back in x's dtype.
 
 Exporting (torch.export, which ONNX export runs under) takes plain torch ops instead, so an
@@ -65,14 +62,6 @@ def delta_forward(x: torch.Tensor, lam_s: torch.Tensor, gamma: torch.Tensor, bas
     return delta.to(x.dtype).reshape(*x.shape[:-1], delta.shape[-1])
 
 
-_delta_op = torch.library.custom_op("lowrank_fx::randlora_delta", delta_forward, mutates_args=())
-
-
-@_delta_op.register_fake
-def _(x, lam_s, gamma, basis_A, basis_B, big, tall, form, compute):
-    return x.new_empty((*x.shape[:-1], big if tall else gamma.shape[1]))
-
-
 def delta_backward(grad: torch.Tensor, x: torch.Tensor, lam_s: torch.Tensor, gamma: torch.Tensor,
                    basis_A: torch.Tensor, basis_B: torch.Tensor, big: int, tall: bool, form: str,
                    compute: torch.dtype, input_grad: bool) -> list[torch.Tensor]:
@@ -88,44 +77,24 @@ def delta_backward(grad: torch.Tensor, x: torch.Tensor, lam_s: torch.Tensor, gam
     return grads + ([grad_x.to(x.dtype).reshape(x.shape)] if input_grad else [])
 
 
-_backward_op = torch.library.custom_op("lowrank_fx::randlora_delta_backward", delta_backward, mutates_args=())
-
-
-@_backward_op.register_fake
-def _(grad, x, lam_s, gamma, basis_A, basis_B, big, tall, form, compute, input_grad):
-    return [lam_s.new_empty(lam_s.shape), gamma.new_empty(gamma.shape)] + ([x.new_empty(x.shape)] if input_grad else [])
-
-
-def _setup(ctx, inputs, output=None):
-    x, lam_s, gamma, basis_A, basis_B, *options = inputs  # options: big, tall, form, compute
-    ctx.save_for_backward(x, lam_s, gamma, basis_A, basis_B)
-    ctx.options = options
-
-
-def _gradients(ctx, grad, backward=torch.ops.lowrank_fx.randlora_delta_backward):
-    input_grad = ctx.needs_input_grad[0]
-    grads = backward(grad, *ctx.saved_tensors, *ctx.options, input_grad)
-    return (grads[2] if input_grad else None), grads[0], grads[1], None, None, None, None, None, None
-
-
-_delta_op.register_autograd(_gradients, setup_context=_setup)
-
-
 class _Delta(torch.autograd.Function):
-    """The op's autograd as a traceable Function, for eager calls and compiled fixed forms."""
+    """Δy with the saved tensors of the module docstring; traced by torch.compile."""
 
     @staticmethod
-    def forward(ctx, *inputs):
-        _setup(ctx, inputs)
-        return delta_forward(*inputs)
+    def forward(ctx, x, lam_s, gamma, basis_A, basis_B, *options):  # options: big, tall, form, compute
+        ctx.save_for_backward(x, lam_s, gamma, basis_A, basis_B)
+        ctx.options = options
+        return delta_forward(x, lam_s, gamma, basis_A, basis_B, *options)
 
     @staticmethod
     def backward(ctx, grad):
-        return _gradients(ctx, grad, delta_backward)
+        input_grad = ctx.needs_input_grad[0]
+        grads = delta_backward(grad, *ctx.saved_tensors, *ctx.options, input_grad)
+        return (grads[2] if input_grad else None), grads[0], grads[1], None, None, None, None, None, None
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the op's products run in for x: autocast's for fp32 x under autocast, else x's."""
+    """The dtype the products run in for x: autocast's for fp32 x under autocast, else x's."""
     device = x.device.type
     if x.dtype == torch.float32 and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
@@ -135,12 +104,10 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 def randlora_delta(x: torch.Tensor, lam: torch.Tensor, gamma: torch.Tensor, basis_A: torch.Tensor,
                    basis_B: torch.Tensor, big: int, tall: bool, scale, form: str) -> torch.Tensor:
     """Δy (..., out) for x (..., in) and the scale s (a float, or a (1,) tensor as
-    export/adapter_graph.py makes it): plain ops when exporting, the custom op when compiling
-    form="auto", else `_Delta`."""
+    export/adapter_graph.py makes it): plain ops when exporting, else `_Delta`."""
     lam_s = lam * scale
     if torch.compiler.is_exporting():
         _, Bc, S = _operands(lam_s, gamma, basis_A, basis_B, big, x.dtype)
         delta = forms.forward(x.reshape(-1, x.shape[-1]), Bc, S, tall, form == "dense")
         return delta.reshape(*x.shape[:-1], delta.shape[-1])
-    run = torch.ops.lowrank_fx.randlora_delta if form == "auto" and torch.compiler.is_compiling() else _Delta.apply
-    return run(x, lam_s, gamma, basis_A, basis_B, big, tall, form, compute_dtype(x))
+    return _Delta.apply(x, lam_s, gamma, basis_A, basis_B, big, tall, form, compute_dtype(x))

@@ -18,7 +18,7 @@ This is also PEFT's layout (randlora_A (r, 1, d_max), randlora_B (D_max, N_max, 
 flattened columns k·N + n pair with Â's rows), so bases and diagonals copy across 1:1.
 
 Δy = x ΔWᵀ and its gradients are computed without keeping ΔW or Â for backward, in a
-factored or a dense form (randlora_forms.py), by one custom op (randlora_op.py).
+factored or a dense form (randlora_forms.py), by one autograd.Function (randlora_op.py).
 """
 
 from __future__ import annotations

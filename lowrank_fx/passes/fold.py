@@ -23,7 +23,6 @@ reports the measured output error (`folded.requantize_report`, a warning above `
 from __future__ import annotations
 
 import copy
-import warnings
 from typing import Any, cast
 
 from torch import fx, nn
@@ -32,6 +31,7 @@ from ..deprecation import api_options
 from ..errors import MergeError
 from ..graph.folded import GroupMarks, carry_marks
 from ..graph.record import KEY, Record, require_graph
+from ..noise import quiet_third_party
 from ..options import flag, number
 from ..progress import stage
 from .fold_graph import GraphIndex, fold_target, quantized_bias, remove_adapter_nodes, set_parameter
@@ -49,8 +49,7 @@ def shared_copy(gm: fx.GraphModule, every_tensor: bool = False) -> fx.GraphModul
     `every_tensor=True` shares the trainable ones too: a pristine captured graph, whose
     tensors are all the model's own (adapt/capture_memo.py hands out such copies)."""
     memo = {id(t): t for t in [*gm.parameters(), *gm.buffers()] if every_tensor or not t.requires_grad}
-    with warnings.catch_warnings():  # torch's own pytree deprecation notice on deepcopy
-        warnings.simplefilter("ignore", FutureWarning)
+    with quiet_third_party():  # torch's own pytree deprecation notice on deepcopy
         return copy.deepcopy(gm, memo)
 
 

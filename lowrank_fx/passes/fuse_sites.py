@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import operator
-import warnings
 from typing import cast
 
 import torch
@@ -44,6 +43,7 @@ from ..graph.record import KEY, require_graph
 from ..methods.lora_unit import LoRAUnit
 from ..methods.randlora import RandLoRAUnit
 from ..methods.randlora_merged import randlora_linear
+from ..noise import quiet_third_party
 from .layers import block_call
 
 
@@ -119,8 +119,7 @@ def fuse_sites(gm: fx.GraphModule) -> fx.GraphModule:
     """A graph computing what `gm` computes, over `gm`'s own modules and tensors, with its LoRA
     and RandLoRA sites in the training form above. `gm` itself is unchanged."""
     require_graph(gm, "fuse_sites")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
+    with quiet_third_party():
         fused = over_graph(gm, copy.deepcopy(gm.graph))
     for node in list(fused.graph.nodes):
         found = block_call(fused, node)

@@ -10,8 +10,10 @@ target). Its forward runs the region's own nodes; it keeps only x and the quanti
 Eager calls run it as an autograd.Function (`_QuantizedLinear`); under torch.compile and
 torch.export it is the custom op `lowrank_fx::quantized_linear` (backward:
 `lowrank_fx::quantized_linear_backward`), opaque to the compiler, so that no compiler pass can
-keep the dense weight, and one graph serves every shape. The two share their implementations
-(`_forward`, `_input_grad`); only the op pays torch.library's dispatch. The backward is, by what
+keep the dense weight, and one graph serves every shape. The op's Autograd kernel is the same
+Function, told to run both passes through the ops (`op=True`); eager calls run the ops'
+implementations (`_forward`, `_input_grad`) directly, and only the op pays torch.library's
+dispatch. The backward is, by what
 the layer's format offers:
 
   - dL/dy · W with W rebuilt by the format's own dequantize (torchao's `dequantize()` on the
@@ -111,30 +113,36 @@ _LIBRARY.define("quantized_linear_backward(Tensor x, Tensor grad, Tensor[] weigh
 
 
 def _linear_kernel(x: torch.Tensor, weights: list[torch.Tensor], key: str, out_features: int) -> torch.Tensor:
-    """y of a quantized linear, computed by its own region (compiled calls). An op's output may
+    """y of a quantized linear, computed by its own region (the op's calls). An op's output may
     not share its inputs' storage: copied only where the region returns a view of one."""
     y = _forward(x, weights, key)
     shared = {t.untyped_storage().data_ptr() for t in (x, *weights)}
     return y.clone() if y.untyped_storage().data_ptr() in shared else y
 
 
-class _QuantizedLinearOp(torch.autograd.Function):
-    """The op's Autograd kernel: saves x and the quantized tensors, runs the op below autograd,
-    and differentiates by `quantized_linear_backward`."""
+class _QuantizedLinear(torch.autograd.Function):
+    """A wrapped quantized linear's autograd: saves x and the quantized tensors (no dense
+    weight) and differentiates by `_input_grad`. `op` says how the two passes run: through the
+    custom ops below autograd (`op=True`: the op's own Autograd kernel) or by their
+    implementations directly (`op=False`: eager calls)."""
 
     @staticmethod
-    def forward(ctx, x, key, out_features, *weights):
+    def forward(ctx, x, key, out_features, op, *weights):
         ctx.save_for_backward(x, *weights)
-        ctx.key = key
+        ctx.key, ctx.op = key, op
+        if not op:
+            return _forward(x, weights, key)
         with torch._C._AutoDispatchBelowAutograd():
             return torch.ops.lowrank_fx.quantized_linear.default(x, list(weights), key, out_features)
 
     @staticmethod
     def backward(ctx, grad):
         x, *weights = ctx.saved_tensors
-        found = torch.ops.lowrank_fx.quantized_linear_backward.default(x, grad.contiguous(), weights, ctx.key) \
-            if ctx.needs_input_grad[0] else None
-        return (found, None, None) + (None,) * len(weights)
+        found = None
+        if ctx.needs_input_grad[0]:
+            found = torch.ops.lowrank_fx.quantized_linear_backward.default(x, grad.contiguous(), weights, ctx.key) \
+                if ctx.op else _input_grad(x, grad, weights, ctx.key)
+        return (found, None, None, None) + (None,) * len(weights)
 
 
 _LIBRARY.impl("quantized_linear", _linear_kernel, "CompositeExplicitAutograd")
@@ -142,10 +150,10 @@ _LIBRARY.impl("quantized_linear_backward", _input_grad, "CompositeExplicitAutogr
 
 
 def _linear_autograd(x: torch.Tensor, weights: list[torch.Tensor], key: str, out_features: int) -> torch.Tensor:
-    """The op at its Autograd key: through `_QuantizedLinearOp` only where a gradient is taken;
+    """The op at its Autograd key: through `_QuantizedLinear` only where a gradient is taken;
     a compiled graph's runtime calls (grad mode off) go straight below autograd."""
     if torch.is_grad_enabled() and x.requires_grad:
-        return _QuantizedLinearOp.apply(x, key, out_features, *weights)
+        return _QuantizedLinear.apply(x, key, out_features, True, *weights)
     with torch._C._AutoDispatchBelowAutograd():
         return torch.ops.lowrank_fx.quantized_linear.default(x, weights, key, out_features)
 
@@ -163,30 +171,13 @@ def _(x, grad, weights, key):
     return torch.empty_like(x)
 
 
-class _QuantizedLinear(torch.autograd.Function):
-    """The op's forward and backward without its dispatch, for eager calls: the same saved
-    tensors (x and the quantized ones), the same implementations."""
-
-    @staticmethod
-    def forward(ctx, x, key, *weights):
-        ctx.save_for_backward(x, *weights)
-        ctx.key = key
-        return _forward(x, weights, key)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, *weights = ctx.saved_tensors
-        found = _input_grad(x, grad, weights, ctx.key) if ctx.needs_input_grad[0] else None
-        return (found, None) + (None,) * len(weights)
-
-
 def quantized_linear_call(x: torch.Tensor, weights: list[torch.Tensor], key: str, out_features: int) -> torch.Tensor:
     """A wrapped quantized linear, as the graph calls it: the custom op under torch.compile and
-    torch.export (opaque to them: no dense weight kept, one graph), else `_QuantizedLinear`,
-    which spares eager calls the op's Python dispatch (0.2-0.4 ms a call)."""
+    torch.export (opaque to them: no dense weight kept, one graph), else `_QuantizedLinear`
+    directly, which spares eager calls the op's Python dispatch (0.2-0.4 ms a call)."""
     if torch.compiler.is_compiling():
         return torch.ops.lowrank_fx.quantized_linear.default(x, weights, key, out_features)
-    return _QuantizedLinear.apply(x, key, *weights)
+    return _QuantizedLinear.apply(x, key, out_features, False, *weights)
 
 
 def is_quantized_call(node: fx.Node) -> bool:

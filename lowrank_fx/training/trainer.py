@@ -55,9 +55,11 @@ from torch import fx, nn
 from ..deprecation import api_options
 from ..errors import ModelTypeError, SpecError, TrainingError
 from ..graph.record import Record
+from ..noise import quiet_third_party
 from ..options import compile_backend, flag, integer, number
 from ..passes.checkpoint_layers import checkpoint_layers
 from ..passes.fuse_sites import fuse_sites
+from ..progress import stage
 from .batches import Passes, check_fit, one_shot, total_steps
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .fsdp import shard_layers
@@ -251,6 +253,17 @@ class Trainer:
         ids = [torch.cuda.current_device()] if self.device_type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
 
+    def _compiling(self) -> contextlib.AbstractContextManager:
+        """Around the first compiled micro-batch (torch.compile compiles the forward on its call,
+        the backward on its first backward): a progress line with the seconds it took, and
+        third-party noise quieted (noise.py). Nothing around the others."""
+        if not self.compiled or self.compile_checked:
+            return contextlib.nullcontext()
+        around = contextlib.ExitStack()
+        around.enter_context(stage("compiling the training step with torch.compile (first step only)"))
+        around.enter_context(quiet_third_party())
+        return around
+
     def _loss(self, batch) -> torch.Tensor:
         context = (torch.autocast(self.device_type, dtype=torch.bfloat16) if self.autocast
                    else contextlib.nullcontext())
@@ -377,10 +390,11 @@ class Trainer:
 
     def _backward(self, batch) -> torch.Tensor:
         """loss_fn on one micro-batch, its gradient / accumulate added; the loss, detached."""
-        loss = checked_loss(self._loss(batch))
-        if not torch.isfinite(loss.detach()).all():
-            raise self._nan_error(loss.detach())
-        (loss / self.accumulate).backward()
+        with self._compiling():
+            loss = checked_loss(self._loss(batch))
+            if not torch.isfinite(loss.detach()).all():
+                raise self._nan_error(loss.detach())
+            (loss / self.accumulate).backward()
         self.batches += 1
         return loss.detach()
 
