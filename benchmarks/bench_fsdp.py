@@ -93,9 +93,9 @@ def worker(mode: str, quick: bool, steps: int, warmup: int) -> dict:
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
+    from bench_train import build_model
 
     import lowrank_fx as lfx
-    from bench_train import build_model
 
     torch.set_num_threads(1)
     rss_imported = status_kib("VmRSS")
@@ -232,7 +232,7 @@ def report(results: dict, size: dict, info: dict, loads: list[float], args, seco
              f"{max(r['base_held'] for r in fsdp) / one['base_held']:.2f}x of it per rank, DDP "
              f"{max(r['base_held'] for r in ddp) / one['base_held']:.2f}x (a full replica per rank).",
              f"- Step medians per round (ms, larger rank): {steps_rounds}.",
-             f"- Lifetime VmHWM per rank (includes capturing the graph before sharding): "
+             "- Lifetime VmHWM per rank (includes capturing the graph before sharding): "
              + "; ".join(f"{mode} {max(r['lifetime_hwm_mib'] for r in results[mode]):.0f} MiB" for mode in CONFIGS) + ".",
              f"- What 2 gloo ranks on one host with 2 shared CPU cores can show is the split of the frozen weights "
              f"(FSDP2 holds {fsdp_held / one['base_held']:.2f}x of them per rank, DDP a full replica); at "

@@ -45,9 +45,9 @@ import onnxruntime_genai as og
 import peft
 import torch
 import transformers as T
+from results_md import replace_section  # benchmarks/ is on sys.path when a script runs
 
 import lowrank_fx as lfx
-from results_md import replace_section  # benchmarks/ is on sys.path when a script runs
 
 HERE = Path(__file__).resolve().parent
 SECTION = "## Generation (KV cache, adapters unmerged)"

@@ -55,7 +55,8 @@ class Block(nn.Module):
 
     def forward(self, x):
         b, t = x.shape[0], x.shape[1]
-        heads = lambda y: y.view(b, t, HEADS, HEAD_DIM).transpose(1, 2)
+        def heads(y):
+            return y.view(b, t, HEADS, HEAD_DIM).transpose(1, 2)
         h = self.norm1(x)
         a = F.scaled_dot_product_attention(heads(self.q_proj(h)), heads(self.k_proj(h)), heads(self.v_proj(h)),
                                            is_causal=True)
@@ -98,7 +99,8 @@ def trainable(gm) -> int:
 
 def matched_methods(student, lora_rank: int) -> dict[str, lfx.Method]:
     """LoRA at `lora_rank`, and the LoRTA / RandLoRA ranks whose budgets come closest to it."""
-    count = lambda method: lfx.plan(student, lfx.Spec(targets=TARGETS, method=method)).trainable
+    def count(method):
+        return lfx.plan(student, lfx.Spec(targets=TARGETS, method=method)).trainable
     budget = count(lfx.LoRA(rank=lora_rank))
     lorta = min(range(1, WIDTH + 1), key=lambda r: abs(count(lfx.LoRTA(rank=r, head_dim=HEAD_DIM)) - budget))
     randlora = min(range(1, WIDTH + 1), key=lambda r: abs(count(lfx.RandLoRA(rank=r)) - budget))

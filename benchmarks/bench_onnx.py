@@ -37,9 +37,9 @@ import onnxruntime as ort
 import onnxscript
 import torch
 import transformers as T
+from results_md import replace_section  # benchmarks/ is on sys.path when a script runs
 
 import lowrank_fx as lfx
-from results_md import replace_section  # benchmarks/ is on sys.path when a script runs
 from lowrank_fx.export import onnx as onnx_export
 from lowrank_fx.export.adapter_graph import copy_graph
 

@@ -58,6 +58,7 @@ SIZES = {"small": dict(hidden_size=256, intermediate_size=704, num_hidden_layers
 def _model(base: str, size: str = "small"):
     import torch
     import transformers
+
     import lowrank_fx as lfx
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=VOCAB, max_position_embeddings=128, **SIZES[size])
@@ -82,7 +83,6 @@ def _ids(seed=0):
 
 def _trainable(model, library: str):
     """(module to call as f(ids) -> logits, its trainable parameters, is it a lowrank_fx graph)."""
-    import torch
     if library == "lowrank_fx":
         import lowrank_fx as lfx
         gm = lfx.rewrite(model, lfx.Spec("all-linear", method=lfx.LoRA(rank=RANK, alpha=16.0)),
@@ -152,6 +152,7 @@ def memory_child(base: str, library: str) -> dict:
     _quiet()
     import torch  # noqa: F401
     import transformers  # noqa: F401
+
     import lowrank_fx  # noqa: F401
     if library == "peft":
         import peft  # noqa: F401

@@ -27,7 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_quantized import _model, _ids  # noqa: E402
+from bench_quantized import _ids, _model  # noqa: E402
 from results_md import replace_section  # noqa: E402
 
 SECTION = "## Quantized bases in ONNX Runtime (issue 12)"

@@ -176,8 +176,9 @@ def _prepare(stage: str, model, scratch: Path):
 
 def _onnx_run(gm, model, path: Path) -> dict:
     """Export merged, load the file in ONNX Runtime and compare its logits with the graph's."""
-    import lowrank_fx as lfx
     import torch
+
+    import lowrank_fx as lfx
 
     ids = _ids(model, 2, 16)
     export = lfx.export_onnx(gm, path, mode="merged", example_kwargs={"input_ids": ids})

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 
 def round_robin(fns: dict[str, Callable[[], object]], rounds: int, steps: int) -> tuple[dict[str, float], list[float]]:

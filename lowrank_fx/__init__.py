@@ -7,12 +7,24 @@ from .adapt.merged_state import load_merged, merged_state_dict
 from .adapt.plan import Plan, plan
 from .adapt.quantize import quantize_base
 from .adapt.rewrite import rewrite
-from .errors import (AdapterFileError, CaptureError, ExportError, FileWriteError, InputError, LowRankFxError,
-                     MergeError, ModelTypeError, QuantizedBaseError, SpecError, TargetError, TrainingError)
+from .errors import (
+                     AdapterFileError,
+                     CaptureError,
+                     ExportError,
+                     FileWriteError,
+                     InputError,
+                     LowRankFxError,
+                     MergeError,
+                     ModelTypeError,
+                     QuantizedBaseError,
+                     SpecError,
+                     TargetError,
+                     TrainingError,
+)
 from .export import AdapterSession, OnnxExport, export_onnx, export_onnx_adapter
 from .files.adapter_file import load_adapters, save_adapters
 from .files.peft import load_peft, save_peft
-from .generation import GenerationExport, GenerationSession, Generated, export_generation, generate
+from .generation import Generated, GenerationExport, GenerationSession, export_generation, generate
 from .graph.disabled import adapters_disabled
 from .graph.gates import active_adapters, set_active_adapters
 from .methods.base import AdapterGroup, Method, Unit
@@ -30,17 +42,57 @@ from .training.trainer import Trainer
 from .version import __version__
 
 __all__ = [
-    "LoRA", "Spec", "rewrite", "plan", "Plan", "merge", "merged_state_dict", "load_merged",
-    "LoRTA", "RandLoRA", "TrainableTokens", "loraplus_optimizer", "loraplus_param_groups",
-    "Method", "Unit", "AdapterGroup",
-    "save_adapters", "load_adapters", "load_peft", "save_peft",
-    "LowRankFxError", "SpecError", "CaptureError", "TargetError", "MergeError", "ModelTypeError",
-    "AdapterFileError", "FileWriteError", "InputError",
-    "export_onnx", "export_onnx_adapter", "OnnxExport", "AdapterSession", "ExportError",
-    "set_active_adapters", "active_adapters", "Trainer", "TrainingError",
-    "quantize_base", "QuantizedBaseError", "RequantizeWarning",
-    "generate", "export_generation", "GenerationExport", "GenerationSession", "Generated",
-    "checkpoint_layers", "experts_implementation",
-    "combine_adapters", "delete_adapter", "adapters_disabled", "adapter_rows",
-    "__version__",
+                     "AdapterFileError",
+                     "AdapterGroup",
+                     "AdapterSession",
+                     "CaptureError",
+                     "ExportError",
+                     "FileWriteError",
+                     "Generated",
+                     "GenerationExport",
+                     "GenerationSession",
+                     "InputError",
+                     "LoRA",
+                     "LoRTA",
+                     "LowRankFxError",
+                     "MergeError",
+                     "Method",
+                     "ModelTypeError",
+                     "OnnxExport",
+                     "Plan",
+                     "QuantizedBaseError",
+                     "RandLoRA",
+                     "RequantizeWarning",
+                     "Spec",
+                     "SpecError",
+                     "TargetError",
+                     "TrainableTokens",
+                     "Trainer",
+                     "TrainingError",
+                     "Unit",
+                     "__version__",
+                     "active_adapters",
+                     "adapter_rows",
+                     "adapters_disabled",
+                     "checkpoint_layers",
+                     "combine_adapters",
+                     "delete_adapter",
+                     "experts_implementation",
+                     "export_generation",
+                     "export_onnx",
+                     "export_onnx_adapter",
+                     "generate",
+                     "load_adapters",
+                     "load_merged",
+                     "load_peft",
+                     "loraplus_optimizer",
+                     "loraplus_param_groups",
+                     "merge",
+                     "merged_state_dict",
+                     "plan",
+                     "quantize_base",
+                     "rewrite",
+                     "save_adapters",
+                     "save_peft",
+                     "set_active_adapters",
 ]

@@ -56,7 +56,7 @@ class _Stderr(logging.Handler):
             else:
                 sys.stderr.write(line + "\n")
             sys.stderr.flush()
-        except Exception:  # noqa: BLE001  (a closed or broken stderr: logging's own policy, as StreamHandler)
+        except Exception:
             self.handleError(record)
 
 

@@ -25,9 +25,9 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import models  # noqa: E402
+import models
 
-import lowrank_fx as lfx  # noqa: E402
+import lowrank_fx as lfx
 
 STEPS, GLOBAL_BATCH, SEQ = 3, 4, 10
 

@@ -7,7 +7,7 @@ examples of other shapes, and `output(result)` picking the main tensor of a forw
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import transformers as T

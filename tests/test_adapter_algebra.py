@@ -385,14 +385,12 @@ def test_adapters_disabled_is_the_base_model_and_restores_the_active_set(base):
             assert torch.equal(gm(IDS), plain)
         assert lfx.active_adapters(gm) == ["u", "w"]
         assert torch.equal(gm(IDS), adapted)
-        with pytest.raises(KeyError):
-            with lfx.adapters_disabled(gm):
-                raise KeyError("inside")
+        with pytest.raises(KeyError), lfx.adapters_disabled(gm):
+            raise KeyError("inside")
         assert lfx.active_adapters(gm) == ["u", "w"]
         assert torch.equal(gm(IDS), adapted)
-    with pytest.raises(SpecError, match="no adapters"):
-        with lfx.adapters_disabled(copy.deepcopy(base)):
-            pass
+    with pytest.raises(SpecError, match="no adapters"), lfx.adapters_disabled(copy.deepcopy(base)):
+        pass
 
 
 class Stack(nn.Module):
@@ -442,7 +440,7 @@ def test_a_hot_swap_slot_combines_as_the_adapter_it_holds(base, tmp_path):
     """A slot (max_rank 8) holding "u" (rank 4) combines to the same factors as "u" itself."""
     plain = ours_with(base)
     file = lfx.save_adapters(plain, tmp_path / "u.safetensors", adapters="u")
-    targets, rank, alpha = ADAPTERS["u"]
+    targets, _rank, alpha = ADAPTERS["u"]
     slot = lfx.rewrite(copy.deepcopy(base), lfx.Spec(targets=targets, method=lfx.LoRA(rank=2, alpha=alpha)),
                        adapter="u", max_rank=8)
     lfx.load_adapters(slot, file)

@@ -101,7 +101,7 @@ def test_every_family_is_traced_by_blocks_and_matches_the_whole_capture_node_for
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_outputs_and_adapter_gradients_are_bit_identical(family, method):
-    name, model, kwargs, twin = family
+    _name, model, kwargs, twin = family
     spec = lfx.Spec("all-linear", method=METHODS[method]())
     graphs = [lfx.rewrite(model, spec, example_kwargs=kwargs), lfx.rewrite(twin, spec, example_kwargs=kwargs, trace_blocks=False)]
     outputs = []

@@ -19,14 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from models import build
 
 import lowrank_fx as lfx
 from lowrank_fx.adapt import capture_memo
 from lowrank_fx.adapt.capture import capture
 from lowrank_fx.adapt.capture_cache import ENV, MAGIC, SUFFIX, CaptureCache
 from lowrank_fx.graph.quantized import EXAMPLES
-
-from models import build
 
 SPEC = lfx.Spec(targets=["*.q_proj", "*.v_proj"], method=lfx.LoRA(rank=4))
 Q = "model.layers.0.self_attn.q_proj.weight"

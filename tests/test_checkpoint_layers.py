@@ -64,7 +64,7 @@ def test_eager_gradients_match_and_saved_activations_fall(setup):
 
 
 def test_graph_calls_blocks_through_checkpoint_and_other_passes_see_them(setup):
-    model, ids, gm, recomputed = setup
+    _model, ids, gm, recomputed = setup
     assert "torch.utils.checkpoint.checkpoint" in recomputed.code and "use_reentrant = False" in recomputed.code
     assert blocks(recomputed) == blocks(gm)
     assert lfx.checkpoint_layers(recomputed) == []  # already checkpointed: nothing to do

@@ -103,7 +103,7 @@ def test_merge_equals_the_library_fold(trained, tmp_path):
 def test_export_runs_in_onnx_runtime_as_the_graph_does(trained, tmp_path, mode):
     out = tmp_path / "model.onnx"
     assert main(["export", "--adapters", str(trained), "--out", str(out), "--mode", mode]) == 0
-    gm, built = _adapted(trained)
+    gm, _built = _adapted(trained)
     ids = torch.randint(0, 64, (3, 11))  # another batch and length than the export's example
     session = lfx.AdapterSession(out)
     assert session.adapters == (["default"] if mode == "adapters" else [])
@@ -159,10 +159,10 @@ def test_entry_point_never_prints_a_traceback():
 def test_train_checkpoints_and_resumes(corpus, tmp_path):
     out = tmp_path / "adapter.safetensors"
     argv = ["train", "--data", str(corpus), "--targets", "q_proj", "--rank", "2", "--out", str(out), "--save-every", "2"]
-    assert main(argv + ["--steps", "2"]) == 0
+    assert main([*argv, "--steps", "2"]) == 0
     checkpoints = tmp_path / "adapter.safetensors.checkpoints"
     assert (checkpoints / "latest.json").exists()
     first = load_file(str(out))
-    assert main(argv + ["--steps", "4"]) == 0  # resumes at step 2 and trains two more
+    assert main([*argv, "--steps", "4"]) == 0  # resumes at step 2 and trains two more
     assert any((load_file(str(out))[k] != first[k]).any() for k in first)
     assert json.loads((checkpoints / "latest.json").read_text())["step"] == 4

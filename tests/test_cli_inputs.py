@@ -56,7 +56,7 @@ def refused(argv, capsys, *words) -> str:
 def test_counts_and_rates_out_of_range_are_refused_before_work(argv, flag, bound, corpus, tmp_path, no_model, capsys):
     out = tmp_path / "adapter.safetensors"
     if argv[0] == "train":
-        argv = argv + ["--data", str(corpus), "--out", str(out)]
+        argv = [*argv, "--data", str(corpus), "--out", str(out)]
     refused(argv, capsys, f"argument {flag}", bound)
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
@@ -125,7 +125,7 @@ def _file(tmp_path):
 def test_an_output_file_that_is_a_folder_is_refused_before_work(command, flag, words, corpus, trained, tmp_path,
                                                                  no_model, capsys):
     argv = [{"CORPUS": str(corpus), "ADAPTER": str(trained)}.get(a, a) for a in command]
-    refused(argv + [flag, str(tmp_path)], capsys, f"{flag} {tmp_path}", *words)
+    refused([*argv, flag, str(tmp_path)], capsys, f"{flag} {tmp_path}", *words)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -139,7 +139,7 @@ def test_an_output_file_that_is_a_folder_is_refused_before_work(command, flag, w
 def test_an_output_under_a_file_is_refused_before_work(command, flag, corpus, trained, tmp_path, no_model, capsys):
     argv = [{"CORPUS": str(corpus), "ADAPTER": str(trained)}.get(a, a) for a in command]
     blocker = _file(tmp_path)
-    refused(argv + [flag, str(blocker / "sub" / "out.bin")], capsys, flag, f"{blocker} is a file, not a folder")
+    refused([*argv, flag, str(blocker / "sub" / "out.bin")], capsys, flag, f"{blocker} is a file, not a folder")
     assert blocker.read_text() == "x" and [p.name for p in tmp_path.iterdir()] == ["a_file"]
 
 
@@ -147,7 +147,7 @@ def test_an_output_under_a_file_is_refused_before_work(command, flag, corpus, tr
 def test_an_output_folder_that_is_a_file_is_refused_before_work(command, flag, trained, tmp_path, no_model, capsys):
     argv = [{"ADAPTER": str(trained)}.get(a, a) for a in command]
     blocker = _file(tmp_path)
-    refused(argv + [flag, str(blocker)], capsys, f"{flag} {blocker} is a file; give a folder")
+    refused([*argv, flag, str(blocker)], capsys, f"{flag} {blocker} is a file; give a folder")
     assert blocker.read_text() == "x"
 
 

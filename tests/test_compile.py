@@ -9,13 +9,12 @@ trainable gradient equal eager's within 1e-5, norm-relative per tensor (oracles.
 import models
 import pytest
 import torch
+from oracles import assert_grads_match, rel
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
 import lowrank_fx as lfx
-
-from oracles import assert_grads_match, rel
 
 METHODS = {
     "lora": lfx.LoRA(rank=4, init="nonzero"),

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 FENCE = re.compile(r"^(?P<indent> *)```(?P<info>[^\n`]*)\n(?P<body>.*?)^(?P=indent)```", re.S | re.M)
 NOT_RUN = re.compile(r"#\s*not run:\s*\S")

@@ -118,7 +118,7 @@ def _rewrite_manifest(path, edit):
     """Edit the manifest and keep its stored checksum: what a damaged file looks like."""
     with safetensors.safe_open(str(path), "pt") as file:
         metadata = file.metadata()
-        tensors = {k: file.get_tensor(k) for k in file.keys()}
+        tensors = {k: file.get_tensor(k) for k in file}
     manifest = json.loads(metadata[MANIFEST_KEY])
     edit(manifest)
     safetensors.torch.save_file(tensors, str(path), metadata={**metadata, MANIFEST_KEY: json.dumps(manifest)})
@@ -233,7 +233,7 @@ def exported(tmp_path_factory):
 
 
 def test_session_refuses_inputs_the_model_does_not_take(exported):
-    result, session = exported
+    _result, session = exported
     x = X.numpy()
     want = session.run({"x": x}, adapter="a")["output"]
     with pytest.raises(lfx.InputError, match=r"'attention_mask' is not an input of this model, so it would "

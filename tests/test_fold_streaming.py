@@ -191,7 +191,7 @@ def test_lora_bound_covers_its_update():
 
 @pytest.mark.parametrize("broken", ["inf", "overflow"])
 def test_inplace_merge_that_fails_changes_nothing(broken):
-    case, gm = _adapted()
+    _case, gm = _adapted()
     last = list(gm.meta["lowrank_fx"].adapters["default"].groups)[-1]
     unit = gm.lowrank_fx.default.lora.unit(last)
     with torch.no_grad():

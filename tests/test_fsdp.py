@@ -81,7 +81,8 @@ def test_errors_say_how_to_fix():
                        example_inputs=case.args, example_kwargs=case.kwargs)
     with pytest.raises(lfx.SpecError, match="layers='auto'"):
         shard_layers(flat)
-    loss = lambda model, batch: model(batch).logits.mean()
+    def loss(model, batch):
+        return model(batch).logits.mean()
     with pytest.raises(lfx.SpecError, match="init_process_group"):
         lfx.Trainer(flat, loss, distributed="fsdp")
     with pytest.raises(lfx.SpecError, match="'ddp' \\(or True\\) or 'fsdp'"):

@@ -56,7 +56,7 @@ def test_gates_are_not_saved_and_survive_save_load(tmp_path):
 
 
 def test_gates_are_buffers_that_move_with_the_graph():
-    case, gm = _two_adapters()
+    _case, gm = _two_adapters()
     assert {name for name, _ in gm.named_buffers() if "gates" in name} == {"lowrank_fx_gates.a", "lowrank_fx_gates.b"}
     gm.to(torch.float64)
     lfx.set_active_adapters(gm, "a")
@@ -64,7 +64,7 @@ def test_gates_are_buffers_that_move_with_the_graph():
 
 
 def test_unknown_adapter_names_are_refused():
-    case, gm = _two_adapters()
+    _case, gm = _two_adapters()
     with pytest.raises(lfx.SpecError, match=r"'c'.*its adapters are 'a', 'b'"):
         lfx.set_active_adapters(gm, ["a", "c"])
     assert lfx.active_adapters(gm) == ["a", "b"]  # nothing changed

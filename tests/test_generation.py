@@ -312,9 +312,10 @@ def test_unknown_adapter_is_named(llama):
 def test_generation_leaves_the_inactive_adapters_sites_out(llama):
     decode = decoder_for(llama.gm)
     examples = decode.meta[EXAMPLES]
-    sites = lambda graph, role: sorted(n.meta["lowrank_fx"]["adapter"] for n in graph.graph.nodes
-                                       if n.meta.get("lowrank_fx", {}).get("role") == role)
-    gates = getattr(llama.gm, "lowrank_fx_gates")
+    def sites(graph, role):
+        return sorted(n.meta["lowrank_fx"]["adapter"] for n in graph.graph.nodes
+                                           if n.meta.get("lowrank_fx", {}).get("role") == role)
+    gates = llama.gm.lowrank_fx_gates
     try:
         lfx.set_active_adapters(llama.gm, "a")
         with torch.no_grad():

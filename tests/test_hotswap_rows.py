@@ -19,11 +19,11 @@ import transformers
 from peft.utils.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 
 import lowrank_fx as lfx
-from lowrank_fx.passes.fuse_sites import fuse_sites
 from lowrank_fx.errors import AdapterFileError, InputError, SpecError
 from lowrank_fx.export.adapter_graph import adapter_tensors
 from lowrank_fx.generation.torch_generate import decoder_for
 from lowrank_fx.graph.gates import ungate
+from lowrank_fx.passes.fuse_sites import fuse_sites
 from lowrank_fx.passes.row_gates import row_weight
 
 VOCAB = 128
@@ -315,9 +315,8 @@ def test_bad_rows_are_refused(two, ids):
     gm, _ = two
     for rows, message in [(["one", "three", None, "one"], "'three', not adapters of this graph"),
                           ("one", "one adapter name"), ([], "non-empty list")]:
-        with pytest.raises(InputError, match=message):
-            with lfx.adapter_rows(gm, rows):
-                pass
+        with pytest.raises(InputError, match=message), lfx.adapter_rows(gm, rows):
+            pass
     with pytest.raises(InputError, match="names 3 rows, but the batch has 4"), torch.no_grad():
         with lfx.adapter_rows(gm, ["one", "two", None]):
             gm(ids)
@@ -355,13 +354,11 @@ def test_a_slot_refuses_inits_that_change_the_base(model, slot):
 def test_rows_refuse_trained_modules_and_layer_blocks(model, ids):
     kwargs = {"example_inputs": (ids,), "example_kwargs": {"use_cache": False}}
     trains = lfx.rewrite(model, lfx.Spec(targets=["*.q_proj"], train=["lm_head"]), **kwargs)
-    with pytest.raises(SpecError, match="train whole modules"):
-        with lfx.adapter_rows(trains, ["default"] * 4):
-            pass
+    with pytest.raises(SpecError, match="train whole modules"), lfx.adapter_rows(trains, ["default"] * 4):
+        pass
     blocks = lfx.rewrite(model, lfx.Spec(targets=["*.q_proj"]), layers=["model.layers.*"], **kwargs)
-    with pytest.raises(SpecError, match="needs a flat graph"):
-        with lfx.adapter_rows(blocks, ["default"] * 4):
-            pass
+    with pytest.raises(SpecError, match="needs a flat graph"), lfx.adapter_rows(blocks, ["default"] * 4):
+        pass
     assert not hasattr(trains, "lowrank_fx_row_gates") and not hasattr(blocks, "lowrank_fx_row_gates")
 
 

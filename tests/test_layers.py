@@ -68,7 +68,8 @@ def test_the_block_owns_its_weights_and_adapters(pair):
     own = {id(p) for p in block.parameters()}
     assert id(structured.get_parameter("model.layers.1.self_attn.q_proj.weight")) in own
     units = structured.lowrank_fx.default
-    in_units = lambda layer: [p for name, p in units.named_parameters() if f".units.model-layers-{layer}-" in name]
+    def in_units(layer):
+        return [p for name, p in units.named_parameters() if f".units.model-layers-{layer}-" in name]
     if method != "lorta":  # a LoRTA unit has no parameters of its own
         assert in_units(1) and all(id(p) in own for p in in_units(1))  # its adapters' parameters live in it
     assert not any(id(p) in own for p in in_units(0))
@@ -80,7 +81,8 @@ def test_the_block_owns_its_weights_and_adapters(pair):
 def test_targets_and_base_weight_names_are_unchanged(pair):
     _, flat, structured = pair
     assert structured.meta["lowrank_fx"].adapters["default"].groups == flat.meta["lowrank_fx"].adapters["default"].groups
-    base = lambda gm: {n for n, p in gm.named_parameters() if not p.requires_grad}
+    def base(gm):
+        return {n for n, p in gm.named_parameters() if not p.requires_grad}
     assert base(structured) == base(flat)
     assert lfx.plan(structured, lfx.Spec(targets="all-linear", method=lfx.LoRA(rank=2))).rows == \
         lfx.plan(flat, lfx.Spec(targets="all-linear", method=lfx.LoRA(rank=2))).rows

@@ -111,10 +111,10 @@ def test_no_import_cycles():
         if state.get(m) == 2:
             return
         if state.get(m) == 1:
-            pytest.fail("import cycle: " + " -> ".join(path[path.index(m):] + [m]))
+            pytest.fail("import cycle: " + " -> ".join([*path[path.index(m):], m]))
         state[m] = 1
         for n in sorted(edges[m]):
-            visit(n, path + [m])
+            visit(n, [*path, m])
         state[m] = 2
 
     for m in sorted(MODULES):

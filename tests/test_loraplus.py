@@ -46,7 +46,8 @@ def test_groups_hold_the_right_parameters(mixed):
     assert slow | fast == trainable and not slow & fast
     assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(trainable)
 
-    leaf = lambda names: sorted({n.rsplit(".", 1)[-1] for n in names})
+    def leaf(names):
+        return sorted({n.rsplit(".", 1)[-1] for n in names})
     assert leaf(fast) == ["B", "lam", "lora_B"]
     assert leaf(slow) == ["A", "C_H", "C_L", "C_M", "gamma", "lora_A"]
     lorta_b = {n for n in trainable if n.endswith(".B") and ".lorta_" in n}

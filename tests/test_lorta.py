@@ -124,7 +124,7 @@ def test_default_init_starts_at_the_base_model():
     assert not group.B.any()
     assert group.A.abs().max() <= 1 / 32 ** 0.5
     for name in ("C_H", "C_L", "C_M"):
-        assert 0 <= getattr(group, name).min() and getattr(group, name).max() <= 1
+        assert getattr(group, name).min() >= 0 and getattr(group, name).max() <= 1
     torch.testing.assert_close(case.output(gm(*case.args, **case.kwargs)), base, rtol=0, atol=0)
 
 
@@ -203,7 +203,7 @@ def test_training_never_builds_the_dense_update():
 
 
 def test_head_dim_comes_from_the_model(llama):
-    case, gm = llama
+    _case, gm = llama
     assert gm.lowrank_fx.default["lorta_32x32"].modes["d_head"] == 8  # Llama's head_dim
     # No attention op in the graph: one head per group, and the group says why.
     group = lfx.rewrite(_Stack(), lfx.Spec(targets=["re:layers"], method=lfx.LoRTA(rank=2))).lowrank_fx.default["lorta_16x16"]

@@ -13,7 +13,6 @@ import copy
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers as T
 from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -58,7 +57,7 @@ def rel(got, want) -> float:
 
 
 def units(gm, adapter="default"):
-    return {name.replace("-", "."): unit for name, unit in getattr(gm.lowrank_fx[adapter], "lora").units.items()}
+    return {name.replace("-", "."): unit for name, unit in gm.lowrank_fx[adapter].lora.units.items()}
 
 
 def copy_into_peft(gm, peft_model):
@@ -87,7 +86,7 @@ def adapted(request):
 
 
 def test_family_equals_peft_in_outputs_and_gradients_and_folds_into_the_model(adapted, tmp_path):
-    family, model, gm = adapted
+    _family, model, gm = adapted
     layers = len(model.model.layers)  # Qwen3-MoE has 2: the second layer's stacks are found in its traced copy
     assert {type(u.op_kind).__name__ for u in units(gm).values()} == {"ExpertsKind"} and len(units(gm)) == 2 * layers
     peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=[],
@@ -294,9 +293,8 @@ def test_stack_refusals(method, message):
 
 
 def test_unknown_experts_implementation():
-    with pytest.raises(lfx.SpecError, match="batched_mm"):
-        with lfx.experts_implementation("eager"):
-            pass
+    with pytest.raises(lfx.SpecError, match="batched_mm"), lfx.experts_implementation("eager"):
+        pass
 
 
 @pytest.fixture(scope="module")

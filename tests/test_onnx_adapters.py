@@ -96,7 +96,7 @@ def test_every_adapter_and_the_base_match_pytorch_in_one_session(exported):
 
 
 def test_adapters_change_the_output(exported):
-    case, gm, result, session = exported
+    case, _gm, result, session = exported
     base = session.run(case.other_args, adapter=None)[result.outputs[0]]
     for adapter in session.adapters:
         assert rel_err(session.run(case.other_args, adapter=adapter)[result.outputs[0]], base) > 1e-3
@@ -108,7 +108,7 @@ def test_graph_mode_is_restored(exported):
 
 def test_layout_defaults_mean_no_update(exported):
     """Inputs with a rank axis default to empty along it; the others (RandLoRA, scales) to zeros."""
-    case, gm, result, session = exported
+    _case, _gm, result, _session = exported
     model = onnx.load(str(result.path))
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
     inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
@@ -140,7 +140,7 @@ def test_lorta_files_are_tiny(lorta, llama):
 
 
 def test_adapter_trained_later_gets_a_file_for_the_same_model(llama, tmp_path):
-    case, gm, result, session = llama
+    case, _gm, result, _session = llama
     spec = lfx.Spec(targets=["*.q_proj", "*.v_proj"], method=lfx.LoRA(rank=2, alpha=3.0, init="nonzero"))
     later = lfx.rewrite(case.model, spec, example_inputs=case.args, example_kwargs=case.kwargs, adapter="late")
     path = lfx.export_onnx_adapter(later, tmp_path / "late.onnx_adapter", adapter="late", model_path=result.path)

@@ -50,7 +50,7 @@ def test_parity_at_other_shapes(exported):
 
 
 def test_readable_names_and_dynamic_axes(exported):
-    case, merged, result, _ = exported
+    case, _merged, result, _ = exported
     assert result.mode == "merged" and result.inputs == ["input_ids"] and not result.adapter_inputs
     assert result.outputs[0] == ("last_hidden_state" if "Bert" in type(case.model).__name__ else "logits")
     model = onnx.load(str(result.path), load_external_data=False)
@@ -60,14 +60,14 @@ def test_readable_names_and_dynamic_axes(exported):
 
 
 def test_exported_in_eval_mode_and_mode_restored(exported):
-    case, merged, result, still_training = exported
+    _case, _merged, result, still_training = exported
     assert still_training  # the fixture set train mode before exporting; it is kept
     model = onnx.load(str(result.path), load_external_data=False)
     assert not any(node.op_type == "Dropout" for node in model.graph.node)
 
 
 def test_external_data_when_asked(exported):
-    case, merged, result, _ = exported
+    case, _merged, result, _ = exported
     data = result.path.with_name(result.path.name + ".data")
     assert (data in result.files) == data.exists()
     if "Bert" in type(case.model).__name__:

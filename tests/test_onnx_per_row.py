@@ -94,7 +94,7 @@ def test_one_adapter_for_the_whole_batch(exported):
 
 
 def test_bad_rows_are_rejected(llama):
-    case, gm, result, session = llama
+    case, _gm, result, session = llama
     ids = case.other_args[0]
     with pytest.raises(lfx.AdapterFileError, match=r"unknown adapter 'd'; did you mean"):
         session.run({"input_ids": ids}, rows=["a", "d", None])

@@ -215,7 +215,8 @@ def test_dora_on_conv_and_embedding_runs_in_onnx_runtime(tmp_path):
     import peft_matrix_models as pm
 
     model, ids = pm.build("EmbConv1D"), pm.INPUTS["EmbConv1D"]()
-    spec = lambda rank: lfx.Spec(targets=["emb", "conv1d", "lin0"], method=lfx.LoRA(rank=rank, init="nonzero", dora=True))
+    def spec(rank):
+        return lfx.Spec(targets=["emb", "conv1d", "lin0"], method=lfx.LoRA(rank=rank, init="nonzero", dora=True))
     gm = lfx.rewrite(copy.deepcopy(model), spec(4), example_inputs=(ids,))
     lfx.rewrite(gm, spec(2), adapter="b")
     gm.eval()

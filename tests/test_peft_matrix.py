@@ -30,11 +30,11 @@ from __future__ import annotations
 import copy
 
 import peft
+import peft_matrix_models as pm
 import pytest
 import torch
 
 import lowrank_fx as lfx
-import peft_matrix_models as pm
 
 # (row id, model, LoraConfig settings) in the order of PEFT's TEST_CASES.
 ROWS = [

@@ -19,16 +19,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from torchao.quantization import (
+    Int8DynamicActivationInt8WeightConfig,
+    Int8WeightOnlyConfig,
+    IntxWeightOnlyConfig,
+    quantize_,
+    to_nf4,
+)
+from torchao.quantization.granularity import PerGroup
 
 import lowrank_fx as lfx
-from lowrank_fx.passes.quantized_base import is_quantized_call
-from lowrank_fx.errors import QuantizedBaseError
 from lowrank_fx.adapt.capture import capture
+from lowrank_fx.errors import QuantizedBaseError
 from lowrank_fx.graph.targets import find_targets
-
-from torchao.quantization import (
-    Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, IntxWeightOnlyConfig, quantize_, to_nf4)
-from torchao.quantization.granularity import PerGroup
+from lowrank_fx.passes.quantized_base import is_quantized_call
 
 VOCAB = 128
 TORCHAO_SCHEMES = ["int8", "nf4", "int4", "int4-packed"]

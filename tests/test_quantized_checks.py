@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_quantized import _capture, _quantized
 
 from lowrank_fx.errors import QuantizedBaseError
 from lowrank_fx.graph.quant_check import dequantize_check, gradient_check, rounding_factor
 from lowrank_fx.graph.quantized import Region
-
-from test_quantized import _capture, _quantized
 
 
 def _region(n_in: int, n_out: int) -> Region:

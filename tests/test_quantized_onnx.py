@@ -15,11 +15,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from test_quantized import BNB_SCHEMES, LINEARS, TORCHAO_SCHEMES, _ids, _quantized, _rel, _rewrite
 
 import lowrank_fx as lfx
 from lowrank_fx.errors import ExportError
-
-from test_quantized import BNB_SCHEMES, LINEARS, TORCHAO_SCHEMES, _ids, _quantized, _rel, _rewrite
 
 SPEC = lfx.Spec(targets={"*_proj": lfx.LoRA(rank=4, init="nonzero")})
 INTEGER_OPS = {"MatMulNBits", "MatMulBnb4"}
@@ -74,7 +73,7 @@ def test_unmerged_export_runs_the_base_as_integer_matmuls(scheme, tmp_path_facto
 
 @pytest.mark.parametrize("scheme", TORCHAO_SCHEMES + BNB_SCHEMES)
 def test_integer_initializers_are_in_the_file_at_the_quantized_size(scheme, tmp_path_factory):
-    gm, export, model = _exported(scheme, tmp_path_factory)
+    gm, _export, model = _exported(scheme, tmp_path_factory)
     inits = {init.name: init for init in model.graph.initializer}
     integer_bytes = float_bytes = 0
     for node in model.graph.node:

@@ -110,7 +110,8 @@ def test_update_is_full_rank():
 
 def test_bases_regenerated_from_seed_and_not_saved():
     model = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 16))
-    make = lambda **kw: lfx.rewrite(model, lfx.Spec(targets=["0", "1"], method=lfx.RandLoRA(rank=4, **kw))).lowrank_fx.default.randlora
+    def make(**kw):
+        return lfx.rewrite(model, lfx.Spec(targets=["0", "1"], method=lfx.RandLoRA(rank=4, **kw))).lowrank_fx.default.randlora
     first, again, other = make(seed=3), make(seed=3), make(seed=4)
     assert first.basis_A.shape == (4, 32) and first.basis_B.shape == (32, 32)  # d_max = D_max = 32, N_max = 8
     assert torch.equal(first.basis_A, again.basis_A) and torch.equal(first.basis_B, again.basis_B)

@@ -14,11 +14,10 @@ import warnings
 import pytest
 import torch
 import transformers as T
+from oracles import assert_grads_match, rel
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import lowrank_fx as lfx
-
-from oracles import assert_grads_match, rel
 
 IMAGE, PATCH, IMAGE_TOKEN = 16, 4, 127
 TOKENS_PER_IMAGE = (IMAGE // PATCH) ** 2

@@ -34,7 +34,8 @@ traced only up to a short prefix, one child per kind (graph/block_lists.py), and
 children are written into the graph as copies over their own weights (passes/repeat_blocks.py):
 node for node what tracing every child gives, at the cost of two or three children rather than
 all of them (a KV-cache graph's per-layer inputs and outputs follow the traced layers' stride).
-A prefix that cannot be repeated (a forward that reads every block's output) is traced whole instead, with an INFO log on "lowrank_fx" saying why;
+A prefix that cannot be repeated (a forward that reads every block's output) is traced whole
+instead, with an INFO log on "lowrank_fx" saying why;
 `trace_blocks=False` always traces whole.
 
 Capture once: an exported capture is memoised per model in the process (capture_memo.py), so
@@ -66,6 +67,9 @@ from ..graph.module_copy import over_graph
 from ..graph.quant_formats import bitsandbytes_layers, bitsandbytes_swapped, is_quantized
 from ..graph.quantized import EXAMPLES, SWAPPED_LAYERS, SharedLayers
 from ..graph.record import Record
+from ..logs import logger
+from ..noise import quiet_third_party
+from ..options import flag
 from ..passes.call_defaults import set_call_defaults
 from ..passes.grad_regions import unwrap_regions
 from ..passes.grouped_kernel import use_grouped_kernel
@@ -73,15 +77,12 @@ from ..passes.inline_linear import inline_linear
 from ..passes.mode_aware import make_mode_aware
 from ..passes.quantized_base import prepare_quantized
 from ..passes.repeat_blocks import NotRepeatable, repeat_blocks
-from ..options import flag
-from ..logs import logger
-from ..noise import quiet_third_party
 from ..progress import stage
 from . import capture_memo
 from .batch_one import takes, widened
+from .capture_cache import CaptureCache, cache_directory, cache_key, cacheable, model_tensors
 from .capture_hints import hint
 from .experts_impl import traced_experts
-from .capture_cache import CaptureCache, cache_directory, cache_key, cacheable, model_tensors
 from .keyword_forward import keyword_forward
 
 SOURCE = "lowrank_fx_source"  # gm.meta[SOURCE]: the model the graph was captured from, held weakly
@@ -335,7 +336,8 @@ def _traced_as_named(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool,
         try:
             exported, swapped = _export_with(model, *wide, _auto_dynamic(model, *wide), lists)
         except Exception as err:
-            logger("capture").info("capturing %s at batch 1: it failed to export at batch 2 (%s)", name, _first_line(err))
+            logger("capture").info("capturing %s at batch 1: it failed to export at batch 2 (%s)",
+                                   name, _first_line(err))
         else:
             gm = _plain(exported.module())
             if takes(gm, args, kwargs):
@@ -389,7 +391,8 @@ def _symbolic(model: nn.Module) -> fx.GraphModule:
                  and is_traceable_wrapper_subclass(t)]
     if quantized or bitsandbytes_layers(model):
         raise CaptureError(
-            f"{type(model).__name__} has quantized weights ({(quantized or [n for n, _ in bitsandbytes_layers(model)])[0]}, ...), "
+            f"{type(model).__name__} has quantized weights "
+            f"({(quantized or [n for n, _ in bitsandbytes_layers(model)])[0]}, ...), "
             "which lowrank_fx finds in a torch.export graph only: pass example_inputs=(...) (and example_kwargs) "
             "so that the model is exported rather than symbolically traced"
         )

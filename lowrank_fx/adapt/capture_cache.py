@@ -72,7 +72,8 @@ def cache_key(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, dynami
     return {"model": f"{cls.__module__}.{cls.__qualname__}", "code": capture_key.code_spec(model),
             "config": capture_key.config_spec(model), "tensors": capture_key.tensors_spec(model),
             "examples": capture_key.examples_spec(args, kwargs),
-            "dynamic": capture_key.shapes_spec(dynamic, dynamic_shapes), "blocks": trace_blocks, "versions": capture_key.versions(),
+            "dynamic": capture_key.shapes_spec(dynamic, dynamic_shapes), "blocks": trace_blocks,
+            "versions": capture_key.versions(),
             "library": capture_key.library(), "format": FORMAT}
 
 

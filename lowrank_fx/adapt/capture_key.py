@@ -14,7 +14,7 @@ import inspect
 import json
 import os
 import sys
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -74,7 +74,7 @@ def config_spec(model: nn.Module):
     return spec
 
 
-@lru_cache(maxsize=None)
+@cache
 def _file_digest(path: str, mtime_ns: int) -> str:
     with open(path, "rb") as file:
         return hashlib.sha256(file.read()).hexdigest()[:16]
@@ -97,7 +97,7 @@ def code_spec(model: nn.Module) -> list:
     return sorted(spec.items())
 
 
-@lru_cache(maxsize=None)
+@cache
 def library() -> str:
     """A digest of lowrank_fx's own source, read once per process: the disk cache stores graphs
     its passes finished (call defaults, mode switches, copied blocks), so editing lowrank_fx

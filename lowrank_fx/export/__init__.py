@@ -7,4 +7,4 @@ from .onnx import OnnxExport, export_onnx, export_onnx_adapter
 from .per_row import NONE_ID
 from .session import AdapterSession
 
-__all__ = ["export_onnx", "export_onnx_adapter", "OnnxExport", "AdapterSession", "NONE_ID"]
+__all__ = ["NONE_ID", "AdapterSession", "OnnxExport", "export_onnx", "export_onnx_adapter"]

@@ -49,7 +49,7 @@ def _updates(source: fx.GraphModule) -> dict[str, Update] | None:
         return None
     _, found = updates(source)
     index = GraphIndex(source)
-    for name, update in found.items():
+    for update in found.values():
         target = update.target
         if target.quantized or bias_update(update) is not None or read_elsewhere(source, index, target):
             return None

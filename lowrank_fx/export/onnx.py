@@ -49,6 +49,7 @@ from ..graph.record import require_graph
 from ..options import flag
 from ..passes.drop_assertions import drop_assertions, has_assertions
 from ..passes.layers import flat_view
+from ..passes.quantized_base import is_quantized_call
 from .adapter_graph import (
     AdapterInput,
     adapter_graph,
@@ -65,7 +66,6 @@ from .merged_weights import MergedGraph, attach_merged, merged_graph
 from .optimize import optimize_graph
 from .ort_adapter import SUFFIX, check_adapter_file, layout_fingerprint, model_slots, write_adapter_file
 from .per_row import IDS, NONE_ID, per_row_graph, row_swap
-from ..passes.quantized_base import is_quantized_call
 from .quantized_ops import integer_base, translations
 from .session import AdapterSession
 from .signature import FlatCall, Signature, flat_outputs, signature

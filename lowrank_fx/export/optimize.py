@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common
-import torch
 from onnxscript.optimizer import _constant_folding
 
 from .tensors import torch_view

@@ -17,6 +17,9 @@ Trained modules (`Spec.train`): each row reads its own adapter's copy (per_row_t
 
 from __future__ import annotations
 
+import operator
+from functools import partial
+
 import torch
 from torch import fx, nn
 
@@ -138,7 +141,7 @@ def per_row_graph(gm: fx.GraphModule, adapters: list[str], stack_lora: bool = Tr
             k = adapters.index(delta.meta[KEY]["adapter"])
             with graph.inserting_after(delta):
                 weighted = graph.call_function(row_scale, (delta, mask, k))
-            delta.replace_all_uses_with(weighted, delete_user_cb=lambda user: user is not weighted)
+            delta.replace_all_uses_with(weighted, delete_user_cb=partial(operator.is_not, weighted))
     per_row_trained(graph, adapters, mask, lambda node: _leads_with_batch(graph, node))
     graph.lint()
     new.recompile()

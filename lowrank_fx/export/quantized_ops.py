@@ -30,10 +30,19 @@ from torch import fx
 
 from ..errors import ExportError
 from ..graph.quant_integer import RUNTIME_NF4, TABLE_DRIFT, IntegerWeight, integer_form
-from ..graph.quantized import (SWAPPED_LAYERS, dequantize_region, find_regions, module_attr, probe_input,
-                               region_device, region_function, region_scheme)
+from ..graph.quantized import (
+    SWAPPED_LAYERS,
+    dequantize_region,
+    find_regions,
+    module_attr,
+    probe_input,
+    region_device,
+    region_function,
+    region_scheme,
+)
 from ..passes.quantized_base import is_quantized_call
 from ..passes.quantized_fold import drop_unread, erase_dead
+
 
 def _nibbles(codes: torch.Tensor, high_first: bool) -> torch.Tensor:
     """Pairs of 4-bit codes along the last axis, packed into one byte each."""
@@ -119,7 +128,8 @@ def _register_schemas() -> None:
             outputs=[param("Y", "T1")],
             type_constraints=[("T1", floats, ""), ("T2", ["tensor(uint8)"], ""),
                               ("T3", ["tensor(uint8)", *floats], "")],
-            attributes=[attr("K", ints, ""), attr("N", ints, ""), attr("bits", ints, ""), attr("block_size", ints, "")]))
+            attributes=[attr("K", ints, ""), attr("N", ints, ""), attr("bits", ints, ""),
+                        attr("block_size", ints, "")]))
     if not onnx.defs.has("MatMulBnb4", "com.microsoft"):
         onnx.defs.register_schema(OpSchema(
             "MatMulBnb4", "com.microsoft", 1,

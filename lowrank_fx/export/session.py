@@ -15,8 +15,8 @@ Providers: CUDA when onnxruntime-gpu offers it, else CPU (`providers=` overrides
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -235,7 +235,8 @@ class AdapterSession:
             if rows is None:
                 rows = [adapter] * batch
             elif len(rows) != batch:
-                raise InputError(f"rows has {len(rows)} entries for a batch of {batch}; give one adapter name (or None) per row")
+                raise InputError(f"rows has {len(rows)} entries for a batch of {batch}; give one adapter name (or "
+                                 "None) per row")
             feeds[IDS] = self._row_ids(rows)
             options = None
         elif rows is not None:

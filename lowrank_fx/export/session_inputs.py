@@ -9,7 +9,7 @@ raises InputError naming the inputs the model takes.
 from __future__ import annotations
 
 import difflib
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 

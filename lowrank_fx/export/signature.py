@@ -197,8 +197,10 @@ def flat_outputs(result, reserved=()) -> tuple[list[str], list[torch.Tensor]]:
     for path, _ in tensors:
         if not path:
             name = "output"
+        elif path[0].isdigit():
+            name = "output_" + ".".join(path)
         else:
-            name = ".".join(path) if not path[0].isdigit() else "output_" + ".".join(path)
+            name = ".".join(path)
         name = "out_" + name if name in reserved else name
         unique, n = name, 1
         while unique in taken:  # keys such as "a.b" beside a nested a -> b

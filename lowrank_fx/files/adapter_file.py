@@ -95,7 +95,8 @@ def _buffers_to_keep(gm: fx.GraphModule, adapter: str, include_buffers: bool) ->
     """Non-persistent buffers to store: all of them if asked, else those the spec would not regenerate."""
     module = getattr(gm, CONTAINER)[adapter]
     persistent = module.state_dict()
-    buffers = {key: buf for key, buf in module.named_buffers() if key not in persistent and key not in slot_scales(module)}
+    scales = slot_scales(module)
+    buffers = {key: buf for key, buf in module.named_buffers() if key not in persistent and key not in scales}
     if include_buffers or not buffers:
         return buffers
     targets, assignment = resolve(gm, Record.find(gm).adapters[adapter].spec)
@@ -176,7 +177,7 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     try:
         with safetensors.safe_open(str(path), framework="pt") as file:
             metadata = file.metadata() or {}
-            tensors = {key: file.get_tensor(key) for key in file.keys()}
+            tensors = {key: file.get_tensor(key) for key in file}
     except safetensors.SafetensorError as err:
         raise AdapterFileError(
             f"{path} is not a complete safetensors file ({err}); it may be truncated or corrupt. "

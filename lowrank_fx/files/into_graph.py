@@ -160,7 +160,8 @@ def place(gm: fx.GraphModule, adapter: str, spec: Spec, shapes: dict[str, tuple[
             parts.append(f"also {_listed(extra)}")
         if lacking:
             parts.append(f"not {_listed(lacking)}")
-        placement.problems.append(f"on this graph its spec selects other targets than the file holds: {'; '.join(parts)}")
+        placement.problems.append("on this graph its spec selects other targets than the file holds: "
+                                  f"{'; '.join(parts)}")
         return placement
     trained = resolve_trained(gm, spec)  # resolve checked its patterns
     if placement.exists and record.adapters[adapter].max_rank is not None:

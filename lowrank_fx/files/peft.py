@@ -15,7 +15,8 @@ these tables.
 Loading: which modules are adapted, and their ranks, come from the tensors; the other
 settings (alpha, rsLoRA, dropout, rank_pattern, alpha_pattern, ...) from the config (see
 peft_formats.py for the settings and the ones refused). Random bases are taken from the
-file, never regenerated (PEFT draws them with its own generator). The adapter's spec is the config's own target_modules /
+file, never regenerated (PEFT draws them with its own generator). The adapter's spec is the
+config's own target_modules /
 exclude_modules when they select exactly the adapted modules on this graph, else the
 adapted modules by name. Then it is checked and loaded like an adapter file (files/into_graph.py):
 all or nothing, with one error listing every difference. Values are cast to the adapter's
@@ -110,7 +111,7 @@ def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
         )
     try:
         with safetensors.safe_open(str(path), framework="pt") as file:
-            return {key: file.get_tensor(key) for key in file.keys()}
+            return {key: file.get_tensor(key) for key in file}
     except safetensors.SafetensorError as err:
         raise AdapterFileError(f"{path} is not a complete safetensors file ({err}); it may be truncated") from None
 
@@ -324,7 +325,8 @@ def load_peft(model: nn.Module | fx.GraphModule, directory: str | os.PathLike, *
         except LowRankFxError as err:
             problems.append(str(err))
     if problems:
-        raise AdapterFileError(f"cannot load the PEFT adapter in {directory}:\n" + "\n".join(f"  - {p}" for p in problems))
+        listed = "\n".join(f"  - {p}" for p in problems)
+        raise AdapterFileError(f"cannot load the PEFT adapter in {directory}:\n{listed}")
     structured = structured if structured is not None else capture(model, example_inputs, example_kwargs)
     gm = flat_view(structured)  # a graph with layer blocks is read flat; adapters are added to it
     check_base(gm, base, f"the PEFT adapter in {directory}")
@@ -340,7 +342,8 @@ def load_peft(model: nn.Module | fx.GraphModule, directory: str | os.PathLike, *
         raise AdapterFileError(f"cannot load the PEFT adapter in {directory}:\n  - {err}") from None
     methods = {ours[m]: method for m, method in methods.items()}
     spec = with_biases(with_train(gm, _spec(gm, config, methods), config), biases)
-    placement = place(gm, adapter, spec, {m: entry.shape(one_expert(t) if m in stacks else t) for m, t in units.items()})
+    shapes = {m: entry.shape(one_expert(t) if m in stacks else t) for m, t in units.items()}
+    placement = place(gm, adapter, spec, shapes)
     values = {}
     if placement.module is not None:
         values, saved_problems = saved_values(gm, placement, {**saved, **biases})
@@ -449,7 +452,8 @@ def _peft_files(gm: fx.GraphModule, adapter: str | None, base_model_name_or_path
         "task_type": task_type,
         "inference_mode": True,
         # an adapted MHA is one PEFT module, whose out_proj PEFT adapts with it
-        "target_modules": sorted({m for t, method in methods.items() if t not in bare and t not in stacks and method.kind == entry.kind
+        "target_modules": sorted({m for t, method in methods.items()
+                                  if t not in bare and t not in stacks and method.kind == entry.kind
                                   and ".base_layer." not in (m := _peft_module(t, methods, record))}),
         "target_parameters": sorted([f"{t}.weight" for t in bare] + stacks) or None,
         "fan_in_fan_out": bool(linears) and all(targets[t].layout == "in_out" for t in linears),

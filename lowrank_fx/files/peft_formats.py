@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -59,7 +59,8 @@ class PeftFormat:
 COMMON = {
     "peft_type": _any, "peft_version": _any, "base_model_name_or_path": _any, "revision": _any,
     "task_type": _any, "inference_mode": _any, "auto_mapping": _any,
-    "target_modules": _any, "exclude_modules": _any, "target_parameters": _any, "layers_to_transform": _any, "layers_pattern": _any,
+    "target_modules": _any, "exclude_modules": _any, "target_parameters": _any, "layers_to_transform": _any,
+    "layers_pattern": _any,
     "fan_in_fan_out": _any,  # the graph knows each weight's layout (Conv1D or Linear)
     "modules_to_save": _any,  # trained modules, Spec.train (peft_saved.py)
     "bias": lambda value: value in ("none", "all", "lora_only"),  # trained biases (peft_bias.py)

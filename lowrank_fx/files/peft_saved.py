@@ -99,6 +99,7 @@ def saved_config_and_tensors(gm: fx.GraphModule, adapter: str, prefix: str) -> t
     tensors = {}
     for name, copy in group.copies().items():
         aliases = record.aliases.get(name, [name])
-        if any(alias.startswith(m + ".") for alias in aliases for m in modules):  # not a single parameter (peft_bias.py)
+        # not a single parameter (peft_bias.py)
+        if any(alias.startswith(m + ".") for alias in aliases for m in modules):
             tensors.update({f"{prefix}{alias}": copy for alias in aliases})
     return modules or None, tensors

@@ -12,4 +12,4 @@ from .loop import Generated
 from .session import GenerationSession
 from .torch_generate import generate
 
-__all__ = ["generate", "export_generation", "GenerationExport", "GenerationSession", "Generated"]
+__all__ = ["Generated", "GenerationExport", "GenerationSession", "export_generation", "generate"]

@@ -125,4 +125,4 @@ def reorder_tensors(cache: list[dict], rows: torch.Tensor) -> list[dict]:
     return [{part: tensor.index_select(0, rows.to(tensor.device)) for part, tensor in layer.items()} for layer in cache]
 
 
-__all__ = ["run_beams", "check_beams", "reorder_tensors"]
+__all__ = ["check_beams", "reorder_tensors", "run_beams"]

@@ -51,7 +51,8 @@ def compile_kwargs(option) -> dict:
         if "mode" not in kwargs:
             kwargs["options"] = dict(kwargs.get("options") or {})
     else:
-        raise SpecError(f"compile must be False, True, a backend name or a dict of torch.compile options, got {option!r}")
+        raise SpecError("compile must be False, True, a backend name or a dict of torch.compile options, got "
+                        f"{option!r}")
     if "options" in kwargs:
         kwargs["options"].setdefault("guard_filter_fn", torch.compiler.skip_guard_on_all_nn_modules_unsafe)
     kwargs.setdefault("dynamic", True)

@@ -4,7 +4,8 @@
     share_adapters(decode, [("a", gm, "a"), ...])      # gm's adapter modules, not copies
 
 Capture: `KVDecoder(model)` (decoder.py) through lowrank_fx's capture (non-strict
-torch.export; batch, new tokens and past length dynamic, each one symbol shared by every input). The wrapper's own `model.` prefix is taken off every
+torch.export; batch, new tokens and past length dynamic, each one symbol shared by every input).
+The wrapper's own `model.` prefix is taken off every
 tensor, module and module-stack path, so the decode graph names its weights, and hence its
 targets, exactly like a graph captured from `model` itself (`model.layers.0.self_attn.q_proj`).
 torch.export's guard check (`_guards_fn`) is dropped: it insists on the example's size

@@ -129,7 +129,8 @@ def _sources(model: nn.Module, adapters, examples: dict) -> list[tuple[str, fx.G
     def graph_of(value, key: str | None) -> fx.GraphModule:
         if isinstance(value, fx.GraphModule):
             if Record.find(value) is None or not Record.find(value).adapters:
-                raise ExportError(f"{key or 'the graph'} has no adapters; pass a graph from lfx.rewrite or an adapter file")
+                raise ExportError(f"{key or 'the graph'} has no adapters; pass a graph from lfx.rewrite or an adapter "
+                                  "file")
             return value
         if isinstance(value, (str, os.PathLike)):
             path = str(Path(value).resolve())
@@ -191,11 +192,13 @@ def _tokenizer_files(tokenizer, directory: Path) -> list[Path]:
         return [f for f in files if f.exists()]
     path = Path(tokenizer)
     if path.is_dir():
-        files = [f for f in sorted(path.iterdir()) if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens"))
-                                                                       or f.suffix in (".model", ".tiktoken")
-                                                                       or f.name in ("vocab.json", "merges.txt"))]
+        files = [f for f in sorted(path.iterdir())
+                 if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens"))
+                                     or f.suffix in (".model", ".tiktoken")
+                                     or f.name in ("vocab.json", "merges.txt"))]
         if not files:
-            raise ExportError(f"tokenizer directory {path} holds no tokenizer files (tokenizer.json, tokenizer_config.json, ...)")
+            raise ExportError(f"tokenizer directory {path} holds no tokenizer files (tokenizer.json, "
+                              "tokenizer_config.json, ...)")
     elif path.is_file():
         files = [path]
     else:
@@ -251,7 +254,8 @@ def export_generation(model: nn.Module, adapters: AdapterSource | Mapping[str, A
         FileWriteError: `directory` cannot be written.
     """
     check_onnx_decoder(model)
-    text_config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    config = model.config
+    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     check_token_ids(token_ids(text_config, getattr(model, "generation_config", None)), int(text_config.vocab_size))
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
@@ -288,7 +292,7 @@ def export_generation(model: nn.Module, adapters: AdapterSource | Mapping[str, A
         rows = _export(decode, directory / PER_ROW / MODEL, names, "per_row", optimize)
         (directory / PER_ROW / CONFIG).write_text(json.dumps(config, indent=1) + "\n")
         per_row_path = rows.path
-        files += rows.files + [directory / PER_ROW / CONFIG]
+        files += [*rows.files, directory / PER_ROW / CONFIG]
         files += _tokenizer_files(tokenizer, directory / PER_ROW) if tokenizer is not None else []
     files = files + list(adapter_files.values()) + [config_path] + token_files
     return GenerationExport(directory, result.path, adapter_files, config_path, token_files, per_row_path, files)

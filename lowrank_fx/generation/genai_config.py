@@ -42,7 +42,8 @@ PER_ROW = "per_row"  # subdirectory: the per-row export, with its own genai_conf
 
 # Hugging Face model_type -> genai model type, for the types whose decoders read this layout.
 GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
-               "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3_text", "granite": "granite", "olmo": "olmo", "smollm3": "smollm3", "nemotron": "nemotron"}
+               "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3_text", "granite": "granite", "olmo": "olmo",
+               "smollm3": "smollm3", "nemotron": "nemotron"}
 
 
 def _first(*values):
@@ -68,7 +69,8 @@ def token_ids(config, generation) -> dict:
 
 
 def check_token_ids(ids: dict, vocab: int) -> None:
-    outside = {name: value for name, value in (("eos_token_id", ids["eos_token_id"]), ("pad_token_id", ids["pad_token_id"]))
+    named = (("eos_token_id", ids["eos_token_id"]), ("pad_token_id", ids["pad_token_id"]))
+    outside = {name: value for name, value in named
                if value is not None and any(not 0 <= v < vocab for v in _ids(value))}
     if not ids["eos_token_id"]:
         raise ExportError(

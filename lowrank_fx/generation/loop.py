@@ -107,7 +107,8 @@ def as_ids(value, name: str) -> torch.Tensor:
     return tensor.long()
 
 
-def check_inputs(input_ids, attention_mask, max_new_tokens: int, vocab: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def check_inputs(input_ids, attention_mask, max_new_tokens: int,
+                 vocab: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     ids = as_ids(input_ids, "input_ids")
     if ids.shape[1] == 0:
         raise InputError("input_ids is empty: give at least one prompt token per row")

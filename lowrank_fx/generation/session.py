@@ -32,8 +32,8 @@ from ..errors import AdapterFileError, ExportError, InputError
 from ..export.ort_adapter import load_ort
 from ..export.per_row import IDS
 from ..export.session import AdapterSession
-from .genai_config import CONFIG, PER_ROW
 from .beam import check_beams, run_beams
+from .genai_config import CONFIG, PER_ROW
 from .loop import Generated, Sampling, as_ids, check_left_padded, eos_list, run
 
 _NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
@@ -74,7 +74,8 @@ class GenerationSession:
         config_path = self.directory / CONFIG
         if not config_path.is_file():
             raise ExportError(
-                f"{self.directory} has no {CONFIG}; give a directory written by lfx.export_generation(model, adapters, directory)"
+                f"{self.directory} has no {CONFIG}; give a directory written by lfx.export_generation(model, adapters, "
+                "directory)"
             )
         try:
             self.config = json.loads(config_path.read_text())
@@ -85,7 +86,8 @@ class GenerationSession:
             self.head_dim = int(decoder["head_size"])
             self.vocab_size = int(model["vocab_size"])
         except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
-            raise ExportError(f"{config_path} is damaged or not from lfx.export_generation ({type(err).__name__}: {err}); "
+            raise ExportError(f"{config_path} is damaged or not from lfx.export_generation ({type(err).__name__}: "
+                              f"{err}); "
                               "write the directory again with lfx.export_generation") from None
         self.eos_token_id = eos_list(model.get("eos_token_id"))
         self.pad_token_id = model.get("pad_token_id")
@@ -223,7 +225,8 @@ class GenerationSession:
                 raise InputError("pass adapter= (one for the batch) or rows= (one per row), not both")
             rows = list(rows)
             if len(rows) != batch:
-                raise InputError(f"rows has {len(rows)} entries for a batch of {batch}; give one name (or None) per row")
+                raise InputError(
+                    f"rows has {len(rows)} entries for a batch of {batch}; give one name (or None) per row")
             session = self._per_row()
             step = self._stepper(session, None, session.row_ids(rows))
         else:
@@ -241,4 +244,4 @@ class GenerationSession:
         return result if output_logits else result.sequences
 
 
-__all__ = ["GenerationSession", "Generated"]
+__all__ = ["Generated", "GenerationSession"]

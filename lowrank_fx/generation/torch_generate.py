@@ -56,7 +56,7 @@ class _Entry:
     compiled: dict  # (compile option, inactive adapters) -> compiled callable
 
 
-_DECODERS: "weakref.WeakKeyDictionary[fx.GraphModule, _Entry]" = weakref.WeakKeyDictionary()
+_DECODERS: weakref.WeakKeyDictionary[fx.GraphModule, _Entry] = weakref.WeakKeyDictionary()
 
 
 def _model(gm: fx.GraphModule, model: nn.Module | None) -> nn.Module:
@@ -113,7 +113,8 @@ def _compiled(gm: fx.GraphModule, graph: fx.GraphModule, option):
     key = (option if isinstance(option, (bool, str)) else repr(sorted(option.items())), id(graph), state_key(graph))
     if key not in entry.compiled:
         entry.compiled[key] = torch.compile(graph, **kwargs)
-        note("compiling the decode step with torch.compile on its first calls (later calls with these adapters reuse it)")
+        note("compiling the decode step with torch.compile on its first calls (later calls with these adapters reuse "
+             "it)")
     return entry.compiled[key]
 
 
@@ -241,4 +242,4 @@ def generate(gm: fx.GraphModule, input_ids: torch.Tensor | Sequence[Sequence[int
     return result if output_logits else result.sequences
 
 
-__all__ = ["generate", "decoder_for", "Generated"]
+__all__ = ["Generated", "decoder_for", "generate"]

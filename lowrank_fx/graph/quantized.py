@@ -33,8 +33,15 @@ import importlib
 import torch
 from torch import fx, nn
 
-from .quant_formats import (BnbLinear4bit, BnbLinear8bit, is_quantized, row_scaled, scheme_name, stored_bytes,
-                            torchao_dense)
+from .quant_formats import (
+    BnbLinear4bit,
+    BnbLinear8bit,
+    is_quantized,
+    row_scaled,
+    scheme_name,
+    stored_bytes,
+    torchao_dense,
+)
 
 EXAMPLES = "lowrank_fx_examples"  # gm.meta[EXAMPLES]: (args, kwargs) of the capture, detached
 SWAPPED_LAYERS = "lowrank_fx_swapped"  # gm.meta[SWAPPED_LAYERS]: {path: BnbLinear4bit | BnbLinear8bit}
@@ -377,7 +384,8 @@ def weight_dequantizer(gm: fx.GraphModule, region: Region):
 
     if row_scaled(kind, {name: getattr(tensor, name) for name in positions}, size) is not None:
         # W = s · q: the backward's dL/dy · W as (dL/dy ⊙ s) · q, no weight-sized product
-        dequantize.row_scaled = lambda weights: row_scaled(kind, {name: weights[i] for name, i in positions.items()}, size)
+        dequantize.row_scaled = lambda weights: row_scaled(  # type: ignore[attr-defined]  # read by getattr
+            kind, {name: weights[i] for name, i in positions.items()}, size)
     return dequantize
 
 
@@ -394,7 +402,8 @@ def dequantized(gm: fx.GraphModule, target, with_bias: bool = False):
     """The dense weight (out, in) that target's quantized layer computes with, in its compute
     dtype (and the bias, with `with_bias`). Every site of a target reads the same weight."""
     region = target_region(gm, target)
-    weight, bias = dequantize_region(region_function(gm, region), region, activation_dtype(gm, region), region_device(gm, region))
+    weight, bias = dequantize_region(region_function(gm, region), region, activation_dtype(gm, region),
+                                     region_device(gm, region))
     return (weight, bias) if with_bias else weight
 
 

@@ -29,8 +29,6 @@ Dtypes as randlora_op.py: products in `compute` with autocast off, y' and dx in 
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -47,7 +45,7 @@ def merged_weight(W: torch.Tensor, Bc: torch.Tensor, S: torch.Tensor, gate: torc
     return torch.addmm(W, Bc, gated) if tall else torch.addmm(W, gated.t(), Bc.t())
 
 
-def linear_forward(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor], lam_s: torch.Tensor,
+def linear_forward(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, lam_s: torch.Tensor,
                    gamma: torch.Tensor, basis_A: torch.Tensor, basis_B: torch.Tensor, gate: torch.Tensor,
                    big: int, tall: bool, form: str, compute: torch.dtype) -> torch.Tensor:
     """y' (..., out) for x (..., in), W (out, in), b (out,) or None, s·λ (r, N), γ (N, d)."""

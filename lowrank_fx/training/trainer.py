@@ -134,7 +134,8 @@ def _check_options(loss_fn, min_lr_ratio, max_grad_norm, checkpoint_every, keep,
                    compile) -> None:
     """SpecError for a Trainer option outside its range (lr and the LoRA+ options: loraplus.py)."""
     if not callable(loss_fn):
-        raise SpecError(f"loss_fn must be a function loss_fn(model, batch) -> scalar tensor, got {type(loss_fn).__name__}")
+        raise SpecError("loss_fn must be a function loss_fn(model, batch) -> scalar tensor, got "
+                        f"{type(loss_fn).__name__}")
     number("Trainer", "min_lr_ratio", min_lr_ratio, "a fraction in [0, 1]", lambda v: 0.0 <= v <= 1.0,
            "the schedule ends at min_lr_ratio * lr")
     if max_grad_norm is not None:
@@ -277,7 +278,8 @@ class Trainer:
                 self.compile_checked = True  # compiled on this first call; later errors are real ones
                 return loss
             except COMPILE_ERRORS as err:  # compiling failed: say why once and continue eagerly
-                warnings.warn(f"torch.compile failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                warnings.warn(f"torch.compile failed ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}); "
                               "training continues without compiling (pass compile=False to skip trying)",
                               stacklevel=3)
                 self.compiled = False
@@ -347,7 +349,7 @@ class Trainer:
         passes, started_at = Passes(batches, self.batches), self.batches
         meter, losses, ran_out = Meter(self.progress, total, self.step), [], False
         try:
-            while not (steps is not None and self.step >= steps or epochs is not None and passes.index >= epochs):
+            while not ((steps is not None and self.step >= steps) or (epochs is not None and passes.index >= epochs)):
                 micro = passes.open()
                 if micro is None:  # a one-shot iterator, already read
                     ran_out = True
