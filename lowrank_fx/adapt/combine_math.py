@@ -3,13 +3,13 @@
 Each combination merges n same-shaped tensors T_i with weights w_i (one tensor per adapter):
 
     sum        Σ_i w_i T_i
-    ties       prune each T_i to its `density` largest |entries|; elect a sign per entry from
+    ties       _prune each T_i to its `density` largest |entries|; elect a sign per entry from
                Σ_i T_i ("total") or Σ_i sign(T_i) ("frequency"), ≥ 0 meaning +; then
                Σ_i w_i T_i [sign T_i = elected] / max(1, #{i : sign T_i = elected})
     dare       each T_i keeps an entry with probability `density` (Bernoulli draws from a
                torch generator, entry by entry in the tensor's storage order) and is divided
                by `density`; then the sum, or ties' sign election and disjoint mean
-    magnitude  prune as ties, then the sum
+    magnitude  _prune as ties, then the sum
 
 A density ≥ 1 prunes nothing and draws nothing. `svd_factors` turns a merged ΔW (out, in)
 into rank-r factors: ΔW ≈ (U_r diag(S_r)) V_rᵀ, B = U_r diag(S_r) (out, r), A = V_rᵀ (r, in),
@@ -38,7 +38,7 @@ COMBINATIONS = {
 SIGN_METHODS = ("total", "frequency")
 
 
-def prune(tensor: torch.Tensor, density: float | None, how: str | None,
+def _prune(tensor: torch.Tensor, density: float | None, how: str | None,
           generator: torch.Generator | None) -> torch.Tensor:
     """`tensor` with all but a `density` fraction of its entries zeroed (module docstring); as it is
     for no pruning (`how` None, density None or 1)."""
@@ -57,7 +57,7 @@ def merge(tensors: list[torch.Tensor], weights: torch.Tensor, combination: str, 
           sign_method: str, generator: torch.Generator | None) -> torch.Tensor:
     """The tensors merged by `combination` with `weights` (n,), one weight per tensor."""
     pruning, ties, _ = COMBINATIONS[combination]
-    stacked = torch.stack([prune(t, density, pruning, generator) for t in tensors])
+    stacked = torch.stack([_prune(t, density, pruning, generator) for t in tensors])
     weighted = stacked * weights.view(-1, *(1,) * (stacked.dim() - 1))
     if not ties:
         return weighted.sum(dim=0)

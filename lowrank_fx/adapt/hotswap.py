@@ -103,19 +103,19 @@ def _pad_unit(unit: Any, max_rank: int) -> None:
     unit._register_load_state_dict_pre_hook(_pad_hook, with_module=True)
 
 
-def is_slot(unit: nn.Module) -> bool:
+def _is_slot(unit: nn.Module) -> bool:
     return hasattr(unit, "loaded_rank")
 
 
 def slot_scales(module: nn.Module) -> set[str]:
     """Keys of the slots' scale buffers under `module`: runtime state, never written to files."""
-    return {f"{name}.{SCALE}".lstrip(".") for name, unit in module.named_modules() if is_slot(unit)}
+    return {f"{name}.{SCALE}".lstrip(".") for name, unit in module.named_modules() if _is_slot(unit)}
 
 
 def loaded_factor(unit: Any, name: str) -> torch.Tensor:
     """Parameter `name` of `unit` as the loaded adapter has it: a slot's factor trimmed to its rank."""
     value = getattr(unit, name)
-    axis = unit.rank_axes.get(name) if is_slot(unit) else None
+    axis = unit.rank_axes.get(name) if _is_slot(unit) else None
     return value if axis is None else value.narrow(axis, 0, unit.loaded_rank)
 
 

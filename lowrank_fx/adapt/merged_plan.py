@@ -37,7 +37,7 @@ from ..passes.train_modules import with_trained
 
 
 @dataclasses.dataclass
-class MergedPlan:
+class _MergedPlan:
     keys: list[str]  # the state's keys, in the original model's order
     kept: dict[str, torch.Tensor]  # key -> the graph's own tensor (detached) or a trained copy
     folded: dict[str, list[tuple[str, str]]]  # target -> [(key, "weight" | "bias")], its folded keys
@@ -80,7 +80,7 @@ def _has_bias_update(update: Update) -> bool:
     return any(group.unit(update.target.name).delta_bias() is not None for _, group in update.parts)
 
 
-def merged_plan(gm: fx.GraphModule) -> MergedPlan:
+def merged_plan(gm: fx.GraphModule) -> _MergedPlan:
     """Where every original key's value comes from (`gm` flat: passes/layers.flat_view)."""
     targets, found = updates(gm)  # MergeError for a graph without adapters
     record = Record.require(gm, "lfx.merged_state_dict")
@@ -95,7 +95,7 @@ def merged_plan(gm: fx.GraphModule) -> MergedPlan:
             if _has_bias_update(update):
                 assert t.bias is not None, "LoRA(bias=True) refuses a target without a bias"
                 folds.append((tensors[t.bias], t, "bias", False))
-    plan = MergedPlan(list(record.state_keys), {}, {}, {}, targets, found, [])
+    plan = _MergedPlan(list(record.state_keys), {}, {}, {}, targets, found, [])
     detached = {}
     for key in record.state_keys:
         under = quantized_key(key, quantized)
@@ -149,7 +149,7 @@ def _dense_values(gm: fx.GraphModule, target: Target, update: Update) -> dict[st
     return values
 
 
-def folded_values(gm: fx.GraphModule, plan: MergedPlan, names=None) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+def folded_values(gm: fx.GraphModule, plan: _MergedPlan, names=None) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
     """(target, {"weight": new tensor, "bias": new tensor if it has one}) for each target of
     `plan.folded` (or of `names`), one at a time. MergeError on a NaN / inf update, when it is reached."""
     regions = regions_by_output(gm) if plan.quantized else {}

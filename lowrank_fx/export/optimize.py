@@ -38,7 +38,7 @@ def _transposed(source: ir.TensorProtocol, perm: list[int], name: str) -> ir.Laz
                          dtype=source.dtype, shape=shape, name=name)
 
 
-def fold_weight_transposes(graph: ir.Graph) -> int:
+def _fold_weight_transposes(graph: ir.Graph) -> int:
     """Replace each Transpose of a sole-use constant initializer by a lazy transposed one."""
     folded = 0
     for node in list(graph):
@@ -67,7 +67,7 @@ def fold_weight_transposes(graph: ir.Graph) -> int:
 
 def optimize_graph(model: ir.Model) -> None:
     """Clean up `model` in place (see the module docstring)."""
-    fold_weight_transposes(model.graph)
+    _fold_weight_transposes(model.graph)
     passes = ir.passes.Sequential(
         _constant_folding.FoldConstantsPass(shape_inference=True, input_size_limit=SMALL,
                                             output_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT,

@@ -64,7 +64,7 @@ def write_adapter_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor]
     return path
 
 
-def read_adapter_file(path: str | os.PathLike) -> dict[str, tuple[list[int], str]]:
+def _read_adapter_file(path: str | os.PathLike) -> dict[str, tuple[list[int], str]]:
     """{name: (shape, ORT type such as 'tensor(float)')} of an adapter file's tensors."""
     ort = load_ort()
     if not Path(path).is_file():
@@ -94,7 +94,7 @@ def model_slots(model_path: str | os.PathLike) -> dict[str, tuple[list, str]]:
 
 def check_adapter_file(path: str | os.PathLike, slots: dict[str, tuple[list, str]]) -> None:
     """Raise AdapterFileError unless the file fits `slots` ({input name: (shape, type)})."""
-    found = read_adapter_file(path)
+    found = _read_adapter_file(path)
     if found and not set(found) & set(slots):
         raise AdapterFileError(
             f"adapter file {str(path)!r} is for another model: none of its {len(found)} tensors "

@@ -56,7 +56,7 @@ def _unnibble(packed: torch.Tensor, high_first: bool) -> torch.Tensor:
     return torch.stack(pair, dim=-1).flatten(-2)
 
 
-def pack_nbits(form: IntegerWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _pack_nbits(form: IntegerWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(B, scales, zero_points) of an affine form in MatMulNBits' layout."""
     n, k = form.codes.shape
     blocks = form.scales.shape[1]
@@ -74,7 +74,7 @@ def pack_nbits(form: IntegerWeight) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 
 @torch.library.custom_op("lowrank_fx::matmul_nbits", mutates_args=())
-def matmul_nbits(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None,
+def _matmul_nbits(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None,
                  k: int, n: int, bits: int, block: int) -> torch.Tensor:
     """x Wᵀ with W (n, k) decoded from MatMulNBits' packed codes."""
     codes = (_unnibble(packed, high_first=False) if bits == 4 else packed).reshape(n, -1).float()
@@ -91,13 +91,13 @@ def matmul_nbits(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, ze
     return torch.nn.functional.linear(x, weight.to(x.dtype))
 
 
-@matmul_nbits.register_fake
+@_matmul_nbits.register_fake
 def _(x, packed, scales, zero_points, k, n, bits, block):
     return x.new_empty((*x.shape[:-1], n))
 
 
 @torch.library.custom_op("lowrank_fx::matmul_bnb4", mutates_args=())
-def matmul_bnb4(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
+def _matmul_bnb4(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
                 k: int, n: int, block: int, quant_type: int) -> torch.Tensor:
     """x Wᵀ with W (n, k) decoded from MatMulBnb4's packed codes, with ONNX Runtime's NF4 values
     (quant_type 1, the only one exported)."""
@@ -106,7 +106,7 @@ def matmul_bnb4(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
     return torch.nn.functional.linear(x, weight.to(x.dtype))
 
 
-@matmul_bnb4.register_fake
+@_matmul_bnb4.register_fake
 def _(x, packed, absmax, k, n, block, quant_type):
     return x.new_empty((*x.shape[:-1], n))
 
@@ -171,7 +171,7 @@ def _replacement(gm: fx.GraphModule, stem: str, x: fx.Node, form: IntegerWeight,
         args = (x, _buffer(gm, f"{stem}_B", packed), _buffer(gm, f"{stem}_absmax", form.scales.to(dtype)),
                 k, n, form.block, form.quant_type)
         return gm.graph.call_function(torch.ops.lowrank_fx.matmul_bnb4.default, args)
-    packed, scales, zero = pack_nbits(form)
+    packed, scales, zero = _pack_nbits(form)
     zero = zero.to(dtype) if zero is not None and zero.is_floating_point() else zero
     args = (x, _buffer(gm, f"{stem}_B", packed), _buffer(gm, f"{stem}_scales", scales.to(dtype)),
             _buffer(gm, f"{stem}_zero_points", zero), k, n, form.bits, form.block)

@@ -29,7 +29,7 @@ from .per_row import IDS, NONE_ID
 from .session_inputs import check_feeds, described
 
 
-def default_providers() -> list[str]:
+def _default_providers() -> list[str]:
     """CUDA when the installed onnxruntime offers it, then CPU."""
     available = load_ort().get_available_providers()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
@@ -92,7 +92,7 @@ class AdapterSession:
         options = session_options or ort.SessionOptions()
         if session_options is None:
             options.log_severity_level = 3  # ORT warns about every overridable initializer
-        self.session = _open(ort, self.path, options, list(providers or default_providers()))
+        self.session = _open(ort, self.path, options, list(providers or _default_providers()))
         self.input_names = [i.name for i in self.session.get_inputs() if i.name != IDS]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.row_adapters: list[str] = rows

@@ -83,7 +83,7 @@ HINTS = {
 }
 
 
-def pattern_value(patterns: dict, name: str, default):
+def _pattern_value(patterns: dict, name: str, default):
     """PEFT's rank_pattern / alpha_pattern rule: the value of the first key that, read as a
     regular expression, matches all of `name` or a part of it after a dot; else `default`."""
     for key, value in patterns.items():
@@ -108,8 +108,8 @@ def _lora_method(config: dict, module: str, tensors: dict[str, torch.Tensor]) ->
     missing = [name for name in ("lora_A", "lora_B") if name not in tensors]
     if missing:
         raise AdapterFileError(f"{module} lacks {', '.join(missing)}")
-    rank = pattern_value(config.get("rank_pattern") or {}, module, config.get("r", 8))
-    alpha = pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
+    rank = _pattern_value(config.get("rank_pattern") or {}, module, config.get("r", 8))
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
     found = tensors["lora_A"].shape[0]
     if found != rank:
         raise AdapterFileError(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 
-def grouped_blocks(groups: int, rank: int, channels: int) -> list[tuple[slice, slice]]:
+def _grouped_blocks(groups: int, rank: int, channels: int) -> list[tuple[slice, slice]]:
     """(rows, input channels) of each group's block in a full conv factor (r, in, k...)."""
     return [(slice(j * rank // groups, (j + 1) * rank // groups),
              slice(j * channels // groups, (j + 1) * channels // groups)) for j in range(groups)]
@@ -32,7 +32,7 @@ def mixes_groups(lora_A: torch.Tensor, groups: int) -> bool:
         return False
     rank, channels = lora_A.shape[:2]
     inside = torch.zeros(lora_A.shape[:2], dtype=torch.bool)
-    for rows, cols in grouped_blocks(groups, rank, channels):
+    for rows, cols in _grouped_blocks(groups, rank, channels):
         inside[rows, cols] = True
     return bool(lora_A[~inside].abs().amax() > 0) if (~inside).any() else False
 
@@ -40,13 +40,13 @@ def mixes_groups(lora_A: torch.Tensor, groups: int) -> bool:
 def to_grouped(lora_A: torch.Tensor, groups: int) -> torch.Tensor:
     """Our grouped A (r, in/g, k...) from PEFT's block-diagonal full A (r, in, k...)."""
     rank, channels = lora_A.shape[:2]
-    return torch.cat([lora_A[rows, cols] for rows, cols in grouped_blocks(groups, rank, channels)])
+    return torch.cat([lora_A[rows, cols] for rows, cols in _grouped_blocks(groups, rank, channels)])
 
 
 def to_full(lora_A: torch.Tensor, groups: int) -> torch.Tensor:
     """PEFT's full A (r, in, k...), zero outside the groups, from our grouped A (r, in/g, k...)."""
     rank, per_group = lora_A.shape[:2]
     full = lora_A.new_zeros(rank, per_group * groups, *lora_A.shape[2:])
-    for rows, cols in grouped_blocks(groups, rank, per_group * groups):
+    for rows, cols in _grouped_blocks(groups, rank, per_group * groups):
         full[rows, cols] = lora_A[rows]
     return full

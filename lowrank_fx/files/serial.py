@@ -33,7 +33,7 @@ def method_classes() -> dict[str, type[Method]]:
     return found
 
 
-def method_to_json(method: Method) -> dict:
+def _method_to_json(method: Method) -> dict:
     """`method.config()` as JSON data (tuples become lists)."""
     return json.loads(json.dumps(method.config()))
 
@@ -62,7 +62,7 @@ def method_from_json(data) -> Method:
 
 def spec_to_json(spec: Spec) -> dict:
     data = {
-        "rules": [{"pattern": pattern, "method": method_to_json(method)} for pattern, method in spec.rules()],
+        "rules": [{"pattern": pattern, "method": _method_to_json(method)} for pattern, method in spec.rules()],
         "exclude": list(spec.exclude),
     }
     if spec.train:

@@ -17,7 +17,7 @@ layers, never the cropping sliding layers), and the model's own mask functions, 
 absolute cache indices, hide what lies outside a layer's window or chunk. Tokens therefore
 equal transformers' generate past the window, at the cost of a cache as long as the text.
 
-`check_decoder` refuses models whose cache is not one K/V pair per attention layer or whose
+`_check_decoder` refuses models whose cache is not one K/V pair per attention layer or whose
 positions depend on the total length: recurrent or hybrid layers (Mamba, linear attention:
 their state is no K/V) and length-dependent RoPE (Phi-3's LongRoPE, dynamic NTK: the
 rotation of every cached key would change once the sequence grows past a threshold).
@@ -108,7 +108,7 @@ def _check_causal(model: nn.Module) -> None:
         )
 
 
-def check_decoder(model: nn.Module) -> None:
+def _check_decoder(model: nn.Module) -> None:
     """Raise ModelTypeError unless `model` is a causal LM whose cache KVDecoder can hold."""
     if not isinstance(model, nn.Module):
         raise ModelTypeError(f"expected a Hugging Face causal LM (an nn.Module), got {type(model).__name__}")
@@ -146,7 +146,7 @@ COMPLEX_ROPE = {"llama4", "llama4_text"}
 
 def check_onnx_decoder(model: nn.Module) -> None:
     """check_decoder, and raise ModelTypeError for a decoder ONNX cannot express (complex RoPE)."""
-    check_decoder(model)
+    _check_decoder(model)
     kind = getattr(_config(model), "model_type", "")
     if kind in COMPLEX_ROPE:
         raise ModelTypeError(
@@ -163,7 +163,7 @@ def _forward_parameters(model: nn.Module) -> set[str]:
         return set()
 
 
-def make_cache(pairs: list[tuple[torch.Tensor, torch.Tensor]]):
+def _make_cache(pairs: list[tuple[torch.Tensor, torch.Tensor]]):
     """A transformers DynamicCache holding `pairs` ((key, value) per layer)."""
     from transformers import DynamicCache
 
@@ -173,7 +173,7 @@ def make_cache(pairs: list[tuple[torch.Tensor, torch.Tensor]]):
         return DynamicCache.from_legacy_cache(tuple(pairs))
 
 
-def cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(key, value) per layer of a transformers cache (or a legacy tuple of pairs)."""
     if isinstance(cache, (tuple, list)):
         return [(k, v) for k, v, *_ in cache]
@@ -190,7 +190,7 @@ class KVDecoder(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        check_decoder(model)
+        _check_decoder(model)
         self.model = model
         params = _forward_parameters(model)
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
@@ -198,17 +198,17 @@ class KVDecoder(nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, past_key_values):
         # The mask covers past and new tokens; saying so lets capture tie its length to theirs.
         torch._check(attention_mask.shape[1] == past_key_values[0]["key"].shape[2] + input_ids.shape[1])
-        cache = make_cache([(layer["key"], layer["value"]) for layer in past_key_values])
+        cache = _make_cache([(layer["key"], layer["value"]) for layer in past_key_values])
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=True, **{self._cache_arg: cache})
         present = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         return {"logits": out.logits,
-                "present": [{"key": k, "value": v} for k, v in cache_tensors(present)]}
+                "present": [{"key": k, "value": v} for k, v in _cache_tensors(present)]}
 
 
 def cache_layout(model: nn.Module) -> CacheLayout:
     """The cache's layer count, kv heads, head size and dtype, read from one tiny eager step."""
-    check_decoder(model)
+    _check_decoder(model)
     params = _forward_parameters(model)
     cache_arg = "cache" if "cache" in params else "past_key_values"
     device = next(model.parameters()).device
@@ -218,11 +218,11 @@ def cache_layout(model: nn.Module) -> CacheLayout:
     try:
         with torch.no_grad():
             out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
-                        **{cache_arg: make_cache([])})
+                        **{cache_arg: _make_cache([])})
     finally:
         for module, training in modes:
             module.training = training
-    pairs = cache_tensors(getattr(out, "cache", None) or getattr(out, "past_key_values", None))
+    pairs = _cache_tensors(getattr(out, "cache", None) or getattr(out, "past_key_values", None))
     if not pairs:
         raise ModelTypeError(f"{type(model).__name__} returned no key/value cache with use_cache=True")
     key = pairs[0][0]

@@ -123,7 +123,7 @@ def _text_config(model: nn.Module):
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
-def default_ids(model: nn.Module, eos_token_id, pad_token_id) -> tuple[list[int], int | None]:
+def _default_ids(model: nn.Module, eos_token_id, pad_token_id) -> tuple[list[int], int | None]:
     """EOS and pad ids as transformers' generate picks them: given, else the generation config, else the config."""
     generation = getattr(model, "generation_config", None)
     config = _text_config(model)
@@ -198,7 +198,7 @@ def generate(gm: fx.GraphModule, input_ids: torch.Tensor | Sequence[Sequence[int
                         "with its own call (adapters=...), or pass num_beams=1 with rows=")
     decode = decoder_for(gm, model)
     model = _model(gm, model)
-    eos, pad = default_ids(model, eos_token_id, pad_token_id)
+    eos, pad = _default_ids(model, eos_token_id, pad_token_id)
     if any(kind != "full_attention" for kind in layer_types(_text_config(model))):
         check_left_padded(attention_mask)
     layout = decode.meta[LAYOUT]

@@ -73,7 +73,7 @@ def _tensor_spec(tensor: torch.Tensor | None):
             tensor.requires_grad)
 
 
-def kind_signature(block: nn.Module, index: int) -> tuple:
+def _kind_signature(block: nn.Module, index: int) -> tuple:
     """Everything about `block` (at `index` in its list) that its traced graph can depend on,
     except its tensors' values (see the module docstring)."""
     parts = []
@@ -108,7 +108,7 @@ def repeated_lists(model: nn.Module) -> list[BlockList]:
                 or list(module._modules) != [str(i) for i in range(len(children))]:
             continue
         signatures: dict[tuple, int] = {}
-        kinds = [signatures.setdefault(kind_signature(child, i), len(signatures)) for i, child in enumerate(children)]
+        kinds = [signatures.setdefault(_kind_signature(child, i), len(signatures)) for i, child in enumerate(children)]
         keep = _prefix(kinds)
         if keep < len(children):
             found.append(BlockList(path, kinds, keep))

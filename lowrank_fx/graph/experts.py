@@ -53,7 +53,7 @@ class ExpertsKind:
 
 
 @dataclasses.dataclass(frozen=True)
-class ExpertsSite:
+class _ExpertsSite:
     """One call site of a stack: its weight's get_attr, layout, the activation's arg index, routing node."""
 
     weight: fx.Node
@@ -97,16 +97,16 @@ def _indexed_stack(node, gm: fx.GraphModule) -> tuple[fx.Node, fx.Node] | None:
     return (stack, indices[0]) if stack is not None else None
 
 
-def experts_site(node: fx.Node, gm: fx.GraphModule) -> ExpertsSite | None:
+def experts_site(node: fx.Node, gm: fx.GraphModule) -> _ExpertsSite | None:
     """The expert-stack site `node` is, or None (see the module docstring for the patterns)."""
     if node.op != "call_function":
         return None
     if node.target is aten.bmm.default:
         first, second = node.args[:2]
         if (found := _indexed_stack(first, gm)) is not None:
-            return ExpertsSite(found[0], "out_in", 1, found[1], "ids")
+            return _ExpertsSite(found[0], "out_in", 1, found[1], "ids")
         if (found := _indexed_stack(second, gm)) is not None:
-            return ExpertsSite(found[0], "in_out", 0, found[1], "ids")
+            return _ExpertsSite(found[0], "in_out", 0, found[1], "ids")
         return None
     if str(node.target) in GROUPED_OPS:
         operand = node.args[1]
@@ -119,7 +119,7 @@ def experts_site(node: fx.Node, gm: fx.GraphModule) -> ExpertsSite | None:
         stack = _stack(operand, gm)
         if stack is None or not isinstance(offsets, fx.Node):
             return None
-        return ExpertsSite(stack, layout, 0, offsets, "offsets")
+        return _ExpertsSite(stack, layout, 0, offsets, "offsets")
     return None
 
 

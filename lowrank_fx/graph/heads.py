@@ -166,7 +166,7 @@ def _model_name(gm: fx.GraphModule, tensor: str, besides: str) -> str:
     return next((n for n in names if not n.startswith(besides + ".")), tensor)
 
 
-def head_reasons(gm: fx.GraphModule, targets: dict[str, Target]) -> dict[str, str]:
+def _head_reasons(gm: fx.GraphModule, targets: dict[str, Target]) -> dict[str, str]:
     """{linear target that is an output head: why}, in graph order (see the module docstring)."""
     tables = _embedding_tables(gm)
     tied = {id(table): name for name, table in tables.items()}
@@ -200,8 +200,8 @@ def head_reasons(gm: fx.GraphModule, targets: dict[str, Target]) -> dict[str, st
 
 
 def output_heads(gm: fx.GraphModule, targets: dict[str, Target]) -> set[str]:
-    """The output heads among the linear targets (the names of `head_reasons`)."""
-    return set(head_reasons(gm, targets))
+    """The output heads among the linear targets (the names of `_head_reasons`)."""
+    return set(_head_reasons(gm, targets))
 
 
 ROUTER_HOPS = 6  # ops between a router's linear and its top-k (softmax, sigmoid, bias, grouping)
@@ -223,7 +223,7 @@ def left_out(gm: fx.GraphModule, targets: dict[str, Target]) -> dict[str, str]:
     not linear layers (a conv, an embedding, an expert stack; all-linear adapts linear layers, as
     PEFT's does) and mixture-of-experts routers (their top-k picks the experts: name them to adapt
     them; PEFT's all-linear does not reach them either, their weights are bare parameters)."""
-    heads = head_reasons(gm, targets)
+    heads = _head_reasons(gm, targets)
     nodes = {n.name: n for n in gm.graph.nodes}
     reasons = {}
     for t in targets.values():

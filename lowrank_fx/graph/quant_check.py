@@ -50,7 +50,7 @@ def random_rows(region: Region, rows: int, seed: int, dtype: torch.dtype, device
     return torch.randn(rows, region.in_features, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
 
 
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype PyTorch sums products of `dtype` in: float64 for float64, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -58,7 +58,7 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 def rounding_factor(dtype: torch.dtype, n: int) -> float:
     """c = (2γ + 3u) / (1 - γ), γ = γ_{n+1}(u_acc), for dot products of n terms plus a bias in `dtype`
     (module docstring); inf where the bound says nothing ((n+1) u_acc ≥ 1)."""
-    u, u_acc = torch.finfo(dtype).eps / 2, torch.finfo(accumulation_dtype(dtype)).eps / 2
+    u, u_acc = torch.finfo(dtype).eps / 2, torch.finfo(_accumulation_dtype(dtype)).eps / 2
     m = n + 1
     if m * u_acc >= 1:
         return math.inf
@@ -75,7 +75,7 @@ def dequantize_check(function, region: Region, dense: torch.Tensor, dtype: torch
     x = torch.cat([random_rows(region, rows, 1, dtype, device), weight[picked].sign()])
     with torch.no_grad():
         y = run_rows(function, region, torch.cat([x, torch.zeros_like(x[:1])]))
-        wide = accumulation_dtype(dtype)
+        wide = _accumulation_dtype(dtype)
         x, weight, bias, y = x.to(wide), weight.to(wide), y[-1].to(wide), y[:-1].to(wide)
         reference = x @ weight.t()
         delta = (y - bias - reference).abs()

@@ -270,7 +270,7 @@ def bitsandbytes_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, kinds)]
 
 
-def swap_one(module: nn.Module) -> nn.Module:
+def _swap_one(module: nn.Module) -> nn.Module:
     import bitsandbytes as bnb
     if isinstance(module, bnb.nn.Linear4bit):
         if getattr(module.weight, "quant_state", None) is None:
@@ -293,7 +293,7 @@ def bitsandbytes_swapped(model: nn.Module):
         for name, module in layers:
             parent_name, _, leaf = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            replacement = swap_one(module)
+            replacement = _swap_one(module)
             replacement.train(module.training)
             parent._modules[leaf] = replacement
             swapped.append((parent, leaf, module))

@@ -41,7 +41,7 @@ def _positions(rows: int, cols: int) -> torch.Tensor:
     return positions
 
 
-def unpack_codes(packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+def _unpack_codes(packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """q (rows, cols) uint8 in 0..15 from the CPU-packed bytes (rows, cols / 2)."""
     nibbles = torch.stack([packed.reshape(-1) & 15, packed.reshape(-1) >> 4], dim=1).reshape(-1)
     return nibbles[_positions(rows, cols).to(packed.device)].reshape(rows, cols)
@@ -50,7 +50,7 @@ def unpack_codes(packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 def int4_opaque_dense(packed: torch.Tensor, scale_and_zero: torch.Tensor, shape, group: int) -> torch.Tensor:
     """W (N, K) in the scales' dtype, from the packed codes and `scale_and_zero` (K / group, N, 2)."""
     rows, cols = int(shape[0]), int(shape[1])
-    codes = unpack_codes(packed, rows, cols).to(scale_and_zero.dtype)
+    codes = _unpack_codes(packed, rows, cols).to(scale_and_zero.dtype)
     scale = scale_and_zero[..., 0].t().repeat_interleave(group, dim=1)[:, :cols]
     zero = scale_and_zero[..., 1].t().repeat_interleave(group, dim=1)[:, :cols]
     return (codes - 8) * scale + zero

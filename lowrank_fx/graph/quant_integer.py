@@ -73,7 +73,7 @@ def _per_block(values: torch.Tensor, k: int, block: int) -> torch.Tensor:
     raise NotImplementedError(f"{values.shape[1]} scale groups over {k} inputs do not fit blocks of {block}")
 
 
-def row_block(k: int) -> int:
+def _row_block(k: int) -> int:
     """The block size for a per-row scale: a power of two from 16 to 128, covering k if it can."""
     block = 16
     while block < min(k, 128):
@@ -84,7 +84,7 @@ def row_block(k: int) -> int:
 def _group_block(k: int, groups: int) -> int:
     size = k // groups
     if groups == 1:
-        return row_block(k)
+        return _row_block(k)
     if size * groups != k or size < 16 or size & (size - 1):
         raise NotImplementedError(f"group size {k}/{groups} is not a power of two >= 16")
     return size

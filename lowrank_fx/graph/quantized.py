@@ -252,11 +252,6 @@ def _region(gm, key, path, module_type, call, on_inputs) -> Region | None:
                   activation_rank=xv.dim(), quantizes_activation=integer)
 
 
-def region_nodes(gm: fx.GraphModule) -> set[str]:
-    """Names of every node inside a quantized region (other target finders skip them)."""
-    return {name for r in find_regions(gm) for name in r.nodes}
-
-
 def region_scheme(gm: fx.GraphModule, region: Region) -> str:
     return scheme_name(module_attr(gm, region.quantized[0]), region.module_type)
 
@@ -401,7 +396,7 @@ def region_device(gm: fx.GraphModule, region: Region) -> torch.device:
 def dequantized(gm: fx.GraphModule, target, with_bias: bool = False):
     """The dense weight (out, in) that target's quantized layer computes with, in its compute
     dtype (and the bias, with `with_bias`). Every site of a target reads the same weight."""
-    region = target_region(gm, target)
+    region = _target_region(gm, target)
     weight, bias = dequantize_region(region_function(gm, region), region, activation_dtype(gm, region),
                                      region_device(gm, region))
     return (weight, bias) if with_bias else weight
@@ -410,7 +405,7 @@ def dequantized(gm: fx.GraphModule, target, with_bias: bool = False):
 def dequantized_exactly(gm: fx.GraphModule, target) -> torch.Tensor:
     """The target's dense weight (out, in) by its format's own dequantize (no rounding with a bias,
     unlike probing the identity); `dequantized` where the format has none."""
-    region = target_region(gm, target)
+    region = _target_region(gm, target)
     dequantize = weight_dequantizer(gm, region)
     if dequantize is None:
         return dequantized(gm, target)
@@ -424,7 +419,7 @@ def activation_dtype(gm: fx.GraphModule, region: Region) -> torch.dtype:
     return _val(nodes[region.activation]).dtype
 
 
-def target_region(gm: fx.GraphModule, target) -> Region:
+def _target_region(gm: fx.GraphModule, target) -> Region:
     site = target.sites[0]
     for region in find_regions(gm):
         if region.output == site:

@@ -33,7 +33,7 @@ def _nf4_blocks(blocks: torch.Tensor, levels: torch.Tensor, divide: bool) -> tor
     return levels[torch.bucketize(scaled, (levels[1:] + levels[:-1]) / 2)] * absmax
 
 
-def nf4_round_trip(weight: torch.Tensor) -> torch.Tensor:
+def _nf4_round_trip(weight: torch.Tensor) -> torch.Tensor:
     """W (fp32) quantized to NF4 in blocks of 64 values and back; a short last block has its own
     absmax (bitsandbytes divides by it there, and multiplies by the reciprocal elsewhere)."""
     flat = weight.reshape(-1)
@@ -45,7 +45,7 @@ def nf4_round_trip(weight: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts).reshape(weight.shape)
 
 
-def int8_round_trip(weight: torch.Tensor) -> torch.Tensor:
+def _int8_round_trip(weight: torch.Tensor) -> torch.Tensor:
     """W (fp32) quantized to int8 per row (scale absmax / 127) and back."""
     absmax = weight.abs().amax(dim=1, keepdim=True)
     quantized = torch.round(weight * (127.0 / absmax)).to(torch.int8)
@@ -55,7 +55,7 @@ def int8_round_trip(weight: torch.Tensor) -> torch.Tensor:
 def loftq(weight: torch.Tensor, rank: int, scale: float, bits: int, iters: int):
     """(A (r, in), B (out, r), Q (out, in)) in fp32 for W (out, in)."""
     weight = weight.to(torch.float32)
-    round_trip = nf4_round_trip if bits == 4 else int8_round_trip
+    round_trip = _nf4_round_trip if bits == 4 else _int8_round_trip
     target = weight
     for step in range(iters):
         base = round_trip(target)

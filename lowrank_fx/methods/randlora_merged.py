@@ -45,7 +45,7 @@ def merged_weight(W: torch.Tensor, Bc: torch.Tensor, S: torch.Tensor, gate: torc
     return torch.addmm(W, Bc, gated) if tall else torch.addmm(W, gated.t(), Bc.t())
 
 
-def linear_forward(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, lam_s: torch.Tensor,
+def _linear_forward(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, lam_s: torch.Tensor,
                    gamma: torch.Tensor, basis_A: torch.Tensor, basis_B: torch.Tensor, gate: torch.Tensor,
                    big: int, tall: bool, form: str, compute: torch.dtype) -> torch.Tensor:
     """y' (..., out) for x (..., in), W (out, in), b (out,) or None, s·λ (r, N), γ (N, d)."""
@@ -66,7 +66,7 @@ def linear_forward(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, lam
     return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
 
 
-def linear_backward(grad: torch.Tensor, x: torch.Tensor, W: torch.Tensor, lam_s: torch.Tensor, gamma: torch.Tensor,
+def _linear_backward(grad: torch.Tensor, x: torch.Tensor, W: torch.Tensor, lam_s: torch.Tensor, gamma: torch.Tensor,
                     basis_A: torch.Tensor, basis_B: torch.Tensor, gate: torch.Tensor, big: int, tall: bool,
                     form: str, compute: torch.dtype, input_grad: bool, bias_grad: bool) -> list[torch.Tensor]:
     """[dŜ (R, d) in s·λ's dtype], then dx when `input_grad`, then db when `bias_grad`, for
@@ -103,13 +103,13 @@ class _Merged(torch.autograd.Function):
     def forward(ctx, x, W, b, lam_s, gamma, basis_A, basis_B, gate, *options):  # options: big, tall, form, compute
         ctx.save_for_backward(x, W, lam_s, gamma, basis_A, basis_B, gate)
         ctx.options = options
-        return linear_forward(x, W, b, lam_s, gamma, basis_A, basis_B, gate, *options)
+        return _linear_forward(x, W, b, lam_s, gamma, basis_A, basis_B, gate, *options)
 
     @staticmethod
     def backward(ctx, grad):
         input_grad, bias_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         x, W, lam_s, gamma, basis_A, basis_B, gate = ctx.saved_tensors
-        grads = linear_backward(grad, x, W, lam_s, gamma, basis_A, basis_B, gate, *ctx.options, input_grad, bias_grad)
+        grads = _linear_backward(grad, x, W, lam_s, gamma, basis_A, basis_B, gate, *ctx.options, input_grad, bias_grad)
         A = basis_A[:lam_s.shape[0], :gamma.shape[1]]  # (r, d)
         grad_lam, grad_gamma = diagonal_grads(grads[0], A, lam_s, gamma)
         grad_x = grads[1] if input_grad else None

@@ -2,7 +2,7 @@
 
 `_Delta` fixes what autograd keeps, eager and compiled alike: x, s·λ, γ and the two shared
 bases, never ΔW (D, d) or Â (N·r, d). Its backward rebuilds what it needs and chooses the form
-of the backward pass by that pass's own costs. `delta_forward` and `delta_backward` are the
+of the backward pass by that pass's own costs. `_delta_forward` and `_delta_backward` are the
 two passes.
 
 `form="auto"` picks the factored or the dense form from the call's token count
@@ -51,7 +51,7 @@ def _operands(lam_s, gamma, basis_A, basis_B, big: int, dtype: torch.dtype, back
     return A, Bc.to(dtype), S.to(dtype)
 
 
-def delta_forward(x: torch.Tensor, lam_s: torch.Tensor, gamma: torch.Tensor, basis_A: torch.Tensor,
+def _delta_forward(x: torch.Tensor, lam_s: torch.Tensor, gamma: torch.Tensor, basis_A: torch.Tensor,
                   basis_B: torch.Tensor, big: int, tall: bool, form: str, compute: torch.dtype) -> torch.Tensor:
     """Δy (..., out)."""
     x2 = x.reshape(-1, x.shape[-1])
@@ -62,7 +62,7 @@ def delta_forward(x: torch.Tensor, lam_s: torch.Tensor, gamma: torch.Tensor, bas
     return delta.to(x.dtype).reshape(*x.shape[:-1], delta.shape[-1])
 
 
-def delta_backward(grad: torch.Tensor, x: torch.Tensor, lam_s: torch.Tensor, gamma: torch.Tensor,
+def _delta_backward(grad: torch.Tensor, x: torch.Tensor, lam_s: torch.Tensor, gamma: torch.Tensor,
                    basis_A: torch.Tensor, basis_B: torch.Tensor, big: int, tall: bool, form: str,
                    compute: torch.dtype, input_grad: bool) -> list[torch.Tensor]:
     """[d(s·λ), dγ], then dx when `input_grad`."""
@@ -84,12 +84,12 @@ class _Delta(torch.autograd.Function):
     def forward(ctx, x, lam_s, gamma, basis_A, basis_B, *options):  # options: big, tall, form, compute
         ctx.save_for_backward(x, lam_s, gamma, basis_A, basis_B)
         ctx.options = options
-        return delta_forward(x, lam_s, gamma, basis_A, basis_B, *options)
+        return _delta_forward(x, lam_s, gamma, basis_A, basis_B, *options)
 
     @staticmethod
     def backward(ctx, grad):
         input_grad = ctx.needs_input_grad[0]
-        grads = delta_backward(grad, *ctx.saved_tensors, *ctx.options, input_grad)
+        grads = _delta_backward(grad, *ctx.saved_tensors, *ctx.options, input_grad)
         return (grads[2] if input_grad else None), grads[0], grads[1], None, None, None, None, None, None
 
 

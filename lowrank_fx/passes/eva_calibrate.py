@@ -68,7 +68,7 @@ def _record(x: torch.Tensor, leader: str) -> None:
     _RUN[-1].record(x, leader)
 
 
-def eva_components(gm: fx.GraphModule, names: list[str], targets: dict[str, Target], ranks: dict[str, int],
+def _eva_components(gm: fx.GraphModule, names: list[str], targets: dict[str, Target], ranks: dict[str, int],
                    settings, calibration) -> dict[str, torch.Tensor]:
     """{target: A (k, in) fp32} for `names` (in model order) with LoRA ranks `ranks`; k may be 0."""
     check_calibration("eva", calibration)
@@ -138,7 +138,7 @@ def eva_assignment(gm: fx.GraphModule, assignment: dict, targets: dict[str, Targ
     components = {}
     for settings, names in by_settings.items():
         ranks = {name: assignment[name].rank for name in names}
-        components.update(eva_components(gm, names, targets, ranks, settings, calibration))
+        components.update(_eva_components(gm, names, targets, ranks, settings, calibration))
     result = {}
     for name, method in assignment.items():
         rows = components.get(name)

@@ -49,7 +49,7 @@ def _tensor(gm: fx.GraphModule, path: str):
         return None
 
 
-def weight_chains(index: GraphIndex, target: Target) -> list[list[fx.Node]]:
+def _weight_chains(index: GraphIndex, target: Target) -> list[list[fx.Node]]:
     """Per call site: [site, the ops between it and the weight..., the weight's get_attr]."""
     chains = []
     for site_name in target.sites:
@@ -80,7 +80,7 @@ def _readers(gm: fx.GraphModule, index: GraphIndex, target: Target) -> list[fx.N
 def read_elsewhere(gm: fx.GraphModule, index: GraphIndex, target: Target) -> bool:
     """Whether the graph uses the target's weight anywhere but on its call sites' chains
     (and in lowrank_fx's own adapter nodes, which folding removes)."""
-    on_chains = {node for chain in weight_chains(index, target) for node in chain[:-1]}
+    on_chains = {node for chain in _weight_chains(index, target) for node in chain[:-1]}
     return any(user not in on_chains and KEY not in user.meta and KEY not in reader.meta
                for reader in _readers(gm, index, target) for user in reader.users)
 
@@ -93,7 +93,7 @@ def fold_target(gm: fx.GraphModule, index: GraphIndex, target: Target, merged: t
         for reader in _readers(gm, index, target):
             set_parameter(gm, target_name(reader), parameter)
         return
-    chains = weight_chains(index, target)
+    chains = _weight_chains(index, target)
     if not hasattr(gm, UNTIED):
         gm.add_module(UNTIED, nn.Module())
     getattr(gm, UNTIED).register_parameter(unit_key(target.name), parameter)

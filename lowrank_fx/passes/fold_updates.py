@@ -47,12 +47,12 @@ class Update:
     parts: list[tuple[float, AdapterGroup]]
 
 
-def fold_dtype(dtype: torch.dtype) -> torch.dtype:
+def _fold_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype folding adds in: fp32 for fp16/bf16/fp32, float64 stays float64."""
     return torch.promote_types(dtype, torch.float32)
 
 
-def adapted_record(gm: fx.GraphModule) -> Record:
+def _adapted_record(gm: fx.GraphModule) -> Record:
     record = Record.find(gm)
     if record is None or not record.adapters:
         raise MergeError(
@@ -64,7 +64,7 @@ def adapted_record(gm: fx.GraphModule) -> Record:
 
 def updates(gm: fx.GraphModule) -> tuple[dict[str, Target], dict[str, Update]]:
     """(every target of `gm`, {adapted target: its Update}) over the active adapters; no tensor is built."""
-    record = adapted_record(gm)
+    record = _adapted_record(gm)
     targets = find_targets(gm, record.aliases)
     found: dict[str, Update] = {}
     for adapter, info in record.adapters.items():
@@ -88,7 +88,7 @@ def base_matrix(gm: fx.GraphModule, target: Target) -> torch.Tensor:
 
 
 def _add(total: torch.Tensor | None, value: torch.Tensor, gate: float) -> torch.Tensor:
-    value = value.to(fold_dtype(value.dtype))
+    value = value.to(_fold_dtype(value.dtype))
     if gate != 1.0:  # x · 1.0 is x bit for bit: no pass over ΔW for an adapter at full gate
         value = value * gate
     return value if total is None else total + value
@@ -163,17 +163,17 @@ def merged_weight(weight: torch.Tensor | None, delta: torch.Tensor, target: Targ
     if target.quantized:
         assert gm is not None, "a quantized target's base weight is read from its graph"
         base = dequantized(gm, target)
-        wide = torch.promote_types(fold_dtype(base.dtype), delta.dtype)
+        wide = torch.promote_types(_fold_dtype(base.dtype), delta.dtype)
         return (base.to(wide) + delta.to(base.device, wide)).to(base.dtype)
     assert weight is not None, "a dense target's weight is given"
     stored = target.kind.to_weight(delta, target.layout, weight.shape)
-    wide = torch.promote_types(fold_dtype(weight.dtype), stored.dtype)
+    wide = torch.promote_types(_fold_dtype(weight.dtype), stored.dtype)
     return (weight.detach().to(wide) + stored.to(weight.device, wide)).to(weight.dtype)
 
 
 def merged_bias(bias: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """A new tensor b + Δb (out,) in b's dtype, added in fp32 (float64 if either is float64)."""
-    wide = torch.promote_types(fold_dtype(bias.dtype), delta.dtype)
+    wide = torch.promote_types(_fold_dtype(bias.dtype), delta.dtype)
     return (bias.detach().to(wide) + delta.to(bias.device, wide)).to(bias.dtype)
 
 
@@ -182,7 +182,7 @@ def add_in_place(tensor: torch.Tensor, delta: torch.Tensor) -> None:
     `merged_bias`: `delta` is already in the tensor's shape; the sum is taken in fp32 (float64 if
     either is float64) and rounded to the tensor's dtype (no temporary for an fp32 tensor and
     fp32 delta; a bf16/fp16 tensor costs one fp32 temporary of its size)."""
-    wide = torch.promote_types(fold_dtype(tensor.dtype), delta.dtype)
+    wide = torch.promote_types(_fold_dtype(tensor.dtype), delta.dtype)
     with torch.no_grad():
         target = tensor.detach()
         if target.dtype == wide:

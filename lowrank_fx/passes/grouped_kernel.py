@@ -41,7 +41,7 @@ def _(x, weight, offs):
 
 
 @torch.library.custom_op("lowrank_fx::grouped_mm_weight_grad", mutates_args=())
-def weight_grad(x: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor, experts: int) -> torch.Tensor:
+def _weight_grad(x: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor, experts: int) -> torch.Tensor:
     """dW (E, in, out): dW_g = x_gᵀ dy_g."""
     if _kernel_serves(x):
         return torch._grouped_mm(x.t(), grad, offs=offs)
@@ -53,7 +53,7 @@ def weight_grad(x: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor, experts
     return out
 
 
-@weight_grad.register_fake
+@_weight_grad.register_fake
 def _(x, grad, offs, experts):
     return x.new_empty(experts, x.shape[1], grad.shape[1])
 
@@ -67,7 +67,7 @@ def _backward(ctx, grad):
     x, weight, offs = ctx.saved_tensors
     grad = grad.contiguous()
     dx = grouped_mm(grad, weight.transpose(-2, -1).contiguous(), offs)
-    dw = weight_grad(x, grad, offs, weight.shape[0])
+    dw = _weight_grad(x, grad, offs, weight.shape[0])
     return dx, dw, None
 
 

@@ -58,7 +58,7 @@ _INDEXED = re.compile(r"^(.+)\.(\d+)$")
 
 
 @dataclasses.dataclass
-class BlockInfo:
+class _BlockInfo:
     path: str  # the module path the block replaces (and keeps)
     kind: str  # the layer's class name
     nodes: int  # graph nodes inside the block
@@ -67,9 +67,9 @@ class BlockInfo:
 
 
 @dataclasses.dataclass
-class Structured:
+class _Structured:
     """What `structure` did: the blocks made, in call order, and what "auto" left out and why."""
-    blocks: list[BlockInfo]
+    blocks: list[_BlockInfo]
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
@@ -191,7 +191,7 @@ def _block_module(gm: fx.GraphModule, path: str, kind: str, graph: fx.Graph,
     return block
 
 
-def _extract(gm: fx.GraphModule, path: str, kind: str, nodes: list[fx.Node]) -> BlockInfo:
+def _extract(gm: fx.GraphModule, path: str, kind: str, nodes: list[fx.Node]) -> _BlockInfo:
     """Move `nodes` into a block at `path` and call it in their place."""
     prefix = path + "."
     inside = set(nodes)
@@ -238,10 +238,10 @@ def _extract(gm: fx.GraphModule, path: str, kind: str, nodes: list[fx.Node]) -> 
     for node in reversed(nodes):
         gm.graph.erase_node(node)
     _register(gm, path, block)
-    return BlockInfo(path, kind, len(nodes), len(inputs), len(outputs))
+    return _BlockInfo(path, kind, len(nodes), len(inputs), len(outputs))
 
 
-def structure(gm: fx.GraphModule, layers="auto") -> Structured:
+def structure(gm: fx.GraphModule, layers="auto") -> _Structured:
     """Group each block's nodes of the flat graph `gm` into a call_module submodule, in place.
 
     Outputs are unchanged bit for bit (the same ops in the same order). Returns the blocks
@@ -255,7 +255,7 @@ def structure(gm: fx.GraphModule, layers="auto") -> Structured:
     for node, path in member.items():
         runs.setdefault(path, []).append(node)
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
-    result = Structured([])
+    result = _Structured([])
     for path in sorted(runs, key=lambda p: order[min(runs[p], key=order.__getitem__)]):
         nodes = sorted(runs[path], key=order.__getitem__)
         problem = _contiguous(nodes)
@@ -299,7 +299,7 @@ def _is_block(gm: fx.GraphModule, path: str) -> bool:
     return isinstance(module, fx.GraphModule) and BLOCK in getattr(module, "meta", {})
 
 
-def flat_graph(gm: fx.GraphModule) -> fx.Graph:
+def _flat_graph(gm: fx.GraphModule) -> fx.Graph:
     """`gm`'s graph with every block inlined: the flat graph, valid over `gm`'s own modules."""
     graph = fx.Graph()
     graph.set_codegen(gm.graph._codegen)
@@ -350,7 +350,7 @@ def flat_view(gm: fx.GraphModule) -> fx.GraphModule:
     view._non_persistent_buffers_set.update(gm._non_persistent_buffers_set)
     view.meta = gm.meta
     copy_call_specs(gm, view)
-    view.graph = flat_graph(gm)
+    view.graph = _flat_graph(gm)
     view.training = gm.training
     return view
 
@@ -360,7 +360,7 @@ def unstructure(gm: fx.GraphModule) -> list[str]:
     paths = blocks(gm)
     if not paths:
         return paths
-    graph = flat_graph(gm)
+    graph = _flat_graph(gm)
     for path in paths:
         block = cast(fx.GraphModule, gm.get_submodule(path))
         layer = nn.Module()

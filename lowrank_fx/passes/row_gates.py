@@ -113,7 +113,7 @@ def check_rows(gm: fx.GraphModule, rows) -> list[str | None]:
     return list(rows)
 
 
-def set_rows(gm: fx.GraphModule, rows: list[str | None] | None) -> None:
+def _set_rows(gm: fx.GraphModule, rows: list[str | None] | None) -> None:
     """Write the row gates of `gm` for `rows` (None: 1.0 for every row), in place where the length allows."""
     holder = row_gates(gm)
     for adapter in Record.require(gm, "lfx.adapter_rows").adapters:
@@ -161,9 +161,9 @@ def rows_applied(gm: fx.GraphModule, rows: list[str | None]):
     """Every adapter active and the row gates set to `rows`, restored after (`gm` already converted)."""
     previous = active_adapters(gm)
     set_active_adapters(gm, list(Record.require(gm, "lfx.adapter_rows").adapters))
-    set_rows(gm, rows)
+    _set_rows(gm, rows)
     try:
         yield
     finally:
-        set_rows(gm, None)
+        _set_rows(gm, None)
         set_active_adapters(gm, previous)

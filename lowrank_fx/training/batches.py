@@ -21,7 +21,7 @@ def one_shot(batches) -> bool:
     return isinstance(batches, Iterator)
 
 
-def pass_length(batches) -> int | None:
+def _pass_length(batches) -> int | None:
     """len(batches) for a re-iterable that has one, else None."""
     if one_shot(batches):
         return None
@@ -44,7 +44,7 @@ def check_fit(batches, steps, epochs) -> None:
     if epochs is not None and epochs > 1 and one_shot(batches):
         raise SpecError(f"epochs={epochs} reads the batches {epochs} times, but a {type(batches).__name__} "
                         "can be read once: pass a list or a DataLoader, or steps=N")
-    if pass_length(batches) == 0:
+    if _pass_length(batches) == 0:
         raise SpecError("batches is empty: fit needs at least one batch")
 
 
@@ -52,7 +52,7 @@ def total_steps(batches, steps: int | None, epochs: int | None, accumulate: int)
     """The optimizer steps fit runs in all (the schedule's length); None when unknown."""
     if steps is not None:
         return steps
-    length = pass_length(batches)
+    length = _pass_length(batches)
     return None if length is None else (epochs or 1) * math.ceil(length / accumulate)
 
 
@@ -64,7 +64,7 @@ class Passes:
 
     def __init__(self, batches, skip: int):
         self.batches, self.skip = batches, skip
-        self.length = pass_length(batches)
+        self.length = _pass_length(batches)
         self.index, self.position, self.opened = 0, 0, False
         if self.length:
             self.index, self.skip = divmod(skip, self.length)

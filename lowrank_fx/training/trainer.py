@@ -72,7 +72,7 @@ from .schedule import check_schedule, lr_factor
 COMPILE_ERRORS = (torch._dynamo.exc.TorchDynamoException,)
 
 
-def count_tokens(batch) -> int:
+def _count_tokens(batch) -> int:
     """Tokens in a batch: the elements of its first integer tensor (token ids), else the
     first dimension of its first tensor."""
     leaves = [x for x in torch.utils._pytree.tree_leaves(batch) if isinstance(x, torch.Tensor)]
@@ -82,13 +82,13 @@ def count_tokens(batch) -> int:
     return leaves[0].shape[0] if leaves and leaves[0].dim() else 1
 
 
-def check_graph(gm) -> None:
+def _check_graph(gm) -> None:
     if not isinstance(gm, fx.GraphModule) or Record.find(gm) is None:
         raise ModelTypeError(f"lfx.Trainer trains the adapters of a graph from lfx.rewrite, got a {type(gm).__name__}; "
                              "pass gm = lfx.rewrite(model, spec, example_inputs=...)")
 
 
-def checked_loss(loss) -> torch.Tensor:
+def _checked_loss(loss) -> torch.Tensor:
     """`loss` if it is what loss_fn must return: a one-element tensor computed from the model's output."""
     if not isinstance(loss, torch.Tensor):
         raise TrainingError(f"loss_fn returned a {type(loss).__name__}; it must return a scalar tensor computed "
@@ -202,8 +202,8 @@ class Trainer:
                  checkpoint_activations: bool = False, memory_budget: float | None = None,
                  checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int | None = None,
                  keep_checkpoints: int = 2, resume: bool = True, progress: bool = True,
-                 tokens: Callable[[Any], int] = count_tokens, **optimizer_kwargs: Any) -> None:
-        check_graph(gm)
+                 tokens: Callable[[Any], int] = _count_tokens, **optimizer_kwargs: Any) -> None:
+        _check_graph(gm)
         if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
             raise SpecError(f"accumulate must be a positive integer, got {accumulate!r}")
         if checkpoint_every is not None and checkpoint_dir is None:
@@ -393,7 +393,7 @@ class Trainer:
     def _backward(self, batch) -> torch.Tensor:
         """loss_fn on one micro-batch, its gradient / accumulate added; the loss, detached."""
         with self._compiling():
-            loss = checked_loss(self._loss(batch))
+            loss = _checked_loss(self._loss(batch))
             if not torch.isfinite(loss.detach()).all():
                 raise self._nan_error(loss.detach())
             (loss / self.accumulate).backward()
