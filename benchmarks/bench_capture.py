@@ -193,7 +193,8 @@ def report(times: dict[str, list[float]], cpus: dict[str, list[float]], phases: 
     def hit(config: str) -> str:  # a load's CPU time by phase, medians
         part = {p: statistics.median(v) for p, v in phases[config].items()}
         rest = med[config] - part["read"] - part["graph"]
-        return (f"{med[config]:.2f} s = read and checksum {part['read']:.3f} + unpickle {part['graph'] - part['code']:.3f} "
+        return (f"{med[config]:.2f} s = read and checksum {part['read']:.3f} + unpickle "
+                f"{part['graph'] - part['code']:.3f} "
                 f"+ code generation {part['code']:.3f} + the rest (keys, record, memo) {rest:.3f}")
     wall = {c: statistics.median(v) for c, v in times.items()}
     row = lambda name, c: (f"| {name} | {med[c]:.2f} s | {wall[c]:.2f} s | "  # noqa: E731
@@ -206,7 +207,8 @@ def report(times: dict[str, list[float]], cpus: dict[str, list[float]], phases: 
     lines = [
         SECTION, "",
         f"Llama of bench_train.py (hidden {SIZE['hidden']}, {SIZE['layers']} layers, vocabulary {SIZE['vocab']}), "
-        f"examples {SIZE['batch']} x {SIZE['seq']}; torch {torch.__version__}, transformers {transformers.__version__}. "
+        f"examples {SIZE['batch']} x {SIZE['seq']}; torch {torch.__version__}, transformers "
+        f"{transformers.__version__}. "
         f"Each number is one call in a fresh process (imports and model building not counted); "
         f"medians of {len(times['export'])} interleaved rounds. `benchmarks/bench_capture.py`.",
         "", f"Machine: {before}; after the run: {after.split('; ')[-1]}.", "",
@@ -232,7 +234,8 @@ def report(times: dict[str, list[float]], cpus: dict[str, list[float]], phases: 
         f"{med['load-0.5b'] / med['export-0.5b']:.2f} with export-0.5b = store-0.5b less the write, timed inside it). "
         "A hit unpickles the finished graph (blocks copied, call defaults, mode switches) with the model's tensors "
         "bound by name and one FakeTensor per distinct shape record, then generates its code; the memo keeps the "
-        f"bytes rather than a copy. CPU time of a hit by phase: tiny {hit('load')}; Qwen2.5-0.5B shape {hit('load-0.5b')}.",
+        f"bytes rather than a copy. CPU time of a hit by phase: tiny {hit('load')}; Qwen2.5-0.5B shape "
+        f"{hit('load-0.5b')}.",
         f"- through lfx.rewrite (capture, then LoRA on q/k/v/o_proj): cached ÷ first {rewritten:.2f}, on the "
         f"Qwen2.5-0.5B shape {rewritten_big:.2f} (goal ≤ 0.2: "
         f"{'met' if max(rewritten, rewritten_big) <= 0.2 else 'not met'}); the injection itself is the same work "

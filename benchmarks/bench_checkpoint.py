@@ -144,7 +144,8 @@ def report(results: dict, size: dict) -> str:
              for name, r in results.items()]
     peft_ckpt = results["PEFT eager, gradient checkpointing"]
     lines = [SECTION, "",
-             f"Machine: {info['cpu']}, {info['cores']} cores, {info['threads']} intra-op thread(s), torch {info['torch']}"
+             f"Machine: {info['cpu']}, {info['cores']} cores, {info['threads']} intra-op thread(s), torch "
+             f"{info['torch']}"
              + (f", {info['cuda']}" if info["cuda"] else " (CPU)") + ". `benchmarks/bench_checkpoint.py`: Llama "
              f"hidden {size['hidden']}, {size['layers']} layers, batch {size['batch']} x {size['seq']}, LoRA rank "
              f"{LORA_RANK} on q/k/v/o/gate/up/down, AdamW; steps interleaved round-robin in one process, medians.",

@@ -32,6 +32,7 @@ section of RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -136,7 +137,7 @@ def worker(mode: str, quick: bool, steps: int, warmup: int) -> dict:
     out = trainer.fit(timed(mine), steps=warmup + steps)
     stamps.append(time.perf_counter())
     peak = status_kib("VmHWM")
-    times = [b - a for a, b in zip(stamps, stamps[1:])][warmup:]
+    times = [b - a for a, b in itertools.pairwise(stamps)][warmup:]
     if mode != "single":
         dist.barrier()
         dist.destroy_process_group()
@@ -191,7 +192,8 @@ def report(results: dict, size: dict, info: dict, loads: list[float], args, seco
     one = results["single"][0]
     names = {"single": "one process, global batch", "ddp": "DDP, half the batch per rank",
              "fsdp": "FSDP2 per layer, half the batch per rank"}
-    rows = ["| configuration | ranks | base weights held per rank | vs one process | peak RSS per rank, training (growth over built) "
+    rows = ["| configuration | ranks | base weights held per rank | vs one process | peak RSS per rank, training "
+            "(growth over built) "
             "| vs one process (growth) | RSS built per rank | step median (min) | vs one process |",
             "|---|---|---|---|---|---|---|---|---|"]
     for mode in CONFIGS:
@@ -203,7 +205,8 @@ def report(results: dict, size: dict, info: dict, loads: list[float], args, seco
         step = max(r["step_s"] for r in ranks)
         step_min = max(r["step_min_s"] for r in ranks)
         rows.append(f"| {names[mode]} | {len(ranks)} | {held / MIB:.2f} MiB | {held / one['base_held']:.2f}x | "
-                    f"{peak:.0f} ({growth:.1f}) MiB | {peak / one['peak_mib']:.2f}x ({growth / one['growth_mib']:.2f}x) | "
+                    f"{peak:.0f} ({growth:.1f}) MiB | {peak / one['peak_mib']:.2f}x "
+                    f"({growth / one['growth_mib']:.2f}x) | "
                     f"{built:.0f} MiB | {1000 * step:.0f} ({1000 * step_min:.0f}) ms | {step / one['step_s']:.2f}x |")
     fsdp, ddp = results["fsdp"], results["ddp"]
     per_rank = "; ".join(f"{mode} " + " / ".join(f"{r['base_held'] / MIB:.2f}" for r in results[mode]) for mode in ("ddp", "fsdp"))
@@ -217,17 +220,21 @@ def report(results: dict, size: dict, info: dict, loads: list[float], args, seco
              + (f", {info['cuda']}" if info["cuda"] else " (CPU)") + f", Python {info['python']}; load average (1 min) "
              f"{loads[0]:.2f} before, {loads[-1]:.2f} after (over the runs: {', '.join(f'{x:.2f}' for x in loads)}); "
              f"the whole run took {seconds:.0f} s. `benchmarks/bench_fsdp.py`: Llama hidden {size['hidden']}, "
-             f"{size['layers']} layers, {size['heads']} heads, MLP {size['ff']}, vocabulary {size['vocab']}, global batch "
+             f"{size['layers']} layers, {size['heads']} heads, MLP {size['ff']}, vocabulary {size['vocab']}, global "
+             "batch "
              f"{size['batch']} x {size['seq']}, LoRA rank {LORA_RANK} on q/k/v/o/gate/up/down ({one['trainable']:,} "
              f"trainable), graph rewritten with layers=\"auto\", lfx.Trainer with AdamW, eager, one thread per process "
              f"(OMP_NUM_THREADS=1); the 2-rank runs are torchrun subprocesses with gloo on this one host. Each "
-             f"configuration ran {args.rounds} time(s) round-robin in fresh processes; per rank the median over rounds, "
+             f"configuration ran {args.rounds} time(s) round-robin in fresh processes; per rank the median over "
+             "rounds, "
              f"in the table the larger rank's value. Step: median of {args.steps} steps after {args.warmup} warm-up. "
              f"Peak RSS: VmHWM while training"
-             + (" (reset to the current RSS just before the first step)" if reset_ok else " (lifetime: the reset was refused)")
+             + (" (reset to the current RSS just before the first step)" if reset_ok else " (lifetime: the reset was "
+                                                                                          "refused)")
              + "; built: RSS after the model, the rewrite and the Trainer (sharded for FSDP2). An import-only process "
              f"has RSS {one['rss_imported_mib']:.0f} MiB.", "", *rows, "",
-             f"- Base weights held per rank (frozen parameters, FSDP2's local shards; MiB, rank 0 / rank 1): {per_rank}; "
+             "- Base weights held per rank (frozen parameters, FSDP2's local shards; MiB, rank 0 / rank 1): "
+             f"{per_rank}; "
              f"the whole base is {one['base_full'] / MIB:.2f} MiB. FSDP2 holds "
              f"{max(r['base_held'] for r in fsdp) / one['base_held']:.2f}x of it per rank, DDP "
              f"{max(r['base_held'] for r in ddp) / one['base_held']:.2f}x (a full replica per rank).",
@@ -236,9 +243,11 @@ def report(results: dict, size: dict, info: dict, loads: list[float], args, seco
              + "; ".join(f"{mode} {max(r['lifetime_hwm_mib'] for r in results[mode]):.0f} MiB" for mode in CONFIGS) + ".",
              f"- What 2 gloo ranks on one host with 2 shared CPU cores can show is the split of the frozen weights "
              f"(FSDP2 holds {fsdp_held / one['base_held']:.2f}x of them per rank, DDP a full replica); at "
-             f"{one['base_full'] / MIB:.1f} MiB in all they are small next to the {one['rss_built_mib']:.0f} MiB a built "
+             f"{one['base_full'] / MIB:.1f} MiB in all they are small next to the {one['rss_built_mib']:.0f} MiB a "
+             "built "
              f"process has resident, and here FSDP2's per-rank peak RSS is {abs(fsdp_peak - ddp_peak):.1f} MiB "
-             f"{'above' if fsdp_peak > ddp_peak else 'below'} DDP's (its per-layer all-gather and reduce-scatter buffers, "
+             f"{'above' if fsdp_peak > ddp_peak else 'below'} DDP's (its per-layer all-gather and reduce-scatter "
+             "buffers, "
              "allocator and gloo-thread overheads are not broken down here); what it cannot show is speed, since both "
              "ranks share the same 2 cores with other work and gloo's collectives go through local memory, so these "
              "step times say nothing about FSDP2 across devices with a real interconnect.", ""]

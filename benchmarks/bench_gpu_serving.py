@@ -74,10 +74,12 @@ def main() -> None:
         rows.append(f"| GenerationSession (ORT CUDA), 4 prompts x 16, 32 new tokens | {ms:.1f} ms |")
         try:
             import onnxruntime_genai as og
-            rows.append(f"| onnxruntime-genai {og.__version__} | installed; run lfx's genai example with provider cuda |")
+            rows.append(f"| onnxruntime-genai {og.__version__} | installed; run lfx's genai example with provider cuda "
+                        "|")
         except ImportError:
             rows.append("| onnxruntime-genai | not installed: not measured |")
-    text = "\n".join([SECTION, "", f"`benchmarks/bench_gpu_serving.py`, GPU {torch.cuda.get_device_name() if torch.cuda.is_available() else '?'}, "
+    text = "\n".join([SECTION, "", "`benchmarks/bench_gpu_serving.py`, GPU "
+                                   f"{torch.cuda.get_device_name() if torch.cuda.is_available() else '?'}, "
                       f"onnxruntime {ort.__version__}.", "", "| figure | value |", "|---|---:|", *rows]) + "\n"
     print(text)
     replace_section(args.results, SECTION, text)

@@ -124,7 +124,8 @@ def report(results: dict, device: str) -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     where = (f"GPU {torch.cuda.get_device_name()}, bf16 autocast" if device == "cuda" else "CPU only, fp32")
     lines = [SECTION + (" on a GPU" if device == "cuda" else ""), "",
-             f"`benchmarks/bench_limit.py`. Machine: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} thread(s), "
+             f"`benchmarks/bench_limit.py`. Machine: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} "
+             "thread(s), "
              f"torch {torch.__version__}, Python {platform.python_version()}; {where}. Every ratio is within one run, "
              "configurations interleaved round-robin.", ""]
     goals = []

@@ -290,7 +290,8 @@ def main() -> None:
         method = methods["LoRA" if name == "LoRA+" else name]
         r["params"] = lfx.plan(student, lfx.Spec(targets=TARGETS, method=method)).trainable
         r["method"] = short(method)
-        print(f"{name:9s} params {r['params']:6d}  lr {r['lr']:g}  final {r['curve'][-1][1]:.4f}  by lr {r['final_by_lr']}")
+        print(f"{name:9s} params {r['params']:6d}  lr {r['lr']:g}  final {r['curve'][-1][1]:.4f}  by lr "
+              f"{r['final_by_lr']}")
 
     cost = {name: measure(method, args.threads) for name, method in methods.items()}
     cost["RandLoRA, plain autograd"] = measure(methods["RandLoRA"], args.threads, plain_autograd=True)

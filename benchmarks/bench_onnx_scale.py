@@ -168,7 +168,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--configs", default=",".join(CONFIGS))
-    parser.add_argument("--latency", action="store_true", help="compare ORT latency of the clean-up and the full optimizer")
+    parser.add_argument("--latency", action="store_true", help="compare ORT latency of the clean-up and the full "
+                                                               "optimizer")
     parser.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

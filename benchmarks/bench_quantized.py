@@ -25,6 +25,7 @@ PEFT models as torch.compile takes them (graph breaks allowed).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import json
@@ -142,10 +143,8 @@ def _rss_kib(field: str) -> int:
 
 def _trim():
     gc.collect()
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
 
 
 def memory_child(base: str, library: str) -> dict:
@@ -214,7 +213,8 @@ def _table(result: dict) -> str:
     imports = result["memory"]["imports"]["rss_kib"]
     fp32 = result["memory"]["fp32/lowrank_fx"]
     lines = ["| base | library | linear weights stored (MiB) | vs fp32 | all tensors (MiB) | RSS built (MiB) | "
-             "peak RSS, 3 steps (MiB) | eager step (ms) | vs fp32 | compiled step (ms) | vs fp32 | vs PEFT, same base (eager / compiled) |",
+             "peak RSS, 3 steps (MiB) | eager step (ms) | vs fp32 | compiled step (ms) | vs fp32 | vs PEFT, same base "
+             "(eager / compiled) |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     t = result["timing"]
     for base, library in CONFIGS:
@@ -224,7 +224,8 @@ def _table(result: dict) -> str:
         peer = t.get(f"{base}/peft") if library == "lowrank_fx" else None
         versus = f"{t[key]['eager_ms'] / peer['eager_ms']:.2f}x / {t[key]['compiled_ms'] / peer['compiled_ms']:.2f}x" if peer else ""
         lines.append(
-            f"| {base} | {library} | {m['linear_bytes'] / 2**20:,.1f} | {m['linear_bytes'] / fp32['linear_bytes']:.2f}x | "
+            f"| {base} | {library} | {m['linear_bytes'] / 2**20:,.1f} | "
+            f"{m['linear_bytes'] / fp32['linear_bytes']:.2f}x | "
             f"{m['stored_bytes'] / 2**20:,.1f} | {m['rss_built_kib'] / 1024:,.0f} | {m['rss_peak_kib'] / 1024:,.0f} | "
             f"{t[key]['eager_ms']:.1f} | {t[key]['eager_ms'] / ref['eager_ms']:.2f}x | {t[key]['compiled_ms']:.1f} | "
             f"{t[key]['compiled_ms'] / ref['compiled_ms']:.2f}x | {versus} |")

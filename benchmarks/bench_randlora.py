@@ -172,7 +172,8 @@ def section(report: dict) -> str:
                   "| configuration | trainable | step median (min) | ÷ best PEFT | first step |",
                   "|---|---:|---:|---:|---:|"]
         for r in run["results"]:
-            lines.append(f"| {r['config']} | {r['trainable']:,} | {1e3 * r['step_s']:.0f} ({1e3 * r['step_min_s']:.0f}) ms"
+            lines.append(f"| {r['config']} | {r['trainable']:,} | {1e3 * r['step_s']:.0f} "
+                         f"({1e3 * r['step_min_s']:.0f}) ms"
                          f" | {r['step_s'] / best_peft:.2f} | {r['first_step_s']:.1f} s |")
         ours = {(r["form"], r["compiled"]): r["step_s"] for r in run["results"] if r["lib"] == "ours"}
         best_auto = min(ours[("auto", False)], ours[("auto", True)])

@@ -247,10 +247,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        if args.depth:
-            text = _depth(args.model, scratch)
-        else:
-            text = _stages(args, scratch)
+        text = _depth(args.model, scratch) if args.depth else _stages(args, scratch)
     print(text)
     if args.write:
         replace_section(HERE / "RESULTS.md", SECTION + f" — {args.model}" + (" depth" if args.depth else ""),

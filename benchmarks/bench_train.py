@@ -213,8 +213,10 @@ def table(results: list[dict]) -> str:
             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         compile_s = f"{r['compile_s']:.1f} s" if r["compile_s"] is not None else "-"
-        rows.append(f"| {r['lib']} | {r['method']} | {r['rank']} | {r['trainable']:,} | {('yes, dynamic' if r['dynamic'] else 'yes, static') if r['compiled'] else 'no'} | "
-                    f"{1000 * r['step_s']:.0f} ({1000 * r['step_min_s']:.0f}) ms | {r['first_step_s']:.1f} s | {compile_s} | "
+        rows.append(f"| {r['lib']} | {r['method']} | {r['rank']} | {r['trainable']:,} | "
+                    f"{('yes, dynamic' if r['dynamic'] else 'yes, static') if r['compiled'] else 'no'} | "
+                    f"{1000 * r['step_s']:.0f} ({1000 * r['step_min_s']:.0f}) ms | {r['first_step_s']:.1f} s | "
+                    f"{compile_s} | "
                     f"{r['peak_mib']:.0f} ({r['growth_mib']:.0f}) MiB | "
                     f"{'-' if r['saved_mib'] is None else format(r['saved_mib'], '.1f') + ' MiB'} |")
     return "\n".join(rows)

@@ -118,7 +118,7 @@ def _rewrite_manifest(path, edit):
     """Edit the manifest and keep its stored checksum: what a damaged file looks like."""
     with safetensors.safe_open(str(path), "pt") as file:
         metadata = file.metadata()
-        tensors = {k: file.get_tensor(k) for k in file}
+        tensors = {k: file.get_tensor(k) for k in file.keys()}
     manifest = json.loads(metadata[MANIFEST_KEY])
     edit(manifest)
     safetensors.torch.save_file(tensors, str(path), metadata={**metadata, MANIFEST_KEY: json.dumps(manifest)})

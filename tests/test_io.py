@@ -288,7 +288,7 @@ def test_files_that_are_not_adapter_files(tmp_path):
 def _rewrite_manifest(path, edit):
     with safetensors.safe_open(str(path), "pt") as file:
         metadata = file.metadata()
-        tensors = {k: file.get_tensor(k) for k in file}
+        tensors = {k: file.get_tensor(k) for k in file.keys()}
     manifest = json.loads(metadata[MANIFEST_KEY])
     manifest.pop("manifest_checksum", None)  # a hand-edited manifest, read as an older writer's file
     edit(manifest)

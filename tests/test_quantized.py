@@ -448,7 +448,7 @@ def _examples_output(module, ids):
 def test_merge_folds_to_dense_weights_exactly(scheme):
     """Dequantized W + ΔW in fp32: the folded graph is the dense twin's folded graph, and the
     merged state dict is the twin's, loadable into a plain Llama."""
-    quantized, twin, gm, dense, *_ = _graphs(scheme)
+    _, _, gm, dense, *_ = _graphs(scheme)
     ids = _ids(2, 6, seed=5)
     merged, twin_merged = lfx.merge(gm), lfx.merge(dense)
     assert not any("lowrank_fx" in str(n.target) or "access_subclass" in str(n.target) for n in merged.graph.nodes)
@@ -481,7 +481,7 @@ def test_merge_shares_frozen_weights_instead_of_copying_them():
 @pytest.mark.parametrize("scheme", TORCHAO_SCHEMES + BNB_SCHEMES)
 def test_merge_requantize_keeps_the_format_and_reports_the_measured_error(scheme):
     from lowrank_fx.passes.quantized_fold import RequantizeWarning
-    quantized, _, gm, *_ = _graphs(scheme)
+    _, _, gm, *_ = _graphs(scheme)
     with pytest.warns(RequantizeWarning, match="output error"):
         merged = lfx.merge(gm, requantize=True, tolerance=0.0)
     report = merged.requantize_report

@@ -99,7 +99,7 @@ def _buffers_to_keep(gm: fx.GraphModule, adapter: str, include_buffers: bool) ->
     buffers = {key: buf for key, buf in module.named_buffers() if key not in persistent and key not in scales}
     if include_buffers or not buffers:
         return buffers
-    targets, assignment = resolve(gm, Record.find(gm).adapters[adapter].spec)
+    targets, assignment = resolve(gm, Record.require(gm, "lfx.save_adapters").adapters[adapter].spec)
     with torch.random.fork_rng(devices=[]):
         regenerated = dict(nn.ModuleDict(build_groups(assignment, targets)[0]).named_buffers())
     return {key: buf for key, buf in buffers.items()
@@ -177,7 +177,7 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     try:
         with safetensors.safe_open(str(path), framework="pt") as file:
             metadata = file.metadata() or {}
-            tensors = {key: file.get_tensor(key) for key in file}
+            tensors = {key: file.get_tensor(key) for key in file.keys()}
     except safetensors.SafetensorError as err:
         raise AdapterFileError(
             f"{path} is not a complete safetensors file ({err}); it may be truncated or corrupt. "

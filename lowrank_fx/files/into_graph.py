@@ -142,7 +142,7 @@ def place(gm: fx.GraphModule, adapter: str, spec: Spec, shapes: dict[str, tuple[
           expected_fingerprint: str | None = None) -> Placement:
     """Where the values of `adapter` go in `gm`. `shapes`: its target names -> the (out, in)
     of their base weights (None where the source does not say; the tensors are checked anyway)."""
-    record = Record.find(gm)
+    record = Record.require(gm, "lfx.load_adapters")
     placement = Placement(adapter, spec, exists=adapter in record.adapters)
     graph_targets = find_targets(gm, record.aliases)
     placement.problems = _target_problems(graph_targets, shapes, expected_fingerprint)

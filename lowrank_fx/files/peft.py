@@ -111,7 +111,7 @@ def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
         )
     try:
         with safetensors.safe_open(str(path), framework="pt") as file:
-            return {key: file.get_tensor(key) for key in file}
+            return {key: file.get_tensor(key) for key in file.keys()}
     except safetensors.SafetensorError as err:
         raise AdapterFileError(f"{path} is not a complete safetensors file ({err}); it may be truncated") from None
 
@@ -315,7 +315,8 @@ def load_peft(model: nn.Module | fx.GraphModule, directory: str | os.PathLike, *
         structured = capture(model, example_inputs, example_kwargs)
         gm = flat_view(structured)
         try:
-            units, stacks = experts_units(gm, find_targets(gm, Record.find(gm).aliases), units, config)
+            aliases = Record.require(gm, "lfx.load_peft").aliases
+            units, stacks = experts_units(gm, find_targets(gm, aliases), units, config)
         except AdapterFileError as err:
             problems.append(str(err))
     methods = {}
@@ -330,7 +331,7 @@ def load_peft(model: nn.Module | fx.GraphModule, directory: str | os.PathLike, *
     structured = structured if structured is not None else capture(model, example_inputs, example_kwargs)
     gm = flat_view(structured)  # a graph with layer blocks is read flat; adapters are added to it
     check_base(gm, base, f"the PEFT adapter in {directory}")
-    targets = find_targets(gm, Record.find(gm).aliases)
+    targets = find_targets(gm, Record.require(gm, "lfx.load_peft").aliases)
     ours = {module: _target_for(module, targets) for module in units}
     bare = {name.removesuffix(".weight") for name in config.get("target_parameters") or []}
     try:

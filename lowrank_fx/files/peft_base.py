@@ -41,7 +41,7 @@ def split_base(tensors: dict[str, torch.Tensor], prefix: str, suffixes) -> tuple
 
 def check_base(gm: fx.GraphModule, base: dict[str, torch.Tensor], source: str) -> None:
     """AdapterFileError naming every stored base weight that is not the model's, with the largest difference."""
-    record = Record.find(gm)
+    record = Record.require(gm, "lfx.load_peft")
     tensor_of = {}  # any name of a parameter the graph reads -> the parameter
     for nodes in base_readers(gm).values():
         param = gm.get_parameter(nodes[0].target)

@@ -67,7 +67,7 @@ def with_biases(spec: Spec, biases: dict[str, torch.Tensor]) -> Spec:
 
 def _names(gm: fx.GraphModule) -> dict[str, list[str]]:
     """{graph name of a parameter the graph reads: its original names}."""
-    record = Record.find(gm)
+    record = Record.require(gm, "lfx.save_peft")
     found = {}
     for nodes in base_readers(gm).values():
         name = nodes[0].target
@@ -78,7 +78,7 @@ def _names(gm: fx.GraphModule) -> dict[str, list[str]]:
 def bias_config_and_tensors(gm: fx.GraphModule, adapter: str, modules: dict[str, str], prefix: str) -> tuple[str, dict]:
     """(LoraConfig bias, {PEFT key: tensor}) for the trained single parameters of `adapter`;
     ("none", {}) if it has none. `modules`: {adapted target: its PEFT module path}."""
-    trained = resolve_trained(gm, Record.find(gm).adapters[adapter].spec)
+    trained = resolve_trained(gm, Record.require(gm, "lfx.save_peft").adapters[adapter].spec)
     if not trained.single:
         return "none", {}
     others = [name for name in trained.single if not name.endswith(".bias")]

@@ -37,7 +37,7 @@ def _stacks_of(module: str, targets: dict[str, Target], record: Record, config: 
 
 def experts_units(gm, targets: dict[str, Target], units: dict[str, dict], config: dict):
     """(units with every stack's entry renamed to its target and reshaped to ours, the stack targets)."""
-    record = Record.find(gm)
+    record = Record.require(gm, "lfx.load_peft")
     converted, stacks = {}, set()
     for path, tensors in units.items():
         module, depth = path, 0

@@ -67,7 +67,7 @@ def with_train(gm: fx.GraphModule, spec: Spec, config: dict) -> Spec:
 
 def saved_values(gm: fx.GraphModule, placement: Placement, saved: dict[str, torch.Tensor]) -> tuple[dict, list[str]]:
     """({key in the adapter's module: tensor} for the saved copies, problems)."""
-    record = Record.find(gm)
+    record = Record.require(gm, "lfx.load_peft")
     readers = base_readers(gm)
     graph_name = {}  # any name of a parameter the graph reads -> its graph name
     for nodes in readers.values():
@@ -94,7 +94,7 @@ def saved_config_and_tensors(gm: fx.GraphModule, adapter: str, prefix: str) -> t
     group = trained_group(gm, adapter)
     if group is None:
         return None, {}
-    record = Record.find(gm)
+    record = Record.require(gm, "lfx.save_peft")
     modules = resolve_trained(gm, record.adapters[adapter].spec).modules
     tensors = {}
     for name, copy in group.copies().items():

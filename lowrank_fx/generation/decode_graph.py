@@ -157,12 +157,12 @@ def share_adapters(decode: fx.GraphModule, sources: list[tuple[str, fx.GraphModu
 
     The injected modules are the source graph's own objects afterwards. Raises SpecError
     naming the targets that differ when the two captures do not agree."""
-    record = Record.find(decode)
+    record = Record.require(decode, "lfx.generate")
     targets = find_targets(decode, record.aliases)
     names = list(targets)
     fresh: list[tuple[str, nn.Module]] = []
     for name, source, source_name in sources:
-        info = Record.find(source).adapters[source_name]
+        info = Record.require(source, "lfx.generate").adapters[source_name]
         spec = info.spec
         if getattr(spec, "train", None):
             raise SpecError(
@@ -195,6 +195,7 @@ def share_adapters(decode: fx.GraphModule, sources: list[tuple[str, fx.GraphModu
         fresh.append((name, theirs))
     for (name, theirs), (_, source, source_name) in zip(fresh, sources):  # only once every check passed
         getattr(decode, CONTAINER)[name] = theirs
-        groups = Record.find(source).adapters[source_name].groups  # PiSSA & co: the source's residual base
+        # PiSSA & co: the source's residual base
+        groups = Record.require(source, "lfx.generate").adapters[source_name].groups
         share_residuals(decode, source, list(groups), {t: theirs[g].unit(t) for t, g in groups.items()},
                         {t: targets[t].weight for t in groups})

@@ -150,17 +150,18 @@ def _sources(model: nn.Module, adapters, examples: dict) -> list[tuple[str, fx.G
             if not isinstance(name, str) or not name.isidentifier():
                 raise ExportError(f"adapter names must be identifiers (they name files), got {name!r}")
             gm = graph_of(value, name)
-            out.append((name, gm, _one(list(Record.find(gm).adapters), name, f"adapters[{name!r}]")))
+            known = list(Record.require(gm, "lfx.export_generation").adapters)
+            out.append((name, gm, _one(known, name, f"adapters[{name!r}]")))
         return out
     gm = graph_of(adapters, None)
-    return [(name, gm, name) for name in Record.find(gm).adapters]
+    return [(name, gm, name) for name in Record.require(gm, "lfx.export_generation").adapters]
 
 
 def _check_base(decode: fx.GraphModule, sources) -> None:
     """Refuse a model whose adapted weights are not the training graphs' base weights."""
-    targets = find_targets(decode, Record.find(decode).aliases)
+    targets = find_targets(decode, Record.require(decode, "lfx.export_generation").aliases)
     for name, gm, source_name in sources:
-        for target in Record.find(gm).adapters[source_name].groups:
+        for target in Record.require(gm, "lfx.export_generation").adapters[source_name].groups:
             weight = targets[target].weight
             mine, theirs = decode.get_parameter(weight), gm.get_parameter(weight)
             if mine is theirs:

@@ -79,7 +79,7 @@ def decoder_for(gm: fx.GraphModule, model: nn.Module | None = None) -> fx.GraphM
             "for a plain model use model.generate(...)"
         )
     model = _model(gm, model)
-    record = Record.find(gm)
+    record = Record.require(gm, "lfx.generate")
     # a hot-swap slot keeps its modules when another adapter is swapped in: the decode graph stays
     key = (id(model), tuple((name, info.max_rank or id(info.spec)) for name, info in record.adapters.items()))
     entry = _DECODERS.get(gm)
@@ -217,7 +217,7 @@ def generate(gm: fx.GraphModule, input_ids: torch.Tensor | Sequence[Sequence[int
         out = calls["graph"](input_ids=dense[0], attention_mask=dense[1], position_ids=dense[2], past_key_values=cache)
         return out["logits"].cpu(), out["present"]
 
-    record = Record.find(gm)
+    record = Record.require(gm, "lfx.generate")
     per_row = row_generation(gm, decode, input_ids, adapters, rows)
     previous = active_adapters(gm) if record.adapters else None
     if adapters is not None:

@@ -32,7 +32,7 @@ def float_weight(path: str, name: str, target: str, shape: tuple[int, int]) -> t
         raise SpecError(f"LoRA(loftq_weights={path!r}): no such file; give the float model's weights as one "
                         "safetensors file (safetensors.torch.save_file(model.state_dict(), path))")
     with safe_open(path, framework="pt") as weights:
-        if name not in weights:
+        if name not in weights.keys():
             raise SpecError(f"LoRA(loftq_weights={path!r}) has no tensor {name!r}, the float weight of {target}; "
                             "save the state dict of the same model before it was quantized")
         weight = weights.get_tensor(name)

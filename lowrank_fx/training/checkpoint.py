@@ -125,7 +125,7 @@ def load_checkpoint(step_dir: Path, gm, optimizer: torch.optim.Optimizer) -> dic
     load_adapters(gm, step_dir / ADAPTERS)
     with safetensors.safe_open(str(step_dir / STATE), framework="pt") as file:
         meta = json.loads((file.metadata() or {})[META_KEY])
-        tensors = {key: file.get_tensor(key) for key in file}
+        tensors = {key: file.get_tensor(key) for key in file.keys()}
     state = _optimizer_state(tensors, meta)
     params = [param for group in optimizer.param_groups for param in group["params"]]
     for index, entries in state["state"].items():  # FSDP2: this rank's shard of each moment
