@@ -18,6 +18,7 @@ Input: a graph after `adapter_graph.copy_graph`, whose selects are ungated,
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import fx
@@ -44,7 +45,8 @@ def _chains(graph: fx.Graph) -> dict[fx.Node, tuple[fx.Node, dict[str, fx.Node]]
     tops = [n for n in selects if not any(_role(u) == "select" and u.args[0] is n for u in n.users)]
     chains = {}
     for top in tops:
-        copies, node = {}, top
+        copies: dict[str, Any] = {}
+        node = top
         while _role(node) == "select":
             copies.setdefault(node.meta[KEY]["adapter"], node.args[1])
             node = node.args[0]

@@ -25,10 +25,13 @@ its region (the oracle) before export.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import fx
 
 from ..errors import ExportError
+from ..graph.fx_args import arg_node, target_name
 from ..graph.quant_integer import RUNTIME_NF4, TABLE_DRIFT, IntegerWeight, integer_form
 from ..graph.quantized import (
     SWAPPED_LAYERS,
@@ -180,13 +183,13 @@ def _replacement(gm: fx.GraphModule, stem: str, x: fx.Node, form: IntegerWeight,
 
 def _check(gm: fx.GraphModule, new: fx.Node, function, region) -> None:
     """The rewritten layer against its region, on random rows: relative 1e-4 (the NF4 table drift)."""
-    nodes = [new] if new.target is not torch.ops.aten.add.Tensor else [new.args[0], new]
+    nodes = [new] if new.target is not torch.ops.aten.add.Tensor else [arg_node(new), new]
     probe = probe_input(region, torch.randn(8, region.in_features, generator=torch.Generator().manual_seed(0)))
     probe = probe.to(region.dtype)
-    env = {}
+    env: dict[fx.Node, Any] = {}
     for node in nodes:
         args = fx.node.map_arg(node.args, lambda a: env[a] if a in env else (
-            probe if a.name == region.activation else module_attr(gm, a.target)))
+            probe if a.name == region.activation else module_attr(gm, target_name(a))))
         env[node] = node.target(*args)
     with torch.no_grad():
         expected = function(probe)

@@ -151,7 +151,8 @@ def _serialised(gm: fx.GraphModule, path, adapters: str | Sequence[str] | None,
     if path.is_dir():
         raise AdapterFileError(f"{path} is a directory; give a file name, e.g. {path / 'adapters.safetensors'}")
     graph_targets = find_targets(gm, record.aliases)
-    tensors, entries = {}, {}
+    tensors: dict[str, torch.Tensor] = {}
+    entries: dict[str, dict] = {}
     for name in _chosen(record.adapters, adapters, "this graph"):
         state = {**getattr(gm, CONTAINER)[name].state_dict(), **_buffers_to_keep(gm, name, include_buffers)}
         tensors.update((f"{name}.{key}", value.detach().cpu().contiguous().clone()) for key, value in state.items())

@@ -125,7 +125,7 @@ def _method_problems(current: dict, incoming: dict) -> list[str]:
         problems.append(f"the graph's adapter also adapts {_listed(only_graph)}, which the file lacks")
     if only_file:
         problems.append(f"the file also adapts {_listed(only_file)}, which the graph's adapter lacks")
-    differing = {}
+    differing: dict[str, tuple[dict, dict]] = {}
     for name in current:
         if name in incoming:
             ours, theirs = _config(current[name]), _config(incoming[name])

@@ -119,7 +119,9 @@ def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
 def _split(entry: PeftFormat, tensors: dict[str, torch.Tensor]):
     """(tensors by module path and our parameter name, shared tensors by PEFT name, problems)."""
     units: dict[str, dict[str, torch.Tensor]] = {}
-    shared, copies, unknown = {}, {}, []
+    shared: dict[str, torch.Tensor] = {}
+    copies: dict[str, torch.Tensor] = {}
+    unknown: list[str] = []
     for key, value in tensors.items():
         if not key.startswith(PREFIX) and key.startswith(SHARED_PREFIX) and key[len(SHARED_PREFIX):] in entry.shared:
             shared[key[len(SHARED_PREFIX):]] = value
@@ -345,7 +347,7 @@ def load_peft(model: nn.Module | fx.GraphModule, directory: str | os.PathLike, *
     spec = with_biases(with_train(gm, _spec(gm, config, methods), config), biases)
     shapes = {m: entry.shape(one_expert(t) if m in stacks else t) for m, t in units.items()}
     placement = place(gm, adapter, spec, shapes)
-    values = {}
+    values: dict[str, torch.Tensor] = {}
     if placement.module is not None:
         values, saved_problems = saved_values(gm, placement, {**saved, **biases})
         placement.problems += saved_problems

@@ -203,7 +203,7 @@ def generate(gm: fx.GraphModule, input_ids: torch.Tensor | Sequence[Sequence[int
         check_left_padded(attention_mask)
     layout = decode.meta[LAYOUT]
     device = next(iter(decode.parameters())).device
-    calls = {}
+    calls: dict[int, Any] = {}
 
     def step(ids, mask, positions, cache):
         if cache is None:

@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+from typing import Any
 
 import torch
 from torch import fx, nn
 
+from .fx_args import target_name
 from .quant_formats import (
     BnbLinear4bit,
     BnbLinear8bit,
@@ -227,7 +229,7 @@ def _region(gm, key, path, module_type, call, on_inputs) -> Region | None:
     xv, yv = _val(x), _val(y)
     if not isinstance(xv, torch.Tensor) or not isinstance(yv, torch.Tensor) or xv.dim() < 1 or yv.dim() < 1:
         return None
-    roots = list(dict.fromkeys(r.target for w in weights for r in _roots(w)))
+    roots = list(dict.fromkeys(target_name(r) for w in weights for r in _roots(w)))
     quantized = [r for r in roots if is_quantized(module_attr(gm, r))]
     if not quantized:
         return None
@@ -289,7 +291,8 @@ def _copy_weight_side(gm: fx.GraphModule, region: Region, graph: fx.Graph, env: 
 def weight_values(gm: fx.GraphModule, region: Region) -> list[torch.Tensor]:
     """The tensors the region's weight inputs hold now, in `region.weight_inputs` order."""
     nodes = {n.name: n for n in gm.graph.nodes}
-    graph, env = fx.Graph(), {}
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
     _copy_weight_side(gm, region, graph, env)
     graph.output(tuple(env[nodes[name]] for name in region.weight_inputs))
     return list(fx.GraphModule(gm, graph)())
@@ -362,7 +365,7 @@ def weight_dequantizer(gm: fx.GraphModule, region: Region):
         if None in names:
             return None
         return lambda weights: swapped.dense_weight(dict(zip(names, weights)))
-    inner = {}
+    inner: dict[str, Any] = {}
     for position, name in enumerate(region.weight_inputs):
         node = nodes[name]
         if node.target is torch.ops.export.access_subclass_inner_tensor.default and node.args[0].op == "get_attr":

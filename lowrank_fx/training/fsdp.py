@@ -15,7 +15,7 @@ them, rank 0 writes) and load back into a sharded graph shard by shard (graph/dt
 
 from __future__ import annotations
 
-from torch import fx
+from torch import fx, nn
 
 from ..errors import SpecError
 from ..passes.layers import blocks
@@ -31,7 +31,7 @@ def shard_layers(gm: fx.GraphModule, mesh=None) -> list[str]:
     if not paths:
         raise SpecError("FSDP shards a graph per layer block and this graph has none; rewrite it with "
                         "lfx.rewrite(model, spec, ..., layers='auto')")
-    owned = set()
+    owned: set[nn.Parameter] = set()
     for path in paths:
         block = gm.get_submodule(path)
         fully_shard(block, mesh=mesh)
