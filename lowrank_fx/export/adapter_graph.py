@@ -29,6 +29,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import ExportError
+from ..graph.fx_args import arg_node
 from ..graph.gates import ungate
 from ..graph.module_copy import over_graph
 from ..graph.record import CONTAINER, KEY, Record
@@ -150,7 +151,7 @@ def copy_graph(gm: fx.GraphModule, keep: list[str]) -> tuple[fx.GraphModule, fx.
     dropped = [n for n in tagged_in(graph) if n.meta[KEY]["adapter"] not in keep]
     for node in dropped:
         if node.meta[KEY]["role"] in ("add", "select"):  # y + Δy -> y; a trained module's select -> its base
-            node.replace_all_uses_with(node.args[0])
+            node.replace_all_uses_with(arg_node(node))
     for node in reversed(dropped):
         graph.erase_node(node)
     ungate(graph)

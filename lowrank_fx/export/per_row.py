@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import operator
 from functools import partial
+from typing import cast
 
 import torch
 from torch import fx, nn
 
 from ..errors import ExportError
+from ..graph.fx_args import arg_node, target_name
 from ..graph.record import KEY
 from ..methods.base import unit_key
+from ..methods.lora_unit import LoRAUnit
 from .adapter_graph import copy_graph, tagged_in
 from .per_row_lora import StackedLoRA, row_weights, stackable
 from .per_row_trained import per_row_trained
@@ -76,7 +79,7 @@ def _check_rows(graph: fx.Graph, deltas: list[fx.Node]) -> None:
         if rows is not None and not _divides(batch, rows):
             raise ExportError(
                 f"per-row adapters need the batch as the first dimension of every adapted "
-                f"activation, but the input of {delta.meta[KEY]['target']} (node {delta.args[0].name}) "
+                f"activation, but the input of {delta.meta[KEY]['target']} (node {arg_node(delta).name}) "
                 f"starts with {rows}, not a multiple of the batch {batch} of input {inputs[0].name}. "
                 "Capture the model batch-first (e.g. nn.MultiheadAttention(batch_first=True)), "
                 "or export with mode='adapters' and one adapter per run."
@@ -104,16 +107,16 @@ def _stack(gm: fx.GraphModule, graph: fx.Graph, deltas: list[fx.Node], adapters:
     adds = [next(iter(d.users)) for d in deltas]
     order = {node: i for i, node in enumerate(graph.nodes)}
     carrier = min(adds, key=order.__getitem__)
-    units = [gm.get_submodule(d.target) for d in deltas]
+    units = [cast(LoRAUnit, gm.get_submodule(target_name(d))) for d in deltas]  # stackable ones only
     index = [adapters.index(d.meta[KEY]["adapter"]) for d in deltas]
     gm.get_submodule(ROWS).add_module(name, StackedLoRA(units, index))
     with graph.inserting_before(carrier):
         stacked = graph.call_module(f"{ROWS}.{name}", (deltas[0].args[0], mask))
     stacked.meta[KEY] = dict(carrier.meta[KEY], role="delta")
-    carrier.replace_input_with(carrier.args[1], stacked)
+    carrier.replace_input_with(arg_node(carrier, 1), stacked)
     for add, delta in zip(adds, deltas):
         if add is not carrier:
-            add.replace_all_uses_with(add.args[0])
+            add.replace_all_uses_with(arg_node(add))
             graph.erase_node(add)
         graph.erase_node(delta)
 
@@ -133,7 +136,7 @@ def per_row_graph(gm: fx.GraphModule, adapters: list[str], stack_lora: bool = Tr
         mask = graph.get_attr(MASK)
     for i, ((target, _), site) in enumerate(_sites(deltas).items()):
         # stacking replaces the add that reads a delta: a delta read through a row slice (MHA) stays generic
-        lora = [d for d in site if stack_lora and stackable(new.get_submodule(d.target))
+        lora = [d for d in site if stack_lora and stackable(new.get_submodule(target_name(d)))
                 and next(iter(d.users)).meta[KEY]["role"] == "add"]
         if len(lora) > 1:
             _stack(new, graph, lora, adapters, mask, f"{unit_key(target)}_{i}")

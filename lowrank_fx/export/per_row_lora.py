@@ -30,6 +30,10 @@ def row_weights(columns: torch.Tensor, rows: int) -> torch.Tensor:
 class StackedLoRA(nn.Module):
     """Σ_k mask[row, k] · LoRA_k(x) for the LoRA units of one site, as one rank-ΣR pair."""
 
+    A: torch.Tensor  # buffers (set in __init__)
+    B: torch.Tensor
+    columns: torch.Tensor
+
     def __init__(self, units: list[LoRAUnit], adapter_index: list[int]):
         super().__init__()
         with torch.no_grad():
