@@ -122,11 +122,13 @@ class CaptureCache:
         except FileNotFoundError:
             return None
         except OSError as err:
-            return self._distrust(f"unreadable ({err})")
+            self._distrust(f"unreadable ({err})")
+            return None
         try:
             return self._checked(data)
         except _Stale as err:
-            return self._distrust(str(err))
+            self._distrust(str(err))
+            return None
 
     def graph(self, payload: bytes, tensors: Mapping[str, torch.Tensor]) -> fx.GraphModule | None:
         """The graph in `payload` over `tensors` (name -> tensor: the model's), or None (then a
@@ -135,9 +137,11 @@ class CaptureCache:
             with _collector_paused():
                 return capture_pickle.loads(payload, tensors)
         except capture_pickle.Unfit as err:
-            return self._distrust(f"a graph that does not fit the model ({err})")
+            self._distrust(f"a graph that does not fit the model ({err})")
+            return None
         except Exception as err:
-            return self._distrust(f"a graph that does not load ({type(err).__name__}: {err})")
+            self._distrust(f"a graph that does not load ({type(err).__name__}: {err})")
+            return None
 
     def save(self, gm: fx.GraphModule, model: nn.Module) -> None:
         """Store `gm` without any of `model`'s tensors (a failure to serialize it is a warning)."""

@@ -347,7 +347,8 @@ class Trainer:
         check_schedule(self.schedule, self.warmup, total)
         self.gm.train()
         passes, started_at = Passes(batches, self.batches), self.batches
-        meter, losses, ran_out = Meter(self.progress, total, self.step), [], False
+        meter, ran_out = Meter(self.progress, total, self.step), False
+        losses: list[float] = []
         try:
             while not ((steps is not None and self.step >= steps) or (epochs is not None and passes.index >= epochs)):
                 micro = passes.open()
