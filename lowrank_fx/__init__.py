@@ -7,6 +7,7 @@ from .adapt.merged_state import load_merged, merged_state_dict
 from .adapt.plan import Plan, plan
 from .adapt.quantize import quantize_base
 from .adapt.rewrite import rewrite
+from .deprecation import LowRankFxDeprecationWarning
 from .errors import (
                      AdapterFileError,
                      CaptureError,
@@ -54,6 +55,7 @@ __all__ = [
                      "InputError",
                      "LoRA",
                      "LoRTA",
+                     "LowRankFxDeprecationWarning",
                      "LowRankFxError",
                      "MergeError",
                      "Method",

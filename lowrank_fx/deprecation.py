@@ -23,7 +23,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 class LowRankFxDeprecationWarning(FutureWarning):
-    """A call used a spelling that the next release removes; the message gives the new one."""
+    """A call used a spelling that the next release removes; the message gives the new one.
+
+    Filter it like any warning, e.g. `warnings.simplefilter("error", lfx.LowRankFxDeprecationWarning)`
+    to find every old spelling in your code.
+
+    Args:
+        message: the old spelling, the new one, and when the old one stops working.
+    """
 
 
 def api_options(positional: int | None = None, renamed: dict[str, str] | None = None,

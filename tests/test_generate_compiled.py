@@ -20,7 +20,7 @@ def _llama():
 
 
 def _check(gm, merged, ids, steps):
-    got = lfx.generate(gm, ids, adapter="a", max_new_tokens=steps, eos_token_id=[], compile="aot_eager",
+    got = lfx.generate(gm, ids, adapters="a", max_new_tokens=steps, eos_token_id=[], compile="aot_eager",
                        output_logits=True)
     want = hf_generate(merged, ids, max_new_tokens=steps, eos_token_id=None)
     assert torch.equal(got.sequences, want.sequences)
@@ -53,7 +53,7 @@ def test_a_changed_module_attribute_compiles_again():
     ids = torch.cat(prompts(22, lengths=(5, 5)))
     units = [unit for unit in llama.gm.lowrank_fx["a"].modules() if isinstance(unit, LoRAUnit)]
     scales = [unit.scale for unit in units]
-    options = {"adapter": "a", "max_new_tokens": 4, "eos_token_id": [], "output_logits": True}
+    options = {"adapters": "a", "max_new_tokens": 4, "eos_token_id": [], "output_logits": True}
     try:
         before = lfx.generate(llama.gm, ids, compile="aot_eager", **options)
         for unit in units:

@@ -20,8 +20,8 @@ PACKAGE = pathlib.Path(lowrank_fx.__file__).parent
 
 # Lowest first. A wing may use any wing of lower rank.
 RANK = {
-    "errors": 0, "version": 0, "progress": 0,
-    "options": 1,
+    "errors": 0, "version": 0, "logs": 0, "noise": 0, "deprecation": 0,
+    "progress": 1, "options": 1,  # progress writes through logs
     "graph": 2,
     "methods": 3,
     "spec": 4,
@@ -59,12 +59,18 @@ def _is_package(module: str) -> bool:
 
 
 def _imports(module: str) -> list[tuple[str, bool]]:
-    """(imported lowrank_fx module, at module level?) for every import statement in `module`."""
+    """(imported lowrank_fx module, at module level?) for every import statement in `module` that
+    runs (imports under `if TYPE_CHECKING:` are for the type checker only and never run)."""
     tree = ast.parse(MODULES[module].read_text())
     top_level = {id(node) for node in tree.body}
+    type_only = {id(inner) for node in ast.walk(tree)
+                 if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+                 for statement in node.body for inner in ast.walk(statement)}
     package = module if _is_package(module) else module.rpartition(".")[0]
     found = []
     for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):

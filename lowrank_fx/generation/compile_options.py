@@ -68,12 +68,19 @@ def _meta(tensor: torch.Tensor) -> tuple:
     return tuple(tensor.shape), tensor.dtype, tensor.device, tensor.requires_grad
 
 
+# flags torch.compile itself sets on the module it compiles (the first call would key differently
+# from every later one)
+_SET_BY_COMPILE = frozenset({"_is_torch_compile"})
+
+
 def state_key(graph: nn.Module) -> int:
     """A hash of what dynamo's module guards would check: every module's tensors' shape, dtype,
     device and requires_grad, and its Python scalar attributes (training, a unit's scale, ...)."""
     entries = []
     for name, module in graph.named_modules():
         for attr, value in vars(module).items():
+            if attr in _SET_BY_COMPILE:
+                continue
             if isinstance(value, SCALARS):
                 entries.append((name, attr, value))
             elif isinstance(value, torch.Tensor):
