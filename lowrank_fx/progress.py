@@ -26,7 +26,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 
-from .logs import LOGGER, QUIET, logger, quiet  # noqa: F401  (QUIET: the variable's name, for callers)
+from .logs import LOGGER, logger, quiet
 
 BAR_DELAY = 2.0  # seconds a loop runs before its bar appears
 

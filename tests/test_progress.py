@@ -20,7 +20,7 @@ def _capture_tiny():
 
 @pytest.fixture
 def loud(monkeypatch):
-    monkeypatch.delenv(progress.QUIET, raising=False)
+    monkeypatch.delenv(logs.QUIET, raising=False)
     yield
     logs.configure()  # the suite's own setup again: no default handler left behind
 
@@ -43,7 +43,7 @@ def test_without_logging_configured_the_lines_go_to_stderr(loud, monkeypatch, ca
 
 
 def test_quiet_silences_every_line_and_bar(monkeypatch, capfd, caplog):
-    monkeypatch.setenv(progress.QUIET, "1")
+    monkeypatch.setenv(logs.QUIET, "1")
     caplog.set_level(logging.INFO, logger="lowrank_fx")
     with monkeypatch.context() as patched:
         patched.setattr(logging.getLogger(), "handlers", [])  # where a default handler would go
