@@ -70,3 +70,21 @@ def build(family: str, seed: int = 0) -> Case:
         raise ValueError(f"unknown family {family!r}; one of {FAMILIES}")
     model.eval()
     return Case(model, args, kwargs, other, other_kw, _main_output)
+
+
+class Toy(torch.nn.Module):
+    """Two linears with a ReLU between, x (B, 8) -> (B, 8): the files and API-spelling tests' model."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(8, 16)
+        self.fc2 = torch.nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def toy(seed: int = 1) -> Toy:
+    """The toy model with the same weights for the same seed, in eval mode."""
+    torch.manual_seed(seed)
+    return Toy().eval()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from torch import nn
+from models import toy
 
 import lowrank_fx as lfx
 from lowrank_fx.adapt.capture import capture
@@ -22,21 +22,6 @@ from lowrank_fx.deprecation import LowRankFxDeprecationWarning
 from lowrank_fx.files.adapter_file import read_manifest
 
 X = torch.randn(3, 8)
-
-
-class Toy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(8, 16)
-        self.fc2 = nn.Linear(16, 8)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(x)))
-
-
-def toy() -> Toy:
-    torch.manual_seed(1)
-    return Toy().eval()
 
 
 def two_adapters(first: str = "a", second: str = "b"):

@@ -16,27 +16,12 @@ import pytest
 import safetensors
 import safetensors.torch
 import torch
-from torch import nn
+from models import toy
 
 import lowrank_fx as lfx
 from lowrank_fx.files.adapter_file import MANIFEST_KEY
 
 X = torch.randn(3, 8)
-
-
-class Toy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(8, 16)
-        self.fc2 = nn.Linear(16, 8)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(x)))
-
-
-def toy(seed: int = 1) -> Toy:
-    torch.manual_seed(seed)
-    return Toy().eval()
 
 
 def adapted(model, adapter="a", seed=2, targets=("fc1", "fc2")):

@@ -23,6 +23,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from models import toy
 from torch import nn
 
 import lowrank_fx as lfx
@@ -127,21 +128,6 @@ def test_options_fail_clearly_or_give_finite_outputs(net, method, targets, exclu
 
 
 # --- damaged files ------------------------------------------------------------------------------
-
-
-class Toy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(8, 16)
-        self.fc2 = nn.Linear(16, 8)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(x)))
-
-
-def toy() -> Toy:
-    torch.manual_seed(1)
-    return Toy().eval()
 
 
 @pytest.fixture(scope="module")
